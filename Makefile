@@ -1,0 +1,29 @@
+# Two entry points, each self-contained on a fresh machine:
+#   make test   creates .venv, installs the project with its test extras, runs pytest
+#   make eval   creates .venv, installs the project, runs the embedded default evaluation
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned: the CPU build of 2.13.0 is a local wheel; an unpinned torch pulls CUDA packages.
+TORCH_PIN := torch==2.13.0
+# Same transformers as the lent GPU machine, so both sides of every comparison run the same code.
+TRANSFORMERS_PIN := transformers==5.17.0
+
+.PHONY: venv test eval clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)" "jax[cpu]" -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+eval: venv
+	$(PY) -m experiments.eval --flagfile=experiments/flags/testbed.flags
+
+clean:
+	rm -rf $(VENV) *.egg-info
