@@ -1,0 +1,153 @@
+"""Named LLaVA configurations and a writer of random-weight checkpoints in the llava-hf layout.
+
+The full-size presets reproduce llava-hf/llava-1.5-{7b,13b}-hf's config.json, so speed and memory
+can be measured with random weights (they depend on shapes, not values). The tiny presets keep
+LLaVA-1.5's 336 px / patch-14 / 24 x 24 image grid but shrink every width, so parity tests exercise
+the real token counts and RoPE positions past 600 on a 2-core CPU.
+
+`write_random_checkpoint` saves through transformers' own `save_pretrained` (or, for the newer key
+spelling, its in-memory state dict), so the loader is tested on exactly what transformers writes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+from models.tokenizer import build_word_tokenizer, vocabulary_from_texts
+
+# CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5.
+_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                   layer_norm_eps=1e-5)
+# A narrow CLIP with the same image and patch size (so the same 24 x 24 grid).
+_CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=336, patch_size=14, projection_dim=32, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5)
+
+# llava-hf's LLaVA-1.5 vocabulary: 32000 LLaMA tokens + <image> (32000) + <pad> (32001), padded to 32064.
+_LLAVA15_VOCAB = 32064
+_LLAVA15_IMAGE_TOKEN = 32000
+_LLAVA15_PAD_TOKEN = 32001
+
+# Words of the vicuna_v1 system prompt plus filler, enough for test prompts of any length.
+_TINY_TEXTS = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: ASSISTANT:",
+    "Is there a cat dog car person bird in the image? Answer the question using a single word or "
+    "phrase. yes no what color is it red green blue how many one two three left right of above below "
+    "describe picture please tell me more about this scene",
+)
+TINY_VOCABULARY = tuple(vocabulary_from_texts(_TINY_TEXTS))
+_TINY_IMAGE_TOKEN = len(TINY_VOCABULARY) + 4  # right after the 4 special tokens and the words
+_TINY_VOCAB_SIZE = 128
+
+
+def _llava(vision: dict[str, Any], text: dict[str, Any], **top: Any) -> LlavaConfig:
+    return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text), **top)
+
+
+def _tiny_text(**overrides: Any) -> dict[str, Any]:
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=_TINY_VOCAB_SIZE, max_position_embeddings=2048,
+                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    text.update(overrides)
+    return text
+
+
+def _make(name: str) -> LlavaConfig:
+    if name in ("llava-1.5-7b", "llava-1.5-13b"):
+        width, mlp, layers = (4096, 11008, 32) if name == "llava-1.5-7b" else (5120, 13824, 40)
+        text = dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                    num_attention_heads=width // 128, num_key_value_heads=width // 128,
+                    vocab_size=_LLAVA15_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=_LLAVA15_PAD_TOKEN)
+        return _llava(_CLIP_L_336, text, image_token_index=_LLAVA15_IMAGE_TOKEN,
+                      pad_token_id=_LLAVA15_PAD_TOKEN)
+    tiny = dict(image_token_index=_TINY_IMAGE_TOKEN, pad_token_id=3)
+    if name == "tiny":
+        return _llava(_CLIP_TINY, _tiny_text(), **tiny)
+    if name == "tiny-gqa":  # grouped-query attention, wider heads, rope_theta changed
+        return _llava(_CLIP_TINY, _tiny_text(num_attention_heads=8, num_key_value_heads=2, hidden_size=128,
+                                             rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
+                      **tiny)
+    if name == "tiny-full":  # [CLS] kept (577 image tokens), features from the last layer, tied embeddings
+        return _llava(_CLIP_TINY, _tiny_text(num_hidden_layers=3, tie_word_embeddings=True),
+                      vision_feature_select_strategy="full", vision_feature_layer=-1,
+                      tie_word_embeddings=True, **tiny)
+    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
+
+
+PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "tiny", "tiny-gqa", "tiny-full")
+
+
+def llava_config(name: str) -> LlavaConfig:
+    """The transformers `LlavaConfig` of a named preset (see PRESET_NAMES)."""
+    return _make(name)
+
+
+def tiny_tokenizer(config: LlavaConfig):
+    """The word-level tokenizer that goes with the tiny presets (`<image>` at the config's index)."""
+    return build_word_tokenizer(TINY_VOCABULARY, image_token_index=config.image_token_index)
+
+
+def llava15_image_processor(config: LlavaConfig):
+    """LLaVA-1.5's preprocessing: pad to square with the mean colour, bicubic resize, CLIP normalisation.
+
+    transformers' LlavaImageProcessor does it with do_pad=True (its default is False); the size comes
+    from the vision config so there is one source of truth for the image size.
+    """
+    from transformers import LlavaImageProcessor
+
+    size = config.vision_config.image_size
+    return LlavaImageProcessor(do_pad=True, size={"shortest_edge": size},
+                               crop_size={"height": size, "width": size})
+
+
+def random_torch_model(config: LlavaConfig, *, seed: int = 0, dtype: str = "float32"):
+    """transformers' PyTorch LlavaForConditionalGeneration with its own random initialisation."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    return model.to(getattr(torch, dtype)).eval()
+
+
+def write_random_checkpoint(config: LlavaConfig, directory: str | os.PathLike, *, seed: int = 0,
+                            dtype: str = "float32", max_shard_size: str | None = None,
+                            key_spelling: str = "saved", tokenizer=None, model=None) -> str:
+    """Write a llava-hf checkpoint directory with random weights; returns the directory.
+
+    key_spelling: 'saved' = what `save_pretrained` writes (transformers converts to the on-disk
+    `language_model.model.*` layout); 'state_dict' = the newer in-memory spelling
+    (`model.language_model.*`, `lm_head.*`) written straight from `state_dict()`.
+    The tokenizer (default: the tiny word-level one) and LLaVA-1.5 processor are saved alongside.
+    """
+    from safetensors.torch import save_file
+    from transformers import LlavaProcessor
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    model = model if model is not None else random_torch_model(config, seed=seed, dtype=dtype)
+    if key_spelling == "saved":
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(directory, **kwargs)
+    elif key_spelling == "state_dict":
+        if max_shard_size:
+            raise ValueError("max_shard_size is only supported with key_spelling='saved'")
+        config.save_pretrained(directory)
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        raise ValueError(f"key_spelling must be 'saved' or 'state_dict', got {key_spelling!r}")
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(config)
+    processor = LlavaProcessor(image_processor=llava15_image_processor(config), tokenizer=tokenizer,
+                               patch_size=config.vision_config.patch_size,
+                               vision_feature_select_strategy=config.vision_feature_select_strategy)
+    processor.save_pretrained(directory)
+    return directory
