@@ -1,0 +1,202 @@
+"""Loading llava-hf checkpoints (safetensors, single file or sharded) into the Flax model.
+
+The key table is derived from the model itself: every parameter path of `LlavaForConditionalGeneration`
+maps to one transformers name and a transform (Linear weights are transposed, the patch convolution is
+flattened). Both spellings transformers uses are accepted and normalised first:
+  on disk (save_pretrained):  language_model.model.*, language_model.lm_head.*, vision_tower[.vision_model].*,
+                              multi_modal_projector.*
+  in memory (state_dict):     model.language_model.*, lm_head.*, model.vision_tower.*, model.multi_modal_projector.*
+Missing keys, unexpected keys and shape mismatches are collected and reported together, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import LlavaModelConfig, from_hf_config, load_hf_config
+from models.llava import LlavaForConditionalGeneration
+
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+# Buffers some checkpoints carry that are recomputed here, not loaded.
+IGNORED_SUFFIXES = ("embeddings.position_ids", "rotary_emb.inv_freq")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped tensor."""
+
+
+def canonical_name(name: str) -> str:
+    """Map either transformers spelling to one: language_model.*, lm_head.*, vision_tower.*, multi_modal_projector.*."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    if name.startswith("language_model.model."):
+        name = "language_model." + name[len("language_model.model."):]
+    elif name == "language_model.lm_head.weight":
+        name = "lm_head.weight"
+    if name.startswith("vision_tower.vision_model."):
+        name = "vision_tower." + name[len("vision_tower.vision_model."):]
+    return name
+
+
+Transform = Callable[[jax.Array], jax.Array]
+
+
+def _identity(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+def _flatten_patch_conv(x):  # torch conv weight (out, C, p, p) -> (C * p * p, out), matching our patchify
+    return x.reshape(x.shape[0], -1).T
+
+
+_VISION_RENAMES = {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_VISION_EMBEDDINGS = {
+    "patch_embedding": ("embeddings.patch_embedding.weight", _flatten_patch_conv),
+    "class_embedding": ("embeddings.class_embedding", _identity),
+    "position_embedding": ("embeddings.position_embedding.weight", _identity),
+}
+
+
+def hf_name_for(path: tuple[Any, ...]) -> tuple[str, Transform]:
+    """transformers' (canonical) name and the transform for one of our parameter paths."""
+    parts = [str(p) for p in path]
+    top, rest = parts[0], parts[1:]
+    if top == "vision_tower" and rest[0] in _VISION_EMBEDDINGS:
+        name, transform = _VISION_EMBEDDINGS[rest[0]]
+        return f"vision_tower.{name}", transform
+    if top == "language_model" and rest == ["embed_tokens"]:
+        return "language_model.embed_tokens.weight", _identity
+    if top == "language_model" and rest[0] == "lm_head":
+        return "lm_head.weight", _transpose
+    leaf = rest[-1]
+    suffix, transform = {"kernel": ("weight", _transpose), "bias": ("bias", _identity),
+                         "scale": ("weight", _identity)}[leaf]
+    module = rest[:-1]
+    if top == "vision_tower" and module[0] == "layers":
+        module = ["encoder", "layers"] + [_VISION_RENAMES.get(m, m) for m in module[1:]]
+    return ".".join([top, *module, suffix]), transform
+
+
+class TensorSource:
+    """Lazy access to the tensors of a checkpoint directory (one file or a sharded index)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from safetensors import safe_open
+
+        directory = os.fspath(directory)
+        index_path = os.path.join(directory, SHARD_INDEX)
+        single_path = os.path.join(directory, SINGLE_FILE)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single_path):
+            weight_map, files = None, [SINGLE_FILE]
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {SHARD_INDEX} in checkpoint directory {directory!r}")
+        self._handles, self._where = {}, {}
+        for file in files:
+            path = os.path.join(directory, file)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"shard {file} listed in {SHARD_INDEX} is missing from {directory!r}")
+            handle = safe_open(path, framework="flax")
+            self._handles[file] = handle
+            for key in handle.keys():
+                if weight_map is None or weight_map.get(key) == file:
+                    self._where[canonical_name(key)] = (file, key)
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, key = self._where[name]
+        return tuple(self._handles[file].get_slice(key).get_shape())
+
+    def get(self, name: str) -> jax.Array:
+        file, key = self._where[name]
+        return self._handles[file].get_tensor(key)
+
+
+class StateDictSource:
+    """The same interface over an in-memory mapping name -> array (e.g. a torch state_dict as numpy)."""
+
+    def __init__(self, tensors: Mapping[str, Any]):
+        self._tensors = {canonical_name(k): v for k, v in tensors.items()}
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> jax.Array:
+        return jnp.asarray(self._tensors[name])
+
+
+def _transformed_shape(transform: Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(jax.eval_shape(transform, jax.ShapeDtypeStruct(shape, jnp.float32)).shape)
+
+
+def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaForConditionalGeneration:
+    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    jdtype = DTYPES[dtype]
+    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    plan, missing, mismatched = [], [], []
+    available = source.names()
+    for key_path, leaf in leaves:
+        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]  # drop '.value'
+        name, transform = hf_name_for(path)
+        if name not in available:
+            missing.append(name)
+            continue
+        shape = _transformed_shape(transform, source.shape(name))
+        if shape != tuple(leaf.shape):
+            mismatched.append(f"{name}: checkpoint {source.shape(name)} -> {shape}, model expects {tuple(leaf.shape)}")
+        plan.append((name, transform))
+    used = {name for name, _ in plan}
+    unexpected = sorted(n for n in available - used if not n.endswith(IGNORED_SUFFIXES)
+                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        if mismatched:
+            problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
+    arrays = [transform(source.get(name)).astype(jdtype) for name, transform in plan]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+
+
+def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32"):
+    """(hf_config, model) from a llava-hf checkpoint directory (config.json + safetensors)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    hf_config = load_hf_config(directory)
+    cfg = from_hf_config(hf_config)
+    return hf_config, load_params(cfg, TensorSource(directory), dtype)
+
+
+def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A torch state_dict as float32 numpy arrays (bfloat16 has no numpy dtype), for StateDictSource."""
+    return {name: tensor.detach().float().cpu().numpy() for name, tensor in state_dict.items()}

@@ -1,0 +1,93 @@
+"""CLIP vision transformer (pre-layernorm ViT), as LLaVA uses it: hidden states of chosen layers.
+
+Only the layers up to the deepest selected hidden state run (LLaVA-1.5 reads hidden_states[-2], so the
+last encoder layer and the post-layernorm are loaded but never computed).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import VisionConfig
+from models.layers import Dense, LayerNorm, _normal, attend
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class CLIPAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        width = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+        self.k_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+        self.v_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+        self.out_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, length, width = x.shape
+        shape = (batch, length, self.num_heads, width // self.num_heads)
+        q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attend(q, k, v, mask=None))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=True, dtype=dtype, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
+
+
+class CLIPVisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        channels = 3
+        self.patch_embedding = _normal(rngs, (channels * cfg.patch_size ** 2, cfg.hidden_size), dtype)
+        self.class_embedding = _normal(rngs, (cfg.hidden_size,), dtype)
+        self.position_embedding = _normal(rngs, (cfg.num_patches + 1, cfg.hidden_size), dtype)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+
+    def embed(self, pixel_values: jax.Array) -> jax.Array:
+        """Patchify (a stride-p convolution as one matmul), prepend [CLS], add positions, pre-LN."""
+        batch, channels, height, width = pixel_values.shape
+        patch = self.cfg.patch_size
+        if height != self.cfg.image_size or width != self.cfg.image_size:
+            raise ValueError(f"pixel_values are {height}x{width}; the vision tower expects "
+                             f"{self.cfg.image_size}x{self.cfg.image_size}")
+        kernel = self.patch_embedding[...]
+        patches = pixel_values.astype(kernel.dtype).reshape(
+            batch, channels, height // patch, patch, width // patch, patch)
+        patches = patches.transpose(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * patch * patch)
+        tokens = patches @ kernel
+        cls = jnp.broadcast_to(self.class_embedding[...], (batch, 1, tokens.shape[-1]))
+        tokens = jnp.concatenate([cls, tokens], axis=1) + self.position_embedding[...]
+        return self.pre_layrnorm(tokens)
+
+    def __call__(self, pixel_values: jax.Array, feature_layers: tuple[int, ...]) -> list[jax.Array]:
+        """hidden_states[i] for each i in feature_layers (0 = after pre-LN, i = after encoder layer i)."""
+        hidden = self.embed(pixel_values)
+        states = [hidden]
+        for layer in self.layers[:max(feature_layers)]:
+            hidden = layer(hidden)
+            states.append(hidden)
+        return [states[i] for i in feature_layers]

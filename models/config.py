@@ -1,0 +1,163 @@
+"""Typed model configuration, derived once from transformers' `LlavaConfig`.
+
+transformers' config classes are the source of truth for a checkpoint's shapes; this module reads them
+into small frozen dataclasses (hashable, so they can be static arguments of `jax.jit`) and refuses
+what the port does not implement, with a message saying what is supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration (LLaVA-1.5 style)"}
+SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
+SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model",)
+SUPPORTED_ROPE_TYPES = ("default",)
+SUPPORTED_FEATURE_STRATEGIES = ("default", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float
+    hidden_act: str
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaModelConfig:
+    vision: VisionConfig
+    text: TextConfig
+    image_token_index: int
+    vision_feature_layers: tuple[int, ...]  # indices into CLIP's hidden_states tuple (0 = embeddings)
+    vision_feature_select_strategy: str
+    projector_bias: bool
+    projector_act: str
+    tie_word_embeddings: bool
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image in the LLM's sequence: the patch grid, plus [CLS] in 'full' mode."""
+        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def image_grid(self) -> int | None:
+        """Side of the square grid of image tokens, or None when the count is not a square ('full')."""
+        side = math.isqrt(self.num_image_tokens)
+        return side if side * side == self.num_image_tokens else None
+
+    @property
+    def vision_layers_needed(self) -> int:
+        """How many CLIP encoder layers must run to produce the selected hidden states."""
+        return max(self.vision_feature_layers)
+
+
+def _read_model_type(directory: str) -> str:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {directory!r}")
+    with open(path) as f:
+        return json.load(f).get("model_type", "<missing>")
+
+
+def _rope_theta(text_config: Any) -> float:
+    params = getattr(text_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported RoPE type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    theta = params.get("rope_theta", getattr(text_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("text config has no rope_theta")
+    return float(theta)
+
+
+def from_hf_config(hf_config: Any) -> LlavaModelConfig:
+    """Read a transformers `LlavaConfig` into a `LlavaModelConfig`, refusing unsupported variants."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: "
+                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
+    text, vision = hf_config.text_config, hf_config.vision_config
+    if text.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(f"unsupported language model type {text.model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}")
+    if vision.model_type not in SUPPORTED_VISION_MODEL_TYPES:
+        raise ValueError(f"unsupported vision tower type {vision.model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}")
+    strategy = hf_config.vision_feature_select_strategy
+    if strategy not in SUPPORTED_FEATURE_STRATEGIES:
+        raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}; supported: "
+                         f"{', '.join(SUPPORTED_FEATURE_STRATEGIES)}")
+    hidden_states_count = vision.num_hidden_layers + 1
+    layers = hf_config.vision_feature_layer
+    layers = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
+    for layer in layers:
+        if not -hidden_states_count <= layer < hidden_states_count:
+            raise ValueError(f"vision_feature_layer {layer} out of range for {vision.num_hidden_layers} CLIP layers")
+    num_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    return LlavaModelConfig(
+        vision=VisionConfig(
+            hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+            num_layers=vision.num_hidden_layers, num_heads=vision.num_attention_heads,
+            image_size=vision.image_size, patch_size=vision.patch_size,
+            layer_norm_eps=vision.layer_norm_eps, hidden_act=vision.hidden_act),
+        text=TextConfig(
+            hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers, num_heads=num_heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads, head_dim=head_dim,
+            vocab_size=text.vocab_size, rms_norm_eps=text.rms_norm_eps, rope_theta=_rope_theta(text),
+            max_position_embeddings=text.max_position_embeddings,
+            attention_bias=bool(getattr(text, "attention_bias", False)),
+            mlp_bias=bool(getattr(text, "mlp_bias", False))),
+        image_token_index=hf_config.image_token_index,
+        vision_feature_layers=tuple(layer % hidden_states_count for layer in layers),
+        vision_feature_select_strategy=strategy,
+        projector_bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
+        projector_act=hf_config.projector_hidden_act,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )
+
+
+def load_hf_config(directory: str | os.PathLike):
+    """transformers' LlavaConfig of a checkpoint directory, after checking its model_type."""
+    from transformers import LlavaConfig
+
+    directory = os.fspath(directory)
+    model_type = _read_model_type(directory)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r} in {directory}/config.json; supported: "
+                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
+    return LlavaConfig.from_pretrained(directory)

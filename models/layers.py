@@ -1,0 +1,102 @@
+"""Shared neural-network pieces: dense, norms, rotary embeddings, position-addressed attention.
+
+Precision policy (one place): weights and activations in the model dtype (bfloat16 on GPU, float32 for
+parity), every reduction (norm statistics, softmax, attention logits) in float32.
+
+Attention is addressed by position, not by slot: every key carries the RoPE position of its token
+(-1 for an empty or padding slot), and a query at position p attends keys with 0 <= position <= p.
+That one rule covers causal prefill, right-padded batches, a static KV cache with unused slots, and
+layers after pruning whose kept tokens have non-contiguous positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # transformers' initializer_range for LLaMA and the projector; used for random weights
+EMPTY_POSITION = -1  # position of a padding token or an unused cache slot
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * INIT_STD)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel stored (in, out) (transposed from torch's (out, in))."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = _normal(rngs, (in_features, out_features), dtype)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with float32 statistics (two-pass variance, as torch computes it)."""
+
+    def __init__(self, features: int, *, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_normalize(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """LLaMA RMSNorm in float32, cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, features: int, *, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_normalize(x, self.scale[...], self.eps)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in transformers' rotate_half layout. x (B, S, H, D), positions (B, S)."""
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+    """(B, Sq, Sk) bool: key is a real token at or before the query's position."""
+    keys = key_positions[:, None, :]
+    return (keys >= 0) & (keys <= query_positions[:, :, None])
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention with grouped-query heads; logits and softmax in float32.
+
+    q (B, Sq, H, D), k and v (B, Sk, Hkv, D) with H a multiple of Hkv, mask (B, Sq, Sk) or None.
+    Returns (B, Sq, H * D) in q's dtype. A fully masked query row (padding) gets a finite output.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(batch, q_len, heads * head_dim)
