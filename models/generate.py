@@ -1,0 +1,191 @@
+"""Jitted generation: one prefill call (vision + LLM + optional pruning) and one decode loop.
+
+The model is split once (`nnx.split`) and plain `jax.jit` functions merge it inside, so no Python
+object graph is walked per call. Prompts are right-padded to a multiple of `length_bucket`, so the
+prefill compiles once per bucket, not once per prompt length. The decode loop is a `lax.while_loop`
+inside jit (one dispatch for all new tokens) carrying the KV cache, which is donated.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.llava import LlavaForConditionalGeneration
+
+DEFAULT_LENGTH_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How new tokens are drawn. temperature 0 = greedy. eos_token_id None = never stop early."""
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+class PromptBatch(NamedTuple):
+    input_ids: np.ndarray     # (B, S_bucket) int32, right-padded
+    lengths: np.ndarray       # (B,) int32
+    pixel_values: np.ndarray  # (B, 3, H, W) float32
+
+
+class GenerationOutput(NamedTuple):
+    tokens: np.ndarray          # (B, max_new_tokens) int32, pad after EOS
+    num_generated: np.ndarray   # (B,) tokens up to and including EOS
+    kept: np.ndarray | None     # (B, keep) kept image-token indices (into the image span), or None
+
+
+def bucket_length(length: int, bucket: int) -> int:
+    return -(-length // bucket) * bucket
+
+
+def pad_prompts(token_ids: Sequence[Sequence[int]], *, pad_token_id: int, image_token_index: int,
+                num_image_tokens: int, length_bucket: int = DEFAULT_LENGTH_BUCKET,
+                max_total_length: int | None = None, max_new_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad prompts to a shared bucketed length; check each holds exactly one contiguous image span.
+
+    max_total_length: the longest sequence the cache may hold (prompt + new tokens); a longer request
+    is refused here, with the numbers, rather than silently truncated.
+    """
+    if not token_ids:
+        raise ValueError("no prompts given")
+    lengths = np.array([len(ids) for ids in token_ids], np.int32)
+    for row, ids in enumerate(token_ids):
+        where = np.flatnonzero(np.asarray(ids) == image_token_index)
+        if where.size != num_image_tokens or (where.size and where[-1] - where[0] + 1 != where.size):
+            raise ValueError(f"prompt {row} must contain one contiguous run of {num_image_tokens} image tokens "
+                             f"(id {image_token_index}); found {where.size}")
+    longest = int(lengths.max())
+    if max_total_length is not None and longest + max_new_tokens > max_total_length:
+        raise ValueError(f"prompt too long for the cache: {longest} prompt tokens + {max_new_tokens} new tokens "
+                         f"> {max_total_length} positions")
+    width = bucket_length(longest, length_bucket)
+    if max_total_length is not None:
+        width = min(width, max_total_length - max_new_tokens)
+    input_ids = np.full((len(token_ids), width), pad_token_id, np.int32)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, :len(ids)] = ids
+    return input_ids, lengths
+
+
+class LlavaRunner:
+    """Jitted prefill and generation over a split model. `trace_counts` counts compilations per function."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, *, length_bucket: int = DEFAULT_LENGTH_BUCKET):
+        self.config = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.length_bucket = length_bucket
+        self.trace_counts: collections.Counter[str] = collections.Counter()
+        self._prefill = jax.jit(self._prefill_impl,
+                                static_argnames=("extra_slots", "pruning", "keep", "all_logits"))
+        self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=("caches",))
+
+    # --- jitted bodies -------------------------------------------------------------------------
+    def _prefill_impl(self, state, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep,
+                      all_logits):
+        self.trace_counts["prefill"] += 1  # runs only while tracing
+        model = nnx.merge(self.graphdef, state)
+        return model.prefill(input_ids, lengths, pixel_values, extra_slots=extra_slots, pruning=pruning,
+                             keep=keep, rng=rng, all_logits=all_logits)
+
+    def _generate_impl(self, state, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
+        self.trace_counts["generate"] += 1
+        language_model = nnx.merge(self.graphdef, state).language_model
+        batch = first_logits.shape[0]
+        eos = -1 if sampling.eos_token_id is None else sampling.eos_token_id
+
+        def draw(logits, key):
+            if sampling.temperature == 0.0:
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return jax.random.categorical(key, logits / sampling.temperature, axis=-1).astype(jnp.int32)
+
+        rng, key = jax.random.split(rng)
+        first = draw(first_logits, key)
+        tokens = jnp.full((batch, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
+        done = first == eos
+
+        def keep_going(carry):
+            step, _, _, _, done, _ = carry
+            return (step < sampling.max_new_tokens) & ~jnp.all(done)
+
+        def step_once(carry):
+            step, tokens, current, caches, done, rng = carry
+            logits, caches = language_model.decode(current, next_positions + step - 1, caches)
+            rng, key = jax.random.split(rng)
+            token = jnp.where(done, sampling.pad_token_id, draw(logits, key))
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+            return step + 1, tokens, token, caches, done | (token == eos), rng
+
+        carry = (jnp.asarray(1, jnp.int32), tokens, first, caches, done, rng)
+        step, tokens, _, _, _, _ = jax.lax.while_loop(keep_going, step_once, carry)
+        generated = (tokens != sampling.pad_token_id) | (jnp.arange(sampling.max_new_tokens)[None] == 0)
+        is_eos = tokens == eos
+        first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, step)
+        return tokens, jnp.minimum(first_eos, generated.sum(1))
+
+    # --- public API ----------------------------------------------------------------------------
+    def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
+        keep = self.resolve_keep(pruning)
+        rng = jax.random.key(0) if rng is None else rng
+        return self._prefill(self.state, jnp.asarray(batch.input_ids), jnp.asarray(batch.lengths),
+                             jnp.asarray(batch.pixel_values), rng, extra_slots=extra_slots, pruning=pruning,
+                             keep=keep, all_logits=all_logits)
+
+    def resolve_keep(self, pruning) -> int:
+        """Validate a pruning config against this model; the static keep count (0 when unpruned)."""
+        if pruning is None:
+            return 0
+        pruning.validate(self.config.num_image_tokens, self.config.text.num_layers)
+        return pruning.resolve_keep(self.config.num_image_tokens)
+
+    def generate(self, batch: PromptBatch, sampling: SamplingConfig, *, pruning=None,
+                 rng: jax.Array | None = None) -> GenerationOutput:
+        rng = jax.random.key(0) if rng is None else rng
+        prefill_rng, sample_rng = jax.random.split(rng)
+        result = self.prefill(batch, extra_slots=sampling.max_new_tokens, pruning=pruning, rng=prefill_rng)
+        tokens, counts = self._generate(self.state, result.logits, result.caches, result.next_positions,
+                                        sample_rng, sampling=sampling)
+        kept = None if result.kept is None else np.asarray(result.kept)
+        return GenerationOutput(np.asarray(tokens), np.asarray(counts), kept)
+
+    def make_batch(self, token_ids: Sequence[Sequence[int]], pixel_values: np.ndarray, *, pad_token_id: int,
+                   max_new_tokens: int = 0) -> PromptBatch:
+        input_ids, lengths = pad_prompts(
+            token_ids, pad_token_id=pad_token_id, image_token_index=self.config.image_token_index,
+            num_image_tokens=self.config.num_image_tokens, length_bucket=self.length_bucket,
+            max_total_length=self.config.text.max_position_embeddings, max_new_tokens=max_new_tokens)
+        pixel_values = np.asarray(pixel_values, np.float32)
+        if pixel_values.shape[0] != len(token_ids):
+            raise ValueError(f"{len(token_ids)} prompts but {pixel_values.shape[0]} images")
+        return PromptBatch(input_ids, lengths, pixel_values)
+
+
+def tokens_until_eos(tokens: np.ndarray, counts: np.ndarray, eos_token_id: int | None) -> list[list[int]]:
+    """Per row, the generated ids without padding and without the EOS token."""
+    rows = []
+    for row, count in zip(tokens, counts):
+        ids = [int(t) for t in row[:count]]
+        if ids and eos_token_id is not None and ids[-1] == eos_token_id:
+            ids = ids[:-1]
+        rows.append(ids)
+    return rows
+
+
+def cache_bytes(caches: Any) -> int:
+    """Bytes held by a cache pytree (for memory reports)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(caches))
