@@ -1,0 +1,163 @@
+"""Images, prompts and token ids for LLaVA-1.5, as numpy arrays the JAX model consumes.
+
+Everything here reproduces what the original LLaVA-1.5 code feeds its model, so that the JAX model,
+transformers' PyTorch model and published numbers all see the same inputs:
+
+- images: LLaVA-1.5's 'pad' mode (paste the image centred on a square canvas of the mean colour, then
+  CLIP's bicubic resize, centre crop, 1/255 rescale and mean/std normalisation). llava-hf's saved
+  processor centre-crops instead; `Preprocessor.from_checkpoint` therefore forces the pad mode by
+  default. Resizing always goes through PIL (transformers' PIL backend), as the original code did;
+  the torchvision backend's bicubic kernel gives slightly different pixels.
+- prompts: the vicuna_v1 conversation template with a single `<image>` placeholder.
+- tokens: the placeholder expanded to one id per image feature, exactly what transformers'
+  `LlavaProcessor` produces (the model scatters image features into those positions).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+from transformers import AutoTokenizer, LlavaConfig
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from models.presets import llava15_image_processor
+from models.tokenizer import IMAGE_TOKEN
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+# The image-processor settings that carry over when a saved processor is converted to pad mode.
+_PROCESSOR_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
+                       "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+# Files in which `save_pretrained` stores an image processor (processor_config.json nests it).
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+class UnreadableImageError(ValueError):
+    """An image file exists but PIL cannot decode it (corrupt, truncated, or not an image)."""
+
+
+def build_prompt(question: str) -> str:
+    """The vicuna_v1 prompt LLaVA-1.5 was trained with: one image placeholder before the question."""
+    return f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Decode an image file fully into an RGB PIL image (alpha dropped, as LLaVA's `.convert('RGB')`).
+
+    Decoding happens here rather than lazily so that a corrupt file fails with its path in the message,
+    not later inside the image processor.
+    """
+    path = os.fspath(path)
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+
+
+def num_image_tokens(config: LlavaConfig) -> int:
+    """How many embeddings one image contributes: one per patch, plus [CLS] under the 'full' strategy."""
+    vision = config.vision_config
+    per_side = vision.image_size // vision.patch_size
+    return per_side * per_side + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def llava15_pad_mode(image_processor) -> LlavaImageProcessorPil:
+    """A PIL-backend LLaVA image processor with `image_processor`'s settings and do_pad=True.
+
+    llava-hf saves a CLIPImageProcessor (no padding at all); converting rather than patching an
+    attribute makes the pad mode hold whatever class was saved.
+    """
+    settings = {name: getattr(image_processor, name) for name in _PROCESSOR_SETTINGS}
+    for name in ("size", "crop_size"):  # SizeDict -> the plain dict the constructor takes
+        settings[name] = {key: value for key, value in dict(settings[name]).items() if value is not None}
+    return LlavaImageProcessorPil(**settings, do_pad=True)
+
+
+class Preprocessor:
+    """Turns questions and images into the token ids and pixel arrays of one LLaVA checkpoint."""
+
+    def __init__(self, config: LlavaConfig, tokenizer, image_processor):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, config: LlavaConfig | None = None, *,
+                        pad_to_square: bool = True) -> Preprocessor:
+        """Load the tokenizer and image processor saved with a checkpoint directory.
+
+        pad_to_square=True (default) applies LLaVA-1.5's original pad mode whatever processor was saved;
+        False keeps the saved processor as it is (llava-hf's centre crop). Without a saved processor,
+        the LLaVA-1.5 one is built from the config.
+        """
+        directory = os.fspath(directory)
+        config = config if config is not None else LlavaConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if any(os.path.isfile(os.path.join(directory, name)) for name in _PROCESSOR_FILES):
+            image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
+        else:
+            image_processor = llava15_image_processor(config)
+        if pad_to_square:
+            image_processor = llava15_pad_mode(image_processor)
+        return cls(config, tokenizer, image_processor)
+
+    @property
+    def image_token_index(self) -> int:
+        return self.config.image_token_index
+
+    @property
+    def num_image_tokens(self) -> int:
+        return num_image_tokens(self.config)
+
+    @property
+    def eos_token_id(self) -> int:
+        if self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return self.config.text_config.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id; its EOS id when it has none (padding is masked out anyway)."""
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return self.eos_token_id
+
+    def pixel_values(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
+        """float32 (B, 3, H, W) pixels; H = W = the vision tower's image size (checked)."""
+        pixels = self.image_processor(images=list(images), return_tensors="np")["pixel_values"]
+        pixels = np.asarray(pixels, dtype=np.float32)
+        size = self.config.vision_config.image_size
+        if pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"image processor produced pixels of shape {pixels.shape[1:]}, but the vision "
+                             f"tower expects (3, {size}, {size}); the saved processor disagrees with the config")
+        return pixels
+
+    def encode(self, question: str) -> list[int]:
+        """Token ids of the vicuna_v1 prompt for `question`, with the image placeholder expanded."""
+        return self.encode_prompt(build_prompt(question))
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a complete prompt holding exactly one `<image>`, expanded to one id per feature."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        image_slots = [index for index, token in enumerate(ids) if token == self.image_token_index]
+        if len(image_slots) != 1:
+            raise ValueError(
+                f"the prompt must hold exactly one image token {IMAGE_TOKEN!r} (id {self.image_token_index}), "
+                f"found {len(image_slots)}: {prompt!r}")
+        slot = image_slots[0]
+        return ids[:slot] + [self.image_token_index] * self.num_image_tokens + ids[slot + 1:]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, special tokens (EOS, padding, image) dropped."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

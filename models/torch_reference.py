@@ -1,0 +1,342 @@
+"""The PyTorch side of cross-framework validation: in-LLM visual-token pruning on transformers' LLaVA.
+
+The JAX model and pruning library are validated against this module, which is deliberately small and
+built from transformers' own modules (`LlavaForConditionalGeneration`, its decoder layers, rotary
+embedding, eager attention function), so a disagreement points at the JAX side or at a documented
+difference, never at a second reimplementation of LLaMA.
+
+Pruning (see docs/algorithm.md): decoder layers 0..K-1 see every token; then only the text tokens and
+the kept image tokens continue through layers K..L-1, each keeping its ORIGINAL position id (RoPE
+positions with gaps) and attending causally by original position. The two AdaptPrune cues are
+computed as the released code computes them, and `reference_select` re-implements the released
+selection loops in torch. Batch 1 only: the JAX side owns batching.
+
+Everything runs in the model's dtype (float32 for validation) with TF32 disabled, because the cosine
+similarities in the NMS amplify rounding error and reduced-precision matmuls flip selections.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+# The released AdaptPrune code's defaults (docs/algorithm.md); names match adaptprune_jax.
+ADAPTPRUNE_DEFAULTS = dict(prior_sigma=12.0, distance_limit=5.0, distance_sigma=1.5, similarity_sigma=0.05)
+
+
+@dataclass(frozen=True)
+class PruningCues:
+    """AdaptPrune's per-image-token cues, in image-span order (float32, on the model's device).
+
+    attention: (N,) head-mean attention of the last prompt token at layer K-1 over the image tokens.
+    keys: (N, num_key_value_heads * head_dim) L2-normalised layer-K key projections.
+    """
+
+    attention: torch.Tensor
+    keys: torch.Tensor
+
+
+def image_token_positions(input_ids: torch.Tensor, image_token_index: int) -> torch.Tensor:
+    """Sequence positions (ascending, int64) of the image placeholder tokens of a batch-1 prompt."""
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"the torch reference handles batch 1; got input_ids of shape {tuple(input_ids.shape)}")
+    positions = torch.nonzero(input_ids[0] == image_token_index).squeeze(-1)
+    if positions.numel() == 0:
+        raise ValueError(f"input_ids hold no image token (id {image_token_index})")
+    return positions
+
+
+def grid_side(num_tokens: int) -> int:
+    """Side g of the square g x g grid of `num_tokens` image tokens (ValueError if not a square)."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"{num_tokens} image tokens do not form a square grid; pass grid explicitly "
+                         "(e.g. under vision_feature_select_strategy='full' the [CLS] token is extra)")
+    return side
+
+
+@torch.no_grad()
+def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Input embeddings with the projected image features scattered into the image positions.
+
+    Exactly transformers' own path (LlavaModel.forward): token embeddings, vision tower features
+    selected by the config's layer and strategy, projector, then masked_scatter in sequence order.
+    """
+    llava = model.model
+    inputs_embeds = llava.get_input_embeddings()(input_ids)
+    features = llava.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+    image_mask = llava.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+    return inputs_embeds.masked_scatter(image_mask, features)
+
+
+def causal_mask_by_position(positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, S, S) additive mask: 0 where key position <= query position, else dtype's minimum.
+
+    An explicit 4D float mask is what both transformers' eager (added to the scores) and sdpa (passed
+    as attn_mask) attention take. Using torch.finfo(dtype).min rather than -inf matches transformers'
+    eager_mask. Never rely on transformers building the mask from gapped position_ids: without an
+    attention_mask it reads any position gap as the start of a new packed sequence.
+    """
+    allowed = positions[:, None, None, :] <= positions[:, None, :, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min)
+
+
+def _run_layers(language_model, hidden: torch.Tensor, positions: torch.Tensor, layers) -> torch.Tensor:
+    """Apply decoder `layers` to `hidden`, whose tokens sit at (possibly gapped) `positions`."""
+    if len(layers) == 0:
+        return hidden
+    mask = causal_mask_by_position(positions, hidden.dtype)
+    position_embeddings = language_model.rotary_emb(hidden, position_ids=positions)
+    for decoder_layer in layers:
+        hidden = decoder_layer(hidden, attention_mask=mask, position_ids=positions,
+                               position_embeddings=position_embeddings)
+    return hidden
+
+
+def _last_token_attention(language_model, decoder_layer, hidden: torch.Tensor, positions: torch.Tensor,
+                          image_positions: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention probabilities of the last token over the image tokens at `decoder_layer`.
+
+    The released code re-runs the layer in eager mode with output_attentions and reads the last row;
+    this computes only that row, with the layer's own projections, rotary embedding and transformers'
+    eager attention function (softmax over all causal keys, in float32, cast to the model dtype).
+    """
+    attention = decoder_layer.self_attn
+
+    def split_heads(projected: torch.Tensor) -> torch.Tensor:  # (1, T, H*d) -> (1, H, T, d)
+        return projected.view(1, projected.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+    normed = decoder_layer.input_layernorm(hidden)
+    query = split_heads(attention.q_proj(normed[:, -1:]))
+    key = split_heads(attention.k_proj(normed))
+    value = split_heads(attention.v_proj(normed))
+    cos, sin = language_model.rotary_emb(hidden, position_ids=positions)
+    query = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])[0]
+    key = apply_rotary_pos_emb(key, key, cos, sin)[1]
+    last_row_mask = causal_mask_by_position(positions, hidden.dtype)[:, :, -1:, :]
+    _, probabilities = eager_attention_forward(attention, query, key, value, last_row_mask,
+                                               scaling=attention.scaling)
+    return probabilities[0, :, 0, image_positions].float().mean(dim=0)
+
+
+def _feature_keys(decoder_layer, image_hidden: torch.Tensor, normalize_keys: bool) -> torch.Tensor:
+    """L2-normalised key projections of the image tokens' residual stream at `decoder_layer`.
+
+    QUIRK of the released code: k_proj is applied to the raw residual stream (no input RMSNorm, no
+    RoPE); normalize_keys=True applies the layer's input_layernorm first, as the layer itself does.
+    """
+    if normalize_keys:
+        image_hidden = decoder_layer.input_layernorm(image_hidden)
+    return F.normalize(decoder_layer.self_attn.k_proj(image_hidden).float(), dim=-1)
+
+
+def _kept_sequence_positions(seq_len: int, image_positions: torch.Tensor, kept_image_indices) -> torch.Tensor:
+    """Ascending sequence positions of the text tokens plus the kept image tokens."""
+    kept = torch.as_tensor(kept_image_indices).long().reshape(-1).to(image_positions.device)
+    num_image = image_positions.numel()
+    if kept.numel() and (kept[0] < 0 or kept[-1] >= num_image or bool((kept[1:] <= kept[:-1]).any())):
+        raise ValueError(f"kept_image_indices must be strictly ascending indices in [0, {num_image}); "
+                         f"got {kept.tolist()}")
+    keep = torch.ones(seq_len, dtype=torch.bool, device=image_positions.device)
+    keep[image_positions] = False
+    keep[image_positions[kept]] = True
+    return torch.nonzero(keep).squeeze(-1)
+
+
+def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.Tensor, *, layer: int | None,
+                     kept_image_indices, return_cues: bool, normalize_keys: bool):
+    """Logits (1, S', V) float32 and optionally the cues, from already merged input embeddings."""
+    language_model = model.model.language_model
+    layers = language_model.layers
+    implementation = language_model.config._attn_implementation
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"the 4D additive mask needs eager or sdpa attention, the model uses {implementation!r}")
+    if layer is None:
+        if kept_image_indices is not None or return_cues:
+            raise ValueError("pruning and cues need the pruning layer K (layer=...)")
+        layer = len(layers)
+    if not 0 <= layer <= len(layers):
+        raise ValueError(f"layer must be in [0, {len(layers)}], got {layer}")
+    if return_cues and not 1 <= layer < len(layers):
+        raise ValueError(f"cues read layers K-1 and K, so layer must be in [1, {len(layers) - 1}], got {layer}")
+
+    positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+    hidden = inputs_embeds
+    cues = None
+    if return_cues:
+        hidden = _run_layers(language_model, hidden, positions, layers[:layer - 1])
+        attention = _last_token_attention(language_model, layers[layer - 1], hidden, positions, image_positions)
+        hidden = _run_layers(language_model, hidden, positions, layers[layer - 1:layer])
+        cues = PruningCues(attention=attention,
+                           keys=_feature_keys(layers[layer], hidden[0, image_positions], normalize_keys))
+    else:
+        hidden = _run_layers(language_model, hidden, positions, layers[:layer])
+
+    if kept_image_indices is not None:
+        sequence_kept = _kept_sequence_positions(hidden.shape[1], image_positions, kept_image_indices)
+        hidden, positions = hidden[:, sequence_kept], positions[:, sequence_kept]
+    hidden = _run_layers(language_model, hidden, positions, layers[layer:])
+    logits = model.lm_head(language_model.norm(hidden)).float()
+    return logits, cues
+
+
+@torch.no_grad()
+def pruned_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, layer: int | None,
+                   kept_image_indices=None, return_cues: bool = False, normalize_keys: bool = False):
+    """Prefill logits (1, S', V) float32 with the image tokens pruned after decoder layer `layer` - 1.
+
+    kept_image_indices: ascending indices into the image span (None keeps every token, and then the
+    result equals `model(input_ids=..., pixel_values=...).logits`). S' = text tokens + kept tokens.
+    return_cues=True returns (logits, PruningCues): the cues read the unpruned prefix, so they can be
+    computed with kept_image_indices=None and fed to `reference_select`.
+    """
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    logits, cues = _decoder_forward(model, embed_inputs(model, input_ids, pixel_values), image_positions,
+                                    layer=layer, kept_image_indices=kept_image_indices,
+                                    return_cues=return_cues, normalize_keys=normalize_keys)
+    return (logits, cues) if return_cues else logits
+
+
+@torch.no_grad()
+def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, layer: int | None = None,
+                       kept_image_indices=None, max_new_tokens: int, eos_token_id: int | Collection[int]) -> list[int]:
+    """Greedy new tokens (EOS included when reached) with the pruning fixed at prefill.
+
+    No KV cache: each step reruns the pruned forward on prompt + generated tokens. Generated tokens are
+    text tokens, always kept, at positions original_length + t, which is what a cached decoder must
+    reproduce. The merged prompt embeddings are computed once (the vision tower is deterministic).
+    """
+    stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    inputs_embeds = embed_inputs(model, input_ids, pixel_values)
+    embed_tokens = model.get_input_embeddings()
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        logits, _ = _decoder_forward(model, inputs_embeds, image_positions, layer=layer,
+                                     kept_image_indices=kept_image_indices, return_cues=False,
+                                     normalize_keys=False)
+        token = int(torch.argmax(logits[0, -1]))
+        generated.append(token)
+        if token in stop_ids:
+            break
+        next_embedding = embed_tokens(torch.tensor([[token]], device=inputs_embeds.device))
+        inputs_embeds = torch.cat([inputs_embeds, next_embedding], dim=1)
+    return generated
+
+
+def _as_float_tensor(values, name: str, method: str) -> torch.Tensor:
+    """A float32 CPU tensor from an array or tensor input of `reference_select`."""
+    if values is None:
+        raise ValueError(f"method {method!r} needs {name}")
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().float()
+    return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+
+
+def _adaptprune(attention: torch.Tensor, keys: torch.Tensor, keep: int, grid: int | None, *, prior_sigma: float,
+                distance_limit: float, distance_sigma: float, similarity_sigma: float) -> torch.Tensor:
+    """Centre prior x attention, then the adaptive NMS loop of docs/algorithm.md (kept indices, in pick order)."""
+    num_tokens = attention.numel()
+    grid = grid_side(num_tokens) if grid is None else grid
+    if grid * grid != num_tokens:
+        raise ValueError(f"grid {grid} x {grid} does not hold {num_tokens} image tokens")
+    x = torch.linspace(-(grid // 2), grid // 2, grid)
+    prior = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * prior_sigma ** 2))
+    scores = attention * (prior / prior.max()).reshape(-1)
+
+    token = torch.arange(num_tokens)
+    rows, cols = (token // grid).float(), (token % grid).float()
+    unit_keys = F.normalize(keys, dim=-1)
+    cosine = unit_keys @ unit_keys.T
+    selected = torch.zeros(num_tokens, dtype=torch.bool)
+    order = []
+    for _ in range(keep):
+        # Selected tokens are excluded outright: self-suppression leaves ~0, which can still win a tie
+        # when every remaining score has underflowed to 0.
+        chosen = int(torch.argmax(scores.masked_fill(selected, float("-inf"))))  # first index on ties
+        selected[chosen] = True
+        order.append(chosen)
+        distance = torch.sqrt((rows - rows[chosen]) ** 2 + (cols - cols[chosen]) ** 2)
+        factor = 1 - (torch.exp(-distance ** 2 / (2 * distance_sigma ** 2))
+                      * torch.exp(-(1 - cosine[chosen]) ** 2 / (2 * similarity_sigma ** 2)))
+        scores = torch.where(distance <= distance_limit, scores * factor, scores)
+    return torch.tensor(order)
+
+
+def _fastv(attention: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` highest attention values; a stable sort breaks ties by first index."""
+    return torch.sort(attention, descending=True, stable=True).indices[:keep]
+
+
+def _divprune(embeddings: torch.Tensor, keep: int) -> torch.Tensor:
+    """The released DivPrune loop: greedy max-min diversity under cosine distance.
+
+    First pick: the token whose nearest other token is farthest (each column's 2nd smallest distance,
+    the smallest being its distance 0 to itself). Then repeatedly the token farthest from the kept set.
+    Unlike the released code, kept tokens are excluded from later picks, which only matters when
+    tokens have identical features (the released code could then return an index twice).
+    """
+    if embeddings.shape[0] < 2:
+        raise ValueError("DivPrune needs at least two image tokens")
+    unit = embeddings / embeddings.norm(dim=1, keepdim=True)
+    distance = 1.0 - unit @ unit.T
+    order = [int(torch.argmax(torch.topk(distance, 2, dim=0, largest=False).values[1]))]
+    selected = torch.zeros(embeddings.shape[0], dtype=torch.bool)
+    selected[order[0]] = True
+    for _ in range(keep - 1):
+        farthest = distance[order].min(dim=0).values.masked_fill(selected, float("-inf"))
+        chosen = int(torch.argmax(farthest))
+        selected[chosen] = True
+        order.append(chosen)
+    return torch.tensor(order)
+
+
+def reference_select(method: str, *, keep: int, attention=None, keys=None, embeddings=None, grid: int | None = None,
+                     seed: int = 0, **method_kwargs) -> np.ndarray:
+    """Kept image-token indices (int64, ascending) as the released PyTorch code selects them.
+
+    method: 'adaptprune' (attention, keys; options prior_sigma, distance_limit, distance_sigma,
+    similarity_sigma), 'fastv' (attention) or 'divprune' (embeddings: the projected image features).
+    Inputs are (N,) / (N, D) arrays or tensors for one image. grid defaults to sqrt(N). `seed` is
+    accepted so the JAX library's call can be forwarded unchanged; no reference method is random:
+    'random' and 'uniform' have nothing to reference, so pass the JAX side's indices to
+    `pruned_forward` directly.
+    """
+    if method in ("random", "uniform"):
+        raise ValueError(f"method {method!r} has no reference selection: pass the JAX side's indices "
+                         "as kept_image_indices to pruned_forward / reference_generate")
+    options = {"adaptprune": ADAPTPRUNE_DEFAULTS, "fastv": {}, "divprune": {}}
+    if method not in options:
+        raise ValueError(f"unknown method {method!r}; reference methods: {', '.join(options)}")
+    unknown = set(method_kwargs) - set(options[method])
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option(s) {sorted(unknown)}; "
+                         f"its options: {sorted(options[method]) or 'none'}")
+
+    if method == "divprune":
+        candidates = _as_float_tensor(embeddings, "embeddings", method)
+    else:
+        candidates = _as_float_tensor(attention, "attention", method)
+    num_tokens = candidates.shape[0]
+    if not 1 <= keep <= num_tokens:
+        raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
+
+    if method == "adaptprune":
+        order = _adaptprune(candidates, _as_float_tensor(keys, "keys", method), keep, grid,
+                            **{**ADAPTPRUNE_DEFAULTS, **method_kwargs})
+    elif method == "fastv":
+        order = _fastv(candidates, keep)
+    else:
+        order = _divprune(candidates, keep)
+    return np.sort(order.numpy().astype(np.int64))
