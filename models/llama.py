@@ -168,7 +168,8 @@ class LlamaForCausalLM(nnx.Module):
                 norm_scale=norm_scale, norm_eps=self.cfg.rms_norm_eps)
         if pruning.needs_embeddings:
             embeddings = image_hidden
-        return prune.Cues(attention=attention_cue, keys=keys, embeddings=embeddings, rng=rng)
+        return prune.Cues(attention=attention_cue, keys=keys, embeddings=embeddings, rng=rng,
+                          batch_size=x.shape[0], num_image_tokens=image_slots.shape[1])
 
     def decode(self, token_ids: jax.Array, positions: jax.Array, caches: list[LayerCache]):
         """One decoding step: token_ids (B,), positions (B,) -> float32 logits (B, V), new caches."""

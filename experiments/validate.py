@@ -1,0 +1,295 @@
+"""Cross-framework validation: the Flax model against transformers' PyTorch LLaVA on the same weights.
+
+    python -m experiments.validate --config=tiny --random_weights
+    python -m experiments.validate --checkpoint=/path/to/llava-1.5-7b-hf --dtype=bfloat16
+    python -m experiments.validate --checkpoint=DIR --method=adaptprune --keep=64 --layer=2
+
+Both sides get the same token ids and pixels. Reported: max_abs_err, max_rel_err (max |jax - torch| /
+max |torch| over every prompt logit), mean_kl (KL(torch || jax) per position, averaged), top1_agreement,
+generated_equal (greedy continuations identical), and with pruning kept_indices_equal (the JAX
+library's selection == the PyTorch reference selection). The reference is always PyTorch float32; in
+bfloat16 the JAX error is judged against PyTorch bfloat16's own error (the bf16 noise floor).
+Exit status 1 when the tolerance is exceeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "llava-hf checkpoint directory (config.json + safetensors + tokenizer).")
+flags.DEFINE_string("config", None, "Preset name (llava-1.5-7b, llava-1.5-13b, tiny, tiny-gqa, tiny-full) "
+                    "with --random_weights.")
+flags.DEFINE_bool("random_weights", False, "Build random weights with transformers for --config.")
+flags.DEFINE_enum("transfer", "memory", ["memory", "directory"],
+                  "How random weights reach JAX: in memory (state dict) or via save_pretrained to a temp dir.")
+flags.DEFINE_string("image", None, "Image file; default: scikit-image's astronaut photo.")
+flags.DEFINE_string("prompt", "Describe the image in detail.", "Question text (vicuna_v1 template).")
+flags.DEFINE_integer("min_prompt_tokens", 0, "Pad the question with filler words up to this many tokens.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX parameter/activation dtype.")
+flags.DEFINE_integer("generate_tokens", 20, "Greedy tokens to compare (0 = skip generation).")
+flags.DEFINE_enum("method", "none", ["none", "adaptprune", "fastv", "random", "uniform", "divprune"],
+                  "Pruning method.")
+flags.DEFINE_string("keep", "0.1", "Image tokens to keep: a count (64) or a ratio (0.1).")
+flags.DEFINE_integer("layer", 2, "Pruning layer K (DivPrune always prunes before the LLM).")
+flags.DEFINE_integer("seed", 0, "Seed for random weights and the random method.")
+flags.DEFINE_float("tolerance", None, "max_rel_err tolerance in float32 (default 1e-5 on CPU, 1e-4 on GPU).")
+flags.DEFINE_float("noise_floor_factor", 1.5, "bfloat16: JAX error may be at most this times PyTorch bf16's.")
+flags.DEFINE_string("output", None, "Write the JSON report here.")
+
+FILLER = "please tell me more about this scene"
+
+
+def parse_keep(text: str) -> int | float:
+    """'64' -> 64, '0.1' -> 0.1 (a count or a ratio of the image tokens)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"keep must be a count (e.g. 64) or a ratio (e.g. 0.1), got {text!r}") from None
+
+
+def default_image():
+    import PIL.Image
+    from skimage import data
+
+    return PIL.Image.fromarray(data.astronaut())
+
+
+def logit_metrics(jax_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
+    """Errors of `jax_logits` against the reference `torch_logits` (both (S, V), float64 here)."""
+    a, b = jax_logits.astype(np.float64), torch_logits.astype(np.float64)
+    diff = np.abs(a - b)
+    log_p = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)
+    log_q = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    return {"max_abs_err": float(diff.max()), "max_rel_err": float(diff.max() / np.abs(b).max()),
+            "mean_kl": float(kl.mean()), "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+            "positions": int(a.shape[0])}
+
+
+def build_question(preprocessor, question: str, min_prompt_tokens: int) -> list[int]:
+    """Prompt ids for `question`, padded with filler words until at least `min_prompt_tokens` long."""
+    ids = preprocessor.encode(question)
+    while len(ids) < min_prompt_tokens:
+        question = f"{question} {FILLER}"
+        ids = preprocessor.encode(question)
+    return ids
+
+
+def _load_sides(torch_device: str):
+    """(hf_config, torch float32 model, preprocessor, JAX weights source, description)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from models import checkpoint, presets
+    from models.preprocess import Preprocessor
+
+    if FLAGS.checkpoint:
+        hf_config = checkpoint.load_hf_config(FLAGS.checkpoint)
+        torch_model = LlavaForConditionalGeneration.from_pretrained(FLAGS.checkpoint, dtype=torch.float32)
+        preprocessor = Preprocessor.from_checkpoint(FLAGS.checkpoint, hf_config)
+        return hf_config, torch_model.to(torch_device).eval(), preprocessor, checkpoint.TensorSource(
+            FLAGS.checkpoint), f"checkpoint {FLAGS.checkpoint}"
+    if not (FLAGS.config and FLAGS.random_weights):
+        raise app.UsageError("give --checkpoint=DIR, or --config=NAME --random_weights")
+    hf_config = presets.llava_config(FLAGS.config)
+    torch.manual_seed(FLAGS.seed)
+    with torch.device(torch_device):
+        torch_model = LlavaForConditionalGeneration(hf_config).float().eval()
+    preprocessor = Preprocessor(hf_config, presets.tiny_tokenizer(hf_config), presets.llava15_image_processor(hf_config))
+    if FLAGS.transfer == "directory":
+        directory = tempfile.mkdtemp(prefix="validate_")
+        presets.write_random_checkpoint(hf_config, directory, model=torch_model)
+        source = checkpoint.TensorSource(directory)
+    else:
+        source = checkpoint.StateDictSource(checkpoint.state_dict_to_numpy(torch_model.state_dict()))
+    return hf_config, torch_model, preprocessor, source, f"preset {FLAGS.config}, random weights (seed {FLAGS.seed})"
+
+
+def run() -> dict:
+    import jax
+    import torch
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+    import adaptprune_jax as prune
+    from models import checkpoint, torch_reference
+    from models.config import from_hf_config
+    from models.generate import LlavaRunner, SamplingConfig, tokens_until_eos
+    from models.preprocess import load_image
+
+    on_gpu = torch.cuda.is_available()
+    torch_device = "cuda" if on_gpu else "cpu"
+    started = time.time()
+    hf_config, torch_model, preprocessor, source, description = _load_sides(torch_device)
+    cfg = from_hf_config(hf_config)
+    image = load_image(FLAGS.image) if FLAGS.image else default_image()
+    ids = build_question(preprocessor, FLAGS.prompt, FLAGS.min_prompt_tokens)
+    pixels = preprocessor.pixel_values([image])
+    input_ids_t = torch.tensor([ids], device=torch_device)
+    pixels_t = torch.tensor(pixels, device=torch_device)
+
+    pruning = None if FLAGS.method == "none" else prune.make_config(
+        FLAGS.method, keep=parse_keep(FLAGS.keep),
+        **({} if FLAGS.method == "divprune" else {"layer": FLAGS.layer}),
+        **({"seed": FLAGS.seed} if FLAGS.method == "random" else {}))
+    report = {"model": description, "dtype": FLAGS.dtype, "method": FLAGS.method, "prompt_tokens": len(ids),
+              "image_tokens": cfg.num_image_tokens, "device": str(jax.devices()[0]),
+              "torch_device": torch_device, "versions": {"jax": jax.__version__, "torch": torch.__version__}}
+
+    # PyTorch float32 reference (and, for bf16, PyTorch bf16's own error = the noise floor).
+    torch_kept = None
+    layer = None if pruning is None else pruning.layer
+    if pruning is None:
+        with torch.no_grad():
+            reference = torch_model(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
+    else:
+        keep = pruning.resolve_keep(cfg.num_image_tokens)
+        report["keep"] = keep
+        report["equivalent_tokens"] = pruning.equivalent_tokens(cfg.num_image_tokens, cfg.text.num_layers)
+        if FLAGS.method in ("adaptprune", "fastv", "divprune"):
+            torch_kept = _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep)
+
+    sampling = SamplingConfig(max_new_tokens=max(FLAGS.generate_tokens, 1), eos_token_id=preprocessor.eos_token_id,
+                              pad_token_id=preprocessor.pad_token_id)
+    if FLAGS.dtype == "bfloat16" and pruning is None:
+        with torch.no_grad():
+            torch_bf16 = torch_model.to(torch.bfloat16)
+            bf16_logits = torch_bf16(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
+            torch_model = torch_bf16.float()
+        report["torch_bf16_vs_torch_fp32"] = logit_metrics(bf16_logits, reference)
+
+    torch_generated = None
+    if FLAGS.generate_tokens and pruning is None:
+        with torch.no_grad():
+            out = torch_model.generate(input_ids=input_ids_t, pixel_values=pixels_t, do_sample=False,
+                                       max_new_tokens=FLAGS.generate_tokens, eos_token_id=preprocessor.eos_token_id,
+                                       pad_token_id=preprocessor.pad_token_id)
+        torch_generated = [int(t) for t in out[0, len(ids):].tolist()]
+    if torch_device == "cuda":  # hand the GPU to JAX
+        torch_model_cpu = torch_model.cpu()
+        torch.cuda.empty_cache()
+    else:
+        torch_model_cpu = torch_model
+
+    # JAX side.
+    model = checkpoint.load_params(cfg, source, FLAGS.dtype)
+    del source
+    runner = LlavaRunner(model)
+    batch = runner.make_batch([ids], pixels, pad_token_id=preprocessor.pad_token_id,
+                              max_new_tokens=sampling.max_new_tokens)
+    rng = jax.random.key(FLAGS.seed)
+    result = runner.prefill(batch, pruning=pruning, all_logits=True, rng=rng)
+    kept = None if result.kept is None else np.asarray(result.kept)[0]
+    valid = np.asarray(result.positions)[0] >= 0
+    jax_logits = np.asarray(result.logits, np.float32)[0][valid]
+
+    if pruning is not None:
+        report["kept_indices_equal"] = None if torch_kept is None else bool(np.array_equal(kept, torch_kept))
+        report["kept_jax"] = kept.tolist()
+        if torch_kept is not None and not report["kept_indices_equal"]:
+            report["kept_torch"] = torch_kept.tolist()
+        # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
+        reference = torch_reference.pruned_forward(torch_model_cpu.to(torch_device), input_ids_t, pixels_t,
+                                                   layer=layer, kept_image_indices=kept)[0].cpu().numpy()
+        if FLAGS.generate_tokens:
+            torch_generated = torch_reference.reference_generate(
+                torch_model_cpu.to(torch_device), input_ids_t, pixels_t, layer=layer, kept_image_indices=kept,
+                max_new_tokens=FLAGS.generate_tokens, eos_token_id=preprocessor.eos_token_id)
+    report["jax_vs_torch_fp32"] = logit_metrics(jax_logits, reference)
+
+    if FLAGS.generate_tokens:
+        generated = runner.generate(batch, sampling, pruning=pruning, rng=rng)
+        jax_generated = [int(t) for t in generated.tokens[0, :generated.num_generated[0]]]
+        report["generated_equal"] = jax_generated == torch_generated
+        report["generated_jax"] = preprocessor.decode(tokens_until_eos(generated.tokens, generated.num_generated,
+                                                                       preprocessor.eos_token_id)[0])
+        report["generated_torch"] = preprocessor.decode(torch_generated)
+        report["generated_tokens"] = len(jax_generated)
+    report["passed"], report["criterion"] = _judge(report, on_gpu)
+    report["seconds"] = round(time.time() - started, 1)
+    return report
+
+
+def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep) -> np.ndarray:
+    """The PyTorch reference's own kept indices (computed from its own cues)."""
+    options = {}
+    if pruning.name == "adaptprune":
+        options = dict(prior_sigma=pruning.prior_sigma, distance_limit=pruning.distance_limit,
+                       distance_sigma=pruning.distance_sigma, similarity_sigma=pruning.similarity_sigma)
+    if pruning.name == "divprune":
+        import torch
+        with torch.no_grad():
+            embeds = torch_reference.embed_inputs(torch_model, input_ids_t, pixels_t)[0]
+        positions = torch_reference.image_token_positions(input_ids_t, torch_model.config.image_token_index)
+        return torch_reference.reference_select("divprune", keep=keep, embeddings=embeds[positions])
+    _, cues = torch_reference.pruned_forward(torch_model, input_ids_t, pixels_t, layer=pruning.layer,
+                                             return_cues=True,
+                                             normalize_keys=getattr(pruning, "normalize_keys", False))
+    return torch_reference.reference_select(pruning.name, keep=keep, attention=cues.attention, keys=cues.keys,
+                                            **options)
+
+
+def _judge(report: dict, on_gpu: bool) -> tuple[bool, str]:
+    ours = report["jax_vs_torch_fp32"]
+    if report["dtype"] == "float32":
+        tolerance = FLAGS.tolerance if FLAGS.tolerance is not None else (1e-4 if on_gpu else 1e-5)
+        passed = ours["max_rel_err"] <= tolerance
+        criterion = f"max_rel_err <= {tolerance:g}"
+    elif "torch_bf16_vs_torch_fp32" in report:
+        floor, factor = report["torch_bf16_vs_torch_fp32"], FLAGS.noise_floor_factor
+        checks = {"max_rel_err": ours["max_rel_err"] <= factor * floor["max_rel_err"],
+                  "mean_kl": ours["mean_kl"] <= factor * floor["mean_kl"],
+                  "top1_disagreement": 1 - ours["top1_agreement"] <= factor * (1 - floor["top1_agreement"]) + 1e-12}
+        passed = all(checks.values())
+        criterion = f"JAX bf16 error <= {factor}x PyTorch bf16 error on " + ", ".join(
+            f"{k} ({'ok' if v else 'FAIL'})" for k, v in checks.items())
+    else:
+        return True, "bfloat16 with pruning: reported, no tolerance"
+    if report.get("kept_indices_equal") is False:
+        passed, criterion = False, criterion + "; kept indices differ"
+    return passed, criterion
+
+
+def print_table(report: dict) -> None:
+    rows = [("JAX vs PyTorch fp32", report["jax_vs_torch_fp32"])]
+    if "torch_bf16_vs_torch_fp32" in report:
+        rows.append(("PyTorch bf16 vs PyTorch fp32", report["torch_bf16_vs_torch_fp32"]))
+    print(f"\n{report['model']} | dtype {report['dtype']} | method {report['method']} | "
+          f"{report['prompt_tokens']} prompt tokens ({report['image_tokens']} image)")
+    print(f"{'comparison':<30} {'max_abs_err':>12} {'max_rel_err':>12} {'mean_kl':>12} {'top1':>8}")
+    for name, m in rows:
+        print(f"{name:<30} {m['max_abs_err']:>12.3e} {m['max_rel_err']:>12.3e} {m['mean_kl']:>12.3e} "
+              f"{m['top1_agreement']:>8.4f}")
+    for key in ("keep", "kept_indices_equal", "generated_equal", "generated_jax", "generated_torch"):
+        if key in report:
+            print(f"{key:<30} {report[key]}")
+    print(f"{'result':<30} {'PASS' if report['passed'] else 'FAIL'} ({report['criterion']})")
+
+
+def main(argv):
+    del argv
+    report = run()
+    if FLAGS.output:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+        with open(FLAGS.output, "w") as f:
+            json.dump(report, f, indent=2)
+    print_table(report)
+    sys.exit(0 if report["passed"] else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)
