@@ -96,13 +96,14 @@ def tiny_tokenizer(config: LlavaConfig):
 def llava15_image_processor(config: LlavaConfig):
     """LLaVA-1.5's preprocessing: pad to square with the mean colour, bicubic resize, CLIP normalisation.
 
-    transformers' LlavaImageProcessor does it with do_pad=True (its default is False); the size comes
-    from the vision config so there is one source of truth for the image size.
+    transformers' LLaVA image processor does it with do_pad=True (its default is False); the size comes
+    from the vision config so there is one source of truth for the image size. The PIL backend is named
+    explicitly: where torchvision is installed, the default backend resizes differently from LLaVA's PIL.
     """
-    from transformers import LlavaImageProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     size = config.vision_config.image_size
-    return LlavaImageProcessor(do_pad=True, size={"shortest_edge": size},
+    return LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": size},
                                crop_size={"height": size, "width": size})
 
 
@@ -148,6 +149,7 @@ def write_random_checkpoint(config: LlavaConfig, directory: str | os.PathLike, *
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(config)
     processor = LlavaProcessor(image_processor=llava15_image_processor(config), tokenizer=tokenizer,
                                patch_size=config.vision_config.patch_size,
-                               vision_feature_select_strategy=config.vision_feature_select_strategy)
+                               vision_feature_select_strategy=config.vision_feature_select_strategy,
+                               num_additional_image_tokens=1)  # CLIP's [CLS], as llava-hf saves it
     processor.save_pretrained(directory)
     return directory

@@ -1,0 +1,97 @@
+"""The Flax LLaVA against transformers' PyTorch LLaVA on the same checkpoint (float32, CPU).
+
+Covers the three on-disk variants (single file, sharded, newer key spelling), grouped-query
+attention, the 'full' feature strategy, prompts past 600 positions, greedy generation, batching and
+the prefill's bucketed compilation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.generate import SamplingConfig
+from tests.conftest import make_prompt, random_pixels
+
+MAX_REL_ERR = 1e-5
+PRESETS = ("tiny", "tiny-gqa", "tiny-full")
+
+
+def max_rel_err(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def torch_logits(ckpt, ids: list[int], pixels: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return ckpt.torch_model(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(pixels)).logits[0].numpy()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_prefill_logits_match_transformers(tiny_checkpoints, prompt_rng, preset):
+    ckpt = tiny_checkpoints(preset)
+    ids = make_prompt(ckpt.config, prompt_rng, before=12, after=30)
+    assert len(ids) >= 600
+    pixels = random_pixels(prompt_rng, 1, ckpt.config.vision.image_size)
+    batch = ckpt.runner.make_batch([ids], pixels, pad_token_id=ckpt.pad_token_id)
+    ours = np.asarray(ckpt.runner.prefill(batch, all_logits=True).logits)[0, :len(ids)]
+    reference = torch_logits(ckpt, ids, pixels)
+    assert max_rel_err(ours, reference) <= MAX_REL_ERR
+    assert (ours.argmax(-1) == reference.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_greedy_generation_matches_transformers_generate(tiny_checkpoints, prompt_rng, preset):
+    ckpt = tiny_checkpoints(preset)
+    ids = make_prompt(ckpt.config, prompt_rng, before=5, after=40)
+    pixels = random_pixels(prompt_rng, 1, ckpt.config.vision.image_size)
+    new_tokens = 20
+    sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
+    ours = ckpt.runner.generate(ckpt.runner.make_batch([ids], pixels, pad_token_id=ckpt.pad_token_id,
+                                                       max_new_tokens=new_tokens), sampling)
+    with torch.no_grad():
+        reference = ckpt.torch_model.generate(
+            input_ids=torch.tensor([ids]), pixel_values=torch.tensor(pixels), do_sample=False,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=ckpt.pad_token_id)
+    assert ours.tokens[0].tolist() == reference[0, len(ids):].tolist()
+    assert ours.num_generated[0] == new_tokens
+
+
+def test_batch_of_different_lengths_equals_one_by_one(tiny_checkpoints, prompt_rng):
+    ckpt = tiny_checkpoints("tiny-gqa")
+    prompts = [make_prompt(ckpt.config, prompt_rng, before, after) for before, after in ((3, 7), (20, 30), (9, 2))]
+    pixels = random_pixels(prompt_rng, len(prompts), ckpt.config.vision.image_size)
+    sampling = SamplingConfig(max_new_tokens=12, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
+    batched = ckpt.runner.generate(ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id,
+                                                          max_new_tokens=12), sampling)
+    batched_logits = np.asarray(ckpt.runner.prefill(
+        ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id)).logits)
+    for row, ids in enumerate(prompts):
+        single_batch = ckpt.runner.make_batch([ids], pixels[row:row + 1], pad_token_id=ckpt.pad_token_id,
+                                              max_new_tokens=12)
+        single = ckpt.runner.generate(single_batch, sampling)
+        assert batched.tokens[row].tolist() == single.tokens[0].tolist()
+        single_logits = np.asarray(ckpt.runner.prefill(single_batch).logits)[0]
+        np.testing.assert_allclose(batched_logits[row], single_logits, rtol=0, atol=1e-5)
+
+
+def test_bucketed_prompt_lengths_share_one_compilation(tiny_checkpoints, prompt_rng):
+    ckpt = tiny_checkpoints("tiny")
+    runner, size = ckpt.runner, ckpt.config.vision.image_size
+    pixels = random_pixels(prompt_rng, 1, size)
+    lengths = [len(make_prompt(ckpt.config, prompt_rng, 1, 0)) + extra for extra in (0,)]
+    base = lengths[0]
+    bucket_end = -(-base // runner.length_bucket) * runner.length_bucket
+    room = bucket_end - base  # prompts from base to bucket_end all land in one bucket
+    assert room >= 3, "test needs a few free slots in the bucket"
+
+    def prefill_with(extra_words: int):
+        ids = make_prompt(ckpt.config, prompt_rng, 1, extra_words)
+        runner.prefill(runner.make_batch([ids], pixels, pad_token_id=ckpt.pad_token_id), extra_slots=3)
+
+    before = runner.trace_counts["prefill"]
+    for extra in (0, 1, room // 2, room):
+        prefill_with(extra)
+    assert runner.trace_counts["prefill"] == before + 1  # four lengths, one compilation
+    prefill_with(room + 1)  # next bucket
+    assert runner.trace_counts["prefill"] == before + 2
