@@ -200,3 +200,51 @@ def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32"):
 def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A torch state_dict as float32 numpy arrays (bfloat16 has no numpy dtype), for StateDictSource."""
     return {name: tensor.detach().float().cpu().numpy() for name, tensor in state_dict.items()}
+
+
+_INVERSE = {_identity: _identity, _transpose: _transpose}
+
+
+def _inverse_transform(transform: Transform, shape: tuple[int, ...]) -> Transform:
+    """The torch-layout array for one of ours (`shape` = the torch shape)."""
+    if transform is _flatten_patch_conv:
+        return lambda x: x.T.reshape(shape)
+    return _INVERSE[transform]
+
+
+def _disk_name(name: str) -> str:
+    """Canonical name -> llava-hf's on-disk spelling (as the released llava-1.5-*-hf files have it)."""
+    if name == "lm_head.weight":
+        return "language_model.lm_head.weight"
+    if name.startswith("language_model."):
+        return "language_model.model." + name[len("language_model."):]
+    if name.startswith("vision_tower."):
+        return "vision_tower.vision_model." + name[len("vision_tower."):]
+    return name
+
+
+def save_checkpoint(model: LlavaForConditionalGeneration, hf_config, directory: str | os.PathLike, *,
+                    dtype: str = "float32") -> str:
+    """Write config.json + model.safetensors in llava-hf's layout (loadable by transformers and here)."""
+    from safetensors.numpy import save_file
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"save dtype must be float32 or float16 (numpy has no bfloat16), got {dtype!r}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    state = nnx.state(model, nnx.Param)
+    tensors = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]
+        name, transform = hf_name_for(path)
+        array = np.asarray(jnp.asarray(leaf, jnp.float32))
+        if transform is _flatten_patch_conv:
+            cfg = model.config.vision
+            torch_shape = (cfg.hidden_size, 3, cfg.patch_size, cfg.patch_size)
+        else:
+            torch_shape = None
+        tensors[_disk_name(name)] = np.ascontiguousarray(
+            _inverse_transform(transform, torch_shape)(array)).astype(dtype)
+    hf_config.save_pretrained(directory)
+    save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
+    return directory

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from models.preprocess import build_prompt
 from models.tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, build_word_tokenizer, vocabulary_from_texts
 
 # --------------------------------------------------------------------------------------------------
@@ -87,9 +88,6 @@ RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 # The vicuna_v1 conversation template LLaVA-1.5 uses; the eval harness and the trainer must agree.
-SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
-                 "gives helpful, detailed, and polite answers to the human's questions.")
-PROMPT_TEMPLATE = SYSTEM_PROMPT + " USER: " + IMAGE_TOKEN + "\n{question} ASSISTANT:"
 # LLaVA-1.5's short-answer instructions (POPE / MME style); not used by this task's questions, but in
 # the vocabulary so a harness that appends one still tokenizes without <unk>.
 SHORT_ANSWER_INSTRUCTIONS: tuple[str, ...] = ("Answer the question using a single word or phrase.",
@@ -108,8 +106,8 @@ _POSITION_TEMPLATES = {
 
 
 def format_prompt(question: str) -> str:
-    """The full LLaVA-1.5 (vicuna_v1) prompt for one question, `<image>` placeholder included."""
-    return PROMPT_TEMPLATE.format(question=question)
+    """The full LLaVA-1.5 (vicuna_v1) prompt for one question (the harness's template, one source)."""
+    return build_prompt(question)
 
 
 def _all_texts() -> list[str]:

@@ -1,0 +1,57 @@
+"""One object that answers questions about images with a LLaVA checkpoint, pruned or not.
+
+It joins the pieces a harness needs (checkpoint loading, preprocessing, the jitted runner, decoding
+of the answers) behind `answer(images, questions, pruning=...)`, so an evaluation or a demo never
+touches token ids or caches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import PIL.Image
+
+from models.checkpoint import load_checkpoint
+from models.generate import DEFAULT_LENGTH_BUCKET, LlavaRunner, SamplingConfig, tokens_until_eos
+from models.preprocess import Preprocessor
+
+
+class Answers(NamedTuple):
+    texts: list[str]
+    kept: np.ndarray | None  # (B, keep) kept image-token indices (grid order), None when unpruned
+    prompt_tokens: list[int]  # prompt length per question
+
+
+class LlavaEngine:
+    def __init__(self, runner: LlavaRunner, preprocessor: Preprocessor, hf_config):
+        self.runner = runner
+        self.preprocessor = preprocessor
+        self.hf_config = hf_config
+        self.config = runner.config
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str = "float32",
+                        length_bucket: int = DEFAULT_LENGTH_BUCKET) -> LlavaEngine:
+        hf_config, model = load_checkpoint(directory, dtype)
+        preprocessor = Preprocessor.from_checkpoint(directory, hf_config)
+        return cls(LlavaRunner(model, length_bucket=length_bucket), preprocessor, hf_config)
+
+    def answer(self, images: Sequence[PIL.Image.Image], questions: Sequence[str], *, pruning=None,
+               max_new_tokens: int = 16, temperature: float = 0.0, seed: int = 0) -> Answers:
+        """Generate one answer per (image, question) pair, as one batch."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        prompts = [self.preprocessor.encode(question) for question in questions]
+        batch = self.runner.make_batch(prompts, self.preprocessor.pixel_values(images),
+                                       pad_token_id=self.preprocessor.pad_token_id, max_new_tokens=max_new_tokens)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  eos_token_id=self.preprocessor.eos_token_id,
+                                  pad_token_id=self.preprocessor.pad_token_id)
+        output = self.runner.generate(batch, sampling, pruning=pruning, rng=jax.random.key(seed))
+        ids = tokens_until_eos(output.tokens, output.num_generated, self.preprocessor.eos_token_id)
+        texts = [self.preprocessor.decode(row).strip() for row in ids]
+        return Answers(texts, output.kept, [len(p) for p in prompts])
