@@ -14,6 +14,7 @@ Exit status 1 when the tolerance is exceeded.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -166,10 +167,10 @@ def run() -> dict:
     sampling = SamplingConfig(max_new_tokens=max(FLAGS.generate_tokens, 1), eos_token_id=preprocessor.eos_token_id,
                               pad_token_id=preprocessor.pad_token_id)
     if FLAGS.dtype == "bfloat16" and pruning is None:
-        with torch.no_grad():
-            torch_bf16 = torch_model.to(torch.bfloat16)
+        with torch.no_grad():  # a copy: casting in place and back would leave bf16-rounded weights
+            torch_bf16 = copy.deepcopy(torch_model).to(torch.bfloat16)
             bf16_logits = torch_bf16(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
-            torch_model = torch_bf16.float()
+        del torch_bf16
         report["torch_bf16_vs_torch_fp32"] = logit_metrics(bf16_logits, reference)
 
     torch_generated = None
