@@ -1,0 +1,188 @@
+"""AdaptPrune's selection: adaptive non-maximum suppression on the image-token grid.
+
+Greedy: ``keep`` times, keep the highest-scoring token ``i`` and multiply every token ``j`` within
+``distance_limit`` grid cells of it by ``1 - exp(-d^2 / 2 distance_sigma^2) * exp(-(1 - cos)^2 /
+2 similarity_sigma^2)``, so that near-duplicate neighbours of a kept token lose their score.
+
+Why it is fast: the suppression factor of every (kept i, token j) pair depends only on the grid and
+the keys, never on the scores, so the whole N x N factor matrix is built once, in one fused
+elementwise pass after one matmul. The fixed-trip loop body is then one argmax, one row read and
+one multiply; no boolean indexing and no dynamic shapes anywhere.
+
+Ties and degenerate scores: the argmax takes the first index among equal maxima (``jnp.argmax``),
+and already-kept tokens are masked to -inf before it, so a token is never kept twice even when all
+remaining scores are equal or have underflowed to 0 (the released code could then re-pick one).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from adaptprune_jax.grid import DEFAULT_PRIOR_SIGMA, center_prior, grid_coordinates, grid_side
+
+DEFAULT_DISTANCE_LIMIT = 5.0
+DEFAULT_DISTANCE_SIGMA = 1.5
+DEFAULT_SIMILARITY_SIGMA = 0.05
+
+# Cosine similarities feed exp(-(1 - cos)^2 / 2 similarity_sigma^2), which amplifies their error by
+# up to ~1 / similarity_sigma: reduced-precision (TF32 / bf16-pass) matmuls would flip selections.
+SIMILARITY_PRECISION = lax.Precision.HIGHEST
+
+_NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN.
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """``x / max(||x||, 1e-12)`` along ``axis`` in float32 (torch's F.normalize)."""
+  x = jnp.asarray(x, jnp.float32)
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, _NORM_EPS)
+
+
+def check_keep(keep: int, num_tokens: int) -> int:
+  """Return ``keep`` as a Python int in [1, num_tokens]; it must be static (it sets shapes)."""
+  if isinstance(keep, bool) or not hasattr(keep, '__index__'):
+    raise TypeError(f'keep must be a static Python int, got {type(keep).__name__} {keep!r}.')
+  keep = int(keep)
+  if not 1 <= keep <= num_tokens:
+    raise ValueError(f'keep={keep} is out of range: allowed 1..{num_tokens} (the number of tokens).')
+  return keep
+
+
+def suppression_factors(
+    keys: jax.Array,
+    *,
+    distance_limit: float = DEFAULT_DISTANCE_LIMIT,
+    distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
+    similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
+    precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+) -> jax.Array:
+  """The (N, N) float32 matrix ``F[i, j]``: the factor token j's score is multiplied by when i is kept.
+
+  ``keys`` is (N, D), not necessarily normalised. Outside the window (``d > distance_limit``) the
+  factor is exactly 1; on the diagonal it is 0 (d = 0, cos = 1).
+  """
+  num_tokens = keys.shape[-2]
+  grid = grid_side(num_tokens)
+  unit_keys = l2_normalize(keys)
+  cosine = jnp.einsum('id,jd->ij', unit_keys, unit_keys, precision=precision)
+  row, col = grid_coordinates(grid)
+  squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
+  in_window = jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32)
+  spatial = jnp.exp(-squared_distance / (2.0 * jnp.square(jnp.asarray(distance_sigma, jnp.float32))))
+  similarity = jnp.exp(
+      -jnp.square(1.0 - cosine) / (2.0 * jnp.square(jnp.asarray(similarity_sigma, jnp.float32))))
+  return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
+
+
+def _greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
+  """Selection order (keep,) int32 for one (N,) score vector and its (N, N) factor matrix."""
+  num_tokens = scores.shape[-1]
+  token_index = jnp.arange(num_tokens, dtype=jnp.int32)
+
+  def pick_one(step, state):
+    current, kept, order = state
+    chosen = jnp.argmax(jnp.where(kept, -jnp.inf, current)).astype(jnp.int32)
+    current = current * lax.dynamic_index_in_dim(factors, chosen, axis=0, keepdims=False)
+    kept = kept | (token_index == chosen)
+    return current, kept, order.at[step].set(chosen)
+
+  state = (
+      jnp.asarray(scores, jnp.float32),
+      jnp.zeros((num_tokens,), bool),
+      jnp.zeros((keep,), jnp.int32),
+  )
+  return lax.fori_loop(0, keep, pick_one, state, unroll=unroll)[2]
+
+
+def adaptive_nms_order(
+    scores: jax.Array,
+    keys: jax.Array,
+    keep: int,
+    *,
+    distance_limit: float = DEFAULT_DISTANCE_LIMIT,
+    distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
+    similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
+    unroll: int | bool = 1,
+    precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+) -> jax.Array:
+  """Like :func:`adaptive_nms` but returns the kept indices in the order they were picked."""
+  scores = jnp.asarray(scores)
+  keys = jnp.asarray(keys)
+  if scores.ndim < 1 or keys.ndim < 2 or keys.shape[-2] != scores.shape[-1]:
+    raise ValueError(
+        f'scores must be (..., N) and keys (..., N, D) with the same N; got scores {scores.shape} '
+        f'and keys {keys.shape}.')
+  num_tokens = scores.shape[-1]
+  grid_side(num_tokens)  # Fail early, with the shape in the message, on a non-square grid.
+  keep = check_keep(keep, num_tokens)
+  batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
+  flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
+  flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape(
+      (-1,) + keys.shape[-2:])
+
+  def one_row(row_scores, row_keys):
+    factors = suppression_factors(
+        row_keys, distance_limit=distance_limit, distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma, precision=precision)
+    return _greedy_order(factors, row_scores, keep, unroll)
+
+  order = jax.vmap(one_row)(flat_scores, flat_keys)
+  return order.reshape(batch_shape + (keep,))
+
+
+def adaptive_nms(
+    scores: jax.Array,
+    keys: jax.Array,
+    keep: int,
+    *,
+    distance_limit: float = DEFAULT_DISTANCE_LIMIT,
+    distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
+    similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
+    unroll: int | bool = 1,
+    precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+) -> jax.Array:
+  """Adaptive NMS: ``keep`` distinct token indices, int32 (..., keep), sorted ascending.
+
+  Args:
+    scores: (..., N) non-negative scores, ALREADY weighted by the centre prior (see
+      :func:`adaptprune_select`); N = grid * grid, row-major.
+    keys: (..., N, D) feature keys; L2-normalised here (in float32), so raw keys are fine.
+    keep: static number of tokens to keep, 1 <= keep <= N.
+    distance_limit: grid-distance window of the suppression (``d <= distance_limit``); below 1 only
+      the kept token itself is suppressed and the result is the top-k of ``scores``.
+    distance_sigma, similarity_sigma: widths of the spatial and cosine-similarity Gaussians.
+    unroll: passed to ``lax.fori_loop``; unrolling trades compile time for fewer loop iterations.
+    precision: matmul precision of the cosine-similarity matrix (keep HIGHEST for parity).
+
+  The hyperparameters may be Python floats or traced scalars.
+  """
+  order = adaptive_nms_order(
+      scores, keys, keep, distance_limit=distance_limit, distance_sigma=distance_sigma,
+      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision)
+  return jnp.sort(order, axis=-1)
+
+
+def adaptprune_select(
+    attention: jax.Array,
+    keys: jax.Array,
+    keep: int,
+    *,
+    prior_sigma: float = DEFAULT_PRIOR_SIGMA,
+    distance_limit: float = DEFAULT_DISTANCE_LIMIT,
+    distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
+    similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
+    unroll: int | bool = 1,
+    precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+) -> jax.Array:
+  """AdaptPrune end to end: attention cue x centre prior, then adaptive NMS on the feature keys.
+
+  ``attention`` (..., N) is the attention cue over the image tokens only; ``keys`` (..., N, D).
+  Returns int32 (..., keep), sorted ascending.
+  """
+  attention = jnp.asarray(attention, jnp.float32)
+  prior = center_prior(grid_side(attention.shape[-1]), prior_sigma).reshape(-1)
+  return adaptive_nms(
+      attention * prior, keys, keep, distance_limit=distance_limit, distance_sigma=distance_sigma,
+      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision)
