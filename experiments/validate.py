@@ -31,6 +31,7 @@ flags.DEFINE_string("config", None, "Preset name (llava-1.5-7b, llava-1.5-13b, t
 flags.DEFINE_bool("random_weights", False, "Build random weights with transformers for --config.")
 flags.DEFINE_enum("transfer", "memory", ["memory", "directory"],
                   "How random weights reach JAX: in memory (state dict) or via save_pretrained to a temp dir.")
+flags.DEFINE_string("max_shard_size", None, "With --transfer=directory: shard the saved checkpoint (e.g. 300KB).")
 flags.DEFINE_string("image", None, "Image file; default: scikit-image's astronaut photo.")
 flags.DEFINE_string("prompt", "Describe the image in detail.", "Question text (vicuna_v1 template).")
 flags.DEFINE_integer("min_prompt_tokens", 0, "Pad the question with filler words up to this many tokens.")
@@ -110,7 +111,7 @@ def _load_sides(torch_device: str):
     preprocessor = Preprocessor(hf_config, presets.tiny_tokenizer(hf_config), presets.llava15_image_processor(hf_config))
     if FLAGS.transfer == "directory":
         directory = tempfile.mkdtemp(prefix="validate_")
-        presets.write_random_checkpoint(hf_config, directory, model=torch_model)
+        presets.write_random_checkpoint(hf_config, directory, model=torch_model, max_shard_size=FLAGS.max_shard_size)
         source = checkpoint.TensorSource(directory)
     else:
         source = checkpoint.StateDictSource(checkpoint.state_dict_to_numpy(torch_model.state_dict()))
@@ -194,7 +195,7 @@ def run() -> dict:
                               max_new_tokens=sampling.max_new_tokens)
     rng = jax.random.key(FLAGS.seed)
     result = runner.prefill(batch, pruning=pruning, all_logits=True, rng=rng)
-    kept = None if result.kept is None else np.asarray(result.kept)[0]
+    kept = None if result.kept is None else np.array(result.kept)[0]  # writable: torch wraps it
     valid = np.asarray(result.positions)[0] >= 0
     jax_logits = np.asarray(result.logits, np.float32)[0][valid]
 
@@ -216,6 +217,7 @@ def run() -> dict:
         generated = runner.generate(batch, sampling, pruning=pruning, rng=rng)
         jax_generated = [int(t) for t in generated.tokens[0, :generated.num_generated[0]]]
         report["generated_equal"] = jax_generated == torch_generated
+        report["generated_ids_jax"], report["generated_ids_torch"] = jax_generated, torch_generated
         report["generated_jax"] = preprocessor.decode(tokens_until_eos(generated.tokens, generated.num_generated,
                                                                        preprocessor.eos_token_id)[0])
         report["generated_torch"] = preprocessor.decode(torch_generated)

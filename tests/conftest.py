@@ -6,11 +6,6 @@ Checkpoints and compiled runners are session-scoped so the suite compiles each s
 
 from __future__ import annotations
 
-import os
-import warnings
-
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-
 import jax
 import numpy as np
 import pytest
@@ -19,8 +14,6 @@ import torch
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-# CPU has no buffer donation; the decode loop donates its cache for the GPU.
-warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 from models import presets  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
