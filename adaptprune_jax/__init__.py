@@ -12,10 +12,11 @@ from adaptprune_jax.configs import (
 from adaptprune_jax.cues import feature_keys, last_token_attention, rms_norm
 from adaptprune_jax.grid import center_prior, grid_side
 from adaptprune_jax.nms import (
-    adaptive_nms, adaptive_nms_order, adaptprune_select, l2_normalize, suppression_factors)
+    NMS_IMPLEMENTATIONS, adaptive_nms, adaptive_nms_order, adaptprune_select, l2_normalize,
+    suppression_factors)
 
 __all__ = [
-    'METHODS', 'AdaptPruneConfig', 'Cues', 'DivPruneConfig', 'FastVConfig', 'PruneConfig',
+    'METHODS', 'NMS_IMPLEMENTATIONS', 'AdaptPruneConfig', 'Cues', 'DivPruneConfig', 'FastVConfig', 'PruneConfig',
     'RandomConfig', 'UniformConfig', 'adaptive_nms', 'adaptive_nms_order', 'adaptprune_select',
     'center_prior', 'divprune_select', 'feature_keys', 'grid_side', 'l2_normalize',
     'last_token_attention', 'make_config', 'random_select', 'resolve_keep', 'rms_norm',

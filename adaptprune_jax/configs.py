@@ -19,7 +19,8 @@ from flax import struct
 from adaptprune_jax.baselines import divprune_select, random_select, topk_select, uniform_select
 from adaptprune_jax.grid import DEFAULT_PRIOR_SIGMA, grid_side
 from adaptprune_jax.nms import (
-    DEFAULT_DISTANCE_LIMIT, DEFAULT_DISTANCE_SIGMA, DEFAULT_SIMILARITY_SIGMA, adaptprune_select)
+    DEFAULT_DISTANCE_LIMIT, DEFAULT_DISTANCE_SIGMA, DEFAULT_SIMILARITY_SIGMA, NMS_IMPLEMENTATIONS,
+    adaptprune_select)
 
 DEFAULT_KEEP_RATIO = 0.1  # The released code keeps int(576 * 0.1) = 57 image tokens.
 DEFAULT_LAYER = 2  # Prune after layer K - 1 = 1, i.e. layers K.. see the kept tokens.
@@ -151,7 +152,8 @@ class AdaptPruneConfig(PruneConfig):
   """AdaptPrune: attention x centre prior, adaptive NMS over spatial distance and key similarity.
 
   ``normalize_keys`` asks the model for RMSNorm-ed feature keys (the clean variant); the default
-  False reproduces the released code's un-normalised projection (QUIRK).
+  False reproduces the released code's un-normalised projection (QUIRK). ``nms_implementation``
+  picks how the greedy loop runs ('xla', 'unrolled', 'pallas' on GPU); all select the same tokens.
   """
 
   name: ClassVar[str] = 'adaptprune'
@@ -165,9 +167,13 @@ class AdaptPruneConfig(PruneConfig):
   distance_sigma: float = DEFAULT_DISTANCE_SIGMA
   similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA
   normalize_keys: bool = False
+  nms_implementation: str = 'xla'
 
   def __post_init__(self):
     super().__post_init__()
+    if self.nms_implementation not in NMS_IMPLEMENTATIONS:
+      raise ValueError(f'nms_implementation must be one of {", ".join(NMS_IMPLEMENTATIONS)}, '
+                       f'got {self.nms_implementation!r}.')
     for field in ('prior_sigma', 'distance_sigma', 'similarity_sigma'):
       _check_positive(field, getattr(self, field))
     if isinstance(self.distance_limit, bool) or not isinstance(self.distance_limit, numbers.Real):
@@ -179,7 +185,8 @@ class AdaptPruneConfig(PruneConfig):
     return adaptprune_select(
         _require(cues, 'attention', self.name), _require(cues, 'keys', self.name), keep,
         prior_sigma=self.prior_sigma, distance_limit=self.distance_limit,
-        distance_sigma=self.distance_sigma, similarity_sigma=self.similarity_sigma)
+        distance_sigma=self.distance_sigma, similarity_sigma=self.similarity_sigma,
+        implementation=self.nms_implementation)
 
 
 @dataclasses.dataclass(frozen=True)

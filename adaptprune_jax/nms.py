@@ -16,6 +16,8 @@ remaining scores are equal or have underflowed to 0 (the released code could the
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -29,6 +31,11 @@ DEFAULT_SIMILARITY_SIGMA = 0.05
 # Cosine similarities feed exp(-(1 - cos)^2 / 2 similarity_sigma^2), which amplifies their error by
 # up to ~1 / similarity_sigma: reduced-precision (TF32 / bf16-pass) matmuls would flip selections.
 SIMILARITY_PRECISION = lax.Precision.HIGHEST
+
+# How the greedy loop runs: 'xla' (lax.fori_loop; any backend), 'unrolled' (the same loop fully
+# unrolled: no loop-condition round trips), 'pallas' (one Triton kernel per batch row, GPU only;
+# nms_pallas.py). All three select identically.
+NMS_IMPLEMENTATIONS = ('xla', 'unrolled', 'pallas')
 
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN.
 
@@ -106,8 +113,11 @@ def adaptive_nms_order(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+    implementation: str = 'xla',
 ) -> jax.Array:
   """Like :func:`adaptive_nms` but returns the kept indices in the order they were picked."""
+  if implementation not in NMS_IMPLEMENTATIONS:
+    raise ValueError(f'unknown NMS implementation {implementation!r}; known: {", ".join(NMS_IMPLEMENTATIONS)}.')
   scores = jnp.asarray(scores)
   keys = jnp.asarray(keys)
   if scores.ndim < 1 or keys.ndim < 2 or keys.shape[-2] != scores.shape[-1]:
@@ -122,13 +132,16 @@ def adaptive_nms_order(
   flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape(
       (-1,) + keys.shape[-2:])
 
-  def one_row(row_scores, row_keys):
-    factors = suppression_factors(
-        row_keys, distance_limit=distance_limit, distance_sigma=distance_sigma,
-        similarity_sigma=similarity_sigma, precision=precision)
-    return _greedy_order(factors, row_scores, keep, unroll)
-
-  order = jax.vmap(one_row)(flat_scores, flat_keys)
+  factors = jax.vmap(functools.partial(
+      suppression_factors, distance_limit=distance_limit, distance_sigma=distance_sigma,
+      similarity_sigma=similarity_sigma, precision=precision))(flat_keys)
+  if implementation == 'pallas':
+    from adaptprune_jax.nms_pallas import greedy_order_pallas  # pylint: disable=g-import-not-at-top
+    # Off the GPU the kernel runs in Pallas' interpreter (slow, exact): for tests and portability.
+    order = greedy_order_pallas(factors, flat_scores, keep, interpret=jax.default_backend() != 'gpu')
+  else:
+    unroll = True if implementation == 'unrolled' else unroll
+    order = jax.vmap(lambda f, s: _greedy_order(f, s, keep, unroll))(factors, flat_scores)
   return order.reshape(batch_shape + (keep,))
 
 
@@ -142,6 +155,7 @@ def adaptive_nms(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+    implementation: str = 'xla',
 ) -> jax.Array:
   """Adaptive NMS: ``keep`` distinct token indices, int32 (..., keep), sorted ascending.
 
@@ -155,12 +169,14 @@ def adaptive_nms(
     distance_sigma, similarity_sigma: widths of the spatial and cosine-similarity Gaussians.
     unroll: passed to ``lax.fori_loop``; unrolling trades compile time for fewer loop iterations.
     precision: matmul precision of the cosine-similarity matrix (keep HIGHEST for parity).
+    implementation: 'xla', 'unrolled' or 'pallas' (GPU); see NMS_IMPLEMENTATIONS.
 
   The hyperparameters may be Python floats or traced scalars.
   """
   order = adaptive_nms_order(
       scores, keys, keep, distance_limit=distance_limit, distance_sigma=distance_sigma,
-      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision)
+      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision,
+      implementation=implementation)
   return jnp.sort(order, axis=-1)
 
 
@@ -175,6 +191,7 @@ def adaptprune_select(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+    implementation: str = 'xla',
 ) -> jax.Array:
   """AdaptPrune end to end: attention cue x centre prior, then adaptive NMS on the feature keys.
 
@@ -185,4 +202,5 @@ def adaptprune_select(
   prior = center_prior(grid_side(attention.shape[-1]), prior_sigma).reshape(-1)
   return adaptive_nms(
       attention * prior, keys, keep, distance_limit=distance_limit, distance_sigma=distance_sigma,
-      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision)
+      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision,
+      implementation=implementation)
