@@ -234,14 +234,23 @@ class UniformConfig(PruneConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DivPruneConfig(PruneConfig):
-  """DivPrune: max-min diversity on the projected image embeddings, before the LLM (layer 0)."""
+  """DivPrune: max-min diversity on the projected image embeddings, before the LLM (layer 0).
+
+  ``renumber_positions`` (default True, as the released code behaves): the kept features are cut
+  out before the sequence is built, so the shorter sequence gets contiguous RoPE positions. False
+  keeps the original positions, as the in-LLM methods do.
+  """
 
   name: ClassVar[str] = 'divprune'
   needs_embeddings: ClassVar[bool] = True
   layer: ClassVar[int] = 0  # Fixed: it prunes the LLM's input, so every layer sees the kept set.
 
+  renumber_positions: bool = True
+
   def __post_init__(self):
     _check_keep_type(self.keep)
+    if not isinstance(self.renumber_positions, bool):
+      raise ValueError(f'renumber_positions must be a bool, got {self.renumber_positions!r}.')
 
   def select(self, cues: Cues, keep: int) -> jax.Array:
     return divprune_select(_require(cues, 'embeddings', self.name), keep)

@@ -205,12 +205,15 @@ def run() -> dict:
         if torch_kept is not None and not report["kept_indices_equal"]:
             report["kept_torch"] = torch_kept.tolist()
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
+        renumber = getattr(pruning, "renumber_positions", False)
         reference = torch_reference.pruned_forward(torch_model_cpu.to(torch_device), input_ids_t, pixels_t,
-                                                   layer=layer, kept_image_indices=kept)[0].cpu().numpy()
+                                                   layer=layer, kept_image_indices=kept,
+                                                   renumber_positions=renumber)[0].cpu().numpy()
         if FLAGS.generate_tokens:
             torch_generated = torch_reference.reference_generate(
                 torch_model_cpu.to(torch_device), input_ids_t, pixels_t, layer=layer, kept_image_indices=kept,
-                max_new_tokens=FLAGS.generate_tokens, eos_token_id=preprocessor.eos_token_id)
+                max_new_tokens=FLAGS.generate_tokens, eos_token_id=preprocessor.eos_token_id,
+                renumber_positions=renumber)
     report["jax_vs_torch_fp32"] = logit_metrics(jax_logits, reference)
 
     if FLAGS.generate_tokens:

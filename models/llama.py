@@ -145,6 +145,8 @@ class LlamaForCausalLM(nnx.Module):
                 kept = pruning.select(cues, keep)
                 x, positions, last_index = _compact(x, positions, last_index, image_start, kept,
                                                     num_image_tokens)
+                if getattr(pruning, "renumber_positions", False):  # pre-LLM methods: a shorter prompt
+                    positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
             x, q, k, v = layer.prefill(x, positions)
             if pruning is not None and pruning.needs_attention and layer_index == prune_layer - 1:
                 last_query = _rows_take(q, last_index[:, None])[:, 0]

@@ -155,7 +155,7 @@ def _kept_sequence_positions(seq_len: int, image_positions: torch.Tensor, kept_i
 
 
 def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.Tensor, *, layer: int | None,
-                     kept_image_indices, return_cues: bool, normalize_keys: bool):
+                     kept_image_indices, return_cues: bool, normalize_keys: bool, renumber_positions: bool = False):
     """Logits (1, S', V) float32 and optionally the cues, from already merged input embeddings."""
     language_model = model.model.language_model
     layers = language_model.layers
@@ -186,6 +186,8 @@ def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.
     if kept_image_indices is not None:
         sequence_kept = _kept_sequence_positions(hidden.shape[1], image_positions, kept_image_indices)
         hidden, positions = hidden[:, sequence_kept], positions[:, sequence_kept]
+        if renumber_positions:  # DivPrune as released: features cut before the sequence is built
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
     hidden = _run_layers(language_model, hidden, positions, layers[layer:])
     logits = model.lm_head(language_model.norm(hidden)).float()
     return logits, cues
@@ -193,7 +195,8 @@ def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.
 
 @torch.no_grad()
 def pruned_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, layer: int | None,
-                   kept_image_indices=None, return_cues: bool = False, normalize_keys: bool = False):
+                   kept_image_indices=None, return_cues: bool = False, normalize_keys: bool = False,
+                   renumber_positions: bool = False):
     """Prefill logits (1, S', V) float32 with the image tokens pruned after decoder layer `layer` - 1.
 
     kept_image_indices: ascending indices into the image span (None keeps every token, and then the
@@ -204,13 +207,15 @@ def pruned_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *
     image_positions = image_token_positions(input_ids, model.config.image_token_index)
     logits, cues = _decoder_forward(model, embed_inputs(model, input_ids, pixel_values), image_positions,
                                     layer=layer, kept_image_indices=kept_image_indices,
-                                    return_cues=return_cues, normalize_keys=normalize_keys)
+                                    return_cues=return_cues, normalize_keys=normalize_keys,
+                                    renumber_positions=renumber_positions)
     return (logits, cues) if return_cues else logits
 
 
 @torch.no_grad()
 def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, layer: int | None = None,
-                       kept_image_indices=None, max_new_tokens: int, eos_token_id: int | Collection[int]) -> list[int]:
+                       kept_image_indices=None, max_new_tokens: int, eos_token_id: int | Collection[int],
+                       renumber_positions: bool = False) -> list[int]:
     """Greedy new tokens (EOS included when reached) with the pruning fixed at prefill.
 
     No KV cache: each step reruns the pruned forward on prompt + generated tokens. Generated tokens are
@@ -225,7 +230,7 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
     for _ in range(max_new_tokens):
         logits, _ = _decoder_forward(model, inputs_embeds, image_positions, layer=layer,
                                      kept_image_indices=kept_image_indices, return_cues=False,
-                                     normalize_keys=False)
+                                     normalize_keys=False, renumber_positions=renumber_positions)
         token = int(torch.argmax(logits[0, -1]))
         generated.append(token)
         if token in stop_ids:

@@ -88,3 +88,23 @@ def test_pruned_batch_of_four_equals_one_by_one(tiny_checkpoints, prompt_rng, me
                                                              max_new_tokens=6), sampling, pruning=pruning)
         np.testing.assert_array_equal(batched.kept[row], single.kept[0])
         assert batched.tokens[row].tolist() == single.tokens[0].tolist()
+
+
+def test_divprune_renumbers_positions_like_a_shorter_prompt(tiny_checkpoints, prompt_rng):
+    """Released DivPrune cuts image features before the LLM: transformers on the gathered embeddings."""
+    ckpt = tiny_checkpoints("tiny")
+    ids = make_prompt(ckpt.config, prompt_rng, before=5, after=11)
+    pixels = random_pixels(prompt_rng, 1, ckpt.config.vision.image_size)
+    result = _prefill(ckpt, [ids], pixels, prune.make_config("divprune", keep=0.1))
+    kept = np.array(result.kept[0])
+    start = ids.index(ckpt.config.image_token_index)
+    sequence = [i for i in range(len(ids)) if not start <= i < start + ckpt.config.num_image_tokens
+                or (i - start) in set(kept.tolist())]
+    with torch.no_grad():
+        embeds = torch_reference.embed_inputs(ckpt.torch_model, torch.tensor([ids]), torch.tensor(pixels))
+        reference = ckpt.torch_model(inputs_embeds=embeds[:, sequence]).logits[0].numpy()
+    valid = np.asarray(result.positions[0]) >= 0
+    np.testing.assert_array_equal(np.asarray(result.positions[0])[valid], np.arange(len(sequence)))
+    assert int(result.next_positions[0]) == len(sequence)
+    ours = np.asarray(result.logits[0])[valid]
+    assert np.abs(ours - reference).max() / np.abs(reference).max() <= MAX_REL_ERR
