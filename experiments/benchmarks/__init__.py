@@ -26,9 +26,16 @@ Every `score` returns {'overall': metrics, 'per_category': {category: metrics}, 
 | scienceqa | optional 'category' field   | accuracy         | scienceqa.py |
 
 `experiments.benchmarks.io` holds the crash-safe prediction file helpers.
+
+The procedural testbed (`experiments.testbed.benchmark.TestbedBenchmark`, name 'testbed') is also
+served by `get_benchmark`, but kept out of `BENCHMARKS`: that dict holds the benchmarks that follow
+LLaVA's question-file conventions (checked together by tests/test_benchmarks_registry.py), and the
+testbed module imports this package for `Question`, so it is imported on first use, not here.
 """
 
 from __future__ import annotations
+
+import importlib
 
 from experiments.benchmarks.base import Benchmark, Question
 from experiments.benchmarks.gqa import GqaBenchmark
@@ -43,12 +50,29 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+# name -> (module, class) of benchmarks imported on first use (see the module docstring).
+_LAZY_BENCHMARKS: dict[str, tuple[str, str]] = {
+    "testbed": ("experiments.testbed.benchmark", "TestbedBenchmark"),
+}
+_lazy_instances: dict[str, Benchmark] = {}
+
+
+def benchmark_names() -> list[str]:
+    """Every name `get_benchmark` accepts, sorted."""
+    return sorted({*BENCHMARKS, *_LAZY_BENCHMARKS})
+
+
 def get_benchmark(name: str) -> Benchmark:
     """The benchmark registered under `name` (case-insensitive)."""
-    try:
-        return BENCHMARKS[name.strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}") from None
+    key = name.strip().lower()
+    if key in BENCHMARKS:
+        return BENCHMARKS[key]
+    if key in _LAZY_BENCHMARKS:
+        if key not in _lazy_instances:
+            module_name, class_name = _LAZY_BENCHMARKS[key]
+            _lazy_instances[key] = getattr(importlib.import_module(module_name), class_name)()
+        return _lazy_instances[key]
+    raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(benchmark_names())}")
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "Question", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "Question", "benchmark_names", "get_benchmark"]

@@ -10,26 +10,15 @@ wherever the answers are yes/no. A missing prediction counts as wrong (and is co
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 from collections import defaultdict
 
+# The harness's record; `prompt` is the bare question, which the engine wraps in the vicuna_v1
+# template (`scenes.format_prompt`, the same one the trainer uses).
+from experiments.benchmarks.base import Question
 from experiments.testbed.scenes import IMAGES_DIR, NO, QUESTIONS_FILE, YES
-
-
-@dataclasses.dataclass(frozen=True)
-class Question:
-    """One benchmark item (field names fixed by the harness protocol; to be imported from
-    experiments.benchmarks once that lands). `prompt` is the bare question: the harness wraps it in
-    the conversation template (`scenes.format_prompt`, the same one the trainer uses)."""
-
-    question_id: str
-    image: str
-    prompt: str
-    answer: object
-    category: str
 
 
 _REQUIRED_FIELDS = ("question_id", "image", "text", "answer", "category")

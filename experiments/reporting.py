@@ -1,0 +1,304 @@
+"""Tables, plots and kept-token pictures of an eval run, all made from its results dict.
+
+`experiments.eval.run` builds the results dict (the content of results.json) and calls:
+  * `write_report`: results.md, one table of method x keep with the primary metric, the kept and
+    equivalent token counts, throughput and the published PyTorch number beside ours, then the
+    per-category table and the published numbers of methods this run did not evaluate;
+  * `plot_accuracy_vs_tokens`: the primary metric against kept tokens, a line per method, the
+    unpruned model as a horizontal reference, published points as hollow markers;
+  * `write_kept_token_overlays`: for a few questions, which patches each method kept, drawn on the
+    image exactly as the vision tower saw it (after LLaVA's pad-to-square and resize). The patch
+    grid is read from the model config, so the pictures stay right for any image or patch size.
+
+Everything works from results.json alone (plus the prediction files and the engine for overlays),
+so a report can be redrawn without rerunning the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import reference_numbers  # noqa: E402
+from experiments.benchmarks.io import read_predictions  # noqa: E402
+
+UNPRUNED = reference_numbers.UNPRUNED
+PRUNED_PATCH_BRIGHTNESS = 0.2  # pruned patches are dimmed to this fraction, kept ones stay as seen
+
+
+def display_value(results: dict, value: float | None) -> str:
+    """A metric in published units (percent, or MME points), or '-'."""
+    if value is None:
+        return "-"
+    return f"{reference_numbers.to_published_units(results['benchmark'], value):.1f}"
+
+
+def metric_label(results: dict) -> str:
+    unit = "" if results["benchmark"] == "mme" else " (%)"
+    return f"{results['benchmark']} {results['primary_metric']}{unit}"
+
+
+def _format_rate(timing: dict) -> str:
+    rate = timing.get("images_per_second")
+    return f"{rate:.2f}" if rate else "-"
+
+
+def _published_cell(pair_result: dict) -> str:
+    """'85.9 (ours 84.2, mean of splits) [1]' per published number; '-' when none is known."""
+    cells = []
+    for entry in pair_result.get("published", []):
+        ours = entry.get("ours")
+        how = ", mean of categories" if entry["aggregate"] == reference_numbers.MEAN_OVER_CATEGORIES else ""
+        ours_text = f"ours {ours:.1f}{how}" if ours is not None else "ours -"
+        cells.append(f"{entry['value']:.1f} ({ours_text}) [{_source_key(entry['source'])}]")
+    return "; ".join(cells) or "-"
+
+
+def _source_key(source: str) -> str:
+    """A short tag for a source string: the first author's name and year ('Yang 2025')."""
+    words = source.replace(",", " ").split()
+    year = next((word for word in words if word.isdigit() and len(word) == 4), "")
+    return f"{words[0]} {year}".strip() if words else "?"
+
+
+def _ordered_pairs(results: dict) -> list[tuple[str, dict]]:
+    """Unpruned first, then by method (in run order) and decreasing keep."""
+    pairs = list(results["pairs"].items())
+    methods = list(dict.fromkeys(result["method"] for _, result in pairs))
+    return sorted(pairs, key=lambda item: (item[1]["method"] != UNPRUNED, methods.index(item[1]["method"]),
+                                           -item[1]["keep"]))
+
+
+def summary_table(results: dict) -> str:
+    """The main markdown table: method x keep with the primary metric and the published number."""
+    lines = [
+        f"| method | keep | equivalent tokens | {metric_label(results)} | published PyTorch | images/s "
+        f"| scored | skipped |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for _, result in _ordered_pairs(results):
+        lines.append(
+            f"| {result['method']} | {result['keep']} | {result['equivalent_tokens']:.1f} "
+            f"| {display_value(results, result['primary'])} | {_published_cell(result)} "
+            f"| {_format_rate(result.get('timing', {}))} | {result['num_scored']} | {result['num_skipped']} |")
+    return "\n".join(lines)
+
+
+def category_table(results: dict) -> str:
+    """Primary metric per category (POPE split, testbed question kind, ...) for every pair."""
+    ordered = _ordered_pairs(results)
+    categories = list(dict.fromkeys(
+        category for _, result in ordered for category in result["metrics"].get("per_category", {})))
+    if not categories:
+        return ""
+    metric = results["primary_metric"]
+    lines = ["| method | keep | " + " | ".join(categories) + " |",
+             "|---|---:|" + "---:|" * len(categories)]
+    for _, result in ordered:
+        per_category = result["metrics"].get("per_category", {})
+        cells = [display_value(results, per_category.get(category, {}).get(metric)) for category in categories]
+        lines.append(f"| {result['method']} | {result['keep']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def other_published_table(results: dict) -> str:
+    """Published numbers for this model and benchmark whose (method, keep) this run did not evaluate."""
+    evaluated = {(result["method"], result["keep"]) for result in results["pairs"].values()}
+    rows = [entry for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])
+            if (entry.method, entry.keep) not in evaluated
+            and not (entry.method == UNPRUNED and any(m == UNPRUNED for m, _ in evaluated))]
+    if not rows:
+        return ""
+    lines = ["| method | keep | metric | published | source |", "|---|---:|---|---:|---|"]
+    for entry in rows:
+        lines.append(f"| {entry.method} | {entry.keep if entry.keep is not None else 'all'} | {entry.metric} "
+                     f"| {entry.value:.1f} | {_source_key(entry.source)} |")
+    return "\n".join(lines)
+
+
+def write_report(output_dir: str, results: dict) -> str:
+    """Write results.md; returns its path."""
+    settings = results["settings"]
+    sources = sorted({entry.source for entry in reference_numbers.for_benchmark(results.get("model_name"),
+                                                                                  results["benchmark"])})
+    parts = [
+        f"# {results['benchmark']} on {results['model_name']}",
+        "",
+        f"{results['num_questions']} questions; {results['num_image_tokens']} image tokens per image, "
+        f"{results['num_layers']} LLM layers; dtype {settings['dtype']}, batch {settings['batch_size']}, "
+        f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}.",
+        "",
+        "Command: `" + (results.get("command") or f"run({_settings_text(settings)})") + "`",
+        "",
+        "keep = image tokens the LLM keeps from the pruning layer on; equivalent tokens = "
+        "(K * N + (L - K) * keep) / L, the per-layer average that makes in-LLM pruning comparable "
+        "with pruning before the LLM. images/s excludes the first batch (jit compilation); "
+        "skipped = questions without a readable image (reasons in results.json).",
+        "",
+        summary_table(results),
+    ]
+    category = category_table(results)
+    if category:
+        parts += ["", f"## {results['primary_metric']} per category", "", category]
+    other = other_published_table(results)
+    if other:
+        parts += ["", "## Published numbers for settings not evaluated here", "", other]
+    if sources:
+        parts += ["", "## Sources", ""] + [f"- [{_source_key(source)}] {source}" for source in sources]
+        if any(entry.aggregate == reference_numbers.MEAN_OVER_CATEGORIES
+               for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])):
+            parts += ["", "Published numbers marked 'mean of categories' average the per-category values "
+                          "(POPE: the random / popular / adversarial splits); `ours` beside them is computed "
+                          "the same way, while the main column pools all questions."]
+    path = os.path.join(output_dir, "results.md")
+    with open(path, "w") as file:
+        file.write("\n".join(parts).rstrip() + "\n")
+    return path
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in settings.items() if value is not None)
+
+
+def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
+    """Primary metric vs kept tokens: a line per method, unpruned dashed, published points hollow."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[dict]] = {}
+    for result in results["pairs"].values():
+        by_method.setdefault(result["method"], []).append(result)
+    scale = reference_numbers.to_published_units(results["benchmark"], 1.0)
+    colours = {}
+    for method, method_results in by_method.items():
+        if method == UNPRUNED:
+            continue
+        method_results.sort(key=lambda result: result["keep"])
+        line, = axes.plot([r["keep"] for r in method_results], [scale * r["primary"] for r in method_results],
+                          marker="o", label=method)
+        colours[method] = line.get_color()
+    for result in by_method.get(UNPRUNED, []):
+        axes.axhline(scale * result["primary"], color="black", linestyle="--",
+                     label=f"unpruned ({result['keep']} tokens)")
+    # Published points for the methods and budgets evaluated here, in the same colour.
+    for result in results["pairs"].values():
+        for entry in result.get("published", []):
+            if result["method"] == UNPRUNED:
+                axes.axhline(entry["value"], color="grey", linestyle=":", linewidth=1)
+            else:
+                axes.plot([result["keep"]], [entry["value"]], marker="o", markerfacecolor="none",
+                          color=colours.get(result["method"], "grey"), linestyle="none")
+    if any(result.get("published") for result in results["pairs"].values()):
+        axes.plot([], [], marker="o", markerfacecolor="none", color="grey", linestyle="none",
+                  label="published PyTorch")
+    keeps = sorted({result["keep"] for result in results["pairs"].values() if result["method"] != UNPRUNED})
+    if keeps:
+        axes.set_xticks(keeps)
+    axes.set_xlabel("image tokens kept")
+    axes.set_ylabel(metric_label(results))
+    axes.set_title(f"{results['benchmark']} on {results['model_name']}: {results['primary_metric']} vs tokens")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def model_input_image(engine, image) -> np.ndarray:
+    """(H, W, 3) floats in [0, 1]: the image as the vision tower sees it (padded, resized, cropped)."""
+    pixels = engine.preprocessor.pixel_values([image])[0]  # (3, H, W), normalised
+    processor = engine.preprocessor.image_processor
+    mean = np.asarray(processor.image_mean, np.float32)[:, None, None]
+    std = np.asarray(processor.image_std, np.float32)[:, None, None]
+    return np.clip(pixels * std + mean, 0.0, 1.0).transpose(1, 2, 0)
+
+
+def kept_patch_mask(kept: Sequence[int], config) -> np.ndarray:
+    """(grid, grid) bool: which patches of the vision grid were kept.
+
+    Indices count image tokens; with LLaVA's 'full' feature strategy the first token is [CLS], not a
+    patch, so the patch grid starts after the tokens that precede it.
+    """
+    grid = config.vision.grid_size
+    offset = config.num_image_tokens - grid * grid
+    mask = np.zeros(grid * grid, bool)
+    patches = np.asarray([index - offset for index in kept if index >= offset], np.int64)
+    mask[patches] = True
+    return mask.reshape(grid, grid)
+
+
+def overlay_kept_patches(image: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """Dim the pruned patches of a model-input image; kept patches stay as the model saw them."""
+    brightness = np.where(mask, 1.0, PRUNED_PATCH_BRIGHTNESS)
+    per_pixel = np.kron(brightness, np.ones((patch_size, patch_size)))
+    height, width = image.shape[:2]
+    return image * per_pixel[:height, :width, None]
+
+
+def write_kept_token_overlays(directory: str, engine, results: dict, questions: Sequence,
+                              image_path: Callable) -> list[str]:
+    """One PNG per question: its model-input image, then a panel per (method, keep) with the kept
+    patches bright and the rest dimmed. Returns the paths written."""
+    from models.preprocess import UnreadableImageError, load_image
+
+    config = engine.config
+    patch_size = config.vision.patch_size
+    pruned = [(name, result) for name, result in _ordered_pairs(results) if result["method"] != UNPRUNED]
+    if not questions or not pruned:
+        return []
+    kept_by_pair = {}
+    for name, result in pruned:
+        path = os.path.join(os.path.dirname(directory), result["predictions_file"])
+        kept_by_pair[name] = read_predictions(path) if os.path.exists(path) else {}
+    methods = list(dict.fromkeys(result["method"] for _, result in pruned))
+    keeps = sorted({result["keep"] for _, result in pruned}, reverse=True)
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for index, question in enumerate(questions):
+        try:
+            image = model_input_image(engine, load_image(image_path(question)))
+        except (FileNotFoundError, UnreadableImageError):
+            continue
+        rows, columns = len(keeps), len(methods) + 1
+        figure, grid_axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows + 0.4), squeeze=False)
+        for axes in grid_axes.flat:
+            axes.set_axis_off()
+        grid_axes[0][0].imshow(image)
+        grid_axes[0][0].set_title("model input", fontsize=8)
+        for name, result in pruned:
+            record = kept_by_pair[name].get(question.question_id, {})
+            axes = grid_axes[keeps.index(result["keep"])][methods.index(result["method"]) + 1]
+            if "kept" not in record:
+                axes.set_title(f"{name}: not recorded", fontsize=7)
+                continue
+            axes.imshow(overlay_kept_patches(image, kept_patch_mask(record["kept"], config), patch_size))
+            axes.set_title(f"{result['method']} keep {result['keep']}", fontsize=8)
+        prompt = question.prompt.splitlines()[0] if question.prompt else ""
+        figure.suptitle(f"{question.question_id}: {prompt[:90]}", fontsize=8)
+        figure.tight_layout()
+        path = os.path.join(directory, f"{index:02d}_{_file_name(question.question_id)}.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _file_name(text: str) -> str:
+    safe = "".join(character if character.isalnum() or character in "._-" else "_" for character in text)
+    return safe.strip("_") or "question"
+
+
+def load_results(output_dir: str) -> dict:
+    with open(os.path.join(output_dir, "results.json")) as file:
+        return json.load(file)
+
+
+__all__ = ["category_table", "kept_patch_mask", "load_results", "model_input_image", "other_published_table",
+           "overlay_kept_patches", "plot_accuracy_vs_tokens", "summary_table", "write_kept_token_overlays",
+           "write_report"]

@@ -1,0 +1,190 @@
+"""Bad input fails early with a specific message; flagfiles parse; published numbers and overlays.
+
+Nothing here generates text: every error is raised before the first batch, so these tests share the
+tiny checkpoint of the e2e tests (conftest's session fixture) and need no compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import eval as eval_lib
+from experiments import reference_numbers
+from experiments.reporting import kept_patch_mask, overlay_kept_patches
+from models.config import from_hf_config
+from models.presets import llava_config
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGFILES = {name: REPO / "experiments" / "flags" / f"{name}.flags"
+             for name in ("testbed", "testbed_gpu", "pope_llava15_7b")}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoints):
+    from models.engine import LlavaEngine
+
+    return LlavaEngine.from_checkpoint(tiny_checkpoints("tiny").directory)
+
+
+@pytest.fixture
+def config(tiny_checkpoints, tmp_path):
+    """A valid POPE config over one question whose image exists."""
+    questions = tmp_path / "questions"
+    images = tmp_path / "images"
+    questions.mkdir()
+    images.mkdir()
+    line = {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"}
+    (questions / "coco_pope_random.json").write_text(json.dumps(line) + "\n")
+    (images / "a.jpg").write_bytes(b"")  # existence is all these checks look at
+    return eval_lib.EvalConfig(checkpoint=tiny_checkpoints("tiny").directory, benchmark="pope",
+                               questions=str(questions), image_dir=str(images),
+                               output_dir=str(tmp_path / "out"))
+
+
+def test_unknown_method_lists_the_known_ones(config):
+    with pytest.raises(ValueError) as error:
+        eval_lib.run(dataclasses.replace(config, methods=("fastv", "tome")))
+    message = str(error.value)
+    assert "'tome'" in message
+    for name in ("none", "adaptprune", "fastv", "random", "uniform", "divprune"):
+        assert name in message
+    assert not os.path.exists(config.output_dir)
+
+
+def test_unknown_benchmark_lists_the_known_ones(config):
+    with pytest.raises(ValueError) as error:
+        eval_lib.run(dataclasses.replace(config, benchmark="vqav2"))
+    for name in ("'vqav2'", "pope", "mme", "gqa", "textvqa", "scienceqa", "testbed"):
+        assert name in str(error.value)
+
+
+def test_missing_question_file_names_the_path(config, tmp_path):
+    missing = tmp_path / "nowhere" / "coco_pope_random.json"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        eval_lib.run(dataclasses.replace(config, questions=str(missing)))
+
+
+def test_missing_image_folder_names_the_path(config, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"image folder not found: {tmp_path / 'coco'}"):
+        eval_lib.run(dataclasses.replace(config, image_dir=str(tmp_path / "coco")))
+
+
+def test_image_folder_without_any_question_image_fails_fast(config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"none of the 1 questions' images exists; e\.g\. .*a\.jpg"):
+        eval_lib.run(dataclasses.replace(config, image_dir=str(tmp_path / "empty")))
+
+
+def test_image_dir_is_required_where_the_benchmark_has_no_own_folder(config):
+    with pytest.raises(ValueError, match="--image_dir is required for benchmark 'pope'"):
+        eval_lib.run(dataclasses.replace(config, image_dir=None))
+
+
+@pytest.mark.parametrize(("keep", "message"), [
+    (10_000, "keep=10000 exceeds num_image_tokens=576"),
+    (0, "keep=0 must be >= 1"),
+    (0.0001, "gives int"),
+])
+def test_keep_out_of_range_raises_the_config_error_before_any_work(config, engine, keep, message):
+    with pytest.raises(ValueError, match=message):
+        eval_lib.run(dataclasses.replace(config, methods=("adaptprune",), keep=(64, keep)), engine=engine)
+    assert not os.path.exists(config.output_dir)  # nothing written, nothing generated
+
+
+def test_layer_out_of_range_is_the_config_error(config, engine):
+    with pytest.raises(ValueError, match="layer=9 is out of range for fastv"):
+        eval_lib.run(dataclasses.replace(config, methods=("fastv",), layer=9), engine=engine)
+
+
+def test_output_dir_with_other_answer_settings_is_refused(config, engine):
+    os.makedirs(config.output_dir)
+    Path(config.output_dir, eval_lib.RUN_SETTINGS_JSON).write_text(json.dumps(
+        {"checkpoint": config.checkpoint, "benchmark": "pope", "questions": config.questions,
+         "image_dir": config.image_dir, "layer": None, "max_new_tokens": 8, "seed": 0, "dtype": "float32"}))
+    with pytest.raises(ValueError, match=r"max_new_tokens: 8 -> 32"):
+        eval_lib.run(config, engine=engine)
+
+
+def test_parse_keep_and_pairs():
+    assert eval_lib.parse_keep("64") == 64 and eval_lib.parse_keep("0.25") == 0.25
+    with pytest.raises(ValueError, match="neither a token count"):
+        eval_lib.parse_keep("half")
+    model = from_hf_config(llava_config("llava-1.5-7b"))
+    config = eval_lib.EvalConfig(checkpoint="c", benchmark="pope", questions="q", output_dir="o",
+                                 methods=("fastv", "none", "divprune", "fastv"), keep=(192, 1 / 3, 0.25), layer=3)
+    pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
+    # 'none' once and first; 1/3 of 576 resolves to 192 and is evaluated once; DivPrune has no layer.
+    assert [pair.name for pair in pairs] == ["none_576", "fastv_192", "fastv_144", "divprune_192", "divprune_144"]
+    assert pairs[1].pruning.layer == 3 and pairs[3].pruning.layer == 0
+    assert pairs[1].equivalent_tokens == pytest.approx((3 * 576 + 29 * 192) / 32)
+
+
+@pytest.mark.parametrize("name", sorted(FLAGFILES))
+def test_shipped_flagfiles_parse_and_fit_their_model(name):
+    """Every flagfile gives a complete config whose budgets fit LLaVA-1.5's geometry (576 tokens, 32
+    layers; the testbed model keeps that image grid) and whose benchmark and methods exist."""
+    flag_values = eval_lib.define_flags(flags.FlagValues())
+    flag_values(["eval", f"--flagfile={FLAGFILES[name]}"])
+    config = eval_lib.config_from_flags(flag_values)
+    model = from_hf_config(llava_config("llava-1.5-7b"))
+    pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
+    assert {pair.method for pair in pairs} == {"none", "adaptprune", "fastv", "random", "uniform", "divprune"}
+    eval_lib.get_benchmark(config.benchmark)
+    if name.startswith("testbed"):
+        assert config.benchmark == "testbed" and config.checkpoint == "checkpoints/testbed"
+        assert config.questions == "experiments/data/testbed_test" and config.image_dir is None
+    if name == "testbed":
+        assert config.limit and config.dtype == "float32"
+    if name == "testbed_gpu":
+        assert config.limit is None and config.dtype == "bfloat16" and set(config.keep) == {192, 128, 64, 32}
+    if name == "pope_llava15_7b":
+        assert config.image_dir and config.questions == "/work/shared/data/pope"
+        assert reference_numbers.lookup(config.model_name, "pope", "none")
+
+
+def test_reference_lookup_by_checkpoint_folder_name():
+    for name in ("/ckpts/llava-1.5-7b-hf/", "llava-hf/llava-1.5-7b-hf", "LLaVA-v1.5-7B"):
+        assert reference_numbers.canonical_model_name(name) == "llava-1.5-7b"
+    unpruned = reference_numbers.lookup("/ckpts/llava-1.5-7b-hf", "pope", "none", 576)
+    assert {entry.value for entry in unpruned} == {85.9}
+    assert all(entry.source for entry in reference_numbers.REFERENCE_NUMBERS)
+    (fastv,) = reference_numbers.lookup("llava-1.5-7b", "pope", "fastv", 192)
+    assert fastv.value == 64.8 and "VisionZip" in fastv.source
+    assert reference_numbers.lookup("llava-1.5-7b", "pope", "fastv", 100) == []
+    assert reference_numbers.lookup("testbed", "testbed", "none") == []
+    assert reference_numbers.lookup(None, "pope", "none") == []
+    (mme,) = reference_numbers.lookup("llava-1.5-7b", "mme", "none")
+    assert mme.value == 1510.7 and mme.metric == "perception_score"
+
+
+def test_comparable_value_uses_the_published_aggregate():
+    result = {"metrics": {"overall": {"f1": 0.5}, "per_category": {"random": {"f1": 0.9}, "popular": {"f1": 0.7}}}}
+    pope = reference_numbers.lookup("llava-1.5-7b", "pope", "none")[0]
+    assert reference_numbers.comparable_value(pope, result) == pytest.approx(80.0)
+    gqa = reference_numbers.lookup("llava-1.5-7b", "gqa", "none")[0]
+    assert reference_numbers.comparable_value(gqa, {"metrics": {"overall": {"accuracy": 0.6}}}) == pytest.approx(60.0)
+
+
+def test_kept_patch_mask_follows_the_config_grid():
+    def config(image_size, patch_size, cls_token):
+        grid = image_size // patch_size
+        return types.SimpleNamespace(vision=types.SimpleNamespace(grid_size=grid, patch_size=patch_size),
+                                     num_image_tokens=grid * grid + cls_token)
+
+    square = config(28, 7, 0)  # a 4 x 4 grid
+    mask = kept_patch_mask([0, 5, 15], square)
+    assert mask.shape == (4, 4) and mask.sum() == 3 and mask[0, 0] and mask[1, 1] and mask[3, 3]
+    with_cls = config(28, 7, 1)  # 'full' strategy: token 0 is [CLS], token 1 is patch (0, 0)
+    assert np.argwhere(kept_patch_mask([0, 1, 16], with_cls)).tolist() == [[0, 0], [3, 3]]
+
+    image = np.ones((28, 28, 3))
+    shown = overlay_kept_patches(image, mask, 7)
+    assert shown[3, 3, 0] == 1.0 and shown[3, 10, 0] < 1.0 and shown[10, 10, 0] == 1.0
