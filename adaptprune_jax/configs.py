@@ -256,6 +256,36 @@ class DivPruneConfig(PruneConfig):
     return divprune_select(_require(cues, 'embeddings', self.name), keep)
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedIndicesConfig(PruneConfig):
+  """Prune at ``layer`` to precomputed ``indices`` (the same for every row): no cue, no selection.
+
+  For measuring what selection costs (a prefill with fixed indices against one that selects) and
+  for replaying a selection made elsewhere (another framework, another run).
+  """
+
+  name: ClassVar[str] = 'fixed'
+
+  indices: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    super().__post_init__()
+    indices = tuple(self.indices)
+    if not indices or list(indices) != sorted(set(indices)) or indices[0] < 0:
+      raise ValueError(f'indices must be distinct, ascending and >= 0, got {self.indices!r}.')
+    object.__setattr__(self, 'indices', indices)
+    object.__setattr__(self, 'keep', len(indices))
+
+  def validate(self, num_image_tokens: int, num_layers: int) -> None:
+    super().validate(num_image_tokens, num_layers)
+    if self.indices[-1] >= num_image_tokens:
+      raise ValueError(f'index {self.indices[-1]} out of range for {num_image_tokens} image tokens.')
+
+  def select(self, cues: Cues, keep: int) -> jax.Array:
+    batch, _ = cues.batch_and_tokens()
+    return jnp.broadcast_to(jnp.asarray(self.indices, jnp.int32), (batch, keep))
+
+
 METHODS: dict[str, type[PruneConfig]] = {
     config.name: config
     for config in (AdaptPruneConfig, FastVConfig, RandomConfig, UniformConfig, DivPruneConfig)

@@ -1,0 +1,161 @@
+"""What selection costs inside the prefill, and what pruning buys: one process, one model, many variants.
+
+    python -m experiments.prefill_speed --model=llava-1.5-7b --keep=64 --output=results.json
+
+Random bfloat16 weights (speed depends on shapes, not values) are built directly on the device. The
+vision tower and the embedding merge run once; then the LLM prefill (from the merged embeddings, the
+part pruning shortens) is jitted and timed for each variant: unpruned; pruned at layer K to FIXED
+indices (no cue, no selection); AdaptPrune with each NMS implementation; FastV. Selection overhead =
+AdaptPrune - fixed. Medians over --repeats runs after a warm-up; compile time reported separately.
+Unlike experiments.benchmark (a process per configuration, the full pipeline), this answers one
+question cheaply: one model build, one compile per variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import adaptprune_jax as prune
+from models.config import from_hf_config
+from models.layers import EMPTY_POSITION
+from models.llava import LlavaForConditionalGeneration
+from models.presets import llava_config
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "llava-1.5-7b", "Preset name (models.presets).")
+flags.DEFINE_integer("keep", 64, "Image tokens kept.")
+flags.DEFINE_integer("layer", 2, "Pruning layer K.")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("text_tokens", 64, "Text tokens per prompt (the image span comes on top).")
+flags.DEFINE_integer("repeats", 30, "Timed runs per variant.")
+flags.DEFINE_list("nms_implementations", ["xla", "pallas"], "AdaptPrune NMS implementations to time.")
+flags.DEFINE_string("output", None, "JSON results file.")
+
+
+def random_model(cfg, dtype, seed: int = 0) -> LlavaForConditionalGeneration:
+    """The model with N(0, 0.02) weights (norm scales 1), generated on the device leaf by leaf."""
+    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+
+    @jax.jit(static_argnames=("shape", "ones"))
+    def fill(key, shape, ones):
+        if ones:
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    arrays = [fill(k, tuple(leaf.shape), leaf.ndim == 1 and leaf.shape[0] in (cfg.text.hidden_size,))
+              for k, leaf in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+
+
+def median_ms(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
+
+
+def run() -> dict:
+    cfg = from_hf_config(llava_config(FLAGS.model))
+    dtype = jnp.bfloat16
+    model = random_model(cfg, dtype)
+    graphdef, state = nnx.split(model)
+    num_image = cfg.num_image_tokens
+    length = num_image + FLAGS.text_tokens
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 1000, (FLAGS.batch, length)).astype(np.int32)
+    ids[:, 1:1 + num_image] = cfg.image_token_index
+    pixels = rng.standard_normal((FLAGS.batch, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+
+    @jax.jit
+    def vision_and_merge(state, ids, pixels):
+        m = nnx.merge(graphdef, state)
+        return m.embed_prompt(ids, m.image_features(pixels))
+
+    start = time.perf_counter()
+    x, image_start = jax.block_until_ready(vision_and_merge(state, ids, pixels))
+    vision_compile = time.perf_counter() - start
+    vision_ms, _ = median_ms(lambda: vision_and_merge(state, ids, pixels), FLAGS.repeats)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (FLAGS.batch, length))
+    last_index = jnp.full((FLAGS.batch,), length - 1, jnp.int32)
+
+    def llm_prefill(pruning, keep):
+        @jax.jit
+        def step(state, x):
+            lm = nnx.merge(graphdef, state).language_model
+            out = lm.prefill(x, positions, last_index, image_start=image_start, num_image_tokens=num_image,
+                             extra_slots=0, pruning=pruning, keep=keep, rng=jax.random.key(0))
+            return out.logits, out.kept
+        return step
+
+    keep = FLAGS.keep
+    fixed = prune.FixedIndicesConfig(indices=tuple(range(0, num_image, num_image // keep))[:keep], layer=FLAGS.layer)
+    variants = {"unpruned": (None, 0), "fixed indices": (fixed, keep)}
+    for implementation in FLAGS.nms_implementations:
+        variants[f"adaptprune ({implementation})"] = (
+            prune.AdaptPruneConfig(keep=keep, layer=FLAGS.layer, nms_implementation=implementation), keep)
+    variants["fastv"] = (prune.FastVConfig(keep=keep, layer=FLAGS.layer), keep)
+
+    rows = {}
+    for name, (pruning, variant_keep) in variants.items():
+        step = llm_prefill(pruning, variant_keep)
+        start = time.perf_counter()
+        try:
+            _, kept = jax.block_until_ready(step(state, x))
+        except Exception as error:  # a variant that does not compile on this backend is reported, not fatal
+            rows[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            print(f"{name}: FAILED {rows[name]['error']}", flush=True)
+            continue
+        compile_s = time.perf_counter() - start
+        ms, times = median_ms(lambda: step(state, x), FLAGS.repeats)
+        rows[name] = {"median_ms": ms, "min_ms": min(times), "max_ms": max(times), "compile_s": compile_s,
+                      "kept_first": None if kept is None else np.asarray(kept)[0, :8].tolist()}
+        print(f"{name:<24} {ms:8.3f} ms  (compile {compile_s:5.1f} s)", flush=True)
+
+    base = rows["unpruned"]["median_ms"]
+    fixed_ms = rows["fixed indices"]["median_ms"]
+    summary = {}
+    for name, row in rows.items():
+        if "median_ms" in row:
+            row["speedup_vs_unpruned"] = base / row["median_ms"]
+            if name.startswith("adaptprune") or name == "fastv":
+                row["selection_overhead_ms"] = row["median_ms"] - fixed_ms
+    adaptprune_rows = {n: r for n, r in rows.items() if n.startswith("adaptprune") and "median_ms" in r}
+    if adaptprune_rows:
+        best = min(adaptprune_rows, key=lambda n: adaptprune_rows[n]["median_ms"])
+        summary = {"best_adaptprune": best,
+                   "selection_overhead_ms": adaptprune_rows[best]["selection_overhead_ms"],
+                   "selection_overhead_ok": adaptprune_rows[best]["selection_overhead_ms"] <= 0.5,
+                   "pruned_speedup": adaptprune_rows[best]["speedup_vs_unpruned"],
+                   "pruned_speedup_ok": adaptprune_rows[best]["speedup_vs_unpruned"] >= 2.0}
+    return {"model": FLAGS.model, "dtype": "bfloat16", "batch": FLAGS.batch, "prompt_tokens": length,
+            "image_tokens": num_image, "keep": keep, "layer": FLAGS.layer, "repeats": FLAGS.repeats,
+            "vision_and_merge_ms": vision_ms, "vision_compile_s": vision_compile, "llm_prefill": rows,
+            "summary": summary, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(os.sys.argv)}
+
+
+def main(argv):
+    del argv
+    results = run()
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(results, f, indent=2)
+    print(json.dumps(results["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
