@@ -1,0 +1,151 @@
+"""experiments.benchmark end to end on the CPU with the tiny preset (the H100 runs the same code).
+
+Every job is a subprocess, so these tests run the real CLI: pre-compile phase, measuring workers, the
+PyTorch baseline, a max-batch probe, a configuration that cannot work (reported as a failed row) and
+workers killed by their timeout; then the report files. Float32 and 2 new tokens keep it fast; the
+compilation cache is shared by the runs of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import benchmark
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def run_cli(output_dir, cache_dir, *args):
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "experiments.benchmark", "--model=tiny", "--dtype=float32", "--new_tokens=2",
+               "--text_tokens=8", "--repeats=2", "--e2e_repeats=1", f"--output_dir={output_dir}",
+               f"--compile_cache={cache_dir}", *args]
+    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    with open(os.path.join(output_dir, "results.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(output_dir, "results.md")) as f:
+        markdown = f.read()
+    with open(os.path.join(output_dir, "time_memory_vs_tokens.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(output_dir, "worker_logs.txt")) as f:
+        assert "===== ceilings" in f.read()
+    return report, markdown, process.stdout
+
+
+def rows_by_label(report):
+    return {row["label"]: row for row in report["rows"]}
+
+
+def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
+    report, markdown, stdout = run_cli(
+        tmp_path, cache_dir, "--configs=none:1,adaptprune:64:1,adaptprune:100000:1", "--torch_baseline",
+        "--max_batch_search", "--max_batch_configs=none", "--max_batch_cap=2",
+        "--max_batch_probes=1")
+    meta, ceilings = report["meta"], report["ceilings"]
+    assert {"jax", "torch", "transformers"} <= set(meta["versions"]) and meta["date"]
+    assert meta["command"].startswith("python -m experiments.benchmark") and "--torch_baseline" in meta["command"]
+    assert ceilings["status"] == "ok" and ceilings["device_kind"]
+    assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flops_per_s"] > 0
+
+    rows = rows_by_label(report)
+    base, pruned = rows["none b1"], rows["adaptprune@64 b1"]
+    for row in (base, pruned):
+        assert row["status"] == "ok", row
+        for key in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms"):
+            assert row[key] > 0 and row["floors"][key] > 0 and row["ratio_to_floor"][key] > 0
+        assert row["compile_s"]["prefill"] >= 0 and row["compiled_memory"]["prefill"] is not None
+        assert row["weights_bytes"] > 0 and row["prompt_tokens"] == row["image_tokens"] + 8
+        assert row["jax_over_torch"]["ttft_ms"] > 0
+    assert pruned["keep"] == 64 and pruned["layer"] == 2
+    assert pruned["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
+    assert {"fixed_prefill_ms", "selection_overhead_ms", "select_only_ms"} <= set(pruned)
+    assert pruned["speedup_vs_unpruned"]["ttft_ms"] > 0 and pruned["torch_row"] == "pytorch cut@64 b1"
+
+    impossible = rows["adaptprune@100000 b1"]
+    assert impossible["status"] == "failed" and "keep=100000" in impossible["error"]
+    for label in ("pytorch none b1", "pytorch cut@64 b1"):
+        assert rows[label]["status"] == "ok" and rows[label]["framework"] == "torch"
+        assert rows[label]["ttft_ms"] > 0 and rows[label]["e2e_ms"] > 0 and rows[label]["generated_tokens"] == 2
+
+    (search,) = report["max_batch"]
+    assert search["config"] == "none" and search["largest_fit"] >= 1
+    assert [p["batch"] for p in search["probes"]] == [2] and search["probes"][0]["fits"]
+    assert len(report["acceptance"]) == len(benchmark.TARGETS)
+    assert all({"name", "pass", "detail"} <= set(c) for c in report["acceptance"])
+
+    assert "| config | metric | ms | floor ms |" in markdown and "## PyTorch" in markdown
+    assert "## Failed or skipped" in markdown and "adaptprune@100000 b1" in markdown
+    assert stdout.strip().splitlines()[-1].startswith("acceptance:")
+
+
+def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
+    report, markdown, _ = run_cli(tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--compile_workers=2")
+    assert [row["label"] for row in report["rows"]] == ["none b1"]
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
+    assert report["meta"]["flags"]["torch_baseline"] is False
+
+
+def test_killed_workers_are_failed_rows(tmp_path, cache_dir):
+    report, markdown, _ = run_cli(tmp_path, cache_dir, "--configs=none:1", "--job_timeout_s=1")
+    (row,) = report["rows"]
+    assert row["status"] == "failed" and "timed out" in row["error"]
+    assert all(check["pass"] is None for check in report["acceptance"])
+
+
+def test_parse_config():
+    assert benchmark.parse_config("none:4") == benchmark.Config("none", 0, 4)
+    assert benchmark.parse_config("fastv:128:16") == benchmark.Config("fastv", 128, 16)
+    assert benchmark.parse_config("adaptprune:64", batch=0).name == "adaptprune@64"
+    with pytest.raises(ValueError, match="METHOD:KEEP:BATCH"):
+        benchmark.parse_config("adaptprune:1")
+
+
+def test_max_batch_check_decides_only_what_the_bounds_prove():
+    def search(method, keep, fit, fail):
+        return {"method": method, "keep": keep, "largest_fit": fit, "smallest_failure": fail}
+
+    def verdict(base, pruned):
+        return benchmark.acceptance([], [base, pruned])[-2]["pass"]
+
+    assert verdict(search("none", 0, 128, 160), search("adaptprune", 64, 512, None)) is True
+    assert verdict(search("none", 0, 128, 160), search("adaptprune", 64, 192, 224)) is False
+    assert verdict(search("none", 0, 128, None), search("adaptprune", 64, 512, None)) is None
+
+
+def test_batch_search_grows_then_bisects():
+    from absl import flags
+    from absl.testing import flagsaver
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+    def search(start, true_max, **settings):
+        with flagsaver.flagsaver(**settings):
+            state = benchmark.BatchSearch(benchmark.Config("none", 0, 0), [], start)
+            while (batch := state.pending()) is not None:
+                state.record(batch, {"status": "ok" if batch <= true_max else "oom", "fits": batch <= true_max})
+            return state.summary()
+
+    found = search(136, 150, max_batch_growth=1.1, max_batch_probes=8, max_batch_tolerance=0.05)
+    assert [p["batch"] for p in found["probes"]][:3] == [136, 149, 163]
+    assert found["largest_fit"] <= 150 < found["smallest_failure"]
+    assert found["smallest_failure"] - found["largest_fit"] <= 0.05 * found["largest_fit"]
+    # A start above the limit shrinks by the growth factor until something fits.
+    shrunk = search(200, 150, max_batch_growth=1.1, max_batch_probes=3, max_batch_tolerance=0.05)
+    assert [p["batch"] for p in shrunk["probes"]] == [200, 181, 164]
+    # Doubling (the default) from a known fit, capped.
+    doubled = search(None, 1000, max_batch_probes=4, max_batch_cap=8)
+    assert [p["batch"] for p in doubled["probes"]] == [1, 2, 4, 8] and doubled["smallest_failure"] is None
