@@ -9,6 +9,9 @@ TORCH_PIN := torch==2.13.0
 # Same transformers as the lent GPU machine, so both sides of every comparison run the same code.
 TRANSFORMERS_PIN := transformers==5.17.0
 
+# The testbed's test split is a pure function of (split, seed, config): generated, not committed (54 MB).
+TESTBED_SPLIT := experiments/data/testbed_test/questions.jsonl
+
 .PHONY: venv test eval clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -22,7 +25,10 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
-eval: venv
+$(TESTBED_SPLIT): | venv
+	$(PY) -c "from experiments.testbed.scenes import write_split; write_split('$(dir $@)', split='test', num_items=1000)"
+
+eval: venv $(TESTBED_SPLIT)
 	$(PY) -m experiments.eval --flagfile=experiments/flags/testbed.flags
 
 clean:

@@ -153,7 +153,7 @@ class AdaptPruneConfig(PruneConfig):
 
   ``normalize_keys`` asks the model for RMSNorm-ed feature keys (the clean variant); the default
   False reproduces the released code's un-normalised projection (QUIRK). ``nms_implementation``
-  picks how the greedy loop runs ('xla', 'unrolled', 'pallas' on GPU); all select the same tokens.
+  picks how the greedy loop runs ('auto' = the Pallas kernel on GPU, else XLA); all select the same tokens.
   """
 
   name: ClassVar[str] = 'adaptprune'
@@ -167,7 +167,7 @@ class AdaptPruneConfig(PruneConfig):
   distance_sigma: float = DEFAULT_DISTANCE_SIGMA
   similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA
   normalize_keys: bool = False
-  nms_implementation: str = 'xla'
+  nms_implementation: str = 'auto'
 
   def __post_init__(self):
     super().__post_init__()
