@@ -93,7 +93,9 @@ class LlavaRunner:
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl,
                                 static_argnames=("extra_slots", "pruning", "keep", "all_logits"))
-        self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=("caches",))
+        # The cache is donated where the backend can reuse it in place (not the CPU, which would warn).
+        donate = ("caches",) if jax.default_backend() != "cpu" else ()
+        self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
 
     # --- jitted bodies -------------------------------------------------------------------------
     def _prefill_impl(self, state, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep,
