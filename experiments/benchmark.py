@@ -216,36 +216,6 @@ def _work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_tokens,
     }
 
 
-_GENERATORS: dict = {}
-
-
-def _random_state(abstract_state, seed: int, *, compile_only: bool = False):
-    """Random weights drawn on the device, leaf by leaf: normal * INIT_STD, norm scales 1.
-
-    One small compiled generator per distinct (shape, dtype) (about twenty for LLaVA), called once per
-    leaf, so the peak is the weights plus one leaf, and compiling is cheap (a single jitted fill of
-    every leaf would be one large program, and stacking leaves by shape would copy them).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from models.layers import INIT_STD
-
-    key_shape = jax.eval_shape(lambda: jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-    key, filled = jax.random.key(seed), []
-    for i, (path, leaf) in enumerate(leaves):
-        ones = "scale" in jax.tree_util.keystr(path)
-        signature = (leaf.shape, jnp.dtype(leaf.dtype).name, ones)
-        if signature not in _GENERATORS:
-            def generate(k, shape=leaf.shape, dtype=leaf.dtype, ones=ones):
-                if ones:
-                    return jnp.ones(shape, dtype)
-                return jax.random.normal(k, shape, dtype) * jnp.asarray(INIT_STD, dtype)
-            _GENERATORS[signature] = jax.jit(generate).lower(key_shape).compile()
-        if not compile_only:
-            filled.append(_GENERATORS[signature](jax.random.fold_in(key, i)))
-    return None if compile_only else treedef.unflatten(filled)
 
 
 def _configure_jax(spec):
@@ -290,6 +260,7 @@ def jax_worker(spec: dict) -> dict:
     from models.config import from_hf_config
     from models.generate import LlavaRunner, SamplingConfig
     from models.llava import LlavaForConditionalGeneration
+    from models.presets import random_state
 
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     mode, method, batch, new_tokens = spec["mode"], spec["method"], spec["batch"], spec["new_tokens"]
@@ -348,7 +319,7 @@ def jax_worker(spec: dict) -> dict:
     random_init = spec["random_weights"] or not os.path.isdir(spec["model"])
     if random_init:
         start = time.perf_counter()
-        _random_state(abstract_state, spec["seed"], compile_only=True)
+        random_state(abstract_state, spec["seed"], compile_only=True)
         compile_s["init"] = round(time.perf_counter() - start, 3)
     features = build("vision", jax.jit(vision), abstract_state, sds(pixel_shape, jnp.float32))
     embedded = build("embed", jax.jit(embed), abstract_state, sds(ids_shape, jnp.int32), features)
@@ -382,7 +353,7 @@ def jax_worker(spec: dict) -> dict:
     # --- weights, inputs, one generation (its peak is the configuration's memory) ------------------
     start = time.perf_counter()
     if random_init:
-        state = _random_state(abstract_state, spec["seed"])
+        state = random_state(abstract_state, spec["seed"])
     else:
         state = nnx.split(load_checkpoint(spec["model"], spec["dtype"])[1])[1]
     sync = jax.block_until_ready

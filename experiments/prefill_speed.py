@@ -26,9 +26,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from models.config import from_hf_config
-from models.layers import EMPTY_POSITION
-from models.llava import LlavaForConditionalGeneration
-from models.presets import llava_config
+from models.presets import llava_config, random_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llava-1.5-7b", "Preset name (models.presets).")
@@ -41,24 +39,6 @@ flags.DEFINE_list("nms_implementations", ["xla", "pallas"], "AdaptPrune NMS impl
 flags.DEFINE_string("output", None, "JSON results file.")
 
 
-def random_model(cfg, dtype, seed: int = 0) -> LlavaForConditionalGeneration:
-    """The model with N(0, 0.02) weights (norm scales 1), generated on the device leaf by leaf."""
-    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    leaves, treedef = jax.tree_util.tree_flatten(state)
-
-    @jax.jit(static_argnames=("shape", "ones"))
-    def fill(key, shape, ones):
-        if ones:
-            return jnp.ones(shape, dtype)
-        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
-
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    arrays = [fill(k, tuple(leaf.shape), leaf.ndim == 1 and leaf.shape[0] in (cfg.text.hidden_size,))
-              for k, leaf in zip(keys, leaves)]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
-
-
 def median_ms(fn, repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
@@ -69,9 +49,9 @@ def median_ms(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def run() -> dict:
-    cfg = from_hf_config(llava_config(FLAGS.model))
-    dtype = jnp.bfloat16
-    model = random_model(cfg, dtype)
+    hf_config = llava_config(FLAGS.model)
+    cfg = from_hf_config(hf_config)
+    model = random_model(hf_config, dtype="bfloat16")
     graphdef, state = nnx.split(model)
     num_image = cfg.num_image_tokens
     length = num_image + FLAGS.text_tokens

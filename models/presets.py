@@ -184,3 +184,50 @@ def testbed_config(*, vision: dict[str, Any] | None = None, text: dict[str, Any]
                   pad_token_id=tokenizer.pad_token_id, vision_feature_layer=-2,
                   vision_feature_select_strategy="default", projector_hidden_act="gelu",
                   tie_word_embeddings=False)
+
+
+_RANDOM_GENERATORS: dict = {}
+
+
+def random_state(abstract_state, seed: int, *, compile_only: bool = False):
+    """Random weights for an abstract model state, drawn on the device leaf by leaf: normal * INIT_STD,
+    norm scales 1 (speed and memory depend on shapes, not values; no detour through transformers).
+
+    One small compiled generator per distinct (shape, dtype) (about twenty for LLaVA), called once per
+    leaf, so the peak is the weights plus one leaf, and compiling is cheap (a single jitted fill of
+    every leaf would be one large program, and stacking leaves by shape would copy them).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from models.layers import INIT_STD
+
+    key_shape = jax.eval_shape(lambda: jax.random.key(0))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    key, filled = jax.random.key(seed), []
+    for i, (path, leaf) in enumerate(leaves):
+        ones = "scale" in jax.tree_util.keystr(path)
+        signature = (leaf.shape, jnp.dtype(leaf.dtype).name, ones)
+        if signature not in _RANDOM_GENERATORS:
+            def generate(k, shape=leaf.shape, dtype=leaf.dtype, ones=ones):
+                if ones:
+                    return jnp.ones(shape, dtype)
+                return jax.random.normal(k, shape, dtype) * jnp.asarray(INIT_STD, dtype)
+            _RANDOM_GENERATORS[signature] = jax.jit(generate).lower(key_shape).compile()
+        if not compile_only:
+            filled.append(_RANDOM_GENERATORS[signature](jax.random.fold_in(key, i)))
+    return None if compile_only else treedef.unflatten(filled)
+
+
+def random_model(config: LlavaConfig, *, dtype: str = "bfloat16", seed: int = 0):
+    """The Flax LLaVA of a transformers config with random weights made directly on the device."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models.config import from_hf_config
+    from models.llava import LlavaForConditionalGeneration
+
+    cfg = from_hf_config(config)
+    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    return nnx.merge(graphdef, random_state(abstract_state, seed))

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from models.preprocess import build_prompt
-from models.tokenizer import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN, build_word_tokenizer, vocabulary_from_texts
+from models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_word_tokenizer, vocabulary_from_texts
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary of the world: shapes, colours, numbers. Everything else derives from these tables.
