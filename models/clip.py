@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import VisionConfig
-from models.layers import Dense, LayerNorm, _normal, attend
+from models.layers import Dense, LayerNorm, attend, normal_param
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -60,9 +60,9 @@ class CLIPVisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         channels = 3
-        self.patch_embedding = _normal(rngs, (channels * cfg.patch_size ** 2, cfg.hidden_size), dtype)
-        self.class_embedding = _normal(rngs, (cfg.hidden_size,), dtype)
-        self.position_embedding = _normal(rngs, (cfg.num_patches + 1, cfg.hidden_size), dtype)
+        self.patch_embedding = normal_param(rngs, (channels * cfg.patch_size ** 2, cfg.hidden_size), dtype)
+        self.class_embedding = normal_param(rngs, (cfg.hidden_size,), dtype)
+        self.position_embedding = normal_param(rngs, (cfg.num_patches + 1, cfg.hidden_size), dtype)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)

@@ -19,7 +19,8 @@ INIT_STD = 0.02  # transformers' initializer_range for LLaMA and the projector; 
 EMPTY_POSITION = -1  # position of a padding token or an unused cache slot
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> nnx.Param:
+    """A parameter drawn from N(0, INIT_STD^2), as transformers initialises these models."""
     return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype) * INIT_STD)
 
 
@@ -27,7 +28,7 @@ class Dense(nnx.Module):
     """y = x @ kernel + bias, kernel stored (in, out) (transposed from torch's (out, in))."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = _normal(rngs, (in_features, out_features), dtype)
+        self.kernel = normal_param(rngs, (in_features, out_features), dtype)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from models.config import TextConfig
-from models.layers import EMPTY_POSITION, Dense, RMSNorm, _normal, apply_rope, attend, attention_mask
+from models.layers import EMPTY_POSITION, Dense, RMSNorm, apply_rope, attend, attention_mask, normal_param
 
 LayerCache = dict[str, jax.Array]
 
@@ -113,7 +113,7 @@ def _rows_take(x: jax.Array, index: jax.Array) -> jax.Array:
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = _normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.embed_tokens = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if tie_word_embeddings else Dense(
