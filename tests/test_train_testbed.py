@@ -97,6 +97,27 @@ def test_training_tokens_are_the_preprocessors_prompt_plus_answer(tiny):
         assert batch.answer_ids[row].tolist() == answer + [preprocessor.eos_token_id]
 
 
+def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
+    """The teacher-forced training forward is the inference path: its logits at the last prompt token
+    equal `LlavaForConditionalGeneration.prefill`'s on the same batch, and they change with the image
+    (the image features reach the answer position). Diagnosis of the testbed run stuck at the text
+    prior (experiments/results/testbed_training/DIAGNOSIS.md) started here; this is its wiring check."""
+    hf_config, scene_config = tiny
+    cfg = from_hf_config(hf_config)
+    model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    pad = S.make_tokenizer().pad_token_id
+    batch = T.host_batch(0, 3, 4, cfg, scene_config, pad)
+    pixels = T.normalize_pixels(S.render_scenes(batch.scenes, scene_config), T.PixelNormalization.from_hf_config(hf_config))
+    logits = T.answer_logits(model, pixels, jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_lengths))
+    prompts = np.array(batch.input_ids)
+    for row, length in enumerate(batch.prompt_lengths):
+        prompts[row, length:] = pad  # drop the teacher-forced answer word
+    inference = model.prefill(jnp.asarray(prompts), jnp.asarray(batch.prompt_lengths), pixels, extra_slots=2).logits
+    np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(inference), rtol=1e-5, atol=1e-5)
+    other = T.answer_logits(model, pixels[::-1], jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_lengths))
+    assert float(jnp.abs(other[:, 0] - logits[:, 0]).max()) > 1e-3
+
+
 def test_loss_falls_when_overfitting_one_batch(tiny):
     hf_config, scene_config = tiny
     cfg = from_hf_config(hf_config)
