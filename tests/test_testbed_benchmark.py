@@ -37,7 +37,7 @@ def test_load_questions_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="questions.jsonl"):
         TestbedBenchmark().load_questions(tmp_path)
     path = _write(tmp_path / "questions.jsonl", [_record(0), _record(1), '{"question_id": "q2", \n'])
-    with pytest.raises(ValueError, match=r"questions\.jsonl:3: malformed JSON"):
+    with pytest.raises(ValueError, match=r"questions\.jsonl:3: invalid JSON"):
         TestbedBenchmark().load_questions(path)
     bad = dict(_record(0))
     del bad["answer"]

@@ -10,14 +10,13 @@ wherever the answers are yes/no. A missing prediction counts as wrong (and is co
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import defaultdict
 
 # The harness's record; `prompt` is the bare question, which the engine wraps in the vicuna_v1
 # template (`scenes.format_prompt`, the same one the trainer uses).
-from experiments.benchmarks.base import Question
+from experiments.benchmarks.base import Question, UniqueIds, iter_jsonl
 from experiments.testbed.scenes import IMAGES_DIR, NO, QUESTIONS_FILE, YES
 
 
@@ -57,29 +56,16 @@ class TestbedBenchmark:
 
     def load_questions(self, path: str | os.PathLike) -> list[Question]:
         file_name = self.questions_file(path)
-        if not os.path.isfile(file_name):
-            raise FileNotFoundError(f"testbed questions file not found: {file_name}")
-        questions, seen = [], set()
-        with open(file_name) as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{file_name}:{line_number}: malformed JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{file_name}:{line_number}: expected a JSON object")
-                missing = [f for f in _REQUIRED_FIELDS if f not in record]
-                if missing:
-                    raise ValueError(f"{file_name}:{line_number}: missing field(s) {', '.join(missing)}")
-                question_id = str(record["question_id"])
-                if question_id in seen:
-                    raise ValueError(f"{file_name}:{line_number}: duplicate question_id {question_id!r}")
-                seen.add(question_id)
-                questions.append(Question(question_id=question_id, image=str(record["image"]),
-                                          prompt=str(record["text"]), answer=str(record["answer"]),
-                                          category=str(record["category"])))
+        questions, unique_ids = [], UniqueIds()
+        for location, record in iter_jsonl(file_name, self.name):
+            missing = [f for f in _REQUIRED_FIELDS if f not in record]
+            if missing:
+                raise ValueError(f"{location}: missing field(s) {', '.join(missing)}")
+            question_id = str(record["question_id"])
+            unique_ids.check(question_id, location)
+            questions.append(Question(question_id=question_id, image=str(record["image"]),
+                                      prompt=str(record["text"]), answer=str(record["answer"]),
+                                      category=str(record["category"])))
         return questions
 
     def score(self, questions: list[Question], predictions: dict[str, str]) -> dict:
