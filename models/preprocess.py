@@ -48,6 +48,12 @@ def build_prompt(question: str) -> str:
     return f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
+def build_followup(question: str) -> str:
+    """A later turn of a vicuna_v1 conversation, as LLaVA-1.5's multi-turn training data has it: it
+    follows the previous answer's `</s>` directly (separator `</s>`, no image)."""
+    return f"USER: {question} ASSISTANT:"
+
+
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Decode an image file fully into an RGB PIL image (alpha dropped, as LLaVA's `.convert('RGB')`).
 

@@ -9,6 +9,7 @@ missing or unexpected keys. The full-size preset is checked for its size budget 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -82,19 +83,66 @@ def test_pixels_normalised_in_step_equal_the_image_processor():
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
 
 
-def test_training_tokens_are_the_preprocessors_prompt_plus_answer(tiny):
+def _host_batch(cfg, scene_config, step: int, batch_size: int, turns: int, **kwargs) -> T.DeviceBatch:
+    tokenizer = S.make_tokenizer()
+    return T.host_batch(0, step, batch_size, cfg, scene_config, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                        turns=turns, **kwargs)
+
+
+def _batch_questions(scene_config, step: int, batch_size: int, turns: int, kind_weights=None):
+    """The questions host_batch draws for batch `step` (same generator, same order of draws)."""
+    rng = T.batch_rng(0, step)
+    scenes = S.sample_scenes(rng, batch_size, scene_config, "train")
+    if kind_weights is not None:
+        scene_config = dataclasses.replace(scene_config, kind_weights=kind_weights)
+    return S.sample_questions(rng, scenes, scene_config, per_scene=turns, negative_types=S.TRAINING_NEGATIVE_TYPES)
+
+
+@pytest.mark.parametrize("turns", [1, 4])
+def test_training_tokens_are_the_preprocessors_conversation(tiny, turns):
+    """Row = the preprocessor's prompt for the first question + its answer, then per later question
+    `</s>` + the vicuna_v1 follow-up turn as the tokenizer encodes it + its answer; each target sits at
+    the position whose logits predict it (last prompt token -> answer, answer -> `</s>`)."""
     hf_config, scene_config = tiny
     cfg = from_hf_config(hf_config)
     preprocessor = Preprocessor(hf_config, S.make_tokenizer(), presets.llava15_image_processor(hf_config))
-    batch = T.host_batch(0, 7, 6, cfg, scene_config, preprocessor.pad_token_id)
-    questions = S.sample_batch(T.batch_rng(0, 7), 6, scene_config, render=False).questions
-    for row, question in enumerate(questions):
-        prompt = preprocessor.encode(question.text)
-        answer = preprocessor.tokenizer(question.answer, add_special_tokens=False)["input_ids"]
-        assert batch.prompt_lengths[row] == len(prompt)
-        expected = prompt + answer + [preprocessor.pad_token_id] * (T.training_sequence_length(cfg) - len(prompt) - 1)
-        assert batch.input_ids[row].tolist() == expected
-        assert batch.answer_ids[row].tolist() == answer + [preprocessor.eos_token_id]
+    tokenizer, pad, eos = preprocessor.tokenizer, preprocessor.pad_token_id, preprocessor.eos_token_id
+    batch = _host_batch(cfg, scene_config, 7, 6, turns)
+    length = T.training_sequence_length(cfg, turns)
+    assert batch.input_ids.shape == (6, length) and batch.target_ids.shape == (6, 2 * turns)
+    for row, questions in enumerate(_batch_questions(scene_config, 7, 6, turns)):
+        assert 1 <= len(questions) <= turns
+        expected, targets = [], []
+        for turn, question in enumerate(questions):
+            if turn == 0:
+                expected += preprocessor.encode(question.text)
+            else:
+                expected += [eos] + tokenizer(f"USER: {question.text} ASSISTANT:", add_special_tokens=False)["input_ids"]
+            answer = tokenizer(question.answer, add_special_tokens=False)["input_ids"]
+            assert len(answer) == 1
+            targets += [(len(expected) - 1, answer[0]), (len(expected), eos)]
+            expected += answer
+        assert batch.lengths[row] == len(expected)
+        assert batch.input_ids[row].tolist() == expected + [pad] * (length - len(expected))
+        used = 2 * len(questions)
+        assert batch.target_mask[row].tolist() == [True] * used + [False] * (2 * turns - used)
+        assert list(zip(batch.target_positions[row, :used].tolist(), batch.target_ids[row, :used].tolist())) == targets
+        assert batch.kind_ids[row].tolist() == [S.KINDS.index(q.kind) for q in questions] + [-1] * (turns - len(questions))
+
+
+def test_training_kind_weights_change_only_the_training_mixture(tiny):
+    hf_config, scene_config = tiny
+    cfg = from_hf_config(hf_config)
+    mostly_position = (0.05, 0.0, 0.0, 0.95)  # existence always works: the fallback of a scene without a pair
+    weighted = _host_batch(cfg, scene_config, 3, 16, 1, kind_weights=mostly_position)
+    expected = [S.KINDS.index(qs[0].kind) for qs in _batch_questions(scene_config, 3, 16, 1, mostly_position)]
+    assert weighted.kind_ids[:, 0].tolist() == expected
+    position = S.KINDS.index("position")
+    # A scene that cannot support a position question falls back to another kind; most can.
+    assert (weighted.kind_ids[:, 0] == position).mean() > 0.5
+    assert (_host_batch(cfg, scene_config, 3, 16, 1).kind_ids[:, 0] == position).mean() < 0.5
+    with pytest.raises(ValueError, match="one weight per kind"):
+        T.run_training(T.TrainOptions(train_kind_weights=(1.0, 1.0), quiet=True), hf_config, scene_config)
 
 
 def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
@@ -106,15 +154,21 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     cfg = from_hf_config(hf_config)
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     pad = S.make_tokenizer().pad_token_id
-    batch = T.host_batch(0, 3, 4, cfg, scene_config, pad)
+    batch = _host_batch(cfg, scene_config, 3, 4, 3)
     pixels = T.normalize_pixels(S.render_scenes(batch.scenes, scene_config), T.PixelNormalization.from_hf_config(hf_config))
-    logits = T.answer_logits(model, pixels, jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_lengths))
+
+    def logits_of(pixel_values):
+        return T.answer_logits(model, model.image_features(pixel_values), jnp.asarray(batch.input_ids),
+                               jnp.asarray(batch.lengths), jnp.asarray(batch.target_positions))
+
+    logits = logits_of(pixels)
+    first_prompt_lengths = batch.target_positions[:, 0] + 1
     prompts = np.array(batch.input_ids)
-    for row, length in enumerate(batch.prompt_lengths):
-        prompts[row, length:] = pad  # drop the teacher-forced answer word
-    inference = model.prefill(jnp.asarray(prompts), jnp.asarray(batch.prompt_lengths), pixels, extra_slots=2).logits
+    for row, length in enumerate(first_prompt_lengths):
+        prompts[row, length:] = pad  # keep only the first turn's prompt
+    inference = model.prefill(jnp.asarray(prompts), jnp.asarray(first_prompt_lengths), pixels, extra_slots=2).logits
     np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(inference), rtol=1e-5, atol=1e-5)
-    other = T.answer_logits(model, pixels[::-1], jnp.asarray(batch.input_ids), jnp.asarray(batch.prompt_lengths))
+    other = logits_of(pixels[::-1])
     assert float(jnp.abs(other[:, 0] - logits[:, 0]).max()) > 1e-3
 
 
@@ -123,16 +177,19 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
     cfg = from_hf_config(hf_config)
     options = T.TrainOptions()
     graphdef, params = nnx.split(LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    trainable = {"model": params, "probe": T.init_probe(cfg.text.hidden_size, 0)}
     optimizer = T.make_optimizer(options)
-    opt_state = optimizer.init(params)
+    opt_state = optimizer.init(trainable)
     step = T.make_train_step(graphdef, optimizer, scene_config, T.PixelNormalization.from_hf_config(hf_config),
-                             jnp.float32)
-    batch = jax.device_put(T.host_batch(0, 0, 4, cfg, scene_config, S.make_tokenizer().pad_token_id))
-    losses = []
-    for _ in range(30):
-        params, opt_state, metrics = step(params, opt_state, batch, np.float32(1e-2))
+                             jnp.float32, 1.0)
+    batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, 2))
+    losses, patch_losses = [], []
+    for _ in range(50):
+        trainable, opt_state, metrics = step(trainable, opt_state, batch, np.float32(1e-2))
         losses.append(float(metrics["loss"]))
+        patch_losses.append(float(metrics["patch_loss"]))
     assert losses[-1] < 0.1 * losses[0], losses
+    assert patch_losses[-1] < 0.5 * patch_losses[0], patch_losses
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(runs):
@@ -164,11 +221,13 @@ def test_export_loads_here_and_in_transformers(runs, tiny):
     torch_model, info = TorchLlava.from_pretrained(directory, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     # The exported (float16) weights are the trained float32 ones, rounded.
-    graphdef, template = nnx.split(LlavaForConditionalGeneration(from_hf_config(hf_config), rngs=nnx.Rngs(1)))
+    cfg = from_hf_config(hf_config)
+    graphdef, template = nnx.split(LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(1)))
+    template = {"model": template, "probe": T.init_probe(cfg.text.hidden_size, 1)}
     optimizer_state = T.make_optimizer(T.TrainOptions()).init(template)
     trained, _, meta = T.load_state(os.path.join(runs["root"], "full", "work"), template, optimizer_state)
     assert meta["step"] == TOTAL_STEPS
-    for exported, saved in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(trained)):
+    for exported, saved in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(trained["model"])):
         np.testing.assert_array_equal(np.asarray(exported), np.asarray(saved).astype(np.float16).astype(np.float32))
     preprocessor = Preprocessor.from_checkpoint(directory)
     assert preprocessor.tokenizer.get_vocab() == S.make_tokenizer().get_vocab()
@@ -219,3 +278,56 @@ def test_testbed_preset_fits_the_size_budget_and_the_prompt():
     abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract)))
     assert num_params * 2 < 24e6  # float16 weights; tokenizer, processor and logs add well under 1 MB
+
+
+def _patch_targets_by_loops(scenes, scene_config):
+    """patch_targets written out per object and per patch, in plain Python (the reference)."""
+    grid, patch = scene_config.grid_size, scene_config.patch_size
+    batch = scenes.valid.shape[0]
+    classes = np.zeros((batch, grid, grid), np.int64)
+    centres = np.zeros((batch, grid, grid), bool)
+    for b in range(batch):
+        for obj in S.scene_objects(scenes, b):
+            for r in range(grid):
+                for c in range(grid):
+                    y, x = r * patch + patch / 2, c * patch + patch / 2  # the patch's centre point
+                    if obj.top <= y < obj.top + obj.size and obj.left <= x < obj.left + obj.size:
+                        assert classes[b, r, c] == 0, "boxes overlap"
+                        classes[b, r, c] = 1 + obj.colour * len(S.SHAPES) + obj.shape
+            centre_y, centre_x = obj.top + obj.size / 2, obj.left + obj.size / 2
+            centres[b, int(centre_y // patch), int(centre_x // patch)] = True
+    return classes.reshape(batch, -1), centres.reshape(batch, -1)
+
+
+def test_patch_targets_label_each_object_where_it_lies():
+    """Full-size scenes: the jitted labels equal a per-patch loop, every object covers at least one
+    patch centre and owns exactly one centre patch, and the class decodes to its colour and shape."""
+    scene_config = S.TestbedConfig()
+    scenes = S.sample_scenes(S.split_rng("validation", 11), 8, scene_config, "validation")
+    classes, centres = jax.jit(T.patch_targets, static_argnums=1)(scenes, scene_config)
+    expected_classes, expected_centres = _patch_targets_by_loops(scenes, scene_config)
+    np.testing.assert_array_equal(np.asarray(classes), expected_classes)
+    np.testing.assert_array_equal(np.asarray(centres), expected_centres)
+    assert classes.shape == (8, scene_config.grid_size ** 2)
+    for b in range(8):
+        objects = S.scene_objects(scenes, b)
+        assert int(np.asarray(centres[b]).sum()) == len(objects)
+        labels = set(np.asarray(classes[b]).tolist()) - {0}
+        assert labels == {1 + o.colour * len(S.SHAPES) + o.shape for o in objects}
+    assert int(classes.max()) < T.num_patch_classes()
+
+
+def test_patch_probe_loss_balances_objects_and_background():
+    """A probe that is right on the background and uniform on objects loses ~half its class loss to
+    the objects, however few patches they cover (a plain mean would hide them)."""
+    classes = jnp.zeros((1, 100), jnp.int32).at[0, :2].set(5)  # 2 object patches of 100
+    centres = jnp.zeros((1, 100), bool).at[0, 0].set(True)
+    width = 4
+    features = jnp.zeros((1, 100, width)).at[0, 2:, 0].set(1.0)  # background patches get feature 0
+    probe = {"kernel": jnp.zeros((width, T.num_patch_classes() + 1)).at[0, 0].set(50.0),
+             "bias": jnp.zeros(T.num_patch_classes() + 1)}
+    class_nll, centre_nll, accuracy = T.patch_probe_losses(probe, features, classes, centres)
+    uniform = np.log(T.num_patch_classes())
+    np.testing.assert_allclose(float(class_nll), 0.5 * uniform, rtol=1e-4)
+    np.testing.assert_allclose(float(centre_nll), np.log(2.0), rtol=1e-4)  # all centre logits are 0
+    assert float(accuracy) == 0.0  # argmax of a uniform row is class 0, never the object's 5

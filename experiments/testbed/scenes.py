@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from models.preprocess import build_prompt
+from models.preprocess import build_followup, build_prompt
 from models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_word_tokenizer, vocabulary_from_texts
 
 # --------------------------------------------------------------------------------------------------
@@ -669,18 +669,34 @@ def encode_prompt(question: str) -> tuple[int, ...]:
     return tuple(make_tokenizer()(format_prompt(question))["input_ids"])
 
 
+@functools.lru_cache(maxsize=None)
+def encode_followup(question: str) -> tuple[int, ...]:
+    """Token ids of a later conversation turn asking `question` (`build_followup`; no BOS)."""
+    return tuple(make_tokenizer()(build_followup(question), add_special_tokens=False)["input_ids"])
+
+
 def answer_token_ids(answer: str) -> tuple[int, int]:
     """The training target of an answer: its word id, then </s>."""
     ids = _token_ids()
     return ids[answer], ids[EOS_TOKEN]
 
 
-def max_prompt_length() -> int:
-    """Longest `encode_prompt` of any question (colour and shape names are one token each)."""
+def _longest_questions() -> list[str]:
+    """Each template filled with one-token words (every colour and shape name is one token)."""
     templates = [_EXISTENCE_TEMPLATE, _COUNT_SHAPE_TEMPLATE, _COUNT_COLOUR_TEMPLATE, _ATTRIBUTE_TEMPLATE,
                  *_POSITION_TEMPLATES.values()]
     fill = dict(colour="red", shape="circle", colour2="red", shape2="circle", shapes="circles")
-    return max(len(encode_prompt(t.format(**fill))) for t in templates)
+    return [t.format(**fill) for t in templates]
+
+
+def max_prompt_length() -> int:
+    """Longest `encode_prompt` of any question."""
+    return max(len(encode_prompt(q)) for q in _longest_questions())
+
+
+def max_followup_length() -> int:
+    """Longest `encode_followup` of any question."""
+    return max(len(encode_followup(q)) for q in _longest_questions())
 
 
 class TrainingBatch(NamedTuple):
