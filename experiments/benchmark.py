@@ -1,10 +1,10 @@
 """Speed and memory of the jitted JAX LLaVA-1.5, pruned and unpruned, against the floor and PyTorch.
 
-    python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h100_latency.flags
+    python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_latency.flags
     python -m experiments.benchmark --model=tiny --batch_sizes=1 --methods=none,adaptprune --keep=64
-    python -m experiments.benchmark --replot=experiments/results/h100_latency/results.json
+    python -m experiments.benchmark --replot=experiments/results/h200_latency/results.json
 
-The H100 acceptance run is three commands (flagfiles benchmark_h100_{latency,batch,max_batch}), each
+The acceptance run on the lent H200 is three commands (flagfiles benchmark_h200_{latency,batch,max_batch}), each
 inside one device call; each prints its table and pass/fail lines last.
 
 Why it is built this way:
