@@ -20,8 +20,10 @@ Layout of the module:
   whose single-word answers are computed from the object list. Evaluation splits use POPE's
   random / popular / adversarial negatives; training uses frequency-matched negatives so that no
   question text predicts its answer (see TRAINING_NEGATIVE_TYPES).
-* `sample_batch` is the training sampler (layouts + one question per scene + token ids; images
-  rendered on the default JAX device, or left to the caller's jitted step via `batch.scenes`).
+* `sample_batch` draws layouts + one question per scene + token ids (images rendered on the default
+  JAX device, or left to the caller's jitted step via `batch.scenes`). The trainer builds its
+  multi-turn conversations from `sample_scenes` / `sample_questions` / `encode_prompt` /
+  `encode_followup` directly.
 * `write_split` writes a fixed validation/test split in the eval harness's layout.
 * `VOCABULARY` / `make_tokenizer` cover every word a prompt, question or answer can contain.
 """
