@@ -433,6 +433,12 @@ def init_probe(width: int, seed: int) -> dict:
     return {"kernel": kernel * jnp.float32(width ** -0.5), "bias": jnp.zeros((num_patch_classes() + 1,), jnp.float32)}
 
 
+def initial_trainable(model_params, cfg, seed: int) -> dict:
+    """What the optimizer updates and a training state saves: {"model": the LLaVA's nnx state, "probe":
+    the patch probe}; only "model" is exported."""
+    return {"model": model_params, "probe": init_probe(cfg.text.hidden_size, seed)}
+
+
 def _balanced_mean(values, positive):
     """Mean over the `positive` entries and mean over the rest, averaged: objects cover a few percent of
     the patches, so a plain mean would be almost all background."""
@@ -479,9 +485,9 @@ def learning_rate_at(step: int, progress: float, options: TrainOptions) -> float
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNormalization, compute_dtype,
-                    patch_loss_weight: float = 0.0):
+                    patch_loss_weight: float):
     """The jitted step (trainable, opt_state, batch, lr) -> (trainable, opt_state, metrics); donates the
-    state. `trainable` is {"model": the LLaVA's nnx state, "probe": init_probe(...)}.
+    state. `trainable` is `initial_trainable(...)`'s pytree.
 
     Loss: answer cross-entropy + patch_loss_weight * (patch-class + box-centre cross-entropy of the
     probe on the image features). The probe gives the vision tower dense per-patch supervision (576
@@ -869,7 +875,7 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
     del model
     if options.init_from:
         params = initial_weights(options.init_from, cfg, params)
-    trainable = {"model": params, "probe": init_probe(cfg.text.hidden_size, options.seed)}
+    trainable = initial_trainable(params, cfg, options.seed)
     del params
     optimizer = make_optimizer(options)
     opt_state = optimizer.init(trainable)

@@ -177,7 +177,7 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
     cfg = from_hf_config(hf_config)
     options = T.TrainOptions()
     graphdef, params = nnx.split(LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    trainable = {"model": params, "probe": T.init_probe(cfg.text.hidden_size, 0)}
+    trainable = T.initial_trainable(params, cfg, 0)
     optimizer = T.make_optimizer(options)
     opt_state = optimizer.init(trainable)
     step = T.make_train_step(graphdef, optimizer, scene_config, T.PixelNormalization.from_hf_config(hf_config),
@@ -223,7 +223,7 @@ def test_export_loads_here_and_in_transformers(runs, tiny):
     # The exported (float16) weights are the trained float32 ones, rounded.
     cfg = from_hf_config(hf_config)
     graphdef, template = nnx.split(LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(1)))
-    template = {"model": template, "probe": T.init_probe(cfg.text.hidden_size, 1)}
+    template = T.initial_trainable(template, cfg, 1)
     optimizer_state = T.make_optimizer(T.TrainOptions()).init(template)
     trained, _, meta = T.load_state(os.path.join(runs["root"], "full", "work"), template, optimizer_state)
     assert meta["step"] == TOTAL_STEPS
