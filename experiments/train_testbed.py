@@ -120,6 +120,9 @@ class TrainOptions:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     patch_loss_weight: float = 1.0
+    # Weight of the probe's object-centre coordinate regression (added for the position questions,
+    # which lagged at ~0.66 without it; 0 = off, as the checkpoint's first two stages trained).
+    coordinate_loss_weight: float = 10.0
     turns: int = 6
     # Question-kind mixture of the TRAINING batches (None: the testbed's own, as in the evaluation
     # splits). A warm-started run can put more weight on the kind that lags.
@@ -172,6 +175,9 @@ def define_flags() -> None:
     flags.DEFINE_float("patch_loss_weight", _DEFAULT.patch_loss_weight, "Weight of the patch probe's loss "
                        "(per-patch object class and box centre, predicted linearly from the image features; "
                        "training-only, not exported). 0 = answer loss only.")
+    flags.DEFINE_float("coordinate_loss_weight", _DEFAULT.coordinate_loss_weight, "Weight of the probe's "
+                       "squared error on the (row, column) centre of the object under each object patch, in "
+                       "[-1, 1] image units (what the position questions compare; training-only). 0 = off.")
     flags.DEFINE_integer("turns", _DEFAULT.turns, "Questions per training image, asked as one multi-turn "
                          "conversation (LLaVA-1.5's format; the first turn is the inference prompt).")
     flags.DEFINE_list("train_kind_weights", [], f"Question-kind weights of the training batches, one per kind "
@@ -402,11 +408,14 @@ def num_patch_classes() -> int:
 
 
 def patch_targets(scenes, scene_config):
-    """Per-patch labels of a batch of layouts, for the patch probe: (classes, centres), each (B, N).
+    """Per-patch labels of a batch of layouts, for the patch probe: (classes, centres, coordinates).
 
-    classes: 0 where no object's box covers the patch centre, else 1 + colour * len(SHAPES) + shape of
-    the object that does (boxes never overlap, and every box of >= 1 patch side covers a patch centre).
-    centres: whether the patch holds an object's box centre (one patch per object: what counting needs).
+    classes (B, N): 0 where no object's box covers the patch centre, else 1 + colour * len(SHAPES) +
+    shape of the object that does (boxes never overlap, and every box of >= 1 patch side covers a patch
+    centre). centres (B, N): whether the patch holds an object's box centre (one patch per object: what
+    counting needs). coordinates (B, N, 2) float32: the covering object's box centre (row, column),
+    scaled to [-1, 1] over the image, 0 on the background: the quantity the position questions compare
+    (`scenes.relation_holds` uses box centres), so the probe asks every object token to carry it linearly.
     Coordinates are doubled so patch and box centres are integers. Patches in row-major order, as the
     image tokens are.
     """
@@ -422,15 +431,27 @@ def patch_targets(scenes, scene_config):
     centre_row = (2 * top + size) // (2 * patch) == arange  # (B, M, G)
     centre_col = (2 * left + size) // (2 * patch) == arange
     centres = (centre_row[..., :, None] & centre_col[..., None, :] & scenes.valid[..., None, None]).any(axis=1)
+    box_centre = jnp.stack([2 * top + size, 2 * left + size], axis=-1)[..., 0, :]  # (B, M, 2), doubled px
+    scaled = box_centre.astype(jnp.float32) / jnp.float32(scene_config.image_size) - 1.0
+    coordinates = jnp.einsum("bmrc,bmk->brck", covered.astype(jnp.float32), scaled)
     batch = classes.shape[0]
-    return classes.reshape(batch, grid * grid), centres.reshape(batch, grid * grid)
+    return (classes.reshape(batch, grid * grid), centres.reshape(batch, grid * grid),
+            coordinates.reshape(batch, grid * grid, 2))
+
+
+def probe_outputs() -> int:
+    """Outputs of the patch probe: the class logits, a box-centre logit, the (row, column) coordinates."""
+    return num_patch_classes() + 1 + 2
 
 
 def init_probe(width: int, seed: int) -> dict:
     """The patch probe: one linear map from an image feature (the projector's output, what the LLM
-    reads) to the patch-class logits and a box-centre logit. Training-only: not exported."""
-    kernel = jax.random.normal(jax.random.key(seed), (width, num_patch_classes() + 1), jnp.float32)
-    return {"kernel": kernel * jnp.float32(width ** -0.5), "bias": jnp.zeros((num_patch_classes() + 1,), jnp.float32)}
+    reads) to the patch-class logits, a box-centre logit and the object's centre coordinates.
+    Training-only: not exported. The coordinate columns start at zero (every prediction at the image
+    centre), so their weighted squared error starts small instead of swamping the clipped gradient."""
+    kernel = jax.random.normal(jax.random.key(seed), (width, probe_outputs()), jnp.float32) * jnp.float32(width ** -0.5)
+    kernel = kernel.at[:, num_patch_classes() + 1:].set(0.0)
+    return {"kernel": kernel, "bias": jnp.zeros((probe_outputs(),), jnp.float32)}
 
 
 def initial_trainable(model_params, cfg, seed: int) -> dict:
@@ -448,18 +469,25 @@ def _balanced_mean(values, positive):
     return 0.5 * (on + off)
 
 
-def patch_probe_losses(probe: dict, image_features, classes, centres):
-    """(class cross-entropy, centre binary cross-entropy, object-patch class accuracy), float32; the
-    losses are balanced between object and background patches (`_balanced_mean`)."""
+def patch_probe_losses(probe: dict, image_features, classes, centres, coordinates):
+    """(class cross-entropy, centre binary cross-entropy, coordinate squared error, object-patch class
+    accuracy), float32. The cross-entropies are balanced between object and background patches
+    (`_balanced_mean`); the squared error (summed over row and column, in the [-1, 1] units of
+    `patch_targets`) is averaged over the object patches only (the background has no coordinate)."""
     logits = image_features.astype(jnp.float32) @ probe["kernel"] + probe["bias"]
-    class_logits, centre_logits = logits[..., :-1], logits[..., -1]
+    num_classes = num_patch_classes()
+    class_logits, centre_logits = logits[..., :num_classes], logits[..., num_classes]
+    predicted_coordinates = logits[..., num_classes + 1:]
     on_object = classes > 0
     class_nll = _balanced_mean(optax.softmax_cross_entropy_with_integer_labels(class_logits, classes), on_object)
     centre_nll = _balanced_mean(optax.sigmoid_binary_cross_entropy(centre_logits, centres.astype(jnp.float32)),
                                 centres)
+    squared_error = ((predicted_coordinates - coordinates) ** 2).sum(-1)
+    object_weight = on_object.astype(jnp.float32)
+    coordinate_mse = (squared_error * object_weight).sum() / jnp.maximum(object_weight.sum(), 1.0)
     hits = (jnp.argmax(class_logits, axis=-1) == classes) & on_object
     accuracy = hits.sum() / jnp.maximum(on_object.sum(), 1)
-    return class_nll, centre_nll, accuracy
+    return class_nll, centre_nll, coordinate_mse, accuracy
 
 
 def make_optimizer(options: TrainOptions):
@@ -485,12 +513,13 @@ def learning_rate_at(step: int, progress: float, options: TrainOptions) -> float
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNormalization, compute_dtype,
-                    patch_loss_weight: float):
+                    patch_loss_weight: float, coordinate_loss_weight: float):
     """The jitted step (trainable, opt_state, batch, lr) -> (trainable, opt_state, metrics); donates the
     state. `trainable` is `initial_trainable(...)`'s pytree.
 
     Loss: answer cross-entropy + patch_loss_weight * (patch-class + box-centre cross-entropy of the
-    probe on the image features). The probe gives the vision tower dense per-patch supervision (576
+    probe on the image features) + coordinate_loss_weight * (squared error of the probe's object-centre
+    coordinates on object patches). The probe gives the vision tower dense per-patch supervision (576
     labels per image, against one answer word), which is what lets it learn colour, shape and object
     extent quickly from scratch; the answer loss alone sat at the text prior.
     Memoised on its (hashable) arguments, so runs in one process share one compilation.
@@ -506,11 +535,12 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         mask = batch.target_mask.astype(jnp.float32)
         answer_loss = (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
         correct = jnp.argmax(logits[:, 0::2], axis=-1) == batch.target_ids[:, 0::2]  # (B, turns) answers
-        classes, centres = patch_targets(batch.scenes, scene_config)
-        class_nll, centre_nll, patch_accuracy = patch_probe_losses(trainable["probe"], features, classes, centres)
-        total = answer_loss + patch_loss_weight * (class_nll + centre_nll)
+        classes, centres, coordinates = patch_targets(batch.scenes, scene_config)
+        class_nll, centre_nll, coordinate_mse, patch_accuracy = patch_probe_losses(
+            trainable["probe"], features, classes, centres, coordinates)
+        total = answer_loss + patch_loss_weight * (class_nll + centre_nll) + coordinate_loss_weight * coordinate_mse
         return total, dict(correct=correct, answer_loss=answer_loss, patch_loss=class_nll + centre_nll,
-                           patch_accuracy=patch_accuracy)
+                           patch_accuracy=patch_accuracy, coordinate_mse=coordinate_mse)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(trainable, opt_state, batch: DeviceBatch, learning_rate):
@@ -523,6 +553,7 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         metrics = {"loss": aux["answer_loss"], "accuracy": (correct * asked).sum() / jnp.maximum(asked.sum(), 1),
                    "first_turn_accuracy": correct[:, 0].mean(), "grad_norm": optax.global_norm(grads),
                    "patch_loss": aux["patch_loss"], "patch_accuracy": aux["patch_accuracy"],
+                   "coordinate_mse": aux["coordinate_mse"],
                    "kind_correct": (kinds * correct[..., None]).sum((0, 1)), "kind_count": kinds.sum((0, 1))}
         return trainable, opt_state, metrics
 
@@ -536,7 +567,7 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
 def config_fingerprint(hf_config, options: TrainOptions, scene_config) -> str:
     """What must match for a saved state to be continued: model, data, batch, optimizer, schedule."""
     keys = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "seed",
-            "init_from", "patch_loss_weight", "turns", "train_kind_weights")
+            "init_from", "patch_loss_weight", "coordinate_loss_weight", "turns", "train_kind_weights")
     text = json.dumps([hf_config.to_dict(), repr(scene_config), {k: getattr(options, k) for k in keys}],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -813,12 +844,15 @@ def _accumulate(sums: dict, metrics) -> int:
 
 
 def _train_record(sums: dict, steps: int, step: int, lr: float, progress: float, rate: float,
-                  start_time: float) -> dict:
-    """One log line: metrics averaged over the last `steps` steps; `rate` in examples per second."""
+                  start_time: float, grid_size: int) -> dict:
+    """One log line: metrics averaged over the last `steps` steps; `rate` in examples per second; the
+    probe's coordinate error as the RMS per axis in patches (of the `grid_size`-patch side)."""
     record = dict(type="train", step=step, loss=float(sums["loss"] / steps), accuracy=float(sums["accuracy"] / steps),
                   first_turn_accuracy=float(sums["first_turn_accuracy"] / steps),
                   grad_norm=float(sums["grad_norm"] / steps), patch_loss=float(sums["patch_loss"] / steps),
-                  patch_accuracy=float(sums["patch_accuracy"] / steps), lr=lr, progress=round(progress, 5),
+                  patch_accuracy=float(sums["patch_accuracy"] / steps),
+                  coordinate_rms_patches=float(np.sqrt(sums["coordinate_mse"] / steps / 2) * grid_size / 2),
+                  lr=lr, progress=round(progress, 5),
                   examples_per_second=round(rate, 1), wall_seconds=round(time.time() - start_time, 1))
     for kind, correct, count in zip(KINDS, sums["kind_correct"], sums["kind_count"]):
         record[f"accuracy/{kind}"] = float(correct / max(count, 1))
@@ -828,7 +862,7 @@ def _train_record(sums: dict, steps: int, step: int, lr: float, progress: float,
 def _format_train(record: dict) -> str:
     kinds = " ".join(f"{kind[:4]} {record[f'accuracy/{kind}']:.2f}" for kind in KINDS)
     return (f"step {record['step']:6d}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f} ({kinds})  "
-            f"patch {record['patch_loss']:.3f}/{record['patch_accuracy']:.2f}  "
+            f"patch {record['patch_loss']:.3f}/{record['patch_accuracy']:.2f}/{record['coordinate_rms_patches']:.2f}p  "
             f"gnorm {record['grad_norm']:.2f}  lr {record['lr']:.2e}  {record['examples_per_second']:7.0f} ex/s  "
             f"t {record['wall_seconds']:.0f}s")
 
@@ -898,7 +932,7 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
 
     normalization = PixelNormalization.from_hf_config(hf_config)
     train_step = make_train_step(graphdef, optimizer, scene_config, normalization, compute_dtype,
-                                 options.patch_loss_weight)
+                                 options.patch_loss_weight, options.coordinate_loss_weight)
     make_batch = functools.partial(host_batch, options.seed, batch_size=options.batch_size, cfg=cfg,
                                    scene_config=scene_config, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, turns=options.turns,
@@ -964,7 +998,8 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
                     while pending:
                         window_steps += _accumulate(sums, pending.popleft())
                     rate = timed_steps * options.batch_size / max(time.time() - window_start, 1e-9)
-                    log.append(_train_record(sums, window_steps, step, lr, progress, rate, start_time))
+                    log.append(_train_record(sums, window_steps, step, lr, progress, rate, start_time,
+                                             scene_config.grid_size))
                     _print(options, _format_train(log[-1]))
                     sums, window_start, window_steps, timed_steps = defaultdict(float), time.time(), 0, 0
                 if options.eval_every and options.eval_items and step % options.eval_every == 0 \

@@ -181,15 +181,17 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
     optimizer = T.make_optimizer(options)
     opt_state = optimizer.init(trainable)
     step = T.make_train_step(graphdef, optimizer, scene_config, T.PixelNormalization.from_hf_config(hf_config),
-                             jnp.float32, 1.0)
+                             jnp.float32, 1.0, options.coordinate_loss_weight)
     batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, 2))
-    losses, patch_losses = [], []
+    losses, patch_losses, coordinate_losses = [], [], []
     for _ in range(50):
         trainable, opt_state, metrics = step(trainable, opt_state, batch, np.float32(1e-2))
         losses.append(float(metrics["loss"]))
         patch_losses.append(float(metrics["patch_loss"]))
+        coordinate_losses.append(float(metrics["coordinate_mse"]))
     assert losses[-1] < 0.1 * losses[0], losses
     assert patch_losses[-1] < 0.5 * patch_losses[0], patch_losses
+    assert coordinate_losses[-1] < 0.5 * coordinate_losses[0], coordinate_losses
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(runs):
@@ -286,17 +288,20 @@ def _patch_targets_by_loops(scenes, scene_config):
     batch = scenes.valid.shape[0]
     classes = np.zeros((batch, grid, grid), np.int64)
     centres = np.zeros((batch, grid, grid), bool)
+    coordinates = np.zeros((batch, grid, grid, 2), np.float32)
+    half = scene_config.image_size / 2
     for b in range(batch):
         for obj in S.scene_objects(scenes, b):
+            centre_y, centre_x = obj.top + obj.size / 2, obj.left + obj.size / 2
             for r in range(grid):
                 for c in range(grid):
                     y, x = r * patch + patch / 2, c * patch + patch / 2  # the patch's centre point
                     if obj.top <= y < obj.top + obj.size and obj.left <= x < obj.left + obj.size:
                         assert classes[b, r, c] == 0, "boxes overlap"
                         classes[b, r, c] = 1 + obj.colour * len(S.SHAPES) + obj.shape
-            centre_y, centre_x = obj.top + obj.size / 2, obj.left + obj.size / 2
+                        coordinates[b, r, c] = (centre_y / half - 1, centre_x / half - 1)
             centres[b, int(centre_y // patch), int(centre_x // patch)] = True
-    return classes.reshape(batch, -1), centres.reshape(batch, -1)
+    return classes.reshape(batch, -1), centres.reshape(batch, -1), coordinates.reshape(batch, -1, 2)
 
 
 def test_patch_targets_label_each_object_where_it_lies():
@@ -304,10 +309,12 @@ def test_patch_targets_label_each_object_where_it_lies():
     patch centre and owns exactly one centre patch, and the class decodes to its colour and shape."""
     scene_config = S.TestbedConfig()
     scenes = S.sample_scenes(S.split_rng("validation", 11), 8, scene_config, "validation")
-    classes, centres = jax.jit(T.patch_targets, static_argnums=1)(scenes, scene_config)
-    expected_classes, expected_centres = _patch_targets_by_loops(scenes, scene_config)
+    classes, centres, coordinates = jax.jit(T.patch_targets, static_argnums=1)(scenes, scene_config)
+    expected_classes, expected_centres, expected_coordinates = _patch_targets_by_loops(scenes, scene_config)
     np.testing.assert_array_equal(np.asarray(classes), expected_classes)
     np.testing.assert_array_equal(np.asarray(centres), expected_centres)
+    np.testing.assert_allclose(np.asarray(coordinates), expected_coordinates, atol=1e-6)
+    assert float(np.abs(expected_coordinates).max()) <= 1.0
     assert classes.shape == (8, scene_config.grid_size ** 2)
     for b in range(8):
         objects = S.scene_objects(scenes, b)
@@ -324,10 +331,14 @@ def test_patch_probe_loss_balances_objects_and_background():
     centres = jnp.zeros((1, 100), bool).at[0, 0].set(True)
     width = 4
     features = jnp.zeros((1, 100, width)).at[0, 2:, 0].set(1.0)  # background patches get feature 0
-    probe = {"kernel": jnp.zeros((width, T.num_patch_classes() + 1)).at[0, 0].set(50.0),
-             "bias": jnp.zeros(T.num_patch_classes() + 1)}
-    class_nll, centre_nll, accuracy = T.patch_probe_losses(probe, features, classes, centres)
+    probe = {"kernel": jnp.zeros((width, T.probe_outputs())).at[0, 0].set(50.0),
+             "bias": jnp.zeros(T.probe_outputs())}
+    coordinates = jnp.zeros((1, 100, 2)).at[0, :2].set(jnp.asarray([0.5, -0.25]))
+    coordinates_off_objects = coordinates.at[0, 2:].set(0.9)  # background coordinates must not count
+    class_nll, centre_nll, coordinate_mse, accuracy = T.patch_probe_losses(probe, features, classes, centres,
+                                                                           coordinates_off_objects)
     uniform = np.log(T.num_patch_classes())
     np.testing.assert_allclose(float(class_nll), 0.5 * uniform, rtol=1e-4)
     np.testing.assert_allclose(float(centre_nll), np.log(2.0), rtol=1e-4)  # all centre logits are 0
+    np.testing.assert_allclose(float(coordinate_mse), 0.5 ** 2 + 0.25 ** 2, rtol=1e-5)  # predictions are 0
     assert float(accuracy) == 0.0  # argmax of a uniform row is class 0, never the object's 5
