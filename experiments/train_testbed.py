@@ -123,6 +123,9 @@ class TrainOptions:
     # Weight of the probe's object-centre coordinate regression (added for the position questions,
     # which lagged at ~0.66 without it; 0 = off, as the checkpoint's first two stages trained).
     coordinate_loss_weight: float = 10.0
+    # Weight of the relation probe (the two named objects' centres, read from the LLM at a position
+    # question's answer slot); 0 = off.
+    relation_loss_weight: float = 10.0
     turns: int = 6
     # Question-kind mixture of the TRAINING batches (None: the testbed's own, as in the evaluation
     # splits). A warm-started run can put more weight on the kind that lags.
@@ -178,6 +181,10 @@ def define_flags() -> None:
     flags.DEFINE_float("coordinate_loss_weight", _DEFAULT.coordinate_loss_weight, "Weight of the probe's "
                        "squared error on the (row, column) centre of the object under each object patch, in "
                        "[-1, 1] image units (what the position questions compare; training-only). 0 = off.")
+    flags.DEFINE_float("relation_loss_weight", _DEFAULT.relation_loss_weight, "Weight of the relation probe's "
+                       "squared error on the centres of the two objects a position question names, read linearly "
+                       "from the LLM's residual stream entering its last layer at the answer slot (training-only). "
+                       "0 = off.")
     flags.DEFINE_integer("turns", _DEFAULT.turns, "Questions per training image, asked as one multi-turn "
                          "conversation (LLaVA-1.5's format; the first turn is the inference prompt).")
     flags.DEFINE_list("train_kind_weights", [], f"Question-kind weights of the training batches, one per kind "
@@ -254,6 +261,9 @@ class DeviceBatch(NamedTuple):
     target_ids: Any  # (B, 2 * turns) int32: answer word, </s>, answer word, </s>, ...
     target_mask: Any  # (B, 2 * turns) bool: False for turns a scene had no question for
     kind_ids: Any  # (B, turns) int32 index into KINDS, -1 where no question
+    # (B, turns, 2) int32: a position question's (subject, reference) object slots in `scenes`, -1 for
+    # other turns (the relation probe's targets; training-only)
+    relation_objects: Any
 
 
 def conversation_arrays(question_lists, *, turns: int, image_token_index: int, num_image_tokens: int,
@@ -270,6 +280,7 @@ def conversation_arrays(question_lists, *, turns: int, image_token_index: int, n
     targets = np.full((batch, 2 * turns), pad_token_id, np.int32)
     mask = np.zeros((batch, 2 * turns), bool)
     kinds = np.full((batch, turns), -1, np.int32)
+    relation_objects = np.full((batch, turns, 2), -1, np.int32)
     for row, questions in enumerate(question_lists):
         if not questions:
             raise ValueError(f"scene {row} has no question")
@@ -291,12 +302,14 @@ def conversation_arrays(question_lists, *, turns: int, image_token_index: int, n
             targets[row, 2 * turn:2 * turn + 2] = answer, eos
             mask[row, 2 * turn:2 * turn + 2] = True
             kinds[row, turn] = KINDS.index(item.kind)
+            if item.kind == "position":
+                relation_objects[row, turn] = item.objects  # (subject, reference), as the question names them
         sequence = np.concatenate(pieces)
         if sequence.size > length:
             raise ValueError(f"sequence of {sequence.size} tokens does not fit the static length {length}")
         ids[row, :sequence.size] = sequence
         lengths[row] = sequence.size
-    return ids, lengths, positions, targets, mask, kinds
+    return ids, lengths, positions, targets, mask, kinds, relation_objects
 
 
 def batch_rng(seed: int, step: int) -> np.random.Generator:
@@ -393,13 +406,22 @@ def answer_logits(model, image_features, input_ids, lengths, target_positions):
 
     `image_features` is `model.image_features(pixel_values)` (computed once by the caller, which also
     feeds it to the patch probe). Slots at or after `lengths` are padding (empty positions)."""
+    return answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions)[0]
+
+
+def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions):
+    """`answer_logits`, and the residual stream (B, J, D) at `target_positions` entering the LAST
+    decoder layer (what the relation probe reads: the last layer is left to compare what it holds)."""
     slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
     positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
     x, _ = model.embed_prompt(input_ids, image_features)
-    for layer in model.language_model.layers:
+    layers = model.language_model.layers
+    for layer in layers[:-1]:
         x = layer.prefill(x, positions)[0]
+    before_last = jnp.take_along_axis(x, target_positions[..., None], axis=1)
+    x = layers[-1].prefill(x, positions)[0]
     hidden = jnp.take_along_axis(x, target_positions[..., None], axis=1)
-    return model.language_model.logits(hidden)
+    return model.language_model.logits(hidden), before_last
 
 
 def num_patch_classes() -> int:
@@ -454,10 +476,45 @@ def init_probe(width: int, seed: int) -> dict:
     return {"kernel": kernel, "bias": jnp.zeros((probe_outputs(),), jnp.float32)}
 
 
+RELATION_OUTPUTS = 4  # (row, column) of a position question's subject, then of its reference object
+
+
+def init_relation_probe(width: int) -> dict:
+    """The relation probe: a linear map from the LLM's residual stream at a position question's answer
+    slot, entering the last layer, to the two named objects' box centres (`RELATION_OUTPUTS`, in the
+    [-1, 1] units of `patch_targets`). Training-only. Zero-initialised, like the coordinate columns."""
+    return {"kernel": jnp.zeros((width, RELATION_OUTPUTS), jnp.float32),
+            "bias": jnp.zeros((RELATION_OUTPUTS,), jnp.float32)}
+
+
 def initial_trainable(model_params, cfg, seed: int) -> dict:
     """What the optimizer updates and a training state saves: {"model": the LLaVA's nnx state, "probe":
-    the patch probe}; only "model" is exported."""
-    return {"model": model_params, "probe": init_probe(cfg.text.hidden_size, seed)}
+    the patch probe, "relation_probe": the relation probe}; only "model" is exported."""
+    return {"model": model_params, "probe": init_probe(cfg.text.hidden_size, seed),
+            "relation_probe": init_relation_probe(cfg.text.hidden_size)}
+
+
+def relation_targets(scenes, relation_objects, scene_config):
+    """((B, turns, RELATION_OUTPUTS) box centres of the objects each position question names, in
+    [-1, 1] units, (B, turns) mask of the position turns): gathered from the layouts by slot."""
+    top, left, size = (a.astype(jnp.int32) for a in (scenes.top, scenes.left, scenes.size))
+    centres = jnp.stack([2 * top + size, 2 * left + size], axis=-1).astype(jnp.float32)  # (B, M, 2), doubled
+    centres = centres / jnp.float32(scene_config.image_size) - 1.0
+    mask = (relation_objects >= 0).all(-1)
+    slots = jnp.clip(relation_objects, 0).reshape(relation_objects.shape[0], -1)  # (B, turns * 2)
+    picked = jnp.take_along_axis(centres, slots[..., None], axis=1)  # (B, turns * 2, 2)
+    return picked.reshape(*relation_objects.shape[:2], RELATION_OUTPUTS), mask
+
+
+def relation_probe_loss(relation_probe: dict, hidden, targets, mask):
+    """Squared error (summed over the 4 coordinates) of the relation probe, averaged over the
+    position turns; float32. A position question is answered by comparing two coordinates the LLM
+    must first fetch from two different objects' tokens; this supervises that fetch directly (the
+    answer word alone left left/right at chance while above/below, which raster order gives away,
+    reached 100%: WORKSPACE.md)."""
+    predicted = hidden.astype(jnp.float32) @ relation_probe["kernel"] + relation_probe["bias"]
+    weight = mask.astype(jnp.float32)
+    return (((predicted - targets) ** 2).sum(-1) * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 def _balanced_mean(values, positive):
@@ -513,13 +570,14 @@ def learning_rate_at(step: int, progress: float, options: TrainOptions) -> float
 
 @functools.lru_cache(maxsize=None)
 def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNormalization, compute_dtype,
-                    patch_loss_weight: float, coordinate_loss_weight: float):
+                    patch_loss_weight: float, coordinate_loss_weight: float, relation_loss_weight: float):
     """The jitted step (trainable, opt_state, batch, lr) -> (trainable, opt_state, metrics); donates the
     state. `trainable` is `initial_trainable(...)`'s pytree.
 
     Loss: answer cross-entropy + patch_loss_weight * (patch-class + box-centre cross-entropy of the
     probe on the image features) + coordinate_loss_weight * (squared error of the probe's object-centre
-    coordinates on object patches). The probe gives the vision tower dense per-patch supervision (576
+    coordinates on object patches) + relation_loss_weight * (squared error of the relation probe's
+    coordinates of the two objects a position question names, read at its answer slot). The probe gives the vision tower dense per-patch supervision (576
     labels per image, against one answer word), which is what lets it learn colour, shape and object
     extent quickly from scratch; the answer loss alone sat at the text prior.
     Memoised on its (hashable) arguments, so runs in one process share one compilation.
@@ -529,7 +587,8 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         model = nnx.merge(graphdef, compute)
         pixels = normalize_pixels(render_scenes(batch.scenes, scene_config), normalization)
         features = model.image_features(pixels)
-        logits = answer_logits(model, features, batch.input_ids, batch.lengths, batch.target_positions)
+        logits, before_last = answer_logits_and_hidden(model, features, batch.input_ids, batch.lengths,
+                                                       batch.target_positions)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, batch.target_ids[..., None], axis=-1)[..., 0]
         mask = batch.target_mask.astype(jnp.float32)
@@ -538,9 +597,12 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         classes, centres, coordinates = patch_targets(batch.scenes, scene_config)
         class_nll, centre_nll, coordinate_mse, patch_accuracy = patch_probe_losses(
             trainable["probe"], features, classes, centres, coordinates)
-        total = answer_loss + patch_loss_weight * (class_nll + centre_nll) + coordinate_loss_weight * coordinate_mse
+        targets, relation_mask = relation_targets(batch.scenes, batch.relation_objects, scene_config)
+        relation_mse = relation_probe_loss(trainable["relation_probe"], before_last[:, 0::2], targets, relation_mask)
+        total = (answer_loss + patch_loss_weight * (class_nll + centre_nll) + coordinate_loss_weight * coordinate_mse
+                 + relation_loss_weight * relation_mse)
         return total, dict(correct=correct, answer_loss=answer_loss, patch_loss=class_nll + centre_nll,
-                           patch_accuracy=patch_accuracy, coordinate_mse=coordinate_mse)
+                           patch_accuracy=patch_accuracy, coordinate_mse=coordinate_mse, relation_mse=relation_mse)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(trainable, opt_state, batch: DeviceBatch, learning_rate):
@@ -553,7 +615,7 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         metrics = {"loss": aux["answer_loss"], "accuracy": (correct * asked).sum() / jnp.maximum(asked.sum(), 1),
                    "first_turn_accuracy": correct[:, 0].mean(), "grad_norm": optax.global_norm(grads),
                    "patch_loss": aux["patch_loss"], "patch_accuracy": aux["patch_accuracy"],
-                   "coordinate_mse": aux["coordinate_mse"],
+                   "coordinate_mse": aux["coordinate_mse"], "relation_mse": aux["relation_mse"],
                    "kind_correct": (kinds * correct[..., None]).sum((0, 1)), "kind_count": kinds.sum((0, 1))}
         return trainable, opt_state, metrics
 
@@ -567,7 +629,8 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
 def config_fingerprint(hf_config, options: TrainOptions, scene_config) -> str:
     """What must match for a saved state to be continued: model, data, batch, optimizer, schedule."""
     keys = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "seed",
-            "init_from", "patch_loss_weight", "coordinate_loss_weight", "turns", "train_kind_weights")
+            "init_from", "patch_loss_weight", "coordinate_loss_weight", "relation_loss_weight", "turns",
+            "train_kind_weights")
     text = json.dumps([hf_config.to_dict(), repr(scene_config), {k: getattr(options, k) for k in keys}],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -846,12 +909,13 @@ def _accumulate(sums: dict, metrics) -> int:
 def _train_record(sums: dict, steps: int, step: int, lr: float, progress: float, rate: float,
                   start_time: float, grid_size: int) -> dict:
     """One log line: metrics averaged over the last `steps` steps; `rate` in examples per second; the
-    probe's coordinate error as the RMS per axis in patches (of the `grid_size`-patch side)."""
+    probes' coordinate errors as RMS per coordinate in patches (of the `grid_size`-patch side)."""
     record = dict(type="train", step=step, loss=float(sums["loss"] / steps), accuracy=float(sums["accuracy"] / steps),
                   first_turn_accuracy=float(sums["first_turn_accuracy"] / steps),
                   grad_norm=float(sums["grad_norm"] / steps), patch_loss=float(sums["patch_loss"] / steps),
                   patch_accuracy=float(sums["patch_accuracy"] / steps),
                   coordinate_rms_patches=float(np.sqrt(sums["coordinate_mse"] / steps / 2) * grid_size / 2),
+                  relation_rms_patches=float(np.sqrt(sums["relation_mse"] / steps / RELATION_OUTPUTS) * grid_size / 2),
                   lr=lr, progress=round(progress, 5),
                   examples_per_second=round(rate, 1), wall_seconds=round(time.time() - start_time, 1))
     for kind, correct, count in zip(KINDS, sums["kind_correct"], sums["kind_count"]):
@@ -863,6 +927,7 @@ def _format_train(record: dict) -> str:
     kinds = " ".join(f"{kind[:4]} {record[f'accuracy/{kind}']:.2f}" for kind in KINDS)
     return (f"step {record['step']:6d}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f} ({kinds})  "
             f"patch {record['patch_loss']:.3f}/{record['patch_accuracy']:.2f}/{record['coordinate_rms_patches']:.2f}p  "
+            f"rel {record['relation_rms_patches']:.2f}p  "
             f"gnorm {record['grad_norm']:.2f}  lr {record['lr']:.2e}  {record['examples_per_second']:7.0f} ex/s  "
             f"t {record['wall_seconds']:.0f}s")
 
@@ -932,7 +997,8 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
 
     normalization = PixelNormalization.from_hf_config(hf_config)
     train_step = make_train_step(graphdef, optimizer, scene_config, normalization, compute_dtype,
-                                 options.patch_loss_weight, options.coordinate_loss_weight)
+                                 options.patch_loss_weight, options.coordinate_loss_weight,
+                                 options.relation_loss_weight)
     make_batch = functools.partial(host_batch, options.seed, batch_size=options.batch_size, cfg=cfg,
                                    scene_config=scene_config, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, turns=options.turns,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 
 import jax
@@ -128,6 +129,35 @@ def test_training_tokens_are_the_preprocessors_conversation(tiny, turns):
         assert batch.target_mask[row].tolist() == [True] * used + [False] * (2 * turns - used)
         assert list(zip(batch.target_positions[row, :used].tolist(), batch.target_ids[row, :used].tolist())) == targets
         assert batch.kind_ids[row].tolist() == [S.KINDS.index(q.kind) for q in questions] + [-1] * (turns - len(questions))
+        expected_relations = [list(q.objects) if q.kind == "position" else [-1, -1] for q in questions]
+        assert batch.relation_objects[row].tolist() == expected_relations + [[-1, -1]] * (turns - len(questions))
+
+
+def test_relation_targets_are_the_named_objects_centres(tiny):
+    """The relation probe's targets: per position turn, the subject's then the reference object's box
+    centre (row, column) in [-1, 1], read from the layout by slot; other turns are masked out."""
+    hf_config, scene_config = tiny
+    cfg = from_hf_config(hf_config)
+    batch = _host_batch(cfg, scene_config, 5, 8, 4, kind_weights=(0.1, 0.1, 0.1, 0.7))
+    targets, mask = jax.jit(T.relation_targets, static_argnums=2)(batch.scenes, batch.relation_objects, scene_config)
+    half = scene_config.image_size / 2
+    questions = _batch_questions(scene_config, 5, 8, 4, (0.1, 0.1, 0.1, 0.7))
+    position_turns = 0
+    for row, row_questions in enumerate(questions):
+        objects = {o.index: o for o in S.scene_objects(batch.scenes, row)}
+        for turn in range(4):
+            is_position = turn < len(row_questions) and row_questions[turn].kind == "position"
+            assert bool(mask[row, turn]) == is_position
+            if not is_position:
+                continue
+            position_turns += 1
+            subject, reference = (objects[i] for i in row_questions[turn].objects)
+            expected = [c / half - 1 for o in (subject, reference) for c in (o.top + o.size / 2, o.left + o.size / 2)]
+            np.testing.assert_allclose(np.asarray(targets[row, turn]), expected, atol=1e-6)
+            relation = re.search(r"(left|right|above|below)", row_questions[turn].text).group(1)
+            # the answer is a comparison of these targets, as relation_holds defines it
+            assert S.relation_holds(relation, subject, reference) == (row_questions[turn].answer == S.YES)
+    assert position_turns >= 8
 
 
 def test_training_kind_weights_change_only_the_training_mixture(tiny):
@@ -181,17 +211,20 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
     optimizer = T.make_optimizer(options)
     opt_state = optimizer.init(trainable)
     step = T.make_train_step(graphdef, optimizer, scene_config, T.PixelNormalization.from_hf_config(hf_config),
-                             jnp.float32, 1.0, options.coordinate_loss_weight)
-    batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, 2))
-    losses, patch_losses, coordinate_losses = [], [], []
+                             jnp.float32, 1.0, options.coordinate_loss_weight, options.relation_loss_weight)
+    batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, 2, kind_weights=(0.2, 0.2, 0.1, 0.5)))
+    assert int((np.asarray(batch.relation_objects) >= 0).all(-1).sum()) >= 2  # the relation probe has targets
+    losses, patch_losses, coordinate_losses, relation_losses = [], [], [], []
     for _ in range(50):
         trainable, opt_state, metrics = step(trainable, opt_state, batch, np.float32(1e-2))
         losses.append(float(metrics["loss"]))
         patch_losses.append(float(metrics["patch_loss"]))
         coordinate_losses.append(float(metrics["coordinate_mse"]))
+        relation_losses.append(float(metrics["relation_mse"]))
     assert losses[-1] < 0.1 * losses[0], losses
     assert patch_losses[-1] < 0.5 * patch_losses[0], patch_losses
     assert coordinate_losses[-1] < 0.5 * coordinate_losses[0], coordinate_losses
+    assert relation_losses[-1] < 0.5 * relation_losses[0], relation_losses
 
 
 def test_interrupted_run_resumes_to_the_same_parameters(runs):
