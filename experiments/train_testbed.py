@@ -6,9 +6,18 @@ the procedural VQA task of `experiments.testbed`. This script trains the project
 them in llava-hf's layout, so the eval harness loads the result exactly like a released checkpoint.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m experiments.train_testbed --max_minutes=8.5
-    # then a warm start that leans on the kind that lags (the committed checkpoint: both, on an H200)
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m experiments.train_testbed --init_from=checkpoints/testbed \
-        --seed=1 --max_minutes=4.6 --learning_rate=3e-4 --warmup_steps=100 --train_kind_weights=0.3,0.1,0.1,0.5
+
+The committed checkpoint is four such calls on an H200 (one device call each; WORKSPACE.md, issue 5),
+each a warm start from the previous export. The coordinate and relation probes came in at stages 3
+and 4, so stages 1-2 ran without them (the weights below reproduce that):
+
+    T="PYTHONUNBUFFERED=1 PYTHONPATH=. python3 -m experiments.train_testbed"
+    W="--init_from=checkpoints/testbed --learning_rate=3e-4 --warmup_steps=100 --noresume"
+    $T --max_minutes=8.5 --coordinate_loss_weight=0 --relation_loss_weight=0                # 0.917
+    $T $W --seed=1 --max_minutes=4.6 --train_kind_weights=0.3,0.1,0.1,0.5 \
+        --coordinate_loss_weight=0 --relation_loss_weight=0                                  # 0.923
+    $T $W --seed=2 --max_minutes=8.9 --train_kind_weights=0.25,0.1,0.05,0.6 --relation_loss_weight=0  # 0.944
+    $T $W --seed=3 --max_minutes=8.9 --train_kind_weights=0.15,0.05,0.05,0.75               # 0.999
 
 writes checkpoints/testbed/ (weights, config, tokenizer, processor, training_log.jsonl,
 training_curve.png, test_accuracy.json), and, when $OUT is set (the device tool), the same directory
@@ -42,6 +51,14 @@ Design, and why:
   image instead of one answer word. With the answer loss alone the model stayed at the question-text
   prior (49% test accuracy after 5.6 H100 minutes; DIAGNOSIS.md); with the probe and 6 turns it reached
   91.7% in 8.5 H200 minutes.
+* Coordinate probe (--coordinate_loss_weight): the same linear map also regresses, on object patches,
+  the covering object's box-centre (row, column): what position questions compare.
+* Relation probe (--relation_loss_weight): a linear map from the LLM's residual stream entering its
+  last layer, at a position question's answer slot, to the two named objects' centres. Without it
+  left/right questions sat at chance for 5000 steps (the model said "no") while above/below, which
+  the raster order of the image tokens gives away, were 100% right; with it position went from 0.75 to
+  0.997 in 1000 steps (the probe's error fell first, then the answer followed). It supervises the
+  fetch of two coordinates from two objects' tokens, the step the answer word alone did not teach.
 * Mixed precision: float32 master weights and AdamW state, bfloat16 compute (the weights are cast
   inside the step); norms, softmax and logits stay float32 inside the modules.
 * One compilation: static shapes (fixed batch, prompts padded to the longest template); the step
@@ -105,9 +122,10 @@ from models.presets import llava15_image_processor, testbed_config
 class TrainOptions:
     """Every setting of a run: the flags' defaults, and a value the tests can build directly.
 
-    The defaults are the committed checkpoint's first stage: batch 128, 6 questions per image,
-    patch-probe weight 1, peak learning rate 5e-4 after 300 warm-up steps, cosine decay on the clock
-    (WORKSPACE.md). An H200 runs the step at ~1610 examples/s in bfloat16, so an 8.5-minute budget
+    The defaults are the committed checkpoint's first stage (batch 128, 6 questions per image,
+    patch-probe weight 1, peak learning rate 5e-4 after 300 warm-up steps, cosine decay on the clock)
+    with its last stage's probes (coordinate and relation weights 10); the module docstring lists the
+    four stages (WORKSPACE.md). An H200 runs the step at ~1610 examples/s in bfloat16, so an 8.5-minute budget
     trains on about 0.7M images (~5500 steps of 128); --steps only caps the run.
     """
 
