@@ -85,6 +85,10 @@ flags.DEFINE_float("mem_fraction", 0.92, "XLA_PYTHON_CLIENT_MEM_FRACTION for the
 flags.DEFINE_integer("deadline_s", 0, "Wall-clock budget of the whole run; later jobs are skipped (0 = none).")
 flags.DEFINE_integer("job_timeout_s", 600, "Per-process timeout.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.")
+flags.DEFINE_string("profile_dir", "", "After timing, trace 3 LLM prefills and one generation of each JAX "
+                    "configuration with jax.profiler into <dir>/<config>/ and put the per-device-thread summary "
+                    "(busy vs span, heaviest kernels; experiments/profiling.py) in results.json and results.md "
+                    "('' = off). The traces stay in <dir>.")
 flags.DEFINE_string("replot", None, "Rewrite results.md and the plot of this results.json; print its table.")
 flags.DEFINE_string("worker", None, "(internal) JSON spec: run one job in this process.")
 flags.DEFINE_string("worker_result", None, "(internal) where the worker writes its JSON result.")
@@ -417,6 +421,18 @@ def jax_worker(spec: dict) -> dict:
     out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
     out.update({k: _median(s) for k, s in samples.items()})
     out["peak_bytes_all_stages"] = _memory_stats().get("peak_bytes_in_use")
+    if spec.get("profile_dir"):  # after the timings and the peak: the profiler's buffers cost memory
+        from experiments import profiling
+
+        where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
+        result = sync(run["prefill"](state, *embedded, rng))
+        out["profile"] = {
+            "llm_prefill": profiling.profile_call(lambda: run["prefill"](state, *embedded, rng),
+                                                  os.path.join(where, "llm_prefill"), calls=3, sync=sync),
+            "decode_step": profiling.profile_call(
+                lambda: run["generate"](state, result.logits, result.caches, result.next_positions, rng),
+                os.path.join(where, "decode"), units_per_call=new_tokens - 1, sync=sync),
+        }
     return out
 
 
@@ -909,6 +925,25 @@ def results_markdown(report: dict) -> str:
         for s in report["max_batch"]:
             probes = ", ".join(f"{p['batch']}:{'fit' if p['fits'] else p['status']}" for p in s["probes"])
             lines.append(f"| {s['config']} | {s['largest_fit']} | {_fmt(s['smallest_failure'], 'd')} | {probes} |")
+    profiled = [r for r in jax_rows if r.get("profile")]
+    if profiled:
+        from experiments.profiling import main_thread
+
+        lines += ["", "## Profile (jax.profiler, busiest device thread)", "",
+                  "busy = union of the thread's events, span = first start to last end, per prefill / per decode "
+                  "step; a low busy fraction means the device waited (launches, host), not the memory.", "",
+                  "| config | stage | events | busy ms | span ms | busy fraction | heaviest (share of time) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in profiled:
+            for stage, summary in r["profile"].items():
+                thread = main_thread(summary)
+                if thread is None:
+                    lines.append(f"| {r['label']} | {stage} | no device events | | | | |")
+                    continue
+                heaviest = "; ".join(f"{t['name'][:48]} ({100 * t['share_of_sum']:.0f}%)" for t in thread["top"][:3])
+                lines.append(f"| {r['label']} | {stage} | {thread['events_per_call']:.0f} | "
+                             f"{thread['busy_ms_per_call']:.3f} | {thread['span_ms_per_call']:.3f} | "
+                             f"{_fmt(thread['busy_fraction'], '.2f')} | {heaviest} |")
     lines += ["", "## Acceptance", ""] + [f"- {c['name']}: {c['detail']}" for c in report["acceptance"]]
     failed = [r for r in report["rows"] if r["status"] != "ok"]
     if failed:
@@ -1074,7 +1109,8 @@ def main(argv):
     common = dict(model=FLAGS.model, random_weights=FLAGS.random_weights, dtype=FLAGS.dtype, layer=FLAGS.layer,
                   text_tokens=FLAGS.text_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
                   e2e_repeats=FLAGS.e2e_repeats, selection_overhead=FLAGS.selection_overhead, seed=FLAGS.seed,
-                  compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache))
+                  compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
+                  profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir))
     report = {"meta": _meta(), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
 
     def save(final=False):  # after every job, so a run cut short still leaves its report

@@ -91,10 +91,17 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
 
 
 def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
-    report, markdown, _ = run_cli(tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--compile_workers=2")
+    profile_dir = tmp_path / "profiles"
+    report, markdown, _ = run_cli(tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--compile_workers=2",
+                                  f"--profile_dir={profile_dir}")
     assert [row["label"] for row in report["rows"]] == ["none b1"]
     (row,) = report["rows"]
     assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
+    assert set(row["profile"]) == {"llm_prefill", "decode_step"}
+    assert row["profile"]["llm_prefill"]["calls"] == 3 and row["profile"]["decode_step"]["calls"] == 1  # 2 new tokens
+    for summary in row["profile"].values():
+        assert os.path.isfile(summary["trace"]) and summary["trace"].startswith(str(profile_dir))
+    assert "## Profile" in markdown
     assert report["meta"]["flags"]["torch_baseline"] is False
 
 

@@ -1,0 +1,86 @@
+"""The trace summary behind the benchmark's --profile_dir: per device thread, overlaps counted once."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+
+from experiments import profiling
+
+
+def _trace():
+    """A device with a kernel stream and a derived 'XLA Ops' line, plus host events that must not count.
+    Timestamps in microseconds, as Chrome traces are."""
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 10, "args": {"name": "Stream #7"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 11, "args": {"name": "XLA Ops"}},
+    ]
+    kernels = [  # busy: [0, 30) and [50, 60) -> 40 us of a 60 us span; gemm twice (25 us), fusion (15 us)
+        {"ph": "X", "pid": 1, "tid": 10, "ts": 0.0, "dur": 20.0, "name": "gemm"},
+        {"ph": "X", "pid": 1, "tid": 10, "ts": 10.0, "dur": 20.0, "name": "fusion.1"},  # overlaps the gemm
+        {"ph": "X", "pid": 1, "tid": 10, "ts": 50.0, "dur": 10.0, "name": "gemm"},
+    ]
+    ops = [{"ph": "X", "pid": 1, "tid": 11, "ts": 0.0, "dur": 60.0, "name": "dot"}]
+    host = [{"ph": "X", "pid": 2, "tid": 3, "ts": 0.0, "dur": 1000.0, "name": "python"}]
+    return meta + kernels + ops + host
+
+
+def test_summary_per_device_thread_counts_overlap_once():
+    summary = profiling.summarize_events(_trace(), calls=2)
+    threads = {t["thread"]: t for t in summary["device_threads"]}
+    assert set(threads) == {"Stream #7", "XLA Ops"}  # the host's 1000 us are not device time
+    stream = threads["Stream #7"]
+    assert stream["events_per_call"] == 1.5
+    assert stream["sum_ms_per_call"] == pytest.approx(50e-3 / 2)
+    assert stream["busy_ms_per_call"] == pytest.approx(40e-3 / 2)
+    assert stream["span_ms_per_call"] == pytest.approx(60e-3 / 2)
+    assert stream["busy_fraction"] == pytest.approx(40 / 60)
+    assert [t["name"] for t in stream["top"]] == ["gemm", "fusion.1"]
+    assert stream["top"][0]["count_per_call"] == 1.0 and stream["top"][0]["share_of_sum"] == pytest.approx(0.6)
+    assert profiling.main_thread(summary)["thread"] == "XLA Ops"  # the busiest line wins
+    assert threads["XLA Ops"]["busy_fraction"] == pytest.approx(1.0)
+
+
+def test_union_length():
+    assert profiling.union_length([]) == 0.0
+    assert profiling.union_length([(5, 7), (0, 2), (1, 3), (6, 9)]) == pytest.approx(3 + 4)
+
+
+def test_trace_files_found_and_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="create_perfetto_trace=True"):
+        profiling.find_trace(str(tmp_path))
+    nested = tmp_path / "plugins" / "profile" / "2026_12_01"
+    os.makedirs(nested)
+    with gzip.open(nested / profiling.PERFETTO_FILE, "wt") as handle:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": _trace()}, handle)
+    path = profiling.find_trace(str(tmp_path))
+    assert profiling.load_events(path) == _trace()
+    plain = tmp_path / "list.json"
+    plain.write_text(json.dumps(_trace()))  # a bare event list is a Chrome trace too
+    assert len(profiling.load_events(str(plain))) == len(_trace())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"traceEvents": {"not": "a list"}}))
+    with pytest.raises(ValueError, match="not a Chrome trace"):
+        profiling.load_events(str(bad))
+    with pytest.raises(ValueError, match="calls must be >= 1"):
+        profiling.summarize_events(_trace(), calls=0)
+
+
+def test_profile_call_traces_a_jitted_function(tmp_path):
+    """The real jax.profiler path on this machine's backend: a trace file is written and summarised
+    (a CPU trace has no /device: process, so no device threads; on a GPU there are)."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+    x = jnp.ones((64, 64))
+    f(x).block_until_ready()
+    summary = profiling.profile_call(lambda: f(x), str(tmp_path), calls=2, units_per_call=3)
+    assert os.path.isfile(summary["trace"]) and summary["calls"] == 6
+    if jax.default_backend() == "cpu":
+        assert summary["device_threads"] == []
