@@ -1063,7 +1063,9 @@ def _meta() -> dict:
     own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.argv[0]) if not f.name.startswith("worker")}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python -m experiments.benchmark " + shlex.join(sys.argv[1:]),
-            "argv": sys.argv, "flags": own, "versions": versions, "python": sys.version.split()[0]}
+            "argv": sys.argv, "flags": own, "versions": versions, "python": sys.version.split()[0],
+            # the workers inherit the environment: compiler flags change the numbers, so they are recorded
+            "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}
 
 
 def precompile(runner: Runner, configs: list[Config], common: dict) -> dict:

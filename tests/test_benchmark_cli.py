@@ -56,6 +56,7 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
     meta, ceilings = report["meta"], report["ceilings"]
     assert {"jax", "torch", "transformers"} <= set(meta["versions"]) and meta["date"]
     assert meta["command"].startswith("python -m experiments.benchmark") and "--torch_baseline" in meta["command"]
+    assert meta["env"]["JAX_PLATFORMS"] == "cpu"  # the environment the workers inherit is recorded
     assert ceilings["status"] == "ok" and ceilings["device_kind"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flops_per_s"] > 0
 
