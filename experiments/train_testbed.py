@@ -850,7 +850,7 @@ def directory_bytes(directory: str) -> int:
                for name in names)
 
 
-def plot_curve(records: list[dict], path: str) -> None:
+def plot_curve(records: list[dict], path: str, title: str = "testbed LLaVA trained from scratch") -> None:
     """Training loss and validation accuracy (overall and per kind) against the step."""
     import matplotlib
 
@@ -880,10 +880,17 @@ def plot_curve(records: list[dict], path: str) -> None:
     accuracy_axis.grid(alpha=0.3)
     if evals:
         accuracy_axis.legend(fontsize=8)
-    figure.suptitle("testbed LLaVA trained from scratch")
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def curve_title(options: TrainOptions) -> str:
+    """What the curve shows: a run from scratch, or a warm start (its steps count from the warm start)."""
+    if options.init_from:
+        return f"testbed LLaVA, warm start from {options.init_from} (seed {options.seed})"
+    return "testbed LLaVA trained from scratch"
 
 
 def copy_to_out(output_dir: str, out_dir: str) -> list[str]:
@@ -1131,7 +1138,7 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
                         f"[reload + preprocess + generate {time.time() - test_start:.1f}s]")
     for path in (log_path, os.path.join(options.output_dir, LOG_FILE)):
         write_log(path, log)
-    plot_curve(log, os.path.join(options.output_dir, CURVE_FILE))
+    plot_curve(log, os.path.join(options.output_dir, CURVE_FILE), curve_title(options))
     summary["checkpoint_bytes"] = directory_bytes(options.output_dir)
     _print(options, f"checkpoint {options.output_dir}: {summary['checkpoint_bytes'] / 1e6:.1f} MB")
     if os.environ.get("OUT"):
