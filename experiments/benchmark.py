@@ -85,6 +85,8 @@ flags.DEFINE_float("mem_fraction", 0.92, "XLA_PYTHON_CLIENT_MEM_FRACTION for the
 flags.DEFINE_integer("deadline_s", 0, "Wall-clock budget of the whole run; later jobs are skipped (0 = none).")
 flags.DEFINE_integer("job_timeout_s", 600, "Per-process timeout.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.")
+flags.DEFINE_float("attention_logits_budget_mb", 0, "Largest float32 attention-logits tensor one attention "
+                   "materialises before its queries run in chunks (models.layers; 0 = the default, 1 GiB).")
 flags.DEFINE_string("profile_dir", "", "After timing, trace 3 LLM prefills and one generation of each JAX "
                     "configuration with jax.profiler into <dir>/<config>/ and put the per-device-thread summary "
                     "(busy vs span, heaviest kernels; experiments/profiling.py) in results.json and results.md "
@@ -225,6 +227,10 @@ def _work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_tokens,
 def _configure_jax(spec):
     import jax
 
+    if spec.get("attention_logits_budget_mb"):  # before anything is traced: a trace-time constant
+        from models.layers import set_attention_logits_budget
+
+        set_attention_logits_budget(int(spec["attention_logits_budget_mb"] * 2 ** 20))
     if spec.get("compile_cache"):
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(spec["compile_cache"]))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -344,7 +350,10 @@ def jax_worker(spec: dict) -> dict:
             embeddings=sds((batch, n_img, cfg.text.hidden_size), dtype) if pruning.needs_embeddings else None,
             rng=key, batch_size=batch, num_image_tokens=n_img)
         build("select", jax.jit(lambda c: pruning.select(c, keep)), cues)
+    from models.layers import attention_logits_budget
+
     out = {"status": "ok", "compile_s": compile_s, "compiled_memory": memory, "keep": keep,
+           "attention_logits_budget_bytes": attention_logits_budget(),
            "layer": None if pruning is None else pruning.layer, "prompt_tokens": prompt_tokens,
            "image_tokens": n_img, "work": _work(cfg, abstract_state, batch=batch, prompt_tokens=prompt_tokens,
                                                 keep=keep, layer=0 if pruning is None else pruning.layer,
@@ -1112,7 +1121,8 @@ def main(argv):
                   text_tokens=FLAGS.text_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
                   e2e_repeats=FLAGS.e2e_repeats, selection_overhead=FLAGS.selection_overhead, seed=FLAGS.seed,
                   compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
-                  profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir))
+                  profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
+                  attention_logits_budget_mb=FLAGS.attention_logits_budget_mb)
     report = {"meta": _meta(), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
 
     def save(final=False):  # after every job, so a run cut short still leaves its report

@@ -86,12 +86,62 @@ def attention_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.
     return (keys >= 0) & (keys <= query_positions[:, :, None])
 
 
+# Largest float32 attention-logits tensor (B, H, Sq, Sk) one attention call materialises; a call whose
+# logits would be larger runs its queries in equal chunks, one after another (`jax.lax.map`), so the
+# logits and probabilities of only one chunk are alive at a time. Exact: every query row's softmax is
+# its own. The default keeps batch-1 and batch-16 prefills of LLaVA-1.5-7B (32 heads, 640 tokens: 52 MB
+# and 0.84 GB) in one piece and splits batch 64 (3.4 GB) in four. A trace-time constant (shapes are
+# static), set with `set_attention_logits_budget` before tracing.
+_ATTENTION_LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def set_attention_logits_budget(num_bytes: int) -> int:
+    """Set the attention-logits budget (bytes) for functions traced from now on; returns the old one."""
+    global _ATTENTION_LOGITS_BUDGET_BYTES
+    if int(num_bytes) < 1:
+        raise ValueError(f"attention logits budget must be a positive number of bytes, got {num_bytes}")
+    old, _ATTENTION_LOGITS_BUDGET_BYTES = _ATTENTION_LOGITS_BUDGET_BYTES, int(num_bytes)
+    return old
+
+
+def attention_logits_budget() -> int:
+    return _ATTENTION_LOGITS_BUDGET_BYTES
+
+
+def query_chunks(batch: int, heads: int, q_len: int, k_len: int, budget_bytes: int | None = None) -> int:
+    """How many equal query chunks keep each chunk's float32 logits within the budget (1 = no split)."""
+    budget_bytes = attention_logits_budget() if budget_bytes is None else budget_bytes
+    logits_bytes = batch * heads * q_len * k_len * jnp.dtype(jnp.float32).itemsize
+    return max(1, min(q_len, -(-logits_bytes // budget_bytes)))
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """Softmax attention with grouped-query heads; logits and softmax in float32.
 
     q (B, Sq, H, D), k and v (B, Sk, Hkv, D) with H a multiple of Hkv, mask (B, Sq, Sk) or None.
     Returns (B, Sq, H * D) in q's dtype. A fully masked query row (padding) gets a finite output.
+    Queries run in chunks when the logits would exceed the budget (`query_chunks`).
     """
+    batch, q_len, heads, head_dim = q.shape
+    chunks = query_chunks(batch, heads, q_len, k.shape[1])
+    if chunks == 1:
+        return _attend(q, k, v, mask)
+    size = -(-q_len // chunks)
+    pad = size * chunks - q_len  # padded rows (zeros; masked out when a mask is given) stay finite, then cut
+
+    def split(x):  # (B, Sq, ...) -> (chunks, B, size, ...)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(batch, chunks, size, *x.shape[2:]).swapaxes(0, 1)
+
+    if mask is None:
+        out = jax.lax.map(lambda q_chunk: _attend(q_chunk, k, v, None), split(q))
+    else:
+        out = jax.lax.map(lambda chunk: _attend(chunk[0], k, v, chunk[1]), (split(q), split(mask)))
+    return out.swapaxes(0, 1).reshape(batch, size * chunks, heads * head_dim)[:, :q_len]  # padded rows cut
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`attend` in one piece."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)

@@ -94,7 +94,7 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
 def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     profile_dir = tmp_path / "profiles"
     report, markdown, _ = run_cli(tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--compile_workers=2",
-                                  f"--profile_dir={profile_dir}")
+                                  f"--profile_dir={profile_dir}", "--attention_logits_budget_mb=0.5")
     assert [row["label"] for row in report["rows"]] == ["none b1"]
     (row,) = report["rows"]
     assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
@@ -103,6 +103,7 @@ def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     for summary in row["profile"].values():
         assert os.path.isfile(summary["trace"]) and summary["trace"].startswith(str(profile_dir))
     assert "## Profile" in markdown
+    assert row["attention_logits_budget_bytes"] == 2 ** 19  # the workers traced under the flag's budget
     assert report["meta"]["flags"]["torch_baseline"] is False
 
 

@@ -94,3 +94,63 @@ def test_bucketed_prompt_lengths_share_one_compilation(tiny_checkpoints, prompt_
     assert runner.trace_counts["prefill"] == before + 1  # four lengths, one compilation
     prefill_with(room + 1)  # next bucket
     assert runner.trace_counts["prefill"] == before + 2
+
+
+@pytest.fixture
+def small_attention_budget():
+    """A 1 MiB attention-logits budget while the test traces (the tiny models' 600-token prompts split)."""
+    from models import layers
+
+    old = layers.set_attention_logits_budget(1 << 20)
+    yield 1 << 20
+    layers.set_attention_logits_budget(old)
+
+
+def test_chunked_attention_equals_one_piece(small_attention_budget):
+    """Query chunks (uneven: padded, then cut) give the one-piece result, with a position mask that has
+    padding rows and grouped-query heads, and without a mask (the CLIP tower)."""
+    import jax
+    import jax.numpy as jnp
+
+    from models import layers
+
+    rng = np.random.default_rng(0)
+    batch, q_len, k_len, heads, kv_heads, head_dim = 2, 301, 301, 8, 2, 16
+    q = jnp.asarray(rng.standard_normal((batch, q_len, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, k_len, kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    positions = jnp.asarray(np.where(np.arange(q_len)[None] < np.array([[q_len], [250]]), np.arange(q_len), -1))
+    mask = layers.attention_mask(positions, positions)
+    chunks = layers.query_chunks(batch, heads, q_len, k_len)
+    assert chunks > 1 and q_len % chunks  # split, unevenly
+    assert layers.query_chunks(batch, heads, q_len, k_len, budget_bytes=1 << 40) == 1
+    for m in (mask, None):
+        chunked = jax.jit(layers.attend)(q, k, v, m)
+        whole = jax.jit(layers._attend)(q, k, v, m)
+        assert chunked.shape == whole.shape == (batch, q_len, heads * head_dim)
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        layers.set_attention_logits_budget(0)
+
+
+def test_prefill_with_chunked_attention_matches_transformers(tiny_checkpoints, prompt_rng, small_attention_budget,
+                                                             monkeypatch):
+    """A fresh runner traced under a small budget runs every attention in query chunks (CLIP and LLaMA)
+    and still matches transformers: the chunking is exact."""
+    from models import layers
+    from models.generate import LlavaRunner
+
+    pieces = []
+    one_piece = layers._attend
+    monkeypatch.setattr(layers, "_attend",
+                        lambda q, k, v, mask: pieces.append((q.shape[1], k.shape[1])) or one_piece(q, k, v, mask))
+    ckpt = tiny_checkpoints("tiny-gqa")
+    runner = LlavaRunner(ckpt.jax_model)
+    ids = make_prompt(ckpt.config, prompt_rng, before=12, after=30)
+    pixels = random_pixels(prompt_rng, 1, ckpt.config.vision.image_size)
+    batch = runner.make_batch([ids], pixels, pad_token_id=ckpt.pad_token_id)
+    ours = np.asarray(runner.prefill(batch, all_logits=True).logits)[0, :len(ids)]
+    # every traced self-attention (CLIP's 577 tokens, the LLM's prompt) ran on query chunks of its keys
+    assert {k_len for _, k_len in pieces} >= {ckpt.config.vision.num_patches + 1}
+    assert len({k_len for _, k_len in pieces}) == 2 and all(q_len < k_len for q_len, k_len in pieces)
+    reference = torch_logits(ckpt, ids, pixels)
+    assert max_rel_err(ours, reference) <= MAX_REL_ERR
