@@ -435,13 +435,19 @@ def jax_worker(spec: dict) -> dict:
 
         where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
         result = sync(run["prefill"](state, *embedded, rng))
-        out["profile"] = {
-            "llm_prefill": profiling.profile_call(lambda: run["prefill"](state, *embedded, rng),
-                                                  os.path.join(where, "llm_prefill"), calls=3, sync=sync),
-            "decode_step": profiling.profile_call(
+        stages = {
+            "llm_prefill": lambda: profiling.profile_call(lambda: run["prefill"](state, *embedded, rng),
+                                                          os.path.join(where, "llm_prefill"), calls=3, sync=sync),
+            "decode_step": lambda: profiling.profile_call(
                 lambda: run["generate"](state, result.logits, result.caches, result.next_positions, rng),
                 os.path.join(where, "decode"), units_per_call=new_tokens - 1, sync=sync),
         }
+        out["profile"] = {}
+        for stage, take in stages.items():  # a failed trace (e.g. no CUPTI) must not cost the timings
+            try:
+                out["profile"][stage] = take()
+            except Exception as error:  # noqa: BLE001 - recorded in the row, the run goes on
+                out["profile"][stage] = {"error": f"{type(error).__name__}: {error}"[:500], "device_threads": []}
     return out
 
 
@@ -947,7 +953,8 @@ def results_markdown(report: dict) -> str:
             for stage, summary in r["profile"].items():
                 thread = main_thread(summary)
                 if thread is None:
-                    lines.append(f"| {r['label']} | {stage} | no device events | | | | |")
+                    why = summary.get("error") or "no device events"
+                    lines.append(f"| {r['label']} | {stage} | {why[:120]} | | | | |")
                     continue
                 heaviest = "; ".join(f"{t['name'][:48]} ({100 * t['share_of_sum']:.0f}%)" for t in thread["top"][:3])
                 lines.append(f"| {r['label']} | {stage} | {thread['events_per_call']:.0f} | "

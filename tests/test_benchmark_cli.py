@@ -49,10 +49,12 @@ def rows_by_label(report):
 
 
 def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
+    not_a_directory = tmp_path / "profiles_here"
+    not_a_directory.write_text("a file where the traces would go")  # every trace fails to start
     report, markdown, stdout = run_cli(
         tmp_path, cache_dir, "--configs=none:1,adaptprune:64:1,adaptprune:100000:1", "--torch_baseline",
         "--max_batch_search", "--max_batch_configs=none", "--max_batch_cap=2",
-        "--max_batch_probes=1")
+        "--max_batch_probes=1", f"--profile_dir={not_a_directory}")
     meta, ceilings = report["meta"], report["ceilings"]
     assert {"jax", "torch", "transformers"} <= set(meta["versions"]) and meta["date"]
     assert meta["command"].startswith("python -m experiments.benchmark") and "--torch_baseline" in meta["command"]
@@ -69,6 +71,9 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
         assert row["compile_s"]["prefill"] >= 0 and row["compiled_memory"]["prefill"] is not None
         assert row["weights_bytes"] > 0 and row["prompt_tokens"] == row["image_tokens"] + 8
         assert row["jax_over_torch"]["ttft_ms"] > 0
+        # a profile that cannot be taken is recorded as such; the row's timings survive it
+        assert set(row["profile"]) == {"llm_prefill", "decode_step"}
+        assert all("NotADirectoryError" in stage["error"] for stage in row["profile"].values())
     assert pruned["keep"] == 64 and pruned["layer"] == 2
     assert pruned["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
     assert {"fixed_prefill_ms", "selection_overhead_ms", "select_only_ms"} <= set(pruned)
@@ -88,6 +93,7 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
 
     assert "| config | metric | ms | floor ms |" in markdown and "## PyTorch" in markdown
     assert "## Failed or skipped" in markdown and "adaptprune@100000 b1" in markdown
+    assert "## Profile" in markdown and "NotADirectoryError" in markdown
     assert stdout.strip().splitlines()[-1].startswith("acceptance:")
 
 
