@@ -88,17 +88,19 @@ def summarize_events(events: list[dict], *, calls: int = 1, top: int = 10) -> di
         busy = union_length(intervals)
         per_name: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
         for event in thread_events:
-            per_name[event.get("name", "?")][0] += 1
-            per_name[event.get("name", "?")][1] += float(event["dur"])
+            count_and_time = per_name[event.get("name", "?")]
+            count_and_time[0] += 1
+            count_and_time[1] += float(event["dur"])
         heaviest = sorted(per_name.items(), key=lambda item: -item[1][1])[:top]
+        summed = sum(float(e["dur"]) for e in thread_events)
         summary["device_threads"].append({
             "process": processes.get(pid), "thread": threads.get((pid, tid), str(tid)),
             "events_per_call": len(thread_events) / calls,
-            "sum_ms_per_call": sum(e["dur"] for e in thread_events) / 1e3 / calls,
+            "sum_ms_per_call": summed / 1e3 / calls,
             "busy_ms_per_call": busy / 1e3 / calls, "span_ms_per_call": span / 1e3 / calls,
             "busy_fraction": busy / span if span > 0 else None,
             "top": [{"name": name, "count_per_call": count / calls, "ms_per_call": total / 1e3 / calls,
-                     "share_of_sum": total / max(sum(e["dur"] for e in thread_events), 1e-12)}
+                     "share_of_sum": total / max(summed, 1e-12)}
                     for name, (count, total) in heaviest],
         })
     return summary

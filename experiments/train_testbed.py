@@ -471,12 +471,18 @@ def patch_targets(scenes, scene_config):
     centre_row = (2 * top + size) // (2 * patch) == arange  # (B, M, G)
     centre_col = (2 * left + size) // (2 * patch) == arange
     centres = (centre_row[..., :, None] & centre_col[..., None, :] & scenes.valid[..., None, None]).any(axis=1)
-    box_centre = jnp.stack([2 * top + size, 2 * left + size], axis=-1)[..., 0, :]  # (B, M, 2), doubled px
-    scaled = box_centre.astype(jnp.float32) / jnp.float32(scene_config.image_size) - 1.0
-    coordinates = jnp.einsum("bmrc,bmk->brck", covered.astype(jnp.float32), scaled)
+    coordinates = jnp.einsum("bmrc,bmk->brck", covered.astype(jnp.float32), box_centres(scenes, scene_config))
     batch = classes.shape[0]
     return (classes.reshape(batch, grid * grid), centres.reshape(batch, grid * grid),
             coordinates.reshape(batch, grid * grid, 2))
+
+
+def box_centres(scenes, scene_config):
+    """(B, M, 2) float32 box centres (row, column) of every object slot, scaled to [-1, 1] over the image
+    (from doubled integer coordinates, so the centre of an odd-sized box is exact)."""
+    top, left, size = (a.astype(jnp.int32) for a in (scenes.top, scenes.left, scenes.size))
+    doubled = jnp.stack([2 * top + size, 2 * left + size], axis=-1).astype(jnp.float32)
+    return doubled / jnp.float32(scene_config.image_size) - 1.0
 
 
 def probe_outputs() -> int:
@@ -515,9 +521,7 @@ def initial_trainable(model_params, cfg, seed: int) -> dict:
 def relation_targets(scenes, relation_objects, scene_config):
     """((B, turns, RELATION_OUTPUTS) box centres of the objects each position question names, in
     [-1, 1] units, (B, turns) mask of the position turns): gathered from the layouts by slot."""
-    top, left, size = (a.astype(jnp.int32) for a in (scenes.top, scenes.left, scenes.size))
-    centres = jnp.stack([2 * top + size, 2 * left + size], axis=-1).astype(jnp.float32)  # (B, M, 2), doubled
-    centres = centres / jnp.float32(scene_config.image_size) - 1.0
+    centres = box_centres(scenes, scene_config)
     mask = (relation_objects >= 0).all(-1)
     slots = jnp.clip(relation_objects, 0).reshape(relation_objects.shape[0], -1)  # (B, turns * 2)
     picked = jnp.take_along_axis(centres, slots[..., None], axis=1)  # (B, turns * 2, 2)
@@ -531,17 +535,19 @@ def relation_probe_loss(relation_probe: dict, hidden, targets, mask):
     answer word alone left left/right at chance while above/below, which raster order gives away,
     reached 100%: WORKSPACE.md)."""
     predicted = hidden.astype(jnp.float32) @ relation_probe["kernel"] + relation_probe["bias"]
+    return _masked_mean(((predicted - targets) ** 2).sum(-1), mask)
+
+
+def _masked_mean(values, mask):
+    """Mean of `values` where `mask` holds (0 where it never does)."""
     weight = mask.astype(jnp.float32)
-    return (((predicted - targets) ** 2).sum(-1) * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    return (values * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 def _balanced_mean(values, positive):
     """Mean over the `positive` entries and mean over the rest, averaged: objects cover a few percent of
     the patches, so a plain mean would be almost all background."""
-    positive = positive.astype(jnp.float32)
-    on = (values * positive).sum() / jnp.maximum(positive.sum(), 1.0)
-    off = (values * (1 - positive)).sum() / jnp.maximum((1 - positive).sum(), 1.0)
-    return 0.5 * (on + off)
+    return 0.5 * (_masked_mean(values, positive) + _masked_mean(values, jnp.logical_not(positive)))
 
 
 def patch_probe_losses(probe: dict, image_features, classes, centres, coordinates):
@@ -557,9 +563,7 @@ def patch_probe_losses(probe: dict, image_features, classes, centres, coordinate
     class_nll = _balanced_mean(optax.softmax_cross_entropy_with_integer_labels(class_logits, classes), on_object)
     centre_nll = _balanced_mean(optax.sigmoid_binary_cross_entropy(centre_logits, centres.astype(jnp.float32)),
                                 centres)
-    squared_error = ((predicted_coordinates - coordinates) ** 2).sum(-1)
-    object_weight = on_object.astype(jnp.float32)
-    coordinate_mse = (squared_error * object_weight).sum() / jnp.maximum(object_weight.sum(), 1.0)
+    coordinate_mse = _masked_mean(((predicted_coordinates - coordinates) ** 2).sum(-1), on_object)
     hits = (jnp.argmax(class_logits, axis=-1) == classes) & on_object
     accuracy = hits.sum() / jnp.maximum(on_object.sum(), 1)
     return class_nll, centre_nll, coordinate_mse, accuracy

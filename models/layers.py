@@ -133,10 +133,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(batch, chunks, size, *x.shape[2:]).swapaxes(0, 1)
 
-    if mask is None:
-        out = jax.lax.map(lambda q_chunk: _attend(q_chunk, k, v, None), split(q))
-    else:
-        out = jax.lax.map(lambda chunk: _attend(chunk[0], k, v, chunk[1]), (split(q), split(mask)))
+    chunked = (split(q), None if mask is None else split(mask))  # None is an empty pytree to lax.map
+    out = jax.lax.map(lambda chunk: _attend(chunk[0], k, v, chunk[1]), chunked)
     return out.swapaxes(0, 1).reshape(batch, size * chunks, heads * head_dim)[:, :q_len]  # padded rows cut
 
 
