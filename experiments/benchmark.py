@@ -22,7 +22,11 @@ Why it is built this way:
   per token (the project's while_loop generation, no early EOS stop, divided by its steps);
   end-to-end for --new_tokens tokens. The KV cache is sized to prompt + new tokens.
 - Floors come from the config's shapes and two ceilings measured in the same run (a large device
-  copy, a large bf16 matmul): time >= max(FLOPs / matmul rate, bytes / copy bandwidth).
+  copy, a large bf16 matmul): time >= max(FLOPs / matmul rate, bytes / copy bandwidth). An in-run
+  ceiling can come out below what the device does (XLA's copy reads and writes at 3.1 TB/s on an
+  H200 whose GEMVs read at up to 3.9 TB/s), which would flatter every ratio: --reference_bandwidth_tbps
+  and --reference_matmul_tflops give rates known to be reachable there, and each floor then uses the
+  faster of the two. --replot with them re-judges a finished run.
 - Random weights are drawn on the device (eval_shape, then a small compiled generator per leaf
   shape), so a 7B model exists in seconds; inputs are random token ids with one image span, and
   random pixels (never zeros).
@@ -87,10 +91,15 @@ flags.DEFINE_integer("job_timeout_s", 600, "Per-process timeout.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.")
 flags.DEFINE_float("attention_logits_budget_mb", 0, "Largest float32 attention-logits tensor one attention "
                    "materialises before its queries run in chunks (models.layers; 0 = the default, 1 GiB).")
-flags.DEFINE_string("profile_dir", "", "After timing, trace 3 LLM prefills and one generation of each JAX "
-                    "configuration with jax.profiler into <dir>/<config>/ and put the per-device-thread summary "
-                    "(busy vs span, heaviest kernels; experiments/profiling.py) in results.json and results.md "
-                    "('' = off). The traces stay in <dir>.")
+flags.DEFINE_string("profile_dir", "", "After timing, trace 3 vision-tower calls, 3 LLM prefills and one "
+                    "generation of each JAX configuration with jax.profiler into <dir>/<config>/ and put the "
+                    "per-device-thread summary (busy vs span, heaviest kernels; experiments/profiling.py) in "
+                    "results.json and results.md ('' = off). The traces stay in <dir>.")
+flags.DEFINE_float("reference_bandwidth_tbps", 0, "Memory bandwidth (TB/s) known to be reachable on the device "
+                   "(e.g. 4.3 on an H200, measured by the workplace); floors use the faster of it and the in-run "
+                   "copy ceiling (0 = in-run only).")
+flags.DEFINE_float("reference_matmul_tflops", 0, "Matmul rate (TFLOP/s) known to be reachable (e.g. 788 bf16 on an "
+                   "H200); floors use the faster of it and the in-run ceiling (0 = in-run only).")
 flags.DEFINE_string("replot", None, "Rewrite results.md and the plot of this results.json; print its table.")
 flags.DEFINE_string("worker", None, "(internal) JSON spec: run one job in this process.")
 flags.DEFINE_string("worker_result", None, "(internal) where the worker writes its JSON result.")
@@ -281,7 +290,7 @@ def jax_worker(spec: dict) -> dict:
     dtype = jnp.dtype(spec["dtype"])
     abstract_model = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     runner = LlavaRunner(abstract_model)
-    graphdef, abstract_state = runner.graphdef, runner.state
+    abstract_state, abstract_weights = runner.state, runner.weights
     n_img = cfg.num_image_tokens
     prompt_tokens = n_img + spec["text_tokens"]
     if method == "none":
@@ -296,19 +305,19 @@ def jax_worker(spec: dict) -> dict:
     sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None,
                               pad_token_id=int(hf_config.text_config.pad_token_id or 0))
 
-    def merged(state):
-        return nnx.merge(graphdef, state)
+    def merged(weights):  # flat weights: cheap to dispatch (models.generate)
+        return runner.merge(weights)
 
-    def vision(state, pixels):
-        return merged(state).image_features(pixels)
+    def vision(weights, pixels):
+        return merged(weights).image_features(pixels)
 
-    def embed(state, ids, features):
-        x, image_start = merged(state).embed_prompt(ids, features)
+    def embed(weights, ids, features):
+        x, image_start = merged(weights).embed_prompt(ids, features)
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_start
 
-    def prefill(state, x, positions, last_index, image_start, rng, *, pruning, keep):
-        return merged(state).language_model.prefill(
+    def prefill(weights, x, positions, last_index, image_start, rng, *, pruning, keep):
+        return merged(weights).language_model.prefill(
             x, positions, last_index, image_start=image_start, num_image_tokens=n_img,
             extra_slots=new_tokens, pruning=pruning, keep=keep, rng=rng)
 
@@ -331,16 +340,16 @@ def jax_worker(spec: dict) -> dict:
         start = time.perf_counter()
         random_state(abstract_state, spec["seed"], compile_only=True)
         compile_s["init"] = round(time.perf_counter() - start, 3)
-    features = build("vision", jax.jit(vision), abstract_state, sds(pixel_shape, jnp.float32))
-    embedded = build("embed", jax.jit(embed), abstract_state, sds(ids_shape, jnp.int32), features)
+    features = build("vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32))
+    embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
     result = build("prefill", jax.jit(functools.partial(prefill, pruning=pruning, keep=keep)),
-                   abstract_state, *embedded, key)
+                   abstract_weights, *embedded, key)
     build("first_token", jax.jit(lambda logits: jnp.argmax(logits, -1)), result.logits)
-    build("generate", runner._generate, abstract_state, result.logits, result.caches, result.next_positions,
+    build("generate", runner._generate, abstract_weights, result.logits, result.caches, result.next_positions,
           key, sampling=sampling)
     if fixed is not None:
         build("prefill_fixed", jax.jit(functools.partial(prefill, pruning=fixed, keep=keep)),
-              abstract_state, *embedded, key)
+              abstract_weights, *embedded, key)
     cues = None
     if pruning is not None and mode != "probe":
         kv_width = cfg.text.num_kv_heads * cfg.text.head_dim
@@ -366,13 +375,13 @@ def jax_worker(spec: dict) -> dict:
     # --- weights, inputs, one generation (its peak is the configuration's memory) ------------------
     start = time.perf_counter()
     if random_init:
-        state = random_state(abstract_state, spec["seed"])
+        weights = runner.flatten_weights(random_state(abstract_state, spec["seed"]))
     else:
-        state = nnx.split(load_checkpoint(spec["model"], spec["dtype"])[1])[1]
+        weights = runner.flatten_weights(nnx.split(load_checkpoint(spec["model"], spec["dtype"])[1])[1])
     sync = jax.block_until_ready
-    sync(state)
+    sync(weights)
     out["weights_s"] = round(time.perf_counter() - start, 3)
-    out["weights_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    out["weights_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
     ids, _ = _random_prompts(batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index,
                              spec["seed"])
     ids, pixels = jnp.asarray(ids), jnp.asarray(_random_pixels(batch, cfg.vision.image_size, spec["seed"]))
@@ -380,13 +389,13 @@ def jax_worker(spec: dict) -> dict:
     run = compiled
 
     def first_token():
-        embedded = run["embed"](state, ids, run["vision"](state, pixels))
-        result = run["prefill"](state, *embedded, rng)
+        embedded = run["embed"](weights, ids, run["vision"](weights, pixels))
+        result = run["prefill"](weights, *embedded, rng)
         return run["first_token"](result.logits), result
 
     def generation():
         _, result = first_token()
-        return run["generate"](state, result.logits, result.caches, result.next_positions, rng)
+        return run["generate"](weights, result.logits, result.caches, result.next_positions, rng)
 
     start = time.perf_counter()
     sync(generation())
@@ -400,16 +409,16 @@ def jax_worker(spec: dict) -> dict:
 
     # --- timings ---------------------------------------------------------------------------------
     reps, e2e_reps = spec["repeats"], spec["e2e_repeats"]
-    samples = {"vision_ms": _timed(lambda: run["vision"](state, pixels), reps, sync)}
-    embedded = sync(run["embed"](state, ids, run["vision"](state, pixels)))
+    samples = {"vision_ms": _timed(lambda: run["vision"](weights, pixels), reps, sync)}
+    embedded = sync(run["embed"](weights, ids, run["vision"](weights, pixels)))
     prefills = {"llm_prefill_ms": "prefill", "fixed_prefill_ms": "prefill_fixed"}
     prefills = {k: v for k, v in prefills.items() if v in run}
     for name, stage in prefills.items():  # warm-up, then interleave so drift hits both alike
-        sync(run[stage](state, *embedded, rng))
+        sync(run[stage](weights, *embedded, rng))
         samples[name] = []
     for _ in range(reps):
         for name, stage in prefills.items():
-            samples[name].append(_one(lambda stage=stage: run[stage](state, *embedded, rng), sync))
+            samples[name].append(_one(lambda stage=stage: run[stage](weights, *embedded, rng), sync))
     if fixed is not None:
         samples["selection_overhead_ms"] = [a - b for a, b in zip(samples["llm_prefill_ms"],
                                                                   samples["fixed_prefill_ms"])]
@@ -422,8 +431,8 @@ def jax_worker(spec: dict) -> dict:
     samples["ttft_ms"] = _timed(first_token, reps, sync)
     decode = []
     for _ in range(e2e_reps + 1):
-        result = sync(run["prefill"](state, *embedded, rng))
-        decode.append(_one(lambda: run["generate"](state, result.logits, result.caches, result.next_positions,
+        result = sync(run["prefill"](weights, *embedded, rng))
+        decode.append(_one(lambda: run["generate"](weights, result.logits, result.caches, result.next_positions,
                                                    rng), sync) / (new_tokens - 1))
     samples["decode_ms_per_token"] = decode[1:]
     samples["e2e_ms"] = _timed(generation, e2e_reps, sync)
@@ -434,12 +443,14 @@ def jax_worker(spec: dict) -> dict:
         from experiments import profiling
 
         where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
-        result = sync(run["prefill"](state, *embedded, rng))
+        result = sync(run["prefill"](weights, *embedded, rng))
         stages = {
-            "llm_prefill": lambda: profiling.profile_call(lambda: run["prefill"](state, *embedded, rng),
+            "vision": lambda: profiling.profile_call(lambda: run["vision"](weights, pixels),
+                                                     os.path.join(where, "vision"), calls=3, sync=sync),
+            "llm_prefill": lambda: profiling.profile_call(lambda: run["prefill"](weights, *embedded, rng),
                                                           os.path.join(where, "llm_prefill"), calls=3, sync=sync),
             "decode_step": lambda: profiling.profile_call(
-                lambda: run["generate"](state, result.logits, result.caches, result.next_positions, rng),
+                lambda: run["generate"](weights, result.logits, result.caches, result.next_positions, rng),
                 os.path.join(where, "decode"), units_per_call=new_tokens - 1, sync=sync),
         }
         out["profile"] = {}
@@ -686,10 +697,26 @@ class Runner:
         return result
 
 
+def set_floor_rates(ceilings: dict | None, bandwidth_tbps: float = 0.0, matmul_tflops: float = 0.0) -> None:
+    """The rates floors are drawn against: per ceiling, the faster of the in-run measurement and a
+    reference known to be reachable on the device (0 = none). Recorded in the ceilings."""
+    if not ceilings or ceilings.get("status") != "ok":
+        return
+    for name, measured, reference in (("bytes", "copy_bytes_per_s", bandwidth_tbps),
+                                      ("flops", "matmul_flops_per_s", matmul_tflops)):
+        if reference < 0:
+            raise ValueError(f"a reference rate must be >= 0, got {reference}")
+        ceilings[f"reference_{name}_per_s"] = reference * 1e12 or None
+        ceilings[f"floor_{name}_per_s"] = max(ceilings[measured], reference * 1e12)
+        ceilings[f"floor_{name}_source"] = "reference" if reference * 1e12 > ceilings[measured] else "in-run"
+
+
 def _floor_ms(flops, num_bytes, ceilings) -> float | None:
     if not ceilings or ceilings.get("status") != "ok":
         return None
-    return max(flops / ceilings["matmul_flops_per_s"], num_bytes / ceilings["copy_bytes_per_s"]) * 1e3
+    matmul = ceilings.get("floor_flops_per_s") or ceilings["matmul_flops_per_s"]
+    bandwidth = ceilings.get("floor_bytes_per_s") or ceilings["copy_bytes_per_s"]
+    return max(flops / matmul, num_bytes / bandwidth) * 1e3
 
 
 def add_floors_and_ratios(rows: list[dict], ceilings: dict) -> None:
@@ -889,18 +916,25 @@ def _gib(value):
 def results_markdown(report: dict) -> str:
     meta, ceilings = report["meta"], report["ceilings"] or {}
     lines = [f"# Benchmark: {meta['flags']['model']} on {ceilings.get('device_kind', '?')} ({meta['date']})", "",
-             f"`{meta['command']}`", "",
-             f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
-             f"Ceilings measured in this run: copy {_fmt(ceilings.get('copy_bytes_per_s', 0) / 1e12, '.2f')} TB/s, "
-             f"{meta['flags']['dtype']} matmul {_fmt(ceilings.get('matmul_flops_per_s', 0) / 1e12, '.3g')} TFLOP/s. "
-             f"Floor = max(FLOPs / matmul rate, bytes / copy bandwidth); decode/token floor includes the KV "
-             f"read, the weight-read floor alone is in results.json.", "",
-             "## JAX", "",
-             "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in report["rows"]:
-        if row["framework"] != "jax" or row["status"] != "ok":
-            continue
+             f"`{meta['command']}`", ""]
+    if meta.get("rejudged"):
+        lines += [f"Floors and acceptance re-judged against reference rates ({meta['rejudged']['date'][:10]}): "
+                  f"`{meta['rejudged']['command']}`", ""]
+    bandwidth = ceilings.get("floor_bytes_per_s") or ceilings.get("copy_bytes_per_s", 0)
+    matmul = ceilings.get("floor_flops_per_s") or ceilings.get("matmul_flops_per_s", 0)
+    lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
+              f"Ceilings measured in this run: copy {_fmt(ceilings.get('copy_bytes_per_s', 0) / 1e12, '.2f')} TB/s, "
+              f"{meta['flags']['dtype']} matmul {_fmt(ceilings.get('matmul_flops_per_s', 0) / 1e12, '.3g')} "
+              f"TFLOP/s. Floors use {_fmt(bandwidth / 1e12)} TB/s ({ceilings.get('floor_bytes_source', 'in-run')}) "
+              f"and {_fmt(matmul / 1e12, '.3g')} TFLOP/s ({ceilings.get('floor_flops_source', 'in-run')}): "
+              f"floor = max(FLOPs / matmul rate, bytes / bandwidth); decode/token floor includes the KV "
+              f"read, the weight-read floor alone is in results.json.", ""]
+    jax_rows = [r for r in report["rows"] if r["framework"] == "jax" and r["status"] == "ok"]
+    if jax_rows:  # a max-batch search alone has no timed rows
+        lines += ["## JAX", "",
+                  "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
+                  "|---|---|---|---|---|---|---|---|"]
+    for row in jax_rows:
         for key, name in METRICS:
             if row.get(key) is None:
                 continue
@@ -910,7 +944,6 @@ def results_markdown(report: dict) -> str:
                 f"{_fmt(row.get('speedup_vs_unpruned', {}).get(key), '.2f', 'x')} | "
                 f"{_fmt(_gib(row.get('peak_bytes')), '.2f') if key == 'e2e_ms' else ''} | "
                 f"{_fmt(row.get('jax_over_torch', {}).get(key), '.2f')} |")
-    jax_rows = [r for r in report["rows"] if r["framework"] == "jax" and r["status"] == "ok"]
     if jax_rows:
         lines += ["", "| config | compile s (pre-compile / measuring process) | weights GiB | KV cache GiB | "
                   "peak GiB | XLA temp GiB, prefill / generate |", "|---|---|---|---|---|---|"]
@@ -1117,6 +1150,12 @@ def main(argv):
     if FLAGS.replot:
         with open(FLAGS.replot) as f:
             report = json.load(f)
+        if FLAGS.reference_bandwidth_tbps or FLAGS.reference_matmul_tflops:  # re-judge against references
+            set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
+            add_floors_and_ratios(report["rows"], report["ceilings"])
+            report["acceptance"] = acceptance(report["rows"], report["max_batch"])
+            report["meta"]["rejudged"] = {"command": " ".join(["python -m experiments.benchmark"] + sys.argv[1:]),
+                                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         write_outputs(report, [os.path.dirname(os.path.abspath(FLAGS.replot))], final=True)
         print(summary(report))
         return
@@ -1139,6 +1178,7 @@ def main(argv):
         write_outputs(report, out_dirs, final=final, logs=runner.logs)
 
     report["ceilings"] = runner.run("ceilings", dict(common, kind="ceilings"))
+    set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
     compiled = precompile(runner, configs, common) if FLAGS.compile_workers > 0 else {}
     rows, torch_done = report["rows"], set()
     for config in configs:

@@ -1,9 +1,13 @@
 """Jitted generation: one prefill call (vision + LLM + optional pruning) and one decode loop.
 
 The model is split once (`nnx.split`) and plain `jax.jit` functions merge it inside, so no Python
-object graph is walked per call. Prompts are right-padded to a multiple of `length_bucket`, so the
-prefill compiles once per bucket, not once per prompt length. The decode loop is a `lax.while_loop`
-inside jit (one dispatch for all new tokens) carrying the KV cache, which is donated.
+object graph is walked per call. The weights travel as one flat tuple of arrays (`LlavaRunner.weights`),
+not as the nnx.State: JAX flattens a tuple of arrays in C++, while the State's nested Python-registered
+nodes cost host time on every call (for LLaVA-1.5-7B's 686 arrays, on a 2-core host: 0.8-1.2 ms per
+call as a State, 0.11-0.17 ms as a tuple; `experiments/dispatch_overhead.py`). At batch 1 that is
+latency. Prompts are right-padded to a multiple of `length_bucket`, so the prefill compiles once per
+bucket, not once per prompt length. The decode loop is a `lax.while_loop` inside jit (one dispatch for
+all new tokens) carrying the KV cache, which is donated.
 """
 
 from __future__ import annotations
@@ -88,7 +92,11 @@ class LlavaRunner:
 
     def __init__(self, model: LlavaForConditionalGeneration, *, length_bucket: int = DEFAULT_LENGTH_BUCKET):
         self.config = model.config
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        leaves, self._state_def = jax.tree_util.tree_flatten(state)
+        self.weights: tuple = tuple(leaves)
+        self._weight_specs = [(jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype))
+                              for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
         self.length_bucket = length_bucket
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl,
@@ -97,17 +105,43 @@ class LlavaRunner:
         donate = ("caches",) if jax.default_backend() != "cpu" else ()
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
 
+    # --- weights: a flat tuple outside jit, the model inside -------------------------------------
+    @property
+    def state(self) -> nnx.State:
+        """The weights as an nnx.State (paths and all), rebuilt from `weights`."""
+        return jax.tree_util.tree_unflatten(self._state_def, self.weights)
+
+    @state.setter
+    def state(self, state: nnx.State | None) -> None:
+        """Swap in other weights of the same structure (compiled functions are reused); None drops them."""
+        self.weights = None if state is None else self.flatten_weights(state)
+
+    def flatten_weights(self, state: nnx.State) -> tuple:
+        """A state of this model's structure (e.g. fresh random weights) as the flat tuple jit takes."""
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        if treedef != self._state_def:
+            raise ValueError("the state's structure differs from this runner's model (other config or preset?)")
+        for leaf, (path, shape, dtype) in zip(leaves, self._weight_specs):
+            if leaf.shape != shape or jnp.dtype(leaf.dtype) != dtype:
+                raise ValueError(f"weight {path} is {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}; this runner's "
+                                 f"model has {dtype.name}{list(shape)}")
+        return tuple(leaves)
+
+    def merge(self, weights: tuple) -> LlavaForConditionalGeneration:
+        """The model from a flat weight tuple (call inside jit: merging is trace-time work)."""
+        return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self._state_def, weights))
+
     # --- jitted bodies -------------------------------------------------------------------------
-    def _prefill_impl(self, state, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep,
+    def _prefill_impl(self, weights, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep,
                       all_logits):
         self.trace_counts["prefill"] += 1  # runs only while tracing
-        model = nnx.merge(self.graphdef, state)
+        model = self.merge(weights)
         return model.prefill(input_ids, lengths, pixel_values, extra_slots=extra_slots, pruning=pruning,
                              keep=keep, rng=rng, all_logits=all_logits)
 
-    def _generate_impl(self, state, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
+    def _generate_impl(self, weights, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
         self.trace_counts["generate"] += 1
-        language_model = nnx.merge(self.graphdef, state).language_model
+        language_model = self.merge(weights).language_model
         batch = first_logits.shape[0]
         eos = -1 if sampling.eos_token_id is None else sampling.eos_token_id
 
@@ -144,7 +178,7 @@ class LlavaRunner:
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
         keep = self.resolve_keep(pruning)
         rng = jax.random.key(0) if rng is None else rng
-        return self._prefill(self.state, jnp.asarray(batch.input_ids), jnp.asarray(batch.lengths),
+        return self._prefill(self.weights, jnp.asarray(batch.input_ids), jnp.asarray(batch.lengths),
                              jnp.asarray(batch.pixel_values), rng, extra_slots=extra_slots, pruning=pruning,
                              keep=keep, all_logits=all_logits)
 
@@ -160,7 +194,7 @@ class LlavaRunner:
         rng = jax.random.key(0) if rng is None else rng
         prefill_rng, sample_rng = jax.random.split(rng)
         result = self.prefill(batch, extra_slots=sampling.max_new_tokens, pruning=pruning, rng=prefill_rng)
-        tokens, counts = self._generate(self.state, result.logits, result.caches, result.next_positions,
+        tokens, counts = self._generate(self.weights, result.logits, result.caches, result.next_positions,
                                         sample_rng, sampling=sampling)
         kept = None if result.kept is None else np.asarray(result.kept)
         return GenerationOutput(np.asarray(tokens), np.asarray(counts), kept)

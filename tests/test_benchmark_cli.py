@@ -72,7 +72,7 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
         assert row["weights_bytes"] > 0 and row["prompt_tokens"] == row["image_tokens"] + 8
         assert row["jax_over_torch"]["ttft_ms"] > 0
         # a profile that cannot be taken is recorded as such; the row's timings survive it
-        assert set(row["profile"]) == {"llm_prefill", "decode_step"}
+        assert set(row["profile"]) == {"vision", "llm_prefill", "decode_step"}
         assert all("NotADirectoryError" in stage["error"] for stage in row["profile"].values())
     assert pruned["keep"] == 64 and pruned["layer"] == 2
     assert pruned["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
@@ -104,8 +104,9 @@ def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     assert [row["label"] for row in report["rows"]] == ["none b1"]
     (row,) = report["rows"]
     assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
-    assert set(row["profile"]) == {"llm_prefill", "decode_step"}
-    assert row["profile"]["llm_prefill"]["calls"] == 3 and row["profile"]["decode_step"]["calls"] == 1  # 2 new tokens
+    assert set(row["profile"]) == {"vision", "llm_prefill", "decode_step"}
+    assert row["profile"]["vision"]["calls"] == row["profile"]["llm_prefill"]["calls"] == 3
+    assert row["profile"]["decode_step"]["calls"] == 1  # 2 new tokens
     for summary in row["profile"].values():
         assert os.path.isfile(summary["trace"]) and summary["trace"].startswith(str(profile_dir))
     assert "## Profile" in markdown
@@ -164,3 +165,40 @@ def test_batch_search_grows_then_bisects():
     # Doubling (the default) from a known fit, capped.
     doubled = search(None, 1000, max_batch_probes=4, max_batch_cap=8)
     assert [p["batch"] for p in doubled["probes"]] == [1, 2, 4, 8] and doubled["smallest_failure"] is None
+
+
+def test_floor_rates_take_the_faster_of_in_run_and_reference():
+    ceilings = {"status": "ok", "copy_bytes_per_s": 3.0e12, "matmul_flops_per_s": 700e12}
+    benchmark.set_floor_rates(ceilings, bandwidth_tbps=4.3, matmul_tflops=600)
+    assert ceilings["floor_bytes_per_s"] == 4.3e12 and ceilings["floor_bytes_source"] == "reference"
+    assert ceilings["floor_flops_per_s"] == 700e12 and ceilings["floor_flops_source"] == "in-run"
+    assert benchmark._floor_ms(7e12, 4.3e12, ceilings) == pytest.approx(1e3)  # 10 ms FLOPs vs 1 s bytes
+    with pytest.raises(ValueError, match="reference rate must be >= 0"):
+        benchmark.set_floor_rates(ceilings, bandwidth_tbps=-1)
+
+
+def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp_path):
+    """The H200 run's in-run copy ceiling (3.1 TB/s) passed decode; against 4.3 TB/s it fails."""
+    with open(os.path.join(REPO_ROOT, "experiments/results/h200_latency/results.json")) as f:
+        committed = json.load(f)
+    (tmp_path / "results.json").write_text(json.dumps(committed))
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    process = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", f"--replot={tmp_path / 'results.json'}",
+         "--reference_bandwidth_tbps=4.3", "--reference_matmul_tflops=788"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    base = rows_by_label(report)["none b1"]
+    assert base["floors"]["decode_weight_read_ms"] == pytest.approx(base["work"]["decode_weight_bytes"] / 4.3e9)
+    assert base["floors"]["llm_prefill_flop_ms"] == pytest.approx(base["work"]["prefill_flops"] / 788e9)
+    before = {c["name"]: c for c in committed["acceptance"]}
+    after = {c["name"]: c for c in report["acceptance"]}
+    decode = "decode b1 / weight-read floor"
+    assert before[decode]["pass"] is True and after[decode]["pass"] is False
+    floor = base["floors"]["decode_weight_read_ms"]
+    assert after[decode]["value"] == pytest.approx(base["decode_ms_per_token"] / floor)
+    assert report["meta"]["command"] == committed["meta"]["command"]  # the run's own command is kept
+    markdown = (tmp_path / "results.md").read_text()
+    assert "re-judged against reference rates" in markdown and "4.30 TB/s (reference)" in markdown

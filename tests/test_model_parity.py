@@ -7,6 +7,7 @@ the prefill's bucketed compilation.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -94,6 +95,31 @@ def test_bucketed_prompt_lengths_share_one_compilation(tiny_checkpoints, prompt_
     assert runner.trace_counts["prefill"] == before + 1  # four lengths, one compilation
     prefill_with(room + 1)  # next bucket
     assert runner.trace_counts["prefill"] == before + 2
+
+
+def test_swapped_weights_reuse_the_compiled_prefill_and_must_match_the_structure(tiny_checkpoints, prompt_rng):
+    ckpt = tiny_checkpoints("tiny")
+    runner = ckpt.runner
+    ids = make_prompt(ckpt.config, prompt_rng, 2, 3)
+    batch = runner.make_batch([ids], random_pixels(prompt_rng, 1, ckpt.config.vision.image_size),
+                              pad_token_id=ckpt.pad_token_id)
+    original = runner.weights
+    assert isinstance(original, tuple) and all(isinstance(w, jax.Array) for w in original)
+    base = np.asarray(runner.prefill(batch).logits)
+    traces = runner.trace_counts["prefill"]
+    try:
+        runner.state = jax.tree.map(lambda w: w * 2, runner.state)  # through the nnx.State, paths and all
+        doubled = np.asarray(runner.prefill(batch).logits)
+    finally:
+        runner.weights = original
+    assert runner.trace_counts["prefill"] == traces  # same structure: the compiled prefill is reused
+    assert np.abs(doubled - base).max() > 1e-3  # ...and it did run on the new weights
+    np.testing.assert_array_equal(np.asarray(runner.prefill(batch).logits), base)
+    with pytest.raises(ValueError, match="structure differs"):  # 3 LLM layers, not 4
+        runner.flatten_weights(tiny_checkpoints("tiny-full").runner.state)
+    with pytest.raises(ValueError, match=r"weight \['language_model'\]\['embed_tokens'\].* is float32\[128, 128\]; "
+                                         r"this runner's model has float32\[128, 64\]"):  # same tree, wider
+        runner.flatten_weights(tiny_checkpoints("tiny-gqa").runner.state)
 
 
 @pytest.fixture
