@@ -53,11 +53,15 @@ import tempfile
 import time
 import traceback
 from importlib import metadata
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+
+# The stages jax_worker compiles (each its own executable), the names --stage_compiler_options takes.
+COMPILED_STAGES = ("vision", "embed", "prefill", "prefill_fixed", "first_token", "generate", "select")
+
 flags.DEFINE_string("model", "llava-1.5-7b", "Preset name (models.presets) or llava-hf checkpoint directory.")
 flags.DEFINE_bool("random_weights", False, "Random weights for a checkpoint directory (presets always are).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and activation dtype.")
@@ -95,6 +99,9 @@ flags.DEFINE_string("profile_dir", "", "After timing, trace 3 vision-tower calls
                     "generation of each JAX configuration with jax.profiler into <dir>/<config>/ and put the "
                     "per-device-thread summary (busy vs span, heaviest kernels; experiments/profiling.py) in "
                     "results.json and results.md ('' = off). The traces stay in <dir>.")
+flags.DEFINE_list("stage_compiler_options", [], "XLA options for single compiled stages, STAGE:OPTION=VALUE "
+                  f"(stages: {', '.join(COMPILED_STAGES)}), e.g. generate:xla_gpu_enable_triton_gemm=false tries "
+                  "cuBLAS GEMVs for the decode loop only. Recorded in each row.")
 flags.DEFINE_float("reference_bandwidth_tbps", 0, "Memory bandwidth (TB/s) known to be reachable on the device "
                    "(e.g. 4.3 on an H200, measured by the workplace); floors use the faster of it and the in-run "
                    "copy ceiling (0 = in-run only).")
@@ -323,11 +330,12 @@ def jax_worker(spec: dict) -> dict:
 
     # --- compile every stage from abstract shapes (a cache load when the pre-compile phase ran) ----
     compiled, compile_s, memory = {}, {}, {}
+    stage_options = spec.get("stage_compiler_options") or {}
 
     def build(name, fn, *args, **static):
         start = time.perf_counter()
         lowered = fn.lower(*args, **static)
-        compiled[name] = lowered.compile()
+        compiled[name] = lowered.compile(compiler_options=stage_options.get(name) or None)
         compile_s[name] = round(time.perf_counter() - start, 3)
         memory[name] = _compiled_memory(compiled[name])
         return lowered.out_info
@@ -362,6 +370,7 @@ def jax_worker(spec: dict) -> dict:
     from models.layers import attention_logits_budget
 
     out = {"status": "ok", "compile_s": compile_s, "compiled_memory": memory, "keep": keep,
+           "stage_compiler_options": stage_options,
            "attention_logits_budget_bytes": attention_logits_budget(),
            "layer": None if pruning is None else pruning.layer, "prompt_tokens": prompt_tokens,
            "image_tokens": n_img, "work": _work(cfg, abstract_state, batch=batch, prompt_tokens=prompt_tokens,
@@ -628,6 +637,24 @@ def parse_config(text: str, batch: int | None = None) -> Config:
     except ValueError:
         pass
     raise ValueError(f"bad configuration {text!r}: expected none:BATCH or METHOD:KEEP:BATCH")
+
+
+def parse_stage_compiler_options(entries: list[str]) -> dict[str, dict[str, Any]]:
+    """['generate:xla_gpu_enable_triton_gemm=false', ...] -> {'generate': {...: False}} (bools, ints, strings)."""
+    options: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        stage, _, setting = entry.strip().partition(":")
+        name, equals, value = setting.partition("=")
+        if stage not in COMPILED_STAGES:
+            raise ValueError(f"bad --stage_compiler_options entry {entry!r}: unknown stage {stage!r}; stages: "
+                             f"{', '.join(COMPILED_STAGES)}")
+        if not name or not equals:
+            raise ValueError(f"bad --stage_compiler_options entry {entry!r}: expected STAGE:OPTION=VALUE")
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        if isinstance(parsed, str) and parsed.lstrip("-").isdigit():
+            parsed = int(parsed)
+        options.setdefault(stage, {})[name] = parsed
+    return options
 
 
 def parse_search(text: str) -> tuple[Config, int | None]:
@@ -1168,7 +1195,8 @@ def main(argv):
                   e2e_repeats=FLAGS.e2e_repeats, selection_overhead=FLAGS.selection_overhead, seed=FLAGS.seed,
                   compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
                   profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
-                  attention_logits_budget_mb=FLAGS.attention_logits_budget_mb)
+                  attention_logits_budget_mb=FLAGS.attention_logits_budget_mb,
+                  stage_compiler_options=parse_stage_compiler_options(FLAGS.stage_compiler_options))
     report = {"meta": _meta(), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
 
     def save(final=False):  # after every job, so a run cut short still leaves its report

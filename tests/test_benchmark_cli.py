@@ -100,10 +100,12 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
 def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     profile_dir = tmp_path / "profiles"
     report, markdown, _ = run_cli(tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--compile_workers=2",
-                                  f"--profile_dir={profile_dir}", "--attention_logits_budget_mb=0.5")
+                                  f"--profile_dir={profile_dir}", "--attention_logits_budget_mb=0.5",
+                                  "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger")
     assert [row["label"] for row in report["rows"]] == ["none b1"]
     (row,) = report["rows"]
     assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
+    assert row["stage_compiler_options"] == {"generate": {"xla_disable_hlo_passes": "dot-merger"}}
     assert set(row["profile"]) == {"vision", "llm_prefill", "decode_step"}
     assert row["profile"]["vision"]["calls"] == row["profile"]["llm_prefill"]["calls"] == 3
     assert row["profile"]["decode_step"]["calls"] == 1  # 2 new tokens
@@ -202,3 +204,15 @@ def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp
     assert report["meta"]["command"] == committed["meta"]["command"]  # the run's own command is kept
     markdown = (tmp_path / "results.md").read_text()
     assert "re-judged against reference rates" in markdown and "4.30 TB/s (reference)" in markdown
+
+
+def test_stage_compiler_options_parse_and_name_bad_entries():
+    parsed = benchmark.parse_stage_compiler_options(
+        ["generate:xla_gpu_enable_triton_gemm=false", "prefill:xla_disable_hlo_passes=dot-merger",
+         "generate:xla_gpu_graph_min_graph_size=1"])
+    assert parsed == {"generate": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_graph_min_graph_size": 1},
+                      "prefill": {"xla_disable_hlo_passes": "dot-merger"}}
+    with pytest.raises(ValueError, match="unknown stage 'decode'; stages: vision, embed, prefill"):
+        benchmark.parse_stage_compiler_options(["decode:xla_gpu_enable_triton_gemm=false"])
+    with pytest.raises(ValueError, match="expected STAGE:OPTION=VALUE"):
+        benchmark.parse_stage_compiler_options(["generate:xla_gpu_enable_triton_gemm"])
