@@ -41,12 +41,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import datetime
 import json
 import math
 import os
-import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,6 +53,8 @@ from importlib import metadata
 from typing import Any, ClassVar
 
 from absl import app, flags
+
+from experiments.timing import median, run_stamp, timed
 
 FLAGS = flags.FLAGS
 
@@ -147,23 +146,6 @@ def _random_pixels(batch: int, size: int, seed: int):
     import numpy as np
 
     return np.random.default_rng(seed + 1).standard_normal((batch, 3, size, size), dtype=np.float32)
-
-
-def _median(samples):
-    return statistics.median(samples) if samples else None
-
-
-def _timed(fn, repeats: int, sync) -> list[float]:
-    """Milliseconds of `repeats` calls after one warm-up call; `sync(out)` waits for the device."""
-    if repeats <= 0:
-        return []
-    sync(fn())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,19 +294,16 @@ def jax_worker(spec: dict) -> dict:
     sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None,
                               pad_token_id=int(hf_config.text_config.pad_token_id or 0))
 
-    def merged(weights):  # flat weights: cheap to dispatch (models.generate)
-        return runner.merge(weights)
-
     def vision(weights, pixels):
-        return merged(weights).image_features(pixels)
+        return runner.merge(weights).image_features(pixels)
 
     def embed(weights, ids, features):
-        x, image_start = merged(weights).embed_prompt(ids, features)
+        x, image_start = runner.merge(weights).embed_prompt(ids, features)
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_start
 
     def prefill(weights, x, positions, last_index, image_start, rng, *, pruning, keep):
-        return merged(weights).language_model.prefill(
+        return runner.merge(weights).language_model.prefill(
             x, positions, last_index, image_start=image_start, num_image_tokens=n_img,
             extra_slots=new_tokens, pruning=pruning, keep=keep, rng=rng)
 
@@ -418,7 +397,7 @@ def jax_worker(spec: dict) -> dict:
 
     # --- timings ---------------------------------------------------------------------------------
     reps, e2e_reps = spec["repeats"], spec["e2e_repeats"]
-    samples = {"vision_ms": _timed(lambda: run["vision"](weights, pixels), reps, sync)}
+    samples = {"vision_ms": timed(lambda: run["vision"](weights, pixels), reps, sync)}
     embedded = sync(run["embed"](weights, ids, run["vision"](weights, pixels)))
     prefills = {"llm_prefill_ms": "prefill", "fixed_prefill_ms": "prefill_fixed"}
     prefills = {k: v for k, v in prefills.items() if v in run}
@@ -436,17 +415,17 @@ def jax_worker(spec: dict) -> dict:
             lambda s: jax.random.uniform(jax.random.key(7), s.shape, s.dtype) if hasattr(s, "shape")
             and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key) else s, cues)
         real_cues = real_cues.replace(rng=rng)
-        samples["select_only_ms"] = _timed(lambda: run["select"](real_cues), reps, sync)
-    samples["ttft_ms"] = _timed(first_token, reps, sync)
+        samples["select_only_ms"] = timed(lambda: run["select"](real_cues), reps, sync)
+    samples["ttft_ms"] = timed(first_token, reps, sync)
     decode = []
     for _ in range(e2e_reps + 1):
         result = sync(run["prefill"](weights, *embedded, rng))
         decode.append(_one(lambda: run["generate"](weights, result.logits, result.caches, result.next_positions,
                                                    rng), sync) / (new_tokens - 1))
     samples["decode_ms_per_token"] = decode[1:]
-    samples["e2e_ms"] = _timed(generation, e2e_reps, sync)
+    samples["e2e_ms"] = timed(generation, e2e_reps, sync)
     out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
-    out.update({k: _median(s) for k, s in samples.items()})
+    out.update({k: median(s) for k, s in samples.items()})
     out["peak_bytes_all_stages"] = _memory_stats().get("peak_bytes_in_use")
     if spec.get("profile_dir"):  # after the timings and the peak: the profiler's buffers cost memory
         from experiments import profiling
@@ -500,8 +479,8 @@ def ceilings_worker(spec: dict) -> dict:
 
     scale = jax.jit(lambda v: jax.lax.fori_loop(0, iterations, lambda _, u: barrier(u * 3), v))
     matmul = jax.jit(lambda p, q: jax.lax.fori_loop(0, iterations, lambda _, u: barrier((u @ q) * inverse_m), p))
-    copy_ms = _median(_timed(lambda: scale(x), 10, jax.block_until_ready)) / iterations
-    matmul_ms = _median(_timed(lambda: matmul(a, b), 10, jax.block_until_ready)) / iterations
+    copy_ms = median(timed(lambda: scale(x), 10, jax.block_until_ready)) / iterations
+    matmul_ms = median(timed(lambda: matmul(a, b), 10, jax.block_until_ready)) / iterations
     return {"status": "ok", "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
             "bytes_limit": _memory_stats().get("bytes_limit"), "iterations": iterations,
             "copy_bytes": 2 * n * 2, "copy_ms": copy_ms, "copy_bytes_per_s": 2 * n * 2 / (copy_ms / 1e3),
@@ -573,17 +552,17 @@ def torch_worker(spec: dict) -> dict:
         out["first_call_s"] = round(time.perf_counter() - start_time, 3)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        samples = {"vision_ms": _timed(lambda: model.get_image_features(pixel_values=pixels).pooler_output,
+        samples = {"vision_ms": timed(lambda: model.get_image_features(pixel_values=pixels).pooler_output,
                                        reps, sync)}
         x = embeddings()
-        samples["llm_prefill_ms"] = _timed(
+        samples["llm_prefill_ms"] = timed(
             lambda: model(inputs_embeds=x, attention_mask=mask[:, :x.shape[1]], logits_to_keep=1).logits, reps, sync)
-        samples["ttft_ms"] = _timed(first_token, reps, sync)
-        samples["e2e_ms"] = _timed(generation, e2e_reps, sync)
+        samples["ttft_ms"] = timed(first_token, reps, sync)
+        samples["e2e_ms"] = timed(generation, e2e_reps, sync)
         generated = generation()
     out["generated_tokens"] = int(generated.shape[1] - (0 if keep else ids.shape[1]))
     out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
-    out.update({k: _median(s) for k, s in samples.items()})
+    out.update({k: median(s) for k, s in samples.items()})
     if out["e2e_ms"] is not None and out["ttft_ms"] is not None:
         out["decode_ms_per_token"] = (out["e2e_ms"] - out["ttft_ms"]) / (new_tokens - 1)  # derived
     out["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
@@ -738,11 +717,16 @@ def set_floor_rates(ceilings: dict | None, bandwidth_tbps: float = 0.0, matmul_t
         ceilings[f"floor_{name}_source"] = "reference" if reference * 1e12 > ceilings[measured] else "in-run"
 
 
+def floor_rates(ceilings: dict) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) the floors use: set_floor_rates' choice, or the in-run ceilings of a run without it."""
+    return (ceilings.get("floor_bytes_per_s") or ceilings.get("copy_bytes_per_s", 0),
+            ceilings.get("floor_flops_per_s") or ceilings.get("matmul_flops_per_s", 0))
+
+
 def _floor_ms(flops, num_bytes, ceilings) -> float | None:
     if not ceilings or ceilings.get("status") != "ok":
         return None
-    matmul = ceilings.get("floor_flops_per_s") or ceilings["matmul_flops_per_s"]
-    bandwidth = ceilings.get("floor_bytes_per_s") or ceilings["copy_bytes_per_s"]
+    bandwidth, matmul = floor_rates(ceilings)
     return max(flops / matmul, num_bytes / bandwidth) * 1e3
 
 
@@ -947,8 +931,7 @@ def results_markdown(report: dict) -> str:
     if meta.get("rejudged"):
         lines += [f"Floors and acceptance re-judged against reference rates ({meta['rejudged']['date'][:10]}): "
                   f"`{meta['rejudged']['command']}`", ""]
-    bandwidth = ceilings.get("floor_bytes_per_s") or ceilings.get("copy_bytes_per_s", 0)
-    matmul = ceilings.get("floor_flops_per_s") or ceilings.get("matmul_flops_per_s", 0)
+    bandwidth, matmul = floor_rates(ceilings)
     lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
               f"Ceilings measured in this run: copy {_fmt(ceilings.get('copy_bytes_per_s', 0) / 1e12, '.2f')} TB/s, "
               f"{meta['flags']['dtype']} matmul {_fmt(ceilings.get('matmul_flops_per_s', 0) / 1e12, '.3g')} "
@@ -1137,9 +1120,8 @@ def _meta() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.argv[0]) if not f.name.startswith("worker")}
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python -m experiments.benchmark " + shlex.join(sys.argv[1:]),
-            "argv": sys.argv, "flags": own, "versions": versions, "python": sys.version.split()[0],
+    return {**run_stamp("experiments.benchmark"), "argv": sys.argv, "flags": own, "versions": versions,
+            "python": sys.version.split()[0],
             # the workers inherit the environment: compiler flags change the numbers, so they are recorded
             "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}
 
@@ -1181,8 +1163,7 @@ def main(argv):
             set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
             add_floors_and_ratios(report["rows"], report["ceilings"])
             report["acceptance"] = acceptance(report["rows"], report["max_batch"])
-            report["meta"]["rejudged"] = {"command": " ".join(["python -m experiments.benchmark"] + sys.argv[1:]),
-                                          "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+            report["meta"]["rejudged"] = run_stamp("experiments.benchmark")
         write_outputs(report, [os.path.dirname(os.path.abspath(FLAGS.replot))], final=True)
         print(summary(report))
         return

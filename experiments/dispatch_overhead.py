@@ -10,12 +10,11 @@ parameter names, widths shrunk so it runs anywhere. Results in WORKSPACE.md.
 
 from __future__ import annotations
 
-import datetime
 import json
-import sys
-import time
 
 from absl import app, flags
+
+from experiments.timing import median, run_stamp, timed
 
 FLAGS = flags.FLAGS
 
@@ -29,13 +28,7 @@ def define_flags() -> None:
 def _median_us(fn, calls: int) -> float:
     import jax
 
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e6
+    return median(timed(fn, calls, jax.block_until_ready)) * 1e3  # timed() warms up (compiles) first
 
 
 def measure(model_name: str, calls: int) -> dict:
@@ -61,8 +54,7 @@ def measure(model_name: str, calls: int) -> dict:
     ignore_weights = jax.jit(lambda weights, v: v + 1)
     no_weights = jax.jit(lambda v: v + 1)
     return {"model": model_name, "arrays": len(weights), "calls": calls, "device": str(jax.devices()[0]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "command": " ".join(["python -m experiments.dispatch_overhead"] + sys.argv[1:]),
+            **run_stamp("experiments.dispatch_overhead"),
             "us_per_call": {"nnx_state": _median_us(lambda: ignore_weights(state, x), calls),
                             "flat_tuple": _median_us(lambda: ignore_weights(weights, x), calls),
                             "no_weights": _median_us(lambda: no_weights(x), calls)}}

@@ -93,10 +93,10 @@ class LlavaRunner:
     def __init__(self, model: LlavaForConditionalGeneration, *, length_bucket: int = DEFAULT_LENGTH_BUCKET):
         self.config = model.config
         self.graphdef, state = nnx.split(model)
-        leaves, self._state_def = jax.tree_util.tree_flatten(state)
-        self.weights: tuple = tuple(leaves)
+        with_paths, self._state_def = jax.tree_util.tree_flatten_with_path(state)
+        self.weights: tuple = tuple(leaf for _, leaf in with_paths)
         self._weight_specs = [(jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype))
-                              for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]]
+                              for path, leaf in with_paths]
         self.length_bucket = length_bucket
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl,
