@@ -18,55 +18,55 @@ from adaptprune_jax.nms import SIMILARITY_PRECISION, check_keep, l2_normalize
 
 
 def topk_select(scores: jax.Array, keep: int) -> jax.Array:
-  """FastV: the ``keep`` highest scores along the last axis; ties go to the lower index first."""
-  scores = jnp.asarray(scores, jnp.float32)
-  keep = check_keep(keep, scores.shape[-1])
-  _, indices = lax.top_k(scores, keep)  # lax.top_k puts the lower index first among equal values.
-  return jnp.sort(indices.astype(jnp.int32), axis=-1)
+    """FastV: the ``keep`` highest scores along the last axis; ties go to the lower index first."""
+    scores = jnp.asarray(scores, jnp.float32)
+    keep = check_keep(keep, scores.shape[-1])
+    _, indices = lax.top_k(scores, keep)  # lax.top_k puts the lower index first among equal values.
+    return jnp.sort(indices.astype(jnp.int32), axis=-1)
 
 
 def random_select(
     rng_key: jax.Array, num_tokens: int, keep: int, batch_shape: tuple[int, ...] = ()
 ) -> jax.Array:
-  """``keep`` of ``num_tokens`` uniformly at random without replacement, independently per row.
+    """``keep`` of ``num_tokens`` uniformly at random without replacement, independently per row.
 
-  Deterministic in ``rng_key``; returns int32 ``batch_shape + (keep,)``.
-  """
-  keep = check_keep(keep, num_tokens)
-  tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), tuple(batch_shape) + (num_tokens,))
-  shuffled = jax.random.permutation(rng_key, tokens, axis=-1, independent=True)
-  return jnp.sort(shuffled[..., :keep], axis=-1)
+    Deterministic in ``rng_key``; returns int32 ``batch_shape + (keep,)``.
+    """
+    keep = check_keep(keep, num_tokens)
+    tokens = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), tuple(batch_shape) + (num_tokens,))
+    shuffled = jax.random.permutation(rng_key, tokens, axis=-1, independent=True)
+    return jnp.sort(shuffled[..., :keep], axis=-1)
 
 
 def uniform_grid_indices(num_tokens: int, keep: int) -> np.ndarray:
-  """The static index set of :func:`uniform_select`, as a NumPy int32 (keep,) array.
+    """The static index set of :func:`uniform_select`, as a NumPy int32 (keep,) array.
 
-  Rule: ``cols = ceil(sqrt(keep))`` and ``rows = ceil(keep / cols)`` grid lines, each set evenly
-  spaced and centred on the ``grid x grid`` grid (line ``i`` of ``n`` at ``floor((i + 0.5) * grid /
-  n)``). When ``keep`` is a perfect square this is a regular stride sub-grid (keep=64 on 24 x 24:
-  rows and cols 1, 4, ..., 22, stride 3). Otherwise the ``rows * cols >= keep`` candidates, in
-  row-major order, are thinned evenly to exactly ``keep`` (candidate ``floor((t + 0.5) * rows * cols
-  / keep)`` for t < keep). Every step is strictly increasing, so the indices are always distinct.
-  """
-  grid = grid_side(num_tokens)
-  keep = check_keep(keep, num_tokens)
-  cols = math.isqrt(keep - 1) + 1  # ceil(sqrt(keep)) exactly, for keep >= 1.
-  rows = -(-keep // cols)
+    Rule: ``cols = ceil(sqrt(keep))`` and ``rows = ceil(keep / cols)`` grid lines, each set evenly
+    spaced and centred on the ``grid x grid`` grid (line ``i`` of ``n`` at ``floor((i + 0.5) * grid /
+    n)``). When ``keep`` is a perfect square this is a regular stride sub-grid (keep=64 on 24 x 24:
+    rows and cols 1, 4, ..., 22, stride 3). Otherwise the ``rows * cols >= keep`` candidates, in
+    row-major order, are thinned evenly to exactly ``keep`` (candidate ``floor((t + 0.5) * rows * cols
+    / keep)`` for t < keep). Every step is strictly increasing, so the indices are always distinct.
+    """
+    grid = grid_side(num_tokens)
+    keep = check_keep(keep, num_tokens)
+    cols = math.isqrt(keep - 1) + 1  # ceil(sqrt(keep)) exactly, for keep >= 1.
+    rows = -(-keep // cols)
 
-  def centred_lines(count: int) -> np.ndarray:
-    return ((np.arange(count) + 0.5) * grid / count).astype(np.int64)
+    def centred_lines(count: int) -> np.ndarray:
+        return ((np.arange(count) + 0.5) * grid / count).astype(np.int64)
 
-  candidates = (centred_lines(rows)[:, None] * grid + centred_lines(cols)[None, :]).reshape(-1)
-  thinned = ((np.arange(keep) + 0.5) * candidates.size / keep).astype(np.int64)
-  return candidates[thinned].astype(np.int32)
+    candidates = (centred_lines(rows)[:, None] * grid + centred_lines(cols)[None, :]).reshape(-1)
+    thinned = ((np.arange(keep) + 0.5) * candidates.size / keep).astype(np.int64)
+    return candidates[thinned].astype(np.int32)
 
 
 def uniform_select(num_tokens: int, keep: int) -> jax.Array:
-  """Spatially uniform stride sampling on the square token grid (no scores); int32 (keep,) sorted.
+    """Spatially uniform stride sampling on the square token grid (no scores); int32 (keep,) sorted.
 
-  See :func:`uniform_grid_indices` for the rule, including ``keep`` that is not a perfect square.
-  """
-  return jnp.asarray(uniform_grid_indices(num_tokens, keep))
+    See :func:`uniform_grid_indices` for the rule, including ``keep`` that is not a perfect square.
+    """
+    return jnp.asarray(uniform_grid_indices(num_tokens, keep))
 
 
 def divprune_select(
@@ -75,43 +75,43 @@ def divprune_select(
     *,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
 ) -> jax.Array:
-  """DivPrune: greedy max-min diversity over cosine distance ``1 - cos``, int32 (..., keep) sorted.
+    """DivPrune: greedy max-min diversity over cosine distance ``1 - cos``, int32 (..., keep) sorted.
 
-  As the released loop: first the token whose nearest other token is farthest (the 2nd smallest
-  entry of its column of the distance matrix, the smallest being itself), then ``keep - 1`` times
-  the token whose minimum distance to the kept set is largest. Vectorised with a running
-  minimum-distance vector; kept tokens are masked out, so none is picked twice (the released code
-  could re-pick one when every remaining distance is 0). Ties go to the lower index.
-  """
-  embeddings = jnp.asarray(embeddings)
-  num_tokens = embeddings.shape[-2]
-  keep = check_keep(keep, num_tokens)
-  batch_shape = embeddings.shape[:-2]
-  flat = embeddings.reshape((-1,) + embeddings.shape[-2:])
-  token_index = jnp.arange(num_tokens, dtype=jnp.int32)
+    As the released loop: first the token whose nearest other token is farthest (the 2nd smallest
+    entry of its column of the distance matrix, the smallest being itself), then ``keep - 1`` times
+    the token whose minimum distance to the kept set is largest. Vectorised with a running
+    minimum-distance vector; kept tokens are masked out, so none is picked twice (the released code
+    could re-pick one when every remaining distance is 0). Ties go to the lower index.
+    """
+    embeddings = jnp.asarray(embeddings)
+    num_tokens = embeddings.shape[-2]
+    keep = check_keep(keep, num_tokens)
+    batch_shape = embeddings.shape[:-2]
+    flat = embeddings.reshape((-1,) + embeddings.shape[-2:])
+    token_index = jnp.arange(num_tokens, dtype=jnp.int32)
 
-  def one_row(row_embeddings):
-    unit = l2_normalize(row_embeddings)
-    distance = 1.0 - jnp.einsum('id,jd->ij', unit, unit, precision=precision)
-    if num_tokens == 1:
-      return jnp.zeros((1,), jnp.int32)
-    # 2nd smallest of each column (as torch.topk(.., 2, largest=False).values[1]): mask one
-    # occurrence of the column minimum and take the minimum of the rest (XLA's CPU top_k is slow).
-    columns = distance.T
-    smallest_at = jnp.argmin(columns, axis=-1)
-    nearest_other = jnp.min(
-        jnp.where(token_index == smallest_at[:, None], jnp.inf, columns), axis=-1)
-    first = jnp.argmax(nearest_other).astype(jnp.int32)
+    def one_row(row_embeddings):
+        unit = l2_normalize(row_embeddings)
+        distance = 1.0 - jnp.einsum("id,jd->ij", unit, unit, precision=precision)
+        if num_tokens == 1:
+            return jnp.zeros((1,), jnp.int32)
+        # 2nd smallest of each column (as torch.topk(.., 2, largest=False).values[1]): mask one
+        # occurrence of the column minimum and take the minimum of the rest (XLA's CPU top_k is slow).
+        columns = distance.T
+        smallest_at = jnp.argmin(columns, axis=-1)
+        nearest_other = jnp.min(jnp.where(token_index == smallest_at[:, None], jnp.inf, columns), axis=-1)
+        first = jnp.argmax(nearest_other).astype(jnp.int32)
 
-    def pick_one(step, state):
-      min_distance, kept, order = state
-      chosen = jnp.argmax(jnp.where(kept, -jnp.inf, min_distance)).astype(jnp.int32)
-      min_distance = jnp.minimum(
-          min_distance, lax.dynamic_index_in_dim(distance, chosen, axis=0, keepdims=False))
-      return min_distance, kept | (token_index == chosen), order.at[step].set(chosen)
+        def pick_one(step, state):
+            min_distance, kept, order = state
+            chosen = jnp.argmax(jnp.where(kept, -jnp.inf, min_distance)).astype(jnp.int32)
+            min_distance = jnp.minimum(
+                min_distance, lax.dynamic_index_in_dim(distance, chosen, axis=0, keepdims=False)
+            )
+            return min_distance, kept | (token_index == chosen), order.at[step].set(chosen)
 
-    state = (distance[first], token_index == first, jnp.zeros((keep,), jnp.int32).at[0].set(first))
-    return lax.fori_loop(1, keep, pick_one, state)[2]
+        state = (distance[first], token_index == first, jnp.zeros((keep,), jnp.int32).at[0].set(first))
+        return lax.fori_loop(1, keep, pick_one, state)[2]
 
-  order = jax.vmap(one_row)(flat)
-  return jnp.sort(order, axis=-1).reshape(batch_shape + (keep,))
+    order = jax.vmap(one_row)(flat)
+    return jnp.sort(order, axis=-1).reshape(batch_shape + (keep,))

@@ -36,26 +36,26 @@ SIMILARITY_PRECISION = lax.Precision.HIGHEST
 # unrolled), 'pallas' (one Triton kernel per batch row, GPU; nms_pallas.py), or 'auto' = 'pallas' on
 # GPU, else 'xla'. All select identically. On an H100 (LLaVA-1.5-7B, keep 64) the XLA loop added
 # 0.91 ms to the prefill and the Pallas kernel nothing measurable (WORKSPACE.md, issue 3).
-NMS_IMPLEMENTATIONS = ('auto', 'xla', 'unrolled', 'pallas')
+NMS_IMPLEMENTATIONS = ("auto", "xla", "unrolled", "pallas")
 
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN.
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """``x / max(||x||, 1e-12)`` along ``axis`` in float32 (torch's F.normalize)."""
-  x = jnp.asarray(x, jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, _NORM_EPS)
+    """``x / max(||x||, 1e-12)`` along ``axis`` in float32 (torch's F.normalize)."""
+    x = jnp.asarray(x, jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, _NORM_EPS)
 
 
 def check_keep(keep: int, num_tokens: int) -> int:
-  """Return ``keep`` as a Python int in [1, num_tokens]; it must be static (it sets shapes)."""
-  if isinstance(keep, bool) or not hasattr(keep, '__index__'):
-    raise TypeError(f'keep must be a static Python int, got {type(keep).__name__} {keep!r}.')
-  keep = int(keep)
-  if not 1 <= keep <= num_tokens:
-    raise ValueError(f'keep={keep} is out of range: allowed 1..{num_tokens} (the number of tokens).')
-  return keep
+    """Return ``keep`` as a Python int in [1, num_tokens]; it must be static (it sets shapes)."""
+    if isinstance(keep, bool) or not hasattr(keep, "__index__"):
+        raise TypeError(f"keep must be a static Python int, got {type(keep).__name__} {keep!r}.")
+    keep = int(keep)
+    if not 1 <= keep <= num_tokens:
+        raise ValueError(f"keep={keep} is out of range: allowed 1..{num_tokens} (the number of tokens).")
+    return keep
 
 
 def suppression_factors(
@@ -66,42 +66,43 @@ def suppression_factors(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
 ) -> jax.Array:
-  """The (N, N) float32 matrix ``F[i, j]``: the factor token j's score is multiplied by when i is kept.
+    """The (N, N) float32 matrix ``F[i, j]``: the factor token j's score is multiplied by when i is kept.
 
-  ``keys`` is (N, D), not necessarily normalised. Outside the window (``d > distance_limit``) the
-  factor is exactly 1; on the diagonal it is 0 (d = 0, cos = 1).
-  """
-  num_tokens = keys.shape[-2]
-  grid = grid_side(num_tokens)
-  unit_keys = l2_normalize(keys)
-  cosine = jnp.einsum('id,jd->ij', unit_keys, unit_keys, precision=precision)
-  row, col = grid_coordinates(grid)
-  squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
-  in_window = jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32)
-  spatial = jnp.exp(-squared_distance / (2.0 * jnp.square(jnp.asarray(distance_sigma, jnp.float32))))
-  similarity = jnp.exp(
-      -jnp.square(1.0 - cosine) / (2.0 * jnp.square(jnp.asarray(similarity_sigma, jnp.float32))))
-  return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
+    ``keys`` is (N, D), not necessarily normalised. Outside the window (``d > distance_limit``) the
+    factor is exactly 1; on the diagonal it is 0 (d = 0, cos = 1).
+    """
+    num_tokens = keys.shape[-2]
+    grid = grid_side(num_tokens)
+    unit_keys = l2_normalize(keys)
+    cosine = jnp.einsum("id,jd->ij", unit_keys, unit_keys, precision=precision)
+    row, col = grid_coordinates(grid)
+    squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
+    in_window = jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32)
+    spatial = jnp.exp(-squared_distance / (2.0 * jnp.square(jnp.asarray(distance_sigma, jnp.float32))))
+    similarity = jnp.exp(
+        -jnp.square(1.0 - cosine) / (2.0 * jnp.square(jnp.asarray(similarity_sigma, jnp.float32)))
+    )
+    return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
 
 
 def _greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
-  """Selection order (keep,) int32 for one (N,) score vector and its (N, N) factor matrix."""
-  num_tokens = scores.shape[-1]
-  token_index = jnp.arange(num_tokens, dtype=jnp.int32)
+    """Selection order (keep,) int32 for one (N,) score vector and its (N, N) factor matrix."""
+    num_tokens = scores.shape[-1]
+    token_index = jnp.arange(num_tokens, dtype=jnp.int32)
 
-  def pick_one(step, state):
-    current, kept, order = state
-    chosen = jnp.argmax(jnp.where(kept, -jnp.inf, current)).astype(jnp.int32)
-    current = current * lax.dynamic_index_in_dim(factors, chosen, axis=0, keepdims=False)
-    kept = kept | (token_index == chosen)
-    return current, kept, order.at[step].set(chosen)
+    def pick_one(step, state):
+        current, kept, order = state
+        chosen = jnp.argmax(jnp.where(kept, -jnp.inf, current)).astype(jnp.int32)
+        current = current * lax.dynamic_index_in_dim(factors, chosen, axis=0, keepdims=False)
+        kept = kept | (token_index == chosen)
+        return current, kept, order.at[step].set(chosen)
 
-  state = (
-      jnp.asarray(scores, jnp.float32),
-      jnp.zeros((num_tokens,), bool),
-      jnp.zeros((keep,), jnp.int32),
-  )
-  return lax.fori_loop(0, keep, pick_one, state, unroll=unroll)[2]
+    state = (
+        jnp.asarray(scores, jnp.float32),
+        jnp.zeros((num_tokens,), bool),
+        jnp.zeros((keep,), jnp.int32),
+    )
+    return lax.fori_loop(0, keep, pick_one, state, unroll=unroll)[2]
 
 
 def adaptive_nms_order(
@@ -114,38 +115,47 @@ def adaptive_nms_order(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
-    implementation: str = 'auto',
+    implementation: str = "auto",
 ) -> jax.Array:
-  """Like :func:`adaptive_nms` but returns the kept indices in the order they were picked."""
-  if implementation not in NMS_IMPLEMENTATIONS:
-    raise ValueError(f'unknown NMS implementation {implementation!r}; known: {", ".join(NMS_IMPLEMENTATIONS)}.')
-  if implementation == 'auto':
-    implementation = 'pallas' if jax.default_backend() == 'gpu' else 'xla'
-  scores = jnp.asarray(scores)
-  keys = jnp.asarray(keys)
-  if scores.ndim < 1 or keys.ndim < 2 or keys.shape[-2] != scores.shape[-1]:
-    raise ValueError(
-        f'scores must be (..., N) and keys (..., N, D) with the same N; got scores {scores.shape} '
-        f'and keys {keys.shape}.')
-  num_tokens = scores.shape[-1]
-  grid_side(num_tokens)  # Fail early, with the shape in the message, on a non-square grid.
-  keep = check_keep(keep, num_tokens)
-  batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
-  flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
-  flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape(
-      (-1,) + keys.shape[-2:])
+    """Like :func:`adaptive_nms` but returns the kept indices in the order they were picked."""
+    if implementation not in NMS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown NMS implementation {implementation!r}; known: {', '.join(NMS_IMPLEMENTATIONS)}."
+        )
+    if implementation == "auto":
+        implementation = "pallas" if jax.default_backend() == "gpu" else "xla"
+    scores = jnp.asarray(scores)
+    keys = jnp.asarray(keys)
+    if scores.ndim < 1 or keys.ndim < 2 or keys.shape[-2] != scores.shape[-1]:
+        raise ValueError(
+            f"scores must be (..., N) and keys (..., N, D) with the same N; got scores {scores.shape} "
+            f"and keys {keys.shape}."
+        )
+    num_tokens = scores.shape[-1]
+    grid_side(num_tokens)  # Fail early, with the shape in the message, on a non-square grid.
+    keep = check_keep(keep, num_tokens)
+    batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
+    flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
+    flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape((-1,) + keys.shape[-2:])
 
-  factors = jax.vmap(functools.partial(
-      suppression_factors, distance_limit=distance_limit, distance_sigma=distance_sigma,
-      similarity_sigma=similarity_sigma, precision=precision))(flat_keys)
-  if implementation == 'pallas':
-    from adaptprune_jax.nms_pallas import greedy_order_pallas  # pylint: disable=g-import-not-at-top
-    # Off the GPU the kernel runs in Pallas' interpreter (slow, exact): for tests and portability.
-    order = greedy_order_pallas(factors, flat_scores, keep, interpret=jax.default_backend() != 'gpu')
-  else:
-    unroll = True if implementation == 'unrolled' else unroll
-    order = jax.vmap(lambda f, s: _greedy_order(f, s, keep, unroll))(factors, flat_scores)
-  return order.reshape(batch_shape + (keep,))
+    factors = jax.vmap(
+        functools.partial(
+            suppression_factors,
+            distance_limit=distance_limit,
+            distance_sigma=distance_sigma,
+            similarity_sigma=similarity_sigma,
+            precision=precision,
+        )
+    )(flat_keys)
+    if implementation == "pallas":
+        from adaptprune_jax.nms_pallas import greedy_order_pallas  # pylint: disable=g-import-not-at-top
+
+        # Off the GPU the kernel runs in Pallas' interpreter (slow, exact): for tests and portability.
+        order = greedy_order_pallas(factors, flat_scores, keep, interpret=jax.default_backend() != "gpu")
+    else:
+        unroll = True if implementation == "unrolled" else unroll
+        order = jax.vmap(lambda f, s: _greedy_order(f, s, keep, unroll))(factors, flat_scores)
+    return order.reshape(batch_shape + (keep,))
 
 
 def adaptive_nms(
@@ -158,29 +168,36 @@ def adaptive_nms(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
-    implementation: str = 'auto',
+    implementation: str = "auto",
 ) -> jax.Array:
-  """Adaptive NMS: ``keep`` distinct token indices, int32 (..., keep), sorted ascending.
+    """Adaptive NMS: ``keep`` distinct token indices, int32 (..., keep), sorted ascending.
 
-  Args:
-    scores: (..., N) non-negative scores, ALREADY weighted by the centre prior (see
-      :func:`adaptprune_select`); N = grid * grid, row-major.
-    keys: (..., N, D) feature keys; L2-normalised here (in float32), so raw keys are fine.
-    keep: static number of tokens to keep, 1 <= keep <= N.
-    distance_limit: grid-distance window of the suppression (``d <= distance_limit``); below 1 only
-      the kept token itself is suppressed and the result is the top-k of ``scores``.
-    distance_sigma, similarity_sigma: widths of the spatial and cosine-similarity Gaussians.
-    unroll: passed to ``lax.fori_loop``; unrolling trades compile time for fewer loop iterations.
-    precision: matmul precision of the cosine-similarity matrix (keep HIGHEST for parity).
-    implementation: 'auto' (Pallas on GPU, else XLA), 'xla', 'unrolled' or 'pallas'; see NMS_IMPLEMENTATIONS.
+    Args:
+      scores: (..., N) non-negative scores, ALREADY weighted by the centre prior (see
+        :func:`adaptprune_select`); N = grid * grid, row-major.
+      keys: (..., N, D) feature keys; L2-normalised here (in float32), so raw keys are fine.
+      keep: static number of tokens to keep, 1 <= keep <= N.
+      distance_limit: grid-distance window of the suppression (``d <= distance_limit``); below 1 only
+        the kept token itself is suppressed and the result is the top-k of ``scores``.
+      distance_sigma, similarity_sigma: widths of the spatial and cosine-similarity Gaussians.
+      unroll: passed to ``lax.fori_loop``; unrolling trades compile time for fewer loop iterations.
+      precision: matmul precision of the cosine-similarity matrix (keep HIGHEST for parity).
+      implementation: 'auto' (Pallas on GPU, else XLA), 'xla', 'unrolled' or 'pallas'; see NMS_IMPLEMENTATIONS.
 
-  The hyperparameters may be Python floats or traced scalars.
-  """
-  order = adaptive_nms_order(
-      scores, keys, keep, distance_limit=distance_limit, distance_sigma=distance_sigma,
-      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision,
-      implementation=implementation)
-  return jnp.sort(order, axis=-1)
+    The hyperparameters may be Python floats or traced scalars.
+    """
+    order = adaptive_nms_order(
+        scores,
+        keys,
+        keep,
+        distance_limit=distance_limit,
+        distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma,
+        unroll=unroll,
+        precision=precision,
+        implementation=implementation,
+    )
+    return jnp.sort(order, axis=-1)
 
 
 def adaptprune_select(
@@ -194,16 +211,23 @@ def adaptprune_select(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
-    implementation: str = 'auto',
+    implementation: str = "auto",
 ) -> jax.Array:
-  """AdaptPrune end to end: attention cue x centre prior, then adaptive NMS on the feature keys.
+    """AdaptPrune end to end: attention cue x centre prior, then adaptive NMS on the feature keys.
 
-  ``attention`` (..., N) is the attention cue over the image tokens only; ``keys`` (..., N, D).
-  Returns int32 (..., keep), sorted ascending.
-  """
-  attention = jnp.asarray(attention, jnp.float32)
-  prior = center_prior(grid_side(attention.shape[-1]), prior_sigma).reshape(-1)
-  return adaptive_nms(
-      attention * prior, keys, keep, distance_limit=distance_limit, distance_sigma=distance_sigma,
-      similarity_sigma=similarity_sigma, unroll=unroll, precision=precision,
-      implementation=implementation)
+    ``attention`` (..., N) is the attention cue over the image tokens only; ``keys`` (..., N, D).
+    Returns int32 (..., keep), sorted ascending.
+    """
+    attention = jnp.asarray(attention, jnp.float32)
+    prior = center_prior(grid_side(attention.shape[-1]), prior_sigma).reshape(-1)
+    return adaptive_nms(
+        attention * prior,
+        keys,
+        keep,
+        distance_limit=distance_limit,
+        distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma,
+        unroll=unroll,
+        precision=precision,
+        implementation=implementation,
+    )

@@ -68,8 +68,11 @@ flags.DEFINE_list("batch_sizes", ["1"], "Batch sizes.")
 flags.DEFINE_list("methods", ["none", "adaptprune"], "Pruning methods (none = unpruned).")
 flags.DEFINE_list("keep", ["64"], "Image tokens kept (counts).")
 flags.DEFINE_integer("layer", 2, "Pruning layer K (DivPrune always prunes before the LLM).")
-flags.DEFINE_list("configs", [], "Explicit configurations instead of the cross product, in run order: "
-                  "none:BATCH or METHOD:KEEP:BATCH.")
+flags.DEFINE_list(
+    "configs",
+    [],
+    "Explicit configurations instead of the cross product, in run order: none:BATCH or METHOD:KEEP:BATCH.",
+)
 flags.DEFINE_integer("text_tokens", 64, "Text tokens per prompt (the image span comes on top).")
 flags.DEFINE_integer("new_tokens", 32, "Generated tokens (end-to-end; decode steps = new_tokens - 1).")
 flags.DEFINE_integer("repeats", 20, "Timed repeats of vision / prefill / first-token.")
@@ -79,48 +82,83 @@ flags.DEFINE_string("output_dir", "experiments/results/benchmark", "Where result
 flags.DEFINE_bool("torch_baseline", False, "Also run transformers' PyTorch LLaVA on the same shapes.")
 flags.DEFINE_list("torch_batch_sizes", [], "Batch sizes of the PyTorch baseline (default: every batch).")
 flags.DEFINE_bool("max_batch_search", False, "Find the largest batch that fits (--max_batch_configs).")
-flags.DEFINE_list("max_batch_configs", ["none", "adaptprune:64"],
-                  "Searched configurations: none or METHOD:KEEP, each optionally @START (first batch probed; "
-                  "default: predicted from a measured row of this run, else twice its batch).")
+flags.DEFINE_list(
+    "max_batch_configs",
+    ["none", "adaptprune:64"],
+    "Searched configurations: none or METHOD:KEEP, each optionally @START (first batch probed; "
+    "default: predicted from a measured row of this run, else twice its batch).",
+)
 flags.DEFINE_float("max_batch_growth", 2.0, "Growth factor of the search before the first failure.")
 flags.DEFINE_integer("max_batch_probes", 4, "Probes (processes) per searched configuration.")
 flags.DEFINE_integer("max_batch_cap", 1024, "Largest batch probed.")
 flags.DEFINE_float("max_batch_tolerance", 0.1, "Stop bisecting when (fail - fit) <= tolerance * fit.")
 flags.DEFINE_string("compile_cache", ".jax_cache", "Persistent compilation cache directory ('' = off).")
-flags.DEFINE_integer("compile_workers", 0, "Parallel pre-compile processes (0 = compile in the measuring process).")
+flags.DEFINE_integer(
+    "compile_workers", 0, "Parallel pre-compile processes (0 = compile in the measuring process)."
+)
 flags.DEFINE_float("mem_fraction", 0.92, "XLA_PYTHON_CLIENT_MEM_FRACTION for the workers (allocator limit).")
-flags.DEFINE_integer("deadline_s", 0, "Wall-clock budget of the whole run; later jobs are skipped (0 = none).")
+flags.DEFINE_integer(
+    "deadline_s", 0, "Wall-clock budget of the whole run; later jobs are skipped (0 = none)."
+)
 flags.DEFINE_integer("job_timeout_s", 600, "Per-process timeout.")
 flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.")
-flags.DEFINE_float("attention_logits_budget_mb", 0, "Largest float32 attention-logits tensor one attention "
-                   "materialises before its queries run in chunks (models.layers; 0 = the default, 1 GiB).")
-flags.DEFINE_string("profile_dir", "", "After timing, trace 3 vision-tower calls, 3 LLM prefills and one "
-                    "generation of each JAX configuration with jax.profiler into <dir>/<config>/ and put the "
-                    "per-device-thread summary (busy vs span, heaviest kernels; experiments/profiling.py) in "
-                    "results.json and results.md ('' = off). The traces stay in <dir>.")
-flags.DEFINE_list("stage_compiler_options", [], "XLA options for single compiled stages, STAGE:OPTION=VALUE "
-                  f"(stages: {', '.join(COMPILED_STAGES)}), e.g. generate:xla_gpu_enable_triton_gemm=false tries "
-                  "cuBLAS GEMVs for the decode loop only. Recorded in each row.")
-flags.DEFINE_float("reference_bandwidth_tbps", 0, "Memory bandwidth (TB/s) known to be reachable on the device "
-                   "(e.g. 4.3 on an H200, measured by the workplace); floors use the faster of it and the in-run "
-                   "copy ceiling (0 = in-run only).")
-flags.DEFINE_float("reference_matmul_tflops", 0, "Matmul rate (TFLOP/s) known to be reachable (e.g. 788 bf16 on an "
-                   "H200); floors use the faster of it and the in-run ceiling (0 = in-run only).")
+flags.DEFINE_float(
+    "attention_logits_budget_mb",
+    0,
+    "Largest float32 attention-logits tensor one attention "
+    "materialises before its queries run in chunks (models.layers; 0 = the default, 1 GiB).",
+)
+flags.DEFINE_string(
+    "profile_dir",
+    "",
+    "After timing, trace 3 vision-tower calls, 3 LLM prefills and one "
+    "generation of each JAX configuration with jax.profiler into <dir>/<config>/ and put the "
+    "per-device-thread summary (busy vs span, heaviest kernels; experiments/profiling.py) in "
+    "results.json and results.md ('' = off). The traces stay in <dir>.",
+)
+flags.DEFINE_list(
+    "stage_compiler_options",
+    [],
+    "XLA options for single compiled stages, STAGE:OPTION=VALUE "
+    f"(stages: {', '.join(COMPILED_STAGES)}), e.g. generate:xla_gpu_enable_triton_gemm=false tries "
+    "cuBLAS GEMVs for the decode loop only. Recorded in each row.",
+)
+flags.DEFINE_float(
+    "reference_bandwidth_tbps",
+    0,
+    "Memory bandwidth (TB/s) known to be reachable on the device "
+    "(e.g. 4.3 on an H200, measured by the workplace); floors use the faster of it and the in-run "
+    "copy ceiling (0 = in-run only).",
+)
+flags.DEFINE_float(
+    "reference_matmul_tflops",
+    0,
+    "Matmul rate (TFLOP/s) known to be reachable (e.g. 788 bf16 on an "
+    "H200); floors use the faster of it and the in-run ceiling (0 = in-run only).",
+)
 flags.DEFINE_string("replot", None, "Rewrite results.md and the plot of this results.json; print its table.")
 flags.DEFINE_string("worker", None, "(internal) JSON spec: run one job in this process.")
 flags.DEFINE_string("worker_result", None, "(internal) where the worker writes its JSON result.")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIB = 2 ** 30
+GIB = 2**30
 # Acceptance targets of the issue "Speed and memory on the H100".
 ACCEPT_METHOD, ACCEPT_KEEP = "adaptprune", 64
-TARGETS = dict(decode_vs_weight_floor=1.25, prefill_vs_flop_floor=1.5, ttft_speedup_b1=2.0,
-               ttft_speedup_b16=3.0, memory_saving_b64=0.40, max_batch_ratio=2.0, selection_overhead_ms=0.5)
+TARGETS = dict(
+    decode_vs_weight_floor=1.25,
+    prefill_vs_flop_floor=1.5,
+    ttft_speedup_b1=2.0,
+    ttft_speedup_b16=3.0,
+    memory_saving_b64=0.40,
+    max_batch_ratio=2.0,
+    selection_overhead_ms=0.5,
+)
 
 
 # ================================================================================================
 # Worker side: everything below until the driver runs inside one subprocess per job.
 # ================================================================================================
+
 
 def _hf_config(model: str):
     from models import presets
@@ -129,8 +167,9 @@ def _hf_config(model: str):
     return presets.llava_config(model) if model in presets.PRESET_NAMES else load_hf_config(model)
 
 
-def _random_prompts(batch: int, text_tokens: int, num_image_tokens: int, vocab_size: int,
-                    image_token_index: int, seed: int):
+def _random_prompts(
+    batch: int, text_tokens: int, num_image_tokens: int, vocab_size: int, image_token_index: int, seed: int
+):
     """(ids (B, S) int32, image_start): random ids, one image span after half the text tokens."""
     import numpy as np
 
@@ -138,7 +177,7 @@ def _random_prompts(batch: int, text_tokens: int, num_image_tokens: int, vocab_s
     ids = rng.integers(0, vocab_size, (batch, text_tokens + num_image_tokens)).astype(np.int32)
     ids[ids == image_token_index] = (image_token_index + 1) % vocab_size
     start = text_tokens // 2
-    ids[:, start:start + num_image_tokens] = image_token_index
+    ids[:, start : start + num_image_tokens] = image_token_index
     return ids, start
 
 
@@ -155,6 +194,7 @@ class FixedSelection:
     Implements the model's interface to `adaptprune_jax` configs; asks for no cue, so the model skips
     the attention row at layer K - 1 and the key projection, and `select` is a broadcast constant.
     """
+
     layer: int
     indices: tuple[int, ...]
     needs_attention: ClassVar[bool] = False
@@ -192,21 +232,28 @@ def _work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_tokens,
     layer_params = [total(f"language_model/layers/{i}") for i in range(text.num_layers)]
     head_params = total("language_model/lm_head") or total("language_model/embed_tokens")
     stream_params = sum(layer_params) + total("language_model/norm") + head_params
-    tokens = [prompt_tokens if (keep == 0 or i < layer) else prompt_tokens - n_img + keep
-              for i in range(text.num_layers)]
+    tokens = [
+        prompt_tokens if (keep == 0 or i < layer) else prompt_tokens - n_img + keep
+        for i in range(text.num_layers)
+    ]
     attn = 4 * text.num_heads * text.head_dim  # QK^T and PV per (query, key) pair
     kv_per_token = 2 * text.num_kv_heads * text.head_dim * itemsize
-    prefill_flops = batch * (sum(2 * p * t + attn * t * (t + 1) / 2 for p, t in zip(layer_params, tokens))
-                             + 2 * head_params)
+    prefill_flops = batch * (
+        sum(2 * p * t + attn * t * (t + 1) / 2 for p, t in zip(layer_params, tokens)) + 2 * head_params
+    )
     filled = [t + new_tokens / 2 for t in tokens]  # mean cache fill during decoding
     v_tokens, v_layers = vision.num_patches + 1, cfg.vision_layers_needed
     v_layer_params = [total(f"vision_tower/layers/{i}") for i in range(v_layers)]
     v_other = total("vision_tower/patch_embedding") + total("multi_modal_projector")
-    vision_flops = batch * (sum(2 * p * v_tokens for p in v_layer_params)
-                            + v_layers * 4 * vision.hidden_size * v_tokens ** 2 + 2 * v_other * n_img)
+    vision_flops = batch * (
+        sum(2 * p * v_tokens for p in v_layer_params)
+        + v_layers * 4 * vision.hidden_size * v_tokens**2
+        + 2 * v_other * n_img
+    )
     return {
-        "llm_params": sum(layer_params) + head_params + total("language_model/embed_tokens") * (
-            not cfg.tie_word_embeddings),
+        "llm_params": sum(layer_params)
+        + head_params
+        + total("language_model/embed_tokens") * (not cfg.tie_word_embeddings),
         "llm_stream_bytes": stream_params * itemsize,
         "prefill_tokens_per_layer": tokens,
         "prefill_flops": prefill_flops,
@@ -220,15 +267,13 @@ def _work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_tokens,
     }
 
 
-
-
 def _configure_jax(spec):
     import jax
 
     if spec.get("attention_logits_budget_mb"):  # before anything is traced: a trace-time constant
         from models.layers import set_attention_logits_budget
 
-        set_attention_logits_budget(int(spec["attention_logits_budget_mb"] * 2 ** 20))
+        set_attention_logits_budget(int(spec["attention_logits_budget_mb"] * 2**20))
     if spec.get("compile_cache"):
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(spec["compile_cache"]))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -249,8 +294,13 @@ def _compiled_memory(compiled) -> dict | None:
         return None
     if stats is None:
         return None
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     return {f: int(getattr(stats, f, 0)) for f in fields}
 
 
@@ -291,8 +341,11 @@ def jax_worker(spec: dict) -> dict:
     fixed = None
     if pruning is not None and spec["selection_overhead"] and mode != "probe":
         fixed = FixedSelection(pruning.layer, tuple(i * n_img // keep for i in range(keep)))
-    sampling = SamplingConfig(max_new_tokens=new_tokens, eos_token_id=None,
-                              pad_token_id=int(hf_config.text_config.pad_token_id or 0))
+    sampling = SamplingConfig(
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=int(hf_config.text_config.pad_token_id or 0),
+    )
 
     def vision(weights, pixels):
         return runner.merge(weights).image_features(pixels)
@@ -304,8 +357,16 @@ def jax_worker(spec: dict) -> dict:
 
     def prefill(weights, x, positions, last_index, image_start, rng, *, pruning, keep):
         return runner.merge(weights).language_model.prefill(
-            x, positions, last_index, image_start=image_start, num_image_tokens=n_img,
-            extra_slots=new_tokens, pruning=pruning, keep=keep, rng=rng)
+            x,
+            positions,
+            last_index,
+            image_start=image_start,
+            num_image_tokens=n_img,
+            extra_slots=new_tokens,
+            pruning=pruning,
+            keep=keep,
+            rng=rng,
+        )
 
     # --- compile every stage from abstract shapes (a cache load when the pre-compile phase ran) ----
     compiled, compile_s, memory = {}, {}, {}
@@ -329,14 +390,32 @@ def jax_worker(spec: dict) -> dict:
         compile_s["init"] = round(time.perf_counter() - start, 3)
     features = build("vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32))
     embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
-    result = build("prefill", jax.jit(functools.partial(prefill, pruning=pruning, keep=keep)),
-                   abstract_weights, *embedded, key)
+    result = build(
+        "prefill",
+        jax.jit(functools.partial(prefill, pruning=pruning, keep=keep)),
+        abstract_weights,
+        *embedded,
+        key,
+    )
     build("first_token", jax.jit(lambda logits: jnp.argmax(logits, -1)), result.logits)
-    build("generate", runner._generate, abstract_weights, result.logits, result.caches, result.next_positions,
-          key, sampling=sampling)
+    build(
+        "generate",
+        runner._generate,
+        abstract_weights,
+        result.logits,
+        result.caches,
+        result.next_positions,
+        key,
+        sampling=sampling,
+    )
     if fixed is not None:
-        build("prefill_fixed", jax.jit(functools.partial(prefill, pruning=fixed, keep=keep)),
-              abstract_weights, *embedded, key)
+        build(
+            "prefill_fixed",
+            jax.jit(functools.partial(prefill, pruning=fixed, keep=keep)),
+            abstract_weights,
+            *embedded,
+            key,
+        )
     cues = None
     if pruning is not None and mode != "probe":
         kv_width = cfg.text.num_kv_heads * cfg.text.head_dim
@@ -344,19 +423,37 @@ def jax_worker(spec: dict) -> dict:
             attention=sds((batch, n_img), jnp.float32) if pruning.needs_attention else None,
             keys=sds((batch, n_img, kv_width), jnp.float32) if pruning.needs_features else None,
             embeddings=sds((batch, n_img, cfg.text.hidden_size), dtype) if pruning.needs_embeddings else None,
-            rng=key, batch_size=batch, num_image_tokens=n_img)
+            rng=key,
+            batch_size=batch,
+            num_image_tokens=n_img,
+        )
         build("select", jax.jit(lambda c: pruning.select(c, keep)), cues)
     from models.layers import attention_logits_budget
 
-    out = {"status": "ok", "compile_s": compile_s, "compiled_memory": memory, "keep": keep,
-           "stage_compiler_options": stage_options,
-           "attention_logits_budget_bytes": attention_logits_budget(),
-           "layer": None if pruning is None else pruning.layer, "prompt_tokens": prompt_tokens,
-           "image_tokens": n_img, "work": _work(cfg, abstract_state, batch=batch, prompt_tokens=prompt_tokens,
-                                                keep=keep, layer=0 if pruning is None else pruning.layer,
-                                                new_tokens=new_tokens, itemsize=dtype.itemsize)}
-    out["work"]["kv_cache_bytes_allocated"] = sum(math.prod(x.shape) * x.dtype.itemsize
-                                                  for x in jax.tree_util.tree_leaves(result.caches))
+    out = {
+        "status": "ok",
+        "compile_s": compile_s,
+        "compiled_memory": memory,
+        "keep": keep,
+        "stage_compiler_options": stage_options,
+        "attention_logits_budget_bytes": attention_logits_budget(),
+        "layer": None if pruning is None else pruning.layer,
+        "prompt_tokens": prompt_tokens,
+        "image_tokens": n_img,
+        "work": _work(
+            cfg,
+            abstract_state,
+            batch=batch,
+            prompt_tokens=prompt_tokens,
+            keep=keep,
+            layer=0 if pruning is None else pruning.layer,
+            new_tokens=new_tokens,
+            itemsize=dtype.itemsize,
+        ),
+    }
+    out["work"]["kv_cache_bytes_allocated"] = sum(
+        math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(result.caches)
+    )
     if mode == "compile":
         return out
 
@@ -370,8 +467,9 @@ def jax_worker(spec: dict) -> dict:
     sync(weights)
     out["weights_s"] = round(time.perf_counter() - start, 3)
     out["weights_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
-    ids, _ = _random_prompts(batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index,
-                             spec["seed"])
+    ids, _ = _random_prompts(
+        batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index, spec["seed"]
+    )
     ids, pixels = jnp.asarray(ids), jnp.asarray(_random_pixels(batch, cfg.vision.image_size, spec["seed"]))
     rng = jax.random.key(spec["seed"] + 2)
     run = compiled
@@ -408,20 +506,33 @@ def jax_worker(spec: dict) -> dict:
         for name, stage in prefills.items():
             samples[name].append(_one(lambda stage=stage: run[stage](weights, *embedded, rng), sync))
     if fixed is not None:
-        samples["selection_overhead_ms"] = [a - b for a, b in zip(samples["llm_prefill_ms"],
-                                                                  samples["fixed_prefill_ms"])]
+        samples["selection_overhead_ms"] = [
+            a - b for a, b in zip(samples["llm_prefill_ms"], samples["fixed_prefill_ms"])
+        ]
     if cues is not None:
         real_cues = jax.tree_util.tree_map(
-            lambda s: jax.random.uniform(jax.random.key(7), s.shape, s.dtype) if hasattr(s, "shape")
-            and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key) else s, cues)
+            lambda s: (
+                jax.random.uniform(jax.random.key(7), s.shape, s.dtype)
+                if hasattr(s, "shape") and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+                else s
+            ),
+            cues,
+        )
         real_cues = real_cues.replace(rng=rng)
         samples["select_only_ms"] = timed(lambda: run["select"](real_cues), reps, sync)
     samples["ttft_ms"] = timed(first_token, reps, sync)
     decode = []
     for _ in range(e2e_reps + 1):
         result = sync(run["prefill"](weights, *embedded, rng))
-        decode.append(_one(lambda: run["generate"](weights, result.logits, result.caches, result.next_positions,
-                                                   rng), sync) / (new_tokens - 1))
+        decode.append(
+            _one(
+                lambda result=result: run["generate"](
+                    weights, result.logits, result.caches, result.next_positions, rng
+                ),
+                sync,
+            )
+            / (new_tokens - 1)
+        )
     samples["decode_ms_per_token"] = decode[1:]
     samples["e2e_ms"] = timed(generation, e2e_reps, sync)
     out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
@@ -433,20 +544,33 @@ def jax_worker(spec: dict) -> dict:
         where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
         result = sync(run["prefill"](weights, *embedded, rng))
         stages = {
-            "vision": lambda: profiling.profile_call(lambda: run["vision"](weights, pixels),
-                                                     os.path.join(where, "vision"), calls=3, sync=sync),
-            "llm_prefill": lambda: profiling.profile_call(lambda: run["prefill"](weights, *embedded, rng),
-                                                          os.path.join(where, "llm_prefill"), calls=3, sync=sync),
+            "vision": lambda: profiling.profile_call(
+                lambda: run["vision"](weights, pixels), os.path.join(where, "vision"), calls=3, sync=sync
+            ),
+            "llm_prefill": lambda: profiling.profile_call(
+                lambda: run["prefill"](weights, *embedded, rng),
+                os.path.join(where, "llm_prefill"),
+                calls=3,
+                sync=sync,
+            ),
             "decode_step": lambda: profiling.profile_call(
-                lambda: run["generate"](weights, result.logits, result.caches, result.next_positions, rng),
-                os.path.join(where, "decode"), units_per_call=new_tokens - 1, sync=sync),
+                lambda result=result: run["generate"](
+                    weights, result.logits, result.caches, result.next_positions, rng
+                ),
+                os.path.join(where, "decode"),
+                units_per_call=new_tokens - 1,
+                sync=sync,
+            ),
         }
         out["profile"] = {}
         for stage, take in stages.items():  # a failed trace (e.g. no CUPTI) must not cost the timings
             try:
                 out["profile"][stage] = take()
             except Exception as error:  # noqa: BLE001 - recorded in the row, the run goes on
-                out["profile"][stage] = {"error": f"{type(error).__name__}: {error}"[:500], "device_threads": []}
+                out["profile"][stage] = {
+                    "error": f"{type(error).__name__}: {error}"[:500],
+                    "device_threads": [],
+                }
     return out
 
 
@@ -470,7 +594,7 @@ def ceilings_worker(spec: dict) -> dict:
 
     device = jax.devices()[0]
     small = device.platform == "cpu"
-    n, m, iterations = (2 ** 22, 512, 4) if small else (2 ** 30, 8192, 20)
+    n, m, iterations = (2**22, 512, 4) if small else (2**30, 8192, 20)
     key = jax.random.key(spec["seed"])
     x = jax.random.normal(key, (n,), jnp.bfloat16)
     a, b = (jax.random.normal(jax.random.fold_in(key, i), (m, m), jnp.bfloat16) for i in (1, 2))
@@ -478,13 +602,25 @@ def ceilings_worker(spec: dict) -> dict:
     barrier = jax.lax.optimization_barrier  # no fusing of steps, should XLA unroll the loop
 
     scale = jax.jit(lambda v: jax.lax.fori_loop(0, iterations, lambda _, u: barrier(u * 3), v))
-    matmul = jax.jit(lambda p, q: jax.lax.fori_loop(0, iterations, lambda _, u: barrier((u @ q) * inverse_m), p))
+    matmul = jax.jit(
+        lambda p, q: jax.lax.fori_loop(0, iterations, lambda _, u: barrier((u @ q) * inverse_m), p)
+    )
     copy_ms = median(timed(lambda: scale(x), 10, jax.block_until_ready)) / iterations
     matmul_ms = median(timed(lambda: matmul(a, b), 10, jax.block_until_ready)) / iterations
-    return {"status": "ok", "device": str(device), "device_kind": device.device_kind, "platform": device.platform,
-            "bytes_limit": _memory_stats().get("bytes_limit"), "iterations": iterations,
-            "copy_bytes": 2 * n * 2, "copy_ms": copy_ms, "copy_bytes_per_s": 2 * n * 2 / (copy_ms / 1e3),
-            "matmul_size": m, "matmul_ms": matmul_ms, "matmul_flops_per_s": 2 * m ** 3 / (matmul_ms / 1e3)}
+    return {
+        "status": "ok",
+        "device": str(device),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "bytes_limit": _memory_stats().get("bytes_limit"),
+        "iterations": iterations,
+        "copy_bytes": 2 * n * 2,
+        "copy_ms": copy_ms,
+        "copy_bytes_per_s": 2 * n * 2 / (copy_ms / 1e3),
+        "matmul_size": m,
+        "matmul_ms": matmul_ms,
+        "matmul_flops_per_s": 2 * m**3 / (matmul_ms / 1e3),
+    }
 
 
 def torch_worker(spec: dict) -> dict:
@@ -505,15 +641,19 @@ def torch_worker(spec: dict) -> dict:
         torch.set_num_threads(1)  # CPU runs are tests on shared cores: spinning thread pools stall there
     torch.manual_seed(spec["seed"])
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(hf_config, dtype=getattr(torch, spec["dtype"]),
-                                                           attn_implementation="sdpa").eval()
+        model = LlavaForConditionalGeneration._from_config(
+            hf_config, dtype=getattr(torch, spec["dtype"]), attn_implementation="sdpa"
+        ).eval()
     batch, n_img, keep, new_tokens = spec["batch"], cfg.num_image_tokens, spec["keep"], spec["new_tokens"]
     if not 0 <= keep <= n_img:
         raise ValueError(f"keep={keep} is outside 0..{n_img} image tokens")
-    ids, start = _random_prompts(batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index,
-                                 spec["seed"])
+    ids, start = _random_prompts(
+        batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index, spec["seed"]
+    )
     ids = torch.from_numpy(ids).long().to(device)
-    pixels = torch.from_numpy(_random_pixels(batch, cfg.vision.image_size, spec["seed"])).to(device, model.dtype)
+    pixels = torch.from_numpy(_random_pixels(batch, cfg.vision.image_size, spec["seed"])).to(
+        device, model.dtype
+    )
     mask = torch.ones_like(ids)
     kept = torch.tensor(np.arange(keep) * n_img // keep if keep else np.arange(n_img), device=device)
 
@@ -525,38 +665,54 @@ def torch_worker(spec: dict) -> dict:
         """Text embeddings with the image span replaced by the (kept) image features."""
         features = torch.stack(model.get_image_features(pixel_values=pixels).pooler_output)
         text = model.get_input_embeddings()(ids)
-        return torch.cat([text[:, :start], features[:, kept].to(text.dtype), text[:, start + n_img:]], dim=1)
+        return torch.cat([text[:, :start], features[:, kept].to(text.dtype), text[:, start + n_img :]], dim=1)
 
     def first_token():
         if keep:
             x = embeddings()
-            logits = model(inputs_embeds=x, attention_mask=mask[:, :x.shape[1]], logits_to_keep=1).logits
+            logits = model(inputs_embeds=x, attention_mask=mask[:, : x.shape[1]], logits_to_keep=1).logits
         else:
             logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, logits_to_keep=1).logits
         return logits[:, -1].argmax(-1)
 
-    generate_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=int(hf_config.text_config.pad_token_id or 0))
+    generate_kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=int(hf_config.text_config.pad_token_id or 0),
+    )
 
     def generation():
         if keep:
             x = embeddings()
-            return model.generate(inputs_embeds=x, attention_mask=mask[:, :x.shape[1]], **generate_kwargs)
+            return model.generate(inputs_embeds=x, attention_mask=mask[:, : x.shape[1]], **generate_kwargs)
         return model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, **generate_kwargs)
 
     reps, e2e_reps = spec["repeats"], spec["e2e_repeats"]
-    out = {"status": "ok", "device": device, "keep": keep, "prompt_tokens": ids.shape[1], "image_tokens": n_img}
+    out = {
+        "status": "ok",
+        "device": device,
+        "keep": keep,
+        "prompt_tokens": ids.shape[1],
+        "image_tokens": n_img,
+    }
     with torch.inference_mode():
         start_time = time.perf_counter()
         sync(first_token())
         out["first_call_s"] = round(time.perf_counter() - start_time, 3)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        samples = {"vision_ms": timed(lambda: model.get_image_features(pixel_values=pixels).pooler_output,
-                                       reps, sync)}
+        samples = {
+            "vision_ms": timed(
+                lambda: model.get_image_features(pixel_values=pixels).pooler_output, reps, sync
+            )
+        }
         x = embeddings()
         samples["llm_prefill_ms"] = timed(
-            lambda: model(inputs_embeds=x, attention_mask=mask[:, :x.shape[1]], logits_to_keep=1).logits, reps, sync)
+            lambda: model(inputs_embeds=x, attention_mask=mask[:, : x.shape[1]], logits_to_keep=1).logits,
+            reps,
+            sync,
+        )
         samples["ttft_ms"] = timed(first_token, reps, sync)
         samples["e2e_ms"] = timed(generation, e2e_reps, sync)
         generated = generation()
@@ -576,8 +732,11 @@ def worker_main() -> None:
     except Exception as error:  # noqa: BLE001 - reported to the driver as a failed row
         text = f"{type(error).__name__}: {error}"
         oom = any(s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "Out of memory"))
-        result = {"status": "oom" if oom else "failed", "error": text[:2000],
-                  "traceback": traceback.format_exc()[-4000:]}
+        result = {
+            "status": "oom" if oom else "failed",
+            "error": text[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
         if spec.get("mode") == "probe":
             result["fits"] = False
     with open(FLAGS.worker_result, "w") as f:
@@ -587,6 +746,7 @@ def worker_main() -> None:
 # ================================================================================================
 # Driver: plans the jobs, runs each in a subprocess, adds floors and ratios, writes the report.
 # ================================================================================================
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -625,8 +785,10 @@ def parse_stage_compiler_options(entries: list[str]) -> dict[str, dict[str, Any]
         stage, _, setting = entry.strip().partition(":")
         name, equals, value = setting.partition("=")
         if stage not in COMPILED_STAGES:
-            raise ValueError(f"bad --stage_compiler_options entry {entry!r}: unknown stage {stage!r}; stages: "
-                             f"{', '.join(COMPILED_STAGES)}")
+            raise ValueError(
+                f"bad --stage_compiler_options entry {entry!r}: unknown stage {stage!r}; stages: "
+                f"{', '.join(COMPILED_STAGES)}"
+            )
         if not name or not equals:
             raise ValueError(f"bad --stage_compiler_options entry {entry!r}: expected STAGE:OPTION=VALUE")
         parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
@@ -648,7 +810,7 @@ def planned_configs() -> list[Config]:
     configs = []
     for batch in map(int, FLAGS.batch_sizes):
         for method in FLAGS.methods:
-            for keep in ([0] if method == "none" else map(int, FLAGS.keep)):
+            for keep in [0] if method == "none" else map(int, FLAGS.keep):
                 configs.append(Config(method, keep, batch))
     return configs
 
@@ -669,17 +831,26 @@ class Runner:
             print(f"[{time.monotonic() - self.start:6.0f} s] {name}: skipped (deadline)", flush=True)
             return {"status": "skipped", "error": "deadline reached before this job started"}
         budget = min(FLAGS.job_timeout_s, budget)
-        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
-                   XLA_PYTHON_CLIENT_MEM_FRACTION=str(FLAGS.mem_fraction),
-                   PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p))
+        env = dict(
+            os.environ,
+            XLA_PYTHON_CLIENT_PREALLOCATE="false",
+            XLA_PYTHON_CLIENT_MEM_FRACTION=str(FLAGS.mem_fraction),
+            PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+        )
         with tempfile.TemporaryDirectory() as tmp:
             result_path = os.path.join(tmp, "result.json")
-            command = [sys.executable, "-m", "experiments.benchmark", "--worker=" + json.dumps(spec),
-                       "--worker_result=" + result_path]
+            command = [
+                sys.executable,
+                "-m",
+                "experiments.benchmark",
+                "--worker=" + json.dumps(spec),
+                "--worker_result=" + result_path,
+            ]
             start = time.monotonic()
             # Same process group as the driver: whoever stops the driver's group stops the workers too.
-            process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
+            process = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             try:
                 output, _ = process.communicate(timeout=budget)
                 timed_out = False
@@ -689,8 +860,10 @@ class Runner:
                 timed_out = True
             wall = time.monotonic() - start
             keep = 6000 if os.path.exists(result_path) and "Traceback" not in output else 20000
-            self.logs.append(f"===== {name} (exit {process.returncode}, {time.monotonic() - start:.1f} s)\n"
-                             + output[-keep:])
+            self.logs.append(
+                f"===== {name} (exit {process.returncode}, {time.monotonic() - start:.1f} s)\n"
+                + output[-keep:]
+            )
             if os.path.exists(result_path):
                 with open(result_path) as f:
                     result = json.load(f)
@@ -698,8 +871,11 @@ class Runner:
                 why = f"timed out after {budget:.0f} s" if timed_out else f"exited {process.returncode}"
                 result = {"status": "failed", "error": f"worker {why} without a result: {output[-800:]}"}
         result["wall_s"] = round(wall, 2)
-        print(f"[{time.monotonic() - self.start:6.0f} s] {name}: {result['status']} ({wall:.1f} s)"
-              + (f" - {result.get('error', '')[:300]}" if result["status"] != "ok" else ""), flush=True)
+        print(
+            f"[{time.monotonic() - self.start:6.0f} s] {name}: {result['status']} ({wall:.1f} s)"
+            + (f" - {result.get('error', '')[:300]}" if result["status"] != "ok" else ""),
+            flush=True,
+        )
         return result
 
 
@@ -708,8 +884,10 @@ def set_floor_rates(ceilings: dict | None, bandwidth_tbps: float = 0.0, matmul_t
     reference known to be reachable on the device (0 = none). Recorded in the ceilings."""
     if not ceilings or ceilings.get("status") != "ok":
         return
-    for name, measured, reference in (("bytes", "copy_bytes_per_s", bandwidth_tbps),
-                                      ("flops", "matmul_flops_per_s", matmul_tflops)):
+    for name, measured, reference in (
+        ("bytes", "copy_bytes_per_s", bandwidth_tbps),
+        ("flops", "matmul_flops_per_s", matmul_tflops),
+    ):
         if reference < 0:
             raise ValueError(f"a reference rate must be >= 0, got {reference}")
         ceilings[f"reference_{name}_per_s"] = reference * 1e12 or None
@@ -719,8 +897,10 @@ def set_floor_rates(ceilings: dict | None, bandwidth_tbps: float = 0.0, matmul_t
 
 def floor_rates(ceilings: dict) -> tuple[float, float]:
     """(bytes/s, FLOP/s) the floors use: set_floor_rates' choice, or the in-run ceilings of a run without it."""
-    return (ceilings.get("floor_bytes_per_s") or ceilings.get("copy_bytes_per_s", 0),
-            ceilings.get("floor_flops_per_s") or ceilings.get("matmul_flops_per_s", 0))
+    return (
+        ceilings.get("floor_bytes_per_s") or ceilings.get("copy_bytes_per_s", 0),
+        ceilings.get("floor_flops_per_s") or ceilings.get("matmul_flops_per_s", 0),
+    )
 
 
 def _floor_ms(flops, num_bytes, ceilings) -> float | None:
@@ -749,14 +929,22 @@ def add_floors_and_ratios(rows: list[dict], ceilings: dict) -> None:
         row["ratio_to_floor"] = {k: row[k] / f for k, f in floors.items() if f and row.get(k) is not None}
         base = by_key.get(("jax", "none", 0, row["batch"]))
         if base:
-            row["speedup_vs_unpruned"] = {k: base[k] / row[k] for k in ("llm_prefill_ms", "ttft_ms",
-                                          "decode_ms_per_token", "e2e_ms") if row.get(k) and base.get(k)}
+            row["speedup_vs_unpruned"] = {
+                k: base[k] / row[k]
+                for k in ("llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
+                if row.get(k) and base.get(k)
+            }
             if row.get("peak_bytes") and base.get("peak_bytes"):
                 row["memory_saving_vs_unpruned"] = 1 - row["peak_bytes"] / base["peak_bytes"]
-        torch_row = by_key.get(("torch", "none" if row["method"] == "none" else "cut", row["keep"], row["batch"]))
+        torch_row = by_key.get(
+            ("torch", "none" if row["method"] == "none" else "cut", row["keep"], row["batch"])
+        )
         if torch_row:
-            row["jax_over_torch"] = {k: row[k] / torch_row[k] for k in ("vision_ms", "llm_prefill_ms", "ttft_ms",
-                                     "decode_ms_per_token", "e2e_ms") if row.get(k) and torch_row.get(k)}
+            row["jax_over_torch"] = {
+                k: row[k] / torch_row[k]
+                for k in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
+                if row.get(k) and torch_row.get(k)
+            }
             row["torch_row"] = torch_row["label"]
 
 
@@ -780,8 +968,14 @@ class BatchSearch:
 
     def __init__(self, config: Config, rows: list[dict], start: int | None = None):
         self.config, self.probes, self.smallest_failure = config, [], None
-        measured = [r for r in rows if r["framework"] == "jax" and r["method"] == config.method
-                    and r["keep"] == config.keep and r["status"] == "ok"]
+        measured = [
+            r
+            for r in rows
+            if r["framework"] == "jax"
+            and r["method"] == config.method
+            and r["keep"] == config.keep
+            and r["status"] == "ok"
+        ]
         self.largest_fit = max((r["batch"] for r in measured), default=0)
         if not start and measured:
             start = predicted_max_batch(max(measured, key=lambda r: r["batch"]))
@@ -801,9 +995,16 @@ class BatchSearch:
 
     def record(self, batch: int, result: dict) -> None:
         fits = bool(result.get("fits"))
-        self.probes.append({"batch": batch, "fits": fits, "status": result["status"],
-                            "peak_bytes": result.get("peak_bytes"), "error": result.get("error", "")[:300],
-                            "wall_s": result.get("wall_s")})
+        self.probes.append(
+            {
+                "batch": batch,
+                "fits": fits,
+                "status": result["status"],
+                "peak_bytes": result.get("peak_bytes"),
+                "error": result.get("error", "")[:300],
+                "wall_s": result.get("wall_s"),
+            }
+        )
         if fits:
             self.largest_fit = batch
         else:
@@ -815,21 +1016,42 @@ class BatchSearch:
             self.next = (lo + hi) // 2 if lo else min(batch - 1, int(batch / growth))
 
     def summary(self) -> dict:
-        return {"config": self.config.name, "method": self.config.method, "keep": self.config.keep,
-                "largest_fit": self.largest_fit, "smallest_failure": self.smallest_failure,
-                "start": self.start, "probes": self.probes}
+        return {
+            "config": self.config.name,
+            "method": self.config.method,
+            "keep": self.config.keep,
+            "largest_fit": self.largest_fit,
+            "smallest_failure": self.smallest_failure,
+            "start": self.start,
+            "probes": self.probes,
+        }
 
 
-def max_batch_search(runner: Runner, configs: list[tuple[Config, int | None]], common: dict, rows: list[dict],
-                     report: dict, save) -> None:
+def max_batch_search(
+    runner: Runner,
+    configs: list[tuple[Config, int | None]],
+    common: dict,
+    rows: list[dict],
+    report: dict,
+    save,
+) -> None:
     """All searches in lockstep: each round compiles every search's next probe in parallel processes
     (compile-only; whether it fits is decided by running it), then runs the probes one at a time."""
     searches = [BatchSearch(config, rows, start) for config, start in configs]
     report["max_batch"] = [s.summary() for s in searches]
 
     def spec(search, batch, mode):
-        return dict(common, kind="jax", mode=mode, method=search.config.method, keep=search.config.keep,
-                    batch=batch, repeats=0, e2e_repeats=0, selection_overhead=False)
+        return dict(
+            common,
+            kind="jax",
+            mode=mode,
+            method=search.config.method,
+            keep=search.config.keep,
+            batch=batch,
+            repeats=0,
+            e2e_repeats=0,
+            selection_overhead=False,
+        )
 
     while True:
         round_ = [(search, search.pending()) for search in searches if search.pending() is not None]
@@ -837,12 +1059,19 @@ def max_batch_search(runner: Runner, configs: list[tuple[Config, int | None]], c
             break
         if FLAGS.compile_workers > 0 and len(round_) > 1:
             with concurrent.futures.ThreadPoolExecutor(FLAGS.compile_workers) as pool:
-                list(pool.map(lambda item: runner.run(
-                    f"compile-probe-{item[0].config.method}-k{item[0].config.keep}-b{item[1]}",
-                    spec(item[0], item[1], "compile")), round_))
+                list(
+                    pool.map(
+                        lambda item: runner.run(
+                            f"compile-probe-{item[0].config.method}-k{item[0].config.keep}-b{item[1]}",
+                            spec(item[0], item[1], "compile"),
+                        ),
+                        round_,
+                    )
+                )
         for search, batch in round_:
-            result = runner.run(f"probe-{search.config.method}-k{search.config.keep}-b{batch}",
-                                spec(search, batch, "probe"))
+            result = runner.run(
+                f"probe-{search.config.method}-k{search.config.keep}-b{batch}", spec(search, batch, "probe")
+            )
             if result["status"] == "skipped":
                 return
             search.record(batch, result)
@@ -852,9 +1081,20 @@ def max_batch_search(runner: Runner, configs: list[tuple[Config, int | None]], c
 
 def acceptance(rows: list[dict], searches: list[dict]) -> list[dict]:
     """The issue's targets, each with its value, pass/fail and the gap; n/a when not measured here."""
+
     def row(method, keep, batch):
-        return next((r for r in rows if r["framework"] == "jax" and r["method"] == method and r["keep"] == keep
-                     and r["batch"] == batch and r["status"] == "ok"), None)
+        return next(
+            (
+                r
+                for r in rows
+                if r["framework"] == "jax"
+                and r["method"] == method
+                and r["keep"] == keep
+                and r["batch"] == batch
+                and r["status"] == "ok"
+            ),
+            None,
+        )
 
     base1, acc1 = row("none", 0, 1), row(ACCEPT_METHOD, ACCEPT_KEEP, 1)
     base16, acc16 = row("none", 0, 16), row(ACCEPT_METHOD, ACCEPT_KEEP, 16)
@@ -863,32 +1103,68 @@ def acceptance(rows: list[dict], searches: list[dict]) -> list[dict]:
 
     def check(name, value, target, at_most, unit="", note="", decided=True):
         if value is None:
-            checks.append({"name": name, "value": None, "target": target, "pass": None,
-                           "detail": "n/a (not measured in this run)"})
+            checks.append(
+                {
+                    "name": name,
+                    "value": None,
+                    "target": target,
+                    "pass": None,
+                    "detail": "n/a (not measured in this run)",
+                }
+            )
             return
         ok = (value <= target if at_most else value >= target) if decided else None
         verdict = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}[ok]
-        checks.append({"name": name, "value": value, "target": target, "pass": ok,
-                       "detail": f"{value:.3f}{unit} {'<=' if at_most else '>='} {target}{unit}: {verdict} "
-                                 f"(gap {value - target:+.3f}{unit}){note}"})
+        checks.append(
+            {
+                "name": name,
+                "value": value,
+                "target": target,
+                "pass": ok,
+                "detail": f"{value:.3f}{unit} {'<=' if at_most else '>='} {target}{unit}: {verdict} "
+                f"(gap {value - target:+.3f}{unit}){note}",
+            }
+        )
 
     def ratio(num, den, key):
         return num[key] / den[key] if num and den and num.get(key) and den.get(key) else None
 
     weight_floor = base1 and base1.get("floors", {}).get("decode_weight_read_ms")
-    check("decode b1 / weight-read floor", base1["decode_ms_per_token"] / weight_floor if weight_floor else None,
-          TARGETS["decode_vs_weight_floor"], True, "x")
+    check(
+        "decode b1 / weight-read floor",
+        base1["decode_ms_per_token"] / weight_floor if weight_floor else None,
+        TARGETS["decode_vs_weight_floor"],
+        True,
+        "x",
+    )
     flop_floor = base1 and base1.get("floors", {}).get("llm_prefill_flop_ms")
-    check(f"unpruned LLM prefill b1 ({base1['prompt_tokens'] if base1 else '?'} tokens) / FLOP floor",
-          base1["llm_prefill_ms"] / flop_floor if flop_floor else None, TARGETS["prefill_vs_flop_floor"], True, "x")
-    check(f"TTFT speedup {ACCEPT_METHOD}@{ACCEPT_KEEP} b1", ratio(base1, acc1, "ttft_ms"),
-          TARGETS["ttft_speedup_b1"], False, "x")
-    check(f"TTFT speedup {ACCEPT_METHOD}@{ACCEPT_KEEP} b16", ratio(base16, acc16, "ttft_ms"),
-          TARGETS["ttft_speedup_b16"], False, "x")
+    check(
+        f"unpruned LLM prefill b1 ({base1['prompt_tokens'] if base1 else '?'} tokens) / FLOP floor",
+        base1["llm_prefill_ms"] / flop_floor if flop_floor else None,
+        TARGETS["prefill_vs_flop_floor"],
+        True,
+        "x",
+    )
+    check(
+        f"TTFT speedup {ACCEPT_METHOD}@{ACCEPT_KEEP} b1",
+        ratio(base1, acc1, "ttft_ms"),
+        TARGETS["ttft_speedup_b1"],
+        False,
+        "x",
+    )
+    check(
+        f"TTFT speedup {ACCEPT_METHOD}@{ACCEPT_KEEP} b16",
+        ratio(base16, acc16, "ttft_ms"),
+        TARGETS["ttft_speedup_b16"],
+        False,
+        "x",
+    )
     saving = None
     if base64 and acc64 and base64.get("peak_bytes") and acc64.get("peak_bytes"):
         saving = 1 - acc64["peak_bytes"] / base64["peak_bytes"]
-    check(f"peak memory saving {ACCEPT_METHOD}@{ACCEPT_KEEP} b64", saving, TARGETS["memory_saving_b64"], False)
+    check(
+        f"peak memory saving {ACCEPT_METHOD}@{ACCEPT_KEEP} b64", saving, TARGETS["memory_saving_b64"], False
+    )
     search = {(s["method"], s["keep"]): s for s in searches}
     s_base, s_acc = search.get(("none", 0)), search.get((ACCEPT_METHOD, ACCEPT_KEEP))
     value, note, decided = None, "", True
@@ -899,12 +1175,26 @@ def acceptance(rows: list[dict], searches: list[dict]) -> list[dict]:
         proven_pass = bool(base_fail) and s_acc["largest_fit"] >= TARGETS["max_batch_ratio"] * (base_fail - 1)
         proven_fail = bool(acc_fail) and acc_fail - 1 < TARGETS["max_batch_ratio"] * s_base["largest_fit"]
         decided = proven_pass or proven_fail
-        note = (f"; fits {s_acc['largest_fit']} vs {s_base['largest_fit']}, first failures {acc_fail} vs "
-                f"{base_fail}")
-    check(f"largest batch {ACCEPT_METHOD}@{ACCEPT_KEEP} / unpruned", value, TARGETS["max_batch_ratio"], False, "x",
-          note, decided)
-    check(f"selection overhead {ACCEPT_METHOD}@{ACCEPT_KEEP} b1", acc1 and acc1.get("selection_overhead_ms"),
-          TARGETS["selection_overhead_ms"], True, " ms")
+        note = (
+            f"; fits {s_acc['largest_fit']} vs {s_base['largest_fit']}, first failures {acc_fail} vs "
+            f"{base_fail}"
+        )
+    check(
+        f"largest batch {ACCEPT_METHOD}@{ACCEPT_KEEP} / unpruned",
+        value,
+        TARGETS["max_batch_ratio"],
+        False,
+        "x",
+        note,
+        decided,
+    )
+    check(
+        f"selection overhead {ACCEPT_METHOD}@{ACCEPT_KEEP} b1",
+        acc1 and acc1.get("selection_overhead_ms"),
+        TARGETS["selection_overhead_ms"],
+        True,
+        " ms",
+    )
     return checks
 
 
@@ -912,8 +1202,14 @@ def acceptance(rows: list[dict], searches: list[dict]) -> list[dict]:
 # Report: results.json, results.md, time_memory_vs_tokens.png, and the short table printed last.
 # ------------------------------------------------------------------------------------------------
 
-METRICS = (("vision_ms", "vision"), ("llm_prefill_ms", "LLM prefill"), ("selection_overhead_ms", "selection"),
-           ("ttft_ms", "first token"), ("decode_ms_per_token", "decode/token"), ("e2e_ms", "end-to-end"))
+METRICS = (
+    ("vision_ms", "vision"),
+    ("llm_prefill_ms", "LLM prefill"),
+    ("selection_overhead_ms", "selection"),
+    ("ttft_ms", "first token"),
+    ("decode_ms_per_token", "decode/token"),
+    ("e2e_ms", "end-to-end"),
+)
 
 
 def _fmt(value, spec=".2f", suffix=""):
@@ -926,24 +1222,37 @@ def _gib(value):
 
 def results_markdown(report: dict) -> str:
     meta, ceilings = report["meta"], report["ceilings"] or {}
-    lines = [f"# Benchmark: {meta['flags']['model']} on {ceilings.get('device_kind', '?')} ({meta['date']})", "",
-             f"`{meta['command']}`", ""]
+    lines = [
+        f"# Benchmark: {meta['flags']['model']} on {ceilings.get('device_kind', '?')} ({meta['date']})",
+        "",
+        f"`{meta['command']}`",
+        "",
+    ]
     if meta.get("rejudged"):
-        lines += [f"Floors and acceptance re-judged against reference rates ({meta['rejudged']['date'][:10]}): "
-                  f"`{meta['rejudged']['command']}`", ""]
+        lines += [
+            f"Floors and acceptance re-judged against reference rates ({meta['rejudged']['date'][:10]}): "
+            f"`{meta['rejudged']['command']}`",
+            "",
+        ]
     bandwidth, matmul = floor_rates(ceilings)
-    lines += [f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
-              f"Ceilings measured in this run: copy {_fmt(ceilings.get('copy_bytes_per_s', 0) / 1e12, '.2f')} TB/s, "
-              f"{meta['flags']['dtype']} matmul {_fmt(ceilings.get('matmul_flops_per_s', 0) / 1e12, '.3g')} "
-              f"TFLOP/s. Floors use {_fmt(bandwidth / 1e12)} TB/s ({ceilings.get('floor_bytes_source', 'in-run')}) "
-              f"and {_fmt(matmul / 1e12, '.3g')} TFLOP/s ({ceilings.get('floor_flops_source', 'in-run')}): "
-              f"floor = max(FLOPs / matmul rate, bytes / bandwidth); decode/token floor includes the KV "
-              f"read, the weight-read floor alone is in results.json.", ""]
+    lines += [
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
+        f"Ceilings measured in this run: copy {_fmt(ceilings.get('copy_bytes_per_s', 0) / 1e12, '.2f')} TB/s, "
+        f"{meta['flags']['dtype']} matmul {_fmt(ceilings.get('matmul_flops_per_s', 0) / 1e12, '.3g')} "
+        f"TFLOP/s. Floors use {_fmt(bandwidth / 1e12)} TB/s ({ceilings.get('floor_bytes_source', 'in-run')}) "
+        f"and {_fmt(matmul / 1e12, '.3g')} TFLOP/s ({ceilings.get('floor_flops_source', 'in-run')}): "
+        f"floor = max(FLOPs / matmul rate, bytes / bandwidth); decode/token floor includes the KV "
+        f"read, the weight-read floor alone is in results.json.",
+        "",
+    ]
     jax_rows = [r for r in report["rows"] if r["framework"] == "jax" and r["status"] == "ok"]
     if jax_rows:  # a max-batch search alone has no timed rows
-        lines += ["## JAX", "",
-                  "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## JAX",
+            "",
+            "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     for row in jax_rows:
         for key, name in METRICS:
             if row.get(key) is None:
@@ -953,45 +1262,73 @@ def results_markdown(report: dict) -> str:
                 f"{_fmt(row.get('ratio_to_floor', {}).get(key), '.2f')} | "
                 f"{_fmt(row.get('speedup_vs_unpruned', {}).get(key), '.2f', 'x')} | "
                 f"{_fmt(_gib(row.get('peak_bytes')), '.2f') if key == 'e2e_ms' else ''} | "
-                f"{_fmt(row.get('jax_over_torch', {}).get(key), '.2f')} |")
+                f"{_fmt(row.get('jax_over_torch', {}).get(key), '.2f')} |"
+            )
     if jax_rows:
-        lines += ["", "| config | compile s (pre-compile / measuring process) | weights GiB | KV cache GiB | "
-                  "peak GiB | XLA temp GiB, prefill / generate |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| config | compile s (pre-compile / measuring process) | weights GiB | KV cache GiB | "
+            "peak GiB | XLA temp GiB, prefill / generate |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in jax_rows:
             pre = ((r.get("precompile") or {}).get("compile_s") or {}).values()
             pre = sum(pre) if pre else None
-            temp = [(r["compiled_memory"].get(k) or {}).get("temp_size_in_bytes") for k in ("prefill", "generate")]
-            lines.append(f"| {r['label']} | {_fmt(pre, '.1f')} / {sum(r['compile_s'].values()):.1f} | "
-                         f"{_gib(r['weights_bytes']):.2f} | {_gib(r['work']['kv_cache_bytes_allocated']):.3f} | "
-                         f"{_fmt(_gib(r.get('peak_bytes')))} | {_fmt(_gib(temp[0]), '.3f')} / "
-                         f"{_fmt(_gib(temp[1]), '.3f')} |")
+            temp = [
+                (r["compiled_memory"].get(k) or {}).get("temp_size_in_bytes") for k in ("prefill", "generate")
+            ]
+            lines.append(
+                f"| {r['label']} | {_fmt(pre, '.1f')} / {sum(r['compile_s'].values()):.1f} | "
+                f"{_gib(r['weights_bytes']):.2f} | {_gib(r['work']['kv_cache_bytes_allocated']):.3f} | "
+                f"{_fmt(_gib(r.get('peak_bytes')))} | {_fmt(_gib(temp[0]), '.3f')} / "
+                f"{_fmt(_gib(temp[1]), '.3f')} |"
+            )
     torch_rows = [r for r in report["rows"] if r["framework"] == "torch" and r["status"] == "ok"]
     if torch_rows:
-        lines += ["", f"## PyTorch (transformers, sdpa, {meta['flags']['dtype']})", "",
-                  "`cut@K`: image tokens cut BEFORE the language model (inputs_embeds with K image tokens, no "
-                  "selection work), as anchors.md measured; decode/token is derived: (end-to-end - first token) "
-                  "/ (new tokens - 1).", "",
-                  "| config | vision | LLM prefill | first token | decode/token | end-to-end | peak GiB |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## PyTorch (transformers, sdpa, {meta['flags']['dtype']})",
+            "",
+            "`cut@K`: image tokens cut BEFORE the language model (inputs_embeds with K image tokens, no "
+            "selection work), as anchors.md measured; decode/token is derived: (end-to-end - first token) "
+            "/ (new tokens - 1).",
+            "",
+            "| config | vision | LLM prefill | first token | decode/token | end-to-end | peak GiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in torch_rows:
-            lines.append(f"| {r['label']} | {_fmt(r.get('vision_ms'))} | {_fmt(r.get('llm_prefill_ms'))} | "
-                         f"{_fmt(r.get('ttft_ms'))} | {_fmt(r.get('decode_ms_per_token'))} | "
-                         f"{_fmt(r.get('e2e_ms'), '.1f')} | {_fmt(_gib(r.get('peak_bytes')))} |")
+            lines.append(
+                f"| {r['label']} | {_fmt(r.get('vision_ms'))} | {_fmt(r.get('llm_prefill_ms'))} | "
+                f"{_fmt(r.get('ttft_ms'))} | {_fmt(r.get('decode_ms_per_token'))} | "
+                f"{_fmt(r.get('e2e_ms'), '.1f')} | {_fmt(_gib(r.get('peak_bytes')))} |"
+            )
     if report["max_batch"]:
-        lines += ["", "## Largest batch that fits", "", "| config | largest fit | smallest failure | probes |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Largest batch that fits",
+            "",
+            "| config | largest fit | smallest failure | probes |",
+            "|---|---|---|---|",
+        ]
         for s in report["max_batch"]:
             probes = ", ".join(f"{p['batch']}:{'fit' if p['fits'] else p['status']}" for p in s["probes"])
-            lines.append(f"| {s['config']} | {s['largest_fit']} | {_fmt(s['smallest_failure'], 'd')} | {probes} |")
+            lines.append(
+                f"| {s['config']} | {s['largest_fit']} | {_fmt(s['smallest_failure'], 'd')} | {probes} |"
+            )
     profiled = [r for r in jax_rows if r.get("profile")]
     if profiled:
         from experiments.profiling import main_thread
 
-        lines += ["", "## Profile (jax.profiler, busiest device thread)", "",
-                  "busy = union of the thread's events, span = first start to last end, per prefill / per decode "
-                  "step; a low busy fraction means the device waited (launches, host), not the memory.", "",
-                  "| config | stage | events | busy ms | span ms | busy fraction | heaviest (share of time) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Profile (jax.profiler, busiest device thread)",
+            "",
+            "busy = union of the thread's events, span = first start to last end, per prefill / per decode "
+            "step; a low busy fraction means the device waited (launches, host), not the memory.",
+            "",
+            "| config | stage | events | busy ms | span ms | busy fraction | heaviest (share of time) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in profiled:
             for stage, summary in r["profile"].items():
                 thread = main_thread(summary)
@@ -999,15 +1336,20 @@ def results_markdown(report: dict) -> str:
                     why = summary.get("error") or "no device events"
                     lines.append(f"| {r['label']} | {stage} | {why[:120]} | | | | |")
                     continue
-                heaviest = "; ".join(f"{t['name'][:48]} ({100 * t['share_of_sum']:.0f}%)" for t in thread["top"][:3])
-                lines.append(f"| {r['label']} | {stage} | {thread['events_per_call']:.0f} | "
-                             f"{thread['busy_ms_per_call']:.3f} | {thread['span_ms_per_call']:.3f} | "
-                             f"{_fmt(thread['busy_fraction'], '.2f')} | {heaviest} |")
+                heaviest = "; ".join(
+                    f"{t['name'][:48]} ({100 * t['share_of_sum']:.0f}%)" for t in thread["top"][:3]
+                )
+                lines.append(
+                    f"| {r['label']} | {stage} | {thread['events_per_call']:.0f} | "
+                    f"{thread['busy_ms_per_call']:.3f} | {thread['span_ms_per_call']:.3f} | "
+                    f"{_fmt(thread['busy_fraction'], '.2f')} | {heaviest} |"
+                )
     lines += ["", "## Acceptance", ""] + [f"- {c['name']}: {c['detail']}" for c in report["acceptance"]]
     failed = [r for r in report["rows"] if r["status"] != "ok"]
     if failed:
-        lines += ["", "## Failed or skipped", ""] + [f"- {r['label']}: {r['status']}: {r.get('error', '')[:300]}"
-                                                     for r in failed]
+        lines += ["", "## Failed or skipped", ""] + [
+            f"- {r['label']}: {r['status']}: {r.get('error', '')[:300]}" for r in failed
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -1022,19 +1364,38 @@ def plot(report: dict, path: str) -> None:
     jax_rows = [r for r in rows if r["framework"] == "jax"]
     for method in dict.fromkeys(r["method"] for r in jax_rows if r["method"] != "none"):
         for batch in sorted({r["batch"] for r in jax_rows}):
-            line = sorted((r for r in jax_rows if r["batch"] == batch and r["method"] in (method, "none")),
-                          key=lambda r: r["keep"] or r["image_tokens"])
+            line = sorted(
+                (r for r in jax_rows if r["batch"] == batch and r["method"] in (method, "none")),
+                key=lambda r: r["keep"] or r["image_tokens"],
+            )
             if not any(r["method"] == method for r in line):
                 continue
             x = [r["keep"] or r["image_tokens"] for r in line]
-            (handle,) = ax_time.plot(x, [r["ttft_ms"] for r in line], "o-", label=f"{method} b{batch} first token")
-            ax_time.plot(x, [r["llm_prefill_ms"] for r in line], "s--", color=handle.get_color(),
-                         label=f"{method} b{batch} LLM prefill")
+            (handle,) = ax_time.plot(
+                x, [r["ttft_ms"] for r in line], "o-", label=f"{method} b{batch} first token"
+            )
+            ax_time.plot(
+                x,
+                [r["llm_prefill_ms"] for r in line],
+                "s--",
+                color=handle.get_color(),
+                label=f"{method} b{batch} LLM prefill",
+            )
             if all(r.get("peak_bytes") for r in line):
-                ax_memory.plot(x, [r["peak_bytes"] / GIB for r in line], "o-", color=handle.get_color(),
-                               label=f"{method} b{batch} peak")
-            ax_memory.plot(x, [r["work"]["kv_cache_bytes_allocated"] / GIB for r in line], ":",
-                           color=handle.get_color(), label=f"{method} b{batch} KV cache")
+                ax_memory.plot(
+                    x,
+                    [r["peak_bytes"] / GIB for r in line],
+                    "o-",
+                    color=handle.get_color(),
+                    label=f"{method} b{batch} peak",
+                )
+            ax_memory.plot(
+                x,
+                [r["work"]["kv_cache_bytes_allocated"] / GIB for r in line],
+                ":",
+                color=handle.get_color(),
+                label=f"{method} b{batch} KV cache",
+            )
     for r in (r for r in rows if r["framework"] == "torch"):
         ax_time.plot(r["keep"] or r["image_tokens"], r["ttft_ms"], "kx")
     if any(r["framework"] == "torch" for r in rows):
@@ -1045,7 +1406,9 @@ def plot(report: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"{report['meta']['flags']['model']} on {(report['ceilings'] or {}).get('device_kind', '?')}")
+    fig.suptitle(
+        f"{report['meta']['flags']['model']} on {(report['ceilings'] or {}).get('device_kind', '?')}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1069,28 +1432,36 @@ def write_outputs(report: dict, out_dirs: list[str], *, final: bool = False, log
             try:
                 plot(report, os.path.join(directory, "time_memory_vs_tokens.png"))
             except Exception as error:  # noqa: BLE001 - e.g. no matplotlib there: --replot draws it here
-                print(f"no plot ({type(error).__name__}: {error}); "
-                      f"run --replot={os.path.join(directory, 'results.json')}")
+                print(
+                    f"no plot ({type(error).__name__}: {error}); "
+                    f"run --replot={os.path.join(directory, 'results.json')}"
+                )
 
 
 def summary(report: dict) -> str:
-    head = (f"{'config':<18}{'vision':>8}{'prefill':>9}{'x flr':>7}{'select':>8}{'1st tok':>9}{'speedup':>8}"
-            f"{'dec/tok':>9}{'x flr':>7}{'e2e':>9}{'GiB':>7}{'JAX/PT':>8}")
+    head = (
+        f"{'config':<18}{'vision':>8}{'prefill':>9}{'x flr':>7}{'select':>8}{'1st tok':>9}{'speedup':>8}"
+        f"{'dec/tok':>9}{'x flr':>7}{'e2e':>9}{'GiB':>7}{'JAX/PT':>8}"
+    )
     lines = [head] if report["rows"] else []
     for r in report["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['label']:<18}  {r['status']}: {r.get('error', '')[:90]}")
             continue
         floor, speed = r.get("ratio_to_floor", {}), r.get("speedup_vs_unpruned", {})
-        lines.append(f"{r['label']:<18}{_fmt(r.get('vision_ms')):>8}{_fmt(r.get('llm_prefill_ms')):>9}"
-                     f"{_fmt(floor.get('llm_prefill_ms')):>7}{_fmt(r.get('selection_overhead_ms'), '.3f'):>8}"
-                     f"{_fmt(r.get('ttft_ms')):>9}{_fmt(speed.get('ttft_ms'), '.2f', 'x'):>8}"
-                     f"{_fmt(r.get('decode_ms_per_token')):>9}{_fmt(floor.get('decode_ms_per_token')):>7}"
-                     f"{_fmt(r.get('e2e_ms'), '.1f'):>9}{_fmt(_gib(r.get('peak_bytes'))):>7}"
-                     f"{_fmt(r.get('jax_over_torch', {}).get('ttft_ms')):>8}")
+        lines.append(
+            f"{r['label']:<18}{_fmt(r.get('vision_ms')):>8}{_fmt(r.get('llm_prefill_ms')):>9}"
+            f"{_fmt(floor.get('llm_prefill_ms')):>7}{_fmt(r.get('selection_overhead_ms'), '.3f'):>8}"
+            f"{_fmt(r.get('ttft_ms')):>9}{_fmt(speed.get('ttft_ms'), '.2f', 'x'):>8}"
+            f"{_fmt(r.get('decode_ms_per_token')):>9}{_fmt(floor.get('decode_ms_per_token')):>7}"
+            f"{_fmt(r.get('e2e_ms'), '.1f'):>9}{_fmt(_gib(r.get('peak_bytes'))):>7}"
+            f"{_fmt(r.get('jax_over_torch', {}).get('ttft_ms')):>8}"
+        )
     for s in report["max_batch"]:
-        lines.append(f"largest batch {s['config']}: fits {s['largest_fit']}, fails {s['smallest_failure']} "
-                     f"(probes {', '.join(str(p['batch']) + ('+' if p['fits'] else '-') for p in s['probes'])})")
+        lines.append(
+            f"largest batch {s['config']}: fits {s['largest_fit']}, fails {s['smallest_failure']} "
+            f"(probes {', '.join(str(p['batch']) + ('+' if p['fits'] else '-') for p in s['probes'])})"
+        )
     seeds = {}
     for r in report["rows"]:  # the largest measured batch of each configuration predicts its limit
         if r["framework"] == "jax" and r["status"] == "ok" and predicted_max_batch(r):
@@ -1098,19 +1469,27 @@ def summary(report: dict) -> str:
             if r["batch"] >= seeds.get(name, (0, 0))[0]:
                 seeds[name] = (r["batch"], predicted_max_batch(r))
     if seeds:
-        lines.append("predicted largest batches (seeds for a search): --max_batch_configs="
-                     + ",".join(f"{name}@{batch}" for name, (_, batch) in seeds.items()))
+        lines.append(
+            "predicted largest batches (seeds for a search): --max_batch_configs="
+            + ",".join(f"{name}@{batch}" for name, (_, batch) in seeds.items())
+        )
     checks = report["acceptance"]
     tags = {True: "PASS", False: "FAIL", None: "n/a "}
-    lines += [f"[{tags[c['pass']] if c['pass'] is not None or c['value'] is None else '????'}] {c['name']}: "
-              f"{c['detail']}" for c in checks]
+    lines += [
+        f"[{tags[c['pass']] if c['pass'] is not None or c['value'] is None else '????'}] {c['name']}: "
+        f"{c['detail']}"
+        for c in checks
+    ]
     count = {tag: sum(c["pass"] is value for c in checks) for value, tag in tags.items()}
-    lines.append(f"acceptance: {count['PASS']} pass, {count['FAIL']} fail, {count['n/a ']} not measured here "
-                 f"or inconclusive (of {len(checks)})")
+    lines.append(
+        f"acceptance: {count['PASS']} pass, {count['FAIL']} fail, {count['n/a ']} not measured here "
+        f"or inconclusive (of {len(checks)})"
+    )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
+
 
 def _meta() -> dict:
     versions = {}
@@ -1119,11 +1498,20 @@ def _meta() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    own = {f.name: f.value for f in FLAGS.get_flags_for_module(sys.argv[0]) if not f.name.startswith("worker")}
-    return {**run_stamp("experiments.benchmark"), "argv": sys.argv, "flags": own, "versions": versions,
-            "python": sys.version.split()[0],
-            # the workers inherit the environment: compiler flags change the numbers, so they are recorded
-            "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")}}
+    own = {
+        f.name: f.value for f in FLAGS.get_flags_for_module(sys.argv[0]) if not f.name.startswith("worker")
+    }
+    return {
+        **run_stamp("experiments.benchmark"),
+        "argv": sys.argv,
+        "flags": own,
+        "versions": versions,
+        "python": sys.version.split()[0],
+        # the workers inherit the environment: compiler flags change the numbers, so they are recorded
+        "env": {
+            k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+        },
+    }
 
 
 def precompile(runner: Runner, configs: list[Config], common: dict) -> dict:
@@ -1134,9 +1522,14 @@ def precompile(runner: Runner, configs: list[Config], common: dict) -> dict:
     compile the same program side by side. Stops at 60% of the deadline."""
     methods = list(dict.fromkeys(["none"] + [c.method for c in configs]))
     ordered = sorted(configs, key=lambda c: methods.index(c.method))  # same-keep programs not side by side
-    jobs = [(f"compile-{c.method}-k{c.keep}-b{c.batch}", c,
-             dict(common, kind="jax", mode="compile", method=c.method, keep=c.keep, batch=c.batch))
-            for c in ordered]
+    jobs = [
+        (
+            f"compile-{c.method}-k{c.keep}-b{c.batch}",
+            c,
+            dict(common, kind="jax", mode="compile", method=c.method, keep=c.keep, batch=c.batch),
+        )
+        for c in ordered
+    ]
     results = {}
 
     def one(job):
@@ -1171,13 +1564,22 @@ def main(argv):
     name = os.path.basename(os.path.normpath(FLAGS.output_dir))
     out_dirs = [FLAGS.output_dir] + ([os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else [])
     runner = Runner()
-    common = dict(model=FLAGS.model, random_weights=FLAGS.random_weights, dtype=FLAGS.dtype, layer=FLAGS.layer,
-                  text_tokens=FLAGS.text_tokens, new_tokens=FLAGS.new_tokens, repeats=FLAGS.repeats,
-                  e2e_repeats=FLAGS.e2e_repeats, selection_overhead=FLAGS.selection_overhead, seed=FLAGS.seed,
-                  compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
-                  profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
-                  attention_logits_budget_mb=FLAGS.attention_logits_budget_mb,
-                  stage_compiler_options=parse_stage_compiler_options(FLAGS.stage_compiler_options))
+    common = dict(
+        model=FLAGS.model,
+        random_weights=FLAGS.random_weights,
+        dtype=FLAGS.dtype,
+        layer=FLAGS.layer,
+        text_tokens=FLAGS.text_tokens,
+        new_tokens=FLAGS.new_tokens,
+        repeats=FLAGS.repeats,
+        e2e_repeats=FLAGS.e2e_repeats,
+        selection_overhead=FLAGS.selection_overhead,
+        seed=FLAGS.seed,
+        compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
+        profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
+        attention_logits_budget_mb=FLAGS.attention_logits_budget_mb,
+        stage_compiler_options=parse_stage_compiler_options(FLAGS.stage_compiler_options),
+    )
     report = {"meta": _meta(), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
 
     def save(final=False):  # after every job, so a run cut short still leaves its report
@@ -1191,27 +1593,54 @@ def main(argv):
     compiled = precompile(runner, configs, common) if FLAGS.compile_workers > 0 else {}
     rows, torch_done = report["rows"], set()
     for config in configs:
-        result = runner.run(f"jax-{config.method}-k{config.keep}-b{config.batch}",
-                            dict(common, kind="jax", mode="measure", method=config.method, keep=config.keep,
-                                 batch=config.batch))
+        result = runner.run(
+            f"jax-{config.method}-k{config.keep}-b{config.batch}",
+            dict(
+                common, kind="jax", mode="measure", method=config.method, keep=config.keep, batch=config.batch
+            ),
+        )
         if config in compiled:
-            result["precompile"] = {k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")}
-        rows.append(dict(result, framework="jax", method=config.method, keep=config.keep, batch=config.batch,
-                         label=config.label, new_tokens=FLAGS.new_tokens, text_tokens=FLAGS.text_tokens))
+            result["precompile"] = {
+                k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")
+            }
+        rows.append(
+            dict(
+                result,
+                framework="jax",
+                method=config.method,
+                keep=config.keep,
+                batch=config.batch,
+                label=config.label,
+                new_tokens=FLAGS.new_tokens,
+                text_tokens=FLAGS.text_tokens,
+            )
+        )
         torch_key = (config.keep if config.method != "none" else 0, config.batch)
         torch_batches = set(map(int, FLAGS.torch_batch_sizes)) or {config.batch}
         if FLAGS.torch_baseline and torch_key not in torch_done and config.batch in torch_batches:
             torch_done.add(torch_key)
             keep, batch = torch_key
             method = "cut" if keep else "none"
-            result = runner.run(f"torch-{method}-k{keep}-b{batch}", dict(common, kind="torch", keep=keep, batch=batch))
-            rows.append(dict(result, framework="torch", method=method, keep=keep, batch=batch,
-                             label=f"pytorch {method}{f'@{keep}' if keep else ''} b{batch}",
-                             new_tokens=FLAGS.new_tokens, text_tokens=FLAGS.text_tokens))
+            result = runner.run(
+                f"torch-{method}-k{keep}-b{batch}", dict(common, kind="torch", keep=keep, batch=batch)
+            )
+            rows.append(
+                dict(
+                    result,
+                    framework="torch",
+                    method=method,
+                    keep=keep,
+                    batch=batch,
+                    label=f"pytorch {method}{f'@{keep}' if keep else ''} b{batch}",
+                    new_tokens=FLAGS.new_tokens,
+                    text_tokens=FLAGS.text_tokens,
+                )
+            )
         save()
     if FLAGS.max_batch_search:
-        max_batch_search(runner, [parse_search(text) for text in FLAGS.max_batch_configs], common, rows,
-                         report, save)
+        max_batch_search(
+            runner, [parse_search(text) for text in FLAGS.max_batch_configs], common, rows, report, save
+        )
     save(final=True)
     print(summary(report), flush=True)
 

@@ -53,11 +53,18 @@ def measure(model_name: str, calls: int) -> dict:
     x = jnp.ones((4,))
     ignore_weights = jax.jit(lambda weights, v: v + 1)
     no_weights = jax.jit(lambda v: v + 1)
-    return {"model": model_name, "arrays": len(weights), "calls": calls, "device": str(jax.devices()[0]),
-            **run_stamp("experiments.dispatch_overhead"),
-            "us_per_call": {"nnx_state": _median_us(lambda: ignore_weights(state, x), calls),
-                            "flat_tuple": _median_us(lambda: ignore_weights(weights, x), calls),
-                            "no_weights": _median_us(lambda: no_weights(x), calls)}}
+    return {
+        "model": model_name,
+        "arrays": len(weights),
+        "calls": calls,
+        "device": str(jax.devices()[0]),
+        **run_stamp("experiments.dispatch_overhead"),
+        "us_per_call": {
+            "nnx_state": _median_us(lambda: ignore_weights(state, x), calls),
+            "flat_tuple": _median_us(lambda: ignore_weights(weights, x), calls),
+            "no_weights": _median_us(lambda: no_weights(x), calls),
+        },
+    }
 
 
 def main(argv):

@@ -48,8 +48,16 @@ PREDICTIONS_DIR = "predictions"
 RESULTS_JSON = "results.json"
 RUN_SETTINGS_JSON = "run_settings.json"
 # Settings that change what an answer is: a resumed run must match the one that wrote the files.
-_ANSWER_SETTINGS = ("checkpoint", "benchmark", "questions", "image_dir", "layer", "max_new_tokens",
-                    "seed", "dtype")
+_ANSWER_SETTINGS = (
+    "checkpoint",
+    "benchmark",
+    "questions",
+    "image_dir",
+    "layer",
+    "max_new_tokens",
+    "seed",
+    "dtype",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +122,19 @@ class PairProgress:
             images_per_second = self.warm_images / self.warm_seconds if self.warm_seconds else None
         else:
             images_per_second = self.generated / self.generation_seconds if self.generation_seconds else None
-        return {"generated_this_run": self.generated, "wall_seconds": self.wall_seconds,
-                "generation_seconds": self.generation_seconds,
-                "first_batch_seconds": self.first_batch_seconds,
-                "images_per_second": images_per_second}
+        return {
+            "generated_this_run": self.generated,
+            "wall_seconds": self.wall_seconds,
+            "generation_seconds": self.generation_seconds,
+            "first_batch_seconds": self.first_batch_seconds,
+            "images_per_second": images_per_second,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
 # Settings -> pairs, questions and images (every check that can fail runs before any generation).
 # ---------------------------------------------------------------------------------------------
+
 
 def parse_keep(text: str | int | float) -> int | float:
     """'64' -> 64 (a count), '0.25' -> 0.25 (a ratio); range checks are the pruning config's."""
@@ -136,7 +148,9 @@ def parse_keep(text: str | int | float) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--keep value {text!r} is neither a token count (int) nor a ratio (float)") from None
+        raise ValueError(
+            f"--keep value {text!r} is neither a token count (int) nor a ratio (float)"
+        ) from None
 
 
 def known_method_names() -> list[str]:
@@ -179,10 +193,17 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int) -> l
                 settings["seed"] = config.seed
             pruning = make_config(method, **settings)
             pruning.validate(num_image_tokens, num_layers)
-            pair = Pair(method, pruning.resolve_keep(num_image_tokens), settings["keep"], pruning,
-                        pruning.equivalent_tokens(num_image_tokens, num_layers))
+            pair = Pair(
+                method,
+                pruning.resolve_keep(num_image_tokens),
+                settings["keep"],
+                pruning,
+                pruning.equivalent_tokens(num_image_tokens, num_layers),
+            )
             if pair.name in seen:
-                logger.warning("%s: keep=%r resolves to %d tokens, already evaluated", method, keep, pair.keep)
+                logger.warning(
+                    "%s: keep=%r resolves to %d tokens, already evaluated", method, keep, pair.keep
+                )
                 continue
             seen.add(pair.name)
             pairs.append(pair)
@@ -210,8 +231,10 @@ def image_resolver(benchmark, config: EvalConfig):
         return lambda question: os.path.join(config.image_dir, question.image)
     if hasattr(benchmark, "image_path"):  # the testbed: images/ beside questions.jsonl
         return lambda question: benchmark.image_path(config.questions, question)
-    raise ValueError(f"--image_dir is required for benchmark {benchmark.name!r} (the folder holding the "
-                     f"images its question file names)")
+    raise ValueError(
+        f"--image_dir is required for benchmark {benchmark.name!r} (the folder holding the "
+        f"images its question file names)"
+    )
 
 
 class ImageLoader:
@@ -253,22 +276,31 @@ def check_images_exist(questions: Sequence[Question], image_path) -> None:
     if questions and not any(os.path.exists(image_path(question)) for question in questions):
         raise FileNotFoundError(
             f"none of the {len(questions)} questions' images exists; e.g. {image_path(questions[0])} "
-            f"(is --image_dir right?)")
+            f"(is --image_dir right?)"
+        )
 
 
 def check_run_settings(config: EvalConfig, max_new_tokens: int) -> None:
     """Refuse to append to prediction files written with settings that change the answers."""
-    settings = {**{name: getattr(config, name) for name in _ANSWER_SETTINGS}, "max_new_tokens": max_new_tokens}
+    settings = {
+        **{name: getattr(config, name) for name in _ANSWER_SETTINGS},
+        "max_new_tokens": max_new_tokens,
+    }
     path = os.path.join(config.output_dir, RUN_SETTINGS_JSON)
     if os.path.exists(path):
         with open(path) as file:
             previous = json.load(file)
-        changed = {name: (previous.get(name), value) for name, value in settings.items()
-                   if previous.get(name) != value}
+        changed = {
+            name: (previous.get(name), value)
+            for name, value in settings.items()
+            if previous.get(name) != value
+        }
         if changed:
             details = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
-            raise ValueError(f"{config.output_dir} holds predictions made with other settings ({details}); "
-                             f"use another --output_dir or remove it")
+            raise ValueError(
+                f"{config.output_dir} holds predictions made with other settings ({details}); "
+                f"use another --output_dir or remove it"
+            )
     os.makedirs(config.output_dir, exist_ok=True)
     with open(path, "w") as file:
         json.dump(settings, file, indent=2)
@@ -291,27 +323,41 @@ def overlay_questions(questions: Sequence[Question], count: int, image_path) -> 
 # Generation.
 # ---------------------------------------------------------------------------------------------
 
+
 def batch_seed(seed: int, batch_index: int) -> int:
     """A per-batch seed that depends only on (seed, batch position), so a resumed run reuses it."""
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
 
 
-def run_pair(engine, pair: Pair, questions: Sequence[Question], loader: ImageLoader, config: EvalConfig,
-             max_new_tokens: int, record_kept_ids: set[str]) -> PairProgress:
+def run_pair(
+    engine,
+    pair: Pair,
+    questions: Sequence[Question],
+    loader: ImageLoader,
+    config: EvalConfig,
+    max_new_tokens: int,
+    record_kept_ids: set[str],
+) -> PairProgress:
     """Answer every unanswered question for one pair, appending each answer to its prediction file."""
     from tqdm import tqdm
 
     path = os.path.join(config.output_dir, PREDICTIONS_DIR, f"{pair.name}.jsonl")
     done = set(read_predictions(path)) if os.path.exists(path) else set()
     progress = PairProgress()
-    batches = [list(questions[start:start + config.batch_size])
-               for start in range(0, len(questions), config.batch_size)]
-    pending = [(index, batch) for index, batch in enumerate(batches)
-               if any(question.question_id not in done for question in batch)]
+    batches = [
+        list(questions[start : start + config.batch_size])
+        for start in range(0, len(questions), config.batch_size)
+    ]
+    pending = [
+        (index, batch)
+        for index, batch in enumerate(batches)
+        if any(question.question_id not in done for question in batch)
+    ]
     already = sum(question.question_id in done for question in questions)
     start_time = time.perf_counter()
-    bar = tqdm(total=len(questions), initial=already, desc=pair.name, unit="img", dynamic_ncols=True,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(questions), initial=already, desc=pair.name, unit="img", dynamic_ncols=True, file=sys.stderr
+    )
     with PredictionWriter(path) as writer:
         next_images = loader.submit(pending[0][1]) if pending else None
         for position, (batch_index, batch) in enumerate(pending):
@@ -327,16 +373,23 @@ def run_pair(engine, pair: Pair, questions: Sequence[Question], loader: ImageLoa
                 # Pad to the batch size by repeating this batch's own items: static shapes, one compile.
                 padded = [readable[i % len(readable)] for i in range(config.batch_size)]
                 tic = time.perf_counter()
-                answers = engine.answer([image for _, image in padded], [q.prompt for q, _ in padded],
-                                        pruning=pair.pruning, max_new_tokens=max_new_tokens,
-                                        seed=batch_seed(config.seed, batch_index))
+                answers = engine.answer(
+                    [image for _, image in padded],
+                    [q.prompt for q, _ in padded],
+                    pruning=pair.pruning,
+                    max_new_tokens=max_new_tokens,
+                    seed=batch_seed(config.seed, batch_index),
+                )
                 seconds = time.perf_counter() - tic
                 new = 0
                 for row, (question, _) in enumerate(readable):
                     if question.question_id not in todo:
                         continue
-                    writer.write(prediction_record(question, answers, row, pair,
-                                                   question.question_id in record_kept_ids))
+                    writer.write(
+                        prediction_record(
+                            question, answers, row, pair, question.question_id in record_kept_ids
+                        )
+                    )
                     new += 1
                 progress.generation_seconds += seconds
                 if progress.first_batch_seconds is None:
@@ -356,9 +409,15 @@ def run_pair(engine, pair: Pair, questions: Sequence[Question], loader: ImageLoa
 
 def prediction_record(question: Question, answers, row: int, pair: Pair, record_kept: bool) -> dict:
     """One line of a prediction file; kept indices only for a few questions (files stay small)."""
-    record = {"question_id": question.question_id, "prediction": answers.texts[row],
-              "answer": question.answer, "category": question.category, "image": question.image,
-              "kept_count": pair.keep, "prompt_tokens": answers.prompt_tokens[row]}
+    record = {
+        "question_id": question.question_id,
+        "prediction": answers.texts[row],
+        "answer": question.answer,
+        "category": question.category,
+        "image": question.image,
+        "kept_count": pair.keep,
+        "prompt_tokens": answers.prompt_tokens[row],
+    }
     if record_kept and answers.kept is not None:
         record["kept"] = [int(index) for index in np.asarray(answers.kept[row])]
     return record
@@ -368,13 +427,16 @@ def prediction_record(question: Question, answers, row: int, pair: Pair, record_
 # Scoring.
 # ---------------------------------------------------------------------------------------------
 
+
 def score_pair(benchmark, questions: Sequence[Question], pair: Pair, output_dir: str) -> tuple[dict, dict]:
     """(metrics, records) re-scored from the pair's prediction file, restricted to `questions`."""
     path = os.path.join(output_dir, PREDICTIONS_DIR, f"{pair.name}.jsonl")
     records = read_predictions(path) if os.path.exists(path) else {}
     wanted = {question.question_id for question in questions}
     records = {question_id: record for question_id, record in records.items() if question_id in wanted}
-    metrics = benchmark.score(questions, {question_id: record["prediction"] for question_id, record in records.items()})
+    metrics = benchmark.score(
+        questions, {question_id: record["prediction"] for question_id, record in records.items()}
+    )
     return metrics, records
 
 
@@ -383,7 +445,9 @@ def previous_timings(output_dir: str) -> dict[str, dict]:
     path = os.path.join(output_dir, RESULTS_JSON)
     try:
         with open(path) as file:
-            return {name: result.get("timing", {}) for name, result in json.load(file).get("pairs", {}).items()}
+            return {
+                name: result.get("timing", {}) for name, result in json.load(file).get("pairs", {}).items()
+            }
     except (OSError, ValueError):
         return {}
 
@@ -391,6 +455,7 @@ def previous_timings(output_dir: str) -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------
+
 
 def run(config: EvalConfig, engine=None) -> dict:
     """Evaluate every pair of `config`; returns what results.json holds. `engine` may be shared."""
@@ -418,39 +483,70 @@ def run(config: EvalConfig, engine=None) -> dict:
     model_name = reference_numbers.canonical_model_name(config.model_name or config.checkpoint)
 
     overlays = overlay_questions(questions, config.num_overlays, image_path)
-    record_kept_ids = {q.question_id for q in questions[:config.record_kept]} | {q.question_id for q in overlays}
+    record_kept_ids = {q.question_id for q in questions[: config.record_kept]} | {
+        q.question_id for q in overlays
+    }
     earlier = previous_timings(config.output_dir)
     loader = ImageLoader(image_path)
     results: dict[str, Any] = {
-        "benchmark": benchmark.name, "primary_metric": benchmark.primary_metric, "model_name": model_name,
-        "checkpoint": os.path.abspath(config.checkpoint), "num_questions": len(questions),
-        "num_image_tokens": num_image_tokens, "num_layers": num_layers, "image_grid": model.image_grid,
-        "settings": {**{k: v for k, v in dataclasses.asdict(config).items() if k != "command"},
-                     "max_new_tokens": max_new_tokens},
-        "command": config.command, "pairs": {},
+        "benchmark": benchmark.name,
+        "primary_metric": benchmark.primary_metric,
+        "model_name": model_name,
+        "checkpoint": os.path.abspath(config.checkpoint),
+        "num_questions": len(questions),
+        "num_image_tokens": num_image_tokens,
+        "num_layers": num_layers,
+        "image_grid": model.image_grid,
+        "settings": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "command"},
+            "max_new_tokens": max_new_tokens,
+        },
+        "command": config.command,
+        "pairs": {},
     }
     try:
         for pair in pairs:
             progress = run_pair(engine, pair, questions, loader, config, max_new_tokens, record_kept_ids)
             metrics, records = score_pair(benchmark, questions, pair, config.output_dir)
-            skipped = [{"question_id": q.question_id, "image": q.image, "reason": loader.failures[image_path(q)]}
-                       for q in questions if q.question_id not in records and image_path(q) in loader.failures]
-            timing = progress.timing() if progress.generated or pair.name not in earlier else earlier[pair.name]
+            skipped = [
+                {"question_id": q.question_id, "image": q.image, "reason": loader.failures[image_path(q)]}
+                for q in questions
+                if q.question_id not in records and image_path(q) in loader.failures
+            ]
+            timing = (
+                progress.timing() if progress.generated or pair.name not in earlier else earlier[pair.name]
+            )
             result = {
-                "method": pair.method, "keep": pair.keep, "keep_requested": pair.keep_requested,
+                "method": pair.method,
+                "keep": pair.keep,
+                "keep_requested": pair.keep_requested,
                 "layer": None if pair.pruning is None else pair.pruning.layer,
                 "equivalent_tokens": pair.equivalent_tokens,
                 "primary": metrics["overall"][benchmark.primary_metric],
-                "metrics": metrics, "num_scored": metrics["num_scored"], "num_missing": metrics["num_missing"],
-                "num_skipped": len(skipped), "skipped": skipped, "timing": timing,
+                "metrics": metrics,
+                "num_scored": metrics["num_scored"],
+                "num_missing": metrics["num_missing"],
+                "num_skipped": len(skipped),
+                "skipped": skipped,
+                "timing": timing,
                 "predictions_file": os.path.join(PREDICTIONS_DIR, f"{pair.name}.jsonl"),
             }
             result["published"] = [
-                {**dataclasses.asdict(reference), "ours": reference_numbers.comparable_value(reference, result)}
-                for reference in reference_numbers.lookup(model_name, benchmark.name, pair.method, pair.keep)]
+                {
+                    **dataclasses.asdict(reference),
+                    "ours": reference_numbers.comparable_value(reference, result),
+                }
+                for reference in reference_numbers.lookup(model_name, benchmark.name, pair.method, pair.keep)
+            ]
             results["pairs"][pair.name] = result
-            logger.info("%s: %s=%.4f over %d scored, %d skipped", pair.name, benchmark.primary_metric,
-                        result["primary"], result["num_scored"], result["num_skipped"])
+            logger.info(
+                "%s: %s=%.4f over %d scored, %d skipped",
+                pair.name,
+                benchmark.primary_metric,
+                result["primary"],
+                result["num_scored"],
+                result["num_skipped"],
+            )
     finally:
         loader.close()
 
@@ -459,7 +555,8 @@ def run(config: EvalConfig, engine=None) -> dict:
     reporting.write_report(config.output_dir, results)
     reporting.plot_accuracy_vs_tokens(os.path.join(config.output_dir, "accuracy_vs_tokens.png"), results)
     reporting.write_kept_token_overlays(
-        os.path.join(config.output_dir, "kept_tokens"), engine, results, overlays, image_path)
+        os.path.join(config.output_dir, "kept_tokens"), engine, results, overlays, image_path
+    )
     return results
 
 
@@ -467,29 +564,50 @@ def run(config: EvalConfig, engine=None) -> dict:
 # Flags.
 # ---------------------------------------------------------------------------------------------
 
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagValues:
     """Define this entry point's flags on `flag_values` (only when run as a program: importing the
     module for `run` must not claim global flag names other entry points also use, like --seed)."""
+
     def define(kind, name, default, help_text):
         getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values)
 
-    define("string", "checkpoint", None, "llava-hf checkpoint directory (config.json, safetensors, tokenizer).")
+    define(
+        "string", "checkpoint", None, "llava-hf checkpoint directory (config.json, safetensors, tokenizer)."
+    )
     define("string", "benchmark", None, f"Benchmark name; one of {', '.join(benchmark_names())}.")
     define("string", "questions", None, "Question file, or directory of them (POPE splits, a testbed split).")
-    define("string", "image_dir", None, "Folder of the images the questions name (default: the benchmark's "
-           "own, e.g. <testbed split>/images).")
-    define("list", "methods", ["adaptprune", "fastv"],
-           "Pruning methods; 'none' (unpruned) is always evaluated once whether listed or not.")
+    define(
+        "string",
+        "image_dir",
+        None,
+        "Folder of the images the questions name (default: the benchmark's "
+        "own, e.g. <testbed split>/images).",
+    )
+    define(
+        "list",
+        "methods",
+        ["adaptprune", "fastv"],
+        "Pruning methods; 'none' (unpruned) is always evaluated once whether listed or not.",
+    )
     define("list", "keep", ["64"], "Budgets: image-token counts (192) or ratios of all image tokens (0.25).")
     define("integer", "layer", None, "Pruning layer K for the in-LLM methods (default: each method's own).")
     define("integer", "batch_size", 8, "Questions per generation call (the last batch is padded).")
     define("integer", "max_new_tokens", None, "Tokens to generate per answer (default: the benchmark's).")
     define("integer", "limit", None, "Evaluate only the first N questions.")
-    define("integer", "seed", 0, "Seed of random pruning (per batch: derived from the seed and its position).")
+    define(
+        "integer", "seed", 0, "Seed of random pruning (per batch: derived from the seed and its position)."
+    )
     define("string", "output_dir", None, "Where predictions/, results.json, results.md and the plots go.")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the model.",
-                      flag_values=flag_values)
-    define("string", "model_name", None, "Model name for published-number lookup (default: checkpoint folder name).")
+    flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the model.", flag_values=flag_values
+    )
+    define(
+        "string",
+        "model_name",
+        None,
+        "Model name for published-number lookup (default: checkpoint folder name).",
+    )
     define("integer", "num_overlays", 3, "How many images get kept-token pictures.")
     define("integer", "record_kept", 8, "How many questions keep their kept-token indices in predictions.")
     return flag_values
@@ -497,17 +615,30 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagValue
 
 def config_from_flags(flag_values: flags.FlagValues, argv: Sequence[str] = ()) -> EvalConfig:
     """The EvalConfig of parsed flags; `argv` (the whole command line) is recorded in results.md."""
-    missing = [name for name in ("checkpoint", "benchmark", "questions", "output_dir") if not flag_values[name].value]
+    missing = [
+        name for name in ("checkpoint", "benchmark", "questions", "output_dir") if not flag_values[name].value
+    ]
     if missing:
         raise app.UsageError(f"missing required flag(s): {', '.join('--' + name for name in missing)}")
     return EvalConfig(
-        checkpoint=flag_values.checkpoint, benchmark=flag_values.benchmark, questions=flag_values.questions,
-        output_dir=flag_values.output_dir, image_dir=flag_values.image_dir, methods=tuple(flag_values.methods),
-        keep=tuple(parse_keep(keep) for keep in flag_values.keep), layer=flag_values.layer,
-        batch_size=flag_values.batch_size, max_new_tokens=flag_values.max_new_tokens, limit=flag_values.limit,
-        seed=flag_values.seed, dtype=flag_values.dtype, model_name=flag_values.model_name,
-        num_overlays=flag_values.num_overlays, record_kept=flag_values.record_kept,
-        command=" ".join(["python -m experiments.eval", *argv[1:]]) if argv else None)
+        checkpoint=flag_values.checkpoint,
+        benchmark=flag_values.benchmark,
+        questions=flag_values.questions,
+        output_dir=flag_values.output_dir,
+        image_dir=flag_values.image_dir,
+        methods=tuple(flag_values.methods),
+        keep=tuple(parse_keep(keep) for keep in flag_values.keep),
+        layer=flag_values.layer,
+        batch_size=flag_values.batch_size,
+        max_new_tokens=flag_values.max_new_tokens,
+        limit=flag_values.limit,
+        seed=flag_values.seed,
+        dtype=flag_values.dtype,
+        model_name=flag_values.model_name,
+        num_overlays=flag_values.num_overlays,
+        record_kept=flag_values.record_kept,
+        command=" ".join(["python -m experiments.eval", *argv[1:]]) if argv else None,
+    )
 
 
 def main(argv: Sequence[str]) -> None:

@@ -57,8 +57,10 @@ def run() -> dict:
     length = num_image + FLAGS.text_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(4, 1000, (FLAGS.batch, length)).astype(np.int32)
-    ids[:, 1:1 + num_image] = cfg.image_token_index
-    pixels = rng.standard_normal((FLAGS.batch, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
+    ids[:, 1 : 1 + num_image] = cfg.image_token_index
+    pixels = rng.standard_normal((FLAGS.batch, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(
+        np.float32
+    )
 
     @jax.jit
     def vision_and_merge(state, ids, pixels):
@@ -76,17 +78,31 @@ def run() -> dict:
         @jax.jit
         def step(state, x):
             lm = nnx.merge(graphdef, state).language_model
-            out = lm.prefill(x, positions, last_index, image_start=image_start, num_image_tokens=num_image,
-                             extra_slots=0, pruning=pruning, keep=keep, rng=jax.random.key(0))
+            out = lm.prefill(
+                x,
+                positions,
+                last_index,
+                image_start=image_start,
+                num_image_tokens=num_image,
+                extra_slots=0,
+                pruning=pruning,
+                keep=keep,
+                rng=jax.random.key(0),
+            )
             return out.logits, out.kept
+
         return step
 
     keep = FLAGS.keep
-    fixed = prune.FixedIndicesConfig(indices=tuple(range(0, num_image, num_image // keep))[:keep], layer=FLAGS.layer)
+    fixed = prune.FixedIndicesConfig(
+        indices=tuple(range(0, num_image, num_image // keep))[:keep], layer=FLAGS.layer
+    )
     variants = {"unpruned": (None, 0), "fixed indices": (fixed, keep)}
     for implementation in FLAGS.nms_implementations:
         variants[f"adaptprune ({implementation})"] = (
-            prune.AdaptPruneConfig(keep=keep, layer=FLAGS.layer, nms_implementation=implementation), keep)
+            prune.AdaptPruneConfig(keep=keep, layer=FLAGS.layer, nms_implementation=implementation),
+            keep,
+        )
     variants["fastv"] = (prune.FastVConfig(keep=keep, layer=FLAGS.layer), keep)
 
     rows = {}
@@ -100,9 +116,14 @@ def run() -> dict:
             print(f"{name}: FAILED {rows[name]['error']}", flush=True)
             continue
         compile_s = time.perf_counter() - start
-        ms, times = median_ms(lambda: step(state, x), FLAGS.repeats)
-        rows[name] = {"median_ms": ms, "min_ms": min(times), "max_ms": max(times), "compile_s": compile_s,
-                      "kept_first": None if kept is None else np.asarray(kept)[0, :8].tolist()}
+        ms, times = median_ms(lambda step=step: step(state, x), FLAGS.repeats)
+        rows[name] = {
+            "median_ms": ms,
+            "min_ms": min(times),
+            "max_ms": max(times),
+            "compile_s": compile_s,
+            "kept_first": None if kept is None else np.asarray(kept)[0, :8].tolist(),
+        }
         print(f"{name:<24} {ms:8.3f} ms  (compile {compile_s:5.1f} s)", flush=True)
 
     base = rows["unpruned"]["median_ms"]
@@ -116,16 +137,31 @@ def run() -> dict:
     adaptprune_rows = {n: r for n, r in rows.items() if n.startswith("adaptprune") and "median_ms" in r}
     if adaptprune_rows:
         best = min(adaptprune_rows, key=lambda n: adaptprune_rows[n]["median_ms"])
-        summary = {"best_adaptprune": best,
-                   "selection_overhead_ms": adaptprune_rows[best]["selection_overhead_ms"],
-                   "selection_overhead_ok": adaptprune_rows[best]["selection_overhead_ms"] <= 0.5,
-                   "pruned_speedup": adaptprune_rows[best]["speedup_vs_unpruned"],
-                   "pruned_speedup_ok": adaptprune_rows[best]["speedup_vs_unpruned"] >= 2.0}
-    return {"model": FLAGS.model, "dtype": "bfloat16", "batch": FLAGS.batch, "prompt_tokens": length,
-            "image_tokens": num_image, "keep": keep, "layer": FLAGS.layer, "repeats": FLAGS.repeats,
-            "vision_and_merge_ms": vision_ms, "vision_compile_s": vision_compile, "llm_prefill": rows,
-            "summary": summary, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d"), "command": " ".join(os.sys.argv)}
+        summary = {
+            "best_adaptprune": best,
+            "selection_overhead_ms": adaptprune_rows[best]["selection_overhead_ms"],
+            "selection_overhead_ok": adaptprune_rows[best]["selection_overhead_ms"] <= 0.5,
+            "pruned_speedup": adaptprune_rows[best]["speedup_vs_unpruned"],
+            "pruned_speedup_ok": adaptprune_rows[best]["speedup_vs_unpruned"] >= 2.0,
+        }
+    return {
+        "model": FLAGS.model,
+        "dtype": "bfloat16",
+        "batch": FLAGS.batch,
+        "prompt_tokens": length,
+        "image_tokens": num_image,
+        "keep": keep,
+        "layer": FLAGS.layer,
+        "repeats": FLAGS.repeats,
+        "vision_and_merge_ms": vision_ms,
+        "vision_compile_s": vision_compile,
+        "llm_prefill": rows,
+        "summary": summary,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(os.sys.argv),
+    }
 
 
 def main(argv):

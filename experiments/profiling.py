@@ -20,7 +20,7 @@ import glob
 import gzip
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 PERFETTO_FILE = "perfetto_trace.json.gz"
 DEVICE_PREFIXES = ("/device:",)
@@ -30,8 +30,9 @@ def find_trace(directory: str) -> str:
     """The newest perfetto trace JSON under `directory` (jax nests it in plugins/profile/<date>/)."""
     found = glob.glob(os.path.join(directory, "**", PERFETTO_FILE), recursive=True)
     if not found:
-        raise FileNotFoundError(f"no {PERFETTO_FILE} under {directory}: was the trace taken with "
-                                f"create_perfetto_trace=True?")
+        raise FileNotFoundError(
+            f"no {PERFETTO_FILE} under {directory}: was the trace taken with create_perfetto_trace=True?"
+        )
     return max(found, key=os.path.getmtime)
 
 
@@ -78,8 +79,11 @@ def summarize_events(events: list[dict], *, calls: int = 1, top: int = 10) -> di
             threads[(event.get("pid"), event.get("tid"))] = name
     by_thread: dict[tuple, list[dict]] = collections.defaultdict(list)
     for event in events:
-        if event.get("ph") == "X" and "dur" in event and str(processes.get(event.get("pid"), "")).startswith(
-                DEVICE_PREFIXES):
+        if (
+            event.get("ph") == "X"
+            and "dur" in event
+            and str(processes.get(event.get("pid"), "")).startswith(DEVICE_PREFIXES)
+        ):
             by_thread[(event["pid"], event.get("tid"))].append(event)
     summary = {"calls": calls, "device_threads": []}
     for (pid, tid), thread_events in sorted(by_thread.items(), key=lambda item: str(item[0])):
@@ -93,21 +97,38 @@ def summarize_events(events: list[dict], *, calls: int = 1, top: int = 10) -> di
             count_and_time[1] += float(event["dur"])
         heaviest = sorted(per_name.items(), key=lambda item: -item[1][1])[:top]
         summed = sum(float(e["dur"]) for e in thread_events)
-        summary["device_threads"].append({
-            "process": processes.get(pid), "thread": threads.get((pid, tid), str(tid)),
-            "events_per_call": len(thread_events) / calls,
-            "sum_ms_per_call": summed / 1e3 / calls,
-            "busy_ms_per_call": busy / 1e3 / calls, "span_ms_per_call": span / 1e3 / calls,
-            "busy_fraction": busy / span if span > 0 else None,
-            "top": [{"name": name, "count_per_call": count / calls, "ms_per_call": total / 1e3 / calls,
-                     "share_of_sum": total / max(summed, 1e-12)}
-                    for name, (count, total) in heaviest],
-        })
+        summary["device_threads"].append(
+            {
+                "process": processes.get(pid),
+                "thread": threads.get((pid, tid), str(tid)),
+                "events_per_call": len(thread_events) / calls,
+                "sum_ms_per_call": summed / 1e3 / calls,
+                "busy_ms_per_call": busy / 1e3 / calls,
+                "span_ms_per_call": span / 1e3 / calls,
+                "busy_fraction": busy / span if span > 0 else None,
+                "top": [
+                    {
+                        "name": name,
+                        "count_per_call": count / calls,
+                        "ms_per_call": total / 1e3 / calls,
+                        "share_of_sum": total / max(summed, 1e-12),
+                    }
+                    for name, (count, total) in heaviest
+                ],
+            }
+        )
     return summary
 
 
-def profile_call(fn: Callable[[], object], directory: str, *, calls: int = 1, units_per_call: int = 1,
-                 sync: Callable | None = None, top: int = 10) -> dict:
+def profile_call(
+    fn: Callable[[], object],
+    directory: str,
+    *,
+    calls: int = 1,
+    units_per_call: int = 1,
+    sync: Callable | None = None,
+    top: int = 10,
+) -> dict:
     """Run `fn` `calls` times (each followed by `sync`) under a JAX trace in `directory` and summarise
     the device threads per unit of work (`units_per_call` units per call: e.g. the decode steps of one
     generate call); the trace files stay in `directory`. Warm `fn` up first: a compile inside the

@@ -72,8 +72,10 @@ def _ordered_pairs(results: dict) -> list[tuple[str, dict]]:
     """Unpruned first, then by method (in run order) and decreasing keep."""
     pairs = list(results["pairs"].items())
     methods = list(dict.fromkeys(result["method"] for _, result in pairs))
-    return sorted(pairs, key=lambda item: (item[1]["method"] != UNPRUNED, methods.index(item[1]["method"]),
-                                           -item[1]["keep"]))
+    return sorted(
+        pairs,
+        key=lambda item: (item[1]["method"] != UNPRUNED, methods.index(item[1]["method"]), -item[1]["keep"]),
+    )
 
 
 def summary_table(results: dict) -> str:
@@ -87,23 +89,28 @@ def summary_table(results: dict) -> str:
         lines.append(
             f"| {result['method']} | {result['keep']} | {result['equivalent_tokens']:.1f} "
             f"| {display_value(results, result['primary'])} | {_published_cell(result)} "
-            f"| {_format_rate(result.get('timing', {}))} | {result['num_scored']} | {result['num_skipped']} |")
+            f"| {_format_rate(result.get('timing', {}))} | {result['num_scored']} | {result['num_skipped']} |"
+        )
     return "\n".join(lines)
 
 
 def category_table(results: dict) -> str:
     """Primary metric per category (POPE split, testbed question kind, ...) for every pair."""
     ordered = _ordered_pairs(results)
-    categories = list(dict.fromkeys(
-        category for _, result in ordered for category in result["metrics"].get("per_category", {})))
+    categories = list(
+        dict.fromkeys(
+            category for _, result in ordered for category in result["metrics"].get("per_category", {})
+        )
+    )
     if not categories:
         return ""
     metric = results["primary_metric"]
-    lines = ["| method | keep | " + " | ".join(categories) + " |",
-             "|---|---:|" + "---:|" * len(categories)]
+    lines = ["| method | keep | " + " | ".join(categories) + " |", "|---|---:|" + "---:|" * len(categories)]
     for _, result in ordered:
         per_category = result["metrics"].get("per_category", {})
-        cells = [display_value(results, per_category.get(category, {}).get(metric)) for category in categories]
+        cells = [
+            display_value(results, per_category.get(category, {}).get(metric)) for category in categories
+        ]
         lines.append(f"| {result['method']} | {result['keep']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -111,23 +118,32 @@ def category_table(results: dict) -> str:
 def other_published_table(results: dict) -> str:
     """Published numbers for this model and benchmark whose (method, keep) this run did not evaluate."""
     evaluated = {(result["method"], result["keep"]) for result in results["pairs"].values()}
-    rows = [entry for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])
-            if (entry.method, entry.keep) not in evaluated
-            and not (entry.method == UNPRUNED and any(m == UNPRUNED for m, _ in evaluated))]
+    rows = [
+        entry
+        for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])
+        if (entry.method, entry.keep) not in evaluated
+        and not (entry.method == UNPRUNED and any(m == UNPRUNED for m, _ in evaluated))
+    ]
     if not rows:
         return ""
     lines = ["| method | keep | metric | published | source |", "|---|---:|---|---:|---|"]
     for entry in rows:
-        lines.append(f"| {entry.method} | {entry.keep if entry.keep is not None else 'all'} | {entry.metric} "
-                     f"| {entry.value:.1f} | {_source_key(entry.source)} |")
+        lines.append(
+            f"| {entry.method} | {entry.keep if entry.keep is not None else 'all'} | {entry.metric} "
+            f"| {entry.value:.1f} | {_source_key(entry.source)} |"
+        )
     return "\n".join(lines)
 
 
 def write_report(output_dir: str, results: dict) -> str:
     """Write results.md; returns its path."""
     settings = results["settings"]
-    sources = sorted({entry.source for entry in reference_numbers.for_benchmark(results.get("model_name"),
-                                                                                  results["benchmark"])})
+    sources = sorted(
+        {
+            entry.source
+            for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])
+        }
+    )
     parts = [
         f"# {results['benchmark']} on {results['model_name']}",
         "",
@@ -152,11 +168,16 @@ def write_report(output_dir: str, results: dict) -> str:
         parts += ["", "## Published numbers for settings not evaluated here", "", other]
     if sources:
         parts += ["", "## Sources", ""] + [f"- [{_source_key(source)}] {source}" for source in sources]
-        if any(entry.aggregate == reference_numbers.MEAN_OVER_CATEGORIES
-               for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])):
-            parts += ["", "Published numbers marked 'mean of categories' average the per-category values "
-                          "(POPE: the random / popular / adversarial splits); `ours` beside them is computed "
-                          "the same way, while the main column pools all questions."]
+        if any(
+            entry.aggregate == reference_numbers.MEAN_OVER_CATEGORIES
+            for entry in reference_numbers.for_benchmark(results.get("model_name"), results["benchmark"])
+        ):
+            parts += [
+                "",
+                "Published numbers marked 'mean of categories' average the per-category values "
+                "(POPE: the random / popular / adversarial splits); `ours` beside them is computed "
+                "the same way, while the main column pools all questions.",
+            ]
     path = os.path.join(output_dir, "results.md")
     with open(path, "w") as file:
         file.write("\n".join(parts).rstrip() + "\n")
@@ -179,29 +200,52 @@ def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
         if method == UNPRUNED:
             continue
         method_results.sort(key=lambda result: result["keep"])
-        line, = axes.plot([r["keep"] for r in method_results], [scale * r["primary"] for r in method_results],
-                          marker="o", label=method)
+        (line,) = axes.plot(
+            [r["keep"] for r in method_results],
+            [scale * r["primary"] for r in method_results],
+            marker="o",
+            label=method,
+        )
         colours[method] = line.get_color()
     for result in by_method.get(UNPRUNED, []):
-        axes.axhline(scale * result["primary"], color="black", linestyle="--",
-                     label=f"unpruned ({result['keep']} tokens)")
+        axes.axhline(
+            scale * result["primary"],
+            color="black",
+            linestyle="--",
+            label=f"unpruned ({result['keep']} tokens)",
+        )
     # Published points for the methods and budgets evaluated here, in the same colour.
     for result in results["pairs"].values():
         for entry in result.get("published", []):
             if result["method"] == UNPRUNED:
                 axes.axhline(entry["value"], color="grey", linestyle=":", linewidth=1)
             else:
-                axes.plot([result["keep"]], [entry["value"]], marker="o", markerfacecolor="none",
-                          color=colours.get(result["method"], "grey"), linestyle="none")
+                axes.plot(
+                    [result["keep"]],
+                    [entry["value"]],
+                    marker="o",
+                    markerfacecolor="none",
+                    color=colours.get(result["method"], "grey"),
+                    linestyle="none",
+                )
     if any(result.get("published") for result in results["pairs"].values()):
-        axes.plot([], [], marker="o", markerfacecolor="none", color="grey", linestyle="none",
-                  label="published PyTorch")
+        axes.plot(
+            [],
+            [],
+            marker="o",
+            markerfacecolor="none",
+            color="grey",
+            linestyle="none",
+            label="published PyTorch",
+        )
     keeps = sorted({result["keep"] for result in results["pairs"].values() if result["method"] != UNPRUNED})
     if keeps:
         axes.set_xticks(keeps)
     axes.set_xlabel("image tokens kept")
     axes.set_ylabel(metric_label(results))
-    axes.set_title(f"{results['benchmark']} on {results['model_name']}: {results['primary_metric']} vs tokens")
+    axes.set_title(
+        f"{results['benchmark']} on {results['model_name']}: {results['primary_metric']} vs tokens"
+    )
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
@@ -241,8 +285,9 @@ def overlay_kept_patches(image: np.ndarray, mask: np.ndarray, patch_size: int) -
     return image * per_pixel[:height, :width, None]
 
 
-def write_kept_token_overlays(directory: str, engine, results: dict, questions: Sequence,
-                              image_path: Callable) -> list[str]:
+def write_kept_token_overlays(
+    directory: str, engine, results: dict, questions: Sequence, image_path: Callable
+) -> list[str]:
     """One PNG per question: its model-input image, then a panel per (method, keep) with the kept
     patches bright and the rest dimmed. Returns the paths written."""
     from models.preprocess import UnreadableImageError, load_image
@@ -266,7 +311,9 @@ def write_kept_token_overlays(directory: str, engine, results: dict, questions: 
         except (FileNotFoundError, UnreadableImageError):
             continue
         rows, columns = len(keeps), len(methods) + 1
-        figure, grid_axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows + 0.4), squeeze=False)
+        figure, grid_axes = plt.subplots(
+            rows, columns, figsize=(2.2 * columns, 2.3 * rows + 0.4), squeeze=False
+        )
         for axes in grid_axes.flat:
             axes.set_axis_off()
         grid_axes[0][0].imshow(image)
@@ -299,6 +346,15 @@ def load_results(output_dir: str) -> dict:
         return json.load(file)
 
 
-__all__ = ["category_table", "kept_patch_mask", "load_results", "model_input_image", "other_published_table",
-           "overlay_kept_patches", "plot_accuracy_vs_tokens", "summary_table", "write_kept_token_overlays",
-           "write_report"]
+__all__ = [
+    "category_table",
+    "kept_patch_mask",
+    "load_results",
+    "model_input_image",
+    "other_published_table",
+    "overlay_kept_patches",
+    "plot_accuracy_vs_tokens",
+    "summary_table",
+    "write_kept_token_overlays",
+    "write_report",
+]

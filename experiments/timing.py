@@ -28,5 +28,7 @@ def timed(fn, repeats: int, sync) -> list[float]:
 
 def run_stamp(module: str) -> dict:
     """When (UTC, seconds) and by which command line (`python -m <module> <args>`) a result was made."""
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": f"python -m {module} " + shlex.join(sys.argv[1:])}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python -m {module} " + shlex.join(sys.argv[1:]),
+    }

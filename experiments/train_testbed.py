@@ -103,11 +103,25 @@ from absl import app, flags
 from flax import nnx
 
 from experiments.testbed.benchmark import TestbedBenchmark
-from experiments.testbed.scenes import (COLOURS, KINDS, QUESTIONS_FILE, SHAPES, SPLITS,
-                                        TRAINING_NEGATIVE_TYPES, TestbedConfig, answer_token_ids,
-                                        encode_followup, encode_prompt, make_tokenizer, max_followup_length,
-                                        max_prompt_length, render_scenes, sample_questions, sample_scenes,
-                                        write_split)
+from experiments.testbed.scenes import (
+    COLOURS,
+    KINDS,
+    QUESTIONS_FILE,
+    SHAPES,
+    SPLITS,
+    TRAINING_NEGATIVE_TYPES,
+    TestbedConfig,
+    answer_token_ids,
+    encode_followup,
+    encode_prompt,
+    make_tokenizer,
+    max_followup_length,
+    max_prompt_length,
+    render_scenes,
+    sample_questions,
+    sample_scenes,
+    write_split,
+)
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import from_hf_config
 from models.engine import LlavaEngine
@@ -168,7 +182,7 @@ class TrainOptions:
     quiet: bool = False
 
     @classmethod
-    def from_flags(cls) -> "TrainOptions":
+    def from_flags(cls) -> TrainOptions:
         names = {field.name for field in dataclasses.fields(cls)}
         values = {name: FLAGS[name].value for name in names if name in FLAGS}
         if "train_kind_weights" in values:
@@ -183,54 +197,121 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Command-line flags, defined only when this file runs as a program: other entry points
     (benchmark, validate) define flags of the same names, and tests import them together."""
-    flags.DEFINE_string("output_dir", _DEFAULT.output_dir, "Where the final llava-hf checkpoint (and its training log, "
-                        "curve and test accuracy) is written.")
-    flags.DEFINE_string("work_dir", _DEFAULT.work_dir, "Training state (for --resume), validation split and log.")
-    flags.DEFINE_integer("steps", _DEFAULT.steps, "Most optimizer steps (the cosine schedule's length in steps; "
-                         "with --max_minutes the schedule follows the clock when that is sooner).")
+    flags.DEFINE_string(
+        "output_dir",
+        _DEFAULT.output_dir,
+        "Where the final llava-hf checkpoint (and its training log, curve and test accuracy) is written.",
+    )
+    flags.DEFINE_string(
+        "work_dir", _DEFAULT.work_dir, "Training state (for --resume), validation split and log."
+    )
+    flags.DEFINE_integer(
+        "steps",
+        _DEFAULT.steps,
+        "Most optimizer steps (the cosine schedule's length in steps; "
+        "with --max_minutes the schedule follows the clock when that is sooner).",
+    )
     flags.DEFINE_integer("batch_size", _DEFAULT.batch_size, "Examples per step.")
     flags.DEFINE_float("learning_rate", _DEFAULT.learning_rate, "Peak AdamW learning rate.")
     flags.DEFINE_integer("warmup_steps", _DEFAULT.warmup_steps, "Linear warm-up steps.")
     flags.DEFINE_float("weight_decay", _DEFAULT.weight_decay, "AdamW weight decay (matrices only).")
     flags.DEFINE_float("grad_clip", _DEFAULT.grad_clip, "Global gradient-norm clip.")
-    flags.DEFINE_float("patch_loss_weight", _DEFAULT.patch_loss_weight, "Weight of the patch probe's loss "
-                       "(per-patch object class and box centre, predicted linearly from the image features; "
-                       "training-only, not exported). 0 = answer loss only.")
-    flags.DEFINE_float("coordinate_loss_weight", _DEFAULT.coordinate_loss_weight, "Weight of the probe's "
-                       "squared error on the (row, column) centre of the object under each object patch, in "
-                       "[-1, 1] image units (what the position questions compare; training-only). 0 = off.")
-    flags.DEFINE_float("relation_loss_weight", _DEFAULT.relation_loss_weight, "Weight of the relation probe's "
-                       "squared error on the centres of the two objects a position question names, read linearly "
-                       "from the LLM's residual stream entering its last layer at the answer slot (training-only). "
-                       "0 = off.")
-    flags.DEFINE_integer("turns", _DEFAULT.turns, "Questions per training image, asked as one multi-turn "
-                         "conversation (LLaVA-1.5's format; the first turn is the inference prompt).")
-    flags.DEFINE_list("train_kind_weights", [], f"Question-kind weights of the training batches, one per kind "
-                      f"{KINDS} (empty: the testbed's own mixture; evaluation splits always use it).")
+    flags.DEFINE_float(
+        "patch_loss_weight",
+        _DEFAULT.patch_loss_weight,
+        "Weight of the patch probe's loss "
+        "(per-patch object class and box centre, predicted linearly from the image features; "
+        "training-only, not exported). 0 = answer loss only.",
+    )
+    flags.DEFINE_float(
+        "coordinate_loss_weight",
+        _DEFAULT.coordinate_loss_weight,
+        "Weight of the probe's "
+        "squared error on the (row, column) centre of the object under each object patch, in "
+        "[-1, 1] image units (what the position questions compare; training-only). 0 = off.",
+    )
+    flags.DEFINE_float(
+        "relation_loss_weight",
+        _DEFAULT.relation_loss_weight,
+        "Weight of the relation probe's "
+        "squared error on the centres of the two objects a position question names, read linearly "
+        "from the LLM's residual stream entering its last layer at the answer slot (training-only). "
+        "0 = off.",
+    )
+    flags.DEFINE_integer(
+        "turns",
+        _DEFAULT.turns,
+        "Questions per training image, asked as one multi-turn "
+        "conversation (LLaVA-1.5's format; the first turn is the inference prompt).",
+    )
+    flags.DEFINE_list(
+        "train_kind_weights",
+        [],
+        f"Question-kind weights of the training batches, one per kind "
+        f"{KINDS} (empty: the testbed's own mixture; evaluation splits always use it).",
+    )
     flags.DEFINE_integer("seed", _DEFAULT.seed, "Seed of the initial weights and of every training batch.")
-    flags.DEFINE_integer("eval_every", _DEFAULT.eval_every, "Validate every this many steps (0 = only at the end).")
-    flags.DEFINE_integer("eval_items", _DEFAULT.eval_items, "Questions in the fixed validation split (4 per image; "
-                         "0 = no validation).")
-    flags.DEFINE_integer("eval_batch_size", _DEFAULT.eval_batch_size, "Questions per generation batch (validation, test).")
-    flags.DEFINE_integer("log_every", _DEFAULT.log_every, "Print and log training metrics every this many steps.")
-    flags.DEFINE_integer("save_every", _DEFAULT.save_every, "Save the training state every this many steps (and at "
-                         "the end).")
-    flags.DEFINE_float("max_minutes", _DEFAULT.max_minutes, "Wall-clock budget of the training loop, from process "
-                       "start: the learning rate anneals to zero by then, training stops, the state is saved, the "
-                       "checkpoint exported and the test split evaluated (about 15 s more on an H100).")
-    flags.DEFINE_integer("stop_at_step", _DEFAULT.stop_at_step, "Stop after this step as if interrupted (state saved, "
-                         "no export); the schedule still spans --steps. For splitting a run over several commands.")
-    flags.DEFINE_bool("resume", _DEFAULT.resume, "Continue from the training state in --work_dir, if there is one.")
-    flags.DEFINE_enum("dtype", _DEFAULT.dtype, ["auto", "bfloat16", "float32"],
-                      "Compute dtype of training (auto: bfloat16 on an accelerator, float32 on CPU).")
-    flags.DEFINE_enum("eval_dtype", _DEFAULT.eval_dtype, ["bfloat16", "float32"], "Weights dtype of validation and test.")
-    flags.DEFINE_enum("save_dtype", _DEFAULT.save_dtype, ["float16", "float32"], "Dtype of the exported weights.")
-    flags.DEFINE_string("test_dir", _DEFAULT.test_dir, "Test split (the eval harness's --questions and --image_dir); "
-                        "written with write_split if absent.")
-    flags.DEFINE_integer("test_items", _DEFAULT.test_items, "Questions in the test split when it has to be written "
-                         "(4 per image; 0 = no test evaluation).")
-    flags.DEFINE_string("init_from", _DEFAULT.init_from, "Warm start: initialise the weights from this exported "
-                        "checkpoint (fresh optimizer and schedule; pass another --seed for unseen batches).")
+    flags.DEFINE_integer(
+        "eval_every", _DEFAULT.eval_every, "Validate every this many steps (0 = only at the end)."
+    )
+    flags.DEFINE_integer(
+        "eval_items",
+        _DEFAULT.eval_items,
+        "Questions in the fixed validation split (4 per image; 0 = no validation).",
+    )
+    flags.DEFINE_integer(
+        "eval_batch_size", _DEFAULT.eval_batch_size, "Questions per generation batch (validation, test)."
+    )
+    flags.DEFINE_integer(
+        "log_every", _DEFAULT.log_every, "Print and log training metrics every this many steps."
+    )
+    flags.DEFINE_integer(
+        "save_every", _DEFAULT.save_every, "Save the training state every this many steps (and at the end)."
+    )
+    flags.DEFINE_float(
+        "max_minutes",
+        _DEFAULT.max_minutes,
+        "Wall-clock budget of the training loop, from process "
+        "start: the learning rate anneals to zero by then, training stops, the state is saved, the "
+        "checkpoint exported and the test split evaluated (about 15 s more on an H100).",
+    )
+    flags.DEFINE_integer(
+        "stop_at_step",
+        _DEFAULT.stop_at_step,
+        "Stop after this step as if interrupted (state saved, "
+        "no export); the schedule still spans --steps. For splitting a run over several commands.",
+    )
+    flags.DEFINE_bool(
+        "resume", _DEFAULT.resume, "Continue from the training state in --work_dir, if there is one."
+    )
+    flags.DEFINE_enum(
+        "dtype",
+        _DEFAULT.dtype,
+        ["auto", "bfloat16", "float32"],
+        "Compute dtype of training (auto: bfloat16 on an accelerator, float32 on CPU).",
+    )
+    flags.DEFINE_enum(
+        "eval_dtype", _DEFAULT.eval_dtype, ["bfloat16", "float32"], "Weights dtype of validation and test."
+    )
+    flags.DEFINE_enum(
+        "save_dtype", _DEFAULT.save_dtype, ["float16", "float32"], "Dtype of the exported weights."
+    )
+    flags.DEFINE_string(
+        "test_dir",
+        _DEFAULT.test_dir,
+        "Test split (the eval harness's --questions and --image_dir); written with write_split if absent.",
+    )
+    flags.DEFINE_integer(
+        "test_items",
+        _DEFAULT.test_items,
+        "Questions in the test split when it has to be written (4 per image; 0 = no test evaluation).",
+    )
+    flags.DEFINE_string(
+        "init_from",
+        _DEFAULT.init_from,
+        "Warm start: initialise the weights from this exported "
+        "checkpoint (fresh optimizer and schedule; pass another --seed for unseen batches).",
+    )
     flags.DEFINE_string("compilation_cache_dir", ".jax_cache", "JAX persistent compilation cache ('' = off).")
 
 
@@ -253,6 +334,7 @@ def _print(options: TrainOptions, *args) -> None:
 # --------------------------------------------------------------------------------------------------
 # Sizes and batches.
 # --------------------------------------------------------------------------------------------------
+
 
 def training_sequence_length(cfg, turns: int = 1) -> int:
     """Tokens per training sequence of `turns` questions: the longest first prompt with its image span
@@ -284,8 +366,16 @@ class DeviceBatch(NamedTuple):
     relation_objects: Any
 
 
-def conversation_arrays(question_lists, *, turns: int, image_token_index: int, num_image_tokens: int,
-                        pad_token_id: int, eos_token_id: int, length: int) -> tuple[np.ndarray, ...]:
+def conversation_arrays(
+    question_lists,
+    *,
+    turns: int,
+    image_token_index: int,
+    num_image_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int,
+    length: int,
+) -> tuple[np.ndarray, ...]:
     """Token ids and targets of one conversation per scene (the first `turns` of its questions).
 
     The first prompt's single `<image>` id is expanded to the image span, as `Preprocessor.encode` does.
@@ -310,22 +400,29 @@ def conversation_arrays(question_lists, *, turns: int, image_token_index: int, n
                 if slots.size != 1:
                     raise ValueError(f"prompt {row} holds {slots.size} image tokens, expected exactly one")
                 slot = int(slots[0])
-                pieces += [prompt[:slot], np.full(num_image_tokens, image_token_index, np.int32), prompt[slot + 1:]]
+                pieces += [
+                    prompt[:slot],
+                    np.full(num_image_tokens, image_token_index, np.int32),
+                    prompt[slot + 1 :],
+                ]
             else:
-                pieces += [np.asarray([eos_token_id], np.int32), np.asarray(encode_followup(item.text), np.int32)]
+                pieces += [
+                    np.asarray([eos_token_id], np.int32),
+                    np.asarray(encode_followup(item.text), np.int32),
+                ]
             answer, eos = answer_token_ids(item.answer)
             asked_at = sum(piece.size for piece in pieces) - 1  # the turn's last prompt token
             pieces.append(np.asarray([answer], np.int32))
-            positions[row, 2 * turn:2 * turn + 2] = asked_at, asked_at + 1
-            targets[row, 2 * turn:2 * turn + 2] = answer, eos
-            mask[row, 2 * turn:2 * turn + 2] = True
+            positions[row, 2 * turn : 2 * turn + 2] = asked_at, asked_at + 1
+            targets[row, 2 * turn : 2 * turn + 2] = answer, eos
+            mask[row, 2 * turn : 2 * turn + 2] = True
             kinds[row, turn] = KINDS.index(item.kind)
             if item.kind == "position":
                 relation_objects[row, turn] = item.objects  # (subject, reference), as the question names them
         sequence = np.concatenate(pieces)
         if sequence.size > length:
             raise ValueError(f"sequence of {sequence.size} tokens does not fit the static length {length}")
-        ids[row, :sequence.size] = sequence
+        ids[row, : sequence.size] = sequence
         lengths[row] = sequence.size
     return ids, lengths, positions, targets, mask, kinds, relation_objects
 
@@ -336,8 +433,17 @@ def batch_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([0x7E57BED, SPLITS.index("train"), seed, step])
 
 
-def host_batch(seed: int, step: int, batch_size: int, cfg, scene_config, pad_token_id: int,
-               eos_token_id: int, turns: int = 1, kind_weights: tuple[float, ...] | None = None) -> DeviceBatch:
+def host_batch(
+    seed: int,
+    step: int,
+    batch_size: int,
+    cfg,
+    scene_config,
+    pad_token_id: int,
+    eos_token_id: int,
+    turns: int = 1,
+    kind_weights: tuple[float, ...] | None = None,
+) -> DeviceBatch:
     """Training batch `step` as NumPy arrays (layouts + token ids; no pixels): fresh scenes, each with
     up to `turns` distinct questions (training negatives, see TRAINING_NEGATIVE_TYPES), their kinds
     drawn with `kind_weights` (default: the scene config's)."""
@@ -345,11 +451,18 @@ def host_batch(seed: int, step: int, batch_size: int, cfg, scene_config, pad_tok
     scenes = sample_scenes(rng, batch_size, scene_config, "train")
     if kind_weights is not None:
         scene_config = dataclasses.replace(scene_config, kind_weights=tuple(kind_weights))
-    question_lists = sample_questions(rng, scenes, scene_config, per_scene=turns,
-                                      negative_types=TRAINING_NEGATIVE_TYPES)
-    arrays = conversation_arrays(question_lists, turns=turns, image_token_index=cfg.image_token_index,
-                                 num_image_tokens=cfg.num_image_tokens, pad_token_id=pad_token_id,
-                                 eos_token_id=eos_token_id, length=training_sequence_length(cfg, turns))
+    question_lists = sample_questions(
+        rng, scenes, scene_config, per_scene=turns, negative_types=TRAINING_NEGATIVE_TYPES
+    )
+    arrays = conversation_arrays(
+        question_lists,
+        turns=turns,
+        image_token_index=cfg.image_token_index,
+        num_image_tokens=cfg.num_image_tokens,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        length=training_sequence_length(cfg, turns),
+    )
     return DeviceBatch(scenes, *arrays)
 
 
@@ -396,6 +509,7 @@ class Prefetcher:
 # Pixels, forward, loss, optimizer.
 # --------------------------------------------------------------------------------------------------
 
+
 class PixelNormalization(NamedTuple):
     """LLaVA-1.5's processor on an image already of the tower's size: x * rescale, then (x - mean) / std."""
 
@@ -404,11 +518,14 @@ class PixelNormalization(NamedTuple):
     std: tuple[float, ...]
 
     @classmethod
-    def from_hf_config(cls, hf_config) -> "PixelNormalization":
+    def from_hf_config(cls, hf_config) -> PixelNormalization:
         """Read from the LLaVA-1.5 image processor the checkpoint is saved with (one source of truth)."""
         processor = llava15_image_processor(hf_config)
-        return cls(float(processor.rescale_factor), tuple(map(float, processor.image_mean)),
-                   tuple(map(float, processor.image_std)))
+        return cls(
+            float(processor.rescale_factor),
+            tuple(map(float, processor.image_mean)),
+            tuple(map(float, processor.image_std)),
+        )
 
 
 def normalize_pixels(images, normalization: PixelNormalization):
@@ -470,11 +587,16 @@ def patch_targets(scenes, scene_config):
     arange = jnp.arange(grid, dtype=jnp.int32)
     centre_row = (2 * top + size) // (2 * patch) == arange  # (B, M, G)
     centre_col = (2 * left + size) // (2 * patch) == arange
-    centres = (centre_row[..., :, None] & centre_col[..., None, :] & scenes.valid[..., None, None]).any(axis=1)
+    centres = (centre_row[..., :, None] & centre_col[..., None, :] & scenes.valid[..., None, None]).any(
+        axis=1
+    )
     coordinates = jnp.einsum("bmrc,bmk->brck", covered.astype(jnp.float32), box_centres(scenes, scene_config))
     batch = classes.shape[0]
-    return (classes.reshape(batch, grid * grid), centres.reshape(batch, grid * grid),
-            coordinates.reshape(batch, grid * grid, 2))
+    return (
+        classes.reshape(batch, grid * grid),
+        centres.reshape(batch, grid * grid),
+        coordinates.reshape(batch, grid * grid, 2),
+    )
 
 
 def box_centres(scenes, scene_config):
@@ -495,8 +617,10 @@ def init_probe(width: int, seed: int) -> dict:
     reads) to the patch-class logits, a box-centre logit and the object's centre coordinates.
     Training-only: not exported. The coordinate columns start at zero (every prediction at the image
     centre), so their weighted squared error starts small instead of swamping the clipped gradient."""
-    kernel = jax.random.normal(jax.random.key(seed), (width, probe_outputs()), jnp.float32) * jnp.float32(width ** -0.5)
-    kernel = kernel.at[:, num_patch_classes() + 1:].set(0.0)
+    kernel = jax.random.normal(jax.random.key(seed), (width, probe_outputs()), jnp.float32) * jnp.float32(
+        width**-0.5
+    )
+    kernel = kernel.at[:, num_patch_classes() + 1 :].set(0.0)
     return {"kernel": kernel, "bias": jnp.zeros((probe_outputs(),), jnp.float32)}
 
 
@@ -507,15 +631,20 @@ def init_relation_probe(width: int) -> dict:
     """The relation probe: a linear map from the LLM's residual stream at a position question's answer
     slot, entering the last layer, to the two named objects' box centres (`RELATION_OUTPUTS`, in the
     [-1, 1] units of `patch_targets`). Training-only. Zero-initialised, like the coordinate columns."""
-    return {"kernel": jnp.zeros((width, RELATION_OUTPUTS), jnp.float32),
-            "bias": jnp.zeros((RELATION_OUTPUTS,), jnp.float32)}
+    return {
+        "kernel": jnp.zeros((width, RELATION_OUTPUTS), jnp.float32),
+        "bias": jnp.zeros((RELATION_OUTPUTS,), jnp.float32),
+    }
 
 
 def initial_trainable(model_params, cfg, seed: int) -> dict:
     """What the optimizer updates and a training state saves: {"model": the LLaVA's nnx state, "probe":
     the patch probe, "relation_probe": the relation probe}; only "model" is exported."""
-    return {"model": model_params, "probe": init_probe(cfg.text.hidden_size, seed),
-            "relation_probe": init_relation_probe(cfg.text.hidden_size)}
+    return {
+        "model": model_params,
+        "probe": init_probe(cfg.text.hidden_size, seed),
+        "relation_probe": init_relation_probe(cfg.text.hidden_size),
+    }
 
 
 def relation_targets(scenes, relation_objects, scene_config):
@@ -558,11 +687,14 @@ def patch_probe_losses(probe: dict, image_features, classes, centres, coordinate
     logits = image_features.astype(jnp.float32) @ probe["kernel"] + probe["bias"]
     num_classes = num_patch_classes()
     class_logits, centre_logits = logits[..., :num_classes], logits[..., num_classes]
-    predicted_coordinates = logits[..., num_classes + 1:]
+    predicted_coordinates = logits[..., num_classes + 1 :]
     on_object = classes > 0
-    class_nll = _balanced_mean(optax.softmax_cross_entropy_with_integer_labels(class_logits, classes), on_object)
-    centre_nll = _balanced_mean(optax.sigmoid_binary_cross_entropy(centre_logits, centres.astype(jnp.float32)),
-                                centres)
+    class_nll = _balanced_mean(
+        optax.softmax_cross_entropy_with_integer_labels(class_logits, classes), on_object
+    )
+    centre_nll = _balanced_mean(
+        optax.sigmoid_binary_cross_entropy(centre_logits, centres.astype(jnp.float32)), centres
+    )
     coordinate_mse = _masked_mean(((predicted_coordinates - coordinates) ** 2).sum(-1), on_object)
     hits = (jnp.argmax(class_logits, axis=-1) == classes) & on_object
     accuracy = hits.sum() / jnp.maximum(on_object.sum(), 1)
@@ -575,13 +707,16 @@ def make_optimizer(options: TrainOptions):
     return _optimizer(options.grad_clip, options.weight_decay)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _optimizer(grad_clip: float, weight_decay: float):
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim >= 2, params)
 
-    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam(b1=0.9, b2=0.98, eps=1e-8),
-                       optax.add_decayed_weights(weight_decay, mask=decay_mask))
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.scale_by_adam(b1=0.9, b2=0.98, eps=1e-8),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    )
 
 
 def learning_rate_at(step: int, progress: float, options: TrainOptions) -> float:
@@ -590,9 +725,17 @@ def learning_rate_at(step: int, progress: float, options: TrainOptions) -> float
     return options.learning_rate * warmup * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-@functools.lru_cache(maxsize=None)
-def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNormalization, compute_dtype,
-                    patch_loss_weight: float, coordinate_loss_weight: float, relation_loss_weight: float):
+@functools.cache
+def make_train_step(
+    graphdef,
+    optimizer,
+    scene_config,
+    normalization: PixelNormalization,
+    compute_dtype,
+    patch_loss_weight: float,
+    coordinate_loss_weight: float,
+    relation_loss_weight: float,
+):
     """The jitted step (trainable, opt_state, batch, lr) -> (trainable, opt_state, metrics); donates the
     state. `trainable` is `initial_trainable(...)`'s pytree.
 
@@ -604,13 +747,15 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
     extent quickly from scratch; the answer loss alone sat at the text prior.
     Memoised on its (hashable) arguments, so runs in one process share one compilation.
     """
+
     def loss_fn(trainable, batch: DeviceBatch):
         compute = jax.tree.map(lambda p: p.astype(compute_dtype), trainable["model"])
         model = nnx.merge(graphdef, compute)
         pixels = normalize_pixels(render_scenes(batch.scenes, scene_config), normalization)
         features = model.image_features(pixels)
-        logits, before_last = answer_logits_and_hidden(model, features, batch.input_ids, batch.lengths,
-                                                       batch.target_positions)
+        logits, before_last = answer_logits_and_hidden(
+            model, features, batch.input_ids, batch.lengths, batch.target_positions
+        )
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, batch.target_ids[..., None], axis=-1)[..., 0]
         mask = batch.target_mask.astype(jnp.float32)
@@ -618,13 +763,26 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         correct = jnp.argmax(logits[:, 0::2], axis=-1) == batch.target_ids[:, 0::2]  # (B, turns) answers
         classes, centres, coordinates = patch_targets(batch.scenes, scene_config)
         class_nll, centre_nll, coordinate_mse, patch_accuracy = patch_probe_losses(
-            trainable["probe"], features, classes, centres, coordinates)
+            trainable["probe"], features, classes, centres, coordinates
+        )
         targets, relation_mask = relation_targets(batch.scenes, batch.relation_objects, scene_config)
-        relation_mse = relation_probe_loss(trainable["relation_probe"], before_last[:, 0::2], targets, relation_mask)
-        total = (answer_loss + patch_loss_weight * (class_nll + centre_nll) + coordinate_loss_weight * coordinate_mse
-                 + relation_loss_weight * relation_mse)
-        return total, dict(correct=correct, answer_loss=answer_loss, patch_loss=class_nll + centre_nll,
-                           patch_accuracy=patch_accuracy, coordinate_mse=coordinate_mse, relation_mse=relation_mse)
+        relation_mse = relation_probe_loss(
+            trainable["relation_probe"], before_last[:, 0::2], targets, relation_mask
+        )
+        total = (
+            answer_loss
+            + patch_loss_weight * (class_nll + centre_nll)
+            + coordinate_loss_weight * coordinate_mse
+            + relation_loss_weight * relation_mse
+        )
+        return total, dict(
+            correct=correct,
+            answer_loss=answer_loss,
+            patch_loss=class_nll + centre_nll,
+            patch_accuracy=patch_accuracy,
+            coordinate_mse=coordinate_mse,
+            relation_mse=relation_mse,
+        )
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(trainable, opt_state, batch: DeviceBatch, learning_rate):
@@ -634,11 +792,18 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
         asked = batch.kind_ids >= 0
         kinds = jax.nn.one_hot(batch.kind_ids, len(KINDS), dtype=jnp.float32)  # -1 -> all zeros
         correct = aux["correct"].astype(jnp.float32)
-        metrics = {"loss": aux["answer_loss"], "accuracy": (correct * asked).sum() / jnp.maximum(asked.sum(), 1),
-                   "first_turn_accuracy": correct[:, 0].mean(), "grad_norm": optax.global_norm(grads),
-                   "patch_loss": aux["patch_loss"], "patch_accuracy": aux["patch_accuracy"],
-                   "coordinate_mse": aux["coordinate_mse"], "relation_mse": aux["relation_mse"],
-                   "kind_correct": (kinds * correct[..., None]).sum((0, 1)), "kind_count": kinds.sum((0, 1))}
+        metrics = {
+            "loss": aux["answer_loss"],
+            "accuracy": (correct * asked).sum() / jnp.maximum(asked.sum(), 1),
+            "first_turn_accuracy": correct[:, 0].mean(),
+            "grad_norm": optax.global_norm(grads),
+            "patch_loss": aux["patch_loss"],
+            "patch_accuracy": aux["patch_accuracy"],
+            "coordinate_mse": aux["coordinate_mse"],
+            "relation_mse": aux["relation_mse"],
+            "kind_correct": (kinds * correct[..., None]).sum((0, 1)),
+            "kind_count": kinds.sum((0, 1)),
+        }
         return trainable, opt_state, metrics
 
     return train_step
@@ -648,13 +813,29 @@ def make_train_step(graphdef, optimizer, scene_config, normalization: PixelNorma
 # Training state on disk.
 # --------------------------------------------------------------------------------------------------
 
+
 def config_fingerprint(hf_config, options: TrainOptions, scene_config) -> str:
     """What must match for a saved state to be continued: model, data, batch, optimizer, schedule."""
-    keys = ("steps", "batch_size", "learning_rate", "warmup_steps", "weight_decay", "grad_clip", "seed",
-            "init_from", "patch_loss_weight", "coordinate_loss_weight", "relation_loss_weight", "turns",
-            "train_kind_weights")
-    text = json.dumps([hf_config.to_dict(), repr(scene_config), {k: getattr(options, k) for k in keys}],
-                      sort_keys=True, default=str)
+    keys = (
+        "steps",
+        "batch_size",
+        "learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "grad_clip",
+        "seed",
+        "init_from",
+        "patch_loss_weight",
+        "coordinate_loss_weight",
+        "relation_loss_weight",
+        "turns",
+        "train_kind_weights",
+    )
+    text = json.dumps(
+        [hf_config.to_dict(), repr(scene_config), {k: getattr(options, k) for k in keys}],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -663,7 +844,9 @@ def initial_weights(directory: str, cfg, params):
     command on a fresh machine, where only the export came back). The configs must agree."""
     hf_config, model = load_checkpoint(directory, dtype="float32")
     if from_hf_config(hf_config) != cfg:
-        raise ValueError(f"--init_from checkpoint {directory} has another model configuration than the one trained")
+        raise ValueError(
+            f"--init_from checkpoint {directory} has another model configuration than the one trained"
+        )
     weights = nnx.state(model)
     if jax.tree.structure(weights) != jax.tree.structure(params):
         raise ValueError(f"--init_from checkpoint {directory} does not match the model's parameter tree")
@@ -694,14 +877,18 @@ def load_state(work_dir: str, params, opt_state):
     templates, treedef = jax.tree.flatten((params, opt_state))
     with np.load(os.path.join(work_dir, STATE_ARRAYS)) as arrays:
         if len(arrays.files) != len(templates):
-            raise ValueError(f"training state in {work_dir} has {len(arrays.files)} arrays, the model and "
-                             f"optimizer need {len(templates)}")
+            raise ValueError(
+                f"training state in {work_dir} has {len(arrays.files)} arrays, the model and "
+                f"optimizer need {len(templates)}"
+            )
         leaves = []
         for i, template in enumerate(templates):
             array = arrays[f"{i:05d}"]
             if array.shape != template.shape or array.dtype != template.dtype:
-                raise ValueError(f"training state array {i} is {array.dtype}{array.shape}, expected "
-                                 f"{template.dtype}{template.shape}")
+                raise ValueError(
+                    f"training state array {i} is {array.dtype}{array.shape}, expected "
+                    f"{template.dtype}{template.shape}"
+                )
             leaves.append(jnp.asarray(array))  # uncommitted, like fresh arrays: the same jit cache entry
     params, opt_state = jax.tree.unflatten(treedef, leaves)
     return params, opt_state, meta
@@ -724,6 +911,7 @@ def write_log(path: str, records: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Evaluation through the inference path.
 # --------------------------------------------------------------------------------------------------
+
 
 def ensure_split(directory: str, split: str, num_items: int, scene_config) -> str:
     """Write a fixed split with `write_split` unless `directory` already holds one (atomic rename)."""
@@ -774,9 +962,12 @@ class EvalSplit:
         for question in self.questions:
             first_asker.setdefault(question.image, question)
         index = {name: i for i, name in enumerate(first_asker)}
-        self.pixels = np.concatenate([
-            preprocessor.pixel_values([load_image(self.benchmark.image_path(directory, question))])
-            for question in first_asker.values()])
+        self.pixels = np.concatenate(
+            [
+                preprocessor.pixel_values([load_image(self.benchmark.image_path(directory, question))])
+                for question in first_asker.values()
+            ]
+        )
         self.image_of = np.array([index[q.image] for q in self.questions])
 
 
@@ -786,18 +977,25 @@ def evaluate(engine, split: EvalSplit, batch_size: int) -> dict:
     Batches have one static size (the last is padded with repeats), so the runner compiles once.
     """
     preprocessor = engine.preprocessor
-    sampling = SamplingConfig(max_new_tokens=TestbedBenchmark.max_new_tokens, temperature=0.0,
-                              eos_token_id=preprocessor.eos_token_id, pad_token_id=preprocessor.pad_token_id)
+    sampling = SamplingConfig(
+        max_new_tokens=TestbedBenchmark.max_new_tokens,
+        temperature=0.0,
+        eos_token_id=preprocessor.eos_token_id,
+        pad_token_id=preprocessor.pad_token_id,
+    )
     count = len(split.questions)
     predictions = {}
     for start in range(0, count, batch_size):
         rows = [min(i, count - 1) for i in range(start, start + batch_size)]
-        batch = engine.runner.make_batch([split.prompts[i] for i in rows], split.pixels[split.image_of[rows]],
-                                         pad_token_id=preprocessor.pad_token_id,
-                                         max_new_tokens=sampling.max_new_tokens)
+        batch = engine.runner.make_batch(
+            [split.prompts[i] for i in rows],
+            split.pixels[split.image_of[rows]],
+            pad_token_id=preprocessor.pad_token_id,
+            max_new_tokens=sampling.max_new_tokens,
+        )
         output = engine.runner.generate(batch, sampling, rng=jax.random.key(0))
         ids = tokens_until_eos(output.tokens, output.num_generated, preprocessor.eos_token_id)
-        for i, row_ids in zip(rows[:count - start], ids):
+        for i, row_ids in zip(rows[: count - start], ids):
             predictions[split.questions[i].question_id] = preprocessor.decode(row_ids).strip()
     return split.benchmark.score(split.questions, predictions)
 
@@ -821,16 +1019,20 @@ def summarize_scores(scores: dict) -> dict:
 # Export.
 # --------------------------------------------------------------------------------------------------
 
+
 def save_processor(hf_config, directory: str) -> None:
     """Tokenizer + LlavaProcessor (LLaVA-1.5 image processor) next to the weights, as llava-hf ships them."""
     from transformers import LlavaProcessor
 
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(directory)
-    LlavaProcessor(image_processor=llava15_image_processor(hf_config), tokenizer=tokenizer,
-                   patch_size=hf_config.vision_config.patch_size,
-                   vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
-                   num_additional_image_tokens=1).save_pretrained(directory)  # CLIP's [CLS]
+    LlavaProcessor(
+        image_processor=llava15_image_processor(hf_config),
+        tokenizer=tokenizer,
+        patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    ).save_pretrained(directory)  # CLIP's [CLS]
 
 
 def export_checkpoint(model, hf_config, output_dir: str, save_dtype: str) -> str:
@@ -850,8 +1052,9 @@ def export_checkpoint(model, hf_config, output_dir: str, save_dtype: str) -> str
 
 
 def directory_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory)
-               for name in names)
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory) for name in names
+    )
 
 
 def plot_curve(records: list[dict], path: str, title: str = "testbed LLaVA trained from scratch") -> None:
@@ -909,7 +1112,7 @@ def copy_to_out(output_dir: str, out_dir: str) -> list[str]:
     for part, start in enumerate(range(0, len(data), OUT_PART_BYTES)):
         path = os.path.join(out_dir, f"{OUT_TAR}.part{part}")
         with open(path, "wb") as handle:
-            handle.write(data[start:start + OUT_PART_BYTES])
+            handle.write(data[start : start + OUT_PART_BYTES])
         written.append(path)
     for name in (TEST_RESULT_FILE, CURVE_FILE, LOG_FILE):
         if os.path.isfile(os.path.join(output_dir, name)):
@@ -921,6 +1124,7 @@ def copy_to_out(output_dir: str, out_dir: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------------
+
 
 def _compute_dtype(name: str):
     if name == "auto":
@@ -935,18 +1139,34 @@ def _accumulate(sums: dict, metrics) -> int:
     return 1
 
 
-def _train_record(sums: dict, steps: int, step: int, lr: float, progress: float, rate: float,
-                  start_time: float, grid_size: int) -> dict:
+def _train_record(
+    sums: dict,
+    steps: int,
+    step: int,
+    lr: float,
+    progress: float,
+    rate: float,
+    start_time: float,
+    grid_size: int,
+) -> dict:
     """One log line: metrics averaged over the last `steps` steps; `rate` in examples per second; the
     probes' coordinate errors as RMS per coordinate in patches (of the `grid_size`-patch side)."""
-    record = dict(type="train", step=step, loss=float(sums["loss"] / steps), accuracy=float(sums["accuracy"] / steps),
-                  first_turn_accuracy=float(sums["first_turn_accuracy"] / steps),
-                  grad_norm=float(sums["grad_norm"] / steps), patch_loss=float(sums["patch_loss"] / steps),
-                  patch_accuracy=float(sums["patch_accuracy"] / steps),
-                  coordinate_rms_patches=float(np.sqrt(sums["coordinate_mse"] / steps / 2) * grid_size / 2),
-                  relation_rms_patches=float(np.sqrt(sums["relation_mse"] / steps / RELATION_OUTPUTS) * grid_size / 2),
-                  lr=lr, progress=round(progress, 5),
-                  examples_per_second=round(rate, 1), wall_seconds=round(time.time() - start_time, 1))
+    record = dict(
+        type="train",
+        step=step,
+        loss=float(sums["loss"] / steps),
+        accuracy=float(sums["accuracy"] / steps),
+        first_turn_accuracy=float(sums["first_turn_accuracy"] / steps),
+        grad_norm=float(sums["grad_norm"] / steps),
+        patch_loss=float(sums["patch_loss"] / steps),
+        patch_accuracy=float(sums["patch_accuracy"] / steps),
+        coordinate_rms_patches=float(np.sqrt(sums["coordinate_mse"] / steps / 2) * grid_size / 2),
+        relation_rms_patches=float(np.sqrt(sums["relation_mse"] / steps / RELATION_OUTPUTS) * grid_size / 2),
+        lr=lr,
+        progress=round(progress, 5),
+        examples_per_second=round(rate, 1),
+        wall_seconds=round(time.time() - start_time, 1),
+    )
     for kind, correct, count in zip(KINDS, sums["kind_correct"], sums["kind_count"]):
         record[f"accuracy/{kind}"] = float(correct / max(count, 1))
     return record
@@ -954,14 +1174,18 @@ def _train_record(sums: dict, steps: int, step: int, lr: float, progress: float,
 
 def _format_train(record: dict) -> str:
     kinds = " ".join(f"{kind[:4]} {record[f'accuracy/{kind}']:.2f}" for kind in KINDS)
-    return (f"step {record['step']:6d}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f} ({kinds})  "
-            f"patch {record['patch_loss']:.3f}/{record['patch_accuracy']:.2f}/{record['coordinate_rms_patches']:.2f}p  "
-            f"rel {record['relation_rms_patches']:.2f}p  "
-            f"gnorm {record['grad_norm']:.2f}  lr {record['lr']:.2e}  {record['examples_per_second']:7.0f} ex/s  "
-            f"t {record['wall_seconds']:.0f}s")
+    return (
+        f"step {record['step']:6d}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f} ({kinds})  "
+        f"patch {record['patch_loss']:.3f}/{record['patch_accuracy']:.2f}/{record['coordinate_rms_patches']:.2f}p  "
+        f"rel {record['relation_rms_patches']:.2f}p  "
+        f"gnorm {record['grad_norm']:.2f}  lr {record['lr']:.2e}  {record['examples_per_second']:7.0f} ex/s  "
+        f"t {record['wall_seconds']:.0f}s"
+    )
 
 
-def run_training(options: TrainOptions, hf_config=None, scene_config=None, start_time: float | None = None) -> dict:
+def run_training(
+    options: TrainOptions, hf_config=None, scene_config=None, start_time: float | None = None
+) -> dict:
     """Train (or resume), validate, export and test. Returns a summary dict (also printed).
 
     hf_config: a transformers LlavaConfig (default: the 'testbed' preset); scene_config: the
@@ -975,27 +1199,41 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
     scene_config = scene_config if scene_config is not None else TestbedConfig.from_llava_config(hf_config)
     cfg = from_hf_config(hf_config)
     if (scene_config.image_size, scene_config.patch_size) != (cfg.vision.image_size, cfg.vision.patch_size):
-        raise ValueError(f"scenes are {scene_config.image_size} px / patch {scene_config.patch_size}, the vision "
-                         f"tower takes {cfg.vision.image_size} px / patch {cfg.vision.patch_size}")
+        raise ValueError(
+            f"scenes are {scene_config.image_size} px / patch {scene_config.patch_size}, the vision "
+            f"tower takes {cfg.vision.image_size} px / patch {cfg.vision.patch_size}"
+        )
     tokenizer = make_tokenizer()
     if cfg.text.vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {cfg.text.vocab_size} < tokenizer size {len(tokenizer)}")
     if options.turns < 1:
         raise ValueError(f"turns must be >= 1, got {options.turns}")
     if options.train_kind_weights is not None and len(options.train_kind_weights) != len(KINDS):
-        raise ValueError(f"train_kind_weights needs one weight per kind {KINDS}, got {options.train_kind_weights}")
+        raise ValueError(
+            f"train_kind_weights needs one weight per kind {KINDS}, got {options.train_kind_weights}"
+        )
     sequence_length = training_sequence_length(cfg, options.turns)
     if sequence_length + 1 > cfg.text.max_position_embeddings:
-        raise ValueError(f"{sequence_length} training tokens do not fit {cfg.text.max_position_embeddings} positions")
+        raise ValueError(
+            f"{sequence_length} training tokens do not fit {cfg.text.max_position_embeddings} positions"
+        )
     compute_dtype = _compute_dtype(options.dtype)
     eval_dtype = jnp.dtype(options.eval_dtype)
     deadline = start_time + 60 * options.max_minutes if options.max_minutes else None
     os.makedirs(options.work_dir, exist_ok=True)
     log_path = os.path.join(options.work_dir, LOG_FILE)
     validation_dir = os.path.join(options.work_dir, VALIDATION_DIR)
-    splits = SplitWriter([job for job in ((validation_dir, "validation", options.eval_items),
-                                          (options.test_dir, "test", options.test_items)) if job[2] > 0],
-                         scene_config)
+    splits = SplitWriter(
+        [
+            job
+            for job in (
+                (validation_dir, "validation", options.eval_items),
+                (options.test_dir, "test", options.test_items),
+            )
+            if job[2] > 0
+        ],
+        scene_config,
+    )
 
     # Model, optimizer, state (fresh, warm-started from a checkpoint, or resumed).
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(options.seed))
@@ -1013,29 +1251,52 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
     if loaded is not None:
         trainable, opt_state, meta = loaded
         if meta["fingerprint"] != fingerprint:
-            raise ValueError(f"the training state in {options.work_dir} belongs to another configuration "
-                             f"(model, data or optimizer settings differ); use a fresh --work_dir or --noresume")
+            raise ValueError(
+                f"the training state in {options.work_dir} belongs to another configuration "
+                f"(model, data or optimizer settings differ); use a fresh --work_dir or --noresume"
+            )
         step, progress = meta["step"], meta["progress"]
         log = read_log(log_path, up_to_step=step)
         _print(options, f"resumed from {options.work_dir} at step {step} (schedule progress {progress:.3f})")
     write_log(log_path, log)
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(trainable["model"]))
-    _print(options, f"device {jax.devices()[0].device_kind} ({jax.default_backend()}); {num_params / 1e6:.2f}M params; "
-                    f"{sequence_length} LLM tokens + {cfg.vision.num_patches + 1} CLIP tokens per example; "
-                    f"compute {jnp.dtype(compute_dtype).name}, batch {options.batch_size}")
+    _print(
+        options,
+        f"device {jax.devices()[0].device_kind} ({jax.default_backend()}); {num_params / 1e6:.2f}M params; "
+        f"{sequence_length} LLM tokens + {cfg.vision.num_patches + 1} CLIP tokens per example; "
+        f"compute {jnp.dtype(compute_dtype).name}, batch {options.batch_size}",
+    )
 
     normalization = PixelNormalization.from_hf_config(hf_config)
-    train_step = make_train_step(graphdef, optimizer, scene_config, normalization, compute_dtype,
-                                 options.patch_loss_weight, options.coordinate_loss_weight,
-                                 options.relation_loss_weight)
-    make_batch = functools.partial(host_batch, options.seed, batch_size=options.batch_size, cfg=cfg,
-                                   scene_config=scene_config, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, turns=options.turns,
-                                   kind_weights=options.train_kind_weights)
+    train_step = make_train_step(
+        graphdef,
+        optimizer,
+        scene_config,
+        normalization,
+        compute_dtype,
+        options.patch_loss_weight,
+        options.coordinate_loss_weight,
+        options.relation_loss_weight,
+    )
+    make_batch = functools.partial(
+        host_batch,
+        options.seed,
+        batch_size=options.batch_size,
+        cfg=cfg,
+        scene_config=scene_config,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        turns=options.turns,
+        kind_weights=options.train_kind_weights,
+    )
 
     def save(reason: str) -> None:
-        save_state(options.work_dir, trainable, opt_state,
-                   dict(step=step, progress=progress, seed=options.seed, fingerprint=fingerprint, reason=reason))
+        save_state(
+            options.work_dir,
+            trainable,
+            opt_state,
+            dict(step=step, progress=progress, seed=options.seed, fingerprint=fingerprint, reason=reason),
+        )
         write_log(log_path, log)
 
     engine = validation = None
@@ -1053,8 +1314,10 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
         record = dict(type="eval", step=step, seconds=round(time.time() - eval_start, 2), **summary)
         log.append(record)
         kinds = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in summary.items() if "/" in k)
-        _print(options, f"  validation @ {step}: accuracy {summary['accuracy']:.4f} ({kinds}) "
-                        f"[{record['seconds']:.1f}s]")
+        _print(
+            options,
+            f"  validation @ {step}: accuracy {summary['accuracy']:.4f} ({kinds}) [{record['seconds']:.1f}s]",
+        )
         return summary
 
     # Training loop. The host stays at most two steps ahead of the device (it reads each step's
@@ -1093,12 +1356,19 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
                     while pending:
                         window_steps += _accumulate(sums, pending.popleft())
                     rate = timed_steps * options.batch_size / max(time.time() - window_start, 1e-9)
-                    log.append(_train_record(sums, window_steps, step, lr, progress, rate, start_time,
-                                             scene_config.grid_size))
+                    log.append(
+                        _train_record(
+                            sums, window_steps, step, lr, progress, rate, start_time, scene_config.grid_size
+                        )
+                    )
                     _print(options, _format_train(log[-1]))
                     sums, window_start, window_steps, timed_steps = defaultdict(float), time.time(), 0, 0
-                if options.eval_every and options.eval_items and step % options.eval_every == 0 \
-                        and step < options.steps:
+                if (
+                    options.eval_every
+                    and options.eval_items
+                    and step % options.eval_every == 0
+                    and step < options.steps
+                ):
                     validate()
                     window_start, timed_steps = time.time(), 0
                 if options.save_every and step % options.save_every == 0:
@@ -1132,14 +1402,24 @@ def run_training(options: TrainOptions, hf_config=None, scene_config=None, start
         test_split = EvalSplit(splits.wait(options.test_dir), reloaded.preprocessor)
         scores = evaluate(reloaded, test_split, options.eval_batch_size)
         summary["test"] = summarize_scores(scores)
-        result = dict(checkpoint=options.output_dir, test_dir=options.test_dir, step=step, status=status,
-                      eval_dtype=options.eval_dtype, save_dtype=options.save_dtype, **scores)
+        result = dict(
+            checkpoint=options.output_dir,
+            test_dir=options.test_dir,
+            step=step,
+            status=status,
+            eval_dtype=options.eval_dtype,
+            save_dtype=options.save_dtype,
+            **scores,
+        )
         with open(os.path.join(options.output_dir, TEST_RESULT_FILE), "w") as handle:
             json.dump(result, handle, indent=1)
         kinds = " ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in summary["test"].items() if "/" in k)
-        _print(options, f"test accuracy {summary['test']['accuracy']:.4f} ({kinds}) on "
-                        f"{len(test_split.questions)} questions of {options.test_dir} "
-                        f"[reload + preprocess + generate {time.time() - test_start:.1f}s]")
+        _print(
+            options,
+            f"test accuracy {summary['test']['accuracy']:.4f} ({kinds}) on "
+            f"{len(test_split.questions)} questions of {options.test_dir} "
+            f"[reload + preprocess + generate {time.time() - test_start:.1f}s]",
+        )
     for path in (log_path, os.path.join(options.output_dir, LOG_FILE)):
         write_log(path, log)
     plot_curve(log, os.path.join(options.output_dir, CURVE_FILE), curve_title(options))

@@ -25,20 +25,32 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "llava-hf checkpoint directory (config.json + safetensors + tokenizer).")
-flags.DEFINE_string("config", None, "Preset name (llava-1.5-7b, llava-1.5-13b, tiny, tiny-gqa, tiny-full) "
-                    "with --random_weights.")
+flags.DEFINE_string(
+    "checkpoint", None, "llava-hf checkpoint directory (config.json + safetensors + tokenizer)."
+)
+flags.DEFINE_string(
+    "config",
+    None,
+    "Preset name (llava-1.5-7b, llava-1.5-13b, tiny, tiny-gqa, tiny-full) with --random_weights.",
+)
 flags.DEFINE_bool("random_weights", False, "Build random weights with transformers for --config.")
-flags.DEFINE_enum("transfer", "memory", ["memory", "directory"],
-                  "How random weights reach JAX: in memory (state dict) or via save_pretrained to a temp dir.")
-flags.DEFINE_string("max_shard_size", None, "With --transfer=directory: shard the saved checkpoint (e.g. 300KB).")
+flags.DEFINE_enum(
+    "transfer",
+    "memory",
+    ["memory", "directory"],
+    "How random weights reach JAX: in memory (state dict) or via save_pretrained to a temp dir.",
+)
+flags.DEFINE_string(
+    "max_shard_size", None, "With --transfer=directory: shard the saved checkpoint (e.g. 300KB)."
+)
 flags.DEFINE_string("image", None, "Image file; default: scikit-image's astronaut photo.")
 flags.DEFINE_string("prompt", "Describe the image in detail.", "Question text (vicuna_v1 template).")
 flags.DEFINE_integer("min_prompt_tokens", 0, "Pad the question with filler words up to this many tokens.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX parameter/activation dtype.")
 flags.DEFINE_integer("generate_tokens", 20, "Greedy tokens to compare (0 = skip generation).")
-flags.DEFINE_enum("method", "none", ["none", "adaptprune", "fastv", "random", "uniform", "divprune"],
-                  "Pruning method.")
+flags.DEFINE_enum(
+    "method", "none", ["none", "adaptprune", "fastv", "random", "uniform", "divprune"], "Pruning method."
+)
 flags.DEFINE_string("keep", "0.1", "Image tokens to keep: a count (64) or a ratio (0.1).")
 flags.DEFINE_integer("layer", 2, "Pruning layer K (DivPrune always prunes before the LLM).")
 flags.DEFINE_integer("seed", 0, "Seed for random weights and the random method.")
@@ -74,9 +86,13 @@ def logit_metrics(jax_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
     log_p = b - np.logaddexp.reduce(b, axis=-1, keepdims=True)
     log_q = a - np.logaddexp.reduce(a, axis=-1, keepdims=True)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
-    return {"max_abs_err": float(diff.max()), "max_rel_err": float(diff.max() / np.abs(b).max()),
-            "mean_kl": float(kl.mean()), "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
-            "positions": int(a.shape[0])}
+    return {
+        "max_abs_err": float(diff.max()),
+        "max_rel_err": float(diff.max() / np.abs(b).max()),
+        "mean_kl": float(kl.mean()),
+        "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean()),
+        "positions": int(a.shape[0]),
+    }
 
 
 def build_question(preprocessor, question: str, min_prompt_tokens: int) -> list[int]:
@@ -100,22 +116,37 @@ def _load_sides(torch_device: str):
         hf_config = checkpoint.load_hf_config(FLAGS.checkpoint)
         torch_model = LlavaForConditionalGeneration.from_pretrained(FLAGS.checkpoint, dtype=torch.float32)
         preprocessor = Preprocessor.from_checkpoint(FLAGS.checkpoint, hf_config)
-        return hf_config, torch_model.to(torch_device).eval(), preprocessor, checkpoint.TensorSource(
-            FLAGS.checkpoint), f"checkpoint {FLAGS.checkpoint}"
+        return (
+            hf_config,
+            torch_model.to(torch_device).eval(),
+            preprocessor,
+            checkpoint.TensorSource(FLAGS.checkpoint),
+            f"checkpoint {FLAGS.checkpoint}",
+        )
     if not (FLAGS.config and FLAGS.random_weights):
         raise app.UsageError("give --checkpoint=DIR, or --config=NAME --random_weights")
     hf_config = presets.llava_config(FLAGS.config)
     torch.manual_seed(FLAGS.seed)
     with torch.device(torch_device):
         torch_model = LlavaForConditionalGeneration(hf_config).float().eval()
-    preprocessor = Preprocessor(hf_config, presets.tiny_tokenizer(hf_config), presets.llava15_image_processor(hf_config))
+    preprocessor = Preprocessor(
+        hf_config, presets.tiny_tokenizer(hf_config), presets.llava15_image_processor(hf_config)
+    )
     if FLAGS.transfer == "directory":
         directory = tempfile.mkdtemp(prefix="validate_")
-        presets.write_random_checkpoint(hf_config, directory, model=torch_model, max_shard_size=FLAGS.max_shard_size)
+        presets.write_random_checkpoint(
+            hf_config, directory, model=torch_model, max_shard_size=FLAGS.max_shard_size
+        )
         source = checkpoint.TensorSource(directory)
     else:
         source = checkpoint.StateDictSource(checkpoint.state_dict_to_numpy(torch_model.state_dict()))
-    return hf_config, torch_model, preprocessor, source, f"preset {FLAGS.config}, random weights (seed {FLAGS.seed})"
+    return (
+        hf_config,
+        torch_model,
+        preprocessor,
+        source,
+        f"preset {FLAGS.config}, random weights (seed {FLAGS.seed})",
+    )
 
 
 def run() -> dict:
@@ -144,43 +175,70 @@ def run() -> dict:
     input_ids_t = torch.tensor([ids], device=torch_device)
     pixels_t = torch.tensor(pixels, device=torch_device)
 
-    pruning = None if FLAGS.method == "none" else prune.make_config(
-        FLAGS.method, keep=parse_keep(FLAGS.keep),
-        **({} if FLAGS.method == "divprune" else {"layer": FLAGS.layer}),
-        **({"seed": FLAGS.seed} if FLAGS.method == "random" else {}))
-    report = {"model": description, "dtype": FLAGS.dtype, "method": FLAGS.method, "prompt_tokens": len(ids),
-              "image_tokens": cfg.num_image_tokens, "device": str(jax.devices()[0]),
-              "torch_device": torch_device, "versions": {"jax": jax.__version__, "torch": torch.__version__}}
+    pruning = (
+        None
+        if FLAGS.method == "none"
+        else prune.make_config(
+            FLAGS.method,
+            keep=parse_keep(FLAGS.keep),
+            **({} if FLAGS.method == "divprune" else {"layer": FLAGS.layer}),
+            **({"seed": FLAGS.seed} if FLAGS.method == "random" else {}),
+        )
+    )
+    report = {
+        "model": description,
+        "dtype": FLAGS.dtype,
+        "method": FLAGS.method,
+        "prompt_tokens": len(ids),
+        "image_tokens": cfg.num_image_tokens,
+        "device": str(jax.devices()[0]),
+        "torch_device": torch_device,
+        "versions": {"jax": jax.__version__, "torch": torch.__version__},
+    }
 
     # PyTorch float32 reference (and, for bf16, PyTorch bf16's own error = the noise floor).
     torch_kept = None
     layer = None if pruning is None else pruning.layer
     if pruning is None:
         with torch.no_grad():
-            reference = torch_model(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
+            reference = (
+                torch_model(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
+            )
     else:
         keep = pruning.resolve_keep(cfg.num_image_tokens)
         report["keep"] = keep
         report["equivalent_tokens"] = pruning.equivalent_tokens(cfg.num_image_tokens, cfg.text.num_layers)
         if FLAGS.method in ("adaptprune", "fastv", "divprune"):
-            torch_kept = _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep)
+            torch_kept = _reference_selection(
+                torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep
+            )
 
-    sampling = SamplingConfig(max_new_tokens=max(FLAGS.generate_tokens, 1), eos_token_id=preprocessor.eos_token_id,
-                              pad_token_id=preprocessor.pad_token_id)
+    sampling = SamplingConfig(
+        max_new_tokens=max(FLAGS.generate_tokens, 1),
+        eos_token_id=preprocessor.eos_token_id,
+        pad_token_id=preprocessor.pad_token_id,
+    )
     if FLAGS.dtype == "bfloat16" and pruning is None:
         with torch.no_grad():  # a copy: casting in place and back would leave bf16-rounded weights
             torch_bf16 = copy.deepcopy(torch_model).to(torch.bfloat16)
-            bf16_logits = torch_bf16(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
+            bf16_logits = (
+                torch_bf16(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
+            )
         del torch_bf16
         report["torch_bf16_vs_torch_fp32"] = logit_metrics(bf16_logits, reference)
 
     torch_generated = None
     if FLAGS.generate_tokens and pruning is None:
         with torch.no_grad():
-            out = torch_model.generate(input_ids=input_ids_t, pixel_values=pixels_t, do_sample=False,
-                                       max_new_tokens=FLAGS.generate_tokens, eos_token_id=preprocessor.eos_token_id,
-                                       pad_token_id=preprocessor.pad_token_id)
-        torch_generated = [int(t) for t in out[0, len(ids):].tolist()]
+            out = torch_model.generate(
+                input_ids=input_ids_t,
+                pixel_values=pixels_t,
+                do_sample=False,
+                max_new_tokens=FLAGS.generate_tokens,
+                eos_token_id=preprocessor.eos_token_id,
+                pad_token_id=preprocessor.pad_token_id,
+            )
+        torch_generated = [int(t) for t in out[0, len(ids) :].tolist()]
     if torch_device == "cuda":  # hand the GPU to JAX
         torch_model_cpu = torch_model.cpu()
         torch.cuda.empty_cache()
@@ -191,8 +249,9 @@ def run() -> dict:
     model = checkpoint.load_params(cfg, source, FLAGS.dtype)
     del source
     runner = LlavaRunner(model)
-    batch = runner.make_batch([ids], pixels, pad_token_id=preprocessor.pad_token_id,
-                              max_new_tokens=sampling.max_new_tokens)
+    batch = runner.make_batch(
+        [ids], pixels, pad_token_id=preprocessor.pad_token_id, max_new_tokens=sampling.max_new_tokens
+    )
     rng = jax.random.key(FLAGS.seed)
     result = runner.prefill(batch, pruning=pruning, all_logits=True, rng=rng)
     kept = None if result.kept is None else np.array(result.kept)[0]  # writable: torch wraps it
@@ -206,23 +265,39 @@ def run() -> dict:
             report["kept_torch"] = torch_kept.tolist()
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
         renumber = getattr(pruning, "renumber_positions", False)
-        reference = torch_reference.pruned_forward(torch_model_cpu.to(torch_device), input_ids_t, pixels_t,
-                                                   layer=layer, kept_image_indices=kept,
-                                                   renumber_positions=renumber)[0].cpu().numpy()
+        reference = (
+            torch_reference.pruned_forward(
+                torch_model_cpu.to(torch_device),
+                input_ids_t,
+                pixels_t,
+                layer=layer,
+                kept_image_indices=kept,
+                renumber_positions=renumber,
+            )[0]
+            .cpu()
+            .numpy()
+        )
         if FLAGS.generate_tokens:
             torch_generated = torch_reference.reference_generate(
-                torch_model_cpu.to(torch_device), input_ids_t, pixels_t, layer=layer, kept_image_indices=kept,
-                max_new_tokens=FLAGS.generate_tokens, eos_token_id=preprocessor.eos_token_id,
-                renumber_positions=renumber)
+                torch_model_cpu.to(torch_device),
+                input_ids_t,
+                pixels_t,
+                layer=layer,
+                kept_image_indices=kept,
+                max_new_tokens=FLAGS.generate_tokens,
+                eos_token_id=preprocessor.eos_token_id,
+                renumber_positions=renumber,
+            )
     report["jax_vs_torch_fp32"] = logit_metrics(jax_logits, reference)
 
     if FLAGS.generate_tokens:
         generated = runner.generate(batch, sampling, pruning=pruning, rng=rng)
-        jax_generated = [int(t) for t in generated.tokens[0, :generated.num_generated[0]]]
+        jax_generated = [int(t) for t in generated.tokens[0, : generated.num_generated[0]]]
         report["generated_equal"] = jax_generated == torch_generated
         report["generated_ids_jax"], report["generated_ids_torch"] = jax_generated, torch_generated
-        report["generated_jax"] = preprocessor.decode(tokens_until_eos(generated.tokens, generated.num_generated,
-                                                                       preprocessor.eos_token_id)[0])
+        report["generated_jax"] = preprocessor.decode(
+            tokens_until_eos(generated.tokens, generated.num_generated, preprocessor.eos_token_id)[0]
+        )
         report["generated_torch"] = preprocessor.decode(torch_generated)
         report["generated_tokens"] = len(jax_generated)
     report["passed"], report["criterion"] = _judge(report, on_gpu)
@@ -234,19 +309,30 @@ def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pr
     """The PyTorch reference's own kept indices (computed from its own cues)."""
     options = {}
     if pruning.name == "adaptprune":
-        options = dict(prior_sigma=pruning.prior_sigma, distance_limit=pruning.distance_limit,
-                       distance_sigma=pruning.distance_sigma, similarity_sigma=pruning.similarity_sigma)
+        options = dict(
+            prior_sigma=pruning.prior_sigma,
+            distance_limit=pruning.distance_limit,
+            distance_sigma=pruning.distance_sigma,
+            similarity_sigma=pruning.similarity_sigma,
+        )
     if pruning.name == "divprune":
         import torch
+
         with torch.no_grad():
             embeds = torch_reference.embed_inputs(torch_model, input_ids_t, pixels_t)[0]
         positions = torch_reference.image_token_positions(input_ids_t, torch_model.config.image_token_index)
         return torch_reference.reference_select("divprune", keep=keep, embeddings=embeds[positions])
-    _, cues = torch_reference.pruned_forward(torch_model, input_ids_t, pixels_t, layer=pruning.layer,
-                                             return_cues=True,
-                                             normalize_keys=getattr(pruning, "normalize_keys", False))
-    return torch_reference.reference_select(pruning.name, keep=keep, attention=cues.attention, keys=cues.keys,
-                                            **options)
+    _, cues = torch_reference.pruned_forward(
+        torch_model,
+        input_ids_t,
+        pixels_t,
+        layer=pruning.layer,
+        return_cues=True,
+        normalize_keys=getattr(pruning, "normalize_keys", False),
+    )
+    return torch_reference.reference_select(
+        pruning.name, keep=keep, attention=cues.attention, keys=cues.keys, **options
+    )
 
 
 def _judge(report: dict, on_gpu: bool) -> tuple[bool, str]:
@@ -257,12 +343,15 @@ def _judge(report: dict, on_gpu: bool) -> tuple[bool, str]:
         criterion = f"max_rel_err <= {tolerance:g}"
     elif "torch_bf16_vs_torch_fp32" in report:
         floor, factor = report["torch_bf16_vs_torch_fp32"], FLAGS.noise_floor_factor
-        checks = {"max_rel_err": ours["max_rel_err"] <= factor * floor["max_rel_err"],
-                  "mean_kl": ours["mean_kl"] <= factor * floor["mean_kl"],
-                  "top1_disagreement": 1 - ours["top1_agreement"] <= factor * (1 - floor["top1_agreement"]) + 1e-12}
+        checks = {
+            "max_rel_err": ours["max_rel_err"] <= factor * floor["max_rel_err"],
+            "mean_kl": ours["mean_kl"] <= factor * floor["mean_kl"],
+            "top1_disagreement": 1 - ours["top1_agreement"] <= factor * (1 - floor["top1_agreement"]) + 1e-12,
+        }
         passed = all(checks.values())
         criterion = f"JAX bf16 error <= {factor}x PyTorch bf16 error on " + ", ".join(
-            f"{k} ({'ok' if v else 'FAIL'})" for k, v in checks.items())
+            f"{k} ({'ok' if v else 'FAIL'})" for k, v in checks.items()
+        )
     else:
         return True, "bfloat16 with pruning: reported, no tolerance"
     if report.get("kept_indices_equal") is False:
@@ -274,12 +363,16 @@ def print_table(report: dict) -> None:
     rows = [("JAX vs PyTorch fp32", report["jax_vs_torch_fp32"])]
     if "torch_bf16_vs_torch_fp32" in report:
         rows.append(("PyTorch bf16 vs PyTorch fp32", report["torch_bf16_vs_torch_fp32"]))
-    print(f"\n{report['model']} | dtype {report['dtype']} | method {report['method']} | "
-          f"{report['prompt_tokens']} prompt tokens ({report['image_tokens']} image)")
+    print(
+        f"\n{report['model']} | dtype {report['dtype']} | method {report['method']} | "
+        f"{report['prompt_tokens']} prompt tokens ({report['image_tokens']} image)"
+    )
     print(f"{'comparison':<30} {'max_abs_err':>12} {'max_rel_err':>12} {'mean_kl':>12} {'top1':>8}")
     for name, m in rows:
-        print(f"{name:<30} {m['max_abs_err']:>12.3e} {m['max_rel_err']:>12.3e} {m['mean_kl']:>12.3e} "
-              f"{m['top1_agreement']:>8.4f}")
+        print(
+            f"{name:<30} {m['max_abs_err']:>12.3e} {m['max_rel_err']:>12.3e} {m['mean_kl']:>12.3e} "
+            f"{m['top1_agreement']:>8.4f}"
+        )
     for key in ("keep", "kept_indices_equal", "generated_equal", "generated_jax", "generated_torch"):
         if key in report:
             print(f"{key:<30} {report[key]}")

@@ -38,13 +38,13 @@ class CheckpointError(ValueError):
 def canonical_name(name: str) -> str:
     """Map either transformers spelling to one: language_model.*, lm_head.*, vision_tower.*, multi_modal_projector.*."""
     if name.startswith("model."):
-        name = name[len("model."):]
+        name = name[len("model.") :]
     if name.startswith("language_model.model."):
-        name = "language_model." + name[len("language_model.model."):]
+        name = "language_model." + name[len("language_model.model.") :]
     elif name == "language_model.lm_head.weight":
         name = "lm_head.weight"
     if name.startswith("vision_tower.vision_model."):
-        name = "vision_tower." + name[len("vision_tower.vision_model."):]
+        name = "vision_tower." + name[len("vision_tower.vision_model.") :]
     return name
 
 
@@ -83,8 +83,11 @@ def hf_name_for(path: tuple[Any, ...]) -> tuple[str, Transform]:
     if top == "language_model" and rest[0] == "lm_head":
         return "lm_head.weight", _transpose
     leaf = rest[-1]
-    suffix, transform = {"kernel": ("weight", _transpose), "bias": ("bias", _identity),
-                         "scale": ("weight", _identity)}[leaf]
+    suffix, transform = {
+        "kernel": ("weight", _transpose),
+        "bias": ("bias", _identity),
+        "scale": ("weight", _identity),
+    }[leaf]
     module = rest[:-1]
     if top == "vision_tower" and module[0] == "layers":
         module = ["encoder", "layers"] + [_VISION_RENAMES.get(m, m) for m in module[1:]]
@@ -107,7 +110,9 @@ class TensorSource:
         elif os.path.isfile(single_path):
             weight_map, files = None, [SINGLE_FILE]
         else:
-            raise FileNotFoundError(f"no {SINGLE_FILE} or {SHARD_INDEX} in checkpoint directory {directory!r}")
+            raise FileNotFoundError(
+                f"no {SINGLE_FILE} or {SHARD_INDEX} in checkpoint directory {directory!r}"
+            )
         self._handles, self._where = {}, {}
         for file in files:
             path = os.path.join(directory, file)
@@ -169,11 +174,16 @@ def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaF
             continue
         shape = _transformed_shape(transform, source.shape(name))
         if shape != tuple(leaf.shape):
-            mismatched.append(f"{name}: checkpoint {source.shape(name)} -> {shape}, model expects {tuple(leaf.shape)}")
+            mismatched.append(
+                f"{name}: checkpoint {source.shape(name)} -> {shape}, model expects {tuple(leaf.shape)}"
+            )
         plan.append((name, transform))
     used = {name for name, _ in plan}
-    unexpected = sorted(n for n in available - used if not n.endswith(IGNORED_SUFFIXES)
-                        and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    unexpected = sorted(
+        n
+        for n in available - used
+        if not n.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    )
     if missing or unexpected or mismatched:
         problems = []
         if missing:
@@ -217,14 +227,15 @@ def _disk_name(name: str) -> str:
     if name == "lm_head.weight":
         return "language_model.lm_head.weight"
     if name.startswith("language_model."):
-        return "language_model.model." + name[len("language_model."):]
+        return "language_model.model." + name[len("language_model.") :]
     if name.startswith("vision_tower."):
-        return "vision_tower.vision_model." + name[len("vision_tower."):]
+        return "vision_tower.vision_model." + name[len("vision_tower.") :]
     return name
 
 
-def save_checkpoint(model: LlavaForConditionalGeneration, hf_config, directory: str | os.PathLike, *,
-                    dtype: str = "float32") -> str:
+def save_checkpoint(
+    model: LlavaForConditionalGeneration, hf_config, directory: str | os.PathLike, *, dtype: str = "float32"
+) -> str:
     """Write config.json + model.safetensors in llava-hf's layout (loadable by transformers and here)."""
     from safetensors.numpy import save_file
 
@@ -244,7 +255,8 @@ def save_checkpoint(model: LlavaForConditionalGeneration, hf_config, directory: 
         else:
             torch_shape = None
         tensors[_disk_name(name)] = np.ascontiguousarray(
-            _inverse_transform(transform, torch_shape)(array)).astype(dtype)
+            _inverse_transform(transform, torch_shape)(array)
+        ).astype(dtype)
     hf_config.save_pretrained(directory)
     save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
     return directory

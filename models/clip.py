@@ -60,7 +60,7 @@ class CLIPVisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         channels = 3
-        self.patch_embedding = normal_param(rngs, (channels * cfg.patch_size ** 2, cfg.hidden_size), dtype)
+        self.patch_embedding = normal_param(rngs, (channels * cfg.patch_size**2, cfg.hidden_size), dtype)
         self.class_embedding = normal_param(rngs, (cfg.hidden_size,), dtype)
         self.position_embedding = normal_param(rngs, (cfg.num_patches + 1, cfg.hidden_size), dtype)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
@@ -72,11 +72,14 @@ class CLIPVisionTower(nnx.Module):
         batch, channels, height, width = pixel_values.shape
         patch = self.cfg.patch_size
         if height != self.cfg.image_size or width != self.cfg.image_size:
-            raise ValueError(f"pixel_values are {height}x{width}; the vision tower expects "
-                             f"{self.cfg.image_size}x{self.cfg.image_size}")
+            raise ValueError(
+                f"pixel_values are {height}x{width}; the vision tower expects "
+                f"{self.cfg.image_size}x{self.cfg.image_size}"
+            )
         kernel = self.patch_embedding[...]
         patches = pixel_values.astype(kernel.dtype).reshape(
-            batch, channels, height // patch, patch, width // patch, patch)
+            batch, channels, height // patch, patch, width // patch, patch
+        )
         patches = patches.transpose(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * patch * patch)
         tokens = patches @ kernel
         cls = jnp.broadcast_to(self.class_embedding[...], (batch, 1, tokens.shape[-1]))
@@ -87,7 +90,7 @@ class CLIPVisionTower(nnx.Module):
         """hidden_states[i] for each i in feature_layers (0 = after pre-LN, i = after encoder layer i)."""
         hidden = self.embed(pixel_values)
         states = [hidden]
-        for layer in self.layers[:max(feature_layers)]:
+        for layer in self.layers[: max(feature_layers)]:
             hidden = layer(hidden)
             states.append(hidden)
         return [states[i] for i in feature_layers]

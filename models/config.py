@@ -37,7 +37,7 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        return self.grid_size**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,41 +107,62 @@ def from_hf_config(hf_config: Any) -> LlavaModelConfig:
     """Read a transformers `LlavaConfig` into a `LlavaModelConfig`, refusing unsupported variants."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: "
-                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: "
+            + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        )
     text, vision = hf_config.text_config, hf_config.vision_config
     if text.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
-        raise ValueError(f"unsupported language model type {text.model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}")
+        raise ValueError(
+            f"unsupported language model type {text.model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_TEXT_MODEL_TYPES)}"
+        )
     if vision.model_type not in SUPPORTED_VISION_MODEL_TYPES:
-        raise ValueError(f"unsupported vision tower type {vision.model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}")
+        raise ValueError(
+            f"unsupported vision tower type {vision.model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}"
+        )
     strategy = hf_config.vision_feature_select_strategy
     if strategy not in SUPPORTED_FEATURE_STRATEGIES:
-        raise ValueError(f"unsupported vision_feature_select_strategy {strategy!r}; supported: "
-                         f"{', '.join(SUPPORTED_FEATURE_STRATEGIES)}")
+        raise ValueError(
+            f"unsupported vision_feature_select_strategy {strategy!r}; supported: "
+            f"{', '.join(SUPPORTED_FEATURE_STRATEGIES)}"
+        )
     hidden_states_count = vision.num_hidden_layers + 1
     layers = hf_config.vision_feature_layer
     layers = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
     for layer in layers:
         if not -hidden_states_count <= layer < hidden_states_count:
-            raise ValueError(f"vision_feature_layer {layer} out of range for {vision.num_hidden_layers} CLIP layers")
+            raise ValueError(
+                f"vision_feature_layer {layer} out of range for {vision.num_hidden_layers} CLIP layers"
+            )
     num_heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
     return LlavaModelConfig(
         vision=VisionConfig(
-            hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
-            num_layers=vision.num_hidden_layers, num_heads=vision.num_attention_heads,
-            image_size=vision.image_size, patch_size=vision.patch_size,
-            layer_norm_eps=vision.layer_norm_eps, hidden_act=vision.hidden_act),
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            layer_norm_eps=vision.layer_norm_eps,
+            hidden_act=vision.hidden_act,
+        ),
         text=TextConfig(
-            hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers, num_heads=num_heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads, head_dim=head_dim,
-            vocab_size=text.vocab_size, rms_norm_eps=text.rms_norm_eps, rope_theta=_rope_theta(text),
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            vocab_size=text.vocab_size,
+            rms_norm_eps=text.rms_norm_eps,
+            rope_theta=_rope_theta(text),
             max_position_embeddings=text.max_position_embeddings,
             attention_bias=bool(getattr(text, "attention_bias", False)),
-            mlp_bias=bool(getattr(text, "mlp_bias", False))),
+            mlp_bias=bool(getattr(text, "mlp_bias", False)),
+        ),
         image_token_index=hf_config.image_token_index,
         vision_feature_layers=tuple(layer % hidden_states_count for layer in layers),
         vision_feature_select_strategy=strategy,
@@ -158,6 +179,8 @@ def load_hf_config(directory: str | os.PathLike):
     directory = os.fspath(directory)
     model_type = _read_model_type(directory)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r} in {directory}/config.json; supported: "
-                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items()))
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in {directory}/config.json; supported: "
+            + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        )
     return LlavaConfig.from_pretrained(directory)

@@ -34,23 +34,43 @@ class LlavaEngine:
         self.config = runner.config
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str = "float32",
-                        length_bucket: int = DEFAULT_LENGTH_BUCKET) -> LlavaEngine:
+    def from_checkpoint(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        dtype: str = "float32",
+        length_bucket: int = DEFAULT_LENGTH_BUCKET,
+    ) -> LlavaEngine:
         hf_config, model = load_checkpoint(directory, dtype)
         preprocessor = Preprocessor.from_checkpoint(directory, hf_config)
         return cls(LlavaRunner(model, length_bucket=length_bucket), preprocessor, hf_config)
 
-    def answer(self, images: Sequence[PIL.Image.Image], questions: Sequence[str], *, pruning=None,
-               max_new_tokens: int = 16, temperature: float = 0.0, seed: int = 0) -> Answers:
+    def answer(
+        self,
+        images: Sequence[PIL.Image.Image],
+        questions: Sequence[str],
+        *,
+        pruning=None,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> Answers:
         """Generate one answer per (image, question) pair, as one batch."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         prompts = [self.preprocessor.encode(question) for question in questions]
-        batch = self.runner.make_batch(prompts, self.preprocessor.pixel_values(images),
-                                       pad_token_id=self.preprocessor.pad_token_id, max_new_tokens=max_new_tokens)
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                  eos_token_id=self.preprocessor.eos_token_id,
-                                  pad_token_id=self.preprocessor.pad_token_id)
+        batch = self.runner.make_batch(
+            prompts,
+            self.preprocessor.pixel_values(images),
+            pad_token_id=self.preprocessor.pad_token_id,
+            max_new_tokens=max_new_tokens,
+        )
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_id=self.preprocessor.eos_token_id,
+            pad_token_id=self.preprocessor.pad_token_id,
+        )
         output = self.runner.generate(batch, sampling, pruning=pruning, rng=jax.random.key(seed))
         ids = tokens_until_eos(output.tokens, output.num_generated, self.preprocessor.eos_token_id)
         texts = [self.preprocessor.decode(row).strip() for row in ids]

@@ -30,6 +30,7 @@ DEFAULT_LENGTH_BUCKET = 64
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How new tokens are drawn. temperature 0 = greedy. eos_token_id None = never stop early."""
+
     max_new_tokens: int = 32
     temperature: float = 0.0
     eos_token_id: int | None = None
@@ -43,24 +44,31 @@ class SamplingConfig:
 
 
 class PromptBatch(NamedTuple):
-    input_ids: np.ndarray     # (B, S_bucket) int32, right-padded
-    lengths: np.ndarray       # (B,) int32
+    input_ids: np.ndarray  # (B, S_bucket) int32, right-padded
+    lengths: np.ndarray  # (B,) int32
     pixel_values: np.ndarray  # (B, 3, H, W) float32
 
 
 class GenerationOutput(NamedTuple):
-    tokens: np.ndarray          # (B, max_new_tokens) int32, pad after EOS
-    num_generated: np.ndarray   # (B,) tokens up to and including EOS
-    kept: np.ndarray | None     # (B, keep) kept image-token indices (into the image span), or None
+    tokens: np.ndarray  # (B, max_new_tokens) int32, pad after EOS
+    num_generated: np.ndarray  # (B,) tokens up to and including EOS
+    kept: np.ndarray | None  # (B, keep) kept image-token indices (into the image span), or None
 
 
 def bucket_length(length: int, bucket: int) -> int:
     return -(-length // bucket) * bucket
 
 
-def pad_prompts(token_ids: Sequence[Sequence[int]], *, pad_token_id: int, image_token_index: int,
-                num_image_tokens: int, length_bucket: int = DEFAULT_LENGTH_BUCKET,
-                max_total_length: int | None = None, max_new_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    token_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    image_token_index: int,
+    num_image_tokens: int,
+    length_bucket: int = DEFAULT_LENGTH_BUCKET,
+    max_total_length: int | None = None,
+    max_new_tokens: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad prompts to a shared bucketed length; check each holds exactly one contiguous image span.
 
     max_total_length: the longest sequence the cache may hold (prompt + new tokens); a longer request
@@ -72,18 +80,22 @@ def pad_prompts(token_ids: Sequence[Sequence[int]], *, pad_token_id: int, image_
     for row, ids in enumerate(token_ids):
         where = np.flatnonzero(np.asarray(ids) == image_token_index)
         if where.size != num_image_tokens or (where.size and where[-1] - where[0] + 1 != where.size):
-            raise ValueError(f"prompt {row} must contain one contiguous run of {num_image_tokens} image tokens "
-                             f"(id {image_token_index}); found {where.size}")
+            raise ValueError(
+                f"prompt {row} must contain one contiguous run of {num_image_tokens} image tokens "
+                f"(id {image_token_index}); found {where.size}"
+            )
     longest = int(lengths.max())
     if max_total_length is not None and longest + max_new_tokens > max_total_length:
-        raise ValueError(f"prompt too long for the cache: {longest} prompt tokens + {max_new_tokens} new tokens "
-                         f"> {max_total_length} positions")
+        raise ValueError(
+            f"prompt too long for the cache: {longest} prompt tokens + {max_new_tokens} new tokens "
+            f"> {max_total_length} positions"
+        )
     width = bucket_length(longest, length_bucket)
     if max_total_length is not None:
         width = min(width, max_total_length - max_new_tokens)
     input_ids = np.full((len(token_ids), width), pad_token_id, np.int32)
     for row, ids in enumerate(token_ids):
-        input_ids[row, :len(ids)] = ids
+        input_ids[row, : len(ids)] = ids
     return input_ids, lengths
 
 
@@ -95,12 +107,14 @@ class LlavaRunner:
         self.graphdef, state = nnx.split(model)
         with_paths, self._state_def = jax.tree_util.tree_flatten_with_path(state)
         self.weights: tuple = tuple(leaf for _, leaf in with_paths)
-        self._weight_specs = [(jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype))
-                              for path, leaf in with_paths]
+        self._weight_specs = [
+            (jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype)) for path, leaf in with_paths
+        ]
         self.length_bucket = length_bucket
         self.trace_counts: collections.Counter[str] = collections.Counter()
-        self._prefill = jax.jit(self._prefill_impl,
-                                static_argnames=("extra_slots", "pruning", "keep", "all_logits"))
+        self._prefill = jax.jit(
+            self._prefill_impl, static_argnames=("extra_slots", "pruning", "keep", "all_logits")
+        )
         # The cache is donated where the backend can reuse it in place (not the CPU, which would warn).
         donate = ("caches",) if jax.default_backend() != "cpu" else ()
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
@@ -120,11 +134,15 @@ class LlavaRunner:
         """A state of this model's structure (e.g. fresh random weights) as the flat tuple jit takes."""
         leaves, treedef = jax.tree_util.tree_flatten(state)
         if treedef != self._state_def:
-            raise ValueError("the state's structure differs from this runner's model (other config or preset?)")
+            raise ValueError(
+                "the state's structure differs from this runner's model (other config or preset?)"
+            )
         for leaf, (path, shape, dtype) in zip(leaves, self._weight_specs):
             if leaf.shape != shape or jnp.dtype(leaf.dtype) != dtype:
-                raise ValueError(f"weight {path} is {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}; this runner's "
-                                 f"model has {dtype.name}{list(shape)}")
+                raise ValueError(
+                    f"weight {path} is {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}; this runner's "
+                    f"model has {dtype.name}{list(shape)}"
+                )
         return tuple(leaves)
 
     def merge(self, weights: tuple) -> LlavaForConditionalGeneration:
@@ -132,12 +150,21 @@ class LlavaRunner:
         return nnx.merge(self.graphdef, jax.tree_util.tree_unflatten(self._state_def, weights))
 
     # --- jitted bodies -------------------------------------------------------------------------
-    def _prefill_impl(self, weights, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep,
-                      all_logits):
+    def _prefill_impl(
+        self, weights, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep, all_logits
+    ):
         self.trace_counts["prefill"] += 1  # runs only while tracing
         model = self.merge(weights)
-        return model.prefill(input_ids, lengths, pixel_values, extra_slots=extra_slots, pruning=pruning,
-                             keep=keep, rng=rng, all_logits=all_logits)
+        return model.prefill(
+            input_ids,
+            lengths,
+            pixel_values,
+            extra_slots=extra_slots,
+            pruning=pruning,
+            keep=keep,
+            rng=rng,
+            all_logits=all_logits,
+        )
 
     def _generate_impl(self, weights, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
         self.trace_counts["generate"] += 1
@@ -152,7 +179,9 @@ class LlavaRunner:
 
         rng, key = jax.random.split(rng)
         first = draw(first_logits, key)
-        tokens = jnp.full((batch, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
+        tokens = (
+            jnp.full((batch, sampling.max_new_tokens), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
+        )
         done = first == eos
 
         def keep_going(carry):
@@ -178,9 +207,17 @@ class LlavaRunner:
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
         keep = self.resolve_keep(pruning)
         rng = jax.random.key(0) if rng is None else rng
-        return self._prefill(self.weights, jnp.asarray(batch.input_ids), jnp.asarray(batch.lengths),
-                             jnp.asarray(batch.pixel_values), rng, extra_slots=extra_slots, pruning=pruning,
-                             keep=keep, all_logits=all_logits)
+        return self._prefill(
+            self.weights,
+            jnp.asarray(batch.input_ids),
+            jnp.asarray(batch.lengths),
+            jnp.asarray(batch.pixel_values),
+            rng,
+            extra_slots=extra_slots,
+            pruning=pruning,
+            keep=keep,
+            all_logits=all_logits,
+        )
 
     def resolve_keep(self, pruning) -> int:
         """Validate a pruning config against this model; the static keep count (0 when unpruned)."""
@@ -189,22 +226,35 @@ class LlavaRunner:
         pruning.validate(self.config.num_image_tokens, self.config.text.num_layers)
         return pruning.resolve_keep(self.config.num_image_tokens)
 
-    def generate(self, batch: PromptBatch, sampling: SamplingConfig, *, pruning=None,
-                 rng: jax.Array | None = None) -> GenerationOutput:
+    def generate(
+        self, batch: PromptBatch, sampling: SamplingConfig, *, pruning=None, rng: jax.Array | None = None
+    ) -> GenerationOutput:
         rng = jax.random.key(0) if rng is None else rng
         prefill_rng, sample_rng = jax.random.split(rng)
         result = self.prefill(batch, extra_slots=sampling.max_new_tokens, pruning=pruning, rng=prefill_rng)
-        tokens, counts = self._generate(self.weights, result.logits, result.caches, result.next_positions,
-                                        sample_rng, sampling=sampling)
+        tokens, counts = self._generate(
+            self.weights, result.logits, result.caches, result.next_positions, sample_rng, sampling=sampling
+        )
         kept = None if result.kept is None else np.asarray(result.kept)
         return GenerationOutput(np.asarray(tokens), np.asarray(counts), kept)
 
-    def make_batch(self, token_ids: Sequence[Sequence[int]], pixel_values: np.ndarray, *, pad_token_id: int,
-                   max_new_tokens: int = 0) -> PromptBatch:
+    def make_batch(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        pixel_values: np.ndarray,
+        *,
+        pad_token_id: int,
+        max_new_tokens: int = 0,
+    ) -> PromptBatch:
         input_ids, lengths = pad_prompts(
-            token_ids, pad_token_id=pad_token_id, image_token_index=self.config.image_token_index,
-            num_image_tokens=self.config.num_image_tokens, length_bucket=self.length_bucket,
-            max_total_length=self.config.text.max_position_embeddings, max_new_tokens=max_new_tokens)
+            token_ids,
+            pad_token_id=pad_token_id,
+            image_token_index=self.config.image_token_index,
+            num_image_tokens=self.config.num_image_tokens,
+            length_bucket=self.length_bucket,
+            max_total_length=self.config.text.max_position_embeddings,
+            max_new_tokens=max_new_tokens,
+        )
         pixel_values = np.asarray(pixel_values, np.float32)
         if pixel_values.shape[0] != len(token_ids):
             raise ValueError(f"{len(token_ids)} prompts but {pixel_values.shape[0]} images")

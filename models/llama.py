@@ -91,17 +91,20 @@ class LlamaDecoderLayer(nnx.Module):
 def new_layer_cache(k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int) -> LayerCache:
     """A layer's cache holding the prefill keys/values plus `extra_slots` empty slots for decoding."""
     pad = ((0, 0), (0, extra_slots), (0, 0), (0, 0))
-    return {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad),
-            "positions": jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION),
-            "end_index": jnp.asarray(positions.shape[1], jnp.int32)}
+    return {
+        "k": jnp.pad(k, pad),
+        "v": jnp.pad(v, pad),
+        "positions": jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION),
+        "end_index": jnp.asarray(positions.shape[1], jnp.int32),
+    }
 
 
 class PrefillResult(NamedTuple):
-    logits: jax.Array          # (B, V) at the last prompt token, or (B, S', V) with all_logits
+    logits: jax.Array  # (B, V) at the last prompt token, or (B, S', V) with all_logits
     caches: list[LayerCache]
     next_positions: jax.Array  # (B,) the RoPE position of the first generated token (original length)
-    kept: jax.Array | None     # (B, keep) kept indices into the image span, ascending; None unpruned
-    positions: jax.Array       # (B, S') positions of the sequence the last layer saw (-1 = padding)
+    kept: jax.Array | None  # (B, keep) kept indices into the image span, ascending; None unpruned
+    positions: jax.Array  # (B, S') positions of the sequence the last layer saw (-1 = padding)
 
 
 def _rows_take(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -114,10 +117,15 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: TextConfig, *, tie_word_embeddings: bool, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if tie_word_embeddings else Dense(
-            cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if tie_word_embeddings
+            else Dense(cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        )
 
     def embed(self, token_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], token_ids, axis=0)
@@ -128,9 +136,20 @@ class LlamaForCausalLM(nnx.Module):
         weight = self.lm_head.kernel[...] if self.lm_head is not None else self.embed_tokens[...].T
         return jnp.matmul(x, weight, preferred_element_type=jnp.float32)
 
-    def prefill(self, x: jax.Array, positions: jax.Array, last_index: jax.Array, *, image_start: jax.Array,
-                num_image_tokens: int, extra_slots: int, pruning: Any = None, keep: int = 0,
-                rng: jax.Array | None = None, all_logits: bool = False) -> PrefillResult:
+    def prefill(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        last_index: jax.Array,
+        *,
+        image_start: jax.Array,
+        num_image_tokens: int,
+        extra_slots: int,
+        pruning: Any = None,
+        keep: int = 0,
+        rng: jax.Array | None = None,
+        all_logits: bool = False,
+    ) -> PrefillResult:
         """Run the prompt through every layer, pruning image tokens before layer `pruning.layer`.
 
         x (B, S, d) input embeddings (image features already in place); positions (B, S) (-1 = padding);
@@ -143,10 +162,13 @@ class LlamaForCausalLM(nnx.Module):
             if layer_index == prune_layer:
                 cues = self._cues(pruning, layer, x, image_slots, attention_cue, rng)
                 kept = pruning.select(cues, keep)
-                x, positions, last_index = _compact(x, positions, last_index, image_start, kept,
-                                                    num_image_tokens)
+                x, positions, last_index = _compact(
+                    x, positions, last_index, image_start, kept, num_image_tokens
+                )
                 if getattr(pruning, "renumber_positions", False):  # pre-LLM methods: a shorter prompt
-                    positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
+                    positions = jnp.where(
+                        positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION
+                    )
             x, q, k, v = layer.prefill(x, positions)
             if pruning is not None and pruning.needs_attention and layer_index == prune_layer - 1:
                 last_query = _rows_take(q, last_index[:, None])[:, 0]
@@ -163,15 +185,26 @@ class LlamaForCausalLM(nnx.Module):
         keys = embeddings = None
         if pruning.needs_features:
             projection = layer.self_attn.k_proj
-            norm_scale = layer.input_layernorm.scale[...] if getattr(pruning, "normalize_keys", False) else None
+            norm_scale = (
+                layer.input_layernorm.scale[...] if getattr(pruning, "normalize_keys", False) else None
+            )
             keys = prune.feature_keys(
-                image_hidden, projection.kernel[...],
+                image_hidden,
+                projection.kernel[...],
                 projection.bias[...] if projection.bias is not None else None,
-                norm_scale=norm_scale, norm_eps=self.cfg.rms_norm_eps)
+                norm_scale=norm_scale,
+                norm_eps=self.cfg.rms_norm_eps,
+            )
         if pruning.needs_embeddings:
             embeddings = image_hidden
-        return prune.Cues(attention=attention_cue, keys=keys, embeddings=embeddings, rng=rng,
-                          batch_size=x.shape[0], num_image_tokens=image_slots.shape[1])
+        return prune.Cues(
+            attention=attention_cue,
+            keys=keys,
+            embeddings=embeddings,
+            rng=rng,
+            batch_size=x.shape[0],
+            num_image_tokens=image_slots.shape[1],
+        )
 
     def decode(self, token_ids: jax.Array, positions: jax.Array, caches: list[LayerCache]):
         """One decoding step: token_ids (B,), positions (B,) -> float32 logits (B, V), new caches."""

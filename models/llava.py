@@ -35,8 +35,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.config = cfg
         self.vision_tower = CLIPVisionTower(cfg.vision, dtype=dtype, rngs=rngs)
         self.multi_modal_projector = MultiModalProjector(cfg, dtype=dtype, rngs=rngs)
-        self.language_model = LlamaForCausalLM(cfg.text, tie_word_embeddings=cfg.tie_word_embeddings,
-                                               dtype=dtype, rngs=rngs)
+        self.language_model = LlamaForCausalLM(
+            cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype, rngs=rngs
+        )
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
@@ -51,14 +52,24 @@ class LlavaForConditionalGeneration(nnx.Module):
         is_image = input_ids == self.config.image_token_index
         image_start = jnp.argmax(is_image, axis=1).astype(jnp.int32)
         text = self.language_model.embed(input_ids)
-        feature_index = jnp.clip(jnp.arange(input_ids.shape[1])[None] - image_start[:, None],
-                                 0, image_features.shape[1] - 1)
+        feature_index = jnp.clip(
+            jnp.arange(input_ids.shape[1])[None] - image_start[:, None], 0, image_features.shape[1] - 1
+        )
         image = jnp.take_along_axis(image_features, feature_index[..., None], axis=1)
         return jnp.where(is_image[..., None], image.astype(text.dtype), text), image_start
 
-    def prefill(self, input_ids: jax.Array, lengths: jax.Array, pixel_values: jax.Array, *,
-                extra_slots: int, pruning=None, keep: int = 0, rng: jax.Array | None = None,
-                all_logits: bool = False) -> PrefillResult:
+    def prefill(
+        self,
+        input_ids: jax.Array,
+        lengths: jax.Array,
+        pixel_values: jax.Array,
+        *,
+        extra_slots: int,
+        pruning=None,
+        keep: int = 0,
+        rng: jax.Array | None = None,
+        all_logits: bool = False,
+    ) -> PrefillResult:
         """Vision tower + projector + LLM prefill (with optional pruning), for right-padded prompts.
 
         input_ids (B, S) int32 padded on the right; lengths (B,) real prompt lengths.
@@ -67,6 +78,14 @@ class LlavaForConditionalGeneration(nnx.Module):
         positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
         x, image_start = self.embed_prompt(input_ids, self.image_features(pixel_values))
         return self.language_model.prefill(
-            x, positions, lengths - 1, image_start=image_start,
-            num_image_tokens=self.config.num_image_tokens, extra_slots=extra_slots,
-            pruning=pruning, keep=keep, rng=rng, all_logits=all_logits)
+            x,
+            positions,
+            lengths - 1,
+            image_start=image_start,
+            num_image_tokens=self.config.num_image_tokens,
+            extra_slots=extra_slots,
+            pruning=pruning,
+            keep=keep,
+            rng=rng,
+            all_logits=all_logits,
+        )

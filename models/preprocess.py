@@ -33,8 +33,19 @@ VICUNA_V1_SYSTEM = (
 )
 
 # The image-processor settings that carry over when a saved processor is converted to pad mode.
-_PROCESSOR_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale",
-                       "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+_PROCESSOR_SETTINGS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+)
 # Files in which `save_pretrained` stores an image processor (processor_config.json nests it).
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
@@ -99,8 +110,9 @@ class Preprocessor:
         self.image_processor = image_processor
 
     @classmethod
-    def from_checkpoint(cls, directory: str | os.PathLike, config: LlavaConfig | None = None, *,
-                        pad_to_square: bool = True) -> Preprocessor:
+    def from_checkpoint(
+        cls, directory: str | os.PathLike, config: LlavaConfig | None = None, *, pad_to_square: bool = True
+    ) -> Preprocessor:
         """Load the tokenizer and image processor saved with a checkpoint directory.
 
         pad_to_square=True (default) applies LLaVA-1.5's original pad mode whatever processor was saved;
@@ -145,8 +157,10 @@ class Preprocessor:
         pixels = np.asarray(pixels, dtype=np.float32)
         size = self.config.vision_config.image_size
         if pixels.shape[1:] != (3, size, size):
-            raise ValueError(f"image processor produced pixels of shape {pixels.shape[1:]}, but the vision "
-                             f"tower expects (3, {size}, {size}); the saved processor disagrees with the config")
+            raise ValueError(
+                f"image processor produced pixels of shape {pixels.shape[1:]}, but the vision "
+                f"tower expects (3, {size}, {size}); the saved processor disagrees with the config"
+            )
         return pixels
 
     def encode(self, question: str) -> list[int]:
@@ -160,9 +174,10 @@ class Preprocessor:
         if len(image_slots) != 1:
             raise ValueError(
                 f"the prompt must hold exactly one image token {IMAGE_TOKEN!r} (id {self.image_token_index}), "
-                f"found {len(image_slots)}: {prompt!r}")
+                f"found {len(image_slots)}: {prompt!r}"
+            )
         slot = image_slots[0]
-        return ids[:slot] + [self.image_token_index] * self.num_image_tokens + ids[slot + 1:]
+        return ids[:slot] + [self.image_token_index] * self.num_image_tokens + ids[slot + 1 :]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, special tokens (EOS, padding, image) dropped."""

@@ -19,13 +19,29 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 from models.tokenizer import build_word_tokenizer, vocabulary_from_texts
 
 # CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5.
-_CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                   image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-                   layer_norm_eps=1e-5)
+_CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 # A narrow CLIP with the same image and patch size (so the same 24 x 24 grid).
-_CLIP_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=336, patch_size=14, projection_dim=32, hidden_act="quick_gelu",
-                  layer_norm_eps=1e-5)
+_CLIP_TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=336,
+    patch_size=14,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 
 # llava-hf's LLaVA-1.5 vocabulary: 32000 LLaMA tokens + <image> (32000) + <pad> (32001), padded to 32064.
 _LLAVA15_VOCAB = 32064
@@ -50,9 +66,19 @@ def _llava(vision: dict[str, Any], text: dict[str, Any], **top: Any) -> LlavaCon
 
 
 def _tiny_text(**overrides: Any) -> dict[str, Any]:
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=_TINY_VOCAB_SIZE, max_position_embeddings=2048,
-                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=_TINY_VOCAB_SIZE,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     text.update(overrides)
     return text
 
@@ -60,23 +86,45 @@ def _tiny_text(**overrides: Any) -> dict[str, Any]:
 def _make(name: str) -> LlavaConfig:
     if name in ("llava-1.5-7b", "llava-1.5-13b"):
         width, mlp, layers = (4096, 11008, 32) if name == "llava-1.5-7b" else (5120, 13824, 40)
-        text = dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
-                    num_attention_heads=width // 128, num_key_value_heads=width // 128,
-                    vocab_size=_LLAVA15_VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                    bos_token_id=1, eos_token_id=2, pad_token_id=_LLAVA15_PAD_TOKEN)
-        return _llava(_CLIP_L_336, text, image_token_index=_LLAVA15_IMAGE_TOKEN,
-                      pad_token_id=_LLAVA15_PAD_TOKEN)
+        text = dict(
+            hidden_size=width,
+            intermediate_size=mlp,
+            num_hidden_layers=layers,
+            num_attention_heads=width // 128,
+            num_key_value_heads=width // 128,
+            vocab_size=_LLAVA15_VOCAB,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=_LLAVA15_PAD_TOKEN,
+        )
+        return _llava(
+            _CLIP_L_336, text, image_token_index=_LLAVA15_IMAGE_TOKEN, pad_token_id=_LLAVA15_PAD_TOKEN
+        )
     tiny = dict(image_token_index=_TINY_IMAGE_TOKEN, pad_token_id=3)
     if name == "tiny":
         return _llava(_CLIP_TINY, _tiny_text(), **tiny)
     if name == "tiny-gqa":  # grouped-query attention, wider heads, rope_theta changed
-        return _llava(_CLIP_TINY, _tiny_text(num_attention_heads=8, num_key_value_heads=2, hidden_size=128,
-                                             rope_parameters={"rope_type": "default", "rope_theta": 50000.0}),
-                      **tiny)
+        return _llava(
+            _CLIP_TINY,
+            _tiny_text(
+                num_attention_heads=8,
+                num_key_value_heads=2,
+                hidden_size=128,
+                rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+            ),
+            **tiny,
+        )
     if name == "tiny-full":  # [CLS] kept (577 image tokens), features from the last layer, tied embeddings
-        return _llava(_CLIP_TINY, _tiny_text(num_hidden_layers=3, tie_word_embeddings=True),
-                      vision_feature_select_strategy="full", vision_feature_layer=-1,
-                      tie_word_embeddings=True, **tiny)
+        return _llava(
+            _CLIP_TINY,
+            _tiny_text(num_hidden_layers=3, tie_word_embeddings=True),
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            tie_word_embeddings=True,
+            **tiny,
+        )
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
 
 
@@ -103,8 +151,9 @@ def llava15_image_processor(config: LlavaConfig):
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     size = config.vision_config.image_size
-    return LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": size},
-                               crop_size={"height": size, "width": size})
+    return LlavaImageProcessorPil(
+        do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
 
 
 def random_torch_model(config: LlavaConfig, *, seed: int = 0, dtype: str = "float32"):
@@ -117,9 +166,17 @@ def random_torch_model(config: LlavaConfig, *, seed: int = 0, dtype: str = "floa
     return model.to(getattr(torch, dtype)).eval()
 
 
-def write_random_checkpoint(config: LlavaConfig, directory: str | os.PathLike, *, seed: int = 0,
-                            dtype: str = "float32", max_shard_size: str | None = None,
-                            key_spelling: str = "saved", tokenizer=None, model=None) -> str:
+def write_random_checkpoint(
+    config: LlavaConfig,
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    key_spelling: str = "saved",
+    tokenizer=None,
+    model=None,
+) -> str:
     """Write a llava-hf checkpoint directory with random weights; returns the directory.
 
     key_spelling: 'saved' = what `save_pretrained` writes (transformers converts to the on-disk
@@ -147,15 +204,20 @@ def write_random_checkpoint(config: LlavaConfig, directory: str | os.PathLike, *
     else:
         raise ValueError(f"key_spelling must be 'saved' or 'state_dict', got {key_spelling!r}")
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(config)
-    processor = LlavaProcessor(image_processor=llava15_image_processor(config), tokenizer=tokenizer,
-                               patch_size=config.vision_config.patch_size,
-                               vision_feature_select_strategy=config.vision_feature_select_strategy,
-                               num_additional_image_tokens=1)  # CLIP's [CLS], as llava-hf saves it
+    processor = LlavaProcessor(
+        image_processor=llava15_image_processor(config),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )  # CLIP's [CLS], as llava-hf saves it
     processor.save_pretrained(directory)
     return directory
 
 
-def testbed_config(*, vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None) -> LlavaConfig:
+def testbed_config(
+    *, vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None
+) -> LlavaConfig:
     """The small LLaVA trained from scratch on the procedural testbed (`experiments.train_testbed`).
 
     LLaVA-1.5's input geometry is kept exactly (CLIP 336 px / patch 14 = a 24 x 24 grid, 576 image
@@ -171,19 +233,40 @@ def testbed_config(*, vision: dict[str, Any] | None = None, text: dict[str, Any]
     from experiments.testbed.scenes import IMAGE_TOKEN_INDEX, TOKENIZER_SIZE, make_tokenizer
 
     tokenizer = make_tokenizer()
-    vision_config = dict(_CLIP_L_336, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=4, projection_dim=256)
+    vision_config = dict(
+        _CLIP_L_336,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        projection_dim=256,
+    )
     vision_config.update(vision or {})
-    text_config = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=-(-TOKENIZER_SIZE // 8) * 8,
-                       max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=False)
+    text_config = dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=-(-TOKENIZER_SIZE // 8) * 8,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     text_config.update(text or {})
-    return _llava(vision_config, text_config, image_token_index=IMAGE_TOKEN_INDEX,
-                  pad_token_id=tokenizer.pad_token_id, vision_feature_layer=-2,
-                  vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                  tie_word_embeddings=False)
+    return _llava(
+        vision_config,
+        text_config,
+        image_token_index=IMAGE_TOKEN_INDEX,
+        pad_token_id=tokenizer.pad_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
 
 
 _RANDOM_GENERATORS: dict = {}
@@ -209,10 +292,12 @@ def random_state(abstract_state, seed: int, *, compile_only: bool = False):
         ones = "scale" in jax.tree_util.keystr(path)
         signature = (leaf.shape, jnp.dtype(leaf.dtype).name, ones)
         if signature not in _RANDOM_GENERATORS:
+
             def generate(k, shape=leaf.shape, dtype=leaf.dtype, ones=ones):
                 if ones:
                     return jnp.ones(shape, dtype)
                 return jax.random.normal(k, shape, dtype) * jnp.asarray(INIT_STD, dtype)
+
             _RANDOM_GENERATORS[signature] = jax.jit(generate).lower(key_shape).compile()
         if not compile_only:
             filled.append(_RANDOM_GENERATORS[signature](jax.random.fold_in(key, i)))
@@ -228,6 +313,8 @@ def random_model(config: LlavaConfig, *, dtype: str = "bfloat16", seed: int = 0)
     from models.llava import LlavaForConditionalGeneration
 
     cfg = from_hf_config(config)
-    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
+    )
     graphdef, abstract_state = nnx.split(abstract)
     return nnx.merge(graphdef, random_state(abstract_state, seed))

@@ -35,7 +35,9 @@ def vocabulary_from_texts(texts: Iterable[str]) -> list[str]:
     return sorted(words)
 
 
-def build_word_tokenizer(words: Iterable[str], image_token_index: int | None = None) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(
+    words: Iterable[str], image_token_index: int | None = None
+) -> PreTrainedTokenizerFast:
     """A lowercasing word-level tokenizer: ids 0..3 are <unk>, <s>, </s>, <pad>, then `words` in order.
 
     `<image>` gets `image_token_index` (default: right after the words), which must not collide with a
@@ -52,7 +54,8 @@ def build_word_tokenizer(words: Iterable[str], image_token_index: int | None = N
     if image_token_index < len(vocab):
         raise ValueError(
             f"image_token_index {image_token_index} collides with the {len(vocab)} word ids; "
-            f"use an index >= {len(vocab)}")
+            f"use an index >= {len(vocab)}"
+        )
     vocab[IMAGE_TOKEN] = image_token_index
 
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
@@ -60,8 +63,15 @@ def build_word_tokenizer(words: Iterable[str], image_token_index: int | None = N
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])])
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token=UNK_TOKEN, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN, extra_special_tokens={"image_token": IMAGE_TOKEN},
-        padding_side="right", model_max_length=1 << 20)
+        tokenizer_object=backend,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
+        model_max_length=1 << 20,
+    )

@@ -48,7 +48,9 @@ class PruningCues:
 def image_token_positions(input_ids: torch.Tensor, image_token_index: int) -> torch.Tensor:
     """Sequence positions (ascending, int64) of the image placeholder tokens of a batch-1 prompt."""
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"the torch reference handles batch 1; got input_ids of shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"the torch reference handles batch 1; got input_ids of shape {tuple(input_ids.shape)}"
+        )
     positions = torch.nonzero(input_ids[0] == image_token_index).squeeze(-1)
     if positions.numel() == 0:
         raise ValueError(f"input_ids hold no image token (id {image_token_index})")
@@ -59,8 +61,10 @@ def grid_side(num_tokens: int) -> int:
     """Side g of the square g x g grid of `num_tokens` image tokens (ValueError if not a square)."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
-        raise ValueError(f"{num_tokens} image tokens do not form a square grid; pass grid explicitly "
-                         "(e.g. under vision_feature_select_strategy='full' the [CLS] token is extra)")
+        raise ValueError(
+            f"{num_tokens} image tokens do not form a square grid; pass grid explicitly "
+            "(e.g. under vision_feature_select_strategy='full' the [CLS] token is extra)"
+        )
     return side
 
 
@@ -89,7 +93,8 @@ def causal_mask_by_position(positions: torch.Tensor, dtype: torch.dtype) -> torc
     """
     allowed = positions[:, None, None, :] <= positions[:, None, :, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def _run_layers(language_model, hidden: torch.Tensor, positions: torch.Tensor, layers) -> torch.Tensor:
@@ -99,13 +104,19 @@ def _run_layers(language_model, hidden: torch.Tensor, positions: torch.Tensor, l
     mask = causal_mask_by_position(positions, hidden.dtype)
     position_embeddings = language_model.rotary_emb(hidden, position_ids=positions)
     for decoder_layer in layers:
-        hidden = decoder_layer(hidden, attention_mask=mask, position_ids=positions,
-                               position_embeddings=position_embeddings)
+        hidden = decoder_layer(
+            hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings
+        )
     return hidden
 
 
-def _last_token_attention(language_model, decoder_layer, hidden: torch.Tensor, positions: torch.Tensor,
-                          image_positions: torch.Tensor) -> torch.Tensor:
+def _last_token_attention(
+    language_model,
+    decoder_layer,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    image_positions: torch.Tensor,
+) -> torch.Tensor:
     """Head-mean attention probabilities of the last token over the image tokens at `decoder_layer`.
 
     The released code re-runs the layer in eager mode with output_attentions and reads the last row;
@@ -125,8 +136,9 @@ def _last_token_attention(language_model, decoder_layer, hidden: torch.Tensor, p
     query = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])[0]
     key = apply_rotary_pos_emb(key, key, cos, sin)[1]
     last_row_mask = causal_mask_by_position(positions, hidden.dtype)[:, :, -1:, :]
-    _, probabilities = eager_attention_forward(attention, query, key, value, last_row_mask,
-                                               scaling=attention.scaling)
+    _, probabilities = eager_attention_forward(
+        attention, query, key, value, last_row_mask, scaling=attention.scaling
+    )
     return probabilities[0, :, 0, image_positions].float().mean(dim=0)
 
 
@@ -146,22 +158,34 @@ def _kept_sequence_positions(seq_len: int, image_positions: torch.Tensor, kept_i
     kept = torch.as_tensor(kept_image_indices).long().reshape(-1).to(image_positions.device)
     num_image = image_positions.numel()
     if kept.numel() and (kept[0] < 0 or kept[-1] >= num_image or bool((kept[1:] <= kept[:-1]).any())):
-        raise ValueError(f"kept_image_indices must be strictly ascending indices in [0, {num_image}); "
-                         f"got {kept.tolist()}")
+        raise ValueError(
+            f"kept_image_indices must be strictly ascending indices in [0, {num_image}); got {kept.tolist()}"
+        )
     keep = torch.ones(seq_len, dtype=torch.bool, device=image_positions.device)
     keep[image_positions] = False
     keep[image_positions[kept]] = True
     return torch.nonzero(keep).squeeze(-1)
 
 
-def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.Tensor, *, layer: int | None,
-                     kept_image_indices, return_cues: bool, normalize_keys: bool, renumber_positions: bool = False):
+def _decoder_forward(
+    model,
+    inputs_embeds: torch.Tensor,
+    image_positions: torch.Tensor,
+    *,
+    layer: int | None,
+    kept_image_indices,
+    return_cues: bool,
+    normalize_keys: bool,
+    renumber_positions: bool = False,
+):
     """Logits (1, S', V) float32 and optionally the cues, from already merged input embeddings."""
     language_model = model.model.language_model
     layers = language_model.layers
     implementation = language_model.config._attn_implementation
     if implementation not in ("eager", "sdpa"):
-        raise ValueError(f"the 4D additive mask needs eager or sdpa attention, the model uses {implementation!r}")
+        raise ValueError(
+            f"the 4D additive mask needs eager or sdpa attention, the model uses {implementation!r}"
+        )
     if layer is None:
         if kept_image_indices is not None or return_cues:
             raise ValueError("pruning and cues need the pruning layer K (layer=...)")
@@ -169,17 +193,22 @@ def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.
     if not 0 <= layer <= len(layers):
         raise ValueError(f"layer must be in [0, {len(layers)}], got {layer}")
     if return_cues and not 1 <= layer < len(layers):
-        raise ValueError(f"cues read layers K-1 and K, so layer must be in [1, {len(layers) - 1}], got {layer}")
+        raise ValueError(
+            f"cues read layers K-1 and K, so layer must be in [1, {len(layers) - 1}], got {layer}"
+        )
 
     positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
     hidden = inputs_embeds
     cues = None
     if return_cues:
-        hidden = _run_layers(language_model, hidden, positions, layers[:layer - 1])
-        attention = _last_token_attention(language_model, layers[layer - 1], hidden, positions, image_positions)
-        hidden = _run_layers(language_model, hidden, positions, layers[layer - 1:layer])
-        cues = PruningCues(attention=attention,
-                           keys=_feature_keys(layers[layer], hidden[0, image_positions], normalize_keys))
+        hidden = _run_layers(language_model, hidden, positions, layers[: layer - 1])
+        attention = _last_token_attention(
+            language_model, layers[layer - 1], hidden, positions, image_positions
+        )
+        hidden = _run_layers(language_model, hidden, positions, layers[layer - 1 : layer])
+        cues = PruningCues(
+            attention=attention, keys=_feature_keys(layers[layer], hidden[0, image_positions], normalize_keys)
+        )
     else:
         hidden = _run_layers(language_model, hidden, positions, layers[:layer])
 
@@ -194,9 +223,17 @@ def _decoder_forward(model, inputs_embeds: torch.Tensor, image_positions: torch.
 
 
 @torch.no_grad()
-def pruned_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, layer: int | None,
-                   kept_image_indices=None, return_cues: bool = False, normalize_keys: bool = False,
-                   renumber_positions: bool = False):
+def pruned_forward(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    *,
+    layer: int | None,
+    kept_image_indices=None,
+    return_cues: bool = False,
+    normalize_keys: bool = False,
+    renumber_positions: bool = False,
+):
     """Prefill logits (1, S', V) float32 with the image tokens pruned after decoder layer `layer` - 1.
 
     kept_image_indices: ascending indices into the image span (None keeps every token, and then the
@@ -205,17 +242,31 @@ def pruned_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *
     computed with kept_image_indices=None and fed to `reference_select`.
     """
     image_positions = image_token_positions(input_ids, model.config.image_token_index)
-    logits, cues = _decoder_forward(model, embed_inputs(model, input_ids, pixel_values), image_positions,
-                                    layer=layer, kept_image_indices=kept_image_indices,
-                                    return_cues=return_cues, normalize_keys=normalize_keys,
-                                    renumber_positions=renumber_positions)
+    logits, cues = _decoder_forward(
+        model,
+        embed_inputs(model, input_ids, pixel_values),
+        image_positions,
+        layer=layer,
+        kept_image_indices=kept_image_indices,
+        return_cues=return_cues,
+        normalize_keys=normalize_keys,
+        renumber_positions=renumber_positions,
+    )
     return (logits, cues) if return_cues else logits
 
 
 @torch.no_grad()
-def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, *, layer: int | None = None,
-                       kept_image_indices=None, max_new_tokens: int, eos_token_id: int | Collection[int],
-                       renumber_positions: bool = False) -> list[int]:
+def reference_generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    *,
+    layer: int | None = None,
+    kept_image_indices=None,
+    max_new_tokens: int,
+    eos_token_id: int | Collection[int],
+    renumber_positions: bool = False,
+) -> list[int]:
     """Greedy new tokens (EOS included when reached) with the pruning fixed at prefill.
 
     No KV cache: each step reruns the pruned forward on prompt + generated tokens. Generated tokens are
@@ -228,9 +279,16 @@ def reference_generate(model, input_ids: torch.Tensor, pixel_values: torch.Tenso
     embed_tokens = model.get_input_embeddings()
     generated: list[int] = []
     for _ in range(max_new_tokens):
-        logits, _ = _decoder_forward(model, inputs_embeds, image_positions, layer=layer,
-                                     kept_image_indices=kept_image_indices, return_cues=False,
-                                     normalize_keys=False, renumber_positions=renumber_positions)
+        logits, _ = _decoder_forward(
+            model,
+            inputs_embeds,
+            image_positions,
+            layer=layer,
+            kept_image_indices=kept_image_indices,
+            return_cues=False,
+            normalize_keys=False,
+            renumber_positions=renumber_positions,
+        )
         token = int(torch.argmax(logits[0, -1]))
         generated.append(token)
         if token in stop_ids:
@@ -249,15 +307,24 @@ def _as_float_tensor(values, name: str, method: str) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=torch.float32)
 
 
-def _adaptprune(attention: torch.Tensor, keys: torch.Tensor, keep: int, grid: int | None, *, prior_sigma: float,
-                distance_limit: float, distance_sigma: float, similarity_sigma: float) -> torch.Tensor:
+def _adaptprune(
+    attention: torch.Tensor,
+    keys: torch.Tensor,
+    keep: int,
+    grid: int | None,
+    *,
+    prior_sigma: float,
+    distance_limit: float,
+    distance_sigma: float,
+    similarity_sigma: float,
+) -> torch.Tensor:
     """Centre prior x attention, then the adaptive NMS loop of docs/algorithm.md (kept indices, in pick order)."""
     num_tokens = attention.numel()
     grid = grid_side(num_tokens) if grid is None else grid
     if grid * grid != num_tokens:
         raise ValueError(f"grid {grid} x {grid} does not hold {num_tokens} image tokens")
     x = torch.linspace(-(grid // 2), grid // 2, grid)
-    prior = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * prior_sigma ** 2))
+    prior = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * prior_sigma**2))
     scores = attention * (prior / prior.max()).reshape(-1)
 
     token = torch.arange(num_tokens)
@@ -273,8 +340,10 @@ def _adaptprune(attention: torch.Tensor, keys: torch.Tensor, keep: int, grid: in
         selected[chosen] = True
         order.append(chosen)
         distance = torch.sqrt((rows - rows[chosen]) ** 2 + (cols - cols[chosen]) ** 2)
-        factor = 1 - (torch.exp(-distance ** 2 / (2 * distance_sigma ** 2))
-                      * torch.exp(-(1 - cosine[chosen]) ** 2 / (2 * similarity_sigma ** 2)))
+        factor = 1 - (
+            torch.exp(-(distance**2) / (2 * distance_sigma**2))
+            * torch.exp(-((1 - cosine[chosen]) ** 2) / (2 * similarity_sigma**2))
+        )
         scores = torch.where(distance <= distance_limit, scores * factor, scores)
     return torch.tensor(order)
 
@@ -307,8 +376,17 @@ def _divprune(embeddings: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.tensor(order)
 
 
-def reference_select(method: str, *, keep: int, attention=None, keys=None, embeddings=None, grid: int | None = None,
-                     seed: int = 0, **method_kwargs) -> np.ndarray:
+def reference_select(
+    method: str,
+    *,
+    keep: int,
+    attention=None,
+    keys=None,
+    embeddings=None,
+    grid: int | None = None,
+    seed: int = 0,
+    **method_kwargs,
+) -> np.ndarray:
     """Kept image-token indices (int64, ascending) as the released PyTorch code selects them.
 
     method: 'adaptprune' (attention, keys; options prior_sigma, distance_limit, distance_sigma,
@@ -319,15 +397,19 @@ def reference_select(method: str, *, keep: int, attention=None, keys=None, embed
     `pruned_forward` directly.
     """
     if method in ("random", "uniform"):
-        raise ValueError(f"method {method!r} has no reference selection: pass the JAX side's indices "
-                         "as kept_image_indices to pruned_forward / reference_generate")
+        raise ValueError(
+            f"method {method!r} has no reference selection: pass the JAX side's indices "
+            "as kept_image_indices to pruned_forward / reference_generate"
+        )
     options = {"adaptprune": ADAPTPRUNE_DEFAULTS, "fastv": {}, "divprune": {}}
     if method not in options:
         raise ValueError(f"unknown method {method!r}; reference methods: {', '.join(options)}")
     unknown = set(method_kwargs) - set(options[method])
     if unknown:
-        raise ValueError(f"method {method!r} takes no option(s) {sorted(unknown)}; "
-                         f"its options: {sorted(options[method]) or 'none'}")
+        raise ValueError(
+            f"method {method!r} takes no option(s) {sorted(unknown)}; "
+            f"its options: {sorted(options[method]) or 'none'}"
+        )
 
     if method == "divprune":
         candidates = _as_float_tensor(embeddings, "embeddings", method)
@@ -338,8 +420,13 @@ def reference_select(method: str, *, keep: int, attention=None, keys=None, embed
         raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
 
     if method == "adaptprune":
-        order = _adaptprune(candidates, _as_float_tensor(keys, "keys", method), keep, grid,
-                            **{**ADAPTPRUNE_DEFAULTS, **method_kwargs})
+        order = _adaptprune(
+            candidates,
+            _as_float_tensor(keys, "keys", method),
+            keep,
+            grid,
+            **{**ADAPTPRUNE_DEFAULTS, **method_kwargs},
+        )
     elif method == "fastv":
         order = _fastv(candidates, keep)
     else:

@@ -21,9 +21,9 @@ from models.generate import LlavaRunner  # noqa: E402
 
 # How each tiny preset is written: one per on-disk variant the loader must handle.
 CHECKPOINT_VARIANTS = {
-    "tiny": dict(key_spelling="saved"),                            # save_pretrained, one file
+    "tiny": dict(key_spelling="saved"),  # save_pretrained, one file
     "tiny-gqa": dict(key_spelling="saved", max_shard_size="300KB"),  # sharded with an index
-    "tiny-full": dict(key_spelling="state_dict"),                  # newer in-memory key spelling
+    "tiny-full": dict(key_spelling="state_dict"),  # newer in-memory key spelling
 }
 
 
@@ -33,8 +33,9 @@ class TinyCheckpoint:
         self.directory = directory
         self.hf_config = presets.llava_config(name)
         self.torch_model = presets.random_torch_model(self.hf_config, seed=0)
-        presets.write_random_checkpoint(self.hf_config, directory, model=self.torch_model,
-                                        **CHECKPOINT_VARIANTS[name])
+        presets.write_random_checkpoint(
+            self.hf_config, directory, model=self.torch_model, **CHECKPOINT_VARIANTS[name]
+        )
         _, self.jax_model = load_checkpoint(directory)
         self.runner = LlavaRunner(self.jax_model)
         self.config = self.jax_model.config

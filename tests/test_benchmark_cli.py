@@ -28,9 +28,20 @@ def cache_dir(tmp_path_factory):
 def run_cli(output_dir, cache_dir, *args):
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-    command = [sys.executable, "-m", "experiments.benchmark", "--model=tiny", "--dtype=float32", "--new_tokens=2",
-               "--text_tokens=8", "--repeats=2", "--e2e_repeats=1", f"--output_dir={output_dir}",
-               f"--compile_cache={cache_dir}", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.benchmark",
+        "--model=tiny",
+        "--dtype=float32",
+        "--new_tokens=2",
+        "--text_tokens=8",
+        "--repeats=2",
+        "--e2e_repeats=1",
+        f"--output_dir={output_dir}",
+        f"--compile_cache={cache_dir}",
+        *args,
+    ]
     process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     with open(os.path.join(output_dir, "results.json")) as f:
@@ -52,12 +63,22 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
     not_a_directory = tmp_path / "profiles_here"
     not_a_directory.write_text("a file where the traces would go")  # every trace fails to start
     report, markdown, stdout = run_cli(
-        tmp_path, cache_dir, "--configs=none:1,adaptprune:64:1,adaptprune:100000:1", "--torch_baseline",
-        "--max_batch_search", "--max_batch_configs=none", "--max_batch_cap=2",
-        "--max_batch_probes=1", f"--profile_dir={not_a_directory}")
+        tmp_path,
+        cache_dir,
+        "--configs=none:1,adaptprune:64:1,adaptprune:100000:1",
+        "--torch_baseline",
+        "--max_batch_search",
+        "--max_batch_configs=none",
+        "--max_batch_cap=2",
+        "--max_batch_probes=1",
+        f"--profile_dir={not_a_directory}",
+    )
     meta, ceilings = report["meta"], report["ceilings"]
     assert {"jax", "torch", "transformers"} <= set(meta["versions"]) and meta["date"]
-    assert meta["command"].startswith("python -m experiments.benchmark") and "--torch_baseline" in meta["command"]
+    assert (
+        meta["command"].startswith("python -m experiments.benchmark")
+        and "--torch_baseline" in meta["command"]
+    )
     assert meta["env"]["JAX_PLATFORMS"] == "cpu"  # the environment the workers inherit is recorded
     assert ceilings["status"] == "ok" and ceilings["device_kind"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flops_per_s"] > 0
@@ -83,7 +104,9 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
     assert impossible["status"] == "failed" and "keep=100000" in impossible["error"]
     for label in ("pytorch none b1", "pytorch cut@64 b1"):
         assert rows[label]["status"] == "ok" and rows[label]["framework"] == "torch"
-        assert rows[label]["ttft_ms"] > 0 and rows[label]["e2e_ms"] > 0 and rows[label]["generated_tokens"] == 2
+        assert (
+            rows[label]["ttft_ms"] > 0 and rows[label]["e2e_ms"] > 0 and rows[label]["generated_tokens"] == 2
+        )
 
     (search,) = report["max_batch"]
     assert search["config"] == "none" and search["largest_fit"] >= 1
@@ -99,9 +122,16 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
 
 def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     profile_dir = tmp_path / "profiles"
-    report, markdown, _ = run_cli(tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--compile_workers=2",
-                                  f"--profile_dir={profile_dir}", "--attention_logits_budget_mb=0.5",
-                                  "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger")
+    report, markdown, _ = run_cli(
+        tmp_path,
+        cache_dir,
+        "--batch_sizes=1",
+        "--methods=none",
+        "--compile_workers=2",
+        f"--profile_dir={profile_dir}",
+        "--attention_logits_budget_mb=0.5",
+        "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger",
+    )
     assert [row["label"] for row in report["rows"]] == ["none b1"]
     (row,) = report["rows"]
     assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
@@ -112,7 +142,7 @@ def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     for summary in row["profile"].values():
         assert os.path.isfile(summary["trace"]) and summary["trace"].startswith(str(profile_dir))
     assert "## Profile" in markdown
-    assert row["attention_logits_budget_bytes"] == 2 ** 19  # the workers traced under the flag's budget
+    assert row["attention_logits_budget_bytes"] == 2**19  # the workers traced under the flag's budget
     assert report["meta"]["flags"]["torch_baseline"] is False
 
 
@@ -154,7 +184,9 @@ def test_batch_search_grows_then_bisects():
         with flagsaver.flagsaver(**settings):
             state = benchmark.BatchSearch(benchmark.Config("none", 0, 0), [], start)
             while (batch := state.pending()) is not None:
-                state.record(batch, {"status": "ok" if batch <= true_max else "oom", "fits": batch <= true_max})
+                state.record(
+                    batch, {"status": "ok" if batch <= true_max else "oom", "fits": batch <= true_max}
+                )
             return state.summary()
 
     found = search(136, 150, max_batch_growth=1.1, max_batch_probes=8, max_batch_tolerance=0.05)
@@ -187,13 +219,26 @@ def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
     process = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", f"--replot={tmp_path / 'results.json'}",
-         "--reference_bandwidth_tbps=4.3", "--reference_matmul_tflops=788"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            f"--replot={tmp_path / 'results.json'}",
+            "--reference_bandwidth_tbps=4.3",
+            "--reference_matmul_tflops=788",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     base = rows_by_label(report)["none b1"]
-    assert base["floors"]["decode_weight_read_ms"] == pytest.approx(base["work"]["decode_weight_bytes"] / 4.3e9)
+    assert base["floors"]["decode_weight_read_ms"] == pytest.approx(
+        base["work"]["decode_weight_bytes"] / 4.3e9
+    )
     assert base["floors"]["llm_prefill_flop_ms"] == pytest.approx(base["work"]["prefill_flops"] / 788e9)
     before = {c["name"]: c for c in committed["acceptance"]}
     after = {c["name"]: c for c in report["acceptance"]}
@@ -208,10 +253,16 @@ def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp
 
 def test_stage_compiler_options_parse_and_name_bad_entries():
     parsed = benchmark.parse_stage_compiler_options(
-        ["generate:xla_gpu_enable_triton_gemm=false", "prefill:xla_disable_hlo_passes=dot-merger",
-         "generate:xla_gpu_graph_min_graph_size=1"])
-    assert parsed == {"generate": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_graph_min_graph_size": 1},
-                      "prefill": {"xla_disable_hlo_passes": "dot-merger"}}
+        [
+            "generate:xla_gpu_enable_triton_gemm=false",
+            "prefill:xla_disable_hlo_passes=dot-merger",
+            "generate:xla_gpu_graph_min_graph_size=1",
+        ]
+    )
+    assert parsed == {
+        "generate": {"xla_gpu_enable_triton_gemm": False, "xla_gpu_graph_min_graph_size": 1},
+        "prefill": {"xla_disable_hlo_passes": "dot-merger"},
+    }
     with pytest.raises(ValueError, match="unknown stage 'decode'; stages: vision, embed, prefill"):
         benchmark.parse_stage_compiler_options(["decode:xla_gpu_enable_triton_gemm=false"])
     with pytest.raises(ValueError, match="expected STAGE:OPTION=VALUE"):

@@ -30,10 +30,34 @@ def test_normalize_gqa_prediction(text, expected):
 
 def test_exact_match_accuracy_per_category(tmp_path):
     rows = [
-        {"question_id": "1", "image": "n1.jpg", "text": "What animal is it?", "answer": "dog", "category": "query"},
-        {"question_id": "2", "image": "n1.jpg", "text": "Is it black?", "answer": "yes", "category": "verify"},
-        {"question_id": "3", "image": "n2.jpg", "text": "What is on the table?", "answer": "laptop", "category": "query"},
-        {"question_id": "4", "image": "n2.jpg", "text": "Which side is the cup on?", "answer": "left", "category": "query"},
+        {
+            "question_id": "1",
+            "image": "n1.jpg",
+            "text": "What animal is it?",
+            "answer": "dog",
+            "category": "query",
+        },
+        {
+            "question_id": "2",
+            "image": "n1.jpg",
+            "text": "Is it black?",
+            "answer": "yes",
+            "category": "verify",
+        },
+        {
+            "question_id": "3",
+            "image": "n2.jpg",
+            "text": "What is on the table?",
+            "answer": "laptop",
+            "category": "query",
+        },
+        {
+            "question_id": "4",
+            "image": "n2.jpg",
+            "text": "Which side is the cup on?",
+            "answer": "left",
+            "category": "query",
+        },
         {"question_id": "5", "image": "n3.jpg", "text": "How many?", "answer": "2", "category": "verify"},
     ]
     path = tmp_path / "gqa.jsonl"
@@ -59,7 +83,9 @@ def test_exact_match_accuracy_per_category(tmp_path):
 
 def test_without_categories_only_overall_is_reported(tmp_path):
     path = tmp_path / "gqa.jsonl"
-    path.write_text(json.dumps({"question_id": 9, "image": "n.jpg", "text": "Color?", "answer": "red"}) + "\n")
+    path.write_text(
+        json.dumps({"question_id": 9, "image": "n.jpg", "text": "Color?", "answer": "red"}) + "\n"
+    )
     (question,) = GQA.load_questions(path)
     assert (question.question_id, question.category) == ("9", "")
     report = GQA.score([question], {"9": "Red"})

@@ -19,16 +19,31 @@ def write_questions(path, rows):
 def pair(subtask, image):
     """MME's two questions about one image: ground truth Yes, then No."""
     return [
-        {"question_id": f"{subtask}/{image}#yes", "image": f"{subtask}/{image}",
-         "text": f"Is it {image}? Please answer yes or no.", "answer": "Yes", "category": subtask},
-        {"question_id": f"{subtask}/{image}#no", "image": f"{subtask}/{image}",
-         "text": f"Is it not {image}? Please answer yes or no.", "answer": "No", "category": subtask},
+        {
+            "question_id": f"{subtask}/{image}#yes",
+            "image": f"{subtask}/{image}",
+            "text": f"Is it {image}? Please answer yes or no.",
+            "answer": "Yes",
+            "category": subtask,
+        },
+        {
+            "question_id": f"{subtask}/{image}#no",
+            "image": f"{subtask}/{image}",
+            "text": f"Is it not {image}? Please answer yes or no.",
+            "answer": "No",
+            "category": subtask,
+        },
     ]
 
 
 @pytest.fixture
 def questions(tmp_path):
-    rows = pair("existence", "1.jpg") + pair("existence", "2.jpg") + pair("OCR", "3.jpg") + pair("code_reasoning", "4.png")
+    rows = (
+        pair("existence", "1.jpg")
+        + pair("existence", "2.jpg")
+        + pair("OCR", "3.jpg")
+        + pair("code_reasoning", "4.png")
+    )
     return MME.load_questions(write_questions(tmp_path / "mme.jsonl", rows))
 
 

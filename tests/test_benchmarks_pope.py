@@ -16,8 +16,12 @@ INSTRUCTION = "\nAnswer the question using a single word or phrase."
 
 def write_split(directory, split, labels, first_id=1):
     rows = [
-        {"question_id": first_id + i, "image": f"img{i // 2}.jpg", "text": f"Is there a thing {i} in the image?",
-         "label": label}
+        {
+            "question_id": first_id + i,
+            "image": f"img{i // 2}.jpg",
+            "text": f"Is there a thing {i} in the image?",
+            "label": label,
+        }
         for i, label in enumerate(labels)
     ]
     path = directory / f"coco_pope_{split}.json"
@@ -76,7 +80,12 @@ def test_metrics_per_split_and_pooled_by_hand(tmp_path):
     assert (random["num_scored"], random["num_missing"]) == (6, 0)
 
     popular = report["per_category"]["popular"]
-    assert (popular["accuracy"], popular["precision"], popular["recall"], popular["f1"]) == (1.0, 1.0, 1.0, 1.0)
+    assert (popular["accuracy"], popular["precision"], popular["recall"], popular["f1"]) == (
+        1.0,
+        1.0,
+        1.0,
+        1.0,
+    )
     assert (popular["num_scored"], popular["num_missing"]) == (1, 1)
 
     # Pooled over both splits: TP 3, FN 1, TN 1, FP 2.
@@ -93,7 +102,12 @@ def test_no_predicted_yes_gives_zero_precision_and_f1(tmp_path):
     questions = POPE.load_questions(write_split(tmp_path, "adversarial", ["yes", "no"]))
     report = POPE.score(questions, {"adversarial/1": "No.", "adversarial/2": "No, there is not."})
     overall = report["overall"]
-    assert (overall["precision"], overall["recall"], overall["f1"], overall["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (overall["precision"], overall["recall"], overall["f1"], overall["yes_ratio"]) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
     assert overall["accuracy"] == 0.5
 
 
@@ -107,7 +121,12 @@ def test_loading_ids_prompts_and_categories(tmp_path):
 
 
 def test_instruction_already_in_the_text_is_not_repeated(tmp_path):
-    row = {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?" + INSTRUCTION, "label": "Yes"}
+    row = {
+        "question_id": 1,
+        "image": "a.jpg",
+        "text": "Is there a dog in the image?" + INSTRUCTION,
+        "label": "Yes",
+    }
     path = tmp_path / "coco_pope_random.json"
     path.write_text(json.dumps(row) + "\n")
     (question,) = POPE.load_questions(path)
@@ -120,7 +139,9 @@ def test_splits_from_directory_or_comma_separated_list_give_the_same_questions(t
     popular_file = write_split(tmp_path, "popular", ["no", "yes"])
     from_directory = POPE.load_questions(tmp_path)
     from_list = POPE.load_questions(f"{popular_file}, {random_file}")
-    assert sorted(from_directory, key=lambda q: q.question_id) == sorted(from_list, key=lambda q: q.question_id)
+    assert sorted(from_directory, key=lambda q: q.question_id) == sorted(
+        from_list, key=lambda q: q.question_id
+    )
     assert {q.question_id for q in from_directory} == {"random/1", "random/2", "popular/1", "popular/2"}
 
 
@@ -146,7 +167,9 @@ def test_missing_file_in_comma_separated_list_is_named(tmp_path):
 def test_real_pope_files_load_and_score_a_hand_built_prediction_set():
     questions = POPE.load_questions(POPE_DATA)
 
-    by_split = {split: [q for q in questions if q.category == split] for split in ("random", "popular", "adversarial")}
+    by_split = {
+        split: [q for q in questions if q.category == split] for split in ("random", "popular", "adversarial")
+    }
     assert len(questions) == 9000
     for split_questions in by_split.values():
         assert len(split_questions) == 3000

@@ -8,18 +8,38 @@ from experiments.benchmarks import BENCHMARKS, Benchmark, Question, get_benchmar
 
 # One valid question line per benchmark, and the file name its loader expects.
 VALID_ROWS = {
-    "pope": ("coco_pope_random.json",
-             {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"}),
-    "mme": ("mme.jsonl",
-            {"question_id": "existence/1.jpg#0", "image": "existence/1.jpg",
-             "text": "Is there a dog in this image? Please answer yes or no.", "answer": "Yes",
-             "category": "existence"}),
-    "gqa": ("gqa.jsonl", {"question_id": "201", "image": "n1.jpg", "text": "What animal is it?", "answer": "dog"}),
-    "textvqa": ("textvqa.jsonl",
-                {"question_id": 5, "image": "t.jpg", "text": "What brand is it?", "answers": ["nike"] * 10}),
-    "scienceqa": ("scienceqa.jsonl",
-                  {"question_id": "7", "image": "7/image.png", "question": "Which is a mammal?",
-                   "choices": ["dog", "fish"], "answer": 0}),
+    "pope": (
+        "coco_pope_random.json",
+        {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+    ),
+    "mme": (
+        "mme.jsonl",
+        {
+            "question_id": "existence/1.jpg#0",
+            "image": "existence/1.jpg",
+            "text": "Is there a dog in this image? Please answer yes or no.",
+            "answer": "Yes",
+            "category": "existence",
+        },
+    ),
+    "gqa": (
+        "gqa.jsonl",
+        {"question_id": "201", "image": "n1.jpg", "text": "What animal is it?", "answer": "dog"},
+    ),
+    "textvqa": (
+        "textvqa.jsonl",
+        {"question_id": 5, "image": "t.jpg", "text": "What brand is it?", "answers": ["nike"] * 10},
+    ),
+    "scienceqa": (
+        "scienceqa.jsonl",
+        {
+            "question_id": "7",
+            "image": "7/image.png",
+            "question": "Which is a mammal?",
+            "choices": ["dog", "fish"],
+            "answer": 0,
+        },
+    ),
 }
 
 
@@ -72,7 +92,9 @@ def test_empty_predictions_give_defined_zero_metrics(name, tmp_path):
     file_name, row = VALID_ROWS[name]
     second = {**row, "question_id": 2 if isinstance(row["question_id"], int) else row["question_id"] + "b"}
     benchmark = BENCHMARKS[name]
-    questions = benchmark.load_questions(write_lines(tmp_path / file_name, [json.dumps(row), json.dumps(second)]))
+    questions = benchmark.load_questions(
+        write_lines(tmp_path / file_name, [json.dumps(row), json.dumps(second)])
+    )
 
     report = benchmark.score(questions, {})
 

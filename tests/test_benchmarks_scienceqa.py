@@ -48,14 +48,39 @@ def write_questions(path, rows):
 
 def test_accuracy_by_hand(tmp_path):
     rows = [
-        {"question_id": "1", "image": "1/image.png", "question": "Which is a mammal?",
-         "choices": ["fish", "dog", "frog"], "answer": 1, "hint": "", "category": "natural science"},
-        {"question_id": "2", "image": "2/image.png", "text": "Which is a verb?",
-         "choices": ["run", "blue"], "answer": 0, "category": "language science"},
-        {"question_id": "3", "image": "3/image.png", "question": "Which is a state?",
-         "choices": ["Ohio", "Paris", "Nile"], "answer": 0, "category": "social science"},
-        {"question_id": "4", "image": "4/image.png", "question": "Which is hot?",
-         "choices": ["ice", "fire"], "answer": 1, "category": "natural science"},
+        {
+            "question_id": "1",
+            "image": "1/image.png",
+            "question": "Which is a mammal?",
+            "choices": ["fish", "dog", "frog"],
+            "answer": 1,
+            "hint": "",
+            "category": "natural science",
+        },
+        {
+            "question_id": "2",
+            "image": "2/image.png",
+            "text": "Which is a verb?",
+            "choices": ["run", "blue"],
+            "answer": 0,
+            "category": "language science",
+        },
+        {
+            "question_id": "3",
+            "image": "3/image.png",
+            "question": "Which is a state?",
+            "choices": ["Ohio", "Paris", "Nile"],
+            "answer": 0,
+            "category": "social science",
+        },
+        {
+            "question_id": "4",
+            "image": "4/image.png",
+            "question": "Which is hot?",
+            "choices": ["ice", "fire"],
+            "answer": 1,
+            "category": "natural science",
+        },
     ]
     questions = SCIENCEQA.load_questions(write_questions(tmp_path / "sqa.jsonl", rows))
     predictions = {
@@ -92,6 +117,8 @@ def test_invalid_items_are_reported(tmp_path, changes, message):
 
 
 def test_missing_question_text_names_the_question_field(tmp_path):
-    path = write_questions(tmp_path / "sqa.jsonl", [{"question_id": "1", "image": "1.png", "choices": ["x", "y"], "answer": 0}])
+    path = write_questions(
+        tmp_path / "sqa.jsonl", [{"question_id": "1", "image": "1.png", "choices": ["x", "y"], "answer": 0}]
+    )
     with pytest.raises(ValueError, match="missing field 'question'"):
         SCIENCEQA.load_questions(path)

@@ -76,9 +76,13 @@ def test_score_averages_item_accuracies(tmp_path):
 
 def test_answers_must_be_ten_strings(tmp_path):
     path = tmp_path / "textvqa.jsonl"
-    path.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Q?", "answers": ["x"] * 9}) + "\n")
+    path.write_text(
+        json.dumps({"question_id": 1, "image": "a.jpg", "text": "Q?", "answers": ["x"] * 9}) + "\n"
+    )
     with pytest.raises(ValueError, match=rf"{path}:1: field 'answers' must hold 10 human answers, got 9"):
         TEXTVQA.load_questions(path)
-    path.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Q?", "answers": [1] * 10}) + "\n")
+    path.write_text(
+        json.dumps({"question_id": 1, "image": "a.jpg", "text": "Q?", "answers": [1] * 10}) + "\n"
+    )
     with pytest.raises(ValueError, match="list of strings"):
         TEXTVQA.load_questions(path)

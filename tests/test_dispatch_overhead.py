@@ -14,7 +14,9 @@ from models.llava import LlavaForConditionalGeneration
 
 def test_narrow_model_has_the_full_size_parameter_tree():
     cfg = from_hf_config(presets.llava_config("llava-1.5-7b"))
-    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(
+        lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    )
     full_size_arrays = len(jax.tree.leaves(nnx.state(abstract)))
     result = dispatch_overhead.measure("llava-1.5-7b", calls=2)
     assert result["arrays"] == full_size_arrays

@@ -82,9 +82,16 @@ def engine(tiny_checkpoints):
 def base_config(tiny_checkpoints, pope_data, tmp_path_factory):
     questions_dir, image_dir = pope_data
     return eval_lib.EvalConfig(
-        checkpoint=tiny_checkpoints("tiny").directory, benchmark="pope", questions=str(questions_dir),
-        image_dir=str(image_dir), output_dir=str(tmp_path_factory.mktemp("run") / "out"), methods=METHODS,
-        keep=KEEPS, batch_size=BATCH_SIZE, max_new_tokens=MAX_NEW_TOKENS)
+        checkpoint=tiny_checkpoints("tiny").directory,
+        benchmark="pope",
+        questions=str(questions_dir),
+        image_dir=str(image_dir),
+        output_dir=str(tmp_path_factory.mktemp("run") / "out"),
+        methods=METHODS,
+        keep=KEEPS,
+        batch_size=BATCH_SIZE,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +157,18 @@ def test_every_output_is_written_and_consistent(full_run, engine):
         else:
             layer = result["layer"]
             assert result["equivalent_tokens"] == pytest.approx(
-                (layer * num_image_tokens + (num_layers - layer) * result["keep"]) / num_layers)
+                (layer * num_image_tokens + (num_layers - layer) * result["keep"]) / num_layers
+            )
 
     # results.md: a header and one row per pair, with the metric as printed percent.
     table = [line for line in (output / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].startswith("| method | keep | equivalent tokens | pope f1 (%)")
-    rows = {(cells[0], int(cells[1])): cells for cells in
-            ([cell.strip() for cell in line.strip("|").split("|")] for line in table[1:len(names) + 1])}
+    rows = {
+        (cells[0], int(cells[1])): cells
+        for cells in (
+            [cell.strip() for cell in line.strip("|").split("|")] for line in table[1 : len(names) + 1]
+        )
+    }
     for result in on_disk["pairs"].values():
         assert rows[(result["method"], result["keep"])][3] == f"{100 * result['primary']:.1f}"
 
@@ -247,8 +259,9 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(base_config, pop
     (images / missing_image).unlink()
     (images / unreadable_image).write_bytes(b"not a jpeg")
     expected = {q.question_id: q.image for q in questions if q.image in (missing_image, unreadable_image)}
-    config = dataclasses.replace(base_config, image_dir=str(images), output_dir=str(tmp_path / "out"),
-                                 methods=("fastv",), keep=(16,))
+    config = dataclasses.replace(
+        base_config, image_dir=str(images), output_dir=str(tmp_path / "out"), methods=("fastv",), keep=(16,)
+    )
 
     results = eval_lib.run(config, engine=engine)
 
@@ -259,7 +272,10 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(base_config, pop
             wanted = "image file not found" if image == missing_image else "cannot read image"
             assert reasons[question_id].startswith(wanted) and str(images / image) in reasons[question_id]
         assert result["num_skipped"] == len(expected)
-        assert (result["num_scored"], result["num_missing"]) == (len(questions) - len(expected), len(expected))
+        assert (result["num_scored"], result["num_missing"]) == (
+            len(questions) - len(expected),
+            len(expected),
+        )
         assert len(raw_ids(tmp_path / "out" / result["predictions_file"])) == len(questions) - len(expected)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["pairs"]["fastv_16"]["skipped"] == results["pairs"]["fastv_16"]["skipped"]
@@ -271,9 +287,14 @@ def test_testbed_split_runs_with_its_own_image_folder(tiny_checkpoints, engine, 
 
     split = tmp_path / "testbed_test"
     write_split(split, "test", num_items=3, questions_per_image=4)
-    config = eval_lib.EvalConfig(checkpoint=tiny_checkpoints("tiny").directory, benchmark="testbed",
-                                 questions=str(split), output_dir=str(tmp_path / "out"), methods=("none",),
-                                 batch_size=BATCH_SIZE)
+    config = eval_lib.EvalConfig(
+        checkpoint=tiny_checkpoints("tiny").directory,
+        benchmark="testbed",
+        questions=str(split),
+        output_dir=str(tmp_path / "out"),
+        methods=("none",),
+        batch_size=BATCH_SIZE,
+    )
     results = eval_lib.run(config, engine=engine)
     (result,) = results["pairs"].values()
     assert results["primary_metric"] == "accuracy" and results["settings"]["max_new_tokens"] == 4

@@ -23,8 +23,10 @@ from models.config import from_hf_config
 from models.presets import llava_config
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGFILES = {name: REPO / "experiments" / "flags" / f"{name}.flags"
-             for name in ("testbed", "testbed_gpu", "pope_llava15_7b")}
+FLAGFILES = {
+    name: REPO / "experiments" / "flags" / f"{name}.flags"
+    for name in ("testbed", "testbed_gpu", "pope_llava15_7b")
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,13 @@ def config(tiny_checkpoints, tmp_path):
     line = {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"}
     (questions / "coco_pope_random.json").write_text(json.dumps(line) + "\n")
     (images / "a.jpg").write_bytes(b"")  # existence is all these checks look at
-    return eval_lib.EvalConfig(checkpoint=tiny_checkpoints("tiny").directory, benchmark="pope",
-                               questions=str(questions), image_dir=str(images),
-                               output_dir=str(tmp_path / "out"))
+    return eval_lib.EvalConfig(
+        checkpoint=tiny_checkpoints("tiny").directory,
+        benchmark="pope",
+        questions=str(questions),
+        image_dir=str(images),
+        output_dir=str(tmp_path / "out"),
+    )
 
 
 def test_unknown_method_lists_the_known_ones(config):
@@ -88,11 +94,14 @@ def test_image_dir_is_required_where_the_benchmark_has_no_own_folder(config):
         eval_lib.run(dataclasses.replace(config, image_dir=None))
 
 
-@pytest.mark.parametrize(("keep", "message"), [
-    (10_000, "keep=10000 exceeds num_image_tokens=576"),
-    (0, "keep=0 must be >= 1"),
-    (0.0001, "gives int"),
-])
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        (10_000, "keep=10000 exceeds num_image_tokens=576"),
+        (0, "keep=0 must be >= 1"),
+        (0.0001, "gives int"),
+    ],
+)
 def test_keep_out_of_range_raises_the_config_error_before_any_work(config, engine, keep, message):
     with pytest.raises(ValueError, match=message):
         eval_lib.run(dataclasses.replace(config, methods=("adaptprune",), keep=(64, keep)), engine=engine)
@@ -106,9 +115,20 @@ def test_layer_out_of_range_is_the_config_error(config, engine):
 
 def test_output_dir_with_other_answer_settings_is_refused(config, engine):
     os.makedirs(config.output_dir)
-    Path(config.output_dir, eval_lib.RUN_SETTINGS_JSON).write_text(json.dumps(
-        {"checkpoint": config.checkpoint, "benchmark": "pope", "questions": config.questions,
-         "image_dir": config.image_dir, "layer": None, "max_new_tokens": 8, "seed": 0, "dtype": "float32"}))
+    Path(config.output_dir, eval_lib.RUN_SETTINGS_JSON).write_text(
+        json.dumps(
+            {
+                "checkpoint": config.checkpoint,
+                "benchmark": "pope",
+                "questions": config.questions,
+                "image_dir": config.image_dir,
+                "layer": None,
+                "max_new_tokens": 8,
+                "seed": 0,
+                "dtype": "float32",
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"max_new_tokens: 8 -> 32"):
         eval_lib.run(config, engine=engine)
 
@@ -118,11 +138,24 @@ def test_parse_keep_and_pairs():
     with pytest.raises(ValueError, match="neither a token count"):
         eval_lib.parse_keep("half")
     model = from_hf_config(llava_config("llava-1.5-7b"))
-    config = eval_lib.EvalConfig(checkpoint="c", benchmark="pope", questions="q", output_dir="o",
-                                 methods=("fastv", "none", "divprune", "fastv"), keep=(192, 1 / 3, 0.25), layer=3)
+    config = eval_lib.EvalConfig(
+        checkpoint="c",
+        benchmark="pope",
+        questions="q",
+        output_dir="o",
+        methods=("fastv", "none", "divprune", "fastv"),
+        keep=(192, 1 / 3, 0.25),
+        layer=3,
+    )
     pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
     # 'none' once and first; 1/3 of 576 resolves to 192 and is evaluated once; DivPrune has no layer.
-    assert [pair.name for pair in pairs] == ["none_576", "fastv_192", "fastv_144", "divprune_192", "divprune_144"]
+    assert [pair.name for pair in pairs] == [
+        "none_576",
+        "fastv_192",
+        "fastv_144",
+        "divprune_192",
+        "divprune_144",
+    ]
     assert pairs[1].pruning.layer == 3 and pairs[3].pruning.layer == 0
     assert pairs[1].equivalent_tokens == pytest.approx((3 * 576 + 29 * 192) / 32)
 
@@ -166,18 +199,24 @@ def test_reference_lookup_by_checkpoint_folder_name():
 
 
 def test_comparable_value_uses_the_published_aggregate():
-    result = {"metrics": {"overall": {"f1": 0.5}, "per_category": {"random": {"f1": 0.9}, "popular": {"f1": 0.7}}}}
+    result = {
+        "metrics": {"overall": {"f1": 0.5}, "per_category": {"random": {"f1": 0.9}, "popular": {"f1": 0.7}}}
+    }
     pope = reference_numbers.lookup("llava-1.5-7b", "pope", "none")[0]
     assert reference_numbers.comparable_value(pope, result) == pytest.approx(80.0)
     gqa = reference_numbers.lookup("llava-1.5-7b", "gqa", "none")[0]
-    assert reference_numbers.comparable_value(gqa, {"metrics": {"overall": {"accuracy": 0.6}}}) == pytest.approx(60.0)
+    assert reference_numbers.comparable_value(
+        gqa, {"metrics": {"overall": {"accuracy": 0.6}}}
+    ) == pytest.approx(60.0)
 
 
 def test_kept_patch_mask_follows_the_config_grid():
     def config(image_size, patch_size, cls_token):
         grid = image_size // patch_size
-        return types.SimpleNamespace(vision=types.SimpleNamespace(grid_size=grid, patch_size=patch_size),
-                                     num_image_tokens=grid * grid + cls_token)
+        return types.SimpleNamespace(
+            vision=types.SimpleNamespace(grid_size=grid, patch_size=patch_size),
+            num_image_tokens=grid * grid + cls_token,
+        )
 
     square = config(28, 7, 0)  # a 4 x 4 grid
     mask = kept_patch_mask([0, 5, 15], square)

@@ -66,9 +66,13 @@ def test_missing_directory_weights_and_shards(checkpoint_copy, tmp_path, tiny_ch
         load_checkpoint(checkpoint_copy)
     sharded = tmp_path / "sharded"
     shutil.copytree(tiny_checkpoints("tiny-gqa").directory, sharded)
-    shard = sorted(set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    shard = sorted(
+        set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )[1]
     os.remove(sharded / shard)
-    with pytest.raises(FileNotFoundError, match=f"shard {shard} listed in model.safetensors.index.json is missing"):
+    with pytest.raises(
+        FileNotFoundError, match=f"shard {shard} listed in model.safetensors.index.json is missing"
+    ):
         load_checkpoint(sharded)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -82,9 +86,17 @@ def test_unsupported_variants_of_the_config_are_refused():
     with pytest.raises(ValueError, match="unsupported RoPE type 'yarn'"):
         from_hf_config(config)
     tiny = presets.llava_config("tiny")
-    mistral = LlavaConfig(vision_config=tiny.vision_config.to_dict(),
-                          text_config=dict(model_type="mistral", hidden_size=64, intermediate_size=128,
-                                           num_hidden_layers=2, num_attention_heads=4, vocab_size=128))
+    mistral = LlavaConfig(
+        vision_config=tiny.vision_config.to_dict(),
+        text_config=dict(
+            model_type="mistral",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+        ),
+    )
     with pytest.raises(ValueError, match="unsupported language model type 'mistral'; supported: llama"):
         from_hf_config(mistral)
 
@@ -92,9 +104,14 @@ def test_unsupported_variants_of_the_config_are_refused():
 def test_prompt_errors(tiny_checkpoints, prompt_rng):
     ckpt = tiny_checkpoints("tiny")
     cfg = ckpt.config
-    kwargs = dict(pad_token_id=ckpt.pad_token_id, image_token_index=cfg.image_token_index,
-                  num_image_tokens=cfg.num_image_tokens)
-    with pytest.raises(ValueError, match=f"prompt 0 must contain one contiguous run of {cfg.num_image_tokens}"):
+    kwargs = dict(
+        pad_token_id=ckpt.pad_token_id,
+        image_token_index=cfg.image_token_index,
+        num_image_tokens=cfg.num_image_tokens,
+    )
+    with pytest.raises(
+        ValueError, match=f"prompt 0 must contain one contiguous run of {cfg.num_image_tokens}"
+    ):
         pad_prompts([[1, 5, 6, 7]], **kwargs)  # no image token
     split = make_prompt(cfg, prompt_rng, 2, 2)
     split.insert(10, 5)  # a text token inside the image span
@@ -102,19 +119,27 @@ def test_prompt_errors(tiny_checkpoints, prompt_rng):
         pad_prompts([split], **kwargs)
     long_prompt = make_prompt(cfg, prompt_rng, 2, 2)
     limit = len(long_prompt) + 3
-    with pytest.raises(ValueError, match=rf"prompt too long for the cache: {len(long_prompt)} prompt tokens \+ 4 new"):
+    with pytest.raises(
+        ValueError, match=rf"prompt too long for the cache: {len(long_prompt)} prompt tokens \+ 4 new"
+    ):
         pad_prompts([long_prompt], **kwargs, max_total_length=limit, max_new_tokens=4)
     with pytest.raises(ValueError, match="2 prompts but 1 images"):
-        ckpt.runner.make_batch([long_prompt, long_prompt], random_pixels(prompt_rng, 1, cfg.vision.image_size),
-                               pad_token_id=ckpt.pad_token_id)
+        ckpt.runner.make_batch(
+            [long_prompt, long_prompt],
+            random_pixels(prompt_rng, 1, cfg.vision.image_size),
+            pad_token_id=ckpt.pad_token_id,
+        )
 
 
-@pytest.mark.parametrize("config, message", [
-    (dict(name="adaptprune", keep=0), "keep"),
-    (dict(name="adaptprune", keep=100_000), "keep"),
-    (dict(name="fastv", keep=1.5), "keep"),
-    (dict(name="fastv", keep=16, layer=9), "layer=9 is out of range"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(name="adaptprune", keep=0), "keep"),
+        (dict(name="adaptprune", keep=100_000), "keep"),
+        (dict(name="fastv", keep=1.5), "keep"),
+        (dict(name="fastv", keep=16, layer=9), "layer=9 is out of range"),
+    ],
+)
 def test_pruning_settings_out_of_range_fail_before_any_work(tiny_checkpoints, prompt_rng, config, message):
     ckpt = tiny_checkpoints("tiny")
     name = config.pop("name")

@@ -36,14 +36,21 @@ def test_pruned_logits_and_selection_match_pytorch_reference(tiny_checkpoints, p
 
     ids_t, pixels_t = torch.tensor([ids]), torch.tensor(pixels)
     _, cues = torch_reference.pruned_forward(ckpt.torch_model, ids_t, pixels_t, layer=2, return_cues=True)
-    reference_kept = torch_reference.reference_select(method, keep=kept.size, attention=cues.attention, keys=cues.keys)
+    reference_kept = torch_reference.reference_select(
+        method, keep=kept.size, attention=cues.attention, keys=cues.keys
+    )
     np.testing.assert_array_equal(kept, reference_kept)
 
-    reference = torch_reference.pruned_forward(ckpt.torch_model, ids_t, pixels_t, layer=2,
-                                               kept_image_indices=kept)[0].numpy()
+    reference = torch_reference.pruned_forward(
+        ckpt.torch_model, ids_t, pixels_t, layer=2, kept_image_indices=kept
+    )[0].numpy()
     valid = np.asarray(result.positions[0]) >= 0
     ours = np.asarray(result.logits[0])[valid]
-    assert ours.shape == reference.shape == (len(ids) - ckpt.config.num_image_tokens + kept.size, reference.shape[1])
+    assert (
+        ours.shape
+        == reference.shape
+        == (len(ids) - ckpt.config.num_image_tokens + kept.size, reference.shape[1])
+    )
     assert np.abs(ours - reference).max() / np.abs(reference).max() <= MAX_REL_ERR
 
 
@@ -52,12 +59,16 @@ def test_keeping_every_image_token_equals_the_unpruned_model(tiny_checkpoints, p
     ids = make_prompt(ckpt.config, prompt_rng, before=4, after=9)
     pixels = random_pixels(prompt_rng, 1, ckpt.config.vision.image_size)
     unpruned = _prefill(ckpt, [ids], pixels)
-    everything = _prefill(ckpt, [ids], pixels, prune.make_config("adaptprune", keep=ckpt.config.num_image_tokens))
+    everything = _prefill(
+        ckpt, [ids], pixels, prune.make_config("adaptprune", keep=ckpt.config.num_image_tokens)
+    )
     np.testing.assert_array_equal(np.asarray(everything.kept[0]), np.arange(ckpt.config.num_image_tokens))
     np.testing.assert_allclose(np.asarray(everything.logits), np.asarray(unpruned.logits), rtol=0, atol=1e-6)
 
 
-def test_pruned_generation_matches_reference_and_continues_at_original_positions(tiny_checkpoints, prompt_rng):
+def test_pruned_generation_matches_reference_and_continues_at_original_positions(
+    tiny_checkpoints, prompt_rng
+):
     ckpt = tiny_checkpoints("tiny-gqa")
     ids = make_prompt(ckpt.config, prompt_rng, before=6, after=20)
     pixels = random_pixels(prompt_rng, 1, ckpt.config.vision.image_size)
@@ -69,8 +80,14 @@ def test_pruned_generation_matches_reference_and_continues_at_original_positions
     batch = ckpt.runner.make_batch([ids], pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=new_tokens)
     ours = ckpt.runner.generate(batch, sampling, pruning=pruning)
     reference = torch_reference.reference_generate(
-        ckpt.torch_model, torch.tensor([ids]), torch.tensor(pixels), layer=2,
-        kept_image_indices=np.array(ours.kept[0]), max_new_tokens=new_tokens, eos_token_id=-1)
+        ckpt.torch_model,
+        torch.tensor([ids]),
+        torch.tensor(pixels),
+        layer=2,
+        kept_image_indices=np.array(ours.kept[0]),
+        max_new_tokens=new_tokens,
+        eos_token_id=-1,
+    )
     assert ours.tokens[0].tolist() == reference
 
 
@@ -81,11 +98,19 @@ def test_pruned_batch_of_four_equals_one_by_one(tiny_checkpoints, prompt_rng, me
     pixels = random_pixels(prompt_rng, len(prompts), ckpt.config.vision.image_size)
     pruning = prune.make_config(method, keep=0.1, **({} if method == "divprune" else {"layer": 2}))
     sampling = SamplingConfig(max_new_tokens=6, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
-    batched = ckpt.runner.generate(ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id,
-                                                          max_new_tokens=6), sampling, pruning=pruning)
+    batched = ckpt.runner.generate(
+        ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=6),
+        sampling,
+        pruning=pruning,
+    )
     for row, ids in enumerate(prompts):
-        single = ckpt.runner.generate(ckpt.runner.make_batch([ids], pixels[row:row + 1], pad_token_id=ckpt.pad_token_id,
-                                                             max_new_tokens=6), sampling, pruning=pruning)
+        single = ckpt.runner.generate(
+            ckpt.runner.make_batch(
+                [ids], pixels[row : row + 1], pad_token_id=ckpt.pad_token_id, max_new_tokens=6
+            ),
+            sampling,
+            pruning=pruning,
+        )
         np.testing.assert_array_equal(batched.kept[row], single.kept[0])
         assert batched.tokens[row].tolist() == single.tokens[0].tolist()
 
@@ -98,8 +123,11 @@ def test_divprune_renumbers_positions_like_a_shorter_prompt(tiny_checkpoints, pr
     result = _prefill(ckpt, [ids], pixels, prune.make_config("divprune", keep=0.1))
     kept = np.array(result.kept[0])
     start = ids.index(ckpt.config.image_token_index)
-    sequence = [i for i in range(len(ids)) if not start <= i < start + ckpt.config.num_image_tokens
-                or (i - start) in set(kept.tolist())]
+    sequence = [
+        i
+        for i in range(len(ids))
+        if not start <= i < start + ckpt.config.num_image_tokens or (i - start) in set(kept.tolist())
+    ]
     with torch.no_grad():
         embeds = torch_reference.embed_inputs(ckpt.torch_model, torch.tensor([ids]), torch.tensor(pixels))
         reference = ckpt.torch_model(inputs_embeds=embeds[:, sequence]).logits[0].numpy()

@@ -22,10 +22,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # llava-hf/llava-1.5-7b-hf's preprocessor_config.json: a plain CLIP processor that centre-crops.
 LLAVA_HF_PREPROCESSOR_CONFIG = {
-    "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True,
-    "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": list(CLIP_MEAN),
-    "image_processor_type": "CLIPImageProcessor", "image_std": list(CLIP_STD),
-    "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255,
+    "crop_size": {"height": 336, "width": 336},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": list(CLIP_MEAN),
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": list(CLIP_STD),
+    "processor_class": "LlavaProcessor",
+    "resample": 3,
+    "rescale_factor": 1 / 255,
     "size": {"shortest_edge": 336},
 }
 
@@ -47,8 +55,13 @@ def expand2square(pil_img, background_color):
 
 def original_llava15_pixels(image: PIL.Image.Image) -> np.ndarray:
     """LLaVA-1.5's image_aspect_ratio='pad' preprocessing: expand2square, then the CLIP processor."""
-    clip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                 resample=PIL.Image.BICUBIC, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    clip = CLIPImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        resample=PIL.Image.BICUBIC,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
     padded = expand2square(image, tuple(int(x * 255) for x in clip.image_mean))
     return clip(images=padded, return_tensors="np")["pixel_values"][0]
 
@@ -58,9 +71,13 @@ def llava_hf_processor(config, tokenizer) -> LlavaProcessor:
 
     (transformers' default 0 under the 'default' strategy yields 575 placeholders for 576 features.)
     """
-    return LlavaProcessor(image_processor=llava15_image_processor(config), tokenizer=tokenizer,
-                          patch_size=config.vision_config.patch_size, num_additional_image_tokens=1,
-                          vision_feature_select_strategy=config.vision_feature_select_strategy)
+    return LlavaProcessor(
+        image_processor=llava15_image_processor(config),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+    )
 
 
 PHOTOS = {
@@ -100,7 +117,8 @@ def test_build_prompt_is_vicuna_v1():
     assert build_prompt("What is in the image?") == (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is in the "
-        "image? ASSISTANT:")
+        "image? ASSISTANT:"
+    )
 
 
 def test_num_image_tokens_follows_the_config():
@@ -130,8 +148,9 @@ def test_pixel_values_equal_llava_processor_in_a_batch(preprocessor, photos):
     config = preprocessor.config
     processor = llava_hf_processor(config, preprocessor.tokenizer)
     images = list(photos.values())
-    expected = processor(images=images, text=[build_prompt("what color is it")] * len(images),
-                         return_tensors="np")["pixel_values"]
+    expected = processor(
+        images=images, text=[build_prompt("what color is it")] * len(images), return_tensors="np"
+    )["pixel_values"]
     np.testing.assert_allclose(preprocessor.pixel_values(images), expected, rtol=0, atol=1e-6)
 
 
@@ -143,7 +162,9 @@ def test_padded_border_is_the_normalised_mean_colour(preprocessor, photos):
     landscape = preprocessor.pixel_values([photos["chelsea"]])[0]
     portrait = preprocessor.pixel_values([photos["chelsea_portrait"]])[0]
     for strip in (landscape[:, :50, :], landscape[:, -50:, :], portrait[:, :, :50], portrait[:, :, -50:]):
-        np.testing.assert_allclose(strip, np.broadcast_to(border[:, None, None], strip.shape), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            strip, np.broadcast_to(border[:, None, None], strip.shape), rtol=0, atol=1e-6
+        )
 
 
 def test_from_checkpoint_forces_pad_mode_over_llava_hf_center_crop(tmp_path, photos):
@@ -152,10 +173,16 @@ def test_from_checkpoint_forces_pad_mode_over_llava_hf_center_crop(tmp_path, pho
     padded = Preprocessor.from_checkpoint(directory).pixel_values([image])[0]
     np.testing.assert_allclose(padded, original_llava15_pixels(image), rtol=0, atol=1e-6)
     cropped = Preprocessor.from_checkpoint(directory, pad_to_square=False).pixel_values([image])[0]
-    clip = CLIPImageProcessorPil(**{k: v for k, v in LLAVA_HF_PREPROCESSOR_CONFIG.items()
-                                    if k not in ("image_processor_type", "processor_class")})
-    np.testing.assert_allclose(cropped, clip(images=image, return_tensors="np")["pixel_values"][0], rtol=0,
-                               atol=1e-6)
+    clip = CLIPImageProcessorPil(
+        **{
+            k: v
+            for k, v in LLAVA_HF_PREPROCESSOR_CONFIG.items()
+            if k not in ("image_processor_type", "processor_class")
+        }
+    )
+    np.testing.assert_allclose(
+        cropped, clip(images=image, return_tensors="np")["pixel_values"][0], rtol=0, atol=1e-6
+    )
     assert np.abs(cropped - padded).max() > 0.5
 
 
@@ -171,8 +198,9 @@ def test_encode_equals_llava_processor_input_ids(photos, preset):
     tokenizer = tiny_tokenizer(config)
     preprocessor = Preprocessor(config, tokenizer, llava15_image_processor(config))
     question = "Is there a cat in the image? Answer the question using a single word or phrase."
-    expected = llava_hf_processor(config, tokenizer)(images=photos["chelsea"], text=build_prompt(question),
-                                                     return_tensors="np")["input_ids"][0].tolist()
+    expected = llava_hf_processor(config, tokenizer)(
+        images=photos["chelsea"], text=build_prompt(question), return_tensors="np"
+    )["input_ids"][0].tolist()
     ids = preprocessor.encode(question)
     assert ids == expected
     assert ids.count(config.image_token_index) == num_image_tokens(config)

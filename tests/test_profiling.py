@@ -41,7 +41,9 @@ def test_summary_per_device_thread_counts_overlap_once():
     assert stream["span_ms_per_call"] == pytest.approx(60e-3 / 2)
     assert stream["busy_fraction"] == pytest.approx(40 / 60)
     assert [t["name"] for t in stream["top"]] == ["gemm", "fusion.1"]
-    assert stream["top"][0]["count_per_call"] == 1.0 and stream["top"][0]["share_of_sum"] == pytest.approx(0.6)
+    assert stream["top"][0]["count_per_call"] == 1.0 and stream["top"][0]["share_of_sum"] == pytest.approx(
+        0.6
+    )
     assert profiling.main_thread(summary)["thread"] == "XLA Ops"  # the busiest line wins
     assert threads["XLA Ops"]["busy_fraction"] == pytest.approx(1.0)
 

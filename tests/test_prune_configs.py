@@ -7,8 +7,19 @@ import numpy as np
 import pytest
 
 from adaptprune_jax import (
-    METHODS, AdaptPruneConfig, Cues, DivPruneConfig, FastVConfig, RandomConfig, UniformConfig,
-    adaptprune_select, divprune_select, make_config, topk_select, uniform_select)
+    METHODS,
+    AdaptPruneConfig,
+    Cues,
+    DivPruneConfig,
+    FastVConfig,
+    RandomConfig,
+    UniformConfig,
+    adaptprune_select,
+    divprune_select,
+    make_config,
+    topk_select,
+    uniform_select,
+)
 
 IMAGE_TOKENS = 576
 NUM_LAYERS = 32
@@ -16,155 +27,185 @@ ALL_CONFIGS = (AdaptPruneConfig, FastVConfig, RandomConfig, UniformConfig, DivPr
 
 
 def test_registry_names_and_make_config():
-  assert set(METHODS) == {'adaptprune', 'fastv', 'random', 'uniform', 'divprune'}
-  for name, config_class in METHODS.items():
-    assert config_class.name == name
-    assert isinstance(make_config(name, keep=64), config_class)
-  assert make_config('adaptprune', keep=0.25, distance_limit=3.0).distance_limit == 3.0
-  with pytest.raises(ValueError, match=r"unknown pruning method 'visionzip'; known methods: "
-                     r'adaptprune, divprune, fastv, random, uniform'):
-    make_config('visionzip')
-  with pytest.raises(ValueError, match=r'unknown setting\(s\) layer for divprune; known settings: keep'):
-    make_config('divprune', layer=2)
+    assert set(METHODS) == {"adaptprune", "fastv", "random", "uniform", "divprune"}
+    for name, config_class in METHODS.items():
+        assert config_class.name == name
+        assert isinstance(make_config(name, keep=64), config_class)
+    assert make_config("adaptprune", keep=0.25, distance_limit=3.0).distance_limit == 3.0
+    with pytest.raises(
+        ValueError,
+        match=r"unknown pruning method 'visionzip'; known methods: "
+        r"adaptprune, divprune, fastv, random, uniform",
+    ):
+        make_config("visionzip")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) layer for divprune; known settings: keep"):
+        make_config("divprune", layer=2)
 
 
 def test_cue_requirements_and_layers():
-  flags = {c.name: (c.needs_attention, c.needs_features, c.needs_embeddings) for c in ALL_CONFIGS}
-  assert flags == {'adaptprune': (True, True, False), 'fastv': (True, False, False),
-                   'random': (False, False, False), 'uniform': (False, False, False),
-                   'divprune': (False, False, True)}
-  assert [c().layer for c in ALL_CONFIGS] == [2, 2, 2, 2, 0]
-  assert DivPruneConfig(keep=64).layer == 0
+    flags = {c.name: (c.needs_attention, c.needs_features, c.needs_embeddings) for c in ALL_CONFIGS}
+    assert flags == {
+        "adaptprune": (True, True, False),
+        "fastv": (True, False, False),
+        "random": (False, False, False),
+        "uniform": (False, False, False),
+        "divprune": (False, False, True),
+    }
+    assert [c().layer for c in ALL_CONFIGS] == [2, 2, 2, 2, 0]
+    assert DivPruneConfig(keep=64).layer == 0
 
 
 def test_resolve_keep_counts_and_ratios():
-  assert AdaptPruneConfig().resolve_keep(IMAGE_TOKENS) == 57  # int(576 * 0.1), as released
-  assert FastVConfig(keep=64).resolve_keep(IMAGE_TOKENS) == 64
-  assert FastVConfig(keep=np.int64(64)).resolve_keep(IMAGE_TOKENS) == 64
-  assert RandomConfig(keep=1.0).resolve_keep(IMAGE_TOKENS) == IMAGE_TOKENS
-  assert UniformConfig(keep=1).resolve_keep(IMAGE_TOKENS) == 1
-  assert DivPruneConfig(keep=1 / 3).resolve_keep(IMAGE_TOKENS) == 192
+    assert AdaptPruneConfig().resolve_keep(IMAGE_TOKENS) == 57  # int(576 * 0.1), as released
+    assert FastVConfig(keep=64).resolve_keep(IMAGE_TOKENS) == 64
+    assert FastVConfig(keep=np.int64(64)).resolve_keep(IMAGE_TOKENS) == 64
+    assert RandomConfig(keep=1.0).resolve_keep(IMAGE_TOKENS) == IMAGE_TOKENS
+    assert UniformConfig(keep=1).resolve_keep(IMAGE_TOKENS) == 1
+    assert DivPruneConfig(keep=1 / 3).resolve_keep(IMAGE_TOKENS) == 192
 
 
-@pytest.mark.parametrize('config_class', ALL_CONFIGS)
+@pytest.mark.parametrize("config_class", ALL_CONFIGS)
 def test_keep_errors(config_class):
-  with pytest.raises(ValueError, match=r'keep=0 must be >= 1'):
-    config_class(keep=0)
-  with pytest.raises(ValueError, match=r'keep=-3 must be >= 1'):
-    config_class(keep=-3)
-  with pytest.raises(ValueError, match=r'keep ratio 1\.5 is outside \(0, 1\]'):
-    config_class(keep=1.5)
-  with pytest.raises(ValueError, match=r'keep ratio 0\.0 is outside \(0, 1\]'):
-    config_class(keep=0.0)
-  with pytest.raises(ValueError, match=r'keep must be an int count or a float ratio in \(0, 1\], '
-                     r'got bool True'):
-    config_class(keep=True)
-  with pytest.raises(ValueError, match=r"got str '64'"):
-    config_class(keep='64')
-  with pytest.raises(ValueError, match=r'keep=577 exceeds num_image_tokens=576: allowed counts '
-                     r'are 1\.\.576'):
-    config_class(keep=577).resolve_keep(IMAGE_TOKENS)
-  with pytest.raises(ValueError, match=r'keep ratio 0\.001 of num_image_tokens=576 gives '
-                     r'int\(576 \* 0\.001\) = 0 tokens'):
-    config_class(keep=0.001).validate(IMAGE_TOKENS, NUM_LAYERS)
+    with pytest.raises(ValueError, match=r"keep=0 must be >= 1"):
+        config_class(keep=0)
+    with pytest.raises(ValueError, match=r"keep=-3 must be >= 1"):
+        config_class(keep=-3)
+    with pytest.raises(ValueError, match=r"keep ratio 1\.5 is outside \(0, 1\]"):
+        config_class(keep=1.5)
+    with pytest.raises(ValueError, match=r"keep ratio 0\.0 is outside \(0, 1\]"):
+        config_class(keep=0.0)
+    with pytest.raises(
+        ValueError,
+        match=r"keep must be an int count or a float ratio in \(0, 1\], "
+        r"got bool True",
+    ):
+        config_class(keep=True)
+    with pytest.raises(ValueError, match=r"got str '64'"):
+        config_class(keep="64")
+    with pytest.raises(
+        ValueError,
+        match=r"keep=577 exceeds num_image_tokens=576: allowed counts "
+        r"are 1\.\.576",
+    ):
+        config_class(keep=577).resolve_keep(IMAGE_TOKENS)
+    with pytest.raises(
+        ValueError,
+        match=r"keep ratio 0\.001 of num_image_tokens=576 gives "
+        r"int\(576 \* 0\.001\) = 0 tokens",
+    ):
+        config_class(keep=0.001).validate(IMAGE_TOKENS, NUM_LAYERS)
 
 
-@pytest.mark.parametrize('config_class', [AdaptPruneConfig, FastVConfig])
+@pytest.mark.parametrize("config_class", [AdaptPruneConfig, FastVConfig])
 def test_layer_range_for_attention_methods(config_class):
-  with pytest.raises(ValueError, match=rf'layer=0 is too small for {config_class.name}: allowed '
-                     r'layer >= 1 \(the attention cue is read at layer K - 1\)'):
-    config_class(layer=0)
-  config_class(layer=1).validate(IMAGE_TOKENS, NUM_LAYERS)
-  config_class(layer=31).validate(IMAGE_TOKENS, NUM_LAYERS)
-  with pytest.raises(ValueError, match=rf'layer=32 is out of range for {config_class.name} with '
-                     r'num_layers=32: allowed 1\.\.31'):
-    config_class(layer=32).validate(IMAGE_TOKENS, NUM_LAYERS)
+    with pytest.raises(
+        ValueError,
+        match=rf"layer=0 is too small for {config_class.name}: allowed "
+        r"layer >= 1 \(the attention cue is read at layer K - 1\)",
+    ):
+        config_class(layer=0)
+    config_class(layer=1).validate(IMAGE_TOKENS, NUM_LAYERS)
+    config_class(layer=31).validate(IMAGE_TOKENS, NUM_LAYERS)
+    with pytest.raises(
+        ValueError,
+        match=rf"layer=32 is out of range for {config_class.name} with "
+        r"num_layers=32: allowed 1\.\.31",
+    ):
+        config_class(layer=32).validate(IMAGE_TOKENS, NUM_LAYERS)
 
 
-@pytest.mark.parametrize('config_class', [RandomConfig, UniformConfig])
+@pytest.mark.parametrize("config_class", [RandomConfig, UniformConfig])
 def test_layer_range_for_score_free_methods(config_class):
-  config_class(layer=0).validate(IMAGE_TOKENS, NUM_LAYERS)
-  with pytest.raises(ValueError, match=r'layer=-1 is too small for .*: allowed layer >= 0\.'):
-    config_class(layer=-1)
-  with pytest.raises(ValueError, match=r'layer=40 is out of range for .* with num_layers=32: '
-                     r'allowed 0\.\.31'):
-    config_class(layer=40).validate(IMAGE_TOKENS, NUM_LAYERS)
-  with pytest.raises(ValueError, match=r'layer must be an int, got float 2\.0'):
-    config_class(layer=2.0)
+    config_class(layer=0).validate(IMAGE_TOKENS, NUM_LAYERS)
+    with pytest.raises(ValueError, match=r"layer=-1 is too small for .*: allowed layer >= 0\."):
+        config_class(layer=-1)
+    with pytest.raises(
+        ValueError,
+        match=r"layer=40 is out of range for .* with num_layers=32: "
+        r"allowed 0\.\.31",
+    ):
+        config_class(layer=40).validate(IMAGE_TOKENS, NUM_LAYERS)
+    with pytest.raises(ValueError, match=r"layer must be an int, got float 2\.0"):
+        config_class(layer=2.0)
 
 
 def test_square_grid_required_only_where_spatial():
-  for config_class in (AdaptPruneConfig, UniformConfig):
-    with pytest.raises(ValueError, match=rf'{config_class.name}: num_image_tokens=577 is not a '
-                       r'perfect square'):
-      config_class(keep=64).validate(577, NUM_LAYERS)
-  for config_class in (FastVConfig, RandomConfig, DivPruneConfig):
-    config_class(keep=64).validate(577, NUM_LAYERS)
+    for config_class in (AdaptPruneConfig, UniformConfig):
+        with pytest.raises(
+            ValueError,
+            match=rf"{config_class.name}: num_image_tokens=577 is not a "
+            r"perfect square",
+        ):
+            config_class(keep=64).validate(577, NUM_LAYERS)
+    for config_class in (FastVConfig, RandomConfig, DivPruneConfig):
+        config_class(keep=64).validate(577, NUM_LAYERS)
 
 
 def test_adaptprune_hyperparameter_errors():
-  with pytest.raises(ValueError, match=r'similarity_sigma must be a positive number, got 0'):
-    AdaptPruneConfig(similarity_sigma=0)
-  with pytest.raises(ValueError, match=r'prior_sigma must be a positive number, got -1\.0'):
-    AdaptPruneConfig(prior_sigma=-1.0)
-  with pytest.raises(ValueError, match=r'normalize_keys must be a bool'):
-    AdaptPruneConfig(normalize_keys=1)
-  with pytest.raises(dataclasses.FrozenInstanceError):
-    AdaptPruneConfig().keep = 3
+    with pytest.raises(ValueError, match=r"similarity_sigma must be a positive number, got 0"):
+        AdaptPruneConfig(similarity_sigma=0)
+    with pytest.raises(ValueError, match=r"prior_sigma must be a positive number, got -1\.0"):
+        AdaptPruneConfig(prior_sigma=-1.0)
+    with pytest.raises(ValueError, match=r"normalize_keys must be a bool"):
+        AdaptPruneConfig(normalize_keys=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AdaptPruneConfig().keep = 3
 
 
 def test_equivalent_tokens():
-  # (K * N + (L - K) * M) / L
-  assert AdaptPruneConfig().equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == (
-      2 * 576 + 30 * 57) / 32
-  assert FastVConfig(keep=64, layer=3).equivalent_tokens(IMAGE_TOKENS, 40) == (3 * 576 + 37 * 64) / 40
-  assert DivPruneConfig(keep=64).equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == 64.0
-  assert RandomConfig(keep=1.0).equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == 576.0
+    # (K * N + (L - K) * M) / L
+    assert AdaptPruneConfig().equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == (2 * 576 + 30 * 57) / 32
+    assert FastVConfig(keep=64, layer=3).equivalent_tokens(IMAGE_TOKENS, 40) == (3 * 576 + 37 * 64) / 40
+    assert DivPruneConfig(keep=64).equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == 64.0
+    assert RandomConfig(keep=1.0).equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == 576.0
 
 
 def _cues(batch=3, grid=8, dim=12, seed=0):
-  rng = np.random.default_rng(seed)
-  num_tokens = grid * grid
-  return Cues(
-      attention=rng.uniform(size=(batch, num_tokens)).astype(np.float32),
-      keys=rng.normal(size=(batch, num_tokens, dim)).astype(np.float32),
-      embeddings=rng.normal(size=(batch, num_tokens, dim)).astype(np.float32),
-      rng=jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+    num_tokens = grid * grid
+    return Cues(
+        attention=rng.uniform(size=(batch, num_tokens)).astype(np.float32),
+        keys=rng.normal(size=(batch, num_tokens, dim)).astype(np.float32),
+        embeddings=rng.normal(size=(batch, num_tokens, dim)).astype(np.float32),
+        rng=jax.random.key(seed),
+    )
 
 
-@pytest.mark.parametrize('config_class', ALL_CONFIGS)
+@pytest.mark.parametrize("config_class", ALL_CONFIGS)
 def test_select_under_jit_on_a_batch(config_class):
-  cues = _cues()
-  config = config_class(keep=0.25)
-  keep = config.resolve_keep(64)
-  selected = np.asarray(jax.jit(config.select, static_argnames='keep')(cues, keep=keep))
-  assert selected.shape == (3, keep) and selected.dtype == np.int32
-  assert np.all(np.diff(selected, axis=-1) > 0) and selected.min() >= 0 and selected.max() < 64
-  # Same answer eagerly, and the method's own function underneath.
-  np.testing.assert_array_equal(config.select(cues, keep), selected)
-  expected = {
-      'adaptprune': lambda: adaptprune_select(cues.attention, cues.keys, keep),
-      'fastv': lambda: topk_select(cues.attention, keep),
-      'uniform': lambda: np.tile(uniform_select(64, keep), (3, 1)),
-      'divprune': lambda: divprune_select(cues.embeddings, keep),
-      'random': lambda: selected,
-  }[config.name]()
-  np.testing.assert_array_equal(selected, expected)
+    cues = _cues()
+    config = config_class(keep=0.25)
+    keep = config.resolve_keep(64)
+    selected = np.asarray(jax.jit(config.select, static_argnames="keep")(cues, keep=keep))
+    assert selected.shape == (3, keep) and selected.dtype == np.int32
+    assert np.all(np.diff(selected, axis=-1) > 0) and selected.min() >= 0 and selected.max() < 64
+    # Same answer eagerly, and the method's own function underneath.
+    np.testing.assert_array_equal(config.select(cues, keep), selected)
+    expected = {
+        "adaptprune": lambda: adaptprune_select(cues.attention, cues.keys, keep),
+        "fastv": lambda: topk_select(cues.attention, keep),
+        "uniform": lambda: np.tile(uniform_select(64, keep), (3, 1)),
+        "divprune": lambda: divprune_select(cues.embeddings, keep),
+        "random": lambda: selected,
+    }[config.name]()
+    np.testing.assert_array_equal(selected, expected)
 
 
 def test_select_only_needs_the_cues_it_asks_for():
-  full = _cues()
-  bare = Cues(batch_size=2, num_image_tokens=64)
-  assert UniformConfig(keep=16).select(bare, 16).shape == (2, 16)
-  from_seed = RandomConfig(keep=16, seed=3).select(bare, 16)
-  np.testing.assert_array_equal(from_seed, RandomConfig(keep=16, seed=3).select(bare, 16))
-  assert not np.array_equal(from_seed, RandomConfig(keep=16, seed=4).select(bare, 16))
-  assert not np.array_equal(RandomConfig().select(full, 16), RandomConfig().select(
-      Cues(attention=full.attention, rng=jax.random.key(99)), 16))
-  with pytest.raises(ValueError, match=r'adaptprune needs cues.keys, which is None'):
-    AdaptPruneConfig().select(Cues(attention=full.attention), 6)
-  with pytest.raises(ValueError, match=r'divprune needs cues.embeddings, which is None'):
-    DivPruneConfig().select(bare, 6)
-  with pytest.raises(ValueError, match=r'batch_size and num_image_tokens must be set'):
-    RandomConfig().select(Cues(), 6)
-  assert len(jax.tree_util.tree_leaves(Cues(attention=full.attention))) == 1
+    full = _cues()
+    bare = Cues(batch_size=2, num_image_tokens=64)
+    assert UniformConfig(keep=16).select(bare, 16).shape == (2, 16)
+    from_seed = RandomConfig(keep=16, seed=3).select(bare, 16)
+    np.testing.assert_array_equal(from_seed, RandomConfig(keep=16, seed=3).select(bare, 16))
+    assert not np.array_equal(from_seed, RandomConfig(keep=16, seed=4).select(bare, 16))
+    assert not np.array_equal(
+        RandomConfig().select(full, 16),
+        RandomConfig().select(Cues(attention=full.attention, rng=jax.random.key(99)), 16),
+    )
+    with pytest.raises(ValueError, match=r"adaptprune needs cues.keys, which is None"):
+        AdaptPruneConfig().select(Cues(attention=full.attention), 6)
+    with pytest.raises(ValueError, match=r"divprune needs cues.embeddings, which is None"):
+        DivPruneConfig().select(bare, 6)
+    with pytest.raises(ValueError, match=r"batch_size and num_image_tokens must be set"):
+        RandomConfig().select(Cues(), 6)
+    assert len(jax.tree_util.tree_leaves(Cues(attention=full.attention))) == 1

@@ -13,8 +13,10 @@ def test_every_nms_implementation_selects_the_same_tokens(num_tokens, keep):
     scores = rng.random((2, num_tokens)).astype(np.float32)
     scores[1, ::3] = scores[1, 0]  # exact ties
     keys = jnp.asarray(rng.standard_normal((2, num_tokens, 8)), jnp.float32)
-    results = {impl: np.asarray(prune.adaptive_nms(jnp.asarray(scores), keys, keep, implementation=impl))
-               for impl in prune.NMS_IMPLEMENTATIONS}
+    results = {
+        impl: np.asarray(prune.adaptive_nms(jnp.asarray(scores), keys, keep, implementation=impl))
+        for impl in prune.NMS_IMPLEMENTATIONS
+    }
     for impl, kept in results.items():
         np.testing.assert_array_equal(kept, results["xla"], err_msg=impl)
 

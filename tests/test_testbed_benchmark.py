@@ -15,8 +15,9 @@ def _write(path, lines):
 
 
 def _record(i, answer="yes", category="existence/random"):
-    return dict(question_id=f"q{i}", image=f"img{i // 2}.png", text=f"Question {i}?", answer=answer,
-                category=category)
+    return dict(
+        question_id=f"q{i}", image=f"img{i // 2}.png", text=f"Question {i}?", answer=answer, category=category
+    )
 
 
 def test_protocol_attributes():
@@ -28,8 +29,10 @@ def test_protocol_attributes():
 def test_load_questions_from_file_or_directory(tmp_path):
     _write(tmp_path / "questions.jsonl", [_record(0), "\n", _record(1, "two", "counting")])
     questions = TestbedBenchmark().load_questions(tmp_path)
-    assert questions == [Question("q0", "img0.png", "Question 0?", "yes", "existence/random"),
-                         Question("q1", "img0.png", "Question 1?", "two", "counting")]
+    assert questions == [
+        Question("q0", "img0.png", "Question 0?", "yes", "existence/random"),
+        Question("q1", "img0.png", "Question 1?", "two", "counting"),
+    ]
     assert TestbedBenchmark().load_questions(str(tmp_path / "questions.jsonl")) == questions
 
 
@@ -76,8 +79,9 @@ def test_score_hand_built_predictions():
     assert per_category["existence/random"]["yes_ratio"] == pytest.approx(1.0)
     assert per_category["existence/random"]["precision"] == pytest.approx(0.5)
     assert per_category["existence/random"]["recall"] == pytest.approx(1.0)
-    assert per_category["existence/adversarial"] == dict(accuracy=1.0, count=1, precision=0.0, recall=0.0,
-                                                         f1=0.0, yes_ratio=0.0)
+    assert per_category["existence/adversarial"] == dict(
+        accuracy=1.0, count=1, precision=0.0, recall=0.0, f1=0.0, yes_ratio=0.0
+    )
     assert per_category["counting"] == {"accuracy": 1.0, "count": 1}
     assert per_category["attribute"] == {"accuracy": 0.0, "count": 1}
     assert per_category["position"]["accuracy"] == 0.0  # missing counts as wrong

@@ -20,7 +20,12 @@ def test_fresh_run_reproduces_the_recorded_unpruned_answers(tmp_path):
         pytest.fail(f"{path} missing: run `python -m experiments.testbed.reference checkpoints/testbed`")
     with open(path) as file:
         recorded = json.load(file)
-    fresh = evaluate_first_items(CHECKPOINT, recorded["num_items"], split=recorded["split"],
-                                 seed=recorded["seed"], work_dir=str(tmp_path))
+    fresh = evaluate_first_items(
+        CHECKPOINT,
+        recorded["num_items"],
+        split=recorded["split"],
+        seed=recorded["seed"],
+        work_dir=str(tmp_path),
+    )
     assert fresh["answers"] == recorded["answers"]
     assert fresh["accuracy"] == recorded["accuracy"]

@@ -29,10 +29,16 @@ def sample():
 
 def _objects(scenes, index):
     """Objects of one scene as dicts, straight from the arrays (independent of S.scene_objects)."""
-    return [dict(shape=S.SHAPE_NAMES[scenes.shape_id[index, m]], colour=S.COLOUR_NAMES[scenes.colour_id[index, m]],
-                 cy=scenes.top[index, m] + scenes.size[index, m] / 2,
-                 cx=scenes.left[index, m] + scenes.size[index, m] / 2)
-            for m in range(scenes.valid.shape[1]) if scenes.valid[index, m]]
+    return [
+        dict(
+            shape=S.SHAPE_NAMES[scenes.shape_id[index, m]],
+            colour=S.COLOUR_NAMES[scenes.colour_id[index, m]],
+            cy=scenes.top[index, m] + scenes.size[index, m] / 2,
+            cx=scenes.left[index, m] + scenes.size[index, m] / 2,
+        )
+        for m in range(scenes.valid.shape[1])
+        if scenes.valid[index, m]
+    ]
 
 
 def _arrays_equal(a: S.SceneParams, b: S.SceneParams) -> bool:
@@ -49,7 +55,9 @@ def test_same_seed_same_scenes_questions_and_pixels():
     for _ in range(2):
         rng = S.split_rng("test", 3)
         scenes = S.sample_scenes(rng, 4, CONFIG, "test")
-        runs.append((scenes, S.sample_questions(rng, scenes, CONFIG, per_scene=3), S.render_scenes_numpy(scenes)))
+        runs.append(
+            (scenes, S.sample_questions(rng, scenes, CONFIG, per_scene=3), S.render_scenes_numpy(scenes))
+        )
     assert _arrays_equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1]
     np.testing.assert_array_equal(runs[0][2], runs[1][2])
@@ -61,9 +69,17 @@ def test_splits_share_no_scene():
     fingerprints, noise_ranges = {}, {}
     for split in S.SPLITS:
         scenes = S.sample_scenes(S.split_rng(split, 0), 400, CONFIG, split)
-        layouts = {tuple(np.concatenate([a[i].ravel() for a in (scenes.shape_id, scenes.colour_id, scenes.top,
-                                                               scenes.left, scenes.size)]).tolist())
-                   for i in range(400)}
+        layouts = {
+            tuple(
+                np.concatenate(
+                    [
+                        a[i].ravel()
+                        for a in (scenes.shape_id, scenes.colour_id, scenes.top, scenes.left, scenes.size)
+                    ]
+                ).tolist()
+            )
+            for i in range(400)
+        }
         assert len(layouts) == 400
         fingerprints[split] = layouts
         noise_ranges[split] = (int(scenes.noise_seed.min()), int(scenes.noise_seed.max()))
@@ -88,7 +104,12 @@ def test_geometry_objects_inside_and_apart():
     gap = CONFIG.patch_size
     top, left, size = scenes.top[:, :, None], scenes.left[:, :, None], scenes.size[:, :, None]
     t2, l2, s2 = (a.transpose(0, 2, 1) for a in (top, left, size))
-    apart = ((top >= t2 + s2 + gap) | (t2 >= top + size + gap) | (left >= l2 + s2 + gap) | (l2 >= left + size + gap))
+    apart = (
+        (top >= t2 + s2 + gap)
+        | (t2 >= top + size + gap)
+        | (left >= l2 + s2 + gap)
+        | (l2 >= left + size + gap)
+    )
     both = valid[:, :, None] & valid[:, None, :] & ~np.eye(valid.shape[1], dtype=bool)[None]
     assert apart[both].all()
 
@@ -127,15 +148,21 @@ def _truth(item: S.QuestionItem, objects: list[dict]):
         matching = [o for o in objects if o["shape"] == m[1]]
         assert len(matching) == 1, "attribute question about a shape that is not unique"
         return matching[0]["colour"]
-    if m := re.fullmatch(r"Is the (\w+) (\w+) (to the left of|to the right of|above|below) the (\w+) (\w+)\?", text):
+    if m := re.fullmatch(
+        r"Is the (\w+) (\w+) (to the left of|to the right of|above|below) the (\w+) (\w+)\?", text
+    ):
         first = [o for o in objects if (o["colour"], o["shape"]) == (m[1], m[2])]
         second = [o for o in objects if (o["colour"], o["shape"]) == (m[4], m[5])]
         assert len(first) == 1 and len(second) == 1, "position question about a non-unique object"
         (a,), (b,) = first, second
         axis = "cx" if "left" in m[3] or "right" in m[3] else "cy"
         assert abs(a[axis] - b[axis]) >= CONFIG.patch_size, "relation not unambiguous"
-        holds = {"to the left of": a["cx"] < b["cx"], "to the right of": a["cx"] > b["cx"],
-                 "above": a["cy"] < b["cy"], "below": a["cy"] > b["cy"]}[m[3]]
+        holds = {
+            "to the left of": a["cx"] < b["cx"],
+            "to the right of": a["cx"] > b["cx"],
+            "above": a["cy"] < b["cy"],
+            "below": a["cy"] > b["cy"],
+        }[m[3]]
         return "yes" if holds else "no"
     raise AssertionError(f"unrecognised question {text!r}")
 
@@ -159,8 +186,11 @@ def test_every_answer_is_true_of_its_scene(sample):
 
 def test_negative_types_satisfy_their_definitions(sample):
     scenes, question_lists = sample
-    priors = {(c, s): CONFIG.colour_prior[S.COLOUR_NAMES.index(c)] * CONFIG.shape_prior[S.SHAPE_NAMES.index(s)]
-              for c in S.COLOUR_NAMES for s in S.SHAPE_NAMES}
+    priors = {
+        (c, s): CONFIG.colour_prior[S.COLOUR_NAMES.index(c)] * CONFIG.shape_prior[S.SHAPE_NAMES.index(s)]
+        for c in S.COLOUR_NAMES
+        for s in S.SHAPE_NAMES
+    }
     checked = Counter()
     for index, items in enumerate(question_lists):
         objects = _objects(scenes, index)
@@ -213,7 +243,9 @@ def test_vocabulary_covers_every_prompt_and_answer(sample):
 
 def test_sample_batch_token_ids_match_the_tokenizer():
     batch = S.sample_batch(S.split_rng("train", 5), 12, CONFIG, render=True)
-    assert all(q.category in ("existence/frequency", "counting", "attribute", "position") for q in batch.questions)
+    assert all(
+        q.category in ("existence/frequency", "counting", "attribute", "position") for q in batch.questions
+    )
     tokenizer = S.make_tokenizer()
     assert batch.images.shape == (12, 336, 336, 3) and batch.images.dtype == np.uint8
     np.testing.assert_array_equal(np.asarray(batch.images), S.render_scenes_numpy(batch.scenes))
@@ -223,12 +255,17 @@ def test_sample_batch_token_ids_match_the_tokenizer():
         length = batch.prompt_lengths[i]
         assert batch.prompt_token_ids[i, :length].tolist() == expected
         assert (batch.prompt_token_ids[i, length:] == tokenizer.pad_token_id).all()
-        assert tokenizer.convert_ids_to_tokens(batch.answer_token_ids[i].tolist()) == [question.answer, "</s>"]
+        assert tokenizer.convert_ids_to_tokens(batch.answer_token_ids[i].tolist()) == [
+            question.answer,
+            "</s>",
+        ]
         assert S.KINDS[batch.kind_ids[i]] == question.kind
 
 
 def test_write_split_layout_is_readable_and_pixels_match_the_jax_renderer(tmp_path):
-    records = S.write_split(tmp_path, split="test", num_items=14, seed=11, questions_per_image=3, render_chunk=8)
+    records = S.write_split(
+        tmp_path, split="test", num_items=14, seed=11, questions_per_image=3, render_chunk=8
+    )
     assert len(records) == 14
     questions = TestbedBenchmark().load_questions(tmp_path)
     assert questions == TestbedBenchmark().load_questions(tmp_path / "questions.jsonl")
@@ -238,8 +275,11 @@ def test_write_split_layout_is_readable_and_pixels_match_the_jax_renderer(tmp_pa
     assert len(images) == 5  # 3 + 3 + 3 + 3 + 2 questions: images are shared
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == images
     for question, record in zip(questions, records):
-        assert (question.prompt, question.answer, question.category) == (record["text"], record["answer"],
-                                                                         record["category"])
+        assert (question.prompt, question.answer, question.category) == (
+            record["text"],
+            record["answer"],
+            record["category"],
+        )
         assert TestbedBenchmark.image_path(tmp_path, question) == str(tmp_path / "images" / question.image)
 
     # Regenerate the scenes the way write_split did and render them with JAX: same pixels as the PNGs.
@@ -248,11 +288,13 @@ def test_write_split_layout_is_readable_and_pixels_match_the_jax_renderer(tmp_pa
     rendered = np.asarray(S.render_scenes(S.take_scenes(scenes, np.arange(5)), CONFIG))
     scene_lines = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
     for index, name in enumerate(images):
-        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "images" / name).convert("RGB")),
-                                      rendered[index])
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(tmp_path / "images" / name).convert("RGB")), rendered[index]
+        )
         assert scene_lines[index]["image"] == name
-        assert [(o["shape"], o["colour"]) for o in scene_lines[index]["objects"]] == \
-            [(o["shape"], o["colour"]) for o in _objects(scenes, index)]
+        assert [(o["shape"], o["colour"]) for o in scene_lines[index]["objects"]] == [
+            (o["shape"], o["colour"]) for o in _objects(scenes, index)
+        ]
 
     # Deterministic: writing again gives identical files.
     again = tmp_path / "again"

@@ -26,12 +26,15 @@ class Case:
     def __init__(self, preset: str):
         self.config = llava_config(preset)
         self.model = random_torch_model(self.config)
-        preprocessor = Preprocessor(self.config, tiny_tokenizer(self.config), llava15_image_processor(self.config))
+        preprocessor = Preprocessor(
+            self.config, tiny_tokenizer(self.config), llava15_image_processor(self.config)
+        )
         self.eos_token_id = preprocessor.eos_token_id
         self.pad_token_id = preprocessor.pad_token_id
         self.input_ids = torch.tensor([preprocessor.encode(QUESTION)])
         self.pixel_values = torch.from_numpy(
-            preprocessor.pixel_values([PIL.Image.fromarray(skimage.data.chelsea())]))
+            preprocessor.pixel_values([PIL.Image.fromarray(skimage.data.chelsea())])
+        )
         self.image_positions = image_token_positions(self.input_ids, self.config.image_token_index)
         self.num_image = num_image_tokens(self.config)
         with torch.no_grad():
@@ -68,12 +71,15 @@ def test_unpruned_forward_equals_model_logits(case):
 def test_unpruned_forward_with_cls_token_kept():
     full = Case("tiny-full")  # 577 image tokens, features from the last CLIP layer, tied embeddings
     assert full.image_positions.numel() == 577
-    assert_close_relative(pruned_forward(full.model, full.input_ids, full.pixel_values, layer=None), full.logits)
+    assert_close_relative(
+        pruned_forward(full.model, full.input_ids, full.pixel_values, layer=None), full.logits
+    )
 
 
 def test_keeping_every_image_token_equals_unpruned(case):
-    logits = pruned_forward(case.model, case.input_ids, case.pixel_values, layer=2,
-                            kept_image_indices=np.arange(case.num_image))
+    logits = pruned_forward(
+        case.model, case.input_ids, case.pixel_values, layer=2, kept_image_indices=np.arange(case.num_image)
+    )
     assert_close_relative(logits, case.logits)
 
 
@@ -103,14 +109,19 @@ def test_pruning_before_the_llm_equals_a_short_sequence_at_original_positions(ti
     positions = torch.nonzero(keep).squeeze(-1)
     with torch.no_grad():
         embeds = embed_inputs(tiny.model, tiny.input_ids, tiny.pixel_values)[:, positions]
-        expected = tiny.model(inputs_embeds=embeds, position_ids=positions[None],
-                              attention_mask=torch.ones(1, positions.numel(), dtype=torch.long)).logits
+        expected = tiny.model(
+            inputs_embeds=embeds,
+            position_ids=positions[None],
+            attention_mask=torch.ones(1, positions.numel(), dtype=torch.long),
+        ).logits
     assert_close_relative(logits, expected)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
 def test_attention_cue_equals_eager_attention_last_row_head_mean(case, layer):
-    logits, cues = pruned_forward(case.model, case.input_ids, case.pixel_values, layer=layer, return_cues=True)
+    logits, cues = pruned_forward(
+        case.model, case.input_ids, case.pixel_values, layer=layer, return_cues=True
+    )
     assert_close_relative(logits, case.logits)
     assert cues.attention.shape == (case.num_image,) and cues.attention.dtype == torch.float32
     assert bool((cues.attention >= 0).all()) and float(cues.attention.sum()) <= 1 + 1e-6
@@ -118,8 +129,9 @@ def test_attention_cue_equals_eager_attention_last_row_head_mean(case, layer):
     case.model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            attentions = case.model(input_ids=case.input_ids, pixel_values=case.pixel_values,
-                                    output_attentions=True).attentions
+            attentions = case.model(
+                input_ids=case.input_ids, pixel_values=case.pixel_values, output_attentions=True
+            ).attentions
     finally:
         case.model.set_attn_implementation(original_implementation)
     expected = attentions[layer - 1][0, :, -1, case.image_positions].mean(dim=0)
@@ -129,35 +141,58 @@ def test_attention_cue_equals_eager_attention_last_row_head_mean(case, layer):
 @pytest.mark.parametrize("normalize_keys", [False, True])
 def test_feature_keys_are_unit_key_projections_of_the_residual_stream(case, normalize_keys):
     layer = 2
-    _, cues = pruned_forward(case.model, case.input_ids, case.pixel_values, layer=layer, return_cues=True,
-                             normalize_keys=normalize_keys)
+    _, cues = pruned_forward(
+        case.model,
+        case.input_ids,
+        case.pixel_values,
+        layer=layer,
+        return_cues=True,
+        normalize_keys=normalize_keys,
+    )
     decoder_layer = case.model.model.language_model.layers[layer]
     with torch.no_grad():
-        residual = case.model(input_ids=case.input_ids, pixel_values=case.pixel_values,
-                              output_hidden_states=True).hidden_states[layer][0, case.image_positions]
+        residual = case.model(
+            input_ids=case.input_ids, pixel_values=case.pixel_values, output_hidden_states=True
+        ).hidden_states[layer][0, case.image_positions]
         if normalize_keys:
             residual = decoder_layer.input_layernorm(residual)
         keys = decoder_layer.self_attn.k_proj(residual)
     text = case.config.text_config
-    assert cues.keys.shape == (case.num_image, text.num_key_value_heads * (text.hidden_size // text.num_attention_heads))
+    assert cues.keys.shape == (
+        case.num_image,
+        text.num_key_value_heads * (text.hidden_size // text.num_attention_heads),
+    )
     torch.testing.assert_close(cues.keys, keys / keys.norm(dim=-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
 def test_reference_generate_equals_model_generate(tiny):
     with torch.no_grad():
-        expected = tiny.model.generate(input_ids=tiny.input_ids, pixel_values=tiny.pixel_values, do_sample=False,
-                                       max_new_tokens=10, eos_token_id=tiny.eos_token_id,
-                                       pad_token_id=tiny.pad_token_id)
-    tokens = reference_generate(tiny.model, tiny.input_ids, tiny.pixel_values, max_new_tokens=10,
-                                eos_token_id=tiny.eos_token_id)
-    assert tokens == expected[0, tiny.input_ids.shape[1]:].tolist()
+        expected = tiny.model.generate(
+            input_ids=tiny.input_ids,
+            pixel_values=tiny.pixel_values,
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=tiny.eos_token_id,
+            pad_token_id=tiny.pad_token_id,
+        )
+    tokens = reference_generate(
+        tiny.model, tiny.input_ids, tiny.pixel_values, max_new_tokens=10, eos_token_id=tiny.eos_token_id
+    )
+    assert tokens == expected[0, tiny.input_ids.shape[1] :].tolist()
 
 
 def test_pruned_generation_starts_from_the_pruned_prefill(tiny):
     kept = np.arange(0, tiny.num_image, 4)
     logits = pruned_forward(tiny.model, tiny.input_ids, tiny.pixel_values, layer=2, kept_image_indices=kept)
-    tokens = reference_generate(tiny.model, tiny.input_ids, tiny.pixel_values, layer=2, kept_image_indices=kept,
-                                max_new_tokens=3, eos_token_id=tiny.eos_token_id)
+    tokens = reference_generate(
+        tiny.model,
+        tiny.input_ids,
+        tiny.pixel_values,
+        layer=2,
+        kept_image_indices=kept,
+        max_new_tokens=3,
+        eos_token_id=tiny.eos_token_id,
+    )
     assert 1 <= len(tokens) <= 3 and tokens[0] == int(logits[0, -1].argmax())
 
 
@@ -171,6 +206,7 @@ def test_kept_indices_must_be_ascending_and_in_range(tiny):
 
 # ----------------------------------------------------------------------------- reference_select
 
+
 def _random_cues(num_tokens=576, dim=64, seed=0):
     generator = np.random.default_rng(seed)
     attention = generator.dirichlet(np.ones(num_tokens)).astype(np.float32)
@@ -180,7 +216,7 @@ def _random_cues(num_tokens=576, dim=64, seed=0):
 
 def _center_prior(grid, sigma=ADAPTPRUNE_DEFAULTS["prior_sigma"]):
     x = np.linspace(-(grid // 2), grid // 2, grid)
-    prior = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2))
+    prior = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
     return (prior / prior.max()).reshape(-1)
 
 

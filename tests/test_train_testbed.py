@@ -31,10 +31,12 @@ from models.llava import LlavaForConditionalGeneration
 from models.preprocess import Preprocessor
 
 # A model small enough to train in seconds: 112 px images (8 x 8 patches), two narrow towers.
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=112)
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                 num_key_value_heads=2)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=112
+)
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2
+)
 TOTAL_STEPS = 6
 INTERRUPT_AT = 4  # a multiple of log_every, so both runs average the same steps in each log line
 
@@ -48,10 +50,22 @@ def tiny():
 
 
 def _options(root, name: str, **overrides) -> T.TrainOptions:
-    settings = dict(output_dir=os.path.join(root, name, "checkpoint"), work_dir=os.path.join(root, name, "work"),
-                    steps=TOTAL_STEPS, batch_size=4, learning_rate=3e-3, warmup_steps=2, eval_every=3,
-                    eval_items=8, eval_batch_size=4, log_every=2, save_every=0,
-                    test_dir=os.path.join(root, "test_split"), test_items=8, quiet=True)
+    settings = dict(
+        output_dir=os.path.join(root, name, "checkpoint"),
+        work_dir=os.path.join(root, name, "work"),
+        steps=TOTAL_STEPS,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        eval_every=3,
+        eval_items=8,
+        eval_batch_size=4,
+        log_every=2,
+        save_every=0,
+        test_dir=os.path.join(root, "test_split"),
+        test_items=8,
+        quiet=True,
+    )
     settings.update(overrides)
     return T.TrainOptions(**settings)
 
@@ -66,8 +80,9 @@ def runs(tiny, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
         full = T.run_training(_options(root, "full"), hf_config, scene_config)
-        interrupted = T.run_training(_options(root, "resumed", stop_at_step=INTERRUPT_AT, **quick), hf_config,
-                                     scene_config)
+        interrupted = T.run_training(
+            _options(root, "resumed", stop_at_step=INTERRUPT_AT, **quick), hf_config, scene_config
+        )
         resumed = T.run_training(_options(root, "resumed", **quick), hf_config, scene_config)
     return dict(root=root, full=full, interrupted=interrupted, resumed=resumed)
 
@@ -86,8 +101,17 @@ def test_pixels_normalised_in_step_equal_the_image_processor():
 
 def _host_batch(cfg, scene_config, step: int, batch_size: int, turns: int, **kwargs) -> T.DeviceBatch:
     tokenizer = S.make_tokenizer()
-    return T.host_batch(0, step, batch_size, cfg, scene_config, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                        turns=turns, **kwargs)
+    return T.host_batch(
+        0,
+        step,
+        batch_size,
+        cfg,
+        scene_config,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        turns=turns,
+        **kwargs,
+    )
 
 
 def _batch_questions(scene_config, step: int, batch_size: int, turns: int, kind_weights=None):
@@ -96,7 +120,9 @@ def _batch_questions(scene_config, step: int, batch_size: int, turns: int, kind_
     scenes = S.sample_scenes(rng, batch_size, scene_config, "train")
     if kind_weights is not None:
         scene_config = dataclasses.replace(scene_config, kind_weights=kind_weights)
-    return S.sample_questions(rng, scenes, scene_config, per_scene=turns, negative_types=S.TRAINING_NEGATIVE_TYPES)
+    return S.sample_questions(
+        rng, scenes, scene_config, per_scene=turns, negative_types=S.TRAINING_NEGATIVE_TYPES
+    )
 
 
 @pytest.mark.parametrize("turns", [1, 4])
@@ -118,7 +144,9 @@ def test_training_tokens_are_the_preprocessors_conversation(tiny, turns):
             if turn == 0:
                 expected += preprocessor.encode(question.text)
             else:
-                expected += [eos] + tokenizer(f"USER: {question.text} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                expected += [eos] + tokenizer(f"USER: {question.text} ASSISTANT:", add_special_tokens=False)[
+                    "input_ids"
+                ]
             answer = tokenizer(question.answer, add_special_tokens=False)["input_ids"]
             assert len(answer) == 1
             targets += [(len(expected) - 1, answer[0]), (len(expected), eos)]
@@ -127,10 +155,17 @@ def test_training_tokens_are_the_preprocessors_conversation(tiny, turns):
         assert batch.input_ids[row].tolist() == expected + [pad] * (length - len(expected))
         used = 2 * len(questions)
         assert batch.target_mask[row].tolist() == [True] * used + [False] * (2 * turns - used)
-        assert list(zip(batch.target_positions[row, :used].tolist(), batch.target_ids[row, :used].tolist())) == targets
-        assert batch.kind_ids[row].tolist() == [S.KINDS.index(q.kind) for q in questions] + [-1] * (turns - len(questions))
+        assert (
+            list(zip(batch.target_positions[row, :used].tolist(), batch.target_ids[row, :used].tolist()))
+            == targets
+        )
+        assert batch.kind_ids[row].tolist() == [S.KINDS.index(q.kind) for q in questions] + [-1] * (
+            turns - len(questions)
+        )
         expected_relations = [list(q.objects) if q.kind == "position" else [-1, -1] for q in questions]
-        assert batch.relation_objects[row].tolist() == expected_relations + [[-1, -1]] * (turns - len(questions))
+        assert batch.relation_objects[row].tolist() == expected_relations + [[-1, -1]] * (
+            turns - len(questions)
+        )
 
 
 def test_relation_targets_are_the_named_objects_centres(tiny):
@@ -139,7 +174,9 @@ def test_relation_targets_are_the_named_objects_centres(tiny):
     hf_config, scene_config = tiny
     cfg = from_hf_config(hf_config)
     batch = _host_batch(cfg, scene_config, 5, 8, 4, kind_weights=(0.1, 0.1, 0.1, 0.7))
-    targets, mask = jax.jit(T.relation_targets, static_argnums=2)(batch.scenes, batch.relation_objects, scene_config)
+    targets, mask = jax.jit(T.relation_targets, static_argnums=2)(
+        batch.scenes, batch.relation_objects, scene_config
+    )
     half = scene_config.image_size / 2
     questions = _batch_questions(scene_config, 5, 8, 4, (0.1, 0.1, 0.1, 0.7))
     position_turns = 0
@@ -152,7 +189,9 @@ def test_relation_targets_are_the_named_objects_centres(tiny):
                 continue
             position_turns += 1
             subject, reference = (objects[i] for i in row_questions[turn].objects)
-            expected = [c / half - 1 for o in (subject, reference) for c in (o.top + o.size / 2, o.left + o.size / 2)]
+            expected = [
+                c / half - 1 for o in (subject, reference) for c in (o.top + o.size / 2, o.left + o.size / 2)
+            ]
             np.testing.assert_allclose(np.asarray(targets[row, turn]), expected, atol=1e-6)
             relation = re.search(r"(left|right|above|below)", row_questions[turn].text).group(1)
             # the answer is a comparison of these targets, as relation_holds defines it
@@ -185,18 +224,27 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     pad = S.make_tokenizer().pad_token_id
     batch = _host_batch(cfg, scene_config, 3, 4, 3)
-    pixels = T.normalize_pixels(S.render_scenes(batch.scenes, scene_config), T.PixelNormalization.from_hf_config(hf_config))
+    pixels = T.normalize_pixels(
+        S.render_scenes(batch.scenes, scene_config), T.PixelNormalization.from_hf_config(hf_config)
+    )
 
     def logits_of(pixel_values):
-        return T.answer_logits(model, model.image_features(pixel_values), jnp.asarray(batch.input_ids),
-                               jnp.asarray(batch.lengths), jnp.asarray(batch.target_positions))
+        return T.answer_logits(
+            model,
+            model.image_features(pixel_values),
+            jnp.asarray(batch.input_ids),
+            jnp.asarray(batch.lengths),
+            jnp.asarray(batch.target_positions),
+        )
 
     logits = logits_of(pixels)
     first_prompt_lengths = batch.target_positions[:, 0] + 1
     prompts = np.array(batch.input_ids)
     for row, length in enumerate(first_prompt_lengths):
         prompts[row, length:] = pad  # keep only the first turn's prompt
-    inference = model.prefill(jnp.asarray(prompts), jnp.asarray(first_prompt_lengths), pixels, extra_slots=2).logits
+    inference = model.prefill(
+        jnp.asarray(prompts), jnp.asarray(first_prompt_lengths), pixels, extra_slots=2
+    ).logits
     np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(inference), rtol=1e-5, atol=1e-5)
     other = logits_of(pixels[::-1])
     assert float(jnp.abs(other[:, 0] - logits[:, 0]).max()) > 1e-3
@@ -210,8 +258,16 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
     trainable = T.initial_trainable(params, cfg, 0)
     optimizer = T.make_optimizer(options)
     opt_state = optimizer.init(trainable)
-    step = T.make_train_step(graphdef, optimizer, scene_config, T.PixelNormalization.from_hf_config(hf_config),
-                             jnp.float32, 1.0, options.coordinate_loss_weight, options.relation_loss_weight)
+    step = T.make_train_step(
+        graphdef,
+        optimizer,
+        scene_config,
+        T.PixelNormalization.from_hf_config(hf_config),
+        jnp.float32,
+        1.0,
+        options.coordinate_loss_weight,
+        options.relation_loss_weight,
+    )
     batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, 2, kind_weights=(0.2, 0.2, 0.1, 0.5)))
     assert int((np.asarray(batch.relation_objects) >= 0).all(-1).sum()) >= 2  # the relation probe has targets
     losses, patch_losses, coordinate_losses, relation_losses = [], [], [], []
@@ -237,9 +293,17 @@ def test_interrupted_run_resumes_to_the_same_parameters(runs):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         np.testing.assert_array_equal(states[0][key], states[1][key], err_msg=f"state array {key}")
-    logs = [T.read_log(os.path.join(runs["root"], name, "checkpoint", T.LOG_FILE)) for name in ("full", "resumed")]
-    train = [[{k: v for k, v in r.items() if k not in ("examples_per_second", "wall_seconds")}
-              for r in records if r["type"] == "train"] for records in logs]  # timings differ, values must not
+    logs = [
+        T.read_log(os.path.join(runs["root"], name, "checkpoint", T.LOG_FILE)) for name in ("full", "resumed")
+    ]
+    train = [
+        [
+            {k: v for k, v in r.items() if k not in ("examples_per_second", "wall_seconds")}
+            for r in records
+            if r["type"] == "train"
+        ]
+        for records in logs
+    ]  # timings differ, values must not
     assert train[0] == train[1] and [r["step"] for r in train[0]] == [2, 4, 6]
     assert [r["step"] for r in logs[0] if r["type"] == "eval"] == [3, TOTAL_STEPS]
 
@@ -263,7 +327,9 @@ def test_export_loads_here_and_in_transformers(runs, tiny):
     trained, _, meta = T.load_state(os.path.join(runs["root"], "full", "work"), template, optimizer_state)
     assert meta["step"] == TOTAL_STEPS
     for exported, saved in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(trained["model"])):
-        np.testing.assert_array_equal(np.asarray(exported), np.asarray(saved).astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(
+            np.asarray(exported), np.asarray(saved).astype(np.float16).astype(np.float32)
+        )
     preprocessor = Preprocessor.from_checkpoint(directory)
     assert preprocessor.tokenizer.get_vocab() == S.make_tokenizer().get_vocab()
     result = json.load(open(os.path.join(directory, T.TEST_RESULT_FILE)))
@@ -283,7 +349,9 @@ def test_warm_start_reads_the_exported_weights(runs, tiny):
     for got, expected in zip(jax.tree.leaves(weights), jax.tree.leaves(nnx.state(exported))):
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
-    other = from_hf_config(presets.testbed_config(vision=TINY_VISION, text=dict(TINY_TEXT, num_hidden_layers=2)))
+    other = from_hf_config(
+        presets.testbed_config(vision=TINY_VISION, text=dict(TINY_TEXT, num_hidden_layers=2))
+    )
     with pytest.raises(ValueError, match="another model configuration"):
         T.initial_weights(directory, other, template)
 
@@ -348,7 +416,7 @@ def test_patch_targets_label_each_object_where_it_lies():
     np.testing.assert_array_equal(np.asarray(centres), expected_centres)
     np.testing.assert_allclose(np.asarray(coordinates), expected_coordinates, atol=1e-6)
     assert float(np.abs(expected_coordinates).max()) <= 1.0
-    assert classes.shape == (8, scene_config.grid_size ** 2)
+    assert classes.shape == (8, scene_config.grid_size**2)
     for b in range(8):
         objects = S.scene_objects(scenes, b)
         assert int(np.asarray(centres[b]).sum()) == len(objects)
@@ -364,14 +432,17 @@ def test_patch_probe_loss_balances_objects_and_background():
     centres = jnp.zeros((1, 100), bool).at[0, 0].set(True)
     width = 4
     features = jnp.zeros((1, 100, width)).at[0, 2:, 0].set(1.0)  # background patches get feature 0
-    probe = {"kernel": jnp.zeros((width, T.probe_outputs())).at[0, 0].set(50.0),
-             "bias": jnp.zeros(T.probe_outputs())}
+    probe = {
+        "kernel": jnp.zeros((width, T.probe_outputs())).at[0, 0].set(50.0),
+        "bias": jnp.zeros(T.probe_outputs()),
+    }
     coordinates = jnp.zeros((1, 100, 2)).at[0, :2].set(jnp.asarray([0.5, -0.25]))
     coordinates_off_objects = coordinates.at[0, 2:].set(0.9)  # background coordinates must not count
-    class_nll, centre_nll, coordinate_mse, accuracy = T.patch_probe_losses(probe, features, classes, centres,
-                                                                           coordinates_off_objects)
+    class_nll, centre_nll, coordinate_mse, accuracy = T.patch_probe_losses(
+        probe, features, classes, centres, coordinates_off_objects
+    )
     uniform = np.log(T.num_patch_classes())
     np.testing.assert_allclose(float(class_nll), 0.5 * uniform, rtol=1e-4)
     np.testing.assert_allclose(float(centre_nll), np.log(2.0), rtol=1e-4)  # all centre logits are 0
-    np.testing.assert_allclose(float(coordinate_mse), 0.5 ** 2 + 0.25 ** 2, rtol=1e-5)  # predictions are 0
+    np.testing.assert_allclose(float(coordinate_mse), 0.5**2 + 0.25**2, rtol=1e-5)  # predictions are 0
     assert float(accuracy) == 0.0  # argmax of a uniform row is class 0, never the object's 5

@@ -46,7 +46,13 @@ from experiments.benchmarks.textvqa import TextVqaBenchmark
 
 BENCHMARKS: dict[str, Benchmark] = {
     benchmark.name: benchmark
-    for benchmark in (PopeBenchmark(), MmeBenchmark(), GqaBenchmark(), TextVqaBenchmark(), ScienceQaBenchmark())
+    for benchmark in (
+        PopeBenchmark(),
+        MmeBenchmark(),
+        GqaBenchmark(),
+        TextVqaBenchmark(),
+        ScienceQaBenchmark(),
+    )
 }
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # LLaVA-1.5's short-answer instruction (appended by its eval question files for POPE, MME, GQA
 # and TextVQA) and its ScienceQA instruction (model_vqa_science.py --single-pred-prompt).

@@ -38,8 +38,16 @@ from experiments.benchmarks.base import (
 )
 
 PERCEPTION_SUBTASKS = (
-    "existence", "count", "position", "color", "posters",
-    "celebrity", "scene", "landmark", "artwork", "OCR",
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
 )
 COGNITION_SUBTASKS = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
@@ -79,7 +87,9 @@ class MmeBenchmark:
             unique_ids.check(question_id, location)
             answer = require(record, "answer", str, location).strip().lower()
             if answer not in ("yes", "no"):
-                raise ValueError(f"{location}: field 'answer' must be 'Yes' or 'No', got {record['answer']!r}")
+                raise ValueError(
+                    f"{location}: field 'answer' must be 'Yes' or 'No', got {record['answer']!r}"
+                )
             subtask = require(record, "category", str, location)
             if subtask not in known_subtasks:
                 raise ValueError(

@@ -51,7 +51,7 @@ def split_name(path: Path) -> str:
     """'coco_pope_adversarial.json' -> 'adversarial' (the part after 'pope_'; else the stem)."""
     stem = path.stem
     marker = "pope_"
-    return stem[stem.rindex(marker) + len(marker):] if marker in stem else stem
+    return stem[stem.rindex(marker) + len(marker) :] if marker in stem else stem
 
 
 def question_files(path: str | os.PathLike) -> list[Path]:
@@ -71,10 +71,10 @@ def question_files(path: str | os.PathLike) -> list[Path]:
 def binary_metrics(predicted_yes: Sequence[bool], label_yes: Sequence[bool]) -> dict:
     """POPE's metrics with 'yes' as the positive class; zero denominators give 0.0."""
     pairs = list(zip(predicted_yes, label_yes))
-    tp = sum(p and l for p, l in pairs)
-    fp = sum(p and not l for p, l in pairs)
-    tn = sum(not p and not l for p, l in pairs)
-    fn = sum(not p and l for p, l in pairs)
+    tp = sum(p and y for p, y in pairs)
+    fp = sum(p and not y for p, y in pairs)
+    tn = sum(not p and not y for p, y in pairs)
+    fn = sum(not p and y for p, y in pairs)
     precision = safe_ratio(tp, tp + fp)
     recall = safe_ratio(tp, tp + fn)
     return {
@@ -108,12 +108,16 @@ class PopeBenchmark:
                 unique_ids.check(question_id, location)
                 label = require(record, "label", str, location).strip().lower()
                 if label not in ("yes", "no"):
-                    raise ValueError(f"{location}: field 'label' must be 'yes' or 'no', got {record['label']!r}")
+                    raise ValueError(
+                        f"{location}: field 'label' must be 'yes' or 'no', got {record['label']!r}"
+                    )
                 questions.append(
                     Question(
                         question_id=question_id,
                         image=require(record, "image", str, location),
-                        prompt=with_instruction(require(record, "text", str, location), SHORT_ANSWER_INSTRUCTION),
+                        prompt=with_instruction(
+                            require(record, "text", str, location), SHORT_ANSWER_INSTRUCTION
+                        ),
                         answer=label,
                         category=split,
                     )

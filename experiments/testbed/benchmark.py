@@ -19,7 +19,6 @@ from collections import defaultdict
 from experiments.benchmarks.base import Question, UniqueIds, iter_jsonl
 from experiments.testbed.scenes import IMAGES_DIR, NO, QUESTIONS_FILE, YES
 
-
 _REQUIRED_FIELDS = ("question_id", "image", "text", "answer", "category")
 _WORD = re.compile(r"[^\W_]+")
 
@@ -51,8 +50,9 @@ class TestbedBenchmark:
     @classmethod
     def image_path(cls, path: str | os.PathLike, question: Question) -> str:
         """Where `question.image` lives for a split at `path` (questions.jsonl or its directory)."""
-        return os.path.join(os.path.dirname(os.path.abspath(cls.questions_file(path))), IMAGES_DIR,
-                            question.image)
+        return os.path.join(
+            os.path.dirname(os.path.abspath(cls.questions_file(path))), IMAGES_DIR, question.image
+        )
 
     def load_questions(self, path: str | os.PathLike) -> list[Question]:
         file_name = self.questions_file(path)
@@ -63,13 +63,22 @@ class TestbedBenchmark:
                 raise ValueError(f"{location}: missing field(s) {', '.join(missing)}")
             question_id = str(record["question_id"])
             unique_ids.check(question_id, location)
-            questions.append(Question(question_id=question_id, image=str(record["image"]),
-                                      prompt=str(record["text"]), answer=str(record["answer"]),
-                                      category=str(record["category"])))
+            questions.append(
+                Question(
+                    question_id=question_id,
+                    image=str(record["image"]),
+                    prompt=str(record["text"]),
+                    answer=str(record["answer"]),
+                    category=str(record["category"]),
+                )
+            )
         return questions
 
     def score(self, questions: list[Question], predictions: dict[str, str]) -> dict:
-        groups: dict[str, dict[str, list]] = {"per_category": defaultdict(list), "per_kind": defaultdict(list)}
+        groups: dict[str, dict[str, list]] = {
+            "per_category": defaultdict(list),
+            "per_kind": defaultdict(list),
+        }
         outcomes = []
         for question in questions:
             answered = question.question_id in predictions
@@ -79,8 +88,11 @@ class TestbedBenchmark:
             groups["per_category"][question.category].append(outcome)
             groups["per_kind"][_kind(question.category)].append(outcome)
         num_scored = sum(predicted is not None for _, predicted in outcomes)
-        result = {"overall": _metrics(outcomes), "num_scored": num_scored,
-                  "num_missing": len(outcomes) - num_scored}
+        result = {
+            "overall": _metrics(outcomes),
+            "num_scored": num_scored,
+            "num_missing": len(outcomes) - num_scored,
+        }
         for key, grouped in groups.items():
             result[key] = {name: _metrics(items) for name, items in sorted(grouped.items())}
         return result
@@ -97,7 +109,10 @@ def _metrics(outcomes: list[tuple[str, str | None]]) -> dict:
         actual_yes = sum(a == YES for a, _ in outcomes)
         precision = true_positive / predicted_yes if predicted_yes else 0.0
         recall = true_positive / actual_yes if actual_yes else 0.0
-        metrics.update(precision=precision, recall=recall,
-                       f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-                       yes_ratio=predicted_yes / count)
+        metrics.update(
+            precision=precision,
+            recall=recall,
+            f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            yes_ratio=predicted_yes / count,
+        )
     return metrics

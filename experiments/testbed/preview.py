@@ -11,13 +11,25 @@ import sys
 
 import numpy as np
 
-from experiments.testbed.scenes import (DEFAULT_CONFIG, TestbedConfig, render_scenes_numpy, sample_questions,
-                                        sample_scenes, split_rng)
+from experiments.testbed.scenes import (
+    DEFAULT_CONFIG,
+    TestbedConfig,
+    render_scenes_numpy,
+    sample_questions,
+    sample_scenes,
+    split_rng,
+)
 
 
-def save_contact_sheet(path: str, num_scenes: int = 8, seed: int = 0, split: str = "validation",
-                       questions_per_scene: int = 4, config: TestbedConfig = DEFAULT_CONFIG,
-                       show_patch_grid: bool = False) -> None:
+def save_contact_sheet(
+    path: str,
+    num_scenes: int = 8,
+    seed: int = 0,
+    split: str = "validation",
+    questions_per_scene: int = 4,
+    config: TestbedConfig = DEFAULT_CONFIG,
+    show_patch_grid: bool = False,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,5 +60,6 @@ def save_contact_sheet(path: str, num_scenes: int = 8, seed: int = 0, split: str
 
 if __name__ == "__main__":
     arguments = [a for a in sys.argv[1:] if not a.startswith("--")]
-    save_contact_sheet(arguments[0] if arguments else "/tmp/testbed_samples.png",
-                       show_patch_grid="--grid" in sys.argv)
+    save_contact_sheet(
+        arguments[0] if arguments else "/tmp/testbed_samples.png", show_patch_grid="--grid" in sys.argv
+    )

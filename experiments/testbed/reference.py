@@ -20,8 +20,9 @@ REFERENCE_FILE = "reference_answers.json"
 DEFAULT_ITEMS = 16
 
 
-def evaluate_first_items(checkpoint: str, num_items: int, *, split: str = "test", seed: int = 0,
-                         work_dir: str | None = None) -> dict:
+def evaluate_first_items(
+    checkpoint: str, num_items: int, *, split: str = "test", seed: int = 0, work_dir: str | None = None
+) -> dict:
     """Write the first `num_items` of the split, evaluate them unpruned (float32) with experiments.eval."""
     from experiments.eval import EvalConfig, run
     from experiments.testbed.scenes import write_split
@@ -29,16 +30,32 @@ def evaluate_first_items(checkpoint: str, num_items: int, *, split: str = "test"
     work_dir = work_dir or tempfile.mkdtemp(prefix="testbed_reference_")
     split_dir = os.path.join(work_dir, "split")
     write_split(split_dir, split=split, num_items=num_items, seed=seed)
-    config = EvalConfig(checkpoint=checkpoint, benchmark="testbed", questions=split_dir,
-                        output_dir=os.path.join(work_dir, "eval"), methods=("none",), keep=(),
-                        batch_size=num_items, dtype="float32", seed=seed, num_overlays=0, record_kept=0)
+    config = EvalConfig(
+        checkpoint=checkpoint,
+        benchmark="testbed",
+        questions=split_dir,
+        output_dir=os.path.join(work_dir, "eval"),
+        methods=("none",),
+        keep=(),
+        batch_size=num_items,
+        dtype="float32",
+        seed=seed,
+        num_overlays=0,
+        record_kept=0,
+    )
     results = run(config)
     (pair,) = results["pairs"].values()
     predictions_path = os.path.join(config.output_dir, "predictions", "none_" + str(pair["keep"]) + ".jsonl")
     with open(predictions_path) as file:
         answers = {record["question_id"]: record["prediction"] for record in map(json.loads, file)}
-    return {"split": split, "seed": seed, "num_items": num_items, "dtype": "float32",
-            "accuracy": pair["metrics"]["overall"]["accuracy"], "answers": answers}
+    return {
+        "split": split,
+        "seed": seed,
+        "num_items": num_items,
+        "dtype": "float32",
+        "accuracy": pair["metrics"]["overall"]["accuracy"],
+        "answers": answers,
+    }
 
 
 def record(checkpoint: str, num_items: int = DEFAULT_ITEMS) -> dict:
@@ -52,5 +69,7 @@ def record(checkpoint: str, num_items: int = DEFAULT_ITEMS) -> dict:
 if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else "checkpoints/testbed"
     result = record(target)
-    print(f"{target}/{REFERENCE_FILE}: accuracy {result['accuracy']:.4f} on the first {result['num_items']} "
-          f"{result['split']} items")
+    print(
+        f"{target}/{REFERENCE_FILE}: accuracy {result['accuracy']:.4f} on the first {result['num_items']} "
+        f"{result['split']} items"
+    )

@@ -72,8 +72,19 @@ COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
 COLOUR_NAMES: tuple[str, ...] = tuple(name for name, _ in COLOURS)
 PALETTE = np.array([rgb for _, rgb in COLOURS], dtype=np.int32)  # (num_colours, 3)
 
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                                 "nine", "ten")
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
 YES, NO = "yes", "no"
 
 KINDS: tuple[str, ...] = ("existence", "counting", "attribute", "position")
@@ -92,8 +103,10 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 # The vicuna_v1 conversation template LLaVA-1.5 uses; the eval harness and the trainer must agree.
 # LLaVA-1.5's short-answer instructions (POPE / MME style); not used by this task's questions, but in
 # the vocabulary so a harness that appends one still tokenizes without <unk>.
-SHORT_ANSWER_INSTRUCTIONS: tuple[str, ...] = ("Answer the question using a single word or phrase.",
-                                              "Answer the question using a single word.")
+SHORT_ANSWER_INSTRUCTIONS: tuple[str, ...] = (
+    "Answer the question using a single word or phrase.",
+    "Answer the question using a single word.",
+)
 
 _EXISTENCE_TEMPLATE = "Is there a {colour} {shape} in the image?"
 _COUNT_SHAPE_TEMPLATE = "How many {shapes} are there?"
@@ -119,8 +132,10 @@ def _all_texts() -> list[str]:
         texts.append(_COUNT_COLOUR_TEMPLATE.format(colour=colour))
         for shape in SHAPE_NAMES:
             texts.append(_EXISTENCE_TEMPLATE.format(colour=colour, shape=shape))
-            texts.extend(template.format(colour=colour, shape=shape, colour2=colour, shape2=shape)
-                         for template in _POSITION_TEMPLATES.values())
+            texts.extend(
+                template.format(colour=colour, shape=shape, colour2=colour, shape2=shape)
+                for template in _POSITION_TEMPLATES.values()
+            )
     for shape, shapes in SHAPES:
         texts.append(_COUNT_SHAPE_TEMPLATE.format(shapes=shapes))
         texts.append(_ATTRIBUTE_TEMPLATE.format(shape=shape))
@@ -133,7 +148,7 @@ IMAGE_TOKEN_INDEX = NUM_SPECIAL_TOKENS + len(VOCABULARY)  # `<image>` right afte
 TOKENIZER_SIZE = IMAGE_TOKEN_INDEX + 1  # smallest text vocab_size that holds every id
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_tokenizer():
     """The testbed's word-level `PreTrainedTokenizerFast` (`<image>` at IMAGE_TOKEN_INDEX).
 
@@ -145,6 +160,7 @@ def make_tokenizer():
 # --------------------------------------------------------------------------------------------------
 # Configuration.
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class TestbedConfig:
@@ -184,7 +200,9 @@ class TestbedConfig:
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if not 1 <= self.min_objects <= self.max_objects < len(NUMBER_WORDS):
             raise ValueError(f"need 1 <= min_objects <= max_objects < {len(NUMBER_WORDS)}")
         if len(self.colour_prior) != len(COLOURS) or len(self.shape_prior) != len(SHAPES):
@@ -195,7 +213,7 @@ class TestbedConfig:
             raise ValueError("object sizes must lie in (0, image_size / 2]")
 
     @classmethod
-    def from_llava_config(cls, llava_config, **overrides: Any) -> "TestbedConfig":
+    def from_llava_config(cls, llava_config, **overrides: Any) -> TestbedConfig:
         """Image and patch size from a transformers LlavaConfig's vision tower."""
         vision = llava_config.vision_config
         return cls(image_size=vision.image_size, patch_size=vision.patch_size, **overrides)
@@ -231,6 +249,7 @@ DEFAULT_CONFIG = TestbedConfig()
 # --------------------------------------------------------------------------------------------------
 # Scene parameters and layout sampling.
 # --------------------------------------------------------------------------------------------------
+
 
 class SceneParams(NamedTuple):
     """A batch of scenes as fixed-size arrays (a JAX pytree). B scenes, M = config.max_objects slots.
@@ -297,17 +316,21 @@ def _place_objects(rng: np.random.Generator, sizes: np.ndarray, wanted: np.ndarr
     left = np.zeros((batch, slots), np.int32)
     placed = np.zeros((batch, slots), bool)
     for slot in range(slots):
-        size = sizes[:, slot:slot + 1]  # (B, 1)
+        size = sizes[:, slot : slot + 1]  # (B, 1)
         span = config.image_size - size + 1
         cand_top = np.floor(rng.random((batch, trials)) * span).astype(np.int32)
         cand_left = np.floor(rng.random((batch, trials)) * span).astype(np.int32)
         ok = np.ones((batch, trials), bool)
         for other in range(slot):
-            o_top, o_left = top[:, other:other + 1], left[:, other:other + 1]
-            o_size = sizes[:, other:other + 1]
-            apart = ((cand_top >= o_top + o_size + gap) | (o_top >= cand_top + size + gap)
-                     | (cand_left >= o_left + o_size + gap) | (o_left >= cand_left + size + gap))
-            ok &= apart | ~placed[:, other:other + 1]
+            o_top, o_left = top[:, other : other + 1], left[:, other : other + 1]
+            o_size = sizes[:, other : other + 1]
+            apart = (
+                (cand_top >= o_top + o_size + gap)
+                | (o_top >= cand_top + size + gap)
+                | (cand_left >= o_left + o_size + gap)
+                | (o_left >= cand_left + size + gap)
+            )
+            ok &= apart | ~placed[:, other : other + 1]
         first = np.argmax(ok, axis=1)
         rows = np.arange(batch)
         top[:, slot] = cand_top[rows, first]
@@ -316,8 +339,9 @@ def _place_objects(rng: np.random.Generator, sizes: np.ndarray, wanted: np.ndarr
     return top, left, placed
 
 
-def sample_scenes(rng: np.random.Generator, count: int, config: TestbedConfig = DEFAULT_CONFIG,
-                  split: str = "train") -> SceneParams:
+def sample_scenes(
+    rng: np.random.Generator, count: int, config: TestbedConfig = DEFAULT_CONFIG, split: str = "train"
+) -> SceneParams:
     """`count` random scene layouts (NumPy arrays). `split` only picks the pixel-noise seed range."""
     slots = config.max_objects
     shape_prior = np.asarray(config.shape_prior, np.float64)
@@ -325,8 +349,12 @@ def sample_scenes(rng: np.random.Generator, count: int, config: TestbedConfig = 
     num_objects = rng.integers(config.min_objects, config.max_objects + 1, size=count)
     wanted = np.arange(slots)[None, :] < num_objects[:, None]
     sizes = rng.integers(config.min_object_px, config.max_object_px + 1, size=(count, slots)).astype(np.int32)
-    shape_id = rng.choice(len(SHAPES), size=(count, slots), p=shape_prior / shape_prior.sum()).astype(np.int32)
-    colour_id = rng.choice(len(COLOURS), size=(count, slots), p=colour_prior / colour_prior.sum()).astype(np.int32)
+    shape_id = rng.choice(len(SHAPES), size=(count, slots), p=shape_prior / shape_prior.sum()).astype(
+        np.int32
+    )
+    colour_id = rng.choice(len(COLOURS), size=(count, slots), p=colour_prior / colour_prior.sum()).astype(
+        np.int32
+    )
     jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=(count, slots, 3))
     rgb = np.clip(PALETTE[colour_id] + jitter, 0, 255).astype(np.int32)
     top, left, valid = _place_objects(rng, sizes, wanted, config)
@@ -335,10 +363,13 @@ def sample_scenes(rng: np.random.Generator, count: int, config: TestbedConfig = 
     tint = rng.integers(-config.background_tint, config.background_tint + 1, size=(count, 3))
     background = (grey + tint).astype(np.int32)
     octaves = tuple(
-        rng.integers(-amplitude, amplitude + 1,
-                     size=(count, config.octave_grid_points(cell), config.octave_grid_points(cell), 3)
-                     ).astype(np.int32)
-        for cell, amplitude in config.background_octaves)
+        rng.integers(
+            -amplitude,
+            amplitude + 1,
+            size=(count, config.octave_grid_points(cell), config.octave_grid_points(cell), 3),
+        ).astype(np.int32)
+        for cell, amplitude in config.background_octaves
+    )
     low, high = _NOISE_SEED_RANGES[split]
     noise_seed = rng.integers(low, high, size=count, dtype=np.uint64).astype(np.uint32)
 
@@ -347,9 +378,14 @@ def sample_scenes(rng: np.random.Generator, count: int, config: TestbedConfig = 
         shape_id=np.where(zero, 0, shape_id).astype(np.int32),
         colour_id=np.where(zero, 0, colour_id).astype(np.int32),
         rgb=np.where(zero[..., None], 0, rgb).astype(np.int32),
-        top=np.where(zero, 0, top).astype(np.int32), left=np.where(zero, 0, left).astype(np.int32),
-        size=np.where(zero, 0, sizes).astype(np.int32), valid=valid,
-        background=background, octaves=octaves, noise_seed=noise_seed)
+        top=np.where(zero, 0, top).astype(np.int32),
+        left=np.where(zero, 0, left).astype(np.int32),
+        size=np.where(zero, 0, sizes).astype(np.int32),
+        valid=valid,
+        background=background,
+        octaves=octaves,
+        noise_seed=noise_seed,
+    )
     # A slot whose every candidate collided (vanishingly rare at the defaults) leaves its scene short
     # of objects: redraw those scenes so the object count is always what was sampled.
     short = valid.sum(axis=1) < num_objects
@@ -366,6 +402,7 @@ def sample_scenes(rng: np.random.Generator, count: int, config: TestbedConfig = 
 # --------------------------------------------------------------------------------------------------
 # Rendering: one integer-only implementation, run by NumPy or by jitted JAX.
 # --------------------------------------------------------------------------------------------------
+
 
 def _hash_noise(xp, seed, height: int, width: int, amplitude: int):
     """Per-pixel noise in [-amplitude, amplitude] from a uint32 integer hash of (pixel, channel, seed).
@@ -411,22 +448,35 @@ def _object_mask(xp, shape_id, top, left, size, valid, image_size: int):
     diamond = ady + adx < s
     triangle = in_box & (2 * adx < dy + s)  # apex up, base on the bottom edge
     cross = in_box & ((5 * adx < 2 * s) | (5 * ady < 2 * s))  # arms 40% of the box wide
-    mask = xp.where(kind == CIRCLE, circle,
-                    xp.where(kind == SQUARE, in_box,
-                             xp.where(kind == TRIANGLE, triangle,
-                                      xp.where(kind == DIAMOND, diamond, cross))))
+    mask = xp.where(
+        kind == CIRCLE,
+        circle,
+        xp.where(
+            kind == SQUARE,
+            in_box,
+            xp.where(kind == TRIANGLE, triangle, xp.where(kind == DIAMOND, diamond, cross)),
+        ),
+    )
     return mask & valid[:, None, None]
 
 
 def _render(xp, scenes: SceneParams, config: TestbedConfig):
     size = config.image_size
-    image = xp.broadcast_to(scenes.background.astype(xp.int32)[:, None, None, :],
-                            (scenes.background.shape[0], size, size, 3))
+    image = xp.broadcast_to(
+        scenes.background.astype(xp.int32)[:, None, None, :], (scenes.background.shape[0], size, size, 3)
+    )
     for lattice, (cell, _) in zip(scenes.octaves, config.background_octaves):
         image = image + _value_noise(xp, lattice.astype(xp.int32), size, cell)
     for slot in range(scenes.valid.shape[1]):  # objects never overlap: painting order is irrelevant
-        mask = _object_mask(xp, scenes.shape_id[:, slot], scenes.top[:, slot], scenes.left[:, slot],
-                            scenes.size[:, slot], scenes.valid[:, slot], size)
+        mask = _object_mask(
+            xp,
+            scenes.shape_id[:, slot],
+            scenes.top[:, slot],
+            scenes.left[:, slot],
+            scenes.size[:, slot],
+            scenes.valid[:, slot],
+            size,
+        )
         image = xp.where(mask[..., None], scenes.rgb[:, slot, None, None, :], image)
     if config.pixel_noise:
         image = image + _hash_noise(xp, scenes.noise_seed, size, size, config.pixel_noise)
@@ -436,11 +486,16 @@ def _render(xp, scenes: SceneParams, config: TestbedConfig):
 def render_scenes_numpy(scenes: SceneParams, config: TestbedConfig = DEFAULT_CONFIG) -> np.ndarray:
     """uint8 (B, H, W, 3) images of a batch of scenes, with NumPy (for writing files)."""
     with np.errstate(over="ignore"):
-        return _render(np, SceneParams(*(tuple(np.asarray(o) for o in f) if isinstance(f, tuple)
-                                         else np.asarray(f) for f in scenes)), config)
+        return _render(
+            np,
+            SceneParams(
+                *(tuple(np.asarray(o) for o in f) if isinstance(f, tuple) else np.asarray(f) for f in scenes)
+            ),
+            config,
+        )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_renderer():
     import jax
     import jax.numpy as jnp
@@ -461,6 +516,7 @@ def render_scenes(scenes: SceneParams, config: TestbedConfig = DEFAULT_CONFIG):
 # --------------------------------------------------------------------------------------------------
 # Questions.
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class QuestionItem:
@@ -495,8 +551,10 @@ class SceneObject(NamedTuple):
 def scene_objects(scenes: SceneParams, scene: int) -> list[SceneObject]:
     """The valid objects of one scene of a batch, as plain Python values."""
     valid = np.asarray(scenes.valid[scene])
-    columns = [np.asarray(a[scene]).tolist() for a in (scenes.shape_id, scenes.colour_id, scenes.top,
-                                                       scenes.left, scenes.size)]
+    columns = [
+        np.asarray(a[scene]).tolist()
+        for a in (scenes.shape_id, scenes.colour_id, scenes.top, scenes.left, scenes.size)
+    ]
     return [SceneObject(i, *(c[i] for c in columns)) for i in range(len(valid)) if valid[i]]
 
 
@@ -523,17 +581,20 @@ def _existence(rng, objects: list[SceneObject], negative_type: str, config: Test
     if rng.random() < 0.5:
         target = _pick(rng, objects)
         text = _EXISTENCE_TEMPLATE.format(**_pair_words(target.pair))
-        return QuestionItem("existence", category, text, YES,
-                            tuple(o.index for o in objects if o.pair == target.pair))
+        return QuestionItem(
+            "existence", category, text, YES, tuple(o.index for o in objects if o.pair == target.pair)
+        )
     absent = [p for p in _all_pairs() if p not in present]
     if negative_type == "frequency":
         weights = np.array([config.colour_prior[c] * config.shape_prior[s] for c, s in absent])
-        text = _EXISTENCE_TEMPLATE.format(**_pair_words(absent[rng.choice(len(absent), p=weights / weights.sum())]))
+        text = _EXISTENCE_TEMPLATE.format(
+            **_pair_words(absent[rng.choice(len(absent), p=weights / weights.sum())])
+        )
         return QuestionItem("existence", category, text, NO, ())
     if negative_type == "random":
         candidates = absent
     elif negative_type == "popular":
-        candidates = [p for p in popular_ranking(config) if p not in present][:config.popular_top_k]
+        candidates = [p for p in popular_ranking(config) if p not in present][: config.popular_top_k]
     elif negative_type == "adversarial":
         colours, shapes = {c for c, _ in present}, {s for _, s in present}
         candidates = [p for p in absent if p[0] in colours or p[1] in shapes]
@@ -554,8 +615,11 @@ def _counting(rng, objects: list[SceneObject], config: TestbedConfig):
     pool = absent if absent and rng.random() < config.count_absent_probability else present
     target = _pick(rng, pool)
     matching = tuple(o.index for o in objects if attribute(o) == target)
-    text = (_COUNT_SHAPE_TEMPLATE.format(shapes=SHAPE_PLURALS[target]) if by_shape
-            else _COUNT_COLOUR_TEMPLATE.format(colour=COLOUR_NAMES[target]))
+    text = (
+        _COUNT_SHAPE_TEMPLATE.format(shapes=SHAPE_PLURALS[target])
+        if by_shape
+        else _COUNT_COLOUR_TEMPLATE.format(colour=COLOUR_NAMES[target])
+    )
     return QuestionItem("counting", "counting", text, NUMBER_WORDS[len(matching)], matching)
 
 
@@ -565,8 +629,13 @@ def _attribute(rng, objects: list[SceneObject], config: TestbedConfig):
     if not unique:
         return None
     target = _pick(rng, unique)
-    return QuestionItem("attribute", "attribute", _ATTRIBUTE_TEMPLATE.format(shape=SHAPE_NAMES[target.shape]),
-                        COLOUR_NAMES[target.colour], (target.index,))
+    return QuestionItem(
+        "attribute",
+        "attribute",
+        _ATTRIBUTE_TEMPLATE.format(shape=SHAPE_NAMES[target.shape]),
+        COLOUR_NAMES[target.colour],
+        (target.index,),
+    )
 
 
 def relation_holds(relation: str, first: SceneObject, second: SceneObject) -> bool:
@@ -596,8 +665,13 @@ def _position(rng, objects: list[SceneObject], config: TestbedConfig):
     words = _pair_words(first.pair)
     words.update(colour2=COLOUR_NAMES[second.colour], shape2=SHAPE_NAMES[second.shape])
     answer = YES if relation_holds(relation, first, second) else NO
-    return QuestionItem("position", "position", _POSITION_TEMPLATES[relation].format(**words), answer,
-                        (first.index, second.index))
+    return QuestionItem(
+        "position",
+        "position",
+        _POSITION_TEMPLATES[relation].format(**words),
+        answer,
+        (first.index, second.index),
+    )
 
 
 def _category_weights(config: TestbedConfig, negative_types: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
@@ -614,8 +688,12 @@ def _category_weights(config: TestbedConfig, negative_types: tuple[str, ...]) ->
     return names, weights / weights.sum()
 
 
-def ask(rng: np.random.Generator, objects: list[SceneObject], category: str,
-        config: TestbedConfig = DEFAULT_CONFIG) -> QuestionItem | None:
+def ask(
+    rng: np.random.Generator,
+    objects: list[SceneObject],
+    category: str,
+    config: TestbedConfig = DEFAULT_CONFIG,
+) -> QuestionItem | None:
     """One question of `category` about a scene's objects, or None where the scene cannot support it
     (no uniquely-shaped object, no unambiguous pair, no absent pair of the negative type)."""
     kind, _, negative_type = category.partition("/")
@@ -630,9 +708,13 @@ def ask(rng: np.random.Generator, objects: list[SceneObject], category: str,
     raise ValueError(f"unknown question category {category!r}")
 
 
-def sample_questions(rng: np.random.Generator, scenes: SceneParams, config: TestbedConfig = DEFAULT_CONFIG,
-                     per_scene: int = 1, negative_types: tuple[str, ...] = NEGATIVE_TYPES
-                     ) -> list[list[QuestionItem]]:
+def sample_questions(
+    rng: np.random.Generator,
+    scenes: SceneParams,
+    config: TestbedConfig = DEFAULT_CONFIG,
+    per_scene: int = 1,
+    negative_types: tuple[str, ...] = NEGATIVE_TYPES,
+) -> list[list[QuestionItem]]:
     """`per_scene` distinct questions for every scene; categories drawn from `config.kind_weights`
     (existence split evenly over `negative_types`), redrawn when a scene cannot support one.
     The default negative types are POPE's (evaluation); training uses TRAINING_NEGATIVE_TYPES."""
@@ -660,18 +742,18 @@ def sample_questions(rng: np.random.Generator, scenes: SceneParams, config: Test
 _WORD_PATTERN = re.compile(r"\w+|[^\w\s]+")  # what tokenizers' Whitespace pre-tokenizer splits on
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _token_ids() -> dict[str, int]:
     return make_tokenizer().get_vocab()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encode_prompt(question: str) -> tuple[int, ...]:
     """Token ids of `format_prompt(question)` with BOS, exactly as `make_tokenizer()` encodes it."""
     return tuple(make_tokenizer()(format_prompt(question))["input_ids"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def encode_followup(question: str) -> tuple[int, ...]:
     """Token ids of a later conversation turn asking `question` (`build_followup`; no BOS)."""
     return tuple(make_tokenizer()(build_followup(question), add_special_tokens=False)["input_ids"])
@@ -685,8 +767,13 @@ def answer_token_ids(answer: str) -> tuple[int, int]:
 
 def _longest_questions() -> list[str]:
     """Each template filled with one-token words (every colour and shape name is one token)."""
-    templates = [_EXISTENCE_TEMPLATE, _COUNT_SHAPE_TEMPLATE, _COUNT_COLOUR_TEMPLATE, _ATTRIBUTE_TEMPLATE,
-                 *_POSITION_TEMPLATES.values()]
+    templates = [
+        _EXISTENCE_TEMPLATE,
+        _COUNT_SHAPE_TEMPLATE,
+        _COUNT_COLOUR_TEMPLATE,
+        _ATTRIBUTE_TEMPLATE,
+        *_POSITION_TEMPLATES.values(),
+    ]
     fill = dict(colour="red", shape="circle", colour2="red", shape2="circle", shapes="circles")
     return [t.format(**fill) for t in templates]
 
@@ -722,15 +809,23 @@ class TrainingBatch(NamedTuple):
     questions: list[QuestionItem]
 
 
-def sample_batch(rng: np.random.Generator, batch_size: int, config: TestbedConfig = DEFAULT_CONFIG, *,
-                 render: bool = True, split: str = "train",
-                 negative_types: tuple[str, ...] = TRAINING_NEGATIVE_TYPES) -> TrainingBatch:
+def sample_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    config: TestbedConfig = DEFAULT_CONFIG,
+    *,
+    render: bool = True,
+    split: str = "train",
+    negative_types: tuple[str, ...] = TRAINING_NEGATIVE_TYPES,
+) -> TrainingBatch:
     """Fresh scenes with one question each, tokenized; images rendered with JAX unless render=False.
 
     `rng` should come from `split_rng(split, seed)`; `split` picks the pixel-noise seed range."""
     scenes = sample_scenes(rng, batch_size, config, split)
-    questions = [items[0] for items in sample_questions(rng, scenes, config, per_scene=1,
-                                                        negative_types=negative_types)]
+    questions = [
+        items[0]
+        for items in sample_questions(rng, scenes, config, per_scene=1, negative_types=negative_types)
+    ]
     length = max_prompt_length()
     pad = _token_ids()[PAD_TOKEN]
     prompt_ids = np.full((batch_size, length), pad, np.int32)
@@ -738,7 +833,7 @@ def sample_batch(rng: np.random.Generator, batch_size: int, config: TestbedConfi
     answers = np.empty((batch_size, 2), np.int32)
     for i, item in enumerate(questions):
         ids = encode_prompt(item.text)
-        prompt_ids[i, :len(ids)] = ids
+        prompt_ids[i, : len(ids)] = ids
         prompt_lengths[i] = len(ids)
         answers[i] = answer_token_ids(item.answer)
     kind_ids = np.array([KINDS.index(q.kind) for q in questions], np.int32)
@@ -765,9 +860,15 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     Image.fromarray(np.asarray(image, np.uint8), mode="RGB").save(path, format="PNG")
 
 
-def write_split(directory: str | os.PathLike, split: str = "test", num_items: int = 1000, seed: int = 0,
-                config: TestbedConfig = DEFAULT_CONFIG, questions_per_image: int = 4,
-                render_chunk: int = 32) -> list[dict]:
+def write_split(
+    directory: str | os.PathLike,
+    split: str = "test",
+    num_items: int = 1000,
+    seed: int = 0,
+    config: TestbedConfig = DEFAULT_CONFIG,
+    questions_per_image: int = 4,
+    render_chunk: int = 32,
+) -> list[dict]:
     """Write `num_items` questions of a fixed split: `questions.jsonl`, `images/*.png`, `scenes.jsonl`.
 
     Scenes and questions are a pure function of (split, seed, config). Each image carries up to
@@ -790,13 +891,34 @@ def write_split(directory: str | os.PathLike, split: str = "test", num_items: in
             if len(records) >= num_items:
                 break
             name = image_file_name(split, scene_index)
-            for q_index, item in enumerate(items[:num_items - len(records)]):
-                records.append(dict(question_id=f"{split}-{scene_index:06d}-{q_index}", image=name,
-                                    text=item.text, answer=item.answer, category=item.category,
-                                    kind=item.kind, objects=list(item.objects)))
-            scene_records.append(dict(image=name, objects=[
-                dict(index=o.index, shape=SHAPE_NAMES[o.shape], colour=COLOUR_NAMES[o.colour],
-                     top=o.top, left=o.left, size=o.size) for o in scene_objects(scenes, local)]))
+            for q_index, item in enumerate(items[: num_items - len(records)]):
+                records.append(
+                    dict(
+                        question_id=f"{split}-{scene_index:06d}-{q_index}",
+                        image=name,
+                        text=item.text,
+                        answer=item.answer,
+                        category=item.category,
+                        kind=item.kind,
+                        objects=list(item.objects),
+                    )
+                )
+            scene_records.append(
+                dict(
+                    image=name,
+                    objects=[
+                        dict(
+                            index=o.index,
+                            shape=SHAPE_NAMES[o.shape],
+                            colour=COLOUR_NAMES[o.colour],
+                            top=o.top,
+                            left=o.left,
+                            size=o.size,
+                        )
+                        for o in scene_objects(scenes, local)
+                    ],
+                )
+            )
             used.append(local)
             names.append(name)
             scene_index += 1

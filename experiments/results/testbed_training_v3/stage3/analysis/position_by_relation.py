@@ -9,6 +9,7 @@
 Needs the test split (`make experiments/data/testbed_test/questions.jsonl`). Found: above / below 100%,
 left / right at chance with "no" nearly always (WORKSPACE.md, issue 5, stage 3).
 """
+
 import collections
 import json
 import re
