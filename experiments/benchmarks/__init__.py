@@ -29,7 +29,7 @@ Every `score` returns {'overall': metrics, 'per_category': {category: metrics}, 
 
 The procedural testbed (`experiments.testbed.benchmark.TestbedBenchmark`, name 'testbed') is also
 served by `get_benchmark`, but kept out of `BENCHMARKS`: that dict holds the benchmarks that follow
-LLaVA's question-file conventions (checked together by tests/test_benchmarks_registry.py), and the
+LLaVA's question-file conventions (checked together by tests/experiments/test_benchmarks_registry.py), and the
 testbed module imports this package for `Question`, so it is imported on first use, not here.
 """
 

@@ -16,7 +16,7 @@ from models import presets
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.config import from_hf_config
 from models.generate import pad_prompts
-from tests.conftest import make_prompt, random_pixels
+from tests.helpers import make_prompt, random_pixels
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 import adaptprune_jax as prune
 from models import torch_reference
 from models.generate import SamplingConfig
-from tests.conftest import make_prompt, random_pixels
+from tests.helpers import make_prompt, random_pixels
 
 MAX_REL_ERR = 1e-5
 

@@ -1,0 +1,60 @@
+"""Test helpers shared across folders: tiny llava-hf checkpoints written by transformers, prompts, pixels.
+
+torch and transformers are imported only when a checkpoint is written, so test folders that never ask
+for one (the pruning library, the benchmark readers) run without loading them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# How each tiny preset is written: one per on-disk variant the loader must handle.
+CHECKPOINT_VARIANTS = {
+    "tiny": dict(key_spelling="saved"),  # save_pretrained, one file
+    "tiny-gqa": dict(key_spelling="saved", max_shard_size="300KB"),  # sharded with an index
+    "tiny-full": dict(key_spelling="state_dict"),  # newer in-memory key spelling
+}
+
+
+def exact_torch():
+    """torch with TF32 off, so parity tests compare exact float32 on both sides."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch
+
+
+class TinyCheckpoint:
+    """A tiny preset written to `directory` by transformers, with its torch model and the JAX runner."""
+
+    def __init__(self, name: str, directory: str):
+        exact_torch()
+        from models import presets
+        from models.checkpoint import load_checkpoint
+        from models.generate import LlavaRunner
+
+        self.name = name
+        self.directory = directory
+        self.hf_config = presets.llava_config(name)
+        self.torch_model = presets.random_torch_model(self.hf_config, seed=0)
+        presets.write_random_checkpoint(
+            self.hf_config, directory, model=self.torch_model, **CHECKPOINT_VARIANTS[name]
+        )
+        _, self.jax_model = load_checkpoint(directory)
+        self.runner = LlavaRunner(self.jax_model)
+        self.config = self.jax_model.config
+        self.pad_token_id = self.hf_config.text_config.pad_token_id
+
+
+def make_prompt(config, rng: np.random.Generator, before: int, after: int) -> list[int]:
+    """BOS, `before` word ids, the image span, `after` word ids (ids from the tiny vocabulary)."""
+
+    def words(n):
+        return [int(t) for t in rng.integers(4, 60, n)]
+
+    return [1] + words(before) + [config.image_token_index] * config.num_image_tokens + words(after)
+
+
+def random_pixels(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
+    return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
