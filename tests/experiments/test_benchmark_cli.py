@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from experiments import benchmark
+from experiments.benchmark import acceptance, configs, floors, max_batch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
     (search,) = report["max_batch"]
     assert search["config"] == "none" and search["largest_fit"] >= 1
     assert [p["batch"] for p in search["probes"]] == [2] and search["probes"][0]["fits"]
-    assert len(report["acceptance"]) == len(benchmark.TARGETS)
+    assert len(report["acceptance"]) == len(acceptance.TARGETS)
     assert all({"name", "pass", "detail"} <= set(c) for c in report["acceptance"])
 
     assert "| config | metric | ms | floor ms |" in markdown and "## PyTorch" in markdown
@@ -154,11 +154,11 @@ def test_killed_workers_are_failed_rows(tmp_path, cache_dir):
 
 
 def test_parse_config():
-    assert benchmark.parse_config("none:4") == benchmark.Config("none", 0, 4)
-    assert benchmark.parse_config("fastv:128:16") == benchmark.Config("fastv", 128, 16)
-    assert benchmark.parse_config("adaptprune:64", batch=0).name == "adaptprune@64"
+    assert configs.parse_config("none:4") == configs.Config("none", 0, 4)
+    assert configs.parse_config("fastv:128:16") == configs.Config("fastv", 128, 16)
+    assert configs.parse_config("adaptprune:64", batch=0).name == "adaptprune@64"
     with pytest.raises(ValueError, match="METHOD:KEEP:BATCH"):
-        benchmark.parse_config("adaptprune:1")
+        configs.parse_config("adaptprune:1")
 
 
 def test_max_batch_check_decides_only_what_the_bounds_prove():
@@ -166,7 +166,7 @@ def test_max_batch_check_decides_only_what_the_bounds_prove():
         return {"method": method, "keep": keep, "largest_fit": fit, "smallest_failure": fail}
 
     def verdict(base, pruned):
-        return benchmark.acceptance([], [base, pruned])[-2]["pass"]
+        return acceptance.acceptance([], [base, pruned])[-2]["pass"]
 
     assert verdict(search("none", 0, 128, 160), search("adaptprune", 64, 512, None)) is True
     assert verdict(search("none", 0, 128, 160), search("adaptprune", 64, 192, 224)) is False
@@ -182,7 +182,7 @@ def test_batch_search_grows_then_bisects():
 
     def search(start, true_max, **settings):
         with flagsaver.flagsaver(**settings):
-            state = benchmark.BatchSearch(benchmark.Config("none", 0, 0), [], start)
+            state = max_batch.BatchSearch(configs.Config("none", 0, 0), [], start)
             while (batch := state.pending()) is not None:
                 state.record(
                     batch, {"status": "ok" if batch <= true_max else "oom", "fits": batch <= true_max}
@@ -203,12 +203,12 @@ def test_batch_search_grows_then_bisects():
 
 def test_floor_rates_take_the_faster_of_in_run_and_reference():
     ceilings = {"status": "ok", "copy_bytes_per_s": 3.0e12, "matmul_flops_per_s": 700e12}
-    benchmark.set_floor_rates(ceilings, bandwidth_tbps=4.3, matmul_tflops=600)
+    floors.set_floor_rates(ceilings, bandwidth_tbps=4.3, matmul_tflops=600)
     assert ceilings["floor_bytes_per_s"] == 4.3e12 and ceilings["floor_bytes_source"] == "reference"
     assert ceilings["floor_flops_per_s"] == 700e12 and ceilings["floor_flops_source"] == "in-run"
-    assert benchmark._floor_ms(7e12, 4.3e12, ceilings) == pytest.approx(1e3)  # 10 ms FLOPs vs 1 s bytes
+    assert floors._floor_ms(7e12, 4.3e12, ceilings) == pytest.approx(1e3)  # 10 ms FLOPs vs 1 s bytes
     with pytest.raises(ValueError, match="reference rate must be >= 0"):
-        benchmark.set_floor_rates(ceilings, bandwidth_tbps=-1)
+        floors.set_floor_rates(ceilings, bandwidth_tbps=-1)
 
 
 def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp_path):
@@ -252,7 +252,7 @@ def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp
 
 
 def test_stage_compiler_options_parse_and_name_bad_entries():
-    parsed = benchmark.parse_stage_compiler_options(
+    parsed = configs.parse_stage_compiler_options(
         [
             "generate:xla_gpu_enable_triton_gemm=false",
             "prefill:xla_disable_hlo_passes=dot-merger",
@@ -264,6 +264,6 @@ def test_stage_compiler_options_parse_and_name_bad_entries():
         "prefill": {"xla_disable_hlo_passes": "dot-merger"},
     }
     with pytest.raises(ValueError, match="unknown stage 'decode'; stages: vision, embed, prefill"):
-        benchmark.parse_stage_compiler_options(["decode:xla_gpu_enable_triton_gemm=false"])
+        configs.parse_stage_compiler_options(["decode:xla_gpu_enable_triton_gemm=false"])
     with pytest.raises(ValueError, match="expected STAGE:OPTION=VALUE"):
-        benchmark.parse_stage_compiler_options(["generate:xla_gpu_enable_triton_gemm"])
+        configs.parse_stage_compiler_options(["generate:xla_gpu_enable_triton_gemm"])

@@ -1,4 +1,4 @@
-"""experiments.dispatch_overhead keeps the real parameter tree while shrinking the widths."""
+"""experiments.benchmark.dispatch_overhead keeps the real parameter tree while shrinking the widths."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from experiments import dispatch_overhead
+from experiments.benchmark import dispatch_overhead
 from models import presets
 from models.config import from_hf_config
 from models.llava import LlavaForConditionalGeneration

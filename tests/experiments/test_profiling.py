@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from experiments import profiling
+from experiments.benchmark import profiling
 
 
 def _trace():

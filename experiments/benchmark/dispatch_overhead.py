@@ -5,7 +5,7 @@ At batch 1 the host is on the critical path (the vision tower's kernels keep an 
 the weights (the device work is nil) with LLaVA's real parameter tree: the preset's layer counts and
 parameter names, widths shrunk so it runs anywhere. Results in WORKSPACE.md.
 
-  python -m experiments.dispatch_overhead --model=llava-1.5-7b
+  python -m experiments.benchmark.dispatch_overhead --model=llava-1.5-7b
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 
 from absl import app, flags
 
-from experiments.timing import median, run_stamp, timed
+from experiments.benchmark.timing import median, run_stamp, timed
 
 FLAGS = flags.FLAGS
 
@@ -58,7 +58,7 @@ def measure(model_name: str, calls: int) -> dict:
         "arrays": len(weights),
         "calls": calls,
         "device": str(jax.devices()[0]),
-        **run_stamp("experiments.dispatch_overhead"),
+        **run_stamp("experiments.benchmark.dispatch_overhead"),
         "us_per_call": {
             "nnx_state": _median_us(lambda: ignore_weights(state, x), calls),
             "flat_tuple": _median_us(lambda: ignore_weights(weights, x), calls),

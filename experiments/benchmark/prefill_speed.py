@@ -1,6 +1,6 @@
 """What selection costs inside the prefill, and what pruning buys: one process, one model, many variants.
 
-    python -m experiments.prefill_speed --model=llava-1.5-7b --keep=64 --output=results.json
+    python -m experiments.benchmark.prefill_speed --model=llava-1.5-7b --keep=64 --output=results.json
 
 Random bfloat16 weights (speed depends on shapes, not values) are built directly on the device. The
 vision tower and the embedding merge run once; then the LLM prefill (from the merged embeddings, the

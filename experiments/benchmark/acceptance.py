@@ -1,0 +1,134 @@
+"""The acceptance targets, each judged from the rows and searches of a run: pass, fail, or n/a."""
+
+from __future__ import annotations
+
+# The pruned configuration the targets are about, and the targets (ratios, fractions, milliseconds).
+ACCEPT_METHOD, ACCEPT_KEEP = "adaptprune", 64
+TARGETS = dict(
+    decode_vs_weight_floor=1.25,
+    prefill_vs_flop_floor=1.5,
+    ttft_speedup_b1=2.0,
+    ttft_speedup_b16=3.0,
+    memory_saving_b64=0.40,
+    max_batch_ratio=2.0,
+    selection_overhead_ms=0.5,
+)
+
+
+def acceptance(rows: list[dict], searches: list[dict]) -> list[dict]:
+    """The targets, each with its value, pass/fail and the gap; n/a when not measured here."""
+
+    def row(method, keep, batch):
+        return next(
+            (
+                r
+                for r in rows
+                if r["framework"] == "jax"
+                and r["method"] == method
+                and r["keep"] == keep
+                and r["batch"] == batch
+                and r["status"] == "ok"
+            ),
+            None,
+        )
+
+    base1, acc1 = row("none", 0, 1), row(ACCEPT_METHOD, ACCEPT_KEEP, 1)
+    base16, acc16 = row("none", 0, 16), row(ACCEPT_METHOD, ACCEPT_KEEP, 16)
+    base64, acc64 = row("none", 0, 64), row(ACCEPT_METHOD, ACCEPT_KEEP, 64)
+    checks = []
+
+    def check(name, value, target, at_most, unit="", note="", decided=True):
+        if value is None:
+            checks.append(
+                {
+                    "name": name,
+                    "value": None,
+                    "target": target,
+                    "pass": None,
+                    "detail": "n/a (not measured in this run)",
+                }
+            )
+            return
+        ok = (value <= target if at_most else value >= target) if decided else None
+        verdict = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}[ok]
+        checks.append(
+            {
+                "name": name,
+                "value": value,
+                "target": target,
+                "pass": ok,
+                "detail": f"{value:.3f}{unit} {'<=' if at_most else '>='} {target}{unit}: {verdict} "
+                f"(gap {value - target:+.3f}{unit}){note}",
+            }
+        )
+
+    def ratio(num, den, key):
+        return num[key] / den[key] if num and den and num.get(key) and den.get(key) else None
+
+    weight_floor = base1 and base1.get("floors", {}).get("decode_weight_read_ms")
+    check(
+        "decode b1 / weight-read floor",
+        base1["decode_ms_per_token"] / weight_floor if weight_floor else None,
+        TARGETS["decode_vs_weight_floor"],
+        True,
+        "x",
+    )
+    flop_floor = base1 and base1.get("floors", {}).get("llm_prefill_flop_ms")
+    check(
+        f"unpruned LLM prefill b1 ({base1['prompt_tokens'] if base1 else '?'} tokens) / FLOP floor",
+        base1["llm_prefill_ms"] / flop_floor if flop_floor else None,
+        TARGETS["prefill_vs_flop_floor"],
+        True,
+        "x",
+    )
+    check(
+        f"TTFT speedup {ACCEPT_METHOD}@{ACCEPT_KEEP} b1",
+        ratio(base1, acc1, "ttft_ms"),
+        TARGETS["ttft_speedup_b1"],
+        False,
+        "x",
+    )
+    check(
+        f"TTFT speedup {ACCEPT_METHOD}@{ACCEPT_KEEP} b16",
+        ratio(base16, acc16, "ttft_ms"),
+        TARGETS["ttft_speedup_b16"],
+        False,
+        "x",
+    )
+    saving = None
+    if base64 and acc64 and base64.get("peak_bytes") and acc64.get("peak_bytes"):
+        saving = 1 - acc64["peak_bytes"] / base64["peak_bytes"]
+    check(
+        f"peak memory saving {ACCEPT_METHOD}@{ACCEPT_KEEP} b64", saving, TARGETS["memory_saving_b64"], False
+    )
+    search = {(s["method"], s["keep"]): s for s in searches}
+    s_base, s_acc = search.get(("none", 0)), search.get((ACCEPT_METHOD, ACCEPT_KEEP))
+    value, note, decided = None, "", True
+    if s_base and s_acc and s_base["largest_fit"] and s_acc["largest_fit"]:
+        value = s_acc["largest_fit"] / s_base["largest_fit"]
+        base_fail, acc_fail = s_base["smallest_failure"], s_acc["smallest_failure"]
+        # True largest batches lie in [largest_fit, smallest_failure - 1]: decide only what the bounds prove.
+        proven_pass = bool(base_fail) and s_acc["largest_fit"] >= TARGETS["max_batch_ratio"] * (base_fail - 1)
+        proven_fail = bool(acc_fail) and acc_fail - 1 < TARGETS["max_batch_ratio"] * s_base["largest_fit"]
+        decided = proven_pass or proven_fail
+        note = (
+            f"; fits {s_acc['largest_fit']} vs {s_base['largest_fit']}, first failures {acc_fail} vs "
+            f"{base_fail}"
+        )
+    check(
+        f"largest batch {ACCEPT_METHOD}@{ACCEPT_KEEP} / unpruned",
+        value,
+        TARGETS["max_batch_ratio"],
+        False,
+        "x",
+        note,
+        decided,
+    )
+    check(
+        f"selection overhead {ACCEPT_METHOD}@{ACCEPT_KEEP} b1",
+        acc1 and acc1.get("selection_overhead_ms"),
+        TARGETS["selection_overhead_ms"],
+        True,
+        " ms",
+    )
+    return checks

@@ -1,0 +1,170 @@
+"""A benchmark run from start to end: ceilings, pre-compile, measuring jobs, max-batch search, report;
+or, in a worker process, the one job it was started for."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from importlib import metadata
+
+from absl import flags
+
+from experiments.benchmark.acceptance import acceptance
+from experiments.benchmark.configs import parse_search, parse_stage_compiler_options, planned_configs
+from experiments.benchmark.floors import add_floors_and_ratios, set_floor_rates
+from experiments.benchmark.jobs import Runner, precompile
+from experiments.benchmark.max_batch import max_batch_search
+from experiments.benchmark.report import summary, write_outputs
+from experiments.benchmark.timing import run_stamp
+from experiments.benchmark.workers import ceilings_worker
+from experiments.benchmark.workers_jax import jax_worker
+from experiments.benchmark.workers_torch import torch_worker
+
+FLAGS = flags.FLAGS
+
+
+def worker_main() -> None:
+    spec = json.loads(FLAGS.worker)
+    try:
+        result = {"ceilings": ceilings_worker, "jax": jax_worker, "torch": torch_worker}[spec["kind"]](spec)
+    except Exception as error:  # noqa: BLE001 - reported to the driver as a failed row
+        text = f"{type(error).__name__}: {error}"
+        oom = any(s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "Out of memory"))
+        result = {
+            "status": "oom" if oom else "failed",
+            "error": text[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
+        if spec.get("mode") == "probe":
+            result["fits"] = False
+    with open(FLAGS.worker_result, "w") as f:
+        json.dump(result, f)
+
+
+def _meta() -> dict:
+    versions = {}
+    for package in ("jax", "jaxlib", "flax", "torch", "transformers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    own = {
+        f.name: f.value
+        for f in FLAGS.get_flags_for_module("experiments.benchmark.configs")
+        if not f.name.startswith("worker")
+    }
+    return {
+        **run_stamp("experiments.benchmark"),
+        "argv": sys.argv,
+        "flags": own,
+        "versions": versions,
+        "python": sys.version.split()[0],
+        # the workers inherit the environment: compiler flags change the numbers, so they are recorded
+        "env": {
+            k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+        },
+    }
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        worker_main()
+        return
+    if FLAGS.replot:
+        with open(FLAGS.replot) as f:
+            report = json.load(f)
+        if FLAGS.reference_bandwidth_tbps or FLAGS.reference_matmul_tflops:  # re-judge against references
+            set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
+            add_floors_and_ratios(report["rows"], report["ceilings"])
+            report["acceptance"] = acceptance(report["rows"], report["max_batch"])
+            report["meta"]["rejudged"] = run_stamp("experiments.benchmark")
+        write_outputs(report, [os.path.dirname(os.path.abspath(FLAGS.replot))], final=True)
+        print(summary(report))
+        return
+    configs = planned_configs()
+    name = os.path.basename(os.path.normpath(FLAGS.output_dir))
+    out_dirs = [FLAGS.output_dir] + ([os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else [])
+    runner = Runner()
+    common = dict(
+        model=FLAGS.model,
+        random_weights=FLAGS.random_weights,
+        dtype=FLAGS.dtype,
+        layer=FLAGS.layer,
+        text_tokens=FLAGS.text_tokens,
+        new_tokens=FLAGS.new_tokens,
+        repeats=FLAGS.repeats,
+        e2e_repeats=FLAGS.e2e_repeats,
+        selection_overhead=FLAGS.selection_overhead,
+        seed=FLAGS.seed,
+        compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
+        profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
+        attention_logits_budget_mb=FLAGS.attention_logits_budget_mb,
+        stage_compiler_options=parse_stage_compiler_options(FLAGS.stage_compiler_options),
+    )
+    report = {"meta": _meta(), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
+
+    def save(final=False):  # after every job, so a run cut short still leaves its report
+        add_floors_and_ratios(report["rows"], report["ceilings"])
+        report["acceptance"] = acceptance(report["rows"], report["max_batch"])
+        report["meta"]["wall_s"] = round(time.monotonic() - runner.start, 1)
+        write_outputs(report, out_dirs, final=final, logs=runner.logs)
+
+    report["ceilings"] = runner.run("ceilings", dict(common, kind="ceilings"))
+    set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
+    compiled = precompile(runner, configs, common) if FLAGS.compile_workers > 0 else {}
+    rows, torch_done = report["rows"], set()
+    for config in configs:
+        result = runner.run(
+            f"jax-{config.method}-k{config.keep}-b{config.batch}",
+            dict(
+                common, kind="jax", mode="measure", method=config.method, keep=config.keep, batch=config.batch
+            ),
+        )
+        if config in compiled:
+            result["precompile"] = {
+                k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")
+            }
+        rows.append(
+            dict(
+                result,
+                framework="jax",
+                method=config.method,
+                keep=config.keep,
+                batch=config.batch,
+                label=config.label,
+                new_tokens=FLAGS.new_tokens,
+                text_tokens=FLAGS.text_tokens,
+            )
+        )
+        torch_key = (config.keep if config.method != "none" else 0, config.batch)
+        torch_batches = set(map(int, FLAGS.torch_batch_sizes)) or {config.batch}
+        if FLAGS.torch_baseline and torch_key not in torch_done and config.batch in torch_batches:
+            torch_done.add(torch_key)
+            keep, batch = torch_key
+            method = "cut" if keep else "none"
+            result = runner.run(
+                f"torch-{method}-k{keep}-b{batch}", dict(common, kind="torch", keep=keep, batch=batch)
+            )
+            rows.append(
+                dict(
+                    result,
+                    framework="torch",
+                    method=method,
+                    keep=keep,
+                    batch=batch,
+                    label=f"pytorch {method}{f'@{keep}' if keep else ''} b{batch}",
+                    new_tokens=FLAGS.new_tokens,
+                    text_tokens=FLAGS.text_tokens,
+                )
+            )
+        save()
+    if FLAGS.max_batch_search:
+        max_batch_search(
+            runner, [parse_search(text) for text in FLAGS.max_batch_configs], common, rows, report, save
+        )
+    save(final=True)
+    print(summary(report), flush=True)

@@ -1,0 +1,130 @@
+"""Floors: the time a stage cannot beat, from the work its shapes imply and the device's rates.
+
+A floor is max(FLOPs / matmul rate, bytes / bandwidth); a row's ratio to it says how far the
+measured time is from what the hardware allows.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def stage_work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_tokens, itemsize) -> dict:
+    """FLOPs and bytes each stage cannot avoid, from the parameter shapes and the token counts."""
+    import jax
+
+    sizes: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        group = "/".join(str(k) for k in keys[:3] if k != "value")
+        sizes[group] = sizes.get(group, 0) + math.prod(leaf.shape)
+
+    def total(prefix):
+        return sum(n for g, n in sizes.items() if g == prefix or g.startswith(prefix + "/"))
+
+    text, vision, n_img = cfg.text, cfg.vision, cfg.num_image_tokens
+    layer_params = [total(f"language_model/layers/{i}") for i in range(text.num_layers)]
+    head_params = total("language_model/lm_head") or total("language_model/embed_tokens")
+    stream_params = sum(layer_params) + total("language_model/norm") + head_params
+    tokens = [
+        prompt_tokens if (keep == 0 or i < layer) else prompt_tokens - n_img + keep
+        for i in range(text.num_layers)
+    ]
+    attn = 4 * text.num_heads * text.head_dim  # QK^T and PV per (query, key) pair
+    kv_per_token = 2 * text.num_kv_heads * text.head_dim * itemsize
+    prefill_flops = batch * (
+        sum(2 * p * t + attn * t * (t + 1) / 2 for p, t in zip(layer_params, tokens)) + 2 * head_params
+    )
+    filled = [t + new_tokens / 2 for t in tokens]  # mean cache fill during decoding
+    v_tokens, v_layers = vision.num_patches + 1, cfg.vision_layers_needed
+    v_layer_params = [total(f"vision_tower/layers/{i}") for i in range(v_layers)]
+    v_other = total("vision_tower/patch_embedding") + total("multi_modal_projector")
+    vision_flops = batch * (
+        sum(2 * p * v_tokens for p in v_layer_params)
+        + v_layers * 4 * vision.hidden_size * v_tokens**2
+        + 2 * v_other * n_img
+    )
+    return {
+        "llm_params": sum(layer_params)
+        + head_params
+        + total("language_model/embed_tokens") * (not cfg.tie_word_embeddings),
+        "llm_stream_bytes": stream_params * itemsize,
+        "prefill_tokens_per_layer": tokens,
+        "prefill_flops": prefill_flops,
+        "prefill_bytes": stream_params * itemsize + batch * sum(tokens) * kv_per_token,
+        "vision_flops": vision_flops,
+        "vision_bytes": (sum(v_layer_params) + v_other) * itemsize,
+        "decode_flops": batch * (2 * stream_params + attn * sum(filled)),
+        "decode_weight_bytes": stream_params * itemsize,
+        "decode_bytes": stream_params * itemsize + batch * sum(filled) * kv_per_token,
+        "kv_cache_bytes": batch * sum(t + new_tokens for t in tokens) * kv_per_token,
+    }
+
+
+def set_floor_rates(ceilings: dict | None, bandwidth_tbps: float = 0.0, matmul_tflops: float = 0.0) -> None:
+    """The rates floors are drawn against: per ceiling, the faster of the in-run measurement and a
+    reference known to be reachable on the device (0 = none). Recorded in the ceilings."""
+    if not ceilings or ceilings.get("status") != "ok":
+        return
+    for name, measured, reference in (
+        ("bytes", "copy_bytes_per_s", bandwidth_tbps),
+        ("flops", "matmul_flops_per_s", matmul_tflops),
+    ):
+        if reference < 0:
+            raise ValueError(f"a reference rate must be >= 0, got {reference}")
+        ceilings[f"reference_{name}_per_s"] = reference * 1e12 or None
+        ceilings[f"floor_{name}_per_s"] = max(ceilings[measured], reference * 1e12)
+        ceilings[f"floor_{name}_source"] = "reference" if reference * 1e12 > ceilings[measured] else "in-run"
+
+
+def floor_rates(ceilings: dict) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) the floors use: set_floor_rates' choice, or the in-run ceilings of a run without it."""
+    return (
+        ceilings.get("floor_bytes_per_s") or ceilings.get("copy_bytes_per_s", 0),
+        ceilings.get("floor_flops_per_s") or ceilings.get("matmul_flops_per_s", 0),
+    )
+
+
+def _floor_ms(flops, num_bytes, ceilings) -> float | None:
+    if not ceilings or ceilings.get("status") != "ok":
+        return None
+    bandwidth, matmul = floor_rates(ceilings)
+    return max(flops / matmul, num_bytes / bandwidth) * 1e3
+
+
+def add_floors_and_ratios(rows: list[dict], ceilings: dict) -> None:
+    """Floors of every JAX row, speedups vs the unpruned row, JAX / PyTorch ratios."""
+    by_key = {(r["framework"], r["method"], r["keep"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    for row in rows:
+        if row["framework"] != "jax" or row["status"] != "ok":
+            continue
+        w, floors = row["work"], {}
+        floors["vision_ms"] = _floor_ms(w["vision_flops"], w["vision_bytes"], ceilings)
+        floors["llm_prefill_ms"] = _floor_ms(w["prefill_flops"], w["prefill_bytes"], ceilings)
+        floors["llm_prefill_flop_ms"] = _floor_ms(w["prefill_flops"], 0, ceilings)
+        floors["decode_ms_per_token"] = _floor_ms(w["decode_flops"], w["decode_bytes"], ceilings)
+        floors["decode_weight_read_ms"] = _floor_ms(0, w["decode_weight_bytes"], ceilings)
+        if floors["vision_ms"] is not None:
+            floors["ttft_ms"] = floors["vision_ms"] + floors["llm_prefill_ms"]
+            floors["e2e_ms"] = floors["ttft_ms"] + (row["new_tokens"] - 1) * floors["decode_ms_per_token"]
+        row["floors"] = floors
+        row["ratio_to_floor"] = {k: row[k] / f for k, f in floors.items() if f and row.get(k) is not None}
+        base = by_key.get(("jax", "none", 0, row["batch"]))
+        if base:
+            row["speedup_vs_unpruned"] = {
+                k: base[k] / row[k]
+                for k in ("llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
+                if row.get(k) and base.get(k)
+            }
+            if row.get("peak_bytes") and base.get("peak_bytes"):
+                row["memory_saving_vs_unpruned"] = 1 - row["peak_bytes"] / base["peak_bytes"]
+        torch_row = by_key.get(
+            ("torch", "none" if row["method"] == "none" else "cut", row["keep"], row["batch"])
+        )
+        if torch_row:
+            row["jax_over_torch"] = {
+                k: row[k] / torch_row[k]
+                for k in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
+                if row.get(k) and torch_row.get(k)
+            }
+            row["torch_row"] = torch_row["label"]

@@ -1,0 +1,112 @@
+"""Jobs: each runs in its own worker subprocess under the run's deadline; the pre-compile phase."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import flags
+
+from experiments.benchmark.configs import Config
+
+FLAGS = flags.FLAGS
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Runner:
+    """Runs worker subprocesses under the run's deadline; keeps their logs."""
+
+    def __init__(self):
+        self.start = time.monotonic()
+        self.logs: list[str] = []  # one section per worker, all written to one file
+
+    def remaining(self) -> float:
+        return FLAGS.deadline_s - (time.monotonic() - self.start) if FLAGS.deadline_s else float("inf")
+
+    def run(self, name: str, spec: dict, *, budget: float | None = None) -> dict:
+        budget = self.remaining() if budget is None else budget
+        if budget < 5:
+            print(f"[{time.monotonic() - self.start:6.0f} s] {name}: skipped (deadline)", flush=True)
+            return {"status": "skipped", "error": "deadline reached before this job started"}
+        budget = min(FLAGS.job_timeout_s, budget)
+        env = dict(
+            os.environ,
+            XLA_PYTHON_CLIENT_PREALLOCATE="false",
+            XLA_PYTHON_CLIENT_MEM_FRACTION=str(FLAGS.mem_fraction),
+            PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            result_path = os.path.join(tmp, "result.json")
+            command = [
+                sys.executable,
+                "-m",
+                "experiments.benchmark",
+                "--worker=" + json.dumps(spec),
+                "--worker_result=" + result_path,
+            ]
+            start = time.monotonic()
+            # Same process group as the driver: whoever stops the driver's group stops the workers too.
+            process = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            try:
+                output, _ = process.communicate(timeout=budget)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                process.kill()
+                output, _ = process.communicate()
+                timed_out = True
+            wall = time.monotonic() - start
+            keep = 6000 if os.path.exists(result_path) and "Traceback" not in output else 20000
+            self.logs.append(
+                f"===== {name} (exit {process.returncode}, {time.monotonic() - start:.1f} s)\n"
+                + output[-keep:]
+            )
+            if os.path.exists(result_path):
+                with open(result_path) as f:
+                    result = json.load(f)
+            else:
+                why = f"timed out after {budget:.0f} s" if timed_out else f"exited {process.returncode}"
+                result = {"status": "failed", "error": f"worker {why} without a result: {output[-800:]}"}
+        result["wall_s"] = round(wall, 2)
+        print(
+            f"[{time.monotonic() - self.start:6.0f} s] {name}: {result['status']} ({wall:.1f} s)"
+            + (f" - {result.get('error', '')[:300]}" if result["status"] != "ok" else ""),
+            flush=True,
+        )
+        return result
+
+
+def precompile(runner: Runner, configs: list[Config], common: dict) -> dict:
+    """Fill the compilation cache from abstract shapes, in parallel processes: when there are more
+    jobs than workers, the first runs alone (its autotuning results serve the shapes the later programs
+    share, and parallel autotuning times kernels on a shared GPU); unpruned first, then method by
+    method, so that two methods at one keep (same fixed-index prefill, same decode program) do not
+    compile the same program side by side. Stops at 60% of the deadline."""
+    methods = list(dict.fromkeys(["none"] + [c.method for c in configs]))
+    ordered = sorted(configs, key=lambda c: methods.index(c.method))  # same-keep programs not side by side
+    jobs = [
+        (
+            f"compile-{c.method}-k{c.keep}-b{c.batch}",
+            c,
+            dict(common, kind="jax", mode="compile", method=c.method, keep=c.keep, batch=c.batch),
+        )
+        for c in ordered
+    ]
+    results = {}
+
+    def one(job):
+        name, config, spec = job
+        budget = runner.remaining() - 0.4 * FLAGS.deadline_s if FLAGS.deadline_s else None
+        results[config] = runner.run(name, spec, budget=budget)
+
+    if len(jobs) > FLAGS.compile_workers:
+        one(jobs.pop(0))
+    with concurrent.futures.ThreadPoolExecutor(FLAGS.compile_workers) as pool:
+        list(pool.map(one, jobs))
+    return results

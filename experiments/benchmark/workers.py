@@ -1,0 +1,97 @@
+"""What every worker process shares: the model config, random inputs, JAX set-up, and the ceilings job."""
+
+from __future__ import annotations
+
+import os
+
+from experiments.benchmark.timing import median, timed
+
+
+def llava_hf_config(model: str):
+    """The transformers LlavaConfig of a preset name or a checkpoint directory."""
+    from models import presets
+    from models.config import load_hf_config
+
+    return presets.llava_config(model) if model in presets.PRESET_NAMES else load_hf_config(model)
+
+
+def random_prompts(
+    batch: int, text_tokens: int, num_image_tokens: int, vocab_size: int, image_token_index: int, seed: int
+):
+    """(ids (B, S) int32, image_start): random ids, one image span after half the text tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, (batch, text_tokens + num_image_tokens)).astype(np.int32)
+    ids[ids == image_token_index] = (image_token_index + 1) % vocab_size
+    start = text_tokens // 2
+    ids[:, start : start + num_image_tokens] = image_token_index
+    return ids, start
+
+
+def random_pixels(batch: int, size: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed + 1).standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+def configure_jax(spec):
+    """JAX with the job's attention-logits budget and compilation cache (call before any tracing)."""
+    import jax
+
+    if spec.get("attention_logits_budget_mb"):  # before anything is traced: a trace-time constant
+        from models.layers import set_attention_logits_budget
+
+        set_attention_logits_budget(int(spec["attention_logits_budget_mb"] * 2**20))
+    if spec.get("compile_cache"):
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(spec["compile_cache"]))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return jax
+
+
+def memory_stats() -> dict:
+    import jax
+
+    return jax.devices()[0].memory_stats() or {}
+
+
+def ceilings_worker(spec: dict) -> dict:
+    """Measured copy bandwidth (read + write bytes) and bf16 matmul rate, plus the device's identity.
+
+    Each ceiling is `iterations` dependent steps inside ONE jitted loop (x <- 3x; p <- (p @ b) / m, each
+    step behind an optimization barrier), timed as a whole and divided, so per-call dispatch and
+    synchronisation are not charged to the hardware.
+    """
+    jax = configure_jax(spec)
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    small = device.platform == "cpu"
+    n, m, iterations = (2**22, 512, 4) if small else (2**30, 8192, 20)
+    key = jax.random.key(spec["seed"])
+    x = jax.random.normal(key, (n,), jnp.bfloat16)
+    a, b = (jax.random.normal(jax.random.fold_in(key, i), (m, m), jnp.bfloat16) for i in (1, 2))
+    inverse_m = jnp.bfloat16(1.0 / m)
+    barrier = jax.lax.optimization_barrier  # no fusing of steps, should XLA unroll the loop
+
+    scale = jax.jit(lambda v: jax.lax.fori_loop(0, iterations, lambda _, u: barrier(u * 3), v))
+    matmul = jax.jit(
+        lambda p, q: jax.lax.fori_loop(0, iterations, lambda _, u: barrier((u @ q) * inverse_m), p)
+    )
+    copy_ms = median(timed(lambda: scale(x), 10, jax.block_until_ready)) / iterations
+    matmul_ms = median(timed(lambda: matmul(a, b), 10, jax.block_until_ready)) / iterations
+    return {
+        "status": "ok",
+        "device": str(device),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "bytes_limit": memory_stats().get("bytes_limit"),
+        "iterations": iterations,
+        "copy_bytes": 2 * n * 2,
+        "copy_ms": copy_ms,
+        "copy_bytes_per_s": 2 * n * 2 / (copy_ms / 1e3),
+        "matmul_size": m,
+        "matmul_ms": matmul_ms,
+        "matmul_flops_per_s": 2 * m**3 / (matmul_ms / 1e3),
+    }

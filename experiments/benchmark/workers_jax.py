@@ -1,0 +1,340 @@
+"""The JAX worker: compiles every stage of one configuration, then probes or times it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import ClassVar
+
+from experiments.benchmark.floors import stage_work
+from experiments.benchmark.timing import median, timed
+from experiments.benchmark.workers import (
+    configure_jax,
+    llava_hf_config,
+    memory_stats,
+    random_pixels,
+    random_prompts,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSelection:
+    """A pruning config with constant kept indices: the pruning step's cost without cues or selection.
+
+    Implements the model's interface to `adaptprune_jax` configs; asks for no cue, so the model skips
+    the attention row at layer K - 1 and the key projection, and `select` is a broadcast constant.
+    """
+
+    layer: int
+    indices: tuple[int, ...]
+    needs_attention: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+    needs_embeddings: ClassVar[bool] = False
+
+    def validate(self, num_image_tokens: int, num_layers: int) -> None:
+        if not 0 <= self.layer < num_layers or max(self.indices) >= num_image_tokens:
+            raise ValueError(f"fixed selection does not fit {num_image_tokens} tokens / {num_layers} layers")
+
+    def resolve_keep(self, num_image_tokens: int) -> int:
+        return len(self.indices)
+
+    def select(self, cues, keep: int):
+        import jax.numpy as jnp
+
+        batch, _ = cues.batch_and_tokens()
+        return jnp.broadcast_to(jnp.asarray(self.indices, jnp.int32), (batch, keep))
+
+
+def _compiled_memory(compiled) -> dict | None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if stats is None:
+        return None
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
+    return {f: int(getattr(stats, f, 0)) for f in fields}
+
+
+def jax_worker(spec: dict) -> dict:
+    """Compile (mode compile), or compile + run once (probe), or compile + time everything (measure)."""
+    jax = configure_jax(spec)
+    import functools
+    import warnings
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import adaptprune_jax as prune
+    from models.checkpoint import load_checkpoint
+    from models.config import from_hf_config
+    from models.generate import LlavaRunner, SamplingConfig
+    from models.llava import LlavaForConditionalGeneration
+    from models.presets import random_state
+
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    mode, method, batch, new_tokens = spec["mode"], spec["method"], spec["batch"], spec["new_tokens"]
+    if new_tokens < 2 or spec["text_tokens"] < 2:
+        raise ValueError("need --new_tokens >= 2 (one decode step) and --text_tokens >= 2")
+    hf_config = llava_hf_config(spec["model"])
+    cfg = from_hf_config(hf_config)
+    dtype = jnp.dtype(spec["dtype"])
+    abstract_model = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    runner = LlavaRunner(abstract_model)
+    abstract_state, abstract_weights = runner.state, runner.weights
+    n_img = cfg.num_image_tokens
+    prompt_tokens = n_img + spec["text_tokens"]
+    if method == "none":
+        pruning = None
+    else:
+        settings = {} if method == "divprune" else {"layer": spec["layer"]}
+        pruning = prune.make_config(method, keep=spec["keep"], **settings)
+    keep = runner.resolve_keep(pruning)
+    fixed = None
+    if pruning is not None and spec["selection_overhead"] and mode != "probe":
+        fixed = FixedSelection(pruning.layer, tuple(i * n_img // keep for i in range(keep)))
+    sampling = SamplingConfig(
+        max_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=int(hf_config.text_config.pad_token_id or 0),
+    )
+
+    def vision(weights, pixels):
+        return runner.merge(weights).image_features(pixels)
+
+    def embed(weights, ids, features):
+        x, image_start = runner.merge(weights).embed_prompt(ids, features)
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+        return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_start
+
+    def prefill(weights, x, positions, last_index, image_start, rng, *, pruning, keep):
+        return runner.merge(weights).language_model.prefill(
+            x,
+            positions,
+            last_index,
+            image_start=image_start,
+            num_image_tokens=n_img,
+            extra_slots=new_tokens,
+            pruning=pruning,
+            keep=keep,
+            rng=rng,
+        )
+
+    # --- compile every stage from abstract shapes (a cache load when the pre-compile phase ran) ----
+    compiled, compile_s, memory = {}, {}, {}
+    stage_options = spec.get("stage_compiler_options") or {}
+
+    def build(name, fn, *args, **static):
+        start = time.perf_counter()
+        lowered = fn.lower(*args, **static)
+        compiled[name] = lowered.compile(compiler_options=stage_options.get(name) or None)
+        compile_s[name] = round(time.perf_counter() - start, 3)
+        memory[name] = _compiled_memory(compiled[name])
+        return lowered.out_info
+
+    sds = jax.ShapeDtypeStruct
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    ids_shape, pixel_shape = (batch, prompt_tokens), (batch, 3, cfg.vision.image_size, cfg.vision.image_size)
+    random_init = spec["random_weights"] or not os.path.isdir(spec["model"])
+    if random_init:
+        start = time.perf_counter()
+        random_state(abstract_state, spec["seed"], compile_only=True)
+        compile_s["init"] = round(time.perf_counter() - start, 3)
+    features = build("vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32))
+    embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
+    result = build(
+        "prefill",
+        jax.jit(functools.partial(prefill, pruning=pruning, keep=keep)),
+        abstract_weights,
+        *embedded,
+        key,
+    )
+    build("first_token", jax.jit(lambda logits: jnp.argmax(logits, -1)), result.logits)
+    build(
+        "generate",
+        runner._generate,
+        abstract_weights,
+        result.logits,
+        result.caches,
+        result.next_positions,
+        key,
+        sampling=sampling,
+    )
+    if fixed is not None:
+        build(
+            "prefill_fixed",
+            jax.jit(functools.partial(prefill, pruning=fixed, keep=keep)),
+            abstract_weights,
+            *embedded,
+            key,
+        )
+    cues = None
+    if pruning is not None and mode != "probe":
+        kv_width = cfg.text.num_kv_heads * cfg.text.head_dim
+        cues = prune.Cues(
+            attention=sds((batch, n_img), jnp.float32) if pruning.needs_attention else None,
+            keys=sds((batch, n_img, kv_width), jnp.float32) if pruning.needs_features else None,
+            embeddings=sds((batch, n_img, cfg.text.hidden_size), dtype) if pruning.needs_embeddings else None,
+            rng=key,
+            batch_size=batch,
+            num_image_tokens=n_img,
+        )
+        build("select", jax.jit(lambda c: pruning.select(c, keep)), cues)
+    from models.layers import attention_logits_budget
+
+    out = {
+        "status": "ok",
+        "compile_s": compile_s,
+        "compiled_memory": memory,
+        "keep": keep,
+        "stage_compiler_options": stage_options,
+        "attention_logits_budget_bytes": attention_logits_budget(),
+        "layer": None if pruning is None else pruning.layer,
+        "prompt_tokens": prompt_tokens,
+        "image_tokens": n_img,
+        "work": stage_work(
+            cfg,
+            abstract_state,
+            batch=batch,
+            prompt_tokens=prompt_tokens,
+            keep=keep,
+            layer=0 if pruning is None else pruning.layer,
+            new_tokens=new_tokens,
+            itemsize=dtype.itemsize,
+        ),
+    }
+    out["work"]["kv_cache_bytes_allocated"] = sum(
+        math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(result.caches)
+    )
+    if mode == "compile":
+        return out
+
+    # --- weights, inputs, one generation (its peak is the configuration's memory) ------------------
+    start = time.perf_counter()
+    if random_init:
+        weights = runner.flatten_weights(random_state(abstract_state, spec["seed"]))
+    else:
+        weights = runner.flatten_weights(nnx.split(load_checkpoint(spec["model"], spec["dtype"])[1])[1])
+    sync = jax.block_until_ready
+    sync(weights)
+    out["weights_s"] = round(time.perf_counter() - start, 3)
+    out["weights_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
+    ids, _ = random_prompts(
+        batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index, spec["seed"]
+    )
+    ids, pixels = jnp.asarray(ids), jnp.asarray(random_pixels(batch, cfg.vision.image_size, spec["seed"]))
+    rng = jax.random.key(spec["seed"] + 2)
+    run = compiled
+
+    def first_token():
+        embedded = run["embed"](weights, ids, run["vision"](weights, pixels))
+        result = run["prefill"](weights, *embedded, rng)
+        return run["first_token"](result.logits), result
+
+    def generation():
+        _, result = first_token()
+        return run["generate"](weights, result.logits, result.caches, result.next_positions, rng)
+
+    start = time.perf_counter()
+    sync(generation())
+    out["first_run_s"] = round(time.perf_counter() - start, 3)
+    stats = memory_stats()
+    out["peak_bytes"] = stats.get("peak_bytes_in_use")
+    out["bytes_limit"] = stats.get("bytes_limit")
+    if mode == "probe":
+        out["fits"] = True
+        return out
+
+    # --- timings ---------------------------------------------------------------------------------
+    reps, e2e_reps = spec["repeats"], spec["e2e_repeats"]
+    samples = {"vision_ms": timed(lambda: run["vision"](weights, pixels), reps, sync)}
+    embedded = sync(run["embed"](weights, ids, run["vision"](weights, pixels)))
+    prefills = {"llm_prefill_ms": "prefill", "fixed_prefill_ms": "prefill_fixed"}
+    prefills = {k: v for k, v in prefills.items() if v in run}
+    for name, stage in prefills.items():  # warm-up, then interleave so drift hits both alike
+        sync(run[stage](weights, *embedded, rng))
+        samples[name] = []
+    for _ in range(reps):
+        for name, stage in prefills.items():
+            samples[name].append(_one(lambda stage=stage: run[stage](weights, *embedded, rng), sync))
+    if fixed is not None:
+        samples["selection_overhead_ms"] = [
+            a - b for a, b in zip(samples["llm_prefill_ms"], samples["fixed_prefill_ms"])
+        ]
+    if cues is not None:
+        real_cues = jax.tree_util.tree_map(
+            lambda s: (
+                jax.random.uniform(jax.random.key(7), s.shape, s.dtype)
+                if hasattr(s, "shape") and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+                else s
+            ),
+            cues,
+        )
+        real_cues = real_cues.replace(rng=rng)
+        samples["select_only_ms"] = timed(lambda: run["select"](real_cues), reps, sync)
+    samples["ttft_ms"] = timed(first_token, reps, sync)
+    decode = []
+    for _ in range(e2e_reps + 1):
+        result = sync(run["prefill"](weights, *embedded, rng))
+        decode.append(
+            _one(
+                lambda result=result: run["generate"](
+                    weights, result.logits, result.caches, result.next_positions, rng
+                ),
+                sync,
+            )
+            / (new_tokens - 1)
+        )
+    samples["decode_ms_per_token"] = decode[1:]
+    samples["e2e_ms"] = timed(generation, e2e_reps, sync)
+    out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
+    out.update({k: median(s) for k, s in samples.items()})
+    out["peak_bytes_all_stages"] = memory_stats().get("peak_bytes_in_use")
+    if spec.get("profile_dir"):  # after the timings and the peak: the profiler's buffers cost memory
+        from experiments.benchmark import profiling
+
+        where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
+        result = sync(run["prefill"](weights, *embedded, rng))
+        stages = {
+            "vision": lambda: profiling.profile_call(
+                lambda: run["vision"](weights, pixels), os.path.join(where, "vision"), calls=3, sync=sync
+            ),
+            "llm_prefill": lambda: profiling.profile_call(
+                lambda: run["prefill"](weights, *embedded, rng),
+                os.path.join(where, "llm_prefill"),
+                calls=3,
+                sync=sync,
+            ),
+            "decode_step": lambda: profiling.profile_call(
+                lambda result=result: run["generate"](
+                    weights, result.logits, result.caches, result.next_positions, rng
+                ),
+                os.path.join(where, "decode"),
+                units_per_call=new_tokens - 1,
+                sync=sync,
+            ),
+        }
+        out["profile"] = {}
+        for stage, take in stages.items():  # a failed trace (e.g. no CUPTI) must not cost the timings
+            try:
+                out["profile"][stage] = take()
+            except Exception as error:  # noqa: BLE001 - recorded in the row, the run goes on
+                out["profile"][stage] = {
+                    "error": f"{type(error).__name__}: {error}"[:500],
+                    "device_threads": [],
+                }
+    return out
+
+
+def _one(fn, sync) -> float:
+    start = time.perf_counter()
+    sync(fn())
+    return (time.perf_counter() - start) * 1e3
