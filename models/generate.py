@@ -119,6 +119,12 @@ class LlavaRunner:
         donate = ("caches",) if jax.default_backend() != "cpu" else ()
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
 
+    @property
+    def decode_loop(self):
+        """The jitted decode loop `(weights, first_logits, caches, next_positions, rng, *, sampling)` ->
+        (tokens, counts), for callers (the benchmark) that compile and time it stage by stage."""
+        return self._generate
+
     # --- weights: a flat tuple outside jit, the model inside -------------------------------------
     @property
     def state(self) -> nnx.State:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
-from typing import ClassVar
 
 from experiments.benchmark.floors import stage_work
 from experiments.benchmark.timing import median, timed
@@ -19,35 +17,8 @@ from experiments.benchmark.workers import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedSelection:
-    """A pruning config with constant kept indices: the pruning step's cost without cues or selection.
-
-    Implements the model's interface to `adaptprune_jax` configs; asks for no cue, so the model skips
-    the attention row at layer K - 1 and the key projection, and `select` is a broadcast constant.
-    """
-
-    layer: int
-    indices: tuple[int, ...]
-    needs_attention: ClassVar[bool] = False
-    needs_features: ClassVar[bool] = False
-    needs_embeddings: ClassVar[bool] = False
-
-    def validate(self, num_image_tokens: int, num_layers: int) -> None:
-        if not 0 <= self.layer < num_layers or max(self.indices) >= num_image_tokens:
-            raise ValueError(f"fixed selection does not fit {num_image_tokens} tokens / {num_layers} layers")
-
-    def resolve_keep(self, num_image_tokens: int) -> int:
-        return len(self.indices)
-
-    def select(self, cues, keep: int):
-        import jax.numpy as jnp
-
-        batch, _ = cues.batch_and_tokens()
-        return jnp.broadcast_to(jnp.asarray(self.indices, jnp.int32), (batch, keep))
-
-
 def _compiled_memory(compiled) -> dict | None:
+    """XLA's byte counts of a compiled stage (its temporaries are what a batch adds beside the cache)."""
     try:
         stats = compiled.memory_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
@@ -100,7 +71,10 @@ def jax_worker(spec: dict) -> dict:
     keep = runner.resolve_keep(pruning)
     fixed = None
     if pruning is not None and spec["selection_overhead"] and mode != "probe":
-        fixed = FixedSelection(pruning.layer, tuple(i * n_img // keep for i in range(keep)))
+        # The same layer and keep with constant indices: no cue, no selection, so prefill minus this is
+        # what selecting costs.
+        indices = tuple(i * n_img // keep for i in range(keep))
+        fixed = prune.FixedIndicesConfig(keep=keep, layer=pruning.layer, indices=indices)
     sampling = SamplingConfig(
         max_new_tokens=new_tokens,
         eos_token_id=None,
@@ -160,7 +134,7 @@ def jax_worker(spec: dict) -> dict:
     build("first_token", jax.jit(lambda logits: jnp.argmax(logits, -1)), result.logits)
     build(
         "generate",
-        runner._generate,
+        runner.decode_loop,
         abstract_weights,
         result.logits,
         result.caches,
