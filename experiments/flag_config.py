@@ -33,6 +33,10 @@ from absl import app, flags
 
 _HELP, _REQUIRED, _CHOICES = "help", "required", "choices"
 
+# Flags defined here belong to the module that called define_flags (the entry point), so `--help`
+# lists them as that program's own.
+flags.disclaim_key_flags()
+
 
 def setting(
     default: Any,

@@ -22,7 +22,7 @@ from experiments.reporting import kept_patch_mask, overlay_kept_patches
 from models.config import from_hf_config
 from models.presets import llava_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FLAGFILES = {
     name: REPO / "experiments" / "flags" / f"{name}.flags"
     for name in ("testbed", "testbed_gpu", "pope_llava15_7b")

@@ -173,3 +173,11 @@ def test_unsupported_types_and_choices_fail_at_definition():
     ):
         with pytest.raises(TypeError, match=message):
             define_flags(config_class, flags.FlagValues())
+
+
+def test_flags_belong_to_the_module_that_defines_them():
+    """So an entry point's --help lists them as its own, not as flag_config's."""
+    flag_values = define_flags(Config, flags.FlagValues())
+    by_module = flag_values.flags_by_module_dict()
+    assert "experiments.flag_config" not in by_module
+    assert {flag.name for flag in by_module[__name__]} >= {"checkpoint", "keep"}

@@ -1,0 +1,75 @@
+"""`EvalConfig` and the names of what an evaluation run writes under its output directory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from experiments.benchmarks import benchmark_names
+from experiments.flag_config import setting
+
+UNPRUNED = "none"  # method name of the unpruned run, always evaluated once
+PREDICTIONS_DIR = "predictions"
+RESULTS_JSON = "results.json"
+RUN_SETTINGS_JSON = "run_settings.json"
+# Settings that change what an answer is: a resumed run must match the one that wrote the files.
+ANSWER_SETTINGS = (
+    "checkpoint",
+    "benchmark",
+    "questions",
+    "image_dir",
+    "layer",
+    "max_new_tokens",
+    "seed",
+    "dtype",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything one evaluation run needs; the command line fills it from flags, tests build it directly.
+
+    The important ones: checkpoint, benchmark, questions, output_dir, methods, keep.
+    To tinker with: layer (None = each method's default), batch_size, max_new_tokens (None = the
+    benchmark's), limit (first N questions), num_overlays / record_kept (how many questions get
+    kept-token pictures / kept indices in the prediction files).
+    """
+
+    checkpoint: str = setting(
+        dataclasses.MISSING,
+        "llava-hf checkpoint directory (config.json, safetensors, tokenizer).",
+        required=True,
+    )
+    benchmark: str = setting(
+        dataclasses.MISSING, f"Benchmark name; one of {', '.join(benchmark_names())}.", required=True
+    )
+    questions: str = setting(
+        dataclasses.MISSING,
+        "Question file, or directory of them (POPE splits, a testbed split).",
+        required=True,
+    )
+    output_dir: str = setting(
+        dataclasses.MISSING, "Where predictions/, results.json, results.md and the plots go.", required=True
+    )
+    image_dir: str | None = setting(
+        None,
+        "Folder of the images the questions name (default: the benchmark's own, e.g. <testbed split>/images).",
+    )
+    methods: tuple[str, ...] = setting(
+        ("adaptprune", "fastv"),
+        "Pruning methods; 'none' (unpruned) is always evaluated once whether listed or not.",
+    )
+    keep: tuple[int | float, ...] = setting(
+        (64,), "Budgets: image-token counts (192) or ratios of all image tokens (0.25)."
+    )
+    layer: int | None = setting(None, "Pruning layer K for the in-LLM methods (default: each method's own).")
+    batch_size: int = setting(8, "Questions per generation call (the last batch is padded).")
+    max_new_tokens: int | None = setting(None, "Tokens to generate per answer (default: the benchmark's).")
+    limit: int | None = setting(None, "Evaluate only the first N questions.")
+    seed: int = setting(0, "Seed of random pruning (per batch: derived from the seed and its position).")
+    dtype: str = setting("float32", "Compute dtype of the model.", choices=("float32", "bfloat16"))
+    model_name: str | None = setting(
+        None, "Model name for published-number lookup (default: checkpoint folder name)."
+    )
+    num_overlays: int = setting(3, "How many images get kept-token pictures.")
+    record_kept: int = setting(8, "How many questions keep their kept-token indices in predictions.")
+    command: str | None = None  # the command line, recorded in results.md when run from the CLI

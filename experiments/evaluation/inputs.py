@@ -1,0 +1,120 @@
+"""Questions, images and the run's settings file: every check that can fail runs before any generation."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+from collections.abc import Sequence
+
+from experiments.benchmarks import Question
+from experiments.evaluation.config import ANSWER_SETTINGS, RUN_SETTINGS_JSON, EvalConfig
+
+
+def load_question_list(benchmark, path: str, limit: int | None) -> list[Question]:
+    """The benchmark's questions (first `limit` of them); a missing file or folder names the path."""
+    # POPE also takes 'a.json,b.json'; those parts are checked by its own loader.
+    if "," not in path and not os.path.exists(path):
+        raise FileNotFoundError(f"question file or directory not found: {path}")
+    questions = benchmark.load_questions(path)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        questions = questions[:limit]
+    return questions
+
+
+def image_resolver(benchmark, config: EvalConfig):
+    """question -> image path: under --image_dir, or where the benchmark keeps its own images."""
+    if config.image_dir:
+        if not os.path.isdir(config.image_dir):
+            raise FileNotFoundError(f"image folder not found: {config.image_dir}")
+        return lambda question: os.path.join(config.image_dir, question.image)
+    if hasattr(benchmark, "image_path"):  # the testbed: images/ beside questions.jsonl
+        return lambda question: benchmark.image_path(config.questions, question)
+    raise ValueError(
+        f"--image_dir is required for benchmark {benchmark.name!r} (the folder holding the "
+        f"images its question file names)"
+    )
+
+
+class ImageLoader:
+    """Decodes images (each failure remembered with its reason, so it is reported once per pair,
+    not re-decoded) and loads the next batch in a background thread while the model runs."""
+
+    def __init__(self, image_path):
+        from models.preprocess import UnreadableImageError, load_image
+
+        self._load_image = load_image
+        self._errors = (FileNotFoundError, UnreadableImageError)
+        self.image_path = image_path
+        self.failures: dict[str, str] = {}  # path -> reason
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def _load(self, questions: Sequence[Question]) -> list:
+        images = []
+        for question in questions:
+            path = self.image_path(question)
+            if path in self.failures:
+                images.append(None)
+                continue
+            try:
+                images.append(self._load_image(path))
+            except self._errors as error:
+                self.failures[path] = str(error)
+                images.append(None)
+        return images
+
+    def submit(self, questions: Sequence[Question]) -> concurrent.futures.Future:
+        return self._pool.submit(self._load, list(questions))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def check_images_exist(questions: Sequence[Question], image_path) -> None:
+    """Fail fast when not one image is where the questions say (a wrong --image_dir, not a gap)."""
+    if questions and not any(os.path.exists(image_path(question)) for question in questions):
+        raise FileNotFoundError(
+            f"none of the {len(questions)} questions' images exists; e.g. {image_path(questions[0])} "
+            f"(is --image_dir right?)"
+        )
+
+
+def check_run_settings(config: EvalConfig, max_new_tokens: int) -> None:
+    """Refuse to append to prediction files written with settings that change the answers."""
+    settings = {
+        **{name: getattr(config, name) for name in ANSWER_SETTINGS},
+        "max_new_tokens": max_new_tokens,
+    }
+    path = os.path.join(config.output_dir, RUN_SETTINGS_JSON)
+    if os.path.exists(path):
+        with open(path) as file:
+            previous = json.load(file)
+        changed = {
+            name: (previous.get(name), value)
+            for name, value in settings.items()
+            if previous.get(name) != value
+        }
+        if changed:
+            details = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
+            raise ValueError(
+                f"{config.output_dir} holds predictions made with other settings ({details}); "
+                f"use another --output_dir or remove it"
+            )
+    os.makedirs(config.output_dir, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(settings, file, indent=2)
+
+
+def overlay_questions(questions: Sequence[Question], count: int, image_path) -> list[Question]:
+    """The first `count` questions with distinct, present images (POPE asks several questions per
+    image; different pictures show more about a method than one picture asked three times)."""
+    chosen, images = [], set()
+    for question in questions:
+        if len(chosen) >= count:
+            break
+        if question.image not in images and os.path.exists(image_path(question)):
+            images.add(question.image)
+            chosen.append(question)
+    return chosen

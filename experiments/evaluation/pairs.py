@@ -1,0 +1,101 @@
+"""The evaluated pairs: the unpruned model, then every (method, keep) of the config, checked up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.evaluation.config import UNPRUNED, EvalConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One evaluated setting: a method at a budget (the unpruned model is method 'none')."""
+
+    method: str
+    keep: int  # resolved count of image tokens the LLM keeps
+    keep_requested: int | float | None
+    pruning: Any  # adaptprune_jax config, None when unpruned
+    equivalent_tokens: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_{self.keep}"
+
+
+def parse_keep(text: str | int | float) -> int | float:
+    """'64' -> 64 (a count), '0.25' -> 0.25 (a ratio); range checks are the pruning config's."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    text = str(text).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"--keep value {text!r} is neither a token count (int) nor a ratio (float)"
+        ) from None
+
+
+def known_method_names() -> list[str]:
+    from adaptprune_jax import methods
+
+    return [UNPRUNED, *methods.names()]
+
+
+def check_method_names(methods: Sequence[str]) -> list[str]:
+    """Lower-cased, de-duplicated method names; an unknown one raises with the known names."""
+    known = known_method_names()
+    names = []
+    for method in methods:
+        name = method.strip().lower()
+        if name not in known:
+            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(known)}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int) -> list[Pair]:
+    """The unpruned pair first, then every (method, keep), validated against the model's sizes.
+
+    A keep or layer out of range raises the pruning config's own ValueError here, before any work.
+    Two requested keeps that resolve to the same count (192 and 1/3) are evaluated once. Each method
+    takes only the settings it has: a method that prunes before the LLM has no layer, and only a
+    random one a seed; `layer=None` leaves each method its default.
+    """
+    from adaptprune_jax import methods
+
+    pairs = [Pair(UNPRUNED, num_image_tokens, None, None, float(num_image_tokens))]
+    seen = {pairs[0].name}
+    for method in check_method_names(config.methods):
+        if method == UNPRUNED:
+            continue
+        for keep in config.keep:
+            requested = parse_keep(keep)
+            pruning = methods.make_config(
+                method, strict=False, keep=requested, layer=config.layer, seed=config.seed
+            )
+            pruning.validate(num_image_tokens, num_layers)
+            pair = Pair(
+                method,
+                pruning.resolve_keep(num_image_tokens),
+                requested,
+                pruning,
+                pruning.equivalent_tokens(num_image_tokens, num_layers),
+            )
+            if pair.name in seen:
+                logger.warning(
+                    "%s: keep=%r resolves to %d tokens, already evaluated", method, keep, pair.keep
+                )
+                continue
+            seen.add(pair.name)
+            pairs.append(pair)
+    return pairs

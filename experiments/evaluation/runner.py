@@ -1,0 +1,158 @@
+"""`run`: every pair of an EvalConfig generated (resumably), scored from its prediction file, reported.
+
+Then it writes `results.json`, `results.md`, `accuracy_vs_tokens.png` and `kept_tokens/*.png` (see
+`experiments.reporting`). Scores always come from the prediction files, so a resumed run scores
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.benchmarks import Question, get_benchmark
+from experiments.benchmarks.io import read_predictions
+from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, EvalConfig
+from experiments.evaluation.generation import predictions_path, run_pair
+from experiments.evaluation.inputs import (
+    ImageLoader,
+    check_images_exist,
+    check_run_settings,
+    image_resolver,
+    load_question_list,
+    overlay_questions,
+)
+from experiments.evaluation.pairs import Pair, build_pairs, check_method_names
+
+logger = logging.getLogger(__name__)
+
+
+def score_pair(benchmark, questions: Sequence[Question], pair: Pair, output_dir: str) -> tuple[dict, dict]:
+    """(metrics, records) re-scored from the pair's prediction file, restricted to `questions`."""
+    path = predictions_path(output_dir, pair)
+    records = read_predictions(path) if os.path.exists(path) else {}
+    wanted = {question.question_id for question in questions}
+    records = {question_id: record for question_id, record in records.items() if question_id in wanted}
+    metrics = benchmark.score(
+        questions, {question_id: record["prediction"] for question_id, record in records.items()}
+    )
+    return metrics, records
+
+
+def previous_timings(output_dir: str) -> dict[str, dict]:
+    """Timing of each pair in an earlier results.json, kept for pairs this run had nothing to do for."""
+    path = os.path.join(output_dir, RESULTS_JSON)
+    try:
+        with open(path) as file:
+            return {
+                name: result.get("timing", {}) for name, result in json.load(file).get("pairs", {}).items()
+            }
+    except (OSError, ValueError):
+        return {}
+
+
+def run(config: EvalConfig, engine=None) -> dict:
+    """Evaluate every pair of `config`; returns what results.json holds. `engine` may be shared."""
+    from experiments import reference_numbers, reporting
+
+    if config.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {config.batch_size}")
+    benchmark = get_benchmark(config.benchmark)
+    check_method_names(config.methods)
+    questions = load_question_list(benchmark, config.questions, config.limit)
+    image_path = image_resolver(benchmark, config)
+    if not os.path.isdir(config.checkpoint):
+        raise FileNotFoundError(f"checkpoint directory not found: {config.checkpoint}")
+    check_images_exist(questions, image_path)
+
+    if engine is None:
+        from models.engine import LlavaEngine
+
+        engine = LlavaEngine.from_checkpoint(config.checkpoint, dtype=config.dtype)
+    model = engine.config
+    num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
+    pairs = build_pairs(config, num_image_tokens, num_layers)
+    max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
+    check_run_settings(config, max_new_tokens)
+    model_name = reference_numbers.canonical_model_name(config.model_name or config.checkpoint)
+
+    overlays = overlay_questions(questions, config.num_overlays, image_path)
+    record_kept_ids = {q.question_id for q in questions[: config.record_kept]} | {
+        q.question_id for q in overlays
+    }
+    earlier = previous_timings(config.output_dir)
+    loader = ImageLoader(image_path)
+    results: dict[str, Any] = {
+        "benchmark": benchmark.name,
+        "primary_metric": benchmark.primary_metric,
+        "model_name": model_name,
+        "checkpoint": os.path.abspath(config.checkpoint),
+        "num_questions": len(questions),
+        "num_image_tokens": num_image_tokens,
+        "num_layers": num_layers,
+        "image_grid": model.image_grid,
+        "settings": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "command"},
+            "max_new_tokens": max_new_tokens,
+        },
+        "command": config.command,
+        "pairs": {},
+    }
+    try:
+        for pair in pairs:
+            progress = run_pair(engine, pair, questions, loader, config, max_new_tokens, record_kept_ids)
+            metrics, records = score_pair(benchmark, questions, pair, config.output_dir)
+            skipped = [
+                {"question_id": q.question_id, "image": q.image, "reason": loader.failures[image_path(q)]}
+                for q in questions
+                if q.question_id not in records and image_path(q) in loader.failures
+            ]
+            timing = (
+                progress.timing() if progress.generated or pair.name not in earlier else earlier[pair.name]
+            )
+            result = {
+                "method": pair.method,
+                "keep": pair.keep,
+                "keep_requested": pair.keep_requested,
+                "layer": None if pair.pruning is None else pair.pruning.layer,
+                "equivalent_tokens": pair.equivalent_tokens,
+                "primary": metrics["overall"][benchmark.primary_metric],
+                "metrics": metrics,
+                "num_scored": metrics["num_scored"],
+                "num_missing": metrics["num_missing"],
+                "num_skipped": len(skipped),
+                "skipped": skipped,
+                "timing": timing,
+                "predictions_file": os.path.join(PREDICTIONS_DIR, f"{pair.name}.jsonl"),
+            }
+            result["published"] = [
+                {
+                    **dataclasses.asdict(reference),
+                    "ours": reference_numbers.comparable_value(reference, result),
+                }
+                for reference in reference_numbers.lookup(model_name, benchmark.name, pair.method, pair.keep)
+            ]
+            results["pairs"][pair.name] = result
+            logger.info(
+                "%s: %s=%.4f over %d scored, %d skipped",
+                pair.name,
+                benchmark.primary_metric,
+                result["primary"],
+                result["num_scored"],
+                result["num_skipped"],
+            )
+    finally:
+        loader.close()
+
+    with open(os.path.join(config.output_dir, RESULTS_JSON), "w") as file:
+        json.dump(results, file, indent=2)
+    reporting.write_report(config.output_dir, results)
+    reporting.plot_accuracy_vs_tokens(os.path.join(config.output_dir, "accuracy_vs_tokens.png"), results)
+    reporting.write_kept_token_overlays(
+        os.path.join(config.output_dir, "kept_tokens"), engine, results, overlays, image_path
+    )
+    return results
