@@ -215,60 +215,6 @@ def write_random_checkpoint(
     return directory
 
 
-def testbed_config(
-    *, vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None
-) -> LlavaConfig:
-    """The small LLaVA trained from scratch on the procedural testbed (`experiments.train_testbed`).
-
-    LLaVA-1.5's input geometry is kept exactly (CLIP 336 px / patch 14 = a 24 x 24 grid, 576 image
-    tokens, features from hidden_states[-2] without [CLS], 2-layer GELU projector, untied LLaMA
-    head), so pruning sees the real token counts and positions; only widths and depths shrink.
-    Vocabulary and special ids come from the testbed tokenizer (one source of truth), the vocab
-    padded to a multiple of 8. Sizes (9.4M parameters, 18.8 MB as float16): a 6-layer, 256-wide
-    CLIP (5 layers run, the 6th is LLaVA's unused last layer) and a 4-layer, 256-wide LLaMA with 4
-    heads of 64, so pruning at K = 2 leaves two layers after it. 1024 positions hold the 622-token
-    prompt, the answer and generation slack. `vision` / `text` override CLIP / LLaMA settings (tests
-    shrink both, and the image, to train in seconds on a CPU).
-    """
-    from experiments.testbed.scenes import IMAGE_TOKEN_INDEX, TOKENIZER_SIZE, make_tokenizer
-
-    tokenizer = make_tokenizer()
-    vision_config = dict(
-        _CLIP_L_336,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        projection_dim=256,
-    )
-    vision_config.update(vision or {})
-    text_config = dict(
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=-(-TOKENIZER_SIZE // 8) * 8,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    text_config.update(text or {})
-    return _llava(
-        vision_config,
-        text_config,
-        image_token_index=IMAGE_TOKEN_INDEX,
-        pad_token_id=tokenizer.pad_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-
-
 _RANDOM_GENERATORS: dict = {}
 
 

@@ -11,14 +11,10 @@ import sys
 
 import numpy as np
 
-from experiments.testbed.scenes import (
-    DEFAULT_CONFIG,
-    TestbedConfig,
-    render_scenes_numpy,
-    sample_questions,
-    sample_scenes,
-    split_rng,
-)
+from experiments.testbed.layout import sample_scenes, split_rng
+from experiments.testbed.questions import sample_questions
+from experiments.testbed.render import render_scenes_numpy
+from experiments.testbed.scene_config import DEFAULT_CONFIG, TestbedConfig
 
 
 def save_contact_sheet(

@@ -25,7 +25,7 @@ def evaluate_first_items(
 ) -> dict:
     """Write the first `num_items` of the split, evaluate them unpruned (float32) with experiments.eval."""
     from experiments.eval import EvalConfig, run
-    from experiments.testbed.scenes import write_split
+    from experiments.testbed.splits import write_split
 
     work_dir = work_dir or tempfile.mkdtemp(prefix="testbed_reference_")
     split_dir = os.path.join(work_dir, "split")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.testbed.benchmark import Question, TestbedBenchmark, normalize_answer
+from experiments.benchmarks.testbed import Question, TestbedBenchmark, normalize_answer
 
 
 def _write(path, lines):

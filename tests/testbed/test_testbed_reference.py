@@ -11,7 +11,7 @@ import pytest
 
 from experiments.testbed.reference import REFERENCE_FILE, evaluate_first_items
 
-CHECKPOINT = os.path.join(os.path.dirname(__file__), os.pardir, "checkpoints", "testbed")
+CHECKPOINT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "checkpoints", "testbed")
 
 
 def test_fresh_run_reproduces_the_recorded_unpruned_answers(tmp_path):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from experiments.benchmarks.testbed import TestbedBenchmark
 from experiments.testbed import scenes as S
-from experiments.testbed.benchmark import TestbedBenchmark
 
 CONFIG = S.DEFAULT_CONFIG
 
@@ -233,7 +233,7 @@ def test_vocabulary_covers_every_prompt_and_answer(sample):
     assert len(tokenizer) == S.TOKENIZER_SIZE
     texts = [S.format_prompt(q.text) for qs in question_lists for q in qs]
     texts += [q.answer for qs in question_lists for q in qs] + list(S.SHORT_ANSWER_INSTRUCTIONS)
-    texts += S._all_texts()  # every template filled in every way
+    texts += S.all_texts()  # every template filled in every way
     for ids in tokenizer(texts)["input_ids"]:
         assert unk not in ids
     prompt_ids = tokenizer(S.format_prompt(question_lists[0][0].text))["input_ids"]
@@ -241,25 +241,25 @@ def test_vocabulary_covers_every_prompt_and_answer(sample):
     assert "{" not in S.VOCABULARY and "}" not in S.VOCABULARY
 
 
-def test_sample_batch_token_ids_match_the_tokenizer():
-    batch = S.sample_batch(S.split_rng("train", 5), 12, CONFIG, render=True)
-    assert all(
-        q.category in ("existence/frequency", "counting", "attribute", "position") for q in batch.questions
-    )
+def test_training_token_ids_match_the_tokenizer():
+    """What the trainer encodes (`encode_prompt`, `answer_token_ids`) is what the tokenizer encodes."""
+    rng = S.split_rng("train", 5)
+    scenes = S.sample_scenes(rng, 12, CONFIG, "train")
+    questions = [
+        items[0]
+        for items in S.sample_questions(rng, scenes, CONFIG, negative_types=S.TRAINING_NEGATIVE_TYPES)
+    ]
+    assert all(q.category in ("existence/frequency", "counting", "attribute", "position") for q in questions)
     tokenizer = S.make_tokenizer()
-    assert batch.images.shape == (12, 336, 336, 3) and batch.images.dtype == np.uint8
-    np.testing.assert_array_equal(np.asarray(batch.images), S.render_scenes_numpy(batch.scenes))
-    assert batch.prompt_token_ids.shape == (12, S.max_prompt_length())
-    for i, question in enumerate(batch.questions):
+    for question in questions:
         expected = tokenizer(S.format_prompt(question.text))["input_ids"]
-        length = batch.prompt_lengths[i]
-        assert batch.prompt_token_ids[i, :length].tolist() == expected
-        assert (batch.prompt_token_ids[i, length:] == tokenizer.pad_token_id).all()
-        assert tokenizer.convert_ids_to_tokens(batch.answer_token_ids[i].tolist()) == [
+        assert list(S.encode_prompt(question.text)) == expected
+        assert len(expected) <= S.max_prompt_length()
+        assert tokenizer.convert_ids_to_tokens(list(S.answer_token_ids(question.answer))) == [
             question.answer,
             "</s>",
         ]
-        assert S.KINDS[batch.kind_ids[i]] == question.kind
+        assert question.kind in S.KINDS
 
 
 def test_write_split_layout_is_readable_and_pixels_match_the_jax_renderer(tmp_path):

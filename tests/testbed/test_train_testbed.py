@@ -22,9 +22,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from experiments import train_testbed as T
+from experiments.benchmarks.testbed import TestbedBenchmark
+from experiments.testbed import model as testbed_model
 from experiments.testbed import scenes as S
-from experiments.testbed.benchmark import TestbedBenchmark
+from experiments.testbed.training import batches, export, probes, state
+from experiments.testbed.training import step as training_step
+from experiments.testbed.training.config import TrainOptions
+from experiments.train_testbed import run_training
 from models import presets
 from models.config import from_hf_config
 from models.llava import LlavaForConditionalGeneration
@@ -43,13 +47,13 @@ INTERRUPT_AT = 4  # a multiple of log_every, so both runs average the same steps
 
 @pytest.fixture(scope="module")
 def tiny():
-    hf_config = presets.testbed_config(vision=TINY_VISION, text=TINY_TEXT)
+    hf_config = testbed_model.testbed_config(vision=TINY_VISION, text=TINY_TEXT)
     # Fewer, smaller objects fit the 112 px canvas.
     scene_config = S.TestbedConfig.from_llava_config(hf_config, max_objects=3, max_object_patches=2.0)
     return hf_config, scene_config
 
 
-def _options(root, name: str, **overrides) -> T.TrainOptions:
+def _options(root, name: str, **overrides) -> TrainOptions:
     settings = dict(
         output_dir=os.path.join(root, name, "checkpoint"),
         work_dir=os.path.join(root, name, "work"),
@@ -67,7 +71,7 @@ def _options(root, name: str, **overrides) -> T.TrainOptions:
         quiet=True,
     )
     settings.update(overrides)
-    return T.TrainOptions(**settings)
+    return TrainOptions(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -79,29 +83,31 @@ def runs(tiny, tmp_path_factory):
     quick = dict(eval_items=0, test_items=0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        full = T.run_training(_options(root, "full"), hf_config, scene_config)
-        interrupted = T.run_training(
+        full = run_training(_options(root, "full"), hf_config, scene_config)
+        interrupted = run_training(
             _options(root, "resumed", stop_at_step=INTERRUPT_AT, **quick), hf_config, scene_config
         )
-        resumed = T.run_training(_options(root, "resumed", **quick), hf_config, scene_config)
+        resumed = run_training(_options(root, "resumed", **quick), hf_config, scene_config)
     return dict(root=root, full=full, interrupted=interrupted, resumed=resumed)
 
 
 def test_pixels_normalised_in_step_equal_the_image_processor():
-    hf_config = presets.testbed_config()
+    hf_config = testbed_model.testbed_config()
     scene_config = S.TestbedConfig.from_llava_config(hf_config)
     scenes = S.sample_scenes(S.split_rng("validation", 5), 2, scene_config, "validation")
     preprocessor = Preprocessor(hf_config, S.make_tokenizer(), presets.llava15_image_processor(hf_config))
     expected = preprocessor.pixel_values([Image.fromarray(image) for image in S.render_scenes_numpy(scenes)])
-    normalization = T.PixelNormalization.from_hf_config(hf_config)
-    got = jax.jit(lambda s: T.normalize_pixels(S.render_scenes(s, scene_config), normalization))(scenes)
+    normalization = training_step.PixelNormalization.from_hf_config(hf_config)
+    got = jax.jit(lambda s: training_step.normalize_pixels(S.render_scenes(s, scene_config), normalization))(
+        scenes
+    )
     assert got.shape == expected.shape == (2, 3, 336, 336)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
 
 
-def _host_batch(cfg, scene_config, step: int, batch_size: int, turns: int, **kwargs) -> T.DeviceBatch:
+def _host_batch(cfg, scene_config, step: int, batch_size: int, turns: int, **kwargs) -> batches.DeviceBatch:
     tokenizer = S.make_tokenizer()
-    return T.host_batch(
+    return batches.host_batch(
         0,
         step,
         batch_size,
@@ -116,7 +122,7 @@ def _host_batch(cfg, scene_config, step: int, batch_size: int, turns: int, **kwa
 
 def _batch_questions(scene_config, step: int, batch_size: int, turns: int, kind_weights=None):
     """The questions host_batch draws for batch `step` (same generator, same order of draws)."""
-    rng = T.batch_rng(0, step)
+    rng = batches.batch_rng(0, step)
     scenes = S.sample_scenes(rng, batch_size, scene_config, "train")
     if kind_weights is not None:
         scene_config = dataclasses.replace(scene_config, kind_weights=kind_weights)
@@ -135,7 +141,7 @@ def test_training_tokens_are_the_preprocessors_conversation(tiny, turns):
     preprocessor = Preprocessor(hf_config, S.make_tokenizer(), presets.llava15_image_processor(hf_config))
     tokenizer, pad, eos = preprocessor.tokenizer, preprocessor.pad_token_id, preprocessor.eos_token_id
     batch = _host_batch(cfg, scene_config, 7, 6, turns)
-    length = T.training_sequence_length(cfg, turns)
+    length = batches.training_sequence_length(cfg, turns)
     assert batch.input_ids.shape == (6, length) and batch.target_ids.shape == (6, 2 * turns)
     for row, questions in enumerate(_batch_questions(scene_config, 7, 6, turns)):
         assert 1 <= len(questions) <= turns
@@ -174,7 +180,7 @@ def test_relation_targets_are_the_named_objects_centres(tiny):
     hf_config, scene_config = tiny
     cfg = from_hf_config(hf_config)
     batch = _host_batch(cfg, scene_config, 5, 8, 4, kind_weights=(0.1, 0.1, 0.1, 0.7))
-    targets, mask = jax.jit(T.relation_targets, static_argnums=2)(
+    targets, mask = jax.jit(probes.relation_targets, static_argnums=2)(
         batch.scenes, batch.relation_objects, scene_config
     )
     half = scene_config.image_size / 2
@@ -211,7 +217,7 @@ def test_training_kind_weights_change_only_the_training_mixture(tiny):
     assert (weighted.kind_ids[:, 0] == position).mean() > 0.5
     assert (_host_batch(cfg, scene_config, 3, 16, 1).kind_ids[:, 0] == position).mean() < 0.5
     with pytest.raises(ValueError, match="one weight per kind"):
-        T.run_training(T.TrainOptions(train_kind_weights=(1.0, 1.0), quiet=True), hf_config, scene_config)
+        run_training(TrainOptions(train_kind_weights=(1.0, 1.0), quiet=True), hf_config, scene_config)
 
 
 def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
@@ -224,18 +230,19 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     pad = S.make_tokenizer().pad_token_id
     batch = _host_batch(cfg, scene_config, 3, 4, 3)
-    pixels = T.normalize_pixels(
-        S.render_scenes(batch.scenes, scene_config), T.PixelNormalization.from_hf_config(hf_config)
+    pixels = training_step.normalize_pixels(
+        S.render_scenes(batch.scenes, scene_config),
+        training_step.PixelNormalization.from_hf_config(hf_config),
     )
 
     def logits_of(pixel_values):
-        return T.answer_logits(
+        return training_step.answer_logits_and_hidden(
             model,
             model.image_features(pixel_values),
             jnp.asarray(batch.input_ids),
             jnp.asarray(batch.lengths),
             jnp.asarray(batch.target_positions),
-        )
+        )[0]
 
     logits = logits_of(pixels)
     first_prompt_lengths = batch.target_positions[:, 0] + 1
@@ -253,16 +260,16 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
 def test_loss_falls_when_overfitting_one_batch(tiny):
     hf_config, scene_config = tiny
     cfg = from_hf_config(hf_config)
-    options = T.TrainOptions()
+    options = TrainOptions()
     graphdef, params = nnx.split(LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    trainable = T.initial_trainable(params, cfg, 0)
-    optimizer = T.make_optimizer(options)
+    trainable = probes.initial_trainable(params, cfg, 0)
+    optimizer = training_step.make_optimizer(options)
     opt_state = optimizer.init(trainable)
-    step = T.make_train_step(
+    step = training_step.make_train_step(
         graphdef,
         optimizer,
         scene_config,
-        T.PixelNormalization.from_hf_config(hf_config),
+        training_step.PixelNormalization.from_hf_config(hf_config),
         jnp.float32,
         1.0,
         options.coordinate_loss_weight,
@@ -288,13 +295,14 @@ def test_interrupted_run_resumes_to_the_same_parameters(runs):
     assert runs["full"]["step"] == runs["resumed"]["step"] == TOTAL_STEPS
     states = []
     for name in ("full", "resumed"):
-        with np.load(os.path.join(runs["root"], name, "work", T.STATE_ARRAYS)) as arrays:
+        with np.load(os.path.join(runs["root"], name, "work", state.STATE_ARRAYS)) as arrays:
             states.append({key: arrays[key] for key in arrays.files})
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         np.testing.assert_array_equal(states[0][key], states[1][key], err_msg=f"state array {key}")
     logs = [
-        T.read_log(os.path.join(runs["root"], name, "checkpoint", T.LOG_FILE)) for name in ("full", "resumed")
+        state.read_log(os.path.join(runs["root"], name, "checkpoint", state.LOG_FILE))
+        for name in ("full", "resumed")
     ]
     train = [
         [
@@ -322,9 +330,9 @@ def test_export_loads_here_and_in_transformers(runs, tiny):
     # The exported (float16) weights are the trained float32 ones, rounded.
     cfg = from_hf_config(hf_config)
     graphdef, template = nnx.split(LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(1)))
-    template = T.initial_trainable(template, cfg, 1)
-    optimizer_state = T.make_optimizer(T.TrainOptions()).init(template)
-    trained, _, meta = T.load_state(os.path.join(runs["root"], "full", "work"), template, optimizer_state)
+    template = probes.initial_trainable(template, cfg, 1)
+    optimizer_state = training_step.make_optimizer(TrainOptions()).init(template)
+    trained, _, meta = state.load_state(os.path.join(runs["root"], "full", "work"), template, optimizer_state)
     assert meta["step"] == TOTAL_STEPS
     for exported, saved in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(trained["model"])):
         np.testing.assert_array_equal(
@@ -332,9 +340,9 @@ def test_export_loads_here_and_in_transformers(runs, tiny):
         )
     preprocessor = Preprocessor.from_checkpoint(directory)
     assert preprocessor.tokenizer.get_vocab() == S.make_tokenizer().get_vocab()
-    result = json.load(open(os.path.join(directory, T.TEST_RESULT_FILE)))
+    result = json.load(open(os.path.join(directory, export.TEST_RESULT_FILE)))
     assert result["num_scored"] == 8 and set(result["per_kind"]) <= set(S.KINDS)
-    assert os.path.getsize(os.path.join(directory, T.CURVE_FILE)) > 0
+    assert os.path.getsize(os.path.join(directory, export.CURVE_FILE)) > 0
     assert runs["full"]["test"]["accuracy"] == result["overall"]["accuracy"]
 
 
@@ -344,25 +352,25 @@ def test_warm_start_reads_the_exported_weights(runs, tiny):
     directory = os.path.join(runs["root"], "full", "checkpoint")
     cfg = from_hf_config(tiny[0])
     _, template = nnx.split(LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(3)))
-    weights = T.initial_weights(directory, cfg, template)
+    weights = state.initial_weights(directory, cfg, template)
     _, exported = load_checkpoint(directory)
     for got, expected in zip(jax.tree.leaves(weights), jax.tree.leaves(nnx.state(exported))):
         assert got.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     other = from_hf_config(
-        presets.testbed_config(vision=TINY_VISION, text=dict(TINY_TEXT, num_hidden_layers=2))
+        testbed_model.testbed_config(vision=TINY_VISION, text=dict(TINY_TEXT, num_hidden_layers=2))
     )
     with pytest.raises(ValueError, match="another model configuration"):
-        T.initial_weights(directory, other, template)
+        state.initial_weights(directory, other, template)
 
 
 def test_copy_to_out_splits_the_tar_under_the_tool_limit(runs, tmp_path, monkeypatch):
     import io
     import tarfile
 
-    monkeypatch.setattr(T, "OUT_PART_BYTES", 50_000)
+    monkeypatch.setattr(export, "OUT_PART_BYTES", 50_000)
     directory = os.path.join(runs["root"], "full", "checkpoint")
-    written = T.copy_to_out(directory, str(tmp_path))
+    written = export.copy_to_out(directory, str(tmp_path))
     parts = sorted(p for p in written if ".tar.part" in p)
     assert len(parts) > 1 and all(os.path.getsize(p) <= 50_000 for p in parts)
     data = b"".join(open(p, "rb").read() for p in sorted(parts, key=lambda p: int(p.rsplit("part", 1)[1])))
@@ -371,12 +379,13 @@ def test_copy_to_out_splits_the_tar_under_the_tool_limit(runs, tmp_path, monkeyp
 
 
 def test_testbed_preset_fits_the_size_budget_and_the_prompt():
-    hf_config = presets.testbed_config()
+    hf_config = testbed_model.testbed_config()
     cfg = from_hf_config(hf_config)
     assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.num_image_tokens) == (336, 14, 576)
     assert cfg.text.vocab_size >= S.TOKENIZER_SIZE and cfg.text.vocab_size % 8 == 0
     assert cfg.image_token_index == S.IMAGE_TOKEN_INDEX and cfg.text.num_layers >= 3
-    longest = T.training_sequence_length(cfg) - 1 + TestbedBenchmark.max_new_tokens  # prompt + generation
+    # prompt + generation
+    longest = batches.training_sequence_length(cfg) - 1 + TestbedBenchmark.max_new_tokens
     assert longest <= cfg.text.max_position_embeddings
     abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract)))
@@ -410,7 +419,7 @@ def test_patch_targets_label_each_object_where_it_lies():
     patch centre and owns exactly one centre patch, and the class decodes to its colour and shape."""
     scene_config = S.TestbedConfig()
     scenes = S.sample_scenes(S.split_rng("validation", 11), 8, scene_config, "validation")
-    classes, centres, coordinates = jax.jit(T.patch_targets, static_argnums=1)(scenes, scene_config)
+    classes, centres, coordinates = jax.jit(probes.patch_targets, static_argnums=1)(scenes, scene_config)
     expected_classes, expected_centres, expected_coordinates = _patch_targets_by_loops(scenes, scene_config)
     np.testing.assert_array_equal(np.asarray(classes), expected_classes)
     np.testing.assert_array_equal(np.asarray(centres), expected_centres)
@@ -422,7 +431,7 @@ def test_patch_targets_label_each_object_where_it_lies():
         assert int(np.asarray(centres[b]).sum()) == len(objects)
         labels = set(np.asarray(classes[b]).tolist()) - {0}
         assert labels == {1 + o.colour * len(S.SHAPES) + o.shape for o in objects}
-    assert int(classes.max()) < T.num_patch_classes()
+    assert int(classes.max()) < probes.num_patch_classes()
 
 
 def test_patch_probe_loss_balances_objects_and_background():
@@ -433,15 +442,15 @@ def test_patch_probe_loss_balances_objects_and_background():
     width = 4
     features = jnp.zeros((1, 100, width)).at[0, 2:, 0].set(1.0)  # background patches get feature 0
     probe = {
-        "kernel": jnp.zeros((width, T.probe_outputs())).at[0, 0].set(50.0),
-        "bias": jnp.zeros(T.probe_outputs()),
+        "kernel": jnp.zeros((width, probes.probe_outputs())).at[0, 0].set(50.0),
+        "bias": jnp.zeros(probes.probe_outputs()),
     }
     coordinates = jnp.zeros((1, 100, 2)).at[0, :2].set(jnp.asarray([0.5, -0.25]))
     coordinates_off_objects = coordinates.at[0, 2:].set(0.9)  # background coordinates must not count
-    class_nll, centre_nll, coordinate_mse, accuracy = T.patch_probe_losses(
+    class_nll, centre_nll, coordinate_mse, accuracy = probes.patch_probe_losses(
         probe, features, classes, centres, coordinates_off_objects
     )
-    uniform = np.log(T.num_patch_classes())
+    uniform = np.log(probes.num_patch_classes())
     np.testing.assert_allclose(float(class_nll), 0.5 * uniform, rtol=1e-4)
     np.testing.assert_allclose(float(centre_nll), np.log(2.0), rtol=1e-4)  # all centre logits are 0
     np.testing.assert_allclose(float(coordinate_mse), 0.5**2 + 0.25**2, rtol=1e-5)  # predictions are 0

@@ -1,7 +1,7 @@
 """The testbed as an eval-harness benchmark: load a written split, score single-word answers.
 
 Implements the harness's benchmark protocol (name, max_new_tokens, primary_metric, load_questions,
-score) for splits written by `experiments.testbed.scenes.write_split`. Every answer is one word, so
+score) for splits written by `experiments.testbed.splits.write_split`. Every answer is one word, so
 scoring is exact match of the prediction's first word (lowercased, punctuation stripped); accuracy is
 reported overall, per question kind (existence / counting / attribute / position) and per category
 (existence split by POPE negative type), with POPE's precision / recall / F1 / yes-ratio added
@@ -15,9 +15,10 @@ import re
 from collections import defaultdict
 
 # The harness's record; `prompt` is the bare question, which the engine wraps in the vicuna_v1
-# template (`scenes.format_prompt`, the same one the trainer uses).
+# template (`experiments.testbed.encoding.format_prompt`, the same one the trainer uses).
 from experiments.benchmarks.base import Question, UniqueIds, iter_jsonl
-from experiments.testbed.scenes import IMAGES_DIR, NO, QUESTIONS_FILE, YES
+from experiments.testbed.splits import IMAGES_DIR, QUESTIONS_FILE
+from experiments.testbed.words import NO, YES
 
 _REQUIRED_FIELDS = ("question_id", "image", "text", "answer", "category")
 _WORD = re.compile(r"[^\W_]+")
