@@ -1,28 +1,30 @@
 """Host time of one jitted call, by how the weights are passed: nnx.State vs a flat tuple of arrays.
 
-At batch 1 the host is on the critical path (the vision tower's kernels keep an H200 busy for only
-2.6 of its 4.6 ms), so per-call host time is latency. This times a jitted function that ignores
-the weights (the device work is nil) with LLaVA's real parameter tree: the preset's layer counts and
-parameter names, widths shrunk so it runs anywhere. Results in WORKSPACE.md.
+At batch 1 the host is on the critical path (the device waits between kernels), so per-call host
+time is latency. This times a jitted function that ignores the weights (the device work is nil) with
+LLaVA's real parameter tree: the preset's layer counts and parameter names, widths shrunk so it runs
+anywhere. Results in WORKSPACE.md.
 
   python -m experiments.benchmark.dispatch_overhead --model=llava-1.5-7b
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from absl import app, flags
+from absl import app
 
 from experiments.benchmark.timing import median, run_stamp, timed
+from experiments.flag_config import define_flags, from_flags, setting
 
-FLAGS = flags.FLAGS
 
+@dataclasses.dataclass(frozen=True)
+class DispatchOverheadConfig:
+    """Whose parameter tree is passed, and how many calls each variant's median is over."""
 
-def define_flags() -> None:
-    """Defined when run as a script only: importing this module (tests) must not claim --model."""
-    flags.DEFINE_string("model", "llava-1.5-7b", "Preset whose parameter tree (layer counts, names) is used.")
-    flags.DEFINE_integer("calls", 300, "Timed calls per variant (the median is reported).")
+    model: str = setting("llava-1.5-7b", "Preset whose parameter tree (layer counts, names) is used.")
+    calls: int = setting(300, "Timed calls per variant (the median is reported).")
 
 
 def _median_us(fn, calls: int) -> float:
@@ -69,9 +71,10 @@ def measure(model_name: str, calls: int) -> dict:
 
 def main(argv):
     del argv
-    print(json.dumps(measure(FLAGS.model, FLAGS.calls), indent=1))
+    settings = from_flags(DispatchOverheadConfig)
+    print(json.dumps(measure(settings.model, settings.calls), indent=1))
 
 
 if __name__ == "__main__":
-    define_flags()
+    define_flags(DispatchOverheadConfig)
     app.run(main)

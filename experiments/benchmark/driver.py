@@ -3,6 +3,7 @@ or, in a worker process, the one job it was started for."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,10 +11,13 @@ import time
 import traceback
 from importlib import metadata
 
-from absl import flags
-
 from experiments.benchmark.acceptance import acceptance
-from experiments.benchmark.configs import parse_search, parse_stage_compiler_options, planned_configs
+from experiments.benchmark.configs import (
+    BenchmarkConfig,
+    parse_search,
+    parse_stage_compiler_options,
+    planned_configs,
+)
 from experiments.benchmark.floors import add_floors_and_ratios, set_floor_rates
 from experiments.benchmark.jobs import Runner, precompile
 from experiments.benchmark.max_batch import max_batch_search
@@ -23,11 +27,10 @@ from experiments.benchmark.workers import ceilings_worker
 from experiments.benchmark.workers_jax import jax_worker
 from experiments.benchmark.workers_torch import torch_worker
 
-FLAGS = flags.FLAGS
 
-
-def worker_main() -> None:
-    spec = json.loads(FLAGS.worker)
+def run_worker(spec_json: str, result_path: str) -> None:
+    """Run the one job a worker process was started for; its result (or its error) goes to result_path."""
+    spec = json.loads(spec_json)
     try:
         result = {"ceilings": ceilings_worker, "jax": jax_worker, "torch": torch_worker}[spec["kind"]](spec)
     except Exception as error:  # noqa: BLE001 - reported to the driver as a failed row
@@ -40,11 +43,12 @@ def worker_main() -> None:
         }
         if spec.get("mode") == "probe":
             result["fits"] = False
-    with open(FLAGS.worker_result, "w") as f:
+    with open(result_path, "w") as f:
         json.dump(result, f)
 
 
-def _meta() -> dict:
+def _meta(settings: BenchmarkConfig) -> dict:
+    """What a result needs beside its numbers to be reproduced: command, settings, versions, environment."""
     versions = {}
     for package in ("jax", "jaxlib", "flax", "torch", "transformers", "numpy"):
         try:
@@ -52,8 +56,8 @@ def _meta() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     own = {
-        f.name: f.value
-        for f in FLAGS.get_flags_for_module("experiments.benchmark.configs")
+        f.name: list(value) if isinstance(value := getattr(settings, f.name), tuple) else value
+        for f in dataclasses.fields(settings)
         if not f.name.startswith("worker")
     }
     return {
@@ -69,43 +73,51 @@ def _meta() -> dict:
     }
 
 
-def main(argv):
-    del argv
-    if FLAGS.worker:
-        worker_main()
+def replot(settings: BenchmarkConfig) -> None:
+    """Rewrite the report of settings.replot (a results.json), re-judged when reference rates are given."""
+    with open(settings.replot) as f:
+        report = json.load(f)
+    bandwidth, matmul = settings.reference_bandwidth_tbps, settings.reference_matmul_tflops
+    if bandwidth or matmul:  # re-judge against references
+        set_floor_rates(report["ceilings"], bandwidth, matmul)
+        add_floors_and_ratios(report["rows"], report["ceilings"])
+        report["acceptance"] = acceptance(report["rows"], report["max_batch"])
+        report["meta"]["rejudged"] = run_stamp("experiments.benchmark")
+    write_outputs(report, [os.path.dirname(os.path.abspath(settings.replot))], final=True)
+    print(summary(report))
+
+
+def run(settings: BenchmarkConfig) -> None:
+    """The whole run (or, with settings.worker, one job; with settings.replot, a re-rendered report)."""
+    if settings.worker:
+        run_worker(settings.worker, settings.worker_result)
         return
-    if FLAGS.replot:
-        with open(FLAGS.replot) as f:
-            report = json.load(f)
-        if FLAGS.reference_bandwidth_tbps or FLAGS.reference_matmul_tflops:  # re-judge against references
-            set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
-            add_floors_and_ratios(report["rows"], report["ceilings"])
-            report["acceptance"] = acceptance(report["rows"], report["max_batch"])
-            report["meta"]["rejudged"] = run_stamp("experiments.benchmark")
-        write_outputs(report, [os.path.dirname(os.path.abspath(FLAGS.replot))], final=True)
-        print(summary(report))
+    if settings.replot:
+        replot(settings)
         return
-    configs = planned_configs()
-    name = os.path.basename(os.path.normpath(FLAGS.output_dir))
-    out_dirs = [FLAGS.output_dir] + ([os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else [])
-    runner = Runner()
-    common = dict(
-        model=FLAGS.model,
-        random_weights=FLAGS.random_weights,
-        dtype=FLAGS.dtype,
-        layer=FLAGS.layer,
-        text_tokens=FLAGS.text_tokens,
-        new_tokens=FLAGS.new_tokens,
-        repeats=FLAGS.repeats,
-        e2e_repeats=FLAGS.e2e_repeats,
-        selection_overhead=FLAGS.selection_overhead,
-        seed=FLAGS.seed,
-        compile_cache=FLAGS.compile_cache and os.path.abspath(FLAGS.compile_cache),
-        profile_dir=FLAGS.profile_dir and os.path.abspath(FLAGS.profile_dir),
-        attention_logits_budget_mb=FLAGS.attention_logits_budget_mb,
-        stage_compiler_options=parse_stage_compiler_options(FLAGS.stage_compiler_options),
+    configs = planned_configs(settings)
+    name = os.path.basename(os.path.normpath(settings.output_dir))
+    out_dirs = [settings.output_dir] + (
+        [os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []
     )
-    report = {"meta": _meta(), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
+    runner = Runner(settings)
+    common = dict(
+        model=settings.model,
+        random_weights=settings.random_weights,
+        dtype=settings.dtype,
+        layer=settings.layer,
+        text_tokens=settings.text_tokens,
+        new_tokens=settings.new_tokens,
+        repeats=settings.repeats,
+        e2e_repeats=settings.e2e_repeats,
+        selection_overhead=settings.selection_overhead,
+        seed=settings.seed,
+        compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
+        profile_dir=settings.profile_dir and os.path.abspath(settings.profile_dir),
+        attention_logits_budget_mb=settings.attention_logits_budget_mb,
+        stage_compiler_options=parse_stage_compiler_options(settings.stage_compiler_options),
+    )
+    report = {"meta": _meta(settings), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}
 
     def save(final=False):  # after every job, so a run cut short still leaves its report
         add_floors_and_ratios(report["rows"], report["ceilings"])
@@ -114,8 +126,8 @@ def main(argv):
         write_outputs(report, out_dirs, final=final, logs=runner.logs)
 
     report["ceilings"] = runner.run("ceilings", dict(common, kind="ceilings"))
-    set_floor_rates(report["ceilings"], FLAGS.reference_bandwidth_tbps, FLAGS.reference_matmul_tflops)
-    compiled = precompile(runner, configs, common) if FLAGS.compile_workers > 0 else {}
+    set_floor_rates(report["ceilings"], settings.reference_bandwidth_tbps, settings.reference_matmul_tflops)
+    compiled = precompile(runner, configs, common) if settings.compile_workers > 0 else {}
     rows, torch_done = report["rows"], set()
     for config in configs:
         result = runner.run(
@@ -136,13 +148,13 @@ def main(argv):
                 keep=config.keep,
                 batch=config.batch,
                 label=config.label,
-                new_tokens=FLAGS.new_tokens,
-                text_tokens=FLAGS.text_tokens,
+                new_tokens=settings.new_tokens,
+                text_tokens=settings.text_tokens,
             )
         )
         torch_key = (config.keep if config.method != "none" else 0, config.batch)
-        torch_batches = set(map(int, FLAGS.torch_batch_sizes)) or {config.batch}
-        if FLAGS.torch_baseline and torch_key not in torch_done and config.batch in torch_batches:
+        torch_batches = set(settings.torch_batch_sizes) or {config.batch}
+        if settings.torch_baseline and torch_key not in torch_done and config.batch in torch_batches:
             torch_done.add(torch_key)
             keep, batch = torch_key
             method = "cut" if keep else "none"
@@ -157,14 +169,14 @@ def main(argv):
                     keep=keep,
                     batch=batch,
                     label=f"pytorch {method}{f'@{keep}' if keep else ''} b{batch}",
-                    new_tokens=FLAGS.new_tokens,
-                    text_tokens=FLAGS.text_tokens,
+                    new_tokens=settings.new_tokens,
+                    text_tokens=settings.text_tokens,
                 )
             )
         save()
-    if FLAGS.max_batch_search:
+    if settings.max_batch_search:
         max_batch_search(
-            runner, [parse_search(text) for text in FLAGS.max_batch_configs], common, rows, report, save
+            runner, [parse_search(text) for text in settings.max_batch_configs], common, rows, report, save
         )
     save(final=True)
     print(summary(report), flush=True)

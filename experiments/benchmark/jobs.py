@@ -10,34 +10,33 @@ import sys
 import tempfile
 import time
 
-from absl import flags
+from experiments.benchmark.configs import BenchmarkConfig, Config
 
-from experiments.benchmark.configs import Config
-
-FLAGS = flags.FLAGS
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class Runner:
-    """Runs worker subprocesses under the run's deadline; keeps their logs."""
+    """Runs worker subprocesses under the run's deadline (settings.deadline_s); keeps their logs."""
 
-    def __init__(self):
+    def __init__(self, settings: BenchmarkConfig):
+        self.settings = settings
         self.start = time.monotonic()
         self.logs: list[str] = []  # one section per worker, all written to one file
 
     def remaining(self) -> float:
-        return FLAGS.deadline_s - (time.monotonic() - self.start) if FLAGS.deadline_s else float("inf")
+        deadline = self.settings.deadline_s
+        return deadline - (time.monotonic() - self.start) if deadline else float("inf")
 
     def run(self, name: str, spec: dict, *, budget: float | None = None) -> dict:
         budget = self.remaining() if budget is None else budget
         if budget < 5:
             print(f"[{time.monotonic() - self.start:6.0f} s] {name}: skipped (deadline)", flush=True)
             return {"status": "skipped", "error": "deadline reached before this job started"}
-        budget = min(FLAGS.job_timeout_s, budget)
+        budget = min(self.settings.job_timeout_s, budget)
         env = dict(
             os.environ,
             XLA_PYTHON_CLIENT_PREALLOCATE="false",
-            XLA_PYTHON_CLIENT_MEM_FRACTION=str(FLAGS.mem_fraction),
+            XLA_PYTHON_CLIENT_MEM_FRACTION=str(self.settings.mem_fraction),
             PYTHONPATH=os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p),
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -99,14 +98,15 @@ def precompile(runner: Runner, configs: list[Config], common: dict) -> dict:
         for c in ordered
     ]
     results = {}
+    deadline, workers = runner.settings.deadline_s, runner.settings.compile_workers
 
     def one(job):
         name, config, spec = job
-        budget = runner.remaining() - 0.4 * FLAGS.deadline_s if FLAGS.deadline_s else None
+        budget = runner.remaining() - 0.4 * deadline if deadline else None
         results[config] = runner.run(name, spec, budget=budget)
 
-    if len(jobs) > FLAGS.compile_workers:
+    if len(jobs) > workers:
         one(jobs.pop(0))
-    with concurrent.futures.ThreadPoolExecutor(FLAGS.compile_workers) as pool:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, jobs))
     return results

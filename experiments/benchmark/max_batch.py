@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 
-from absl import flags
-
-from experiments.benchmark.configs import Config
+from experiments.benchmark.configs import BenchmarkConfig, Config
 from experiments.benchmark.jobs import Runner
-
-FLAGS = flags.FLAGS
 
 
 def predicted_max_batch(row: dict) -> int | None:
@@ -30,8 +26,10 @@ class BatchSearch:
     a probe that fails (OOM or otherwise) does not fit.
     """
 
-    def __init__(self, config: Config, rows: list[dict], start: int | None = None):
+    def __init__(self, config: Config, rows: list[dict], start: int | None, settings: BenchmarkConfig):
         self.config, self.probes, self.smallest_failure = config, [], None
+        self.growth, self.max_probes = settings.max_batch_growth, settings.max_batch_probes
+        self.cap, self.tolerance = settings.max_batch_cap, settings.max_batch_tolerance
         measured = [
             r
             for r in rows
@@ -44,16 +42,16 @@ class BatchSearch:
         if not start and measured:
             start = predicted_max_batch(max(measured, key=lambda r: r["batch"]))
         self.start = start if start and start > self.largest_fit else max(2 * self.largest_fit, 1)
-        self.next = min(self.start, FLAGS.max_batch_cap)
+        self.next = min(self.start, self.cap)
 
     def pending(self) -> int | None:
         """The next batch to probe, or None when done (converged, capped, or out of probes)."""
         lo, hi = self.largest_fit, self.smallest_failure
-        if len(self.probes) >= FLAGS.max_batch_probes or self.next in (None, lo, hi) or self.next < 1:
+        if len(self.probes) >= self.max_probes or self.next in (None, lo, hi) or self.next < 1:
             return None
-        if hi is None and lo >= FLAGS.max_batch_cap:
+        if hi is None and lo >= self.cap:
             return None
-        if hi is not None and hi - lo <= max(1, FLAGS.max_batch_tolerance * lo):
+        if hi is not None and hi - lo <= max(1, self.tolerance * lo):
             return None
         return self.next
 
@@ -73,9 +71,9 @@ class BatchSearch:
             self.largest_fit = batch
         else:
             self.smallest_failure = batch
-        lo, hi, growth = self.largest_fit, self.smallest_failure, FLAGS.max_batch_growth
+        lo, hi, growth = self.largest_fit, self.smallest_failure, self.growth
         if hi is None:
-            self.next = min(max(batch + 1, int(batch * growth)), FLAGS.max_batch_cap)
+            self.next = min(max(batch + 1, int(batch * growth)), self.cap)
         else:
             self.next = (lo + hi) // 2 if lo else min(batch - 1, int(batch / growth))
 
@@ -101,7 +99,8 @@ def max_batch_search(
 ) -> None:
     """All searches in lockstep: each round compiles every search's next probe in parallel processes
     (compile-only; whether it fits is decided by running it), then runs the probes one at a time."""
-    searches = [BatchSearch(config, rows, start) for config, start in configs]
+    searches = [BatchSearch(config, rows, start, runner.settings) for config, start in configs]
+    workers = runner.settings.compile_workers
     report["max_batch"] = [s.summary() for s in searches]
 
     def spec(search, batch, mode):
@@ -121,8 +120,8 @@ def max_batch_search(
         round_ = [(search, search.pending()) for search in searches if search.pending() is not None]
         if not round_ or runner.remaining() < 5:
             break
-        if FLAGS.compile_workers > 0 and len(round_) > 1:
-            with concurrent.futures.ThreadPoolExecutor(FLAGS.compile_workers) as pool:
+        if workers > 0 and len(round_) > 1:
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 list(
                     pool.map(
                         lambda item: runner.run(

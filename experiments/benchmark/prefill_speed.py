@@ -13,6 +13,7 @@ question cheaply: one model build, one compile per variant.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -21,25 +22,33 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
 from flax import nnx
 
 import adaptprune_jax as prune
+from experiments.flag_config import define_flags, from_flags, setting
 from models.config import from_hf_config
 from models.presets import llava_config, random_model
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "llava-1.5-7b", "Preset name (models.presets).")
-flags.DEFINE_integer("keep", 64, "Image tokens kept.")
-flags.DEFINE_integer("layer", 2, "Pruning layer K.")
-flags.DEFINE_integer("batch", 1, "Batch size.")
-flags.DEFINE_integer("text_tokens", 64, "Text tokens per prompt (the image span comes on top).")
-flags.DEFINE_integer("repeats", 30, "Timed runs per variant.")
-flags.DEFINE_list("nms_implementations", ["xla", "pallas"], "AdaptPrune NMS implementations to time.")
-flags.DEFINE_string("output", None, "JSON results file.")
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSpeedConfig:
+    """The one model, batch and budget every variant is timed on."""
+
+    model: str = setting("llava-1.5-7b", "Preset name (models.presets).")
+    keep: int = setting(64, "Image tokens kept.")
+    layer: int = setting(2, "Pruning layer K.")
+    batch: int = setting(1, "Batch size.")
+    text_tokens: int = setting(64, "Text tokens per prompt (the image span comes on top).")
+    repeats: int = setting(30, "Timed runs per variant.")
+    nms_implementations: tuple[str, ...] = setting(
+        ("xla", "pallas"), "AdaptPrune NMS implementations to time."
+    )
+    output: str | None = setting(None, "JSON results file.")
 
 
 def median_ms(fn, repeats: int) -> tuple[float, list[float]]:
+    """(median, all) milliseconds of `repeats` calls; the caller has warmed `fn` up (compiled it)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -48,17 +57,18 @@ def median_ms(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def run() -> dict:
-    hf_config = llava_config(FLAGS.model)
+def run(settings: PrefillSpeedConfig) -> dict:
+    """Time the LLM prefill of every variant; the summary judges selection overhead and pruned speedup."""
+    hf_config = llava_config(settings.model)
     cfg = from_hf_config(hf_config)
     model = random_model(hf_config, dtype="bfloat16")
     graphdef, state = nnx.split(model)
     num_image = cfg.num_image_tokens
-    length = num_image + FLAGS.text_tokens
+    length = num_image + settings.text_tokens
     rng = np.random.default_rng(0)
-    ids = rng.integers(4, 1000, (FLAGS.batch, length)).astype(np.int32)
+    ids = rng.integers(4, 1000, (settings.batch, length)).astype(np.int32)
     ids[:, 1 : 1 + num_image] = cfg.image_token_index
-    pixels = rng.standard_normal((FLAGS.batch, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(
+    pixels = rng.standard_normal((settings.batch, 3, cfg.vision.image_size, cfg.vision.image_size)).astype(
         np.float32
     )
 
@@ -70,9 +80,9 @@ def run() -> dict:
     start = time.perf_counter()
     x, image_start = jax.block_until_ready(vision_and_merge(state, ids, pixels))
     vision_compile = time.perf_counter() - start
-    vision_ms, _ = median_ms(lambda: vision_and_merge(state, ids, pixels), FLAGS.repeats)
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (FLAGS.batch, length))
-    last_index = jnp.full((FLAGS.batch,), length - 1, jnp.int32)
+    vision_ms, _ = median_ms(lambda: vision_and_merge(state, ids, pixels), settings.repeats)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (settings.batch, length))
+    last_index = jnp.full((settings.batch,), length - 1, jnp.int32)
 
     def llm_prefill(pruning, keep):
         @jax.jit
@@ -93,17 +103,17 @@ def run() -> dict:
 
         return step
 
-    keep = FLAGS.keep
+    keep = settings.keep
     fixed = prune.FixedIndicesConfig(
-        indices=tuple(range(0, num_image, num_image // keep))[:keep], layer=FLAGS.layer
+        indices=tuple(range(0, num_image, num_image // keep))[:keep], layer=settings.layer
     )
     variants = {"unpruned": (None, 0), "fixed indices": (fixed, keep)}
-    for implementation in FLAGS.nms_implementations:
+    for implementation in settings.nms_implementations:
         variants[f"adaptprune ({implementation})"] = (
-            prune.AdaptPruneConfig(keep=keep, layer=FLAGS.layer, nms_implementation=implementation),
+            prune.AdaptPruneConfig(keep=keep, layer=settings.layer, nms_implementation=implementation),
             keep,
         )
-    variants["fastv"] = (prune.FastVConfig(keep=keep, layer=FLAGS.layer), keep)
+    variants["fastv"] = (prune.FastVConfig(keep=keep, layer=settings.layer), keep)
 
     rows = {}
     for name, (pruning, variant_keep) in variants.items():
@@ -116,7 +126,7 @@ def run() -> dict:
             print(f"{name}: FAILED {rows[name]['error']}", flush=True)
             continue
         compile_s = time.perf_counter() - start
-        ms, times = median_ms(lambda step=step: step(state, x), FLAGS.repeats)
+        ms, times = median_ms(lambda step=step: step(state, x), settings.repeats)
         rows[name] = {
             "median_ms": ms,
             "min_ms": min(times),
@@ -145,14 +155,14 @@ def run() -> dict:
             "pruned_speedup_ok": adaptprune_rows[best]["speedup_vs_unpruned"] >= 2.0,
         }
     return {
-        "model": FLAGS.model,
+        "model": settings.model,
         "dtype": "bfloat16",
-        "batch": FLAGS.batch,
+        "batch": settings.batch,
         "prompt_tokens": length,
         "image_tokens": num_image,
         "keep": keep,
-        "layer": FLAGS.layer,
-        "repeats": FLAGS.repeats,
+        "layer": settings.layer,
+        "repeats": settings.repeats,
         "vision_and_merge_ms": vision_ms,
         "vision_compile_s": vision_compile,
         "llm_prefill": rows,
@@ -166,12 +176,14 @@ def run() -> dict:
 
 def main(argv):
     del argv
-    results = run()
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
+    settings = from_flags(PrefillSpeedConfig)
+    results = run(settings)
+    if settings.output:
+        with open(settings.output, "w") as f:
             json.dump(results, f, indent=2)
     print(json.dumps(results["summary"], indent=2))
 
 
 if __name__ == "__main__":
+    define_flags(PrefillSpeedConfig)
     app.run(main)

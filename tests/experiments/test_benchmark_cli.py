@@ -174,20 +174,13 @@ def test_max_batch_check_decides_only_what_the_bounds_prove():
 
 
 def test_batch_search_grows_then_bisects():
-    from absl import flags
-    from absl.testing import flagsaver
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
     def search(start, true_max, **settings):
-        with flagsaver.flagsaver(**settings):
-            state = max_batch.BatchSearch(configs.Config("none", 0, 0), [], start)
-            while (batch := state.pending()) is not None:
-                state.record(
-                    batch, {"status": "ok" if batch <= true_max else "oom", "fits": batch <= true_max}
-                )
-            return state.summary()
+        state = max_batch.BatchSearch(
+            configs.Config("none", 0, 0), [], start, configs.BenchmarkConfig(**settings)
+        )
+        while (batch := state.pending()) is not None:
+            state.record(batch, {"status": "ok" if batch <= true_max else "oom", "fits": batch <= true_max})
+        return state.summary()
 
     found = search(136, 150, max_batch_growth=1.1, max_batch_probes=8, max_batch_tolerance=0.05)
     assert [p["batch"] for p in found["probes"]][:3] == [136, 149, 163]
