@@ -30,6 +30,7 @@ def _gib(value):
 
 
 def results_markdown(report: dict) -> str:
+    """results.md: the tables a reader compares against the floors, PyTorch and the targets."""
     meta, ceilings = report["meta"], report["ceilings"] or {}
     lines = [
         f"# Benchmark: {meta['flags']['model']} on {ceilings.get('device_kind', '?')} ({meta['date']})",
@@ -163,6 +164,7 @@ def results_markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
+    """Time and memory against kept image tokens, one line per method and batch (the PNG of a run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +226,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def write_outputs(report: dict, out_dirs: list[str], *, final: bool = False, logs: list[str] = ()) -> None:
+    """results.json, results.md (and with `final` the plot) in every output directory."""
     for directory in out_dirs:
         os.makedirs(directory, exist_ok=True)
         if logs:
@@ -248,6 +251,7 @@ def write_outputs(report: dict, out_dirs: list[str], *, final: bool = False, log
 
 
 def summary(report: dict) -> str:
+    """The short table printed last, with the acceptance lines and the seeds for a max-batch search."""
     head = (
         f"{'config':<18}{'vision':>8}{'prefill':>9}{'x flr':>7}{'select':>8}{'1st tok':>9}{'speedup':>8}"
         f"{'dec/tok':>9}{'x flr':>7}{'e2e':>9}{'GiB':>7}{'JAX/PT':>8}"

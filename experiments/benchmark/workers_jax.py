@@ -309,6 +309,7 @@ def jax_worker(spec: dict) -> dict:
 
 
 def _one(fn, sync) -> float:
+    """Milliseconds of one call, waited for (a sample of an interleaved timing loop)."""
     start = time.perf_counter()
     sync(fn())
     return (time.perf_counter() - start) * 1e3
