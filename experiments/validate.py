@@ -15,6 +15,7 @@ Exit status 1 when the tolerance is exceeded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -22,41 +23,49 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "checkpoint", None, "llava-hf checkpoint directory (config.json + safetensors + tokenizer)."
-)
-flags.DEFINE_string(
-    "config",
-    None,
-    "Preset name (llava-1.5-7b, llava-1.5-13b, tiny, tiny-gqa, tiny-full) with --random_weights.",
-)
-flags.DEFINE_bool("random_weights", False, "Build random weights with transformers for --config.")
-flags.DEFINE_enum(
-    "transfer",
-    "memory",
-    ["memory", "directory"],
-    "How random weights reach JAX: in memory (state dict) or via save_pretrained to a temp dir.",
-)
-flags.DEFINE_string(
-    "max_shard_size", None, "With --transfer=directory: shard the saved checkpoint (e.g. 300KB)."
-)
-flags.DEFINE_string("image", None, "Image file; default: scikit-image's astronaut photo.")
-flags.DEFINE_string("prompt", "Describe the image in detail.", "Question text (vicuna_v1 template).")
-flags.DEFINE_integer("min_prompt_tokens", 0, "Pad the question with filler words up to this many tokens.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX parameter/activation dtype.")
-flags.DEFINE_integer("generate_tokens", 20, "Greedy tokens to compare (0 = skip generation).")
-flags.DEFINE_enum(
-    "method", "none", ["none", "adaptprune", "fastv", "random", "uniform", "divprune"], "Pruning method."
-)
-flags.DEFINE_string("keep", "0.1", "Image tokens to keep: a count (64) or a ratio (0.1).")
-flags.DEFINE_integer("layer", 2, "Pruning layer K (DivPrune always prunes before the LLM).")
-flags.DEFINE_integer("seed", 0, "Seed for random weights and the random method.")
-flags.DEFINE_float("tolerance", None, "max_rel_err tolerance in float32 (default 1e-5 on CPU, 1e-4 on GPU).")
-flags.DEFINE_float("noise_floor_factor", 1.5, "bfloat16: JAX error may be at most this times PyTorch bf16's.")
-flags.DEFINE_string("output", None, "Write the JSON report here.")
+from adaptprune_jax import methods
+from experiments.flag_config import define_flags, from_flags, setting
+
+UNPRUNED = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """One validation run: which model (a checkpoint, or a preset with random weights), which input,
+    which pruning, and the tolerance it is judged by."""
+
+    checkpoint: str | None = setting(
+        None, "llava-hf checkpoint directory (config.json + safetensors + tokenizer)."
+    )
+    config: str | None = setting(
+        None, "Preset name (llava-1.5-7b, llava-1.5-13b, tiny, tiny-gqa, tiny-full) with --random_weights."
+    )
+    random_weights: bool = setting(False, "Build random weights with transformers for --config.")
+    transfer: str = setting(
+        "memory",
+        "How random weights reach JAX: in memory (state dict) or via save_pretrained to a temp dir.",
+        choices=("memory", "directory"),
+    )
+    max_shard_size: str | None = setting(
+        None, "With --transfer=directory: shard the saved checkpoint (e.g. 300KB)."
+    )
+    image: str | None = setting(None, "Image file; default: scikit-image's astronaut photo.")
+    prompt: str = setting("Describe the image in detail.", "Question text (vicuna_v1 template).")
+    min_prompt_tokens: int = setting(0, "Pad the question with filler words up to this many tokens.")
+    dtype: str = setting("float32", "JAX parameter/activation dtype.", choices=("float32", "bfloat16"))
+    generate_tokens: int = setting(20, "Greedy tokens to compare (0 = skip generation).")
+    method: str = setting(UNPRUNED, "Pruning method.", choices=(UNPRUNED, *methods.names()))
+    keep: str = setting("0.1", "Image tokens to keep: a count (64) or a ratio (0.1).")
+    layer: int = setting(2, "Pruning layer K (unused by methods that prune before the LLM).")
+    seed: int = setting(0, "Seed for random weights and for a method that takes one.")
+    tolerance: float | None = setting(
+        None, "max_rel_err tolerance in float32 (default 1e-5 on CPU, 1e-4 on GPU)."
+    )
+    noise_floor_factor: float = setting(1.5, "bfloat16: JAX error may be at most this times PyTorch bf16's.")
+    output: str | None = setting(None, "Write the JSON report here.")
+
 
 FILLER = "please tell me more about this scene"
 
@@ -104,7 +113,7 @@ def build_question(preprocessor, question: str, min_prompt_tokens: int) -> list[
     return ids
 
 
-def _load_sides(torch_device: str):
+def _load_sides(settings: ValidateConfig, torch_device: str):
     """(hf_config, torch float32 model, preprocessor, JAX weights source, description)."""
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -112,30 +121,30 @@ def _load_sides(torch_device: str):
     from models import checkpoint, presets
     from models.preprocess import Preprocessor
 
-    if FLAGS.checkpoint:
-        hf_config = checkpoint.load_hf_config(FLAGS.checkpoint)
-        torch_model = LlavaForConditionalGeneration.from_pretrained(FLAGS.checkpoint, dtype=torch.float32)
-        preprocessor = Preprocessor.from_checkpoint(FLAGS.checkpoint, hf_config)
+    if settings.checkpoint:
+        hf_config = checkpoint.load_hf_config(settings.checkpoint)
+        torch_model = LlavaForConditionalGeneration.from_pretrained(settings.checkpoint, dtype=torch.float32)
+        preprocessor = Preprocessor.from_checkpoint(settings.checkpoint, hf_config)
         return (
             hf_config,
             torch_model.to(torch_device).eval(),
             preprocessor,
-            checkpoint.TensorSource(FLAGS.checkpoint),
-            f"checkpoint {FLAGS.checkpoint}",
+            checkpoint.TensorSource(settings.checkpoint),
+            f"checkpoint {settings.checkpoint}",
         )
-    if not (FLAGS.config and FLAGS.random_weights):
+    if not (settings.config and settings.random_weights):
         raise app.UsageError("give --checkpoint=DIR, or --config=NAME --random_weights")
-    hf_config = presets.llava_config(FLAGS.config)
-    torch.manual_seed(FLAGS.seed)
+    hf_config = presets.llava_config(settings.config)
+    torch.manual_seed(settings.seed)
     with torch.device(torch_device):
         torch_model = LlavaForConditionalGeneration(hf_config).float().eval()
     preprocessor = Preprocessor(
         hf_config, presets.tiny_tokenizer(hf_config), presets.llava15_image_processor(hf_config)
     )
-    if FLAGS.transfer == "directory":
+    if settings.transfer == "directory":
         directory = tempfile.mkdtemp(prefix="validate_")
         presets.write_random_checkpoint(
-            hf_config, directory, model=torch_model, max_shard_size=FLAGS.max_shard_size
+            hf_config, directory, model=torch_model, max_shard_size=settings.max_shard_size
         )
         source = checkpoint.TensorSource(directory)
     else:
@@ -145,11 +154,11 @@ def _load_sides(torch_device: str):
         torch_model,
         preprocessor,
         source,
-        f"preset {FLAGS.config}, random weights (seed {FLAGS.seed})",
+        f"preset {settings.config}, random weights (seed {settings.seed})",
     )
 
 
-def run() -> dict:
+def run(settings: ValidateConfig) -> dict:
     import jax
     import torch
 
@@ -158,7 +167,6 @@ def run() -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
 
-    import adaptprune_jax as prune
     from models import checkpoint, torch_reference
     from models.config import from_hf_config
     from models.generate import LlavaRunner, SamplingConfig, tokens_until_eos
@@ -167,28 +175,30 @@ def run() -> dict:
     on_gpu = torch.cuda.is_available()
     torch_device = "cuda" if on_gpu else "cpu"
     started = time.time()
-    hf_config, torch_model, preprocessor, source, description = _load_sides(torch_device)
+    hf_config, torch_model, preprocessor, source, description = _load_sides(settings, torch_device)
     cfg = from_hf_config(hf_config)
-    image = load_image(FLAGS.image) if FLAGS.image else default_image()
-    ids = build_question(preprocessor, FLAGS.prompt, FLAGS.min_prompt_tokens)
+    image = load_image(settings.image) if settings.image else default_image()
+    ids = build_question(preprocessor, settings.prompt, settings.min_prompt_tokens)
     pixels = preprocessor.pixel_values([image])
     input_ids_t = torch.tensor([ids], device=torch_device)
     pixels_t = torch.tensor(pixels, device=torch_device)
 
+    # Each method takes only the settings it has (a layer, a seed).
     pruning = (
         None
-        if FLAGS.method == "none"
-        else prune.make_config(
-            FLAGS.method,
-            keep=parse_keep(FLAGS.keep),
-            **({} if FLAGS.method == "divprune" else {"layer": FLAGS.layer}),
-            **({"seed": FLAGS.seed} if FLAGS.method == "random" else {}),
+        if settings.method == UNPRUNED
+        else methods.make_config(
+            settings.method,
+            strict=False,
+            keep=parse_keep(settings.keep),
+            layer=settings.layer,
+            seed=settings.seed,
         )
     )
     report = {
         "model": description,
-        "dtype": FLAGS.dtype,
-        "method": FLAGS.method,
+        "dtype": settings.dtype,
+        "method": settings.method,
         "prompt_tokens": len(ids),
         "image_tokens": cfg.num_image_tokens,
         "device": str(jax.devices()[0]),
@@ -208,17 +218,17 @@ def run() -> dict:
         keep = pruning.resolve_keep(cfg.num_image_tokens)
         report["keep"] = keep
         report["equivalent_tokens"] = pruning.equivalent_tokens(cfg.num_image_tokens, cfg.text.num_layers)
-        if FLAGS.method in ("adaptprune", "fastv", "divprune"):
+        if pruning.has_torch_reference:
             torch_kept = _reference_selection(
                 torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep
             )
 
     sampling = SamplingConfig(
-        max_new_tokens=max(FLAGS.generate_tokens, 1),
+        max_new_tokens=max(settings.generate_tokens, 1),
         eos_token_id=preprocessor.eos_token_id,
         pad_token_id=preprocessor.pad_token_id,
     )
-    if FLAGS.dtype == "bfloat16" and pruning is None:
+    if settings.dtype == "bfloat16" and pruning is None:
         with torch.no_grad():  # a copy: casting in place and back would leave bf16-rounded weights
             torch_bf16 = copy.deepcopy(torch_model).to(torch.bfloat16)
             bf16_logits = (
@@ -228,13 +238,13 @@ def run() -> dict:
         report["torch_bf16_vs_torch_fp32"] = logit_metrics(bf16_logits, reference)
 
     torch_generated = None
-    if FLAGS.generate_tokens and pruning is None:
+    if settings.generate_tokens and pruning is None:
         with torch.no_grad():
             out = torch_model.generate(
                 input_ids=input_ids_t,
                 pixel_values=pixels_t,
                 do_sample=False,
-                max_new_tokens=FLAGS.generate_tokens,
+                max_new_tokens=settings.generate_tokens,
                 eos_token_id=preprocessor.eos_token_id,
                 pad_token_id=preprocessor.pad_token_id,
             )
@@ -246,13 +256,13 @@ def run() -> dict:
         torch_model_cpu = torch_model
 
     # JAX side.
-    model = checkpoint.load_params(cfg, source, FLAGS.dtype)
+    model = checkpoint.load_params(cfg, source, settings.dtype)
     del source
     runner = LlavaRunner(model)
     batch = runner.make_batch(
         [ids], pixels, pad_token_id=preprocessor.pad_token_id, max_new_tokens=sampling.max_new_tokens
     )
-    rng = jax.random.key(FLAGS.seed)
+    rng = jax.random.key(settings.seed)
     result = runner.prefill(batch, pruning=pruning, all_logits=True, rng=rng)
     kept = None if result.kept is None else np.array(result.kept)[0]  # writable: torch wraps it
     valid = np.asarray(result.positions)[0] >= 0
@@ -264,7 +274,7 @@ def run() -> dict:
         if torch_kept is not None and not report["kept_indices_equal"]:
             report["kept_torch"] = torch_kept.tolist()
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
-        renumber = getattr(pruning, "renumber_positions", False)
+        renumber = pruning.renumber_positions
         reference = (
             torch_reference.pruned_forward(
                 torch_model_cpu.to(torch_device),
@@ -277,20 +287,20 @@ def run() -> dict:
             .cpu()
             .numpy()
         )
-        if FLAGS.generate_tokens:
+        if settings.generate_tokens:
             torch_generated = torch_reference.reference_generate(
                 torch_model_cpu.to(torch_device),
                 input_ids_t,
                 pixels_t,
                 layer=layer,
                 kept_image_indices=kept,
-                max_new_tokens=FLAGS.generate_tokens,
+                max_new_tokens=settings.generate_tokens,
                 eos_token_id=preprocessor.eos_token_id,
                 renumber_positions=renumber,
             )
     report["jax_vs_torch_fp32"] = logit_metrics(jax_logits, reference)
 
-    if FLAGS.generate_tokens:
+    if settings.generate_tokens:
         generated = runner.generate(batch, sampling, pruning=pruning, rng=rng)
         jax_generated = [int(t) for t in generated.tokens[0, : generated.num_generated[0]]]
         report["generated_equal"] = jax_generated == torch_generated
@@ -300,28 +310,25 @@ def run() -> dict:
         )
         report["generated_torch"] = preprocessor.decode(torch_generated)
         report["generated_tokens"] = len(jax_generated)
-    report["passed"], report["criterion"] = _judge(report, on_gpu)
+    report["passed"], report["criterion"] = _judge(report, on_gpu, settings)
     report["seconds"] = round(time.time() - started, 1)
     return report
 
 
 def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep) -> np.ndarray:
-    """The PyTorch reference's own kept indices (computed from its own cues)."""
-    options = {}
-    if pruning.name == "adaptprune":
-        options = dict(
-            prior_sigma=pruning.prior_sigma,
-            distance_limit=pruning.distance_limit,
-            distance_sigma=pruning.distance_sigma,
-            similarity_sigma=pruning.similarity_sigma,
-        )
-    if pruning.name == "divprune":
+    """The PyTorch reference's own kept indices (computed from its own cues): from the projected image
+    features for a method that selects on them, else from the attention (and keys) at its layer, with
+    whichever of the reference's selection options the config has."""
+    if pruning.needs_embeddings:
         import torch
 
         with torch.no_grad():
             embeds = torch_reference.embed_inputs(torch_model, input_ids_t, pixels_t)[0]
         positions = torch_reference.image_token_positions(input_ids_t, torch_model.config.image_token_index)
-        return torch_reference.reference_select("divprune", keep=keep, embeddings=embeds[positions])
+        return torch_reference.reference_select(pruning.name, keep=keep, embeddings=embeds[positions])
+    options = {
+        name: getattr(pruning, name) for name in torch_reference.ADAPTPRUNE_DEFAULTS if hasattr(pruning, name)
+    }
     _, cues = torch_reference.pruned_forward(
         torch_model,
         input_ids_t,
@@ -335,14 +342,14 @@ def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pr
     )
 
 
-def _judge(report: dict, on_gpu: bool) -> tuple[bool, str]:
+def _judge(report: dict, on_gpu: bool, settings: ValidateConfig) -> tuple[bool, str]:
     ours = report["jax_vs_torch_fp32"]
     if report["dtype"] == "float32":
-        tolerance = FLAGS.tolerance if FLAGS.tolerance is not None else (1e-4 if on_gpu else 1e-5)
+        tolerance = settings.tolerance if settings.tolerance is not None else (1e-4 if on_gpu else 1e-5)
         passed = ours["max_rel_err"] <= tolerance
         criterion = f"max_rel_err <= {tolerance:g}"
     elif "torch_bf16_vs_torch_fp32" in report:
-        floor, factor = report["torch_bf16_vs_torch_fp32"], FLAGS.noise_floor_factor
+        floor, factor = report["torch_bf16_vs_torch_fp32"], settings.noise_floor_factor
         checks = {
             "max_rel_err": ours["max_rel_err"] <= factor * floor["max_rel_err"],
             "mean_kl": ours["mean_kl"] <= factor * floor["mean_kl"],
@@ -381,14 +388,16 @@ def print_table(report: dict) -> None:
 
 def main(argv):
     del argv
-    report = run()
-    if FLAGS.output:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        with open(FLAGS.output, "w") as f:
+    settings = from_flags(ValidateConfig)
+    report = run(settings)
+    if settings.output:
+        os.makedirs(os.path.dirname(os.path.abspath(settings.output)), exist_ok=True)
+        with open(settings.output, "w") as f:
             json.dump(report, f, indent=2)
     print_table(report)
     sys.exit(0 if report["passed"] else 1)
 
 
 if __name__ == "__main__":
+    define_flags(ValidateConfig)
     app.run(main)
