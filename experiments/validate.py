@@ -316,19 +316,19 @@ def run(settings: ValidateConfig) -> dict:
 
 
 def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep) -> np.ndarray:
-    """The PyTorch reference's own kept indices (computed from its own cues): from the projected image
-    features for a method that selects on them, else from the attention (and keys) at its layer, with
-    whichever of the reference's selection options the config has."""
-    if pruning.needs_embeddings:
+    """The PyTorch reference's own kept indices, from the cues the config says it reads
+    (`reference_cues`: the projected image features, or attention and keys at its layer), with the
+    settings it says the reference takes (`reference_options`)."""
+    options = {name: getattr(pruning, name) for name in pruning.reference_options}
+    if "embeddings" in pruning.reference_cues:
         import torch
 
         with torch.no_grad():
             embeds = torch_reference.embed_inputs(torch_model, input_ids_t, pixels_t)[0]
         positions = torch_reference.image_token_positions(input_ids_t, torch_model.config.image_token_index)
-        return torch_reference.reference_select(pruning.name, keep=keep, embeddings=embeds[positions])
-    options = {
-        name: getattr(pruning, name) for name in torch_reference.ADAPTPRUNE_DEFAULTS if hasattr(pruning, name)
-    }
+        return torch_reference.reference_select(
+            pruning.name, keep=keep, embeddings=embeds[positions], **options
+        )
     _, cues = torch_reference.pruned_forward(
         torch_model,
         input_ids_t,
