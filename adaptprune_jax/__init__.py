@@ -1,31 +1,53 @@
 """adaptprune_jax: AdaptPrune and baseline visual-token pruning as pure, jittable JAX functions.
 
-Arrays in, arrays out: the model computes the cues at prefill and calls ``select`` here; nothing in
-this package imports model code. Every selection is int32 (..., keep), distinct, sorted ascending.
+Arrays in, arrays out: the model computes the cues a method asks for and calls its ``select``;
+nothing in this package imports model code. Every selection is int32 (..., keep), distinct, sorted
+ascending. Methods live one per file in ``adaptprune_jax.methods`` and are read from its registry.
 """
 
+from adaptprune_jax import methods
 from adaptprune_jax.baselines import (
     divprune_select,
     random_select,
     topk_select,
     uniform_grid_indices,
+    uniform_layout_select,
     uniform_select,
 )
-from adaptprune_jax.configs import (
-    METHODS,
-    AdaptPruneConfig,
+from adaptprune_jax.cues import feature_keys, last_token_attention, rms_norm
+from adaptprune_jax.grid import (
+    NO_GRID,
+    TokenLayout,
+    center_prior,
+    concat_layouts,
+    grid_layout,
+    grid_side,
+    layout_center_prior,
+    off_grid_layout,
+    square_layout,
+    stack_layouts,
+)
+from adaptprune_jax.methods import METHODS, make_config, register
+from adaptprune_jax.methods.adaptprune import AdaptPruneConfig
+from adaptprune_jax.methods.base import (
+    CUE_TYPES,
     Cues,
-    DivPruneConfig,
-    FastVConfig,
-    FixedIndicesConfig,
+    Embeddings,
+    FeatureKeys,
+    LastTokenAttention,
+    LayerView,
+    LayerViewArrays,
     PruneConfig,
-    RandomConfig,
-    UniformConfig,
-    make_config,
+    QueryAttention,
+    Stage,
+    VisionClsAttention,
     resolve_keep,
 )
-from adaptprune_jax.cues import feature_keys, last_token_attention, rms_norm
-from adaptprune_jax.grid import center_prior, grid_side
+from adaptprune_jax.methods.divprune import DivPruneConfig
+from adaptprune_jax.methods.fastv import FastVConfig
+from adaptprune_jax.methods.fixed import FixedIndicesConfig
+from adaptprune_jax.methods.random import RandomConfig
+from adaptprune_jax.methods.uniform import UniformConfig
 from adaptprune_jax.nms import (
     NMS_IMPLEMENTATIONS,
     adaptive_nms,
@@ -36,31 +58,51 @@ from adaptprune_jax.nms import (
 )
 
 __all__ = [
+    "CUE_TYPES",
     "METHODS",
     "NMS_IMPLEMENTATIONS",
+    "NO_GRID",
     "AdaptPruneConfig",
     "Cues",
     "DivPruneConfig",
+    "Embeddings",
     "FastVConfig",
+    "FeatureKeys",
     "FixedIndicesConfig",
+    "LastTokenAttention",
+    "LayerView",
+    "LayerViewArrays",
     "PruneConfig",
+    "QueryAttention",
     "RandomConfig",
+    "Stage",
+    "TokenLayout",
     "UniformConfig",
+    "VisionClsAttention",
     "adaptive_nms",
     "adaptive_nms_order",
     "adaptprune_select",
     "center_prior",
+    "concat_layouts",
     "divprune_select",
     "feature_keys",
+    "grid_layout",
     "grid_side",
     "l2_normalize",
     "last_token_attention",
+    "layout_center_prior",
     "make_config",
+    "methods",
+    "off_grid_layout",
     "random_select",
+    "register",
     "resolve_keep",
     "rms_norm",
+    "square_layout",
+    "stack_layouts",
     "suppression_factors",
     "topk_select",
     "uniform_grid_indices",
+    "uniform_layout_select",
     "uniform_select",
 ]

@@ -16,13 +16,17 @@ remaining scores are equal or have underflowed to 0 (the released code could the
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from adaptprune_jax.grid import DEFAULT_PRIOR_SIGMA, center_prior, grid_coordinates, grid_side
+from adaptprune_jax.grid import (
+    DEFAULT_PRIOR_SIGMA,
+    NO_GRID,
+    TokenLayout,
+    layout_center_prior,
+    square_layout,
+)
 
 DEFAULT_DISTANCE_LIMIT = 5.0
 DEFAULT_DISTANCE_SIGMA = 1.5
@@ -61,6 +65,7 @@ def check_keep(keep: int, num_tokens: int) -> int:
 def suppression_factors(
     keys: jax.Array,
     *,
+    layout: TokenLayout | None = None,
     distance_limit: float = DEFAULT_DISTANCE_LIMIT,
     distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
@@ -68,16 +73,20 @@ def suppression_factors(
 ) -> jax.Array:
     """The (N, N) float32 matrix ``F[i, j]``: the factor token j's score is multiplied by when i is kept.
 
-    ``keys`` is (N, D), not necessarily normalised. Outside the window (``d > distance_limit``) the
-    factor is exactly 1; on the diagonal it is 0 (d = 0, cos = 1).
+    ``keys`` is (N, D), not necessarily normalised; ``layout`` the (N,) token layout (default: one
+    square grid). Distances are in cells of the tokens' grid. Outside the window (``d >
+    distance_limit``), between tokens of different grids and for tokens on no grid the factor is
+    exactly 1; on the diagonal of a grid it is 0 (d = 0, cos = 1).
     """
     num_tokens = keys.shape[-2]
-    grid = grid_side(num_tokens)
+    layout = square_layout(num_tokens) if layout is None else layout
     unit_keys = l2_normalize(keys)
     cosine = jnp.einsum("id,jd->ij", unit_keys, unit_keys, precision=precision)
-    row, col = grid_coordinates(grid)
+    row, col = jnp.asarray(layout.row, jnp.float32), jnp.asarray(layout.col, jnp.float32)
+    grid = jnp.asarray(layout.grid)
     squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
-    in_window = jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32)
+    same_grid = (grid[:, None] == grid[None, :]) & (grid[:, None] != NO_GRID)
+    in_window = same_grid & (jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32))
     spatial = jnp.exp(-squared_distance / (2.0 * jnp.square(jnp.asarray(distance_sigma, jnp.float32))))
     similarity = jnp.exp(
         -jnp.square(1.0 - cosine) / (2.0 * jnp.square(jnp.asarray(similarity_sigma, jnp.float32)))
@@ -105,11 +114,23 @@ def _greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int 
     return lax.fori_loop(0, keep, pick_one, state, unroll=unroll)[2]
 
 
+def _flat_layout(layout: TokenLayout | None, num_tokens: int, batch_shape, flat_rows: int) -> TokenLayout:
+    """The layout as (rows, N) arrays, one per flattened batch row (default: one square grid)."""
+    layout = square_layout(num_tokens) if layout is None else layout
+    if layout.num_tokens != num_tokens:
+        raise ValueError(f"the layout describes {layout.num_tokens} tokens, the scores {num_tokens}.")
+    return jax.tree_util.tree_map(
+        lambda x: jnp.broadcast_to(x, tuple(batch_shape) + (num_tokens,)).reshape(flat_rows, num_tokens),
+        layout,
+    )
+
+
 def adaptive_nms_order(
     scores: jax.Array,
     keys: jax.Array,
     keep: int,
     *,
+    layout: TokenLayout | None = None,
     distance_limit: float = DEFAULT_DISTANCE_LIMIT,
     distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
@@ -132,23 +153,28 @@ def adaptive_nms_order(
             f"and keys {keys.shape}."
         )
     num_tokens = scores.shape[-1]
-    grid_side(num_tokens)  # Fail early, with the shape in the message, on a non-square grid.
     keep = check_keep(keep, num_tokens)
     batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
     flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
     flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape((-1,) + keys.shape[-2:])
+    flat_layout = _flat_layout(layout, num_tokens, batch_shape, flat_scores.shape[0])
+    if (
+        layout is not None and not layout.dense
+    ):  # invalid slots are never picked (keep must not exceed a row's valid count)
+        flat_scores = jnp.where(flat_layout.valid, flat_scores.astype(jnp.float32), -jnp.inf)
 
     factors = jax.vmap(
-        functools.partial(
-            suppression_factors,
+        lambda k, lay: suppression_factors(
+            k,
+            layout=lay,
             distance_limit=distance_limit,
             distance_sigma=distance_sigma,
             similarity_sigma=similarity_sigma,
             precision=precision,
         )
-    )(flat_keys)
+    )(flat_keys, flat_layout)
     if implementation == "pallas":
-        from adaptprune_jax.nms_pallas import greedy_order_pallas  # pylint: disable=g-import-not-at-top
+        from adaptprune_jax.nms_pallas import greedy_order_pallas
 
         # Off the GPU the kernel runs in Pallas' interpreter (slow, exact): for tests and portability.
         order = greedy_order_pallas(factors, flat_scores, keep, interpret=jax.default_backend() != "gpu")
@@ -163,6 +189,7 @@ def adaptive_nms(
     keys: jax.Array,
     keep: int,
     *,
+    layout: TokenLayout | None = None,
     distance_limit: float = DEFAULT_DISTANCE_LIMIT,
     distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
@@ -174,9 +201,11 @@ def adaptive_nms(
 
     Args:
       scores: (..., N) non-negative scores, ALREADY weighted by the centre prior (see
-        :func:`adaptprune_select`); N = grid * grid, row-major.
+        :func:`adaptprune_select`).
       keys: (..., N, D) feature keys; L2-normalised here (in float32), so raw keys are fine.
-      keep: static number of tokens to keep, 1 <= keep <= N.
+      keep: static number of tokens to keep, 1 <= keep <= N (and <= each row's valid tokens).
+      layout: where the tokens sit, (N,) or (..., N) (default: one square row-major grid);
+        suppression acts within a grid only, and invalid slots are never kept.
       distance_limit: grid-distance window of the suppression (``d <= distance_limit``); below 1 only
         the kept token itself is suppressed and the result is the top-k of ``scores``.
       distance_sigma, similarity_sigma: widths of the spatial and cosine-similarity Gaussians.
@@ -190,6 +219,7 @@ def adaptive_nms(
         scores,
         keys,
         keep,
+        layout=layout,
         distance_limit=distance_limit,
         distance_sigma=distance_sigma,
         similarity_sigma=similarity_sigma,
@@ -205,6 +235,7 @@ def adaptprune_select(
     keys: jax.Array,
     keep: int,
     *,
+    layout: TokenLayout | None = None,
     prior_sigma: float = DEFAULT_PRIOR_SIGMA,
     distance_limit: float = DEFAULT_DISTANCE_LIMIT,
     distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
@@ -215,15 +246,18 @@ def adaptprune_select(
 ) -> jax.Array:
     """AdaptPrune end to end: attention cue x centre prior, then adaptive NMS on the feature keys.
 
-    ``attention`` (..., N) is the attention cue over the image tokens only; ``keys`` (..., N, D).
-    Returns int32 (..., keep), sorted ascending.
+    ``attention`` (..., N) is the attention cue over the image tokens only; ``keys`` (..., N, D);
+    ``layout`` as in :func:`adaptive_nms` (the prior is taken per grid). Returns int32 (..., keep),
+    sorted ascending.
     """
     attention = jnp.asarray(attention, jnp.float32)
-    prior = center_prior(grid_side(attention.shape[-1]), prior_sigma).reshape(-1)
+    token_layout = square_layout(attention.shape[-1]) if layout is None else layout
+    prior = layout_center_prior(token_layout, prior_sigma)
     return adaptive_nms(
         attention * prior,
         keys,
         keep,
+        layout=layout,
         distance_limit=distance_limit,
         distance_sigma=distance_sigma,
         similarity_sigma=similarity_sigma,

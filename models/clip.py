@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import adaptprune_jax as prune
 from models.config import VisionConfig
 from models.layers import Dense, LayerNorm, attend, normal_param
 
@@ -40,6 +41,13 @@ class CLIPAttention(nnx.Module):
         shape = (batch, length, self.num_heads, width // self.num_heads)
         q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(attend(q, k, v, mask=None))
+
+    def cls_attention(self, x: jax.Array) -> jax.Array:
+        """(B, S) float32 head-mean attention of the [CLS] token (position 0) over every token."""
+        batch, length, width = x.shape
+        shape = (batch, length, self.num_heads, width // self.num_heads)
+        q, k = self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape)
+        return prune.last_token_attention(q[:, 0], k, jnp.ones((batch, length), bool))
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -88,9 +96,28 @@ class CLIPVisionTower(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array, feature_layers: tuple[int, ...]) -> list[jax.Array]:
         """hidden_states[i] for each i in feature_layers (0 = after pre-LN, i = after encoder layer i)."""
+        return self.encode(pixel_values, feature_layers)[0]
+
+    def encode(
+        self, pixel_values: jax.Array, feature_layers: tuple[int, ...], cls_attention_layer: int | None = None
+    ) -> tuple[list[jax.Array], jax.Array | None]:
+        """hidden_states[i] for each i in feature_layers and, if `cls_attention_layer` is set, the
+        [CLS] token's head-mean attention (B, S) in the encoder layer whose output is
+        hidden_states[cls_attention_layer] (negative counts from the end, as hidden_states does)."""
+        attention_layer = None
+        if cls_attention_layer is not None:
+            count = self.cfg.num_layers + 1
+            if not -count < cls_attention_layer < count or cls_attention_layer % count == 0:
+                raise ValueError(
+                    f"cls_attention_layer {cls_attention_layer} names no encoder layer of this "
+                    f"{self.cfg.num_layers}-layer tower (hidden_states 1..{self.cfg.num_layers})"
+                )
+            attention_layer = cls_attention_layer % count
         hidden = self.embed(pixel_values)
-        states = [hidden]
-        for layer in self.layers[: max(feature_layers)]:
+        states, cls_attention = [hidden], None
+        for index, layer in enumerate(self.layers[: max(max(feature_layers), attention_layer or 0)], start=1):
+            if index == attention_layer:
+                cls_attention = layer.self_attn.cls_attention(layer.layer_norm1(hidden))
             hidden = layer(hidden)
             states.append(hidden)
-        return [states[i] for i in feature_layers]
+        return [states[i] for i in feature_layers], cls_attention

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+import adaptprune_jax as prune
+
 SUPPORTED_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration (LLaVA-1.5 style)"}
 SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model",)
@@ -77,6 +79,13 @@ class LlavaModelConfig:
         """Side of the square grid of image tokens, or None when the count is not a square ('full')."""
         side = math.isqrt(self.num_image_tokens)
         return side if side * side == self.num_image_tokens else None
+
+    def image_layout(self) -> prune.TokenLayout:
+        """Where each image token sits: the patch grid, row-major, after [CLS] under 'full' (on no grid)."""
+        patches = prune.grid_layout(self.vision.grid_size, self.vision.grid_size)
+        if self.vision_feature_select_strategy == "full":
+            return prune.concat_layouts(prune.off_grid_layout(1), patches)
+        return patches
 
     @property
     def vision_layers_needed(self) -> int:

@@ -112,9 +112,7 @@ class LlavaRunner:
         ]
         self.length_bucket = length_bucket
         self.trace_counts: collections.Counter[str] = collections.Counter()
-        self._prefill = jax.jit(
-            self._prefill_impl, static_argnames=("extra_slots", "pruning", "keep", "all_logits")
-        )
+        self._prefill = jax.jit(self._prefill_impl, static_argnames=("extra_slots", "pruning", "all_logits"))
         # The cache is donated where the backend can reuse it in place (not the CPU, which would warn).
         donate = ("caches",) if jax.default_backend() != "cpu" else ()
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
@@ -157,7 +155,7 @@ class LlavaRunner:
 
     # --- jitted bodies -------------------------------------------------------------------------
     def _prefill_impl(
-        self, weights, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, keep, all_logits
+        self, weights, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, all_logits
     ):
         self.trace_counts["prefill"] += 1  # runs only while tracing
         model = self.merge(weights)
@@ -167,7 +165,6 @@ class LlavaRunner:
             pixel_values,
             extra_slots=extra_slots,
             pruning=pruning,
-            keep=keep,
             rng=rng,
             all_logits=all_logits,
         )
@@ -211,7 +208,7 @@ class LlavaRunner:
 
     # --- public API ----------------------------------------------------------------------------
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
-        keep = self.resolve_keep(pruning)
+        self.resolve_keep(pruning)
         rng = jax.random.key(0) if rng is None else rng
         return self._prefill(
             self.weights,
@@ -221,15 +218,17 @@ class LlavaRunner:
             rng,
             extra_slots=extra_slots,
             pruning=pruning,
-            keep=keep,
             all_logits=all_logits,
         )
 
     def resolve_keep(self, pruning) -> int:
-        """Validate a pruning config against this model; the static keep count (0 when unpruned)."""
+        """Validate a pruning config against this model; the number of image tokens the LLM finally
+        keeps (0 when unpruned)."""
         if pruning is None:
             return 0
-        pruning.validate(self.config.num_image_tokens, self.config.text.num_layers)
+        pruning.validate(
+            self.config.num_image_tokens, self.config.text.num_layers, self.config.image_layout()
+        )
         return pruning.resolve_keep(self.config.num_image_tokens)
 
     def generate(

@@ -15,6 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+LayerCache = dict[str, jax.Array]
+"""One decoder layer's KV cache: `k`, `v` (B, C, Hkv, D), `positions` (B, C) int32 (-1 = an empty slot)
+and `end_index` (the next slot to write). Layers may differ in capacity (pruning shortens later ones)."""
+
 INIT_STD = 0.02  # transformers' initializer_range for LLaMA and the projector; used for random weights
 EMPTY_POSITION = -1  # position of a padding token or an unused cache slot
 
@@ -149,3 +153,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(batch, q_len, heads * head_dim)
+
+
+def new_layer_cache(k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int) -> LayerCache:
+    """A layer's cache holding the prefill keys/values plus `extra_slots` empty slots for decoding."""
+    pad = ((0, 0), (0, extra_slots), (0, 0), (0, 0))
+    return {
+        "k": jnp.pad(k, pad),
+        "v": jnp.pad(v, pad),
+        "positions": jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION),
+        "end_index": jnp.asarray(positions.shape[1], jnp.int32),
+    }
+
+
+def rows_take(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[b, index[b, ...]] for every row b (index (B, n) into axis 1)."""
+    expand = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, expand, axis=1)

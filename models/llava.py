@@ -1,8 +1,9 @@
 """LLaVA-1.5: CLIP vision tower -> MLP projector -> LLaMA, joined by a thin model.
 
-Each prompt row holds exactly one image: a contiguous run of `num_image_tokens` image-token ids,
-found per row from the ids (rows of a batch may put it at different offsets). Image features are
-written into those slots with a gather + select, so shapes stay static for any batch.
+Each prompt row holds one image: `num_image_tokens` image-token ids, found per row from the ids
+(rows of a batch may put them at different offsets). Image features are written into those slots
+with a gather + select, so shapes stay static for any batch; the slots and the config's token layout
+(`LlavaModelConfig.image_layout`) describe the image tokens to the pruning step.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import adaptprune_jax as prune
 from models.clip import CLIPVisionTower, activation
 from models.config import LlavaModelConfig
 from models.layers import EMPTY_POSITION, Dense
 from models.llama import LlamaForCausalLM, PrefillResult
+from models.pruning import ImageTokens
 
 
 class MultiModalProjector(nnx.Module):
@@ -39,24 +42,41 @@ class LlavaForConditionalGeneration(nnx.Module):
             cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype, rngs=rngs
         )
 
-    def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
-        states = self.vision_tower(pixel_values, self.config.vision_feature_layers)
+    def encode_images(
+        self, pixel_values: jax.Array, cls_attention_layer: int | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """(B, 3, H, W) -> image features (B, N, text width) and, if asked, the vision tower's [CLS]
+        attention over the same N image tokens (B, N) at `cls_attention_layer`."""
+        states, cls_attention = self.vision_tower.encode(
+            pixel_values, self.config.vision_feature_layers, cls_attention_layer
+        )
         features = jnp.concatenate(states, axis=-1)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        return self.multi_modal_projector(features)
+            cls_attention = None if cls_attention is None else cls_attention[:, 1:]
+        return self.multi_modal_projector(features), cls_attention
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
+        return self.encode_images(pixel_values)[0]
 
     def embed_prompt(self, input_ids: jax.Array, image_features: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Token embeddings with each row's image span replaced by its image features; + image starts."""
+        """Token embeddings with each row's image tokens replaced by its image features, in order; and
+        the image tokens' sequence slots (B, N) int32."""
+        num_image_tokens = image_features.shape[1]
         is_image = input_ids == self.config.image_token_index
-        image_start = jnp.argmax(is_image, axis=1).astype(jnp.int32)
+        image_slots = jax.vmap(lambda row: jnp.nonzero(row, size=num_image_tokens, fill_value=0)[0])(is_image)
         text = self.language_model.embed(input_ids)
-        feature_index = jnp.clip(
-            jnp.arange(input_ids.shape[1])[None] - image_start[:, None], 0, image_features.shape[1] - 1
-        )
+        feature_index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, num_image_tokens - 1)
         image = jnp.take_along_axis(image_features, feature_index[..., None], axis=1)
-        return jnp.where(is_image[..., None], image.astype(text.dtype), text), image_start
+        return jnp.where(is_image[..., None], image.astype(text.dtype), text), image_slots.astype(jnp.int32)
+
+    def image_tokens(self, image_slots: jax.Array, layout: prune.TokenLayout | None = None) -> ImageTokens:
+        """The image tokens of a batch: their slots and layout (default: the config's, for every row)."""
+        layout = self.config.image_layout() if layout is None else layout
+        return ImageTokens(
+            image_slots, layout.broadcast(image_slots.shape[:1]) if layout.valid.ndim == 1 else layout
+        )
 
     def prefill(
         self,
@@ -65,8 +85,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         pixel_values: jax.Array,
         *,
         extra_slots: int,
-        pruning=None,
-        keep: int = 0,
+        pruning: prune.PruneConfig | None = None,
         rng: jax.Array | None = None,
         all_logits: bool = False,
     ) -> PrefillResult:
@@ -76,16 +95,23 @@ class LlavaForConditionalGeneration(nnx.Module):
         """
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
         positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
-        x, image_start = self.embed_prompt(input_ids, self.image_features(pixel_values))
+        vision_request = None
+        if pruning is not None:
+            vision_request = next(
+                (r for r in pruning.cue_requests() if isinstance(r, prune.VisionClsAttention)), None
+            )
+        features, cls_attention = self.encode_images(
+            pixel_values, None if vision_request is None else vision_request.layer
+        )
+        x, image_slots = self.embed_prompt(input_ids, features)
         return self.language_model.prefill(
             x,
             positions,
             lengths - 1,
-            image_start=image_start,
-            num_image_tokens=self.config.num_image_tokens,
+            self.image_tokens(image_slots),
             extra_slots=extra_slots,
             pruning=pruning,
-            keep=keep,
             rng=rng,
+            vision_attention=cls_attention,
             all_logits=all_logits,
         )

@@ -17,7 +17,6 @@ similarities in the NMS amplify rounding error and reduced-precision matmuls fli
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -26,11 +25,18 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
+from adaptprune_jax import AdaptPruneConfig
+
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
-# The released AdaptPrune code's defaults (docs/algorithm.md); names match adaptprune_jax.
-ADAPTPRUNE_DEFAULTS = dict(prior_sigma=12.0, distance_limit=5.0, distance_sigma=1.5, similarity_sigma=0.05)
+
+def _released_defaults(config_class) -> dict:
+    """A method's settings that its reference takes, at their defaults (the released code's)."""
+    return {name: getattr(config_class(), name) for name in config_class.reference_options}
+
+
+ADAPTPRUNE_DEFAULTS = _released_defaults(AdaptPruneConfig)
 
 
 @dataclass(frozen=True)
@@ -55,17 +61,6 @@ def image_token_positions(input_ids: torch.Tensor, image_token_index: int) -> to
     if positions.numel() == 0:
         raise ValueError(f"input_ids hold no image token (id {image_token_index})")
     return positions
-
-
-def grid_side(num_tokens: int) -> int:
-    """Side g of the square g x g grid of `num_tokens` image tokens (ValueError if not a square)."""
-    side = math.isqrt(num_tokens)
-    if side * side != num_tokens:
-        raise ValueError(
-            f"{num_tokens} image tokens do not form a square grid; pass grid explicitly "
-            "(e.g. under vision_feature_select_strategy='full' the [CLS] token is extra)"
-        )
-    return side
 
 
 @torch.no_grad()
@@ -307,75 +302,6 @@ def _as_float_tensor(values, name: str, method: str) -> torch.Tensor:
     return torch.as_tensor(np.asarray(values), dtype=torch.float32)
 
 
-def _adaptprune(
-    attention: torch.Tensor,
-    keys: torch.Tensor,
-    keep: int,
-    grid: int | None,
-    *,
-    prior_sigma: float,
-    distance_limit: float,
-    distance_sigma: float,
-    similarity_sigma: float,
-) -> torch.Tensor:
-    """Centre prior x attention, then the adaptive NMS loop of docs/algorithm.md (kept indices, in pick order)."""
-    num_tokens = attention.numel()
-    grid = grid_side(num_tokens) if grid is None else grid
-    if grid * grid != num_tokens:
-        raise ValueError(f"grid {grid} x {grid} does not hold {num_tokens} image tokens")
-    x = torch.linspace(-(grid // 2), grid // 2, grid)
-    prior = torch.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * prior_sigma**2))
-    scores = attention * (prior / prior.max()).reshape(-1)
-
-    token = torch.arange(num_tokens)
-    rows, cols = (token // grid).float(), (token % grid).float()
-    unit_keys = F.normalize(keys, dim=-1)
-    cosine = unit_keys @ unit_keys.T
-    selected = torch.zeros(num_tokens, dtype=torch.bool)
-    order = []
-    for _ in range(keep):
-        # Selected tokens are excluded outright: self-suppression leaves ~0, which can still win a tie
-        # when every remaining score has underflowed to 0.
-        chosen = int(torch.argmax(scores.masked_fill(selected, float("-inf"))))  # first index on ties
-        selected[chosen] = True
-        order.append(chosen)
-        distance = torch.sqrt((rows - rows[chosen]) ** 2 + (cols - cols[chosen]) ** 2)
-        factor = 1 - (
-            torch.exp(-(distance**2) / (2 * distance_sigma**2))
-            * torch.exp(-((1 - cosine[chosen]) ** 2) / (2 * similarity_sigma**2))
-        )
-        scores = torch.where(distance <= distance_limit, scores * factor, scores)
-    return torch.tensor(order)
-
-
-def _fastv(attention: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` highest attention values; a stable sort breaks ties by first index."""
-    return torch.sort(attention, descending=True, stable=True).indices[:keep]
-
-
-def _divprune(embeddings: torch.Tensor, keep: int) -> torch.Tensor:
-    """The released DivPrune loop: greedy max-min diversity under cosine distance.
-
-    First pick: the token whose nearest other token is farthest (each column's 2nd smallest distance,
-    the smallest being its distance 0 to itself). Then repeatedly the token farthest from the kept set.
-    Unlike the released code, kept tokens are excluded from later picks, which only matters when
-    tokens have identical features (the released code could then return an index twice).
-    """
-    if embeddings.shape[0] < 2:
-        raise ValueError("DivPrune needs at least two image tokens")
-    unit = embeddings / embeddings.norm(dim=1, keepdim=True)
-    distance = 1.0 - unit @ unit.T
-    order = [int(torch.argmax(torch.topk(distance, 2, dim=0, largest=False).values[1]))]
-    selected = torch.zeros(embeddings.shape[0], dtype=torch.bool)
-    selected[order[0]] = True
-    for _ in range(keep - 1):
-        farthest = distance[order].min(dim=0).values.masked_fill(selected, float("-inf"))
-        chosen = int(torch.argmax(farthest))
-        selected[chosen] = True
-        order.append(chosen)
-    return torch.tensor(order)
-
-
 def reference_select(
     method: str,
     *,
@@ -389,46 +315,35 @@ def reference_select(
 ) -> np.ndarray:
     """Kept image-token indices (int64, ascending) as the released PyTorch code selects them.
 
-    method: 'adaptprune' (attention, keys; options prior_sigma, distance_limit, distance_sigma,
-    similarity_sigma), 'fastv' (attention) or 'divprune' (embeddings: the projected image features).
-    Inputs are (N,) / (N, D) arrays or tensors for one image. grid defaults to sqrt(N). `seed` is
-    accepted so the JAX library's call can be forwarded unchanged; no reference method is random:
-    'random' and 'uniform' have nothing to reference, so pass the JAX side's indices to
-    `pruned_forward` directly.
+    ``method`` is any registered method with a torch reference (``has_torch_reference``); its config
+    says which cues it reads (``reference_cues``: attention (N,), keys (N, D) or embeddings (N, D), for
+    one image) and which of its settings the reference takes (``reference_options``). grid defaults
+    to sqrt(N). ``seed`` is accepted so the JAX library's call can be forwarded unchanged; methods
+    without a reference (random, uniform) have nothing to reference, so pass the JAX side's indices
+    to ``pruned_forward`` directly.
     """
-    if method in ("random", "uniform"):
+    from adaptprune_jax import methods
+
+    try:
+        config_class = methods.get(method)
+    except ValueError:
+        with_reference = [name for name in methods.names() if methods.get(name).has_torch_reference]
         raise ValueError(
-            f"method {method!r} has no reference selection: pass the JAX side's indices "
-            "as kept_image_indices to pruned_forward / reference_generate"
-        )
-    options = {"adaptprune": ADAPTPRUNE_DEFAULTS, "fastv": {}, "divprune": {}}
-    if method not in options:
-        raise ValueError(f"unknown method {method!r}; reference methods: {', '.join(options)}")
-    unknown = set(method_kwargs) - set(options[method])
+            f"unknown method {method!r}; reference methods: {', '.join(with_reference)}"
+        ) from None
+    unknown = set(method_kwargs) - set(config_class.reference_options)
     if unknown:
         raise ValueError(
             f"method {method!r} takes no option(s) {sorted(unknown)}; "
-            f"its options: {sorted(options[method]) or 'none'}"
+            f"its options: {sorted(config_class.reference_options) or 'none'}"
         )
-
-    if method == "divprune":
-        candidates = _as_float_tensor(embeddings, "embeddings", method)
-    else:
-        candidates = _as_float_tensor(attention, "attention", method)
-    num_tokens = candidates.shape[0]
+    config = config_class(**method_kwargs)
+    if not config.has_torch_reference:
+        config.torch_reference_order({}, keep, grid)  # raises, saying what to do instead
+    given = {"attention": attention, "keys": keys, "embeddings": embeddings}
+    cues = {name: _as_float_tensor(given[name], name, method) for name in config.reference_cues}
+    num_tokens = cues[config.reference_cues[0]].shape[0]
     if not 1 <= keep <= num_tokens:
         raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
-
-    if method == "adaptprune":
-        order = _adaptprune(
-            candidates,
-            _as_float_tensor(keys, "keys", method),
-            keep,
-            grid,
-            **{**ADAPTPRUNE_DEFAULTS, **method_kwargs},
-        )
-    elif method == "fastv":
-        order = _fastv(candidates, keep)
-    else:
-        order = _divprune(candidates, keep)
+    order = config.torch_reference_order(cues, keep, grid)
     return np.sort(order.numpy().astype(np.int64))

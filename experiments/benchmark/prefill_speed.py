@@ -78,25 +78,23 @@ def run(settings: PrefillSpeedConfig) -> dict:
         return m.embed_prompt(ids, m.image_features(pixels))
 
     start = time.perf_counter()
-    x, image_start = jax.block_until_ready(vision_and_merge(state, ids, pixels))
+    x, image_slots = jax.block_until_ready(vision_and_merge(state, ids, pixels))
     vision_compile = time.perf_counter() - start
     vision_ms, _ = median_ms(lambda: vision_and_merge(state, ids, pixels), settings.repeats)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (settings.batch, length))
     last_index = jnp.full((settings.batch,), length - 1, jnp.int32)
 
-    def llm_prefill(pruning, keep):
+    def llm_prefill(pruning):
         @jax.jit
         def step(state, x):
-            lm = nnx.merge(graphdef, state).language_model
-            out = lm.prefill(
+            model = nnx.merge(graphdef, state)
+            out = model.language_model.prefill(
                 x,
                 positions,
                 last_index,
-                image_start=image_start,
-                num_image_tokens=num_image,
+                model.image_tokens(image_slots),
                 extra_slots=0,
                 pruning=pruning,
-                keep=keep,
                 rng=jax.random.key(0),
             )
             return out.logits, out.kept
@@ -117,7 +115,7 @@ def run(settings: PrefillSpeedConfig) -> dict:
 
     rows = {}
     for name, (pruning, variant_keep) in variants.items():
-        step = llm_prefill(pruning, variant_keep)
+        step = llm_prefill(pruning)
         start = time.perf_counter()
         try:
             _, kept = jax.block_until_ready(step(state, x))

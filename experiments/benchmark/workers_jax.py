@@ -66,8 +66,7 @@ def jax_worker(spec: dict) -> dict:
     if method == "none":
         pruning = None
     else:
-        settings = {} if method == "divprune" else {"layer": spec["layer"]}
-        pruning = prune.make_config(method, keep=spec["keep"], **settings)
+        pruning = prune.make_config(method, strict=False, keep=spec["keep"], layer=spec["layer"])
     keep = runner.resolve_keep(pruning)
     fixed = None
     if pruning is not None and spec["selection_overhead"] and mode != "probe":
@@ -85,20 +84,19 @@ def jax_worker(spec: dict) -> dict:
         return runner.merge(weights).image_features(pixels)
 
     def embed(weights, ids, features):
-        x, image_start = runner.merge(weights).embed_prompt(ids, features)
+        x, image_slots = runner.merge(weights).embed_prompt(ids, features)
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-        return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_start
+        return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_slots
 
-    def prefill(weights, x, positions, last_index, image_start, rng, *, pruning, keep):
-        return runner.merge(weights).language_model.prefill(
+    def prefill(weights, x, positions, last_index, image_slots, rng, *, pruning):
+        model = runner.merge(weights)
+        return model.language_model.prefill(
             x,
             positions,
             last_index,
-            image_start=image_start,
-            num_image_tokens=n_img,
+            model.image_tokens(image_slots),
             extra_slots=new_tokens,
             pruning=pruning,
-            keep=keep,
             rng=rng,
         )
 
@@ -126,7 +124,7 @@ def jax_worker(spec: dict) -> dict:
     embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
     result = build(
         "prefill",
-        jax.jit(functools.partial(prefill, pruning=pruning, keep=keep)),
+        jax.jit(functools.partial(prefill, pruning=pruning)),
         abstract_weights,
         *embedded,
         key,
@@ -145,23 +143,16 @@ def jax_worker(spec: dict) -> dict:
     if fixed is not None:
         build(
             "prefill_fixed",
-            jax.jit(functools.partial(prefill, pruning=fixed, keep=keep)),
+            jax.jit(functools.partial(prefill, pruning=fixed)),
             abstract_weights,
             *embedded,
             key,
         )
     cues = None
     if pruning is not None and mode != "probe":
-        kv_width = cfg.text.num_kv_heads * cfg.text.head_dim
-        cues = prune.Cues(
-            attention=sds((batch, n_img), jnp.float32) if pruning.needs_attention else None,
-            keys=sds((batch, n_img, kv_width), jnp.float32) if pruning.needs_features else None,
-            embeddings=sds((batch, n_img, cfg.text.hidden_size), dtype) if pruning.needs_embeddings else None,
-            rng=key,
-            batch_size=batch,
-            num_image_tokens=n_img,
-        )
-        build("select", jax.jit(lambda c: pruning.select(c, keep)), cues)
+        cues = abstract_cues(pruning, cfg, batch=batch, length=prompt_tokens, dtype=dtype, rng=key)
+        layout = cfg.image_layout().broadcast((batch,))
+        build("select", jax.jit(lambda c: pruning.select(c.replace(layout=layout), keep)), cues)
     from models.layers import attention_logits_budget
 
     out = {
@@ -313,3 +304,39 @@ def _one(fn, sync) -> float:
     start = time.perf_counter()
     sync(fn())
     return (time.perf_counter() - start) * 1e3
+
+
+def abstract_cues(pruning, cfg, *, batch: int, length: int, dtype, rng):
+    """The shapes of the cues ``pruning`` asks for, at the first stage (for compiling ``select`` alone)."""
+    import jax
+    import jax.numpy as jnp
+
+    import adaptprune_jax as prune
+
+    sds = jax.ShapeDtypeStruct
+    n_img, text = cfg.num_image_tokens, cfg.text
+    heads = (batch, length, text.num_heads, text.head_dim)
+    kv = (batch, length, text.num_kv_heads, text.head_dim)
+    shapes = {
+        prune.LastTokenAttention: {"attention": sds((batch, n_img), jnp.float32)},
+        prune.QueryAttention: {
+            "query_attention": sds((batch, length, n_img), jnp.float32),
+            "query_mask": sds((batch, length), bool),
+        },
+        prune.FeatureKeys: {"keys": sds((batch, n_img, text.num_kv_heads * text.head_dim), jnp.float32)},
+        prune.Embeddings: {"embeddings": sds((batch, n_img, text.hidden_size), dtype)},
+        prune.VisionClsAttention: {"vision_attention": sds((batch, n_img), jnp.float32)},
+        prune.LayerView: {
+            "view": prune.LayerViewArrays(
+                sds(heads, dtype),
+                sds(kv, dtype),
+                sds((batch, length, text.hidden_size), dtype),
+                sds((batch, length), jnp.int32),
+                sds((batch, n_img), jnp.int32),
+            )
+        },
+    }
+    fields = {}
+    for request in pruning.cue_requests():
+        fields.update(shapes[type(request)])
+    return prune.Cues(**fields, rng=rng, batch_size=batch, num_image_tokens=n_img)

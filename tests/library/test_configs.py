@@ -11,8 +11,12 @@ from adaptprune_jax import (
     AdaptPruneConfig,
     Cues,
     DivPruneConfig,
+    Embeddings,
     FastVConfig,
+    FeatureKeys,
+    LastTokenAttention,
     RandomConfig,
+    Stage,
     UniformConfig,
     adaptprune_select,
     divprune_select,
@@ -42,17 +46,23 @@ def test_registry_names_and_make_config():
         make_config("divprune", layer=2)
 
 
-def test_cue_requirements_and_layers():
-    flags = {c.name: (c.needs_attention, c.needs_features, c.needs_embeddings) for c in ALL_CONFIGS}
-    assert flags == {
-        "adaptprune": (True, True, False),
-        "fastv": (True, False, False),
-        "random": (False, False, False),
-        "uniform": (False, False, False),
-        "divprune": (False, False, True),
+def test_cue_requests_and_layers():
+    requests = {c.name: c().cue_requests() for c in ALL_CONFIGS}
+    assert requests == {
+        "adaptprune": (LastTokenAttention(), FeatureKeys(normalized=False)),
+        "fastv": (LastTokenAttention(),),
+        "random": (),
+        "uniform": (),
+        "divprune": (Embeddings(),),
     }
+    assert AdaptPruneConfig(normalize_keys=True).cue_requests()[1] == FeatureKeys(normalized=True)
     assert [c().layer for c in ALL_CONFIGS] == [2, 2, 2, 2, 0]
+    assert [c().min_layer for c in ALL_CONFIGS] == [1, 1, 0, 0, 0]
     assert DivPruneConfig(keep=64).layer == 0
+    assert [c.has_layer for c in ALL_CONFIGS] == [True, True, True, True, False]
+    assert [c.takes_seed for c in ALL_CONFIGS] == [False, False, True, False, False]
+    assert [c().renumber_positions for c in ALL_CONFIGS] == [False, False, False, False, True]
+    assert FastVConfig(keep=64, layer=3).stages(576) == (Stage(3, 64),)
 
 
 def test_resolve_keep_counts_and_ratios():

@@ -1,0 +1,176 @@
+"""Prefill with visual-token pruning, once for every decoder family.
+
+A decoder family supplies its layers through a small protocol (``DecoderLayer``); this module runs
+the prompt through them, and at each of a method's stages computes the cues the method asked for,
+lets the method select, and compacts the sequence to the text tokens plus the kept image tokens.
+Kept tokens keep their ORIGINAL positions (or are renumbered, if the method says so), so the one
+masking rule of ``models.layers`` (a key is visible when 0 <= its position <= the query's) still
+gives every layer its causal mask over a sequence with gaps.
+
+Image tokens are data, not a count: ``ImageTokens`` holds each row's image-token slots in the
+sequence and their ``TokenLayout`` (coordinates, grid, validity), so rows may hold image tokens at
+different places and in different numbers while shapes stay static. A compacted row keeps ``S - N +
+keep`` slots, so a row's text must fit in ``S - N`` slots (the prompt batcher pads to that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+import adaptprune_jax as prune
+from models.layers import EMPTY_POSITION, LayerCache, attention_mask, new_layer_cache, rows_take
+
+
+class DecoderLayer(Protocol):
+    """What the pruning driver needs of a decoder layer."""
+
+    def prefill(
+        self, x: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Full-sequence step: (x out, post-RoPE q (B, S, H, D), k and v (B, S, Hkv, D))."""
+
+    def feature_keys(self, hidden: jax.Array, *, normalized: bool) -> jax.Array:
+        """This layer's key projection of ``hidden`` (B, N, d) as unit float32 rows (B, N, Hkv * D)."""
+
+
+class ImageTokens(NamedTuple):
+    """Where each row's image tokens are: ``slots`` (B, N) int32 into the sequence, ``layout`` (B, N)."""
+
+    slots: jax.Array
+    layout: prune.TokenLayout
+
+
+class PrefillState(NamedTuple):
+    x: jax.Array  # (B, S', d) hidden states after the last layer
+    positions: jax.Array  # (B, S') positions of the sequence the last layer saw (-1 = padding)
+    last_index: jax.Array  # (B,) slot of each row's last prompt token in that sequence
+    caches: list[LayerCache]
+    kept: jax.Array | None  # (B, keep) kept indices into the original image tokens, ascending
+
+
+def prefill(
+    layers: Sequence[DecoderLayer],
+    x: jax.Array,
+    positions: jax.Array,
+    last_index: jax.Array,
+    image: ImageTokens,
+    *,
+    extra_slots: int,
+    pruning: prune.PruneConfig | None = None,
+    rng: jax.Array | None = None,
+    vision_attention: jax.Array | None = None,
+) -> PrefillState:
+    """Run the prompt through ``layers``, pruning image tokens at each of the method's stages.
+
+    x (B, S, d) input embeddings (image features in place); positions (B, S) (-1 = padding);
+    last_index (B,) slot of each row's last prompt token; vision_attention (B, N) the vision tower's
+    [CLS] attention, when the method asked for it.
+    """
+    num_image_tokens = image.slots.shape[1]
+    stages = {} if pruning is None else dict(pruning.stages(num_image_tokens))
+    requests = () if pruning is None else pruning.cue_requests()
+    reads_previous = any(request.reads_previous_layer for request in requests)
+    caches: list[LayerCache] = []
+    kept = None
+    previous = None  # (q, k, positions, x_in) of the layer before a stage, when a cue reads it
+    for layer_index, layer in enumerate(layers):
+        if layer_index in stages:
+            stage = sorted(stages).index(layer_index)
+            cues = _cues(
+                pruning, requests, layer, x, image, previous, last_index, rng, vision_attention, stage
+            )
+            selected = pruning.select(cues, stages[layer_index])
+            x, positions, last_index, image = _compact(x, positions, last_index, image, selected)
+            kept = selected if kept is None else rows_take(kept, selected)
+            if pruning.renumber_positions:  # pre-LLM methods as released: a shorter prompt
+                positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
+            if vision_attention is not None:
+                vision_attention = rows_take(vision_attention, selected)
+        x_in = x
+        x, q, k, v = layer.prefill(x, positions)
+        if reads_previous and layer_index + 1 in stages:
+            previous = (q, k, positions, x_in)
+        caches.append(new_layer_cache(k, v, positions, extra_slots))
+    return PrefillState(x, positions, last_index, caches, kept)
+
+
+def _cues(pruning, requests, layer, x, image, previous, last_index, rng, vision_attention, stage):
+    """The cues the method asked for, restricted to the image tokens (a static choice per method)."""
+    fields = {}
+    image_hidden = rows_take(x, image.slots)
+    for request in requests:
+        if isinstance(request, prune.LastTokenAttention):
+            q, k, positions, _ = previous
+            last_query = rows_take(q, last_index[:, None])[:, 0]
+            key_mask = attention_mask(rows_take(positions, last_index[:, None]), positions)[:, 0]
+            fields["attention"] = rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
+        elif isinstance(request, prune.QueryAttention):
+            q, k, positions, _ = previous
+            fields["query_attention"] = rows_take(
+                _head_mean_attention(q, k, positions).swapaxes(1, 2), image.slots
+            ).swapaxes(1, 2)
+            is_image = _slot_mask(image.slots, image.layout.valid, positions.shape[1])
+            fields["query_mask"] = (positions >= 0) & ~is_image
+        elif isinstance(request, prune.FeatureKeys):
+            fields["keys"] = layer.feature_keys(image_hidden, normalized=request.normalized)
+        elif isinstance(request, prune.Embeddings):
+            fields["embeddings"] = image_hidden
+        elif isinstance(request, prune.VisionClsAttention):
+            fields["vision_attention"] = vision_attention
+        elif isinstance(request, prune.LayerView):
+            q, k, positions, _ = previous
+            fields["view"] = prune.LayerViewArrays(q, k, x, positions, image.slots)
+        else:
+            raise ValueError(f"{pruning.name} asks for an unknown cue {request!r}")
+    return prune.Cues(
+        **fields,
+        layout=image.layout,
+        rng=rng,
+        batch_size=x.shape[0],
+        num_image_tokens=image.slots.shape[1],
+        stage=stage,
+    )
+
+
+def _head_mean_attention(q: jax.Array, k: jax.Array, positions: jax.Array) -> jax.Array:
+    """(B, S, S) float32 attention probabilities of every query over every key, averaged over heads."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.astype(jnp.float32).reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, k.astype(jnp.float32)) * head_dim**-0.5
+    mask = attention_mask(positions, positions)[:, None, None]
+    probabilities = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    return jnp.mean(jnp.where(mask, probabilities, 0.0), axis=(1, 2))
+
+
+def _slot_mask(slots: jax.Array, valid: jax.Array, length: int) -> jax.Array:
+    """(B, length) bool: True at the sequence slots in ``slots`` whose ``valid`` is set."""
+    batch = slots.shape[0]
+    rows = jnp.arange(batch)[:, None]
+    return jnp.zeros((batch, length), bool).at[rows, jnp.where(valid, slots, length)].set(True, mode="drop")
+
+
+def _compact(x, positions, last_index, image: ImageTokens, kept: jax.Array):
+    """Keep every non-image slot and the kept image slots, in their original order (static length).
+
+    Every row keeps exactly ``S - N + keep`` slots (padding included, still marked -1), so the result
+    has a static shape; a row's last prompt token moves to the count of kept slots before it.
+    """
+    length = positions.shape[1]
+    num_image_tokens, keep = image.slots.shape[1], kept.shape[1]
+    slots = jnp.arange(length)
+    in_image = _slot_mask(image.slots, image.layout.valid, length)
+    kept_slots = rows_take(image.slots, kept)
+    kept_image = _slot_mask(kept_slots, jnp.ones_like(kept, bool), length)
+    keep_mask = ~in_image | kept_image
+    new_length = length - num_image_tokens + keep
+    order = jnp.argsort(jnp.where(keep_mask, slots, slots + length), axis=1)[:, :new_length]
+    new_slot = jnp.cumsum(keep_mask, axis=1) - 1
+    new_last = jnp.take_along_axis(new_slot, last_index[:, None], axis=1)[:, 0]
+    kept_layout = jax.tree_util.tree_map(lambda a: rows_take(jnp.asarray(a), kept), image.layout)
+    new_image = ImageTokens(rows_take(new_slot, kept_slots).astype(jnp.int32), kept_layout)
+    return rows_take(x, order), rows_take(positions, order), new_last, new_image
