@@ -114,7 +114,7 @@ def run(settings: PrefillSpeedConfig) -> dict:
     variants["fastv"] = (prune.FastVConfig(keep=keep, layer=settings.layer), keep)
 
     rows = {}
-    for name, (pruning, variant_keep) in variants.items():
+    for name, (pruning, _) in variants.items():
         step = llm_prefill(pruning)
         start = time.perf_counter()
         try:

@@ -1,0 +1,109 @@
+"""Token layouts: non-square and multi-grid geometry, invalid slots, and exact reduction to one square grid."""
+
+import jax
+import numpy as np
+import pytest
+
+import adaptprune_jax as prune
+from adaptprune_jax import methods
+
+
+def _two_grids():
+    """A 3 x 4 grid (id 0), a newline-like token on no grid, then a 5 x 2 grid (id 1): 23 tokens."""
+    return prune.concat_layouts(
+        prune.grid_layout(3, 4, grid_id=0), prune.off_grid_layout(1), prune.grid_layout(5, 2, grid_id=1)
+    )
+
+
+@pytest.mark.parametrize("side", [1, 2, 5, 6, 23, 24, 25])
+@pytest.mark.parametrize("sigma", [3.0, 12.0])
+def test_layout_prior_is_the_square_prior_bit_for_bit(side, sigma):
+    square = np.asarray(prune.center_prior(side, sigma)).reshape(-1)
+    layout = prune.square_layout(side * side)
+    np.testing.assert_array_equal(np.asarray(prune.layout_center_prior(layout, sigma)), square)
+    jitted = jax.jit(lambda: prune.layout_center_prior(prune.square_layout(side * side), sigma))()
+    np.testing.assert_array_equal(np.asarray(jitted), square)
+
+
+def test_prior_per_grid_on_normalised_coordinates():
+    layout = _two_grids()
+    prior = np.asarray(prune.layout_center_prior(layout, 2.0))
+    first, second = prior[:12].reshape(3, 4), prior[13:].reshape(5, 2)
+    assert prior[12] == 1.0  # on no grid: no positional correction
+    for grid in (first, second):
+        assert grid.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(grid, grid[::-1, ::-1], rtol=1e-6)  # symmetric about each grid's centre
+    # Normalised coordinates: x spans [-(rows // 2), rows // 2] on each axis, as the released prior.
+    x_rows, x_cols = np.linspace(-1, 1, 3), np.linspace(-2, 2, 4)
+    expected = np.exp(-(x_rows[:, None] ** 2 + x_cols[None, :] ** 2) / (2 * 2.0**2))
+    np.testing.assert_allclose(first, expected / expected.max(), rtol=1e-6)
+
+
+def test_suppression_only_within_a_grid():
+    layout = _two_grids()
+    keys = np.ones((23, 4), np.float32)  # identical keys: suppression is decided by geometry alone
+    factors = np.asarray(prune.suppression_factors(keys, layout=layout, distance_limit=100.0))
+    assert np.all(factors[:12, 13:] == 1.0) and np.all(factors[13:, :12] == 1.0)
+    assert np.all(factors[12] == 1.0) and np.all(factors[:, 12] == 1.0)
+    assert np.all(factors[:12, :12] < 1.0) and np.all(factors[13:, 13:] < 1.0)
+
+
+def test_adaptprune_on_two_grids_with_invalid_slots():
+    rng = np.random.default_rng(0)
+    rows = [_two_grids(), prune.concat_layouts(prune.grid_layout(4, 4), prune.grid_layout(2, 2, grid_id=1))]
+    layout = prune.stack_layouts(rows)  # (2, 23); the second row has 20 tokens and 3 invalid slots
+    assert layout.valid.shape == (2, 23) and not layout.dense and layout.valid[1].sum() == 20
+    attention = rng.uniform(size=(2, 23)).astype(np.float32)
+    attention[1, 20:] = 10.0  # invalid slots with the largest scores must still never be kept
+    keys = rng.normal(size=(2, 23, 8)).astype(np.float32)
+    kept = np.asarray(
+        jax.jit(lambda a, k, lay: prune.adaptprune_select(a, k, 12, layout=lay))(attention, keys, layout)
+    )
+    assert kept.shape == (2, 12) and np.all(np.diff(kept, axis=-1) > 0)
+    assert kept[1].max() < 20
+    # Each row alone, with its own unpadded layout, selects the same tokens.
+    for row, row_layout in enumerate(rows):
+        n = row_layout.num_tokens
+        alone = prune.adaptprune_select(attention[row, :n], keys[row, :n], 12, layout=row_layout)
+        np.testing.assert_array_equal(np.asarray(alone), kept[row])
+
+
+def test_masked_baselines_never_keep_invalid_slots():
+    rng = np.random.default_rng(1)
+    layout = prune.stack_layouts([prune.grid_layout(4, 5), prune.grid_layout(3, 3)])
+    valid = np.asarray(layout.valid)
+    scores = rng.uniform(size=(2, 20)).astype(np.float32) + 10.0 * ~valid
+    for kept in (
+        prune.topk_select(scores, 8, valid),
+        prune.random_select(jax.random.key(0), 20, 8, (2,), valid),
+        prune.divprune_select(rng.normal(size=(2, 20, 6)).astype(np.float32), 8, valid=valid),
+        prune.uniform_layout_select(layout, 8),
+    ):
+        kept = np.asarray(kept)
+        assert kept.shape == (2, 8) and np.all(np.diff(kept, axis=-1) > 0)
+        assert np.all(np.take_along_axis(valid, kept, axis=1))
+
+
+@pytest.mark.parametrize("side", [4, 7, 24])
+def test_uniform_on_coordinates_equals_the_square_rule(side):
+    layout = prune.square_layout(side * side)
+    for keep in sorted({1, 2, 3, side, side + 1, (side * side) // 3, side * side - 1, side * side}):
+        expected = prune.uniform_grid_indices(side * side, keep)
+        np.testing.assert_array_equal(np.asarray(prune.uniform_layout_select(layout, keep)), expected)
+
+
+def test_uniform_on_two_grids_spreads_over_both():
+    layout = prune.concat_layouts(prune.grid_layout(6, 8), prune.grid_layout(4, 4, grid_id=1))
+    kept = np.asarray(prune.uniform_layout_select(layout, 16))
+    assert len(set(kept.tolist())) == 16 and (kept < 48).any() and (kept >= 48).any()
+
+
+def test_grid_methods_refuse_tokens_on_no_grid():
+    layout = _two_grids()
+    for name in methods.names():
+        config = methods.make_config(name, strict=False, keep=4)
+        if config.needs_grid:
+            with pytest.raises(ValueError, match=rf"{name}: needs every image token on a grid, but 1 of"):
+                config.validate(23, 8, layout)
+        else:
+            config.validate(23, 8, layout)
