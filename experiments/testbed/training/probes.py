@@ -35,7 +35,7 @@ def patch_targets(scenes, scene_config):
     centre). centres (B, N): whether the patch holds an object's box centre (one patch per object: what
     counting needs). coordinates (B, N, 2) float32: the covering object's box centre (row, column),
     scaled to [-1, 1] over the image, 0 on the background: the quantity the position questions compare
-    (`scenes.relation_holds` uses box centres), so the probe asks every object token to carry it linearly.
+    (`questions.relation_holds` uses box centres), so the probe asks every object token to carry it linearly.
     Coordinates are doubled so patch and box centres are integers. Patches in row-major order, as the
     image tokens are.
     """
