@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import tests.keynorm_method  # noqa: F401  (registers a test-only method with the registry)
 from tests.helpers import TinyCheckpoint
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -58,3 +58,46 @@ def make_prompt(config, rng: np.random.Generator, before: int, after: int) -> li
 
 def random_pixels(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:
     return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+
+
+def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, heads: int = 2, dim: int = 8):
+    """Random cues of the kinds ``config`` asks for, for ``batch`` rows of the layout's image tokens."""
+    import jax
+
+    import adaptprune_jax as prune
+
+    rng = np.random.default_rng(seed)
+    n = layout.num_tokens
+
+    def normal(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    def uniform(*shape):
+        return rng.uniform(size=shape).astype(np.float32)
+
+    slots = np.broadcast_to(np.arange(n, dtype=np.int32) + (length - n) // 2, (batch, n)).copy()
+    makers = {
+        prune.LastTokenAttention: lambda: {"attention": uniform(batch, n)},
+        prune.QueryAttention: lambda: {
+            "query_attention": uniform(batch, length, n),
+            "query_mask": rng.uniform(size=(batch, length)) < 0.5,
+        },
+        prune.FeatureKeys: lambda: {"keys": normal(batch, n, dim)},
+        prune.Embeddings: lambda: {"embeddings": normal(batch, n, dim)},
+        prune.VisionClsAttention: lambda: {"vision_attention": uniform(batch, n)},
+        prune.LayerView: lambda: {
+            "view": prune.LayerViewArrays(
+                normal(batch, length, heads, dim),
+                normal(batch, length, heads, dim),
+                normal(batch, length, dim),
+                np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+                slots,
+            )
+        },
+    }
+    fields = {}
+    for request in config.cue_requests():
+        fields.update(makers[type(request)]())
+    if layout.valid.ndim == 1:
+        layout = layout.broadcast((batch,))
+    return prune.Cues(**fields, layout=layout, rng=jax.random.key(seed), batch_size=batch, num_image_tokens=n)

@@ -1,0 +1,82 @@
+"""The contract every registered method keeps, parametrized over the registry (a new method, even one
+defined in a test module, is tested here by default): int32 (B, keep), distinct, sorted, in range;
+the same under jit and under vmap; a batch equals its rows one by one; keeping all keeps all."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adaptprune_jax as prune
+from adaptprune_jax import methods
+from tests.helpers import random_cues
+
+LAYOUT = prune.grid_layout(6, 6)
+NUM_TOKENS = LAYOUT.num_tokens
+
+
+def _config(name, keep):
+    return methods.make_config(name, strict=False, keep=keep, layer=2)
+
+
+def test_registry_lists_the_builtin_methods_and_the_test_method():
+    assert {"adaptprune", "divprune", "fastv", "random", "uniform", "keynorm_fastv"} <= set(methods.names())
+    assert methods.names() == sorted(methods.names())
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register(type("Clash", (prune.PruneConfig,), {"name": "fastv"}))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_selection_is_distinct_sorted_in_range(name):
+    config = _config(name, 9)
+    cues = random_cues(config, batch=4, layout=LAYOUT)
+    kept = np.asarray(config.select(cues, 9))
+    assert kept.dtype == np.int32 and kept.shape == (4, 9)
+    assert np.all(np.diff(kept, axis=-1) > 0) and kept.min() >= 0 and kept.max() < NUM_TOKENS
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_jit_and_vmap_select_the_same(name):
+    config = _config(name, 9)
+    cues = random_cues(config, batch=4, layout=LAYOUT)
+    eager = np.asarray(config.select(cues, 9))
+    np.testing.assert_array_equal(np.asarray(jax.jit(config.select, static_argnums=1)(cues, 9)), eager)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), cues)
+    mapped = jax.vmap(lambda c: config.select(c, 9))(stacked)
+    np.testing.assert_array_equal(np.asarray(mapped), np.stack([eager, eager]))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_a_batch_equals_its_rows_one_by_one(name):
+    config = _config(name, 9)
+    cues = random_cues(config, batch=4, layout=LAYOUT)
+    batched = np.asarray(config.select(cues, 9))
+    if config.takes_seed:  # a seeded method draws per batch: the same key gives the same draw
+        np.testing.assert_array_equal(np.asarray(config.select(cues, 9)), batched)
+        other = cues.replace(rng=jax.random.key(99))
+        assert not np.array_equal(np.asarray(config.select(other, 9)), batched)
+        return
+    for row in range(4):
+        one = jax.tree_util.tree_map(lambda x, row=row: x[row : row + 1] if jnp.ndim(x) else x, cues)
+        one = one.replace(batch_size=1)
+        np.testing.assert_array_equal(np.asarray(config.select(one, 9))[0], batched[row])
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_keeping_every_token_keeps_every_token(name):
+    config = _config(name, 1.0)
+    cues = random_cues(config, batch=2, layout=LAYOUT)
+    kept = np.asarray(config.select(cues, config.resolve_keep(NUM_TOKENS)))
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.arange(NUM_TOKENS), (2, NUM_TOKENS)))
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_config_declarations_are_consistent(name):
+    config_class = methods.get(name)
+    config = _config(name, 9)
+    assert config_class.name == name and isinstance(config, config_class)
+    assert all(isinstance(request, prune.CUE_TYPES) for request in config.cue_requests())
+    assert ("layer" in methods.setting_names(name)) == config_class.has_layer
+    assert ("seed" in methods.setting_names(name)) == config_class.takes_seed
+    assert config.equivalent_tokens(NUM_TOKENS, 4) <= NUM_TOKENS
+    config.validate(NUM_TOKENS, 4, LAYOUT)
