@@ -1,0 +1,50 @@
+"""Every registered method inside the Flax LLaVA, parametrized over the registry: keeping every image
+token gives the unpruned logits, and a pruned batch equals its rows run one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adaptprune_jax import methods
+from tests.helpers import make_prompt, random_pixels
+
+
+def _last_logits(ckpt, prompts, pixels, pruning):
+    batch = ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id)
+    result = ckpt.runner.prefill(batch, pruning=pruning)
+    return np.asarray(result.logits), None if result.kept is None else np.asarray(result.kept)
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_checkpoints):
+    ckpt = tiny_checkpoints("tiny")
+    rng = np.random.default_rng(7)
+    prompts = [
+        make_prompt(ckpt.config, rng, before=3, after=6),
+        make_prompt(ckpt.config, rng, before=9, after=2),
+    ]
+    pixels = random_pixels(rng, 2, ckpt.config.vision.image_size)
+    unpruned, _ = _last_logits(ckpt, prompts, pixels, None)
+    return ckpt, prompts, pixels, unpruned
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_keeping_every_token_equals_unpruned(inputs, name):
+    ckpt, prompts, pixels, unpruned = inputs
+    pruning = methods.make_config(name, strict=False, keep=1.0, layer=2)
+    logits, kept = _last_logits(ckpt, prompts, pixels, pruning)
+    np.testing.assert_array_equal(kept, np.broadcast_to(np.arange(ckpt.config.num_image_tokens), kept.shape))
+    np.testing.assert_allclose(logits, unpruned, rtol=0, atol=1e-5 * np.abs(unpruned).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in methods.names() if not methods.get(n).takes_seed])
+def test_pruned_batch_equals_rows_one_by_one(inputs, name):
+    ckpt, prompts, pixels, _ = inputs
+    pruning = methods.make_config(name, strict=False, keep=64, layer=2)
+    logits, kept = _last_logits(ckpt, prompts, pixels, pruning)
+    for row in range(2):
+        one_logits, one_kept = _last_logits(ckpt, prompts[row : row + 1], pixels[row : row + 1], pruning)
+        np.testing.assert_array_equal(one_kept[0], kept[row])
+        np.testing.assert_allclose(one_logits[0], logits[row], rtol=0, atol=1e-5 * np.abs(logits).max())
