@@ -26,6 +26,9 @@ class BenchmarkConfig:
     dtype: str = setting("bfloat16", "Parameter and activation dtype.", choices=("bfloat16", "float32"))
     batch_sizes: tuple[int, ...] = setting((1,), "Batch sizes.")
     methods: tuple[str, ...] = setting(("none", "adaptprune"), "Pruning methods (none = unpruned).")
+    method_modules: tuple[str, ...] = setting(
+        (), "Modules to import first that register pruning methods of their own (e.g. tests.keynorm_method)."
+    )
     keep: tuple[int, ...] = setting((64,), "Image tokens kept (counts).")
     layer: int = setting(2, "Pruning layer K (DivPrune always prunes before the LLM).")
     configs: tuple[str, ...] = setting(

@@ -106,6 +106,7 @@ def run(settings: BenchmarkConfig) -> None:
         random_weights=settings.random_weights,
         dtype=settings.dtype,
         layer=settings.layer,
+        method_modules=list(settings.method_modules),
         text_tokens=settings.text_tokens,
         new_tokens=settings.new_tokens,
         repeats=settings.repeats,

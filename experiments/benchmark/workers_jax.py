@@ -63,6 +63,7 @@ def jax_worker(spec: dict) -> dict:
     abstract_state, abstract_weights = runner.state, runner.weights
     n_img = cfg.num_image_tokens
     prompt_tokens = n_img + spec["text_tokens"]
+    prune.methods.import_plugins(spec.get("method_modules", ()))
     if method == "none":
         pruning = None
     else:
@@ -235,14 +236,17 @@ def jax_worker(spec: dict) -> dict:
             a - b for a, b in zip(samples["llm_prefill_ms"], samples["fixed_prefill_ms"])
         ]
     if cues is not None:
-        real_cues = jax.tree_util.tree_map(
-            lambda s: (
-                jax.random.uniform(jax.random.key(7), s.shape, s.dtype)
-                if hasattr(s, "shape") and not jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
-                else s
-            ),
-            cues,
-        )
+
+        def random_like(s):  # random floats; integer cues (slots, positions) and masks in range
+            if not hasattr(s, "shape") or jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+                return s
+            if jnp.issubdtype(s.dtype, jnp.floating):
+                return jax.random.uniform(jax.random.key(7), s.shape, s.dtype)
+            if s.dtype == jnp.bool_:
+                return jnp.ones(s.shape, bool)
+            return jnp.zeros(s.shape, s.dtype)
+
+        real_cues = jax.tree_util.tree_map(random_like, cues)
         real_cues = real_cues.replace(rng=rng)
         samples["select_only_ms"] = timed(lambda: run["select"](real_cues), reps, sync)
     samples["ttft_ms"] = timed(first_token, reps, sync)
