@@ -1,6 +1,9 @@
-# Two entry points, each self-contained on a fresh machine:
-#   make test   creates .venv, installs the project with its test extras, runs pytest
-#   make eval   creates .venv, installs the project, runs the embedded default evaluation
+# Entry points, each self-contained on a fresh machine:
+#   make test       creates .venv, installs the project with its test extras, checks format and lint
+#                   (ruff), runs every test
+#   make test-fast  the same venv, only the tests not marked slow (no subprocess, training or
+#                   end-to-end runs): the quick check while working
+#   make eval       creates .venv, installs the project, runs the embedded default evaluation
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +15,7 @@ TRANSFORMERS_PIN := transformers==5.17.0
 # The testbed's test split is a pure function of (split, seed, config): generated, not committed (54 MB).
 TESTBED_SPLIT := experiments/data/testbed_test/questions.jsonl
 
-.PHONY: venv test eval clean
+.PHONY: venv lint test test-fast eval clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +25,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
 
 $(TESTBED_SPLIT): | venv
 	$(PY) -c "from experiments.testbed.scenes import write_split; write_split('$(dir $@)', split='test', num_items=1000)"

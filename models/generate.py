@@ -3,9 +3,8 @@
 The model is split once (`nnx.split`) and plain `jax.jit` functions merge it inside, so no Python
 object graph is walked per call. The weights travel as one flat tuple of arrays (`LlavaRunner.weights`),
 not as the nnx.State: JAX flattens a tuple of arrays in C++, while the State's nested Python-registered
-nodes cost host time on every call (for LLaVA-1.5-7B's 686 arrays, on a 2-core host: 0.8-1.2 ms per
-call as a State, 0.11-0.17 ms as a tuple; `experiments/dispatch_overhead.py`). At batch 1 that is
-latency. Prompts are right-padded to a multiple of `length_bucket`, so the prefill compiles once per
+nodes cost host time on every call (measured by `experiments.benchmark.dispatch_overhead`). At batch 1
+that is latency. Prompts are right-padded to a multiple of `length_bucket`, so the prefill compiles once per
 bucket, not once per prompt length. The decode loop is a `lax.while_loop` inside jit (one dispatch for
 all new tokens) carrying the KV cache, which is donated.
 """

@@ -1,4 +1,4 @@
-"""experiments.benchmark end to end on the CPU with the tiny preset (the H100 runs the same code).
+"""experiments.benchmark end to end on the CPU with the tiny preset (the GPU runs the same code).
 
 Every job is a subprocess, so these tests run the real CLI: pre-compile phase, measuring workers, the
 PyTorch baseline, a max-batch probe, a configuration that cannot work (reported as a failed row) and
