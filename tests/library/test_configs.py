@@ -31,7 +31,8 @@ ALL_CONFIGS = (AdaptPruneConfig, FastVConfig, RandomConfig, UniformConfig, DivPr
 
 
 def test_registry_names_and_make_config():
-    assert set(METHODS) == {"adaptprune", "fastv", "random", "uniform", "divprune"}
+    builtin = {"adaptprune", "fastv", "random", "uniform", "divprune"}
+    assert builtin <= set(METHODS)  # plus what the tests register (tests/keynorm_method.py)
     for name, config_class in METHODS.items():
         assert config_class.name == name
         assert isinstance(make_config(name, keep=64), config_class)
@@ -39,11 +40,19 @@ def test_registry_names_and_make_config():
     with pytest.raises(
         ValueError,
         match=r"unknown pruning method 'visionzip'; known methods: "
-        r"adaptprune, divprune, fastv, random, uniform",
+        r"adaptprune, divprune, fastv, keynorm_fastv, random, uniform",
     ):
         make_config("visionzip")
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) layer for divprune; known settings: keep"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown setting\(s\) layer for divprune; known settings: keep, renumber_positions",
+    ):
         make_config("divprune", layer=2)
+    # Harness-wide settings go only to the methods that have them.
+    assert make_config("divprune", strict=False, keep=64, layer=2, seed=None) == DivPruneConfig(keep=64)
+    assert make_config("random", strict=False, keep=64, layer=3, seed=5) == RandomConfig(
+        keep=64, layer=3, seed=5
+    )
 
 
 def test_cue_requests_and_layers():
