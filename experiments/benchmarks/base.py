@@ -140,6 +140,18 @@ def read_question_id(record: dict, location: str) -> str:
     return str(require(record, "question_id", (int, str), location))
 
 
+def iter_records(
+    path: str | os.PathLike, benchmark_name: str, unique_ids: UniqueIds | None = None, id_prefix: str = ""
+) -> Iterator[tuple[str, dict, str]]:
+    """(location, record, question_id) for every record of a JSON-lines question file, each id checked
+    unique (across files too, when they share ``unique_ids``); ``id_prefix`` is prepended to ids."""
+    unique_ids = UniqueIds() if unique_ids is None else unique_ids
+    for location, record in iter_jsonl(path, benchmark_name):
+        question_id = id_prefix + read_question_id(record, location)
+        unique_ids.check(question_id, location)
+        yield location, record, question_id
+
+
 def answered(
     questions: Sequence[Question], predictions: Mapping[str, str]
 ) -> tuple[list[tuple[Question, str]], list[Question]]:

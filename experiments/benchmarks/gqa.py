@@ -19,11 +19,9 @@ from collections.abc import Mapping, Sequence
 from experiments.benchmarks.base import (
     SHORT_ANSWER_INSTRUCTION,
     Question,
-    UniqueIds,
-    iter_jsonl,
+    iter_records,
     mean_score_report,
     optional_string,
-    read_question_id,
     require,
     with_instruction,
 )
@@ -44,10 +42,7 @@ class GqaBenchmark:
 
     def load_questions(self, path: str | os.PathLike) -> list[Question]:
         questions = []
-        unique_ids = UniqueIds()
-        for location, record in iter_jsonl(path, "GQA"):
-            question_id = read_question_id(record, location)
-            unique_ids.check(question_id, location)
+        for location, record, question_id in iter_records(path, "GQA"):
             questions.append(
                 Question(
                     question_id=question_id,

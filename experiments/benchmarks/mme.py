@@ -27,11 +27,9 @@ from collections.abc import Mapping, Sequence
 from experiments.benchmarks.base import (
     SHORT_ANSWER_INSTRUCTION,
     Question,
-    UniqueIds,
     answered,
     grouped_report,
-    iter_jsonl,
-    read_question_id,
+    iter_records,
     require,
     safe_ratio,
     with_instruction,
@@ -80,11 +78,8 @@ class MmeBenchmark:
 
     def load_questions(self, path: str | os.PathLike) -> list[Question]:
         questions = []
-        unique_ids = UniqueIds()
         known_subtasks = PERCEPTION_SUBTASKS + COGNITION_SUBTASKS
-        for location, record in iter_jsonl(path, "MME"):
-            question_id = read_question_id(record, location)
-            unique_ids.check(question_id, location)
+        for location, record, question_id in iter_records(path, "MME"):
             answer = require(record, "answer", str, location).strip().lower()
             if answer not in ("yes", "no"):
                 raise ValueError(

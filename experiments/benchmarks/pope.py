@@ -29,8 +29,7 @@ from experiments.benchmarks.base import (
     Question,
     UniqueIds,
     grouped_report,
-    iter_jsonl,
-    read_question_id,
+    iter_records,
     require,
     safe_ratio,
     with_instruction,
@@ -103,9 +102,7 @@ class PopeBenchmark:
         unique_ids = UniqueIds()
         for split_file in question_files(path):
             split = split_name(split_file)
-            for location, record in iter_jsonl(split_file, "POPE"):
-                question_id = f"{split}/{read_question_id(record, location)}"
-                unique_ids.check(question_id, location)
+            for location, record, question_id in iter_records(split_file, "POPE", unique_ids, f"{split}/"):
                 label = require(record, "label", str, location).strip().lower()
                 if label not in ("yes", "no"):
                     raise ValueError(

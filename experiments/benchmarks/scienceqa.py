@@ -28,11 +28,9 @@ from collections.abc import Mapping, Sequence
 from experiments.benchmarks.base import (
     OPTION_LETTER_INSTRUCTION,
     Question,
-    UniqueIds,
-    iter_jsonl,
+    iter_records,
     mean_score_report,
     optional_string,
-    read_question_id,
     require,
     require_string_list,
 )
@@ -70,10 +68,7 @@ class ScienceQaBenchmark:
 
     def load_questions(self, path: str | os.PathLike) -> list[Question]:
         questions = []
-        unique_ids = UniqueIds()
-        for location, record in iter_jsonl(path, "ScienceQA"):
-            question_id = read_question_id(record, location)
-            unique_ids.check(question_id, location)
+        for location, record, question_id in iter_records(path, "ScienceQA"):
             question_field = "text" if "question" not in record and "text" in record else "question"
             choices = require_string_list(record, "choices", location)
             if not 2 <= len(choices) <= len(OPTION_LETTERS):

@@ -29,11 +29,9 @@ from collections.abc import Mapping, Sequence
 from experiments.benchmarks.base import (
     SHORT_ANSWER_INSTRUCTION,
     Question,
-    UniqueIds,
-    iter_jsonl,
+    iter_records,
     mean_score_report,
     optional_string,
-    read_question_id,
     require,
     require_string_list,
     with_instruction,
@@ -229,10 +227,7 @@ class TextVqaBenchmark:
 
     def load_questions(self, path: str | os.PathLike) -> list[Question]:
         questions = []
-        unique_ids = UniqueIds()
-        for location, record in iter_jsonl(path, "TextVQA"):
-            question_id = read_question_id(record, location)
-            unique_ids.check(question_id, location)
+        for location, record, question_id in iter_records(path, "TextVQA"):
             answers = require_string_list(record, "answers", location)
             if len(answers) != NUM_HUMAN_ANSWERS:
                 raise ValueError(
