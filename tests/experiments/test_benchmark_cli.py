@@ -59,6 +59,7 @@ def rows_by_label(report):
     return {row["label"]: row for row in report["rows"]}
 
 
+@pytest.mark.slow
 def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
     not_a_directory = tmp_path / "profiles_here"
     not_a_directory.write_text("a file where the traces would go")  # every trace fails to start
@@ -120,6 +121,7 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
     assert stdout.strip().splitlines()[-1].startswith("acceptance:")
 
 
+@pytest.mark.slow
 def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     profile_dir = tmp_path / "profiles"
     report, markdown, _ = run_cli(
@@ -146,6 +148,7 @@ def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
     assert report["meta"]["flags"]["torch_baseline"] is False
 
 
+@pytest.mark.slow
 def test_killed_workers_are_failed_rows(tmp_path, cache_dir):
     report, markdown, _ = run_cli(tmp_path, cache_dir, "--configs=none:1", "--job_timeout_s=1")
     (row,) = report["rows"]
@@ -204,6 +207,7 @@ def test_floor_rates_take_the_faster_of_in_run_and_reference():
         floors.set_floor_rates(ceilings, bandwidth_tbps=-1)
 
 
+@pytest.mark.slow
 def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp_path):
     """The H200 run's in-run copy ceiling (3.1 TB/s) passed decode; against 4.3 TB/s it fails."""
     with open(os.path.join(REPO_ROOT, "experiments/results/h200_latency/results.json")) as f:

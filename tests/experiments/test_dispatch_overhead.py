@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 from experiments.benchmark import dispatch_overhead
@@ -12,6 +13,7 @@ from models.config import from_hf_config
 from models.llava import LlavaForConditionalGeneration
 
 
+@pytest.mark.slow
 def test_narrow_model_has_the_full_size_parameter_tree():
     cfg = from_hf_config(presets.llava_config("llava-1.5-7b"))
     abstract = nnx.eval_shape(

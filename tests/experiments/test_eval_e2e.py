@@ -23,6 +23,8 @@ from experiments.benchmarks import get_benchmark
 from experiments.benchmarks.io import read_predictions
 from models.engine import LlavaEngine
 
+pytestmark = pytest.mark.slow  # end to end: generates with a tiny model for every pair
+
 POPE_DIR = Path("/work/shared/data/pope")
 SPLITS = ("random", "popular")
 QUESTIONS_PER_SPLIT = 3

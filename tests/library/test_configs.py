@@ -190,6 +190,7 @@ def _cues(batch=3, grid=8, dim=12, seed=0):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_class", ALL_CONFIGS)
 def test_select_under_jit_on_a_batch(config_class):
     cues = _cues()

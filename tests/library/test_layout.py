@@ -15,6 +15,7 @@ def _two_grids():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", [1, 2, 5, 6, 23, 24, 25])
 @pytest.mark.parametrize("sigma", [3.0, 12.0])
 def test_layout_prior_is_the_square_prior_bit_for_bit(side, sigma):
@@ -84,6 +85,7 @@ def test_masked_baselines_never_keep_invalid_slots():
         assert np.all(np.take_along_axis(valid, kept, axis=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", [4, 7, 24])
 def test_uniform_on_coordinates_equals_the_square_rule(side):
     layout = prune.square_layout(side * side)

@@ -35,6 +35,7 @@ def test_selection_is_distinct_sorted_in_range(name):
     assert np.all(np.diff(kept, axis=-1) > 0) and kept.min() >= 0 and kept.max() < NUM_TOKENS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", methods.names())
 def test_jit_and_vmap_select_the_same(name):
     config = _config(name, 9)
@@ -46,6 +47,7 @@ def test_jit_and_vmap_select_the_same(name):
     np.testing.assert_array_equal(np.asarray(mapped), np.stack([eager, eager]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", methods.names())
 def test_a_batch_equals_its_rows_one_by_one(name):
     config = _config(name, 9)

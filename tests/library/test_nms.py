@@ -163,6 +163,7 @@ def _batched_selections(grid, keep):
     return jax.jit(jax.vmap(one_case))
 
 
+@pytest.mark.slow
 def test_parity_with_float64_reference():
     """Selection order, not just the kept set, matches the float64 reference on 840 cases.
 
@@ -318,6 +319,7 @@ def test_selection_is_distinct_in_range_and_sorted(problem, distance_limit):
     problem=nms_problems(score_kinds=("floats", "zeros", "tied", "coarse")),
     distance_limit=st.floats(-3.0, 0.99),
 )
+@pytest.mark.slow
 def test_window_below_one_cell_is_topk_of_prior_weighted_scores(problem, distance_limit):
     attention, keys, keep = problem
     scores = attention * np.asarray(center_prior(math.isqrt(attention.size))).reshape(-1)
@@ -347,6 +349,7 @@ def test_degenerate_scores_still_keep_distinct_tokens(value):
 # ----------------------------------------------------------------------------- jit, batch, errors
 
 
+@pytest.mark.slow
 def test_jit_on_batch_matches_per_row_and_leading_axes():
     rng = np.random.default_rng(3)
     grid, keep = 8, 10

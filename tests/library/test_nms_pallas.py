@@ -7,6 +7,7 @@ import pytest
 import adaptprune_jax as prune
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_tokens, keep", [(16, 5), (64, 17), (576, 64)])
 def test_every_nms_implementation_selects_the_same_tokens(num_tokens, keep):
     rng = np.random.default_rng(num_tokens)

@@ -29,6 +29,7 @@ def inputs(tiny_checkpoints):
     return ckpt, prompts, pixels, unpruned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", methods.names())
 def test_keeping_every_token_equals_unpruned(inputs, name):
     ckpt, prompts, pixels, unpruned = inputs

@@ -45,6 +45,7 @@ def test_prefill_logits_match_transformers(tiny_checkpoints, prompt_rng, preset)
     assert (ours.argmax(-1) == reference.argmax(-1)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_greedy_generation_matches_transformers_generate(tiny_checkpoints, prompt_rng, preset):
     ckpt = tiny_checkpoints(preset)
@@ -69,6 +70,7 @@ def test_greedy_generation_matches_transformers_generate(tiny_checkpoints, promp
     assert ours.num_generated[0] == new_tokens
 
 
+@pytest.mark.slow
 def test_batch_of_different_lengths_equals_one_by_one(tiny_checkpoints, prompt_rng):
     ckpt = tiny_checkpoints("tiny-gqa")
     prompts = [
@@ -92,6 +94,7 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny_checkpoints, prompt_r
         np.testing.assert_allclose(batched_logits[row], single_logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bucketed_prompt_lengths_share_one_compilation(tiny_checkpoints, prompt_rng):
     ckpt = tiny_checkpoints("tiny")
     runner, size = ckpt.runner, ckpt.config.vision.image_size
@@ -184,6 +187,7 @@ def test_chunked_attention_equals_one_piece(small_attention_budget):
         layers.set_attention_logits_budget(0)
 
 
+@pytest.mark.slow
 def test_prefill_with_chunked_attention_matches_transformers(
     tiny_checkpoints, prompt_rng, small_attention_budget, monkeypatch
 ):

@@ -66,6 +66,7 @@ def test_keeping_every_image_token_equals_the_unpruned_model(tiny_checkpoints, p
     np.testing.assert_allclose(np.asarray(everything.logits), np.asarray(unpruned.logits), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pruned_generation_matches_reference_and_continues_at_original_positions(
     tiny_checkpoints, prompt_rng
 ):
@@ -91,6 +92,7 @@ def test_pruned_generation_matches_reference_and_continues_at_original_positions
     assert ours.tokens[0].tolist() == reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["adaptprune", "fastv", "divprune", "uniform"])
 def test_pruned_batch_of_four_equals_one_by_one(tiny_checkpoints, prompt_rng, method):
     ckpt = tiny_checkpoints("tiny-gqa")

@@ -11,6 +11,8 @@ import pytest
 
 from experiments.testbed.reference import REFERENCE_FILE, evaluate_first_items
 
+pytestmark = pytest.mark.slow  # end to end through the eval harness with the committed checkpoint
+
 CHECKPOINT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "checkpoints", "testbed")
 
 

@@ -220,6 +220,7 @@ def test_training_kind_weights_change_only_the_training_mixture(tiny):
         run_training(TrainOptions(train_kind_weights=(1.0, 1.0), quiet=True), hf_config, scene_config)
 
 
+@pytest.mark.slow
 def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     """The teacher-forced training forward is the inference path: its logits at the last prompt token
     equal `LlavaForConditionalGeneration.prefill`'s on the same batch, and they change with the image
@@ -257,6 +258,7 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     assert float(jnp.abs(other[:, 0] - logits[:, 0]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_batch(tiny):
     hf_config, scene_config = tiny
     cfg = from_hf_config(hf_config)
@@ -290,6 +292,7 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
     assert relation_losses[-1] < 0.5 * relation_losses[0], relation_losses
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_parameters(runs):
     assert runs["interrupted"] == dict(status="interrupted", step=INTERRUPT_AT)
     assert runs["full"]["step"] == runs["resumed"]["step"] == TOTAL_STEPS
@@ -316,6 +319,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(runs):
     assert [r["step"] for r in logs[0] if r["type"] == "eval"] == [3, TOTAL_STEPS]
 
 
+@pytest.mark.slow
 def test_export_loads_here_and_in_transformers(runs, tiny):
     import torch
     from transformers import LlavaForConditionalGeneration as TorchLlava
@@ -346,6 +350,7 @@ def test_export_loads_here_and_in_transformers(runs, tiny):
     assert runs["full"]["test"]["accuracy"] == result["overall"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_warm_start_reads_the_exported_weights(runs, tiny):
     from models.checkpoint import load_checkpoint
 
@@ -364,6 +369,7 @@ def test_warm_start_reads_the_exported_weights(runs, tiny):
         state.initial_weights(directory, other, template)
 
 
+@pytest.mark.slow
 def test_copy_to_out_splits_the_tar_under_the_tool_limit(runs, tmp_path, monkeypatch):
     import io
     import tarfile
@@ -434,6 +440,7 @@ def test_patch_targets_label_each_object_where_it_lies():
     assert int(classes.max()) < probes.num_patch_classes()
 
 
+@pytest.mark.slow
 def test_patch_probe_loss_balances_objects_and_background():
     """A probe that is right on the background and uniform on objects loses ~half its class loss to
     the objects, however few patches they cover (a plain mean would hide them)."""
