@@ -56,7 +56,12 @@ class ValidateConfig:
     min_prompt_tokens: int = setting(0, "Pad the question with filler words up to this many tokens.")
     dtype: str = setting("float32", "JAX parameter/activation dtype.", choices=("float32", "bfloat16"))
     generate_tokens: int = setting(20, "Greedy tokens to compare (0 = skip generation).")
-    method: str = setting(UNPRUNED, "Pruning method.", choices=(UNPRUNED, *methods.names()))
+    method: str = setting(
+        UNPRUNED, f"Pruning method: {UNPRUNED} or a registered one ({', '.join(methods.names())}, ...)."
+    )
+    method_modules: tuple[str, ...] = setting(
+        (), "Modules to import first that register pruning methods of their own (e.g. tests.keynorm_method)."
+    )
     keep: str = setting("0.1", "Image tokens to keep: a count (64) or a ratio (0.1).")
     layer: int = setting(2, "Pruning layer K (unused by methods that prune before the LLM).")
     seed: int = setting(0, "Seed for random weights and for a method that takes one.")
@@ -172,6 +177,9 @@ def run(settings: ValidateConfig) -> dict:
     from models.generate import LlavaRunner, SamplingConfig, tokens_until_eos
     from models.preprocess import load_image
 
+    methods.import_plugins(settings.method_modules)
+    if settings.method != UNPRUNED:
+        methods.get(settings.method)  # an unknown name fails here, listing the registered ones
     on_gpu = torch.cuda.is_available()
     torch_device = "cuda" if on_gpu else "cpu"
     started = time.time()

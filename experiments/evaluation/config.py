@@ -58,6 +58,9 @@ class EvalConfig:
         ("adaptprune", "fastv"),
         "Pruning methods; 'none' (unpruned) is always evaluated once whether listed or not.",
     )
+    method_modules: tuple[str, ...] = setting(
+        (), "Modules to import first that register pruning methods of their own (e.g. tests.keynorm_method)."
+    )
     keep: tuple[int | float, ...] = setting(
         (64,), "Budgets: image-token counts (192) or ratios of all image tokens (0.25)."
     )

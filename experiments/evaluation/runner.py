@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from adaptprune_jax import methods
 from experiments.benchmarks import Question, get_benchmark
 from experiments.benchmarks.io import read_predictions
 from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, EvalConfig
@@ -62,6 +63,7 @@ def run(config: EvalConfig, engine=None) -> dict:
     if config.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {config.batch_size}")
     benchmark = get_benchmark(config.benchmark)
+    methods.import_plugins(config.method_modules)
     check_method_names(config.methods)
     questions = load_question_list(benchmark, config.questions, config.limit)
     image_path = image_resolver(benchmark, config)

@@ -160,6 +160,25 @@ def test_parse_keep_and_pairs():
     assert pairs[1].equivalent_tokens == pytest.approx((3 * 576 + 29 * 192) / 32)
 
 
+def test_a_method_registered_elsewhere_is_evaluated_like_the_builtin_ones():
+    # tests/keynorm_method.py registers keynorm_fastv (as --method_modules would import it).
+    assert "keynorm_fastv" in eval_lib.known_method_names()
+    model = from_hf_config(llava_config("llava-1.5-7b"))
+    config = eval_lib.EvalConfig(
+        checkpoint="c",
+        benchmark="pope",
+        questions="q",
+        output_dir="o",
+        methods=("keynorm_fastv",),
+        method_modules=("tests.keynorm_method",),
+        keep=(64,),
+        layer=3,
+    )
+    pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
+    assert [pair.name for pair in pairs] == ["none_576", "keynorm_fastv_64"]
+    assert pairs[1].pruning.layer == 3
+
+
 @pytest.mark.parametrize("name", sorted(FLAGFILES))
 def test_shipped_flagfiles_parse_and_fit_their_model(name):
     """Every flagfile gives a complete config whose budgets fit LLaVA-1.5's geometry (576 tokens, 32
