@@ -209,3 +209,16 @@ def from_flags(config_class, flag_values: flags.FlagValues = flags.FLAGS, **over
     if missing:
         raise app.UsageError(f"missing required flag(s): {', '.join('--' + name for name in missing)}")
     return config_class(**{**values, **overrides})
+
+
+def run_program(config_class: type, run: Any) -> None:
+    """Run ``run(config)`` as an absl program whose flags are ``config_class``'s (call it under
+    ``if __name__ == "__main__":``); the program's own arguments beyond the flags are refused."""
+    define_flags(config_class)
+
+    def main(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        run(from_flags(config_class))
+
+    app.run(main)

@@ -12,9 +12,7 @@ import dataclasses
 import json
 import os
 
-from absl import app
-
-from experiments.flag_config import define_flags, from_flags, setting
+from experiments.flag_config import run_program, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +52,5 @@ def run(config: Config) -> dict[str, dict]:
     return results
 
 
-def main(argv) -> None:
-    del argv
-    run(from_flags(Config))
-
-
 if __name__ == "__main__":
-    define_flags(Config)
-    app.run(main)
+    run_program(Config, run)

@@ -18,9 +18,7 @@ import json
 import os
 import re
 
-from absl import app
-
-from experiments.flag_config import define_flags, from_flags, setting
+from experiments.flag_config import run_program, setting
 
 _STAGE3 = "experiments/results/testbed_training_v3/stage3/analysis/predictions_none_576.jsonl"
 
@@ -55,11 +53,5 @@ def run(config: Config) -> dict[str, dict]:
     return results
 
 
-def main(argv) -> None:
-    del argv
-    run(from_flags(Config))
-
-
 if __name__ == "__main__":
-    define_flags(Config)
-    app.run(main)
+    run_program(Config, run)
