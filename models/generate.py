@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -274,8 +274,3 @@ def tokens_until_eos(tokens: np.ndarray, counts: np.ndarray, eos_token_id: int |
             ids = ids[:-1]
         rows.append(ids)
     return rows
-
-
-def cache_bytes(caches: Any) -> int:
-    """Bytes held by a cache pytree (for memory reports)."""
-    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(caches))
