@@ -76,7 +76,7 @@ def prefill(
     reads_previous = any(request.reads_previous_layer for request in requests)
     caches: list[LayerCache] = []
     kept = None
-    previous = None  # (q, k, positions, x_in) of the layer before a stage, when a cue reads it
+    previous = None  # (q, k, positions) of the layer before a stage, when a cue reads it
     for layer_index, layer in enumerate(layers):
         if layer_index in stages:
             stage = sorted(stages).index(layer_index)
@@ -90,10 +90,9 @@ def prefill(
                 positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
             if vision_attention is not None:
                 vision_attention = rows_take(vision_attention, selected)
-        x_in = x
         x, q, k, v = layer.prefill(x, positions)
         if reads_previous and layer_index + 1 in stages:
-            previous = (q, k, positions, x_in)
+            previous = (q, k, positions)
         caches.append(new_layer_cache(k, v, positions, extra_slots))
     return PrefillState(x, positions, last_index, caches, kept)
 
@@ -104,12 +103,12 @@ def _cues(pruning, requests, layer, x, image, previous, last_index, rng, vision_
     image_hidden = rows_take(x, image.slots)
     for request in requests:
         if isinstance(request, prune.LastTokenAttention):
-            q, k, positions, _ = previous
+            q, k, positions = previous
             last_query = rows_take(q, last_index[:, None])[:, 0]
             key_mask = attention_mask(rows_take(positions, last_index[:, None]), positions)[:, 0]
             fields["attention"] = rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
         elif isinstance(request, prune.QueryAttention):
-            q, k, positions, _ = previous
+            q, k, positions = previous
             fields["query_attention"] = rows_take(
                 _head_mean_attention(q, k, positions).swapaxes(1, 2), image.slots
             ).swapaxes(1, 2)
@@ -122,7 +121,7 @@ def _cues(pruning, requests, layer, x, image, previous, last_index, rng, vision_
         elif isinstance(request, prune.VisionClsAttention):
             fields["vision_attention"] = vision_attention
         elif isinstance(request, prune.LayerView):
-            q, k, positions, _ = previous
+            q, k, positions = previous
             fields["view"] = prune.LayerViewArrays(q, k, x, positions, image.slots)
         else:
             raise ValueError(f"{pruning.name} asks for an unknown cue {request!r}")

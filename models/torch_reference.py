@@ -251,6 +251,33 @@ def pruned_forward(
 
 
 @torch.no_grad()
+def staged_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, stages) -> torch.Tensor:
+    """Prefill logits (1, S', V) float32 with the image tokens pruned in several stages.
+
+    stages: ``[(layer, kept_image_indices), ...]`` in increasing layer order, each kept set given as
+    ascending indices into the ORIGINAL image span (and contained in the previous stage's): layers
+    from ``layer`` on see the text tokens and those image tokens, at their original positions.
+    """
+    language_model = model.model.language_model
+    layers = language_model.layers
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    hidden = embed_inputs(model, input_ids, pixel_values)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    start = 0
+    for layer, kept in stages:
+        hidden = _run_layers(language_model, hidden, positions, layers[start:layer])
+        keep = _kept_sequence_positions(input_ids.shape[1], image_positions, kept)
+        still_there = torch.isin(keep, positions[0])
+        if not bool(still_there.all()):
+            raise ValueError(f"stage at layer {layer} keeps image tokens an earlier stage dropped")
+        rows = torch.searchsorted(positions[0], keep)
+        hidden, positions = hidden[:, rows], positions[:, rows]
+        start = layer
+    hidden = _run_layers(language_model, hidden, positions, layers[start:])
+    return model.lm_head(language_model.norm(hidden)).float()
+
+
+@torch.no_grad()
 def reference_generate(
     model,
     input_ids: torch.Tensor,
