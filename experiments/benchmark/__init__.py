@@ -31,7 +31,7 @@ Why it is built this way:
   random pixels (never zeros).
 - --torch_baseline runs transformers' LlavaForConditionalGeneration (sdpa, random weights built on
   the device) on the same shapes, in separate processes. Its "pruned" rows cut image tokens BEFORE
-  the language model (inputs_embeds with keep image tokens, no selection work), as anchors.md did.
+  the language model (inputs_embeds with keep image tokens, no selection work), as PyTorch toolkits time it.
 - A --deadline_s budget skips (and records) what no longer fits, so a capped run still writes
   results.json, results.md and the plot.
 

@@ -100,7 +100,7 @@ def results_markdown(report: dict) -> str:
             f"## PyTorch (transformers, sdpa, {meta['flags']['dtype']})",
             "",
             "`cut@K`: image tokens cut BEFORE the language model (inputs_embeds with K image tokens, no "
-            "selection work), as anchors.md measured; decode/token is derived: (end-to-end - first token) "
+            "selection work: what PyTorch pruning toolkits time); decode/token is derived: (end-to-end - first token) "
             "/ (new tokens - 1).",
             "",
             "| config | vision | LLM prefill | first token | decode/token | end-to-end | peak GiB |",
