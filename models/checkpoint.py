@@ -11,7 +11,6 @@ Missing keys, unexpected keys and shape mismatches are collected and reported to
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import LlavaModelConfig, from_hf_config, load_hf_config
+from models.config import (
+    CheckpointFileError,
+    LlavaModelConfig,
+    from_hf_config,
+    load_hf_config,
+    read_json_object,
+)
 from models.llava import LlavaForConditionalGeneration
 
 SINGLE_FILE = "model.safetensors"
@@ -33,6 +38,21 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the model: lists every missing, unexpected and mis-shaped tensor."""
+
+
+def _open_safetensors(path: str):
+    """A numpy safe_open handle; a damaged file raises CheckpointFileError naming it, not SafetensorError."""
+    from safetensors import safe_open
+
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointFileError(f"{path} is empty (0 bytes); expected a safetensors file")
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # SafetensorError is not importable under a stable name across versions
+        raise CheckpointFileError(
+            f"{path} ({size} bytes) is not a readable safetensors file, truncated or corrupt: {e}"
+        ) from e
 
 
 def canonical_name(name: str) -> str:
@@ -98,14 +118,16 @@ class TensorSource:
     """Lazy access to the tensors of a checkpoint directory (one file or a sharded index)."""
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
-
         directory = os.fspath(directory)
+        self._directory = directory
         index_path = os.path.join(directory, SHARD_INDEX)
         single_path = os.path.join(directory, SINGLE_FILE)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            weight_map = read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointFileError(
+                    f'{index_path} has no "weight_map" object mapping tensor names to shard files'
+                )
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single_path):
             weight_map, files = None, [SINGLE_FILE]
@@ -118,7 +140,7 @@ class TensorSource:
             path = os.path.join(directory, file)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"shard {file} listed in {SHARD_INDEX} is missing from {directory!r}")
-            handle = safe_open(path, framework="flax")
+            handle = _open_safetensors(path)
             self._handles[file] = handle
             for key in handle.keys():
                 if weight_map is None or weight_map.get(key) == file:
@@ -131,9 +153,17 @@ class TensorSource:
         file, key = self._where[name]
         return tuple(self._handles[file].get_slice(key).get_shape())
 
-    def get(self, name: str) -> jax.Array:
+    def get(self, name: str) -> np.ndarray:
+        """The tensor on the host, as stored (checked for finiteness there before it goes to a device)."""
         file, key = self._where[name]
-        return self._handles[file].get_tensor(key)
+        try:
+            return self._handles[file].get_tensor(key)
+        except Exception as e:
+            raise CheckpointFileError(f"{self.describe(name)}: cannot read the tensor: {e}") from e
+
+    def describe(self, name: str) -> str:
+        file, key = self._where[name]
+        return f"tensor {key} in {os.path.join(self._directory, file)}"
 
 
 class StateDictSource:
@@ -148,8 +178,28 @@ class StateDictSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
-    def get(self, name: str) -> jax.Array:
-        return jnp.asarray(self._tensors[name])
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self._tensors[name])
+
+    def describe(self, name: str) -> str:
+        return f"tensor {name}"
+
+
+def _check_finite(array: np.ndarray, source, name: str) -> None:
+    """Refuse NaN / inf weights at load, where the tensor can be named, rather than as NaN logits later.
+    One pass over the host array; the counts are computed only on failure."""
+    if np.isfinite(array).all():
+        return
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    raise CheckpointError(
+        f"{source.describe(name)} holds non-finite values ({nan} NaN, {inf} inf of {array.size})"
+    )
+
+
+def _load_tensor(source, name: str) -> jax.Array:
+    host = source.get(name)
+    _check_finite(host, source, name)
+    return jnp.asarray(host)
 
 
 def _transformed_shape(transform: Transform, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -193,7 +243,7 @@ def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaF
         if mismatched:
             problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
         raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
-    arrays = [transform(source.get(name)).astype(jdtype) for name, transform in plan]
+    arrays = [transform(_load_tensor(source, name)).astype(jdtype) for name, transform in plan]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
 
 

@@ -93,12 +93,34 @@ class LlavaModelConfig:
         return max(self.vision_feature_layers)
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint file exists but cannot be read (empty, truncated, not JSON): names the file and why,
+    so a damaged download is not mistaken for a bug in the loader."""
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in `path`; anything else raises CheckpointFileError naming the file."""
+    if os.path.getsize(path) == 0:
+        raise CheckpointFileError(f"{path} is empty (0 bytes); expected a JSON object")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointFileError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise CheckpointFileError(f"{path} is not valid JSON: not UTF-8 text ({e.reason})") from e
+    if not isinstance(data, dict):
+        raise CheckpointFileError(f"{path} holds a JSON {type(data).__name__}, expected a JSON object")
+    return data
+
+
 def _read_model_type(directory: str) -> str:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config.json in checkpoint directory {directory!r}")
-    with open(path) as f:
-        return json.load(f).get("model_type", "<missing>")
+    return read_json_object(path).get("model_type", "<missing>")
 
 
 def _rope_theta(text_config: Any) -> float:
