@@ -7,8 +7,9 @@ appending each answer to `predictions/<method>_<keep>.jsonl` as soon as it exist
 killed resumes where it stopped (`experiments.evaluation.generation` says how, and why the batches
 are what they are). Then it scores every pair from those files and writes `results.json`,
 `results.md`, `accuracy_vs_tokens.png` and `kept_tokens/*.png` (see `experiments.reporting`). A
-question whose image is missing or unreadable is skipped with its reason (results.json); a missing
-question file or image folder fails before any work.
+question whose image is missing or unreadable, or whose prompt holds `<image>` or does not fit the
+context (checked before any generation), is skipped with its reason (console and results.json) and
+left out of every metric; a missing question file or image folder fails before any work.
 
 `run(EvalConfig(...))` is the programmatic entry point (the tests call it in-process, sharing one
 loaded engine); the command line only turns flags into an EvalConfig, whose fields are the flags.
@@ -39,6 +40,7 @@ from experiments.evaluation.inputs import (
     image_resolver,
     load_question_list,
     overlay_questions,
+    unusable_prompts,
 )
 from experiments.evaluation.pairs import (
     Pair,
@@ -77,6 +79,7 @@ __all__ = [
     "run",
     "run_pair",
     "score_pair",
+    "unusable_prompts",
 ]
 
 

@@ -7,7 +7,9 @@ Why the batching is the way it is:
   * a batch with any unanswered question is run whole, even after a resume, and only its missing
     answers are written: each answer then comes from exactly the batch (and, for random pruning,
     the seed) it would have had in an uninterrupted run, so a resumed run gives the same file;
-  * a question whose image is missing or unreadable is skipped with its reason and the run goes on.
+  * a question whose image is missing or unreadable, or whose prompt the model cannot take (found
+    before any generation), is skipped with its reason and the run goes on; its batch keeps its
+    slice, so the other questions' answers do not depend on it.
 
 Each answer is flushed and fsynced as soon as it exists, so a run that is killed resumes where it
 stopped: answered questions are skipped, a half-written last line is dropped.
@@ -19,7 +21,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -74,10 +76,15 @@ def run_pair(
     config: EvalConfig,
     max_new_tokens: int,
     record_kept_ids: set[str],
+    unusable: Mapping[str, str] | None = None,
 ) -> PairProgress:
-    """Answer every unanswered question for one pair, appending each answer to its prediction file."""
+    """Answer every unanswered question for one pair, appending each answer to its prediction file.
+
+    `unusable`: question_id -> reason for questions whose prompt is never given to the model.
+    """
     from tqdm import tqdm
 
+    unusable = unusable or {}
     path = predictions_path(config.output_dir, pair)
     done = set(read_predictions(path)) if os.path.exists(path) else set()
     progress = PairProgress()
@@ -101,9 +108,17 @@ def run_pair(
             images = next_images.result()
             next_images = loader.submit(pending[position + 1][1]) if position + 1 < len(pending) else None
             todo = {question.question_id for question in batch if question.question_id not in done}
-            readable = [(question, image) for question, image in zip(batch, images) if image is not None]
+            readable = [
+                (question, image)
+                for question, image in zip(batch, images)
+                if image is not None and question.question_id not in unusable
+            ]
             for question, image in zip(batch, images):
-                if image is None and question.question_id in todo:
+                if question.question_id not in todo:
+                    continue
+                if question.question_id in unusable:
+                    progress.skipped[question.question_id] = unusable[question.question_id]
+                elif image is None:
                     progress.skipped[question.question_id] = loader.failures[loader.image_path(question)]
             # A batch whose unanswered questions all lack images needs no model call.
             if any(question.question_id in todo for question, _ in readable):

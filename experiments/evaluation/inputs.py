@@ -81,6 +81,35 @@ def check_images_exist(questions: Sequence[Question], image_path) -> None:
         )
 
 
+def unusable_prompts(questions: Sequence[Question], engine, max_new_tokens: int) -> dict[str, str]:
+    """question_id -> reason for every prompt the model cannot take, found before any generation.
+
+    A prompt holding its own `<image>` or too long for the context would otherwise stop the whole run
+    mid-generation without naming the question; like a bad image, it costs only its own question.
+    """
+    from models.tokenizer import IMAGE_TOKEN
+
+    positions = engine.config.text.max_position_embeddings
+    unusable = {}
+    for question in questions:
+        if IMAGE_TOKEN in question.prompt:
+            unusable[question.question_id] = (
+                f"question text contains the image placeholder {IMAGE_TOKEN!r} (the prompt adds its own)"
+            )
+            continue
+        try:
+            length = len(engine.preprocessor.encode(question.prompt))
+        except ValueError as error:
+            unusable[question.question_id] = f"cannot encode the prompt: {error}"
+            continue
+        if length + max_new_tokens > positions:
+            unusable[question.question_id] = (
+                f"prompt too long for the context: {length} prompt tokens + {max_new_tokens} new tokens "
+                f"> {positions} positions"
+            )
+    return unusable
+
+
 def check_run_settings(config: EvalConfig, max_new_tokens: int) -> None:
     """Refuse to append to prediction files written with settings that change the answers."""
     settings = {

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adaptprune_jax import methods
@@ -26,22 +26,52 @@ from experiments.evaluation.inputs import (
     image_resolver,
     load_question_list,
     overlay_questions,
+    unusable_prompts,
 )
 from experiments.evaluation.pairs import Pair, build_pairs, check_method_names
 
 logger = logging.getLogger(__name__)
 
 
-def score_pair(benchmark, questions: Sequence[Question], pair: Pair, output_dir: str) -> tuple[dict, dict]:
-    """(metrics, records) re-scored from the pair's prediction file, restricted to `questions`."""
+def pair_records(questions: Sequence[Question], pair: Pair, output_dir: str) -> dict[str, dict]:
+    """The pair's prediction records for `questions` (question_id -> record)."""
     path = predictions_path(output_dir, pair)
     records = read_predictions(path) if os.path.exists(path) else {}
     wanted = {question.question_id for question in questions}
-    records = {question_id: record for question_id, record in records.items() if question_id in wanted}
-    metrics = benchmark.score(
-        questions, {question_id: record["prediction"] for question_id, record in records.items()}
+    return {question_id: record for question_id, record in records.items() if question_id in wanted}
+
+
+def skipped_questions(
+    questions: Sequence[Question],
+    records: Mapping[str, dict],
+    unusable: Mapping[str, str],
+    loader,
+    image_path,
+) -> list[dict]:
+    """Questions left unanswered because their prompt or image cannot be used, each with its reason."""
+    skipped = []
+    for question in questions:
+        if question.question_id in records:
+            continue
+        reason = unusable.get(question.question_id) or loader.failures.get(image_path(question))
+        if reason is not None:
+            skipped.append({"question_id": question.question_id, "image": question.image, "reason": reason})
+    return skipped
+
+
+def score_pair(
+    benchmark, questions: Sequence[Question], records: Mapping[str, dict], skipped: Sequence[dict]
+) -> dict:
+    """The pair's metrics from its records, skipped questions left out before scoring.
+
+    Benchmarks differ in how they count a question without a prediction (the testbed counts it
+    wrong, the others as missing); a skipped question is neither, so no scorer ever sees it.
+    """
+    left_out = {item["question_id"] for item in skipped}
+    return benchmark.score(
+        [question for question in questions if question.question_id not in left_out],
+        {question_id: record["prediction"] for question_id, record in records.items()},
     )
-    return metrics, records
 
 
 def previous_timings(output_dir: str) -> dict[str, dict]:
@@ -80,9 +110,15 @@ def run(config: EvalConfig, engine=None) -> dict:
     pairs = build_pairs(config, num_image_tokens, num_layers)
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
     check_run_settings(config, max_new_tokens)
+    unusable = unusable_prompts(questions, engine, max_new_tokens)
+    for question_id, reason in unusable.items():
+        logger.warning("skipping question %s: %s", question_id, reason)
+    reported = set(unusable)  # each skipped question is named once on the console
     model_name = reference_numbers.canonical_model_name(config.model_name or config.checkpoint)
 
-    overlays = overlay_questions(questions, config.num_overlays, image_path)
+    overlays = overlay_questions(
+        [q for q in questions if q.question_id not in unusable], config.num_overlays, image_path
+    )
     record_kept_ids = {q.question_id for q in questions[: config.record_kept]} | {
         q.question_id for q in overlays
     }
@@ -106,13 +142,16 @@ def run(config: EvalConfig, engine=None) -> dict:
     }
     try:
         for pair in pairs:
-            progress = run_pair(engine, pair, questions, loader, config, max_new_tokens, record_kept_ids)
-            metrics, records = score_pair(benchmark, questions, pair, config.output_dir)
-            skipped = [
-                {"question_id": q.question_id, "image": q.image, "reason": loader.failures[image_path(q)]}
-                for q in questions
-                if q.question_id not in records and image_path(q) in loader.failures
-            ]
+            progress = run_pair(
+                engine, pair, questions, loader, config, max_new_tokens, record_kept_ids, unusable
+            )
+            records = pair_records(questions, pair, config.output_dir)
+            skipped = skipped_questions(questions, records, unusable, loader, image_path)
+            metrics = score_pair(benchmark, questions, records, skipped)
+            for item in skipped:
+                if item["question_id"] not in reported:
+                    reported.add(item["question_id"])
+                    logger.warning("skipping question %s: %s", item["question_id"], item["reason"])
             timing = (
                 progress.timing() if progress.generated or pair.name not in earlier else earlier[pair.name]
             )

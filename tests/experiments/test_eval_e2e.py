@@ -274,11 +274,13 @@ def test_missing_and_unreadable_images_are_skipped_with_reasons(base_config, pop
             wanted = "image file not found" if image == missing_image else "cannot read image"
             assert reasons[question_id].startswith(wanted) and str(images / image) in reasons[question_id]
         assert result["num_skipped"] == len(expected)
-        assert (result["num_scored"], result["num_missing"]) == (
-            len(questions) - len(expected),
-            len(expected),
-        )
+        # Skipped questions are not missing answers: every metric is over the other questions alone.
+        assert (result["num_scored"], result["num_missing"]) == (len(questions) - len(expected), 0)
         assert len(raw_ids(tmp_path / "out" / result["predictions_file"])) == len(questions) - len(expected)
+        kept = [q for q in questions if q.question_id not in expected]
+        predictions = predictions_of(tmp_path / "out", Path(result["predictions_file"]).stem)
+        assert result["metrics"] == get_benchmark("pope").score(kept, predictions)
+        assert all(m["num_missing"] == 0 for m in result["metrics"]["per_category"].values())
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["pairs"]["fastv_16"]["skipped"] == results["pairs"]["fastv_16"]["skipped"]
 
