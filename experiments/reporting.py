@@ -1,11 +1,14 @@
 """Tables, plots and kept-token pictures of an eval run, all made from its results dict.
 
 `experiments.eval.run` builds the results dict (the content of results.json) and calls:
-  * `write_report`: results.md, one table of method x keep with the primary metric, the kept and
+  * `write_report`: results.md, one table of method x keep with the primary metric (and its 95%
+    Wilson interval where the metric is a plain proportion, see `pair_interval`), the kept and
     equivalent token counts, throughput and the published PyTorch number beside ours, then the
     per-category table and the published numbers of methods this run did not evaluate;
-  * `plot_accuracy_vs_tokens`: the primary metric against kept tokens, a line per method, the
-    unpruned model as a horizontal reference, published points as hollow markers;
+  * `plot_accuracy_vs_tokens`: the primary metric, with interval error bars, against kept tokens
+    and, in a second panel, against equivalent tokens (so in-LLM and pre-LLM pruning compare at
+    equal cost); a line per method, the unpruned model as a horizontal reference, published points
+    as hollow markers;
   * `write_kept_token_overlays`: for a few questions, which patches each method kept, drawn on the
     image exactly as the vision tower saw it (after LLaVA's pad-to-square and resize). The patch
     grid is read from the model config, so the pictures stay right for any image or patch size.
@@ -17,6 +20,7 @@ so a report can be redrawn without rerunning the model.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -31,6 +35,70 @@ from experiments.benchmarks.io import read_predictions  # noqa: E402
 
 UNPRUNED = reference_numbers.UNPRUNED
 PRUNED_PATCH_BRIGHTNESS = 0.2  # pruned patches are dimmed to this fraction, kept ones stay as seen
+Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
+INTERVAL_KEY = "interval_95"
+# (benchmark, metric) whose value is correct / N with every question scored 0 or 1. Left out on
+# purpose: POPE's F1 (a harmonic mean of two proportions over different denominators), TextVQA's
+# accuracy (a mean of soft 0, 1/3, 2/3, 1 scores) and MME's score (summed points).
+PROPORTION_METRICS = frozenset(
+    {("gqa", "accuracy"), ("scienceqa", "accuracy"), ("testbed", "accuracy"), ("pope", "accuracy")}
+)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion, or None when n = 0.
+
+    Wilson rather than the normal approximation because eval runs are often small (tens of
+    questions) and accuracies near 0 or 1, where p +- z*sqrt(p(1-p)/n) collapses to zero width or
+    leaves [0, 1]; Wilson's stays inside [0, 1] and keeps a sensible width at 0/n and n/n.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half_width = z / denominator * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
+    # Clamp rounding noise: at 0/n and n/n the bound is exactly 0 or 1 in exact arithmetic.
+    low = 0.0 if successes == 0 else max(0.0, centre - half_width)
+    high = 1.0 if successes == n else min(1.0, centre + half_width)
+    return low, high
+
+
+def pair_interval(results: dict, pair_result: dict) -> tuple[float, float] | None:
+    """95% Wilson interval of a pair's primary metric (as a fraction), or None where none applies.
+
+    Rule: an interval only where (benchmark, primary metric) is in PROPORTION_METRICS, i.e. the
+    metric is correct / N over 0-or-1 question scores. N is the metric's own denominator: the
+    overall 'count' where the scorer reports one (the testbed counts missing answers as wrong),
+    else num_scored. A value that is not a whole number of successes over N (a scorer that is not
+    a plain proportion after all) gets no interval rather than a wrong one.
+    """
+    if (results["benchmark"], results["primary_metric"]) not in PROPORTION_METRICS:
+        return None
+    value = pair_result.get("primary")
+    overall = pair_result.get("metrics", {}).get("overall", {})
+    n = overall.get("count", pair_result.get("num_scored"))
+    if value is None or not n:
+        return None
+    successes = round(value * n)
+    if abs(value * n - successes) > 1e-6 * n:
+        return None
+    return wilson_interval(successes, n)
+
+
+def add_intervals(results: dict) -> bool:
+    """Set `interval_95` ([low, high] as fractions, or None) on every pair; True if any was new."""
+    changed = False
+    for pair_result in results["pairs"].values():
+        interval = pair_interval(results, pair_result)
+        value = None if interval is None else [interval[0], interval[1]]
+        if pair_result.get(INTERVAL_KEY, "unset") != value:
+            pair_result[INTERVAL_KEY] = value
+            changed = True
+    return changed
 
 
 def display_value(results: dict, value: float | None) -> str:
@@ -38,6 +106,20 @@ def display_value(results: dict, value: float | None) -> str:
     if value is None:
         return "-"
     return f"{reference_numbers.to_published_units(results['benchmark'], value):.1f}"
+
+
+def display_with_interval(results: dict, pair_result: dict) -> str:
+    """'95.3 [87.1, 98.4]': the primary metric and its 95% interval, or the metric alone.
+
+    One decimal in published units throughout: the interval, not the digits, shows how much N
+    supports (at N = 10 it spans tens of points, at N = 10,000 about one).
+    """
+    text = display_value(results, pair_result["primary"])
+    interval = pair_interval(results, pair_result)
+    if interval is None:
+        return text
+    low, high = (display_value(results, bound) for bound in interval)
+    return f"{text} [{low}, {high}]"
 
 
 def metric_label(results: dict) -> str:
@@ -79,7 +161,8 @@ def _ordered_pairs(results: dict) -> list[tuple[str, dict]]:
 
 
 def summary_table(results: dict) -> str:
-    """The main markdown table: method x keep with the primary metric and the published number."""
+    """The main markdown table: method x keep with the primary metric (and its 95% interval where
+    one applies) and the published number."""
     lines = [
         f"| method | keep | equivalent tokens | {metric_label(results)} | published PyTorch | images/s "
         f"| scored | skipped |",
@@ -88,7 +171,7 @@ def summary_table(results: dict) -> str:
     for _, result in _ordered_pairs(results):
         lines.append(
             f"| {result['method']} | {result['keep']} | {result['equivalent_tokens']:.1f} "
-            f"| {display_value(results, result['primary'])} | {_published_cell(result)} "
+            f"| {display_with_interval(results, result)} | {_published_cell(result)} "
             f"| {_format_rate(result.get('timing', {}))} | {result['num_scored']} | {result['num_skipped']} |"
         )
     return "\n".join(lines)
@@ -136,7 +219,17 @@ def other_published_table(results: dict) -> str:
 
 
 def write_report(output_dir: str, results: dict) -> str:
-    """Write results.md; returns its path."""
+    """Write results.md; returns its path.
+
+    Also sets `interval_95` on every pair of `results` (in place) and, when that adds anything,
+    rewrites output_dir/results.json with it: the run writes results.json before the report, and
+    the json should carry the same intervals the table prints. Existing keys are left as they are.
+    """
+    if add_intervals(results):
+        json_path = os.path.join(output_dir, "results.json")
+        if os.path.exists(json_path):
+            with open(json_path, "w") as file:
+                json.dump(results, file, indent=2)
     settings = results["settings"]
     sources = sorted(
         {
@@ -157,6 +250,14 @@ def write_report(output_dir: str, results: dict) -> str:
         "(K * N + (L - K) * keep) / L, the per-layer average that makes in-LLM pruning comparable "
         "with pruning before the LLM. images/s excludes the first batch (jit compilation); "
         "skipped = questions without a readable image (reasons in results.json).",
+    ]
+    if any(pair_interval(results, result) for result in results["pairs"].values()):
+        parts += [
+            "",
+            "[low, high] beside the metric: 95% Wilson score interval over the question count "
+            "(`interval_95` in results.json); given only where the metric is a plain proportion.",
+        ]
+    parts += [
         "",
         summary_table(results),
     ]
@@ -188,25 +289,44 @@ def _settings_text(settings: dict) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in settings.items() if value is not None)
 
 
-def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
-    """Primary metric vs kept tokens: a line per method, unpruned dashed, published points hollow."""
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+def _error_bars(results: dict, method_results: Sequence[dict], scale: float) -> np.ndarray:
+    """(2, n) below / above distances of each pair's 95% interval, in plotted units (0 if none)."""
+    bars = np.zeros((2, len(method_results)))
+    for index, result in enumerate(method_results):
+        interval = pair_interval(results, result)
+        if interval is not None:
+            bars[:, index] = (
+                scale * (result["primary"] - interval[0]),
+                scale * (interval[1] - result["primary"]),
+            )
+    return bars
+
+
+def _draw_metric_panel(axes, results: dict, x_key: str, with_legend: bool) -> None:
+    """One panel: the primary metric against `x_key` ('keep' or 'equivalent_tokens') per method,
+    with interval error bars, unpruned as a dashed line over its interval band, published hollow."""
     by_method: dict[str, list[dict]] = {}
     for result in results["pairs"].values():
         by_method.setdefault(result["method"], []).append(result)
     scale = reference_numbers.to_published_units(results["benchmark"], 1.0)
-    colours = {}
-    for method, method_results in by_method.items():
-        if method == UNPRUNED:
-            continue
-        method_results.sort(key=lambda result: result["keep"])
-        (line,) = axes.plot(
-            [r["keep"] for r in method_results],
+    colours, offsets = {}, {}
+    pruned_methods = [method for method in by_method if method != UNPRUNED]
+    xs = [r[x_key] for r in results["pairs"].values() if r["method"] != UNPRUNED]
+    # Methods share the kept-token budgets, so their bars would hide each other: shift each method
+    # sideways by a small fraction of the axis span (kept panel only; equivalent tokens differ).
+    step = 0.012 * (max(xs) - min(xs)) if x_key == "keep" and len(xs) > 1 else 0.0
+    for method_index, method in enumerate(pruned_methods):
+        offset = offsets[method] = step * (method_index - (len(pruned_methods) - 1) / 2)
+        method_results = sorted(by_method[method], key=lambda result: result[x_key])
+        container = axes.errorbar(
+            [r[x_key] + offset for r in method_results],
             [scale * r["primary"] for r in method_results],
+            yerr=_error_bars(results, method_results, scale),
             marker="o",
+            capsize=3,
             label=method,
         )
-        colours[method] = line.get_color()
+        colours[method] = container.lines[0].get_color()
     for result in by_method.get(UNPRUNED, []):
         axes.axhline(
             scale * result["primary"],
@@ -214,6 +334,16 @@ def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
             linestyle="--",
             label=f"unpruned ({result['keep']} tokens)",
         )
+        interval = pair_interval(results, result)
+        if interval is not None:
+            axes.axhspan(
+                scale * interval[0],
+                scale * interval[1],
+                color="black",
+                alpha=0.08,
+                linewidth=0,
+                label="unpruned 95% interval",
+            )
     # Published points for the methods and budgets evaluated here, in the same colour.
     for result in results["pairs"].values():
         for entry in result.get("published", []):
@@ -221,14 +351,14 @@ def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
                 axes.axhline(entry["value"], color="grey", linestyle=":", linewidth=1)
             else:
                 axes.plot(
-                    [result["keep"]],
+                    [result[x_key] + offsets.get(result["method"], 0.0)],
                     [entry["value"]],
                     marker="o",
                     markerfacecolor="none",
                     color=colours.get(result["method"], "grey"),
                     linestyle="none",
                 )
-    if any(result.get("published") for result in results["pairs"].values()):
+    if with_legend and any(result.get("published") for result in results["pairs"].values()):
         axes.plot(
             [],
             [],
@@ -238,16 +368,34 @@ def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
             linestyle="none",
             label="published PyTorch",
         )
-    keeps = sorted({result["keep"] for result in results["pairs"].values() if result["method"] != UNPRUNED})
-    if keeps:
-        axes.set_xticks(keeps)
-    axes.set_xlabel("image tokens kept")
-    axes.set_ylabel(metric_label(results))
-    axes.set_title(
-        f"{results['benchmark']} on {results['model_name']}: {results['primary_metric']} vs tokens"
-    )
+    if x_key == "keep":
+        keeps = sorted({r["keep"] for r in results["pairs"].values() if r["method"] != UNPRUNED})
+        if keeps:
+            axes.set_xticks(keeps)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    if with_legend:
+        axes.legend(fontsize="small")
+
+
+def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
+    """Primary metric vs kept tokens (left) and vs equivalent tokens (right), error bars from the
+    95% intervals. The right panel exists because kept tokens flatter in-LLM pruning: a method
+    that prunes at layer K still runs every image token through the first K layers, so only the
+    equivalent-token axis compares it fairly with pruning before the LLM."""
+    figure, (kept_axes, equivalent_axes) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    _draw_metric_panel(kept_axes, results, "keep", with_legend=True)
+    _draw_metric_panel(equivalent_axes, results, "equivalent_tokens", with_legend=False)
+    kept_axes.set_xlabel("image tokens kept")
+    kept_axes.set_ylabel(metric_label(results))
+    kept_axes.set_title("vs tokens kept", fontsize="medium")
+    equivalent_axes.set_xlabel("equivalent tokens ((K * N + (L - K) * keep) / L)")
+    equivalent_axes.set_title("vs equivalent tokens (equal cost)", fontsize="medium")
+    equivalent_axes.tick_params(labelleft=True)
+    has_intervals = any(pair_interval(results, r) for r in results["pairs"].values())
+    figure.suptitle(
+        f"{results['benchmark']} on {results['model_name']}: {results['primary_metric']} vs tokens"
+        + (" (bars: 95% Wilson interval)" if has_intervals else "")
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -347,14 +495,18 @@ def load_results(output_dir: str) -> dict:
 
 
 __all__ = [
+    "add_intervals",
     "category_table",
+    "display_with_interval",
     "kept_patch_mask",
     "load_results",
     "model_input_image",
     "other_published_table",
     "overlay_kept_patches",
+    "pair_interval",
     "plot_accuracy_vs_tokens",
     "summary_table",
+    "wilson_interval",
     "write_kept_token_overlays",
     "write_report",
 ]
