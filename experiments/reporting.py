@@ -219,17 +219,9 @@ def other_published_table(results: dict) -> str:
 
 
 def write_report(output_dir: str, results: dict) -> str:
-    """Write results.md; returns its path.
-
-    Also sets `interval_95` on every pair of `results` (in place) and, when that adds anything,
-    rewrites output_dir/results.json with it: the run writes results.json before the report, and
-    the json should carry the same intervals the table prints. Existing keys are left as they are.
-    """
-    if add_intervals(results):
-        json_path = os.path.join(output_dir, "results.json")
-        if os.path.exists(json_path):
-            with open(json_path, "w") as file:
-                json.dump(results, file, indent=2)
+    """Write results.md; returns its path. The intervals it prints are `add_intervals`' (the run adds
+    them before it writes results.json; set here too, in place, for a results dict that lacks them)."""
+    add_intervals(results)
     settings = results["settings"]
     sources = sorted(
         {
@@ -249,7 +241,8 @@ def write_report(output_dir: str, results: dict) -> str:
         "keep = image tokens the LLM keeps from the pruning layer on; equivalent tokens = "
         "(K * N + (L - K) * keep) / L, the per-layer average that makes in-LLM pruning comparable "
         "with pruning before the LLM. images/s excludes the first batch (jit compilation); "
-        "skipped = questions without a readable image (reasons in results.json).",
+        "skipped = questions left out of the metrics: no readable image, or a prompt that does not fit "
+        "(reasons in results.json).",
     ]
     if any(pair_interval(results, result) for result in results["pairs"].values()):
         parts += [

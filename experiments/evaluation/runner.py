@@ -189,6 +189,7 @@ def run(config: EvalConfig, engine=None) -> dict:
     finally:
         loader.close()
 
+    reporting.add_intervals(results)
     with open(os.path.join(config.output_dir, RESULTS_JSON), "w") as file:
         json.dump(results, file, indent=2)
     reporting.write_report(config.output_dir, results)

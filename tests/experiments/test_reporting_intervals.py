@@ -204,33 +204,25 @@ def test_summary_table_keeps_the_bare_metric_where_no_interval_applies():
         assert rows[(result["method"], result["keep"])][3] == f"{100 * result['primary']:.1f}"
 
 
-def test_write_report_adds_intervals_to_results_json_and_keeps_existing_keys(tmp_path):
+def test_add_intervals_adds_one_key_per_pair_and_keeps_the_rest(tmp_path):
     results = synthetic_results("gqa")
-    (tmp_path / "results.json").write_text(json.dumps(results, indent=2))
-    before = json.loads((tmp_path / "results.json").read_text())
-
-    reporting.write_report(str(tmp_path), results)
-
-    after = json.loads((tmp_path / "results.json").read_text())
-    assert after == json.loads(json.dumps(results))  # the file matches the dict the caller holds
-    for name, result in after["pairs"].items():
+    before = json.loads(json.dumps(results))
+    assert reporting.add_intervals(results) and not reporting.add_intervals(results)
+    for name, result in results["pairs"].items():
         interval = result.pop("interval_95")
         assert interval == list(wilson_interval(round(result["primary"] * 64), 64))
         assert result == before["pairs"][name]
-    assert {key: value for key, value in after.items() if key != "pairs"} == {
+    assert {key: value for key, value in results.items() if key != "pairs"} == {
         key: value for key, value in before.items() if key != "pairs"
     }
-    markdown = (tmp_path / "results.md").read_text()
-    assert "95% Wilson score interval" in markdown
+    reporting.write_report(str(tmp_path), synthetic_results("gqa"))
+    assert "95% Wilson score interval" in (tmp_path / "results.md").read_text()
 
 
-def test_write_report_records_none_where_no_interval_applies(tmp_path):
+def test_no_interval_where_the_metric_is_not_a_proportion():
     results = synthetic_results("pope", "f1")
-    (tmp_path / "results.json").write_text(json.dumps(results, indent=2))
-    reporting.write_report(str(tmp_path), results)
-    pairs = json.loads((tmp_path / "results.json").read_text())["pairs"]
-    assert all(result["interval_95"] is None for result in pairs.values())
-    assert "Wilson" not in (tmp_path / "results.md").read_text()
+    reporting.add_intervals(results)
+    assert all(result["interval_95"] is None for result in results["pairs"].values())
 
 
 def test_write_report_without_results_json_writes_only_the_markdown(tmp_path):
