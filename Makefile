@@ -3,10 +3,13 @@
 #                   (ruff), runs every test
 #   make test-fast  the same venv, only the tests not marked slow (no subprocess, training or
 #                   end-to-end runs): the quick check while working
-#   make eval       creates .venv, installs the project, runs the embedded default evaluation
+#   make eval       creates .venv-eval (the project without its test extras: no torch), runs the
+#                   embedded default evaluation
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+EVAL_VENV := .venv-eval
+EVAL_PY := $(EVAL_VENV)/bin/python
 # torch is pinned: the CPU build of 2.13.0 is a local wheel; an unpinned torch pulls CUDA packages.
 TORCH_PIN := torch==2.13.0
 # Same transformers as the lent GPU machine, so both sides of every comparison run the same code.
@@ -35,11 +38,18 @@ test: lint
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
-$(TESTBED_SPLIT): | venv
-	$(PY) -c "from experiments.testbed.scenes import write_split; write_split('$(dir $@)', split='test', num_items=1000)"
+# What eval needs and nothing more: no torch, no test tools.
+$(EVAL_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(EVAL_VENV)
+	$(EVAL_PY) -m pip install -q --upgrade pip
+	$(EVAL_PY) -m pip install -q "$(TRANSFORMERS_PIN)" "jax[cpu]" -e .
+	touch $@
 
-eval: venv $(TESTBED_SPLIT)
-	$(PY) -m experiments.eval --flagfile=experiments/flags/testbed.flags
+$(TESTBED_SPLIT): | $(EVAL_VENV)/.installed
+	$(EVAL_PY) -c "from experiments.testbed.scenes import write_split; write_split('$(dir $@)', split='test', num_items=1000)"
+
+eval: $(EVAL_VENV)/.installed $(TESTBED_SPLIT)
+	$(EVAL_PY) -m experiments.eval --flagfile=experiments/flags/testbed.flags
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(EVAL_VENV) *.egg-info
