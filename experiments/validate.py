@@ -248,8 +248,11 @@ def run(settings: ValidateConfig) -> dict:
     torch_generated = None
     if settings.generate_tokens and pruning is None:
         with torch.no_grad():
+            # The prompt has no padding: without the mask transformers masks every token equal to the
+            # pad id (a tokenizer whose pad token is <unk> pads with a word the prompt may contain).
             out = torch_model.generate(
                 input_ids=input_ids_t,
+                attention_mask=torch.ones_like(input_ids_t),
                 pixel_values=pixels_t,
                 do_sample=False,
                 max_new_tokens=settings.generate_tokens,

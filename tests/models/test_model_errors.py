@@ -155,3 +155,50 @@ def test_grid_methods_refuse_a_non_square_token_count(tiny_checkpoints):
         with pytest.raises(ValueError, match=f"{name}: .*577"):
             ckpt.runner.resolve_keep(prune.make_config(name, keep=16, layer=1))
     assert ckpt.runner.resolve_keep(prune.make_config("fastv", keep=16, layer=1)) == 16  # no grid needed
+
+
+def test_validate_reference_generation_is_not_masked_where_the_prompt_holds_the_pad_id(tmp_path):
+    """A tokenizer whose pad token is <unk> (a common LLaMA set-up) gives words it does not know the pad
+    id; transformers would mask them in generate unless told the prompt has no padding, and the
+    continuation compared against JAX's would then be the reference's error."""
+    import torch
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    from experiments.validate import ValidateConfig, build_question, default_image, run
+    from models.preprocess import Preprocessor
+    from models.tokenizer import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, UNK_TOKEN
+
+    config = presets.llava_config("tiny")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=presets.tiny_tokenizer(config).backend_tokenizer,
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=UNK_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
+        model_max_length=1 << 20,
+    )
+    directory = presets.write_random_checkpoint(config, tmp_path / "unk-pad", tokenizer=tokenizer)
+    unknown = " ".join(f"zq{i}" for i in range(20))  # 20 words outside the vocabulary
+    prompt = f"Describe the {unknown} in detail."
+    report = run(ValidateConfig(checkpoint=directory, prompt=prompt, generate_tokens=5))
+    assert report["generated_equal"], report
+    assert report["passed"]
+
+    # The case is one where the mask matters: left to infer it, transformers continues differently.
+    preprocessor = Preprocessor.from_checkpoint(directory, config)
+    ids = build_question(preprocessor, prompt, 0)
+    assert ids.count(tokenizer.pad_token_id) >= 20
+    torch_model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        unmasked = torch_model.generate(
+            input_ids=input_ids,
+            pixel_values=torch.tensor(preprocessor.pixel_values([default_image()])),
+            do_sample=False,
+            max_new_tokens=5,
+            eos_token_id=preprocessor.eos_token_id,
+            pad_token_id=preprocessor.pad_token_id,
+        )
+    assert unmasked[0, len(ids) :].tolist() != report["generated_ids_jax"]
