@@ -54,8 +54,13 @@ class LlavaEngine:
         max_new_tokens: int = 16,
         temperature: float = 0.0,
         seed: int = 0,
+        row_seeds: Sequence[int] | None = None,
     ) -> Answers:
-        """Generate one answer per (image, question) pair, as one batch."""
+        """Generate one answer per (image, question) pair, as one batch.
+
+        ``seed`` drives sampling; ``row_seeds`` (one per question) seed a method that takes a seed
+        row by row, so its selection for a question is the same in any batch (else it uses ``seed``).
+        """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         prompts = [self.preprocessor.encode(question) for question in questions]
@@ -71,7 +76,14 @@ class LlavaEngine:
             eos_token_id=self.preprocessor.eos_token_id,
             pad_token_id=self.preprocessor.pad_token_id,
         )
-        output = self.runner.generate(batch, sampling, pruning=pruning, rng=jax.random.key(seed))
+        pruning_keys = None
+        if row_seeds is not None and pruning is not None and pruning.takes_seed:
+            if len(row_seeds) != len(questions):
+                raise ValueError(f"{len(row_seeds)} row seeds but {len(questions)} questions")
+            pruning_keys = jax.vmap(jax.random.key)(np.asarray(row_seeds, np.uint32))
+        output = self.runner.generate(
+            batch, sampling, pruning=pruning, rng=jax.random.key(seed), pruning_keys=pruning_keys
+        )
         ids = tokens_until_eos(output.tokens, output.num_generated, self.preprocessor.eos_token_id)
         texts = [self.preprocessor.decode(row).strip() for row in ids]
         return Answers(texts, output.kept, [len(p) for p in prompts])

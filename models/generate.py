@@ -231,10 +231,20 @@ class LlavaRunner:
         return pruning.resolve_keep(self.config.num_image_tokens)
 
     def generate(
-        self, batch: PromptBatch, sampling: SamplingConfig, *, pruning=None, rng: jax.Array | None = None
+        self,
+        batch: PromptBatch,
+        sampling: SamplingConfig,
+        *,
+        pruning=None,
+        rng: jax.Array | None = None,
+        pruning_keys: jax.Array | None = None,
     ) -> GenerationOutput:
+        """Prefill and decode one batch. ``pruning_keys`` (B,) gives a seeded method one key per row
+        (so a row's selection does not depend on its batch); else it draws from ``rng``."""
         rng = jax.random.key(0) if rng is None else rng
         prefill_rng, sample_rng = jax.random.split(rng)
+        if pruning_keys is not None:
+            prefill_rng = pruning_keys
         result = self.prefill(batch, extra_slots=sampling.max_new_tokens, pruning=pruning, rng=prefill_rng)
         tokens, counts = self._generate(
             self.weights, result.logits, result.caches, result.next_positions, sample_rng, sampling=sampling

@@ -6,6 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 import jax
+import jax.numpy as jnp
 
 from adaptprune_jax.baselines import random_select
 from adaptprune_jax.methods import register
@@ -15,7 +16,11 @@ from adaptprune_jax.methods.base import Cues, PruneConfig, check_int
 @register
 @dataclasses.dataclass(frozen=True)
 class RandomConfig(PruneConfig):
-    """Random: ``keep`` image tokens uniformly at random, from ``cues.rng`` or else ``seed``."""
+    """Random: ``keep`` image tokens uniformly at random, from ``cues.rng`` or else ``seed``.
+
+    ``cues.rng`` is one key for the whole batch (rows draw independently from it), or a (B,) array
+    of keys, one per row: then a row's draw depends on its own key alone, not on the batch it is in.
+    """
 
     name: ClassVar[str] = "random"
     takes_seed: ClassVar[bool] = True
@@ -29,4 +34,9 @@ class RandomConfig(PruneConfig):
     def select(self, cues: Cues, keep: int) -> jax.Array:
         batch, num_tokens = cues.batch_and_tokens()
         rng = cues.rng if cues.rng is not None else jax.random.key(self.seed)
-        return random_select(rng, num_tokens, keep, (batch,), cues.valid())
+        valid = cues.valid()
+        if jnp.ndim(rng) == 1:  # one key per row
+            if valid is None:
+                return jax.vmap(lambda key: random_select(key, num_tokens, keep))(rng)
+            return jax.vmap(lambda key, row: random_select(key, num_tokens, keep, (), row))(rng, valid)
+        return random_select(rng, num_tokens, keep, (batch,), valid)

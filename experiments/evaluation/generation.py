@@ -5,11 +5,13 @@ Why the batching is the way it is:
     its own questions and dropping the extra answers, so every call has the same shapes and jit
     compiles once per (pair, prompt-length bucket);
   * a batch with any unanswered question is run whole, even after a resume, and only its missing
-    answers are written: each answer then comes from exactly the batch (and, for random pruning,
-    the seed) it would have had in an uninterrupted run, so a resumed run gives the same file;
+    answers are written: each answer then comes from exactly the batch it would have had in an
+    uninterrupted run, so a resumed run gives the same file;
   * a question whose image is missing or unreadable, or whose prompt the model cannot take (found
     before any generation), is skipped with its reason and the run goes on; its batch keeps its
-    slice, so the other questions' answers do not depend on it.
+    slice, so the other questions' answers do not depend on it;
+  * a seeded pruning method (random) draws each question's tokens from a seed of its own
+    (`question_seed`), so its answers do not depend on the batch size either.
 
 Each answer is flushed and fsynced as soon as it exists, so a run that is killed resumes where it
 stopped: answered questions are skipped, a half-written last line is dropped.
@@ -21,6 +23,7 @@ import dataclasses
 import os
 import sys
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -64,8 +67,14 @@ def predictions_path(output_dir: str, pair: Pair) -> str:
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
-    """A per-batch seed that depends only on (seed, batch position), so a resumed run reuses it."""
+    """A per-batch seed (for sampling) that depends only on (seed, batch position)."""
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
+
+
+def question_seed(seed: int, question_id: str) -> int:
+    """The seed of a seeded pruning method for one question: a function of (seed, question id) alone,
+    so the answer does not depend on the batch size, the question order or a resume."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(question_id.encode())]).generate_state(1)[0])
 
 
 def run_pair(
@@ -131,6 +140,7 @@ def run_pair(
                     pruning=pair.pruning,
                     max_new_tokens=max_new_tokens,
                     seed=batch_seed(config.seed, batch_index),
+                    row_seeds=[question_seed(config.seed, q.question_id) for q, _ in padded],
                 )
                 seconds = time.perf_counter() - tic
                 new = 0

@@ -53,13 +53,16 @@ def test_a_batch_equals_its_rows_one_by_one(name):
     config = _config(name, 9)
     cues = random_cues(config, batch=4, layout=LAYOUT)
     batched = np.asarray(config.select(cues, 9))
-    if config.takes_seed:  # a seeded method draws per batch: the same key gives the same draw
+    if config.takes_seed:  # one key per row: a row's draw is its own key's, in any batch
         np.testing.assert_array_equal(np.asarray(config.select(cues, 9)), batched)
         other = cues.replace(rng=jax.random.key(99))
         assert not np.array_equal(np.asarray(config.select(other, 9)), batched)
-        return
+        cues = cues.replace(rng=jax.vmap(jax.random.key)(np.arange(4, dtype=np.uint32)))
+        batched = np.asarray(config.select(cues, 9))
     for row in range(4):
         one = jax.tree_util.tree_map(lambda x, row=row: x[row : row + 1] if jnp.ndim(x) else x, cues)
+        if config.takes_seed:  # a single key's draw for a batch of one is its row's draw
+            one = one.replace(rng=one.rng[0])
         one = one.replace(batch_size=1)
         np.testing.assert_array_equal(np.asarray(config.select(one, 9))[0], batched[row])
 

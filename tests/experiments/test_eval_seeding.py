@@ -1,0 +1,67 @@
+"""Random pruning seeded per question: the same answers and kept tokens at any batch size, and a
+resume with another batch size gives the uninterrupted run's file (testbed checkpoint, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments import eval as eval_lib
+from experiments.benchmarks.io import read_predictions
+from models.engine import LlavaEngine
+
+pytestmark = pytest.mark.slow  # end to end: generates with the testbed model
+
+CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "testbed"
+NUM_QUESTIONS = 16
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return LlavaEngine.from_checkpoint(str(CHECKPOINT))
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    from experiments.testbed.scenes import write_split
+
+    directory = tmp_path_factory.mktemp("testbed") / "split"
+    write_split(directory, "test", num_items=NUM_QUESTIONS, questions_per_image=4)
+    return directory
+
+
+def _run(split, output_dir, engine, batch_size, limit=None):
+    config = eval_lib.EvalConfig(
+        checkpoint=str(CHECKPOINT),
+        benchmark="testbed",
+        questions=str(split),
+        output_dir=str(output_dir),
+        methods=("random",),
+        keep=(32,),
+        batch_size=batch_size,
+        limit=limit,
+        record_kept=NUM_QUESTIONS,
+        num_overlays=0,
+    )
+    eval_lib.run(config, engine=engine)
+    return read_predictions(str(Path(output_dir) / "predictions" / "random_32.jsonl"))
+
+
+def _answers(records):
+    return {qid: (record["prediction"], tuple(record["kept"])) for qid, record in records.items()}
+
+
+def test_random_answers_do_not_depend_on_the_batch_size(split, engine, tmp_path):
+    by_batch = {size: _answers(_run(split, tmp_path / f"b{size}", engine, size)) for size in (1, 8, 16)}
+    assert len(by_batch[1]) == NUM_QUESTIONS
+    assert by_batch[1] == by_batch[8] == by_batch[16]
+    kept = [kept for _, kept in by_batch[1].values()]
+    assert len(set(kept)) == NUM_QUESTIONS  # each question draws its own tokens
+
+
+def test_a_resume_with_another_batch_size_gives_the_uninterrupted_answers(split, engine, tmp_path):
+    uninterrupted = _answers(_run(split, tmp_path / "whole", engine, 8))
+    _run(split, tmp_path / "resumed", engine, 8, limit=6)  # "killed" after 6 questions
+    resumed = _answers(_run(split, tmp_path / "resumed", engine, 16))
+    assert resumed == uninterrupted
