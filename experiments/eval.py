@@ -97,6 +97,9 @@ def config_from_flags(flag_values: flags.FlagValues, argv: Sequence[str] = ()) -
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # JAX logs, at INFO, every accelerator plugin it probes and does not find (e.g. a TPU library on a
+    # GPU or CPU machine): noise in front of every run, not a problem.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     del argv  # app.run passes only what is left after the flags; record the whole command line
     results = run(config_from_flags(flags.FLAGS, sys.argv))
     from experiments.reporting import summary_table

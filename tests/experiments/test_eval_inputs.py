@@ -246,3 +246,20 @@ def test_kept_patch_mask_follows_the_config_grid():
     image = np.ones((28, 28, 3))
     shown = overlay_kept_patches(image, mask, 7)
     assert shown[3, 3, 0] == 1.0 and shown[3, 10, 0] < 1.0 and shown[10, 10, 0] == 1.0
+
+
+def test_a_layer_for_a_method_without_one_is_named(caplog):
+    model = from_hf_config(llava_config("llava-1.5-7b"))
+    config = eval_lib.EvalConfig(
+        checkpoint="c",
+        benchmark="pope",
+        questions="q",
+        output_dir="o",
+        methods=("divprune", "fastv"),
+        layer=3,
+    )
+    with caplog.at_level("WARNING"):
+        pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
+    assert [pair.pruning.layer for pair in pairs[1:]] == [0, 3]
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == ["divprune prunes before the LLM: --layer=3 does not apply to it"]
