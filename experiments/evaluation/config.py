@@ -68,7 +68,9 @@ class EvalConfig:
     batch_size: int = setting(8, "Questions per generation call (the last batch is padded).")
     max_new_tokens: int | None = setting(None, "Tokens to generate per answer (default: the benchmark's).")
     limit: int | None = setting(None, "Evaluate only the first N questions.")
-    seed: int = setting(0, "Seed of random pruning (each question draws from a seed derived from it and its question_id).")
+    seed: int = setting(
+        0, "Seed of random pruning (each question draws from a seed derived from it and its question_id)."
+    )
     dtype: str = setting("float32", "Compute dtype of the model.", choices=("float32", "bfloat16"))
     model_name: str | None = setting(
         None, "Model name for published-number lookup (default: checkpoint folder name)."
