@@ -52,16 +52,21 @@ def _answers(records):
     return {qid: (record["prediction"], tuple(record["kept"])) for qid, record in records.items()}
 
 
-def test_random_answers_do_not_depend_on_the_batch_size(split, engine, tmp_path):
-    by_batch = {size: _answers(_run(split, tmp_path / f"b{size}", engine, size)) for size in (1, 8, 16)}
+@pytest.fixture(scope="module")
+def by_batch(split, engine, tmp_path_factory):
+    """Random pruning's answers and kept tokens at batch sizes 1, 8 and 16 (the whole split)."""
+    root = tmp_path_factory.mktemp("seeding")
+    return {size: _answers(_run(split, root / f"b{size}", engine, size)) for size in (1, 8, 16)}
+
+
+def test_random_answers_do_not_depend_on_the_batch_size(by_batch):
     assert len(by_batch[1]) == NUM_QUESTIONS
     assert by_batch[1] == by_batch[8] == by_batch[16]
     kept = [kept for _, kept in by_batch[1].values()]
     assert len(set(kept)) == NUM_QUESTIONS  # each question draws its own tokens
 
 
-def test_a_resume_with_another_batch_size_gives_the_uninterrupted_answers(split, engine, tmp_path):
-    uninterrupted = _answers(_run(split, tmp_path / "whole", engine, 8))
+def test_a_resume_with_another_batch_size_gives_the_uninterrupted_answers(split, engine, by_batch, tmp_path):
     _run(split, tmp_path / "resumed", engine, 8, limit=6)  # "killed" after 6 questions
     resumed = _answers(_run(split, tmp_path / "resumed", engine, 16))
-    assert resumed == uninterrupted
+    assert resumed == by_batch[8]
