@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import jax
 
-from adaptprune_jax.grid import DEFAULT_PRIOR_SIGMA
+from adaptprune_jax.grid import DEFAULT_PRIOR_SIGMA, grid_side
 from adaptprune_jax.methods import register
 from adaptprune_jax.methods.base import (
     Cues,
@@ -94,13 +94,7 @@ class AdaptPruneConfig(PruneConfig):
 
         attention, keys = cues["attention"], cues["keys"]
         num_tokens = attention.numel()
-        if grid is None:
-            grid = int(round(num_tokens**0.5))
-            if grid * grid != num_tokens:
-                raise ValueError(
-                    f"{num_tokens} image tokens do not form a square grid; pass grid explicitly "
-                    "(e.g. under vision_feature_select_strategy='full' the [CLS] token is extra)"
-                )
+        grid = grid_side(num_tokens) if grid is None else grid
         if grid * grid != num_tokens:
             raise ValueError(f"grid {grid} x {grid} does not hold {num_tokens} image tokens")
         x = torch.linspace(-(grid // 2), grid // 2, grid)

@@ -234,9 +234,6 @@ class PruneConfig:
         """The cues ``select`` reads (instances of the classes in ``CUE_TYPES``)."""
         return ()
 
-    def needs(self, cue_type: type) -> bool:
-        return any(isinstance(request, cue_type) for request in self.cue_requests())
-
     @property
     def min_layer(self) -> int:
         """1 when a cue is read at layer K - 1 (so K = 0 is impossible), else 0."""
