@@ -23,12 +23,12 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments import flag_config
+from experiments import compile_cache, flag_config
 from experiments.benchmarks import get_benchmark
 from experiments.evaluation.config import (
     PREDICTIONS_DIR,
     RESULTS_JSON,
-    RUN_SETTINGS_JSON,
+    RUN_FINGERPRINT_JSON,
     UNPRUNED,
     EvalConfig,
 )
@@ -36,7 +36,6 @@ from experiments.evaluation.generation import PairProgress, batch_seed, predicti
 from experiments.evaluation.inputs import (
     ImageLoader,
     check_images_exist,
-    check_run_settings,
     image_resolver,
     load_question_list,
     overlay_questions,
@@ -54,7 +53,7 @@ from experiments.evaluation.runner import previous_timings, run, score_pair
 __all__ = [
     "PREDICTIONS_DIR",
     "RESULTS_JSON",
-    "RUN_SETTINGS_JSON",
+    "RUN_FINGERPRINT_JSON",
     "UNPRUNED",
     "EvalConfig",
     "ImageLoader",
@@ -64,7 +63,6 @@ __all__ = [
     "build_pairs",
     "check_images_exist",
     "check_method_names",
-    "check_run_settings",
     "config_from_flags",
     "define_flags",
     "get_benchmark",
@@ -101,7 +99,8 @@ def main(argv: Sequence[str]) -> None:
     # GPU or CPU machine): noise in front of every run, not a problem.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     del argv  # app.run passes only what is left after the flags; record the whole command line
-    results = run(config_from_flags(flags.FLAGS, sys.argv))
+    with flag_config.one_line_errors("experiments.eval"):
+        results = run(config_from_flags(flags.FLAGS, sys.argv))
     from experiments.reporting import summary_table
 
     print(summary_table(results))
@@ -109,4 +108,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
+    # The command line caches compilations by default; an EvalConfig built in code (tests) does not.
+    flags.FLAGS.set_default("compile_cache", compile_cache.DEFAULT_DIR)
     app.run(main)

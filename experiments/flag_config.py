@@ -23,7 +23,9 @@ one is reported in a single UsageError.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
 import types
 import typing
 from collections.abc import Collection, Sequence
@@ -211,14 +213,31 @@ def from_flags(config_class, flag_values: flags.FlagValues = flags.FLAGS, **over
     return config_class(**{**values, **overrides})
 
 
+@contextlib.contextmanager
+def one_line_errors(program: str | None = None):
+    """Input errors (a bad flag value, a missing file, a damaged checkpoint: the ValueErrors and
+    OSErrors every check raises) end the program with one line and exit status 1, not a traceback.
+    `-v 1` (absl's verbosity) lets them through with their traceback."""
+    try:
+        yield
+    except (ValueError, OSError, app.UsageError) as error:
+        if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
+            raise
+        name = program or sys.argv[0]
+        hint = " (see --help)" if isinstance(error, app.UsageError) else " (-v 1 shows the traceback)"
+        print(f"{name}: error: {error}{hint}", file=sys.stderr)
+        sys.exit(1)
+
+
 def run_program(config_class: type, run: Any) -> None:
     """Run ``run(config)`` as an absl program whose flags are ``config_class``'s (call it under
     ``if __name__ == "__main__":``); the program's own arguments beyond the flags are refused."""
     define_flags(config_class)
 
     def main(argv: Sequence[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        run(from_flags(config_class))
+        with one_line_errors():
+            if len(argv) > 1:
+                raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+            run(from_flags(config_class))
 
     app.run(main)

@@ -36,13 +36,11 @@ PROCESS_START = time.time()
 
 from absl import app, flags
 
+from experiments import compile_cache
 from experiments.benchmarks.testbed import TestbedBenchmark
 from experiments.flag_config import define_flags, from_flags
 from experiments.testbed.training import run
 from experiments.testbed.training.config import TrainOptions
-
-# The command line caches compilations by default; a TrainOptions built in code (tests) does not.
-COMMAND_LINE_CACHE_DIR = ".jax_cache"
 
 
 def run_training(options: TrainOptions, hf_config=None, scene_config=None, start_time: float | None = None):
@@ -64,5 +62,6 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags(TrainOptions)
-    flags.FLAGS.set_default("compilation_cache_dir", COMMAND_LINE_CACHE_DIR)
+    # The command line caches compilations by default; a TrainOptions built in code (tests) does not.
+    flags.FLAGS.set_default("compilation_cache_dir", compile_cache.DEFAULT_DIR)
     app.run(main)

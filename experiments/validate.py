@@ -26,7 +26,7 @@ import numpy as np
 from absl import app
 
 from adaptprune_jax import methods
-from experiments.flag_config import define_flags, from_flags, setting
+from experiments.flag_config import define_flags, from_flags, one_line_errors, setting
 
 UNPRUNED = "none"
 
@@ -399,8 +399,9 @@ def print_table(report: dict) -> None:
 
 def main(argv):
     del argv
-    settings = from_flags(ValidateConfig)
-    report = run(settings)
+    with one_line_errors("experiments.validate"):
+        settings = from_flags(ValidateConfig)
+        report = run(settings)
     if settings.output:
         os.makedirs(os.path.dirname(os.path.abspath(settings.output)), exist_ok=True)
         with open(settings.output, "w") as f:

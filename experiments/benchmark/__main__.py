@@ -4,12 +4,13 @@ from absl import app
 
 from experiments.benchmark.configs import BenchmarkConfig
 from experiments.benchmark.driver import run
-from experiments.flag_config import define_flags, from_flags
+from experiments.flag_config import define_flags, from_flags, one_line_errors
 
 
 def main(argv):
     del argv
-    run(from_flags(BenchmarkConfig))
+    with one_line_errors("experiments.benchmark"):
+        run(from_flags(BenchmarkConfig))
 
 
 if __name__ == "__main__":

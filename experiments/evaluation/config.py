@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from adaptprune_jax import methods as pruning_methods
 from experiments.benchmarks import benchmark_names
 from experiments.flag_config import setting
 
 UNPRUNED = "none"  # method name of the unpruned run, always evaluated once
 PREDICTIONS_DIR = "predictions"
 RESULTS_JSON = "results.json"
-RUN_SETTINGS_JSON = "run_settings.json"
-# Settings that change what an answer is: a resumed run must match the one that wrote the files.
-ANSWER_SETTINGS = (
-    "checkpoint",
-    "benchmark",
-    "questions",
-    "image_dir",
-    "layer",
-    "max_new_tokens",
-    "seed",
-    "dtype",
-)
+RUN_FINGERPRINT_JSON = "run_fingerprint.json"  # what decided each pair's answers (fingerprint.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +46,8 @@ class EvalConfig:
     )
     methods: tuple[str, ...] = setting(
         ("adaptprune", "fastv"),
-        "Pruning methods; 'none' (unpruned) is always evaluated once whether listed or not.",
+        f"Pruning methods, of: {', '.join(pruning_methods.names())} (and those of --method_modules); "
+        f"'{UNPRUNED}' (unpruned) is always evaluated once whether listed or not.",
     )
     method_modules: tuple[str, ...] = setting(
         (), "Modules to import first that register pruning methods of their own (e.g. tests.keynorm_method)."
@@ -74,6 +65,16 @@ class EvalConfig:
     dtype: str = setting("float32", "Compute dtype of the model.", choices=("float32", "bfloat16"))
     model_name: str | None = setting(
         None, "Model name for published-number lookup (default: checkpoint folder name)."
+    )
+    overwrite: bool = setting(
+        False,
+        "Recompute the pairs of this run whose predictions are already in --output_dir (otherwise they "
+        "are reused when their fingerprint matches and refused when it does not).",
+    )
+    compile_cache: str = setting(
+        "",
+        "Persistent compilation cache directory ('' = off; the command line's default is .jax_cache), so a "
+        "rerun of the same pairs does not compile again.",
     )
     num_overlays: int = setting(3, "How many images get kept-token pictures.")
     record_kept: int = setting(8, "How many questions keep their kept-token indices in predictions.")

@@ -48,11 +48,9 @@ class PairProgress:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # question_id -> reason
 
     def timing(self) -> dict:
-        """Throughput excludes the first batch, which pays for compilation, whenever there is more."""
-        if self.warm_images:
-            images_per_second = self.warm_images / self.warm_seconds if self.warm_seconds else None
-        else:
-            images_per_second = self.generated / self.generation_seconds if self.generation_seconds else None
+        """Throughput counts only the batches after the first, which pays for compilation: a run that
+        generated one batch (a short resume, a small --limit) has no throughput of its own."""
+        images_per_second = self.warm_images / self.warm_seconds if self.warm_seconds else None
         return {
             "generated_this_run": self.generated,
             "wall_seconds": self.wall_seconds,

@@ -1,14 +1,13 @@
-"""Questions, images and the run's settings file: every check that can fail runs before any generation."""
+"""Questions, images and prompts: every check that can fail runs before any generation."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 from collections.abc import Sequence
 
 from experiments.benchmarks import Question
-from experiments.evaluation.config import ANSWER_SETTINGS, RUN_SETTINGS_JSON, EvalConfig
+from experiments.evaluation.config import EvalConfig
 
 
 def load_question_list(benchmark, path: str, limit: int | None) -> list[Question]:
@@ -108,32 +107,6 @@ def unusable_prompts(questions: Sequence[Question], engine, max_new_tokens: int)
                 f"> {positions} positions"
             )
     return unusable
-
-
-def check_run_settings(config: EvalConfig, max_new_tokens: int) -> None:
-    """Refuse to append to prediction files written with settings that change the answers."""
-    settings = {
-        **{name: getattr(config, name) for name in ANSWER_SETTINGS},
-        "max_new_tokens": max_new_tokens,
-    }
-    path = os.path.join(config.output_dir, RUN_SETTINGS_JSON)
-    if os.path.exists(path):
-        with open(path) as file:
-            previous = json.load(file)
-        changed = {
-            name: (previous.get(name), value)
-            for name, value in settings.items()
-            if previous.get(name) != value
-        }
-        if changed:
-            details = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changed.items())
-            raise ValueError(
-                f"{config.output_dir} holds predictions made with other settings ({details}); "
-                f"use another --output_dir or remove it"
-            )
-    os.makedirs(config.output_dir, exist_ok=True)
-    with open(path, "w") as file:
-        json.dump(settings, file, indent=2)
 
 
 def overlay_questions(questions: Sequence[Question], count: int, image_path) -> list[Question]:

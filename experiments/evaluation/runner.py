@@ -11,18 +11,20 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adaptprune_jax import methods
 from experiments.benchmarks import Question, get_benchmark
 from experiments.benchmarks.io import read_predictions
+from experiments.compile_cache import use_compilation_cache
+from experiments.evaluation import fingerprint
 from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, EvalConfig
 from experiments.evaluation.generation import predictions_path, run_pair
 from experiments.evaluation.inputs import (
     ImageLoader,
     check_images_exist,
-    check_run_settings,
     image_resolver,
     load_question_list,
     overlay_questions,
@@ -86,6 +88,46 @@ def previous_timings(output_dir: str) -> dict[str, dict]:
         return {}
 
 
+def pair_timing(progress, earlier: dict | None) -> dict:
+    """This run's timing of a pair, or the earlier run's when this one generated nothing; a run whose
+    only batch was the compiling one keeps the earlier throughput of the same pair (same fingerprint)."""
+    if not progress.generated and earlier is not None:
+        return earlier
+    timing = progress.timing()
+    if timing["images_per_second"] is None and earlier and earlier.get("images_per_second"):
+        timing["images_per_second"] = earlier["images_per_second"]
+        timing["images_per_second_from"] = "an earlier run of this pair"
+    return timing
+
+
+class OverallProgress:
+    """The run's progress over all pairs, with a time left estimated from this run's own answers."""
+
+    def __init__(self, num_pairs: int, num_questions: int):
+        self.num_pairs, self.num_questions = num_pairs, num_questions
+        self.pairs_done = 0
+        self.generated = 0
+        self.start = time.perf_counter()
+
+    def pair_done(self, progress) -> str:
+        self.pairs_done += 1
+        self.generated += progress.generated
+        elapsed = time.perf_counter() - self.start
+        line = f"progress: {self.pairs_done}/{self.num_pairs} pairs, {format_seconds(elapsed)} elapsed"
+        left = self.num_pairs - self.pairs_done
+        if left and self.generated:
+            # Pairs still to do are assumed to need every question (a resume may need fewer).
+            seconds_per_question = elapsed / self.generated
+            line += f", about {format_seconds(left * self.num_questions * seconds_per_question)} left"
+        return line
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def run(config: EvalConfig, engine=None) -> dict:
     """Evaluate every pair of `config`; returns what results.json holds. `engine` may be shared."""
     from experiments import reference_numbers, reporting
@@ -101,6 +143,7 @@ def run(config: EvalConfig, engine=None) -> dict:
         raise FileNotFoundError(f"checkpoint directory not found: {config.checkpoint}")
     check_images_exist(questions, image_path)
 
+    use_compilation_cache(config.compile_cache)
     if engine is None:
         from models.engine import LlavaEngine
 
@@ -109,7 +152,13 @@ def run(config: EvalConfig, engine=None) -> dict:
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
     pairs = build_pairs(config, num_image_tokens, num_layers)
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
-    check_run_settings(config, max_new_tokens)
+    shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens)
+    fingerprint.claim_output_dir(
+        config.output_dir,
+        {pair.name: fingerprint.pair_fingerprint(shared, pair) for pair in pairs},
+        lambda name: os.path.join(config.output_dir, PREDICTIONS_DIR, f"{name}.jsonl"),
+        config.overwrite,
+    )
     unusable = unusable_prompts(questions, engine, max_new_tokens)
     for question_id, reason in unusable.items():
         logger.warning("skipping question %s: %s", question_id, reason)
@@ -140,6 +189,8 @@ def run(config: EvalConfig, engine=None) -> dict:
         "command": config.command,
         "pairs": {},
     }
+    reused = 0
+    overall = OverallProgress(len(pairs), len(questions))
     try:
         for pair in pairs:
             progress = run_pair(
@@ -152,9 +203,10 @@ def run(config: EvalConfig, engine=None) -> dict:
                 if item["question_id"] not in reported:
                     reported.add(item["question_id"])
                     logger.warning("skipping question %s: %s", item["question_id"], item["reason"])
-            timing = (
-                progress.timing() if progress.generated or pair.name not in earlier else earlier[pair.name]
-            )
+            if not progress.generated and records:
+                reused += 1
+                logger.info("%s: reused its %d predictions from an earlier run", pair.name, len(records))
+            timing = pair_timing(progress, earlier.get(pair.name))
             result = {
                 "method": pair.method,
                 "keep": pair.keep,
@@ -186,8 +238,16 @@ def run(config: EvalConfig, engine=None) -> dict:
                 result["num_scored"],
                 result["num_skipped"],
             )
+            logger.info("%s", overall.pair_done(progress))
     finally:
         loader.close()
+    if reused:
+        logger.info(
+            "reused %d of %d pairs from %s (pass --overwrite to recompute them)",
+            reused,
+            len(pairs),
+            config.output_dir,
+        )
 
     reporting.add_intervals(results)
     with open(os.path.join(config.output_dir, RESULTS_JSON), "w") as file:

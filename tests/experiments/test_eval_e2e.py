@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from adaptprune_jax import methods
+from adaptprune_jax.methods.base import DEFAULT_LAYER
 from experiments import eval as eval_lib
 from experiments.benchmarks import get_benchmark
 from experiments.benchmarks.io import read_predictions
@@ -304,3 +307,79 @@ def test_testbed_split_runs_with_its_own_image_folder(tiny_checkpoints, engine, 
     assert results["primary_metric"] == "accuracy" and results["settings"]["max_new_tokens"] == 4
     assert result["num_scored"] == 3 and result["num_skipped"] == 0
     assert result["published"] == []
+
+
+class CountingEngine:
+    """The engine, counting generation calls."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def answer(self, *args, **kwargs):
+        self.calls += 1
+        return self._engine.answer(*args, **kwargs)
+
+
+def test_rerun_reuses_matching_pairs_and_says_so(full_run, engine, tmp_path, caplog):
+    """Another spelling of the checkpoint path, a copy of the checkpoint elsewhere and an explicit
+    default layer decide nothing: the rerun generates nothing and says how many pairs it reused."""
+    config, _ = full_run
+    output = tmp_path / "out"
+    shutil.copytree(config.output_dir, output)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(config.checkpoint, checkpoint)
+    counting = CountingEngine(engine)
+    rerun = dataclasses.replace(
+        config, output_dir=str(output), checkpoint=str(checkpoint) + "/", layer=DEFAULT_LAYER
+    )
+    with caplog.at_level(logging.INFO, logger="experiments.evaluation.runner"):
+        eval_lib.run(rerun, engine=counting)
+    assert counting.calls == 0
+    names = pair_names(engine.config.num_image_tokens)
+    assert f"reused {len(names)} of {len(names)} pairs" in caplog.text
+    assert_same_as_full_run(output, config.output_dir, names)
+
+
+def test_resume_refused_after_the_weights_change_in_place(full_run, engine, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    config, _ = full_run
+    output = tmp_path / "out"
+    shutil.copytree(config.output_dir, output)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(config.checkpoint, checkpoint)
+    weights = load_file(checkpoint / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    before = {path.name: path.read_bytes() for path in (output / "predictions").iterdir()}
+    with pytest.raises(ValueError, match=r"checkpoint file model.safetensors changed.*--overwrite"):
+        eval_lib.run(dataclasses.replace(config, output_dir=str(output), checkpoint=str(checkpoint)), engine)
+    assert {path.name: path.read_bytes() for path in (output / "predictions").iterdir()} == before
+
+
+def test_resume_refused_after_the_method_code_changes_and_overwrite_recomputes(full_run, engine, tmp_path):
+    config, _ = full_run
+    output = tmp_path / "out"
+    shutil.copytree(config.output_dir, output)
+    # As if fastv's file had been another one when these predictions were made.
+    fingerprint_file = output / eval_lib.RUN_FINGERPRINT_JSON
+    recorded = json.loads(fingerprint_file.read_text())
+    module = type(methods.make_config("fastv")).__module__
+    recorded["pairs"]["fastv_64"]["code"][module] = "0" * 64
+    fingerprint_file.write_text(json.dumps(recorded))
+    rerun = dataclasses.replace(config, output_dir=str(output), methods=("fastv",), keep=(64,))
+    with pytest.raises(ValueError, match=rf"fastv_64: code of {module} changed"):
+        eval_lib.run(rerun, engine=engine)
+
+    counting = CountingEngine(engine)
+    eval_lib.run(dataclasses.replace(rerun, overwrite=True), engine=counting)
+    num_batches = -(-2 * QUESTIONS_PER_SPLIT // BATCH_SIZE)
+    assert counting.calls == 2 * num_batches  # the unpruned pair and fastv_64, both recomputed
+    assert_same_as_full_run(
+        output, config.output_dir, [pair_names(engine.config.num_image_tokens)[0], "fastv_64"]
+    )

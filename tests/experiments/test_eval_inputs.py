@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from absl import flags
 
+from adaptprune_jax import methods
 from experiments import eval as eval_lib
 from experiments import reference_numbers
 from experiments.reporting import kept_patch_mask, overlay_kept_patches
@@ -114,23 +115,72 @@ def test_layer_out_of_range_is_the_config_error(config, engine):
 
 
 def test_output_dir_with_other_answer_settings_is_refused(config, engine):
-    os.makedirs(config.output_dir)
-    Path(config.output_dir, eval_lib.RUN_SETTINGS_JSON).write_text(
-        json.dumps(
-            {
-                "checkpoint": config.checkpoint,
-                "benchmark": "pope",
-                "questions": config.questions,
-                "image_dir": config.image_dir,
-                "layer": None,
-                "max_new_tokens": 8,
-                "seed": 0,
-                "dtype": "float32",
-            }
-        )
+    """Predictions recorded under another max_new_tokens are refused, naming the setting."""
+    from experiments.evaluation import fingerprint
+
+    benchmark = eval_lib.get_benchmark("pope")
+    unpruned = eval_lib.build_pairs(config, engine.config.num_image_tokens, engine.config.text.num_layers)[0]
+    recorded = fingerprint.pair_fingerprint(fingerprint.shared_fingerprint(config, benchmark, 8), unpruned)
+    predictions = Path(config.output_dir, eval_lib.PREDICTIONS_DIR)
+    predictions.mkdir(parents=True)
+    (predictions / f"{unpruned.name}.jsonl").write_text(json.dumps({"question_id": "1", "prediction": "yes"}))
+    Path(config.output_dir, eval_lib.RUN_FINGERPRINT_JSON).write_text(
+        json.dumps({"pairs": {unpruned.name: recorded}})
     )
-    with pytest.raises(ValueError, match=r"max_new_tokens: 8 -> 32"):
+    with pytest.raises(ValueError, match=rf"{unpruned.name}: setting max_new_tokens: 8 -> 32"):
         eval_lib.run(config, engine=engine)
+
+
+def test_predictions_without_a_fingerprint_are_refused(config, engine):
+    """Prediction files from older code (no fingerprint) are not silently mixed in."""
+    unpruned = f"{eval_lib.UNPRUNED}_{engine.config.num_image_tokens}"
+    predictions = Path(config.output_dir, eval_lib.PREDICTIONS_DIR)
+    predictions.mkdir(parents=True)
+    (predictions / f"{unpruned}.jsonl").write_text(json.dumps({"question_id": "1", "prediction": "yes"}))
+    with pytest.raises(ValueError, match=rf"{unpruned}: no recorded fingerprint"):
+        eval_lib.run(config, engine=engine)
+
+
+def test_fingerprint_names_the_changed_method_file_and_only_its_own(tmp_path, monkeypatch):
+    """A method's file is part of its own pairs' fingerprint and of no other pair's."""
+    from experiments.evaluation import fingerprint
+
+    source = tmp_path / "edited_method.py"
+    source.write_text(
+        "import dataclasses\n"
+        "from adaptprune_jax.methods.fastv import FastVConfig\n\n\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class EditedConfig(FastVConfig):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_method
+
+    shared = {"checkpoint": {}, "settings": {}, "code": {"models.llama": "x"}}
+    pair = eval_lib.Pair("edited", 64, 64, edited_method.EditedConfig(keep=64), 64.0)
+    before = fingerprint.pair_fingerprint(shared, pair)
+    source.write_text(source.read_text() + "# a change\n")
+    after = fingerprint.pair_fingerprint(shared, pair)
+    assert fingerprint.differences(before, after) == ["code of edited_method changed"]
+    unpruned = fingerprint.pair_fingerprint(shared, eval_lib.Pair("none", 576, None, None, 576.0))
+    assert "edited_method" not in unpruned["code"]
+    fastv_pair = eval_lib.Pair("fastv", 64, 64, methods.make_config("fastv", keep=64), 64.0)
+    assert set(fingerprint.pair_fingerprint(shared, fastv_pair)["code"]) == {
+        "models.llama",
+        "adaptprune_jax.methods.fastv",
+    }
+
+
+def test_shared_fingerprint_leaves_the_method_files_out(config):
+    """Every library and model module is in the shared code part, no registered method's file."""
+    from experiments.evaluation import fingerprint
+
+    shared = fingerprint.shared_fingerprint(config, eval_lib.get_benchmark("pope"), 32)
+    assert {"models.llama", "models.pruning", "adaptprune_jax.nms", "adaptprune_jax.methods.base"} <= set(
+        shared["code"]
+    )
+    assert not {cls.__module__ for cls in methods.METHODS.values()} & set(shared["code"])
+    assert set(shared["checkpoint"]) >= {"config.json", "model.safetensors"}
 
 
 def test_parse_keep_and_pairs():

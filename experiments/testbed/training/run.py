@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.compile_cache import use_compilation_cache
 from experiments.testbed.encoding import make_tokenizer
 from experiments.testbed.model import testbed_config
 from experiments.testbed.scene_config import TestbedConfig
@@ -141,8 +142,7 @@ def run_training(
     patch size from hf_config); start_time: when the max_minutes budget started (default: now).
     """
     start_time = time.time() if start_time is None else start_time
-    if options.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(options.compilation_cache_dir))
+    use_compilation_cache(options.compilation_cache_dir)
     hf_config = hf_config if hf_config is not None else testbed_config()
     scene_config = scene_config if scene_config is not None else TestbedConfig.from_llava_config(hf_config)
     cfg = from_hf_config(hf_config)

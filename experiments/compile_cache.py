@@ -1,0 +1,20 @@
+"""The persistent JAX compilation cache the entry points share: a rerun of the same shapes skips compiling."""
+
+from __future__ import annotations
+
+import os
+
+# The directory the command-line programs use unless told otherwise (gitignored).
+DEFAULT_DIR = ".jax_cache"
+
+
+def use_compilation_cache(directory: str, min_compile_seconds: float | None = None) -> None:
+    """Cache compiled programs under `directory` ('' = off). Call before anything is compiled: JAX
+    reads the setting when it first compiles."""
+    if not directory:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    if min_compile_seconds is not None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
