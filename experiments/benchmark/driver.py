@@ -73,6 +73,11 @@ def _meta(settings: BenchmarkConfig) -> dict:
     }
 
 
+def run_on(report: dict) -> tuple[str, str]:
+    """(model, platform) of a report, for judging the acceptance targets."""
+    return report["meta"]["flags"]["model"], (report.get("ceilings") or {}).get("platform", "unknown")
+
+
 def replot(settings: BenchmarkConfig) -> None:
     """Rewrite the report of settings.replot (a results.json), re-judged when reference rates are given."""
     with open(settings.replot) as f:
@@ -81,7 +86,7 @@ def replot(settings: BenchmarkConfig) -> None:
     if bandwidth or matmul:  # re-judge against references
         set_floor_rates(report["ceilings"], bandwidth, matmul)
         add_floors_and_ratios(report["rows"], report["ceilings"])
-        report["acceptance"] = acceptance(report["rows"], report["max_batch"])
+        report["acceptance"] = acceptance(report["rows"], report["max_batch"], run_on(report))
         report["meta"]["rejudged"] = run_stamp("experiments.benchmark")
     write_outputs(report, [os.path.dirname(os.path.abspath(settings.replot))], final=True)
     print(summary(report))
@@ -122,7 +127,7 @@ def run(settings: BenchmarkConfig) -> None:
 
     def save(final=False):  # after every job, so a run cut short still leaves its report
         add_floors_and_ratios(report["rows"], report["ceilings"])
-        report["acceptance"] = acceptance(report["rows"], report["max_batch"])
+        report["acceptance"] = acceptance(report["rows"], report["max_batch"], run_on(report))
         report["meta"]["wall_s"] = round(time.monotonic() - runner.start, 1)
         write_outputs(report, out_dirs, final=final, logs=runner.logs)
 

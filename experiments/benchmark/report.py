@@ -250,6 +250,14 @@ def write_outputs(report: dict, out_dirs: list[str], *, final: bool = False, log
                 )
 
 
+def acceptance_tag(check: dict) -> str:
+    """PASS / FAIL; n/a when not measured or not judged on this run; ???? when measured but undecided."""
+    if check["pass"] is not None:
+        return "PASS" if check["pass"] else "FAIL"
+    measured_and_judged = check["value"] is not None and check.get("judged", True)
+    return "????" if measured_and_judged else "n/a "
+
+
 def summary(report: dict) -> str:
     """The short table printed last, with the acceptance lines and the seeds for a max-batch search."""
     head = (
@@ -288,11 +296,7 @@ def summary(report: dict) -> str:
         )
     checks = report["acceptance"]
     tags = {True: "PASS", False: "FAIL", None: "n/a "}
-    lines += [
-        f"[{tags[c['pass']] if c['pass'] is not None or c['value'] is None else '????'}] {c['name']}: "
-        f"{c['detail']}"
-        for c in checks
-    ]
+    lines += [f"[{acceptance_tag(c)}] {c['name']}: {c['detail']}" for c in checks]
     count = {tag: sum(c["pass"] is value for c in checks) for value, tag in tags.items()}
     lines.append(
         f"acceptance: {count['PASS']} pass, {count['FAIL']} fail, {count['n/a ']} not measured here "
