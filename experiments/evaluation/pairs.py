@@ -63,8 +63,9 @@ def check_method_names(methods: Sequence[str]) -> list[str]:
     return names
 
 
-def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int) -> list[Pair]:
-    """The unpruned pair first, then every (method, keep), validated against the model's sizes.
+def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layout=None) -> list[Pair]:
+    """The unpruned pair first, then every (method, keep), validated against the model's sizes and,
+    when given, its image-token layout (the check generation makes, so both give the same message).
 
     A keep or layer out of range raises the pruning config's own ValueError here, before any work.
     Two requested keeps that resolve to the same count (192 and 1/3) are evaluated once. Each method
@@ -85,7 +86,7 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int) -> l
             pruning = methods.make_config(
                 method, strict=False, keep=requested, layer=config.layer, seed=config.seed
             )
-            pruning.validate(num_image_tokens, num_layers)
+            pruning.validate(num_image_tokens, num_layers, layout)
             pair = Pair(
                 method,
                 pruning.resolve_keep(num_image_tokens),

@@ -150,7 +150,7 @@ def run(config: EvalConfig, engine=None) -> dict:
         engine = LlavaEngine.from_checkpoint(config.checkpoint, dtype=config.dtype)
     model = engine.config
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
-    pairs = build_pairs(config, num_image_tokens, num_layers)
+    pairs = build_pairs(config, num_image_tokens, num_layers, model.image_layout())
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
     shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens)
     fingerprint.claim_output_dir(

@@ -313,3 +313,19 @@ def test_a_layer_for_a_method_without_one_is_named(caplog):
     assert [pair.pruning.layer for pair in pairs[1:]] == [0, 3]
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert warnings == ["divprune prunes before the LLM: --layer=3 does not apply to it"]
+
+
+def test_pairs_are_checked_against_the_model_layout():
+    """Under the 'full' strategy token 0 is [CLS], on no grid: a grid method is refused up front with
+    the message generation would give."""
+    hf_config = llava_config("tiny")
+    hf_config.vision_feature_select_strategy = "full"
+    model = from_hf_config(hf_config)
+    config = eval_lib.EvalConfig(
+        checkpoint="c", benchmark="pope", questions="q", output_dir="o", methods=("adaptprune",)
+    )
+    with pytest.raises(ValueError, match="adaptprune: needs every image token on a grid, but 1 of the"):
+        eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers, model.image_layout())
+    fastv = dataclasses.replace(config, methods=("fastv",))
+    pairs = eval_lib.build_pairs(fastv, model.num_image_tokens, model.text.num_layers, model.image_layout())
+    assert [pair.name for pair in pairs] == [f"none_{model.num_image_tokens}", "fastv_64"]
