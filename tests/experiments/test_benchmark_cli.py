@@ -1,9 +1,10 @@
 """experiments.benchmark end to end on the CPU with the tiny preset (the GPU runs the same code).
 
 Every job is a subprocess, so these tests run the real CLI: pre-compile phase, measuring workers, the
-PyTorch baseline, a max-batch probe, a configuration that cannot work (reported as a failed row) and
-workers killed by their timeout; then the report files. Float32 and 2 new tokens keep it fast; the
-compilation cache is shared by the runs of this module.
+PyTorch baseline, a max-batch probe, a configuration that cannot work (reported as a failed row), a
+profile that is taken beside one that cannot be, and workers killed by their timeout; then the report
+files. One run covers all but the killed workers (the tests below read its report); float32 and 2 new
+tokens keep it fast, and the compilation cache is shared by the runs of this module.
 """
 
 from __future__ import annotations
@@ -59,32 +60,59 @@ def rows_by_label(report):
     return {row["label"]: row for row in report["rows"]}
 
 
-@pytest.mark.slow
-def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
-    not_a_directory = tmp_path / "profiles_here"
-    not_a_directory.write_text("a file where the traces would go")  # every trace fails to start
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, cache_dir):
+    """One run with everything but killed workers: pre-compile (2 processes), the unpruned and the
+    pruned row with their PyTorch rows, a keep that cannot work (at batch 2, which the PyTorch baseline
+    leaves out), a max-batch probe, per-stage compiler options and a smaller attention-logits budget,
+    and profiles: the unpruned row's are taken, the pruned row's cannot start (a file where its traces
+    would go)."""
+    output_dir = tmp_path_factory.mktemp("full_run")
+    profile_dir = output_dir / "profiles"
+    profile_dir.mkdir()
+    (profile_dir / "adaptprune-k64-b1").write_text("a file where the traces would go")
     report, markdown, stdout = run_cli(
-        tmp_path,
+        output_dir,
         cache_dir,
-        "--configs=none:1,adaptprune:64:1,adaptprune:100000:1",
+        "--configs=none:1,adaptprune:64:1,adaptprune:100000:2",
         "--torch_baseline",
+        "--torch_batch_sizes=1",
         "--max_batch_search",
         "--max_batch_configs=none",
         "--max_batch_cap=2",
         "--max_batch_probes=1",
-        f"--profile_dir={not_a_directory}",
+        "--compile_workers=2",
+        f"--profile_dir={profile_dir}",
+        "--attention_logits_budget_mb=0.5",
+        "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger",
     )
-    meta, ceilings = report["meta"], report["ceilings"]
+    return dict(report=report, markdown=markdown, stdout=stdout, profile_dir=str(profile_dir))
+
+
+@pytest.mark.slow
+def test_run_records_its_command_environment_and_ceilings(full_run):
+    meta, ceilings = full_run["report"]["meta"], full_run["report"]["ceilings"]
     assert {"jax", "torch", "transformers"} <= set(meta["versions"]) and meta["date"]
     assert (
         meta["command"].startswith("python -m experiments.benchmark")
         and "--torch_baseline" in meta["command"]
     )
+    assert meta["flags"]["torch_baseline"] is True and meta["flags"]["torch_batch_sizes"] == [1]
     assert meta["env"]["JAX_PLATFORMS"] == "cpu"  # the environment the workers inherit is recorded
     assert ceilings["status"] == "ok" and ceilings["device_kind"]
     assert ceilings["copy_bytes_per_s"] > 0 and ceilings["matmul_flops_per_s"] > 0
 
-    rows = rows_by_label(report)
+
+@pytest.mark.slow
+def test_measured_rows_with_floors_and_torch_ratios(full_run):
+    rows = rows_by_label(full_run["report"])
+    assert list(rows) == [
+        "none b1",
+        "pytorch none b1",
+        "adaptprune@64 b1",
+        "pytorch cut@64 b1",
+        "adaptprune@100000 b2",
+    ]
     base, pruned = rows["none b1"], rows["adaptprune@64 b1"]
     for row in (base, pruned):
         assert row["status"] == "ok", row
@@ -93,67 +121,67 @@ def test_full_pipeline_with_torch_baseline(tmp_path, cache_dir):
         assert row["compile_s"]["prefill"] >= 0 and row["compiled_memory"]["prefill"] is not None
         assert row["weights_bytes"] > 0 and row["prompt_tokens"] == row["image_tokens"] + 8
         assert row["jax_over_torch"]["ttft_ms"] > 0
-        # a profile that cannot be taken is recorded as such; the row's timings survive it
-        assert set(row["profile"]) == {"vision", "llm_prefill", "decode_step"}
-        assert all("NotADirectoryError" in stage["error"] for stage in row["profile"].values())
+        # every worker traced under the flags' budget and compiler options, pre-compiled first
+        assert row["attention_logits_budget_bytes"] == 2**19
+        assert row["stage_compiler_options"] == {"generate": {"xla_disable_hlo_passes": "dot-merger"}}
+        assert row["precompile"]["status"] == "ok"
     assert pruned["keep"] == 64 and pruned["layer"] == 2
     assert pruned["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
     assert {"fixed_prefill_ms", "selection_overhead_ms", "select_only_ms"} <= set(pruned)
     assert pruned["speedup_vs_unpruned"]["ttft_ms"] > 0 and pruned["torch_row"] == "pytorch cut@64 b1"
-
-    impossible = rows["adaptprune@100000 b1"]
-    assert impossible["status"] == "failed" and "keep=100000" in impossible["error"]
     for label in ("pytorch none b1", "pytorch cut@64 b1"):
         assert rows[label]["status"] == "ok" and rows[label]["framework"] == "torch"
         assert (
             rows[label]["ttft_ms"] > 0 and rows[label]["e2e_ms"] > 0 and rows[label]["generated_tokens"] == 2
         )
 
+
+@pytest.mark.slow
+def test_a_configuration_that_cannot_work_is_a_failed_row(full_run):
+    impossible = rows_by_label(full_run["report"])["adaptprune@100000 b2"]
+    assert impossible["status"] == "failed" and "keep=100000" in impossible["error"]
+    assert impossible["precompile"]["status"] == "failed"  # the pre-compile phase failed it alike
+    markdown = full_run["markdown"]
+    assert "## Failed or skipped" in markdown and "adaptprune@100000 b2" in markdown
+
+
+@pytest.mark.slow
+def test_profiles_taken_and_failed_to_start(full_run):
+    rows = rows_by_label(full_run["report"])
+    base, pruned = rows["none b1"], rows["adaptprune@64 b1"]
+    assert set(base["profile"]) == set(pruned["profile"]) == {"vision", "llm_prefill", "decode_step"}
+    assert base["profile"]["vision"]["calls"] == base["profile"]["llm_prefill"]["calls"] == 3
+    assert base["profile"]["decode_step"]["calls"] == 1  # 2 new tokens
+    for summary in base["profile"].values():
+        assert os.path.isfile(summary["trace"]) and summary["trace"].startswith(full_run["profile_dir"])
+    # a profile that cannot be taken is recorded as such; the row's timings survive it (asserted above)
+    assert all("NotADirectoryError" in stage["error"] for stage in pruned["profile"].values())
+    assert "## Profile" in full_run["markdown"] and "NotADirectoryError" in full_run["markdown"]
+
+
+@pytest.mark.slow
+def test_max_batch_probe_acceptance_and_report(full_run):
+    report, markdown = full_run["report"], full_run["markdown"]
     (search,) = report["max_batch"]
     assert search["config"] == "none" and search["largest_fit"] >= 1
     assert [p["batch"] for p in search["probes"]] == [2] and search["probes"][0]["fits"]
     assert len(report["acceptance"]) == len(acceptance.TARGETS)
     assert all({"name", "pass", "detail"} <= set(c) for c in report["acceptance"])
-
     assert "| config | metric | ms | floor ms |" in markdown and "## PyTorch" in markdown
-    assert "## Failed or skipped" in markdown and "adaptprune@100000 b1" in markdown
-    assert "## Profile" in markdown and "NotADirectoryError" in markdown
-    assert stdout.strip().splitlines()[-1].startswith("acceptance:")
-
-
-@pytest.mark.slow
-def test_without_torch_baseline_with_precompile(tmp_path, cache_dir):
-    profile_dir = tmp_path / "profiles"
-    report, markdown, _ = run_cli(
-        tmp_path,
-        cache_dir,
-        "--batch_sizes=1",
-        "--methods=none",
-        "--compile_workers=2",
-        f"--profile_dir={profile_dir}",
-        "--attention_logits_budget_mb=0.5",
-        "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger",
-    )
-    assert [row["label"] for row in report["rows"]] == ["none b1"]
-    (row,) = report["rows"]
-    assert row["status"] == "ok" and row["precompile"]["status"] == "ok" and "## PyTorch" not in markdown
-    assert row["stage_compiler_options"] == {"generate": {"xla_disable_hlo_passes": "dot-merger"}}
-    assert set(row["profile"]) == {"vision", "llm_prefill", "decode_step"}
-    assert row["profile"]["vision"]["calls"] == row["profile"]["llm_prefill"]["calls"] == 3
-    assert row["profile"]["decode_step"]["calls"] == 1  # 2 new tokens
-    for summary in row["profile"].values():
-        assert os.path.isfile(summary["trace"]) and summary["trace"].startswith(str(profile_dir))
-    assert "## Profile" in markdown
-    assert row["attention_logits_budget_bytes"] == 2**19  # the workers traced under the flag's budget
-    assert report["meta"]["flags"]["torch_baseline"] is False
+    assert full_run["stdout"].strip().splitlines()[-1].startswith("acceptance:")
 
 
 @pytest.mark.slow
 def test_killed_workers_are_failed_rows(tmp_path, cache_dir):
-    report, markdown, _ = run_cli(tmp_path, cache_dir, "--configs=none:1", "--job_timeout_s=1")
+    # planned from --batch_sizes x --methods; without --torch_baseline no PyTorch job runs
+    report, markdown, _ = run_cli(
+        tmp_path, cache_dir, "--batch_sizes=1", "--methods=none", "--job_timeout_s=1"
+    )
     (row,) = report["rows"]
+    assert row["label"] == "none b1" and row["framework"] == "jax"
     assert row["status"] == "failed" and "timed out" in row["error"]
     assert all(check["pass"] is None for check in report["acceptance"])
+    assert "## PyTorch" not in markdown and report["meta"]["flags"]["torch_baseline"] is False
 
 
 def test_parse_config():
