@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from experiments.flag_config import setting
+from experiments.testbed.model import TESTBED_LANGUAGE_MODELS
 from experiments.testbed.words import KINDS
 
 DTYPES = ("bfloat16", "float32")
@@ -24,6 +25,11 @@ class TrainOptions:
     lists the four stages. A run is normally bounded by max_minutes; steps only caps it.
     """
 
+    model: str = setting(
+        "testbed",
+        "Which testbed model to train (experiments.testbed.model.TESTBED_LANGUAGE_MODELS).",
+        choices=tuple(TESTBED_LANGUAGE_MODELS),
+    )
     output_dir: str = setting(
         "checkpoints/testbed",
         "Where the final llava-hf checkpoint (and its training log, curve and test accuracy) is written.",
@@ -105,6 +111,16 @@ class TrainOptions:
         "",
         "Warm start: initialise the weights from this exported checkpoint (fresh optimizer and "
         "schedule; pass another --seed for unseen batches).",
+    )
+    init_vision_from: str = setting(
+        "",
+        "Warm start of the vision tower alone from this exported checkpoint (its tower must have our "
+        "shapes): a deeper or narrower LLM starts from a tower that already sees the objects.",
+    )
+    freeze_vision: bool = setting(
+        False,
+        "Keep the vision tower's weights fixed (as LLaVA-1.5 keeps CLIP's): no gradient, no update, no "
+        "weight decay; the projector and the LLM train.",
     )
     # Off here, so code (tests) does not write a cache; the command line's default is .jax_cache.
     compilation_cache_dir: str = setting("", "JAX persistent compilation cache ('' = off).")

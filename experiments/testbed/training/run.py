@@ -39,6 +39,7 @@ from experiments.testbed.training.probes import RELATION_OUTPUTS, initial_traina
 from experiments.testbed.training.state import (
     LOG_FILE,
     config_fingerprint,
+    initial_vision_weights,
     initial_weights,
     load_state,
     read_log,
@@ -143,7 +144,7 @@ def run_training(
     """
     start_time = time.time() if start_time is None else start_time
     use_compilation_cache(options.compilation_cache_dir)
-    hf_config = hf_config if hf_config is not None else testbed_config()
+    hf_config = hf_config if hf_config is not None else testbed_config(options.model)
     scene_config = scene_config if scene_config is not None else TestbedConfig.from_llava_config(hf_config)
     cfg = from_hf_config(hf_config)
     if (scene_config.image_size, scene_config.patch_size) != (cfg.vision.image_size, cfg.vision.patch_size):
@@ -187,8 +188,12 @@ def run_training(
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(options.seed))
     graphdef, params = nnx.split(model)
     del model
+    if options.init_from and options.init_vision_from:
+        raise ValueError("--init_from already sets every weight; give it or --init_vision_from, not both")
     if options.init_from:
         params = initial_weights(options.init_from, cfg, params)
+    if options.init_vision_from:
+        params = initial_vision_weights(options.init_vision_from, cfg, params)
     trainable = initial_trainable(params, cfg, options.seed)
     del params
     optimizer = make_optimizer(options)
@@ -225,6 +230,7 @@ def run_training(
         options.patch_loss_weight,
         options.coordinate_loss_weight,
         options.relation_loss_weight,
+        options.freeze_vision,
     )
     make_batch = functools.partial(
         host_batch,

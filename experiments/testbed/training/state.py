@@ -37,6 +37,8 @@ def config_fingerprint(hf_config, options: TrainOptions, scene_config) -> str:
         "grad_clip",
         "seed",
         "init_from",
+        "init_vision_from",
+        "freeze_vision",
         "patch_loss_weight",
         "coordinate_loss_weight",
         "relation_loss_weight",
@@ -63,6 +65,19 @@ def initial_weights(directory: str, cfg, params):
     if jax.tree.structure(weights) != jax.tree.structure(params):
         raise ValueError(f"--init_from checkpoint {directory} does not match the model's parameter tree")
     return jax.tree.map(jnp.asarray, weights)
+
+
+def initial_vision_weights(directory: str, cfg, params):
+    """`params` with the vision tower's weights taken from an exported checkpoint whose tower has the
+    same configuration (the LLM and projector may differ: a warm start of another language model)."""
+    hf_config, model = load_checkpoint(directory, dtype="float32")
+    if from_hf_config(hf_config).vision != cfg.vision:
+        raise ValueError(
+            f"--init_vision_from checkpoint {directory} has another vision tower configuration than "
+            f"the one trained"
+        )
+    params["vision_tower"] = jax.tree.map(jnp.asarray, nnx.state(model.vision_tower))
+    return params
 
 
 def save_state(work_dir: str, params, opt_state, meta: dict) -> None:

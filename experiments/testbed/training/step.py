@@ -86,20 +86,41 @@ def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_p
 
 def make_optimizer(options: TrainOptions):
     """Clip -> Adam moments -> decoupled weight decay on matrices. The step scales by -lr itself (the
-    learning rate is an argument of the step, so the schedule can follow the clock)."""
-    return _optimizer(options.grad_clip, options.weight_decay)
+    learning rate is an argument of the step, so the schedule can follow the clock). With
+    freeze_vision the tower's leaves get no moments and no decay: their update is their (stopped,
+    zero) gradient."""
+    return _optimizer(options.grad_clip, options.weight_decay, options.freeze_vision)
+
+
+def is_vision_tower(path) -> bool:
+    """Whether a leaf path of `initial_trainable`'s pytree lies in the LLaVA's vision tower."""
+    keys = [getattr(entry, "key", None) for entry in path[:2]]
+    return keys == ["model", "vision_tower"]
+
+
+def without_vision_gradient(trainable):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.lax.stop_gradient(p) if is_vision_tower(path) else p, trainable
+    )
 
 
 @functools.cache
-def _optimizer(grad_clip: float, weight_decay: float):
+def _optimizer(grad_clip: float, weight_decay: float, freeze_vision: bool = False):
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim >= 2, params)
 
-    return optax.chain(
+    chain = optax.chain(
         optax.clip_by_global_norm(grad_clip),
         optax.scale_by_adam(b1=0.9, b2=0.98, eps=1e-8),
         optax.add_decayed_weights(weight_decay, mask=decay_mask),
     )
+    if not freeze_vision:
+        return chain
+
+    def trained(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: not is_vision_tower(path), params)
+
+    return optax.masked(chain, trained)
 
 
 def learning_rate_at(step: int, progress: float, options: TrainOptions) -> float:
@@ -118,6 +139,7 @@ def make_train_step(
     patch_loss_weight: float,
     coordinate_loss_weight: float,
     relation_loss_weight: float,
+    freeze_vision: bool = False,
 ):
     """The jitted step (trainable, opt_state, batch, lr) -> (trainable, opt_state, metrics); donates the
     state. `trainable` is `initial_trainable(...)`'s pytree.
@@ -126,10 +148,13 @@ def make_train_step(
     probe on the image features) + coordinate_loss_weight * (squared error of the probe's object-centre
     coordinates on object patches) + relation_loss_weight * (squared error of the relation probe's
     coordinates of the two objects a position question names, read at its answer slot); the probes'
-    reasons are in `probes`. Memoised on its (hashable) arguments, so runs in one process share one compilation.
+    reasons are in `probes`. freeze_vision: the tower's weights get no gradient (pair it with an
+    optimizer made with the same setting). Memoised on its (hashable) arguments, so runs in one process share one compilation.
     """
 
     def loss_fn(trainable, batch: DeviceBatch):
+        if freeze_vision:  # no gradient: XLA drops the tower's backward pass
+            trainable = without_vision_gradient(trainable)
         compute = jax.tree.map(lambda p: p.astype(compute_dtype), trainable["model"])
         model = nnx.merge(graphdef, compute)
         pixels = normalize_pixels(render_scenes(batch.scenes, scene_config), normalization)
