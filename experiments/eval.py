@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from experiments import compile_cache, flag_config
+from experiments import flag_config, jax_runtime
 from experiments.benchmarks import get_benchmark
 from experiments.evaluation.config import (
     PREDICTIONS_DIR,
@@ -95,9 +95,7 @@ def config_from_flags(flag_values: flags.FlagValues, argv: Sequence[str] = ()) -
 
 def main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # JAX logs, at INFO, every accelerator plugin it probes and does not find (e.g. a TPU library on a
-    # GPU or CPU machine): noise in front of every run, not a problem.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    jax_runtime.quiet_backend_probe()
     del argv  # app.run passes only what is left after the flags; record the whole command line
     with flag_config.one_line_errors("experiments.eval"):
         results = run(config_from_flags(flags.FLAGS, sys.argv))
@@ -109,5 +107,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     define_flags()
     # The command line caches compilations by default; an EvalConfig built in code (tests) does not.
-    flags.FLAGS.set_default("compile_cache", compile_cache.DEFAULT_DIR)
+    flags.FLAGS.set_default("compile_cache", jax_runtime.DEFAULT_DIR)
     app.run(main)

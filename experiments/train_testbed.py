@@ -36,7 +36,7 @@ PROCESS_START = time.time()
 
 from absl import app, flags
 
-from experiments import compile_cache
+from experiments import jax_runtime
 from experiments.benchmarks.testbed import TestbedBenchmark
 from experiments.flag_config import define_flags, from_flags
 from experiments.testbed.training import run
@@ -52,6 +52,8 @@ def main(argv):
     del argv
     import warnings
 
+    jax_runtime.quiet_backend_probe()
+
     # The decode loop donates its KV cache; XLA cannot always reuse it in place. Harmless, and noisy.
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     options = from_flags(TrainOptions)
@@ -63,5 +65,5 @@ def main(argv):
 if __name__ == "__main__":
     define_flags(TrainOptions)
     # The command line caches compilations by default; a TrainOptions built in code (tests) does not.
-    flags.FLAGS.set_default("compilation_cache_dir", compile_cache.DEFAULT_DIR)
+    flags.FLAGS.set_default("compilation_cache_dir", jax_runtime.DEFAULT_DIR)
     app.run(main)

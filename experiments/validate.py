@@ -27,6 +27,7 @@ from absl import app
 
 from adaptprune_jax import methods
 from experiments.flag_config import define_flags, from_flags, one_line_errors, setting
+from experiments.jax_runtime import quiet_backend_probe
 
 UNPRUNED = "none"
 
@@ -399,6 +400,7 @@ def print_table(report: dict) -> None:
 
 def main(argv):
     del argv
+    quiet_backend_probe()
     with one_line_errors("experiments.validate"):
         settings = from_flags(ValidateConfig)
         report = run(settings)

@@ -5,10 +5,12 @@ from absl import app
 from experiments.benchmark.configs import BenchmarkConfig
 from experiments.benchmark.driver import run
 from experiments.flag_config import define_flags, from_flags, one_line_errors
+from experiments.jax_runtime import quiet_backend_probe
 
 
 def main(argv):
     del argv
+    quiet_backend_probe()
     with one_line_errors("experiments.benchmark"):
         run(from_flags(BenchmarkConfig))
 

@@ -18,7 +18,6 @@ from typing import Any
 from adaptprune_jax import methods
 from experiments.benchmarks import Question, get_benchmark
 from experiments.benchmarks.io import read_predictions
-from experiments.compile_cache import use_compilation_cache
 from experiments.evaluation import fingerprint
 from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, EvalConfig
 from experiments.evaluation.generation import predictions_path, run_pair
@@ -31,6 +30,7 @@ from experiments.evaluation.inputs import (
     unusable_prompts,
 )
 from experiments.evaluation.pairs import Pair, build_pairs, check_method_names
+from experiments.jax_runtime import use_compilation_cache
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from models.presets import llava_config
 REPO = Path(__file__).resolve().parents[2]
 FLAGFILES = {
     name: REPO / "experiments" / "flags" / f"{name}.flags"
-    for name in ("testbed", "testbed_gpu", "pope_llava15_7b")
+    for name in ("testbed", "testbed_gpu", "testbed_deep_gpu", "pope_llava15_7b")
 }
 
 
@@ -241,11 +241,12 @@ def test_shipped_flagfiles_parse_and_fit_their_model(name):
     assert {pair.method for pair in pairs} == {"none", "adaptprune", "fastv", "random", "uniform", "divprune"}
     eval_lib.get_benchmark(config.benchmark)
     if name.startswith("testbed"):
-        assert config.benchmark == "testbed" and config.checkpoint == "checkpoints/testbed"
+        checkpoint = "checkpoints/testbed-deep" if name == "testbed_deep_gpu" else "checkpoints/testbed"
+        assert config.benchmark == "testbed" and config.checkpoint == checkpoint
         assert config.questions == "experiments/data/testbed_test" and config.image_dir is None
     if name == "testbed":
         assert config.limit and config.dtype == "float32"
-    if name == "testbed_gpu":
+    if name in ("testbed_gpu", "testbed_deep_gpu"):
         assert config.limit is None and config.dtype == "bfloat16" and set(config.keep) == {192, 128, 64, 32}
     if name == "pope_llava15_7b":
         assert config.image_dir and config.questions == "/work/shared/data/pope"

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.compile_cache import use_compilation_cache
+from experiments.jax_runtime import use_compilation_cache
 from experiments.testbed.encoding import make_tokenizer
 from experiments.testbed.model import testbed_config
 from experiments.testbed.scene_config import TestbedConfig

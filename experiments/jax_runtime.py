@@ -1,7 +1,9 @@
-"""The persistent JAX compilation cache the entry points share: a rerun of the same shapes skips compiling."""
+"""JAX settings every entry point shares: the persistent compilation cache (a rerun of the same shapes
+skips compiling) and a quiet backend probe."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 # The directory the command-line programs use unless told otherwise (gitignored).
@@ -18,3 +20,9 @@ def use_compilation_cache(directory: str, min_compile_seconds: float | None = No
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
     if min_compile_seconds is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+
+
+def quiet_backend_probe() -> None:
+    """JAX logs, at INFO, every accelerator plugin it probes and does not find (e.g. a TPU library on a
+    GPU or CPU machine): noise in front of every run, not a problem."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
