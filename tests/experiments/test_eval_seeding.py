@@ -1,5 +1,9 @@
 """Random pruning seeded per question: the same answers and kept tokens at any batch size, and a
-resume with another batch size gives the uninterrupted run's file (testbed checkpoint, CPU)."""
+resume with another batch size gives the uninterrupted run's file (testbed checkpoint, CPU).
+
+The runs go through the per-pair generation loop (`run_pair`, what `experiments.eval` runs for each
+pair) for the random pair alone: the unpruned pair a whole eval run adds has no seed to test.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from experiments import eval as eval_lib
+from experiments.benchmarks import get_benchmark
 from experiments.benchmarks.io import read_predictions
+from experiments.evaluation.generation import predictions_path, run_pair
+from experiments.evaluation.inputs import ImageLoader, image_resolver, load_question_list
+from experiments.evaluation.pairs import build_pairs
 from models.engine import LlavaEngine
 
 pytestmark = pytest.mark.slow  # end to end: generates with the testbed model
@@ -32,6 +40,8 @@ def split(tmp_path_factory):
 
 
 def _run(split, output_dir, engine, batch_size, limit=None):
+    """Generate the random pair's answers at `batch_size` (the first `limit` questions) into
+    output_dir, resuming whatever its prediction file holds; returns the file's records."""
     config = eval_lib.EvalConfig(
         checkpoint=str(CHECKPOINT),
         benchmark="testbed",
@@ -41,11 +51,27 @@ def _run(split, output_dir, engine, batch_size, limit=None):
         keep=(32,),
         batch_size=batch_size,
         limit=limit,
-        record_kept=NUM_QUESTIONS,
-        num_overlays=0,
     )
-    eval_lib.run(config, engine=engine)
-    return read_predictions(str(Path(output_dir) / "predictions" / "random_32.jsonl"))
+    benchmark = get_benchmark(config.benchmark)
+    questions = load_question_list(benchmark, config.questions, config.limit)
+    model = engine.config
+    unpruned, pair = build_pairs(config, model.num_image_tokens, model.text.num_layers, model.image_layout())
+    assert (unpruned.method, pair.method, pair.keep) == ("none", "random", 32)
+    loader = ImageLoader(image_resolver(benchmark, config))
+    try:
+        progress = run_pair(
+            engine,
+            pair,
+            questions,
+            loader,
+            config,
+            benchmark.max_new_tokens,
+            record_kept_ids={question.question_id for question in questions},
+        )
+    finally:
+        loader.close()
+    assert not progress.skipped
+    return read_predictions(predictions_path(str(output_dir), pair))
 
 
 def _answers(records):
@@ -67,6 +93,6 @@ def test_random_answers_do_not_depend_on_the_batch_size(by_batch):
 
 
 def test_a_resume_with_another_batch_size_gives_the_uninterrupted_answers(split, engine, by_batch, tmp_path):
-    _run(split, tmp_path / "resumed", engine, 8, limit=6)  # "killed" after 6 questions
+    assert len(_run(split, tmp_path / "resumed", engine, 8, limit=6)) == 6  # "killed" after 6 questions
     resumed = _answers(_run(split, tmp_path / "resumed", engine, 16))
     assert resumed == by_batch[8]
