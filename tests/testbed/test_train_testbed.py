@@ -43,6 +43,9 @@ TINY_TEXT = dict(
 )
 TOTAL_STEPS = 6
 INTERRUPT_AT = 4  # a multiple of log_every, so both runs average the same steps in each log line
+# Questions per training image in every training test: the trainer's runs then take the step of the
+# overfitting test, compiled once for the shapes they share (batch 4, two turns).
+TURNS = 2
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,7 @@ def _options(root, name: str, **overrides) -> TrainOptions:
         work_dir=os.path.join(root, name, "work"),
         steps=TOTAL_STEPS,
         batch_size=4,
+        turns=TURNS,
         learning_rate=3e-3,
         warmup_steps=2,
         eval_every=3,
@@ -231,12 +235,17 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     pad = S.make_tokenizer().pad_token_id
     batch = _host_batch(cfg, scene_config, 3, 4, 3)
-    pixels = training_step.normalize_pixels(
-        S.render_scenes(batch.scenes, scene_config),
-        training_step.PixelNormalization.from_hf_config(hf_config),
-    )
+    # The forward passes jitted, as training and inference run them (eagerly, each operation compiles
+    # on its own).
+    pixels = jax.jit(
+        lambda scenes: training_step.normalize_pixels(
+            S.render_scenes(scenes, scene_config),
+            training_step.PixelNormalization.from_hf_config(hf_config),
+        )
+    )(batch.scenes)
 
-    def logits_of(pixel_values):
+    @nnx.jit
+    def logits_of(model, pixel_values):
         return training_step.answer_logits_and_hidden(
             model,
             model.image_features(pixel_values),
@@ -245,16 +254,18 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
             jnp.asarray(batch.target_positions),
         )[0]
 
-    logits = logits_of(pixels)
+    logits = logits_of(model, pixels)
     first_prompt_lengths = batch.target_positions[:, 0] + 1
     prompts = np.array(batch.input_ids)
     for row, length in enumerate(first_prompt_lengths):
         prompts[row, length:] = pad  # keep only the first turn's prompt
-    inference = model.prefill(
-        jnp.asarray(prompts), jnp.asarray(first_prompt_lengths), pixels, extra_slots=2
-    ).logits
+    inference = nnx.jit(
+        lambda model, ids, lengths, pixel_values: (
+            model.prefill(ids, lengths, pixel_values, extra_slots=2).logits
+        )
+    )(model, jnp.asarray(prompts), jnp.asarray(first_prompt_lengths), pixels)
     np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(inference), rtol=1e-5, atol=1e-5)
-    other = logits_of(pixels[::-1])
+    other = logits_of(model, pixels[::-1])
     assert float(jnp.abs(other[:, 0] - logits[:, 0]).max()) > 1e-3
 
 
@@ -276,8 +287,9 @@ def test_loss_falls_when_overfitting_one_batch(tiny):
         1.0,
         options.coordinate_loss_weight,
         options.relation_loss_weight,
+        options.freeze_vision,  # the trainer's arguments, all given: its runs reuse this compiled step
     )
-    batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, 2, kind_weights=(0.2, 0.2, 0.1, 0.5)))
+    batch = jax.device_put(_host_batch(cfg, scene_config, 0, 4, TURNS, kind_weights=(0.2, 0.2, 0.1, 0.5)))
     assert int((np.asarray(batch.relation_objects) >= 0).all(-1).sum()) >= 2  # the relation probe has targets
     losses, patch_losses, coordinate_losses, relation_losses = [], [], [], []
     for _ in range(50):
@@ -454,7 +466,7 @@ def test_patch_probe_loss_balances_objects_and_background():
     }
     coordinates = jnp.zeros((1, 100, 2)).at[0, :2].set(jnp.asarray([0.5, -0.25]))
     coordinates_off_objects = coordinates.at[0, 2:].set(0.9)  # background coordinates must not count
-    class_nll, centre_nll, coordinate_mse, accuracy = probes.patch_probe_losses(
+    class_nll, centre_nll, coordinate_mse, accuracy = jax.jit(probes.patch_probe_losses)(
         probe, features, classes, centres, coordinates_off_objects
     )
     uniform = np.log(probes.num_patch_classes())
