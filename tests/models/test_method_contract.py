@@ -1,5 +1,6 @@
 """Every registered method inside the Flax LLaVA, parametrized over the registry: keeping every image
-token gives the unpruned logits, and a pruned batch equals its rows run one by one."""
+token gives the unpruned logits, and a pruned batch of prompts of different lengths equals its rows
+run one by one (kept tokens, first-token logits and the generated tokens)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from adaptprune_jax import methods
+from models.generate import SamplingConfig
 from tests.helpers import make_prompt, random_pixels
 
 
@@ -39,13 +41,36 @@ def test_keeping_every_token_equals_unpruned(inputs, name):
     np.testing.assert_allclose(logits, unpruned, rtol=0, atol=1e-5 * np.abs(unpruned).max())
 
 
+NEW_TOKENS = 6
+
+
+def _generate(ckpt, prompts, pixels, pruning):
+    """(first-token logits, kept indices, generated tokens) of one batch, greedy."""
+    runner = ckpt.runner
+    batch = runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=NEW_TOKENS)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
+    generated = runner.generate(batch, sampling, pruning=pruning)
+    # The prefill generate ran (same shapes and settings: the compiled program is reused), for its logits.
+    logits = runner.prefill(batch, extra_slots=NEW_TOKENS, pruning=pruning).logits
+    return np.asarray(logits), generated.kept, generated.tokens
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in methods.names() if not methods.get(n).takes_seed])
-def test_pruned_batch_equals_rows_one_by_one(inputs, name):
-    ckpt, prompts, pixels, _ = inputs
+def test_pruned_batch_equals_rows_one_by_one(tiny_checkpoints, name):
+    """Four prompts of different lengths (grouped-query attention, a sharded checkpoint) in one
+    padded batch, and each alone."""
+    ckpt = tiny_checkpoints("tiny-gqa")
+    rng = np.random.default_rng(1234)
+    prompts = [make_prompt(ckpt.config, rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1), (25, 12))]
+    pixels = random_pixels(rng, len(prompts), ckpt.config.vision.image_size)
     pruning = methods.make_config(name, strict=False, keep=64, layer=2)
-    logits, kept = _last_logits(ckpt, prompts, pixels, pruning)
-    for row in range(2):
-        one_logits, one_kept = _last_logits(ckpt, prompts[row : row + 1], pixels[row : row + 1], pruning)
+    logits, kept, tokens = _generate(ckpt, prompts, pixels, pruning)
+    assert kept.shape == (len(prompts), 64) and tokens.shape == (len(prompts), NEW_TOKENS)
+    for row in range(len(prompts)):
+        one_logits, one_kept, one_tokens = _generate(
+            ckpt, prompts[row : row + 1], pixels[row : row + 1], pruning
+        )
         np.testing.assert_array_equal(one_kept[0], kept[row])
         np.testing.assert_allclose(one_logits[0], logits[row], rtol=0, atol=1e-5 * np.abs(logits).max())
+        assert one_tokens[0].tolist() == tokens[row].tolist()

@@ -92,31 +92,6 @@ def test_pruned_generation_matches_reference_and_continues_at_original_positions
     assert ours.tokens[0].tolist() == reference
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["adaptprune", "fastv", "divprune", "uniform"])
-def test_pruned_batch_of_four_equals_one_by_one(tiny_checkpoints, prompt_rng, method):
-    ckpt = tiny_checkpoints("tiny-gqa")
-    prompts = [make_prompt(ckpt.config, prompt_rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1), (25, 12))]
-    pixels = random_pixels(prompt_rng, len(prompts), ckpt.config.vision.image_size)
-    pruning = prune.make_config(method, keep=0.1, **({} if method == "divprune" else {"layer": 2}))
-    sampling = SamplingConfig(max_new_tokens=6, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
-    batched = ckpt.runner.generate(
-        ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=6),
-        sampling,
-        pruning=pruning,
-    )
-    for row, ids in enumerate(prompts):
-        single = ckpt.runner.generate(
-            ckpt.runner.make_batch(
-                [ids], pixels[row : row + 1], pad_token_id=ckpt.pad_token_id, max_new_tokens=6
-            ),
-            sampling,
-            pruning=pruning,
-        )
-        np.testing.assert_array_equal(batched.kept[row], single.kept[0])
-        assert batched.tokens[row].tolist() == single.tokens[0].tolist()
-
-
 def test_divprune_renumbers_positions_like_a_shorter_prompt(tiny_checkpoints, prompt_rng):
     """Released DivPrune cuts image features before the LLM: transformers on the gathered embeddings."""
     ckpt = tiny_checkpoints("tiny")
