@@ -57,15 +57,14 @@ def test_adaptprune_on_two_grids_with_invalid_slots():
     attention = rng.uniform(size=(2, 23)).astype(np.float32)
     attention[1, 20:] = 10.0  # invalid slots with the largest scores must still never be kept
     keys = rng.normal(size=(2, 23, 8)).astype(np.float32)
-    kept = np.asarray(
-        jax.jit(lambda a, k, lay: prune.adaptprune_select(a, k, 12, layout=lay))(attention, keys, layout)
-    )
+    select = jax.jit(lambda a, k, lay: prune.adaptprune_select(a, k, 12, layout=lay))
+    kept = np.asarray(select(attention, keys, layout))
     assert kept.shape == (2, 12) and np.all(np.diff(kept, axis=-1) > 0)
     assert kept[1].max() < 20
     # Each row alone, with its own unpadded layout, selects the same tokens.
     for row, row_layout in enumerate(rows):
         n = row_layout.num_tokens
-        alone = prune.adaptprune_select(attention[row, :n], keys[row, :n], 12, layout=row_layout)
+        alone = select(attention[row, :n], keys[row, :n], row_layout)
         np.testing.assert_array_equal(np.asarray(alone), kept[row])
 
 
@@ -74,11 +73,13 @@ def test_masked_baselines_never_keep_invalid_slots():
     layout = prune.stack_layouts([prune.grid_layout(4, 5), prune.grid_layout(3, 3)])
     valid = np.asarray(layout.valid)
     scores = rng.uniform(size=(2, 20)).astype(np.float32) + 10.0 * ~valid
-    for kept in (
-        prune.topk_select(scores, 8, valid),
-        prune.random_select(jax.random.key(0), 20, 8, (2,), valid),
-        prune.divprune_select(rng.normal(size=(2, 20, 6)).astype(np.float32), 8, valid=valid),
-        prune.uniform_layout_select(layout, 8),
+    for kept in (  # jitted: one program each instead of one per operation
+        jax.jit(prune.topk_select, static_argnums=1)(scores, 8, valid),
+        jax.jit(prune.random_select, static_argnums=(1, 2, 3))(jax.random.key(0), 20, 8, (2,), valid),
+        jax.jit(prune.divprune_select, static_argnums=1)(
+            rng.normal(size=(2, 20, 6)).astype(np.float32), 8, valid=valid
+        ),
+        jax.jit(prune.uniform_layout_select, static_argnums=1)(layout, 8),
     ):
         kept = np.asarray(kept)
         assert kept.shape == (2, 8) and np.all(np.diff(kept, axis=-1) > 0)
@@ -89,9 +90,10 @@ def test_masked_baselines_never_keep_invalid_slots():
 @pytest.mark.parametrize("side", [4, 7, 24])
 def test_uniform_on_coordinates_equals_the_square_rule(side):
     layout = prune.square_layout(side * side)
+    select = jax.jit(prune.uniform_layout_select, static_argnums=1)  # one program per keep, not per op
     for keep in sorted({1, 2, 3, side, side + 1, (side * side) // 3, side * side - 1, side * side}):
         expected = prune.uniform_grid_indices(side * side, keep)
-        np.testing.assert_array_equal(np.asarray(prune.uniform_layout_select(layout, keep)), expected)
+        np.testing.assert_array_equal(np.asarray(select(layout, keep)), expected)
 
 
 def test_uniform_on_two_grids_spreads_over_both():
