@@ -145,22 +145,26 @@ ATTENTION_DISTRIBUTIONS = ("uniform", "peaked", "ties")
 FLOAT32_RESOLUTION = 1e-4
 
 
-def _batched_selections(grid, keep):
-    """Jitted over a batch of cases: (selection order with per-case hyperparameters, public sorted
-    ``adaptprune_select`` output with the default hyperparameters)."""
+def _batched_selections(grid, keeps):
+    """Jitted over a batch of cases for each keep of ``keeps`` (one program per grid): per keep,
+    (selection order with per-case hyperparameters, public sorted ``adaptprune_select`` output with
+    the default hyperparameters)."""
 
-    def one_case(attention, keys, hyper):
-        order = adaptive_nms_order(
-            attention * center_prior(grid).reshape(-1),
-            keys,
-            keep,
-            distance_limit=hyper[0],
-            distance_sigma=hyper[1],
-            similarity_sigma=hyper[2],
-        )
-        return order, adaptprune_select(attention, keys, keep)
+    def one_case(keep):
+        def select(attention, keys, hyper):
+            order = adaptive_nms_order(
+                attention * center_prior(grid).reshape(-1),
+                keys,
+                keep,
+                distance_limit=hyper[0],
+                distance_sigma=hyper[1],
+                similarity_sigma=hyper[2],
+            )
+            return order, adaptprune_select(attention, keys, keep)
 
-    return jax.jit(jax.vmap(one_case))
+        return jax.vmap(select)
+
+    return jax.jit(lambda batches: [one_case(keep)(*batch) for keep, batch in zip(keeps, batches)])
 
 
 @pytest.mark.slow
@@ -183,7 +187,9 @@ def test_parity_with_float64_reference():
     for grid in grids:
         num_tokens = grid * grid
         prior = reference_center_prior(grid).reshape(-1)
-        for keep in (1 if grid == 5 else int(rng.integers(2, num_tokens)), num_tokens // 3, num_tokens):
+        keeps = (1 if grid == 5 else int(rng.integers(2, num_tokens)), num_tokens // 3, num_tokens)
+        batches = []
+        for _ in keeps:  # the cases of every keep, drawn in the order of the checks below
             attention, keys, hypers = [], [], []
             for case in range(cases_per_call):
                 attention.append(
@@ -197,9 +203,10 @@ def test_parity_with_float64_reference():
                     if case % 2
                     else OTHER_HYPERPARAMETERS[rng.integers(len(OTHER_HYPERPARAMETERS))]
                 )
-            attention, keys = np.stack(attention), np.stack(keys)
-            hypers = np.asarray(hypers, np.float32)
-            orders, sorted_default = map(np.asarray, _batched_selections(grid, keep)(attention, keys, hypers))
+            batches.append((np.stack(attention), np.stack(keys), np.asarray(hypers, np.float32)))
+        selections = _batched_selections(grid, keeps)(batches)
+        for keep, (attention, keys, hypers), selection in zip(keeps, batches, selections):
+            orders, sorted_default = map(np.asarray, selection)
             default_mask = np.all(hypers == np.float32(DEFAULT_HYPERPARAMETERS), axis=1)
             for case in range(cases_per_call):
                 total += 1
