@@ -78,19 +78,17 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny_checkpoints, prompt_r
     ]
     pixels = random_pixels(prompt_rng, len(prompts), ckpt.config.vision.image_size)
     sampling = SamplingConfig(max_new_tokens=12, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
-    batched = ckpt.runner.generate(
-        ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=12), sampling
-    )
-    batched_logits = np.asarray(
-        ckpt.runner.prefill(ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id)).logits
-    )
+    batch = ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=12)
+    batched = ckpt.runner.generate(batch, sampling)
+    # First-token logits from the prefill generate ran (same shapes and settings: no new compilation).
+    batched_logits = np.asarray(ckpt.runner.prefill(batch, extra_slots=12).logits)
     for row, ids in enumerate(prompts):
         single_batch = ckpt.runner.make_batch(
             [ids], pixels[row : row + 1], pad_token_id=ckpt.pad_token_id, max_new_tokens=12
         )
         single = ckpt.runner.generate(single_batch, sampling)
         assert batched.tokens[row].tolist() == single.tokens[0].tolist()
-        single_logits = np.asarray(ckpt.runner.prefill(single_batch).logits)[0]
+        single_logits = np.asarray(ckpt.runner.prefill(single_batch, extra_slots=12).logits)[0]
         np.testing.assert_allclose(batched_logits[row], single_logits, rtol=0, atol=1e-5)
 
 
