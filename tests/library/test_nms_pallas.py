@@ -1,5 +1,6 @@
 """The Pallas NMS kernel (run in interpret mode here) selects exactly what the XLA loop selects."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,8 +15,10 @@ def test_every_nms_implementation_selects_the_same_tokens(num_tokens, keep):
     scores = rng.random((2, num_tokens)).astype(np.float32)
     scores[1, ::3] = scores[1, 0]  # exact ties
     keys = jnp.asarray(rng.standard_normal((2, num_tokens, 8)), jnp.float32)
+    # jitted: one program per implementation (eagerly, each operation compiles for these shapes)
+    select = jax.jit(prune.adaptive_nms, static_argnames=("keep", "implementation"))
     results = {
-        impl: np.asarray(prune.adaptive_nms(jnp.asarray(scores), keys, keep, implementation=impl))
+        impl: np.asarray(select(jnp.asarray(scores), keys, keep=keep, implementation=impl))
         for impl in prune.NMS_IMPLEMENTATIONS
     }
     for impl, kept in results.items():
