@@ -370,7 +370,9 @@ def test_jit_on_batch_matches_per_row_and_leading_axes():
         np.testing.assert_array_equal(
             nms(scores.reshape(6, -1)[row], keys.reshape(6, -1, 6)[row], keep=keep), batched[row]
         )
-    unrolled = adaptive_nms(scores.reshape(6, -1), keys.reshape(6, -1, 6), keep, unroll=4)
+    unrolled = jax.jit(adaptive_nms, static_argnames=("keep", "unroll"))(
+        scores.reshape(6, -1), keys.reshape(6, -1, 6), keep=keep, unroll=4
+    )
     np.testing.assert_array_equal(unrolled, batched)
 
 
