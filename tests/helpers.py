@@ -101,3 +101,26 @@ def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, 
     if layout.valid.ndim == 1:
         layout = layout.broadcast((batch,))
     return prune.Cues(**fields, layout=layout, rng=jax.random.key(seed), batch_size=batch, num_image_tokens=n)
+
+
+def once_per_session(tmp_path_factory, name: str, compute):
+    """``compute()`` (a JSON value) once per test session, also when pytest-xdist spreads a module's
+    tests over several workers: each worker sets up module fixtures of its own, so an expensive one
+    (an end-to-end run) would otherwise run once per worker. Under xdist the first worker computes
+    and stores the value in the session's shared temporary directory (a lock orders them), the
+    others read it; without xdist this is ``compute()``."""
+    import fcntl
+    import json
+    import os
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return compute()
+    shared = tmp_path_factory.getbasetemp().parent  # the session's, above every worker's own
+    stored = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if stored.exists():
+            return json.loads(stored.read_text())
+        value = compute()
+        stored.write_text(json.dumps(value))
+        return value

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from experiments.benchmark import acceptance, configs, floors, max_batch
+from tests.helpers import once_per_session
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,6 +63,12 @@ def rows_by_label(report):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, cache_dir):
+    return once_per_session(
+        tmp_path_factory, "benchmark_full_run", lambda: _full_run(tmp_path_factory, cache_dir)
+    )
+
+
+def _full_run(tmp_path_factory, cache_dir):
     """One run with everything but killed workers: pre-compile (2 processes), the unpruned and the
     pruned row with their PyTorch rows, a keep that cannot work (at batch 2, which the PyTorch baseline
     leaves out), a max-batch probe, per-stage compiler options and a smaller attention-logits budget,

@@ -18,6 +18,7 @@ from experiments.evaluation.generation import predictions_path, run_pair
 from experiments.evaluation.inputs import ImageLoader, image_resolver, load_question_list
 from experiments.evaluation.pairs import build_pairs
 from models.engine import LlavaEngine
+from tests.helpers import once_per_session
 
 pytestmark = pytest.mark.slow  # end to end: generates with the testbed model
 
@@ -81,8 +82,22 @@ def _answers(records):
 @pytest.fixture(scope="module")
 def by_batch(split, engine, tmp_path_factory):
     """Random pruning's answers and kept tokens at batch sizes 1, 8 and 16 (the whole split)."""
-    root = tmp_path_factory.mktemp("seeding")
-    return {size: _answers(_run(split, root / f"b{size}", engine, size)) for size in (1, 8, 16)}
+
+    def compute():
+        root = tmp_path_factory.mktemp("seeding")
+        return {
+            str(size): {
+                qid: [text, list(kept)]
+                for qid, (text, kept) in _answers(_run(split, root / f"b{size}", engine, size)).items()
+            }
+            for size in (1, 8, 16)
+        }
+
+    stored = once_per_session(tmp_path_factory, "seeding_by_batch", compute)  # as JSON
+    return {
+        int(size): {qid: (text, tuple(kept)) for qid, (text, kept) in answers.items()}
+        for size, answers in stored.items()
+    }
 
 
 def test_random_answers_do_not_depend_on_the_batch_size(by_batch):

@@ -33,6 +33,7 @@ from models import presets
 from models.config import from_hf_config
 from models.llava import LlavaForConditionalGeneration
 from models.preprocess import Preprocessor
+from tests.helpers import once_per_session
 
 # A model small enough to train in seconds: 112 px images (8 x 8 patches), two narrow towers.
 TINY_VISION = dict(
@@ -83,16 +84,20 @@ def runs(tiny, tmp_path_factory):
     """An uninterrupted run (validated, exported, tested), and the same run interrupted then resumed
     (evaluation off: it is the training state that must match)."""
     hf_config, scene_config = tiny
-    root = str(tmp_path_factory.mktemp("train_testbed"))
-    quick = dict(eval_items=0, test_items=0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        full = run_training(_options(root, "full"), hf_config, scene_config)
-        interrupted = run_training(
-            _options(root, "resumed", stop_at_step=INTERRUPT_AT, **quick), hf_config, scene_config
-        )
-        resumed = run_training(_options(root, "resumed", **quick), hf_config, scene_config)
-    return dict(root=root, full=full, interrupted=interrupted, resumed=resumed)
+
+    def compute():
+        root = str(tmp_path_factory.mktemp("train_testbed"))
+        quick = dict(eval_items=0, test_items=0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            full = run_training(_options(root, "full"), hf_config, scene_config)
+            interrupted = run_training(
+                _options(root, "resumed", stop_at_step=INTERRUPT_AT, **quick), hf_config, scene_config
+            )
+            resumed = run_training(_options(root, "resumed", **quick), hf_config, scene_config)
+        return dict(root=root, full=full, interrupted=interrupted, resumed=resumed)
+
+    return once_per_session(tmp_path_factory, "train_testbed_runs", compute)
 
 
 def test_pixels_normalised_in_step_equal_the_image_processor():
