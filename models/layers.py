@@ -142,6 +142,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
     return out.swapaxes(0, 1).reshape(batch, size * chunks, heads * head_dim)[:, :q_len]  # padded rows cut
 
 
+def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention through `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU (no
+    logits in memory), XLA elsewhere; q, k, v as in `attend`.
+
+    For sequences whose positions are their slots (0, 1, ...) followed by padding, it equals `attend`
+    under `attention_mask(positions, positions)` on every real token: a real token never sees a later
+    slot, so it never sees the padding. Padding rows differ (they attend to the tokens before them)
+    and must not be read. The trainer's teacher-forced sequences are of that form.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    implementation = "cudnn" if jax.default_backend() == "gpu" else None
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return out.reshape(batch, q_len, heads * head_dim)
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """`attend` in one piece."""
     batch, q_len, heads, head_dim = q.shape

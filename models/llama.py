@@ -23,6 +23,7 @@ from models.layers import (
     RMSNorm,
     apply_rope,
     attend,
+    attend_causal,
     attention_mask,
     normal_param,
     rows_take,
@@ -71,10 +72,11 @@ class LlamaDecoderLayer(nnx.Module):
         x = x + self.self_attn.o_proj(attention_out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x: jax.Array, positions: jax.Array):
-        """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q and k."""
+    def prefill(self, x: jax.Array, positions: jax.Array, *, causal: bool = False):
+        """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q and k.
+        `causal`: fused causal attention (`attend_causal`), for slot-ordered right-padded sequences."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        out = attend(q, k, v, attention_mask(positions, positions))
+        out = attend_causal(q, k, v) if causal else attend(q, k, v, attention_mask(positions, positions))
         return self._finish(x, out), q, k, v
 
     def feature_keys(self, hidden: jax.Array, *, normalized: bool) -> jax.Array:

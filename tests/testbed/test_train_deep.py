@@ -119,3 +119,39 @@ def test_init_vision_from_refuses_another_tower_and_init_from_together(tmp_path)
     with pytest.raises(ValueError, match="give it or --init_vision_from, not both"):
         run_training(both, hf_config, scene_config)
     assert not os.path.exists(options.output_dir)
+
+
+def test_fused_causal_attention_gives_the_exact_training_logits():
+    """`fused_attention` trains through `attend_causal`: on the slot-ordered, right-padded training
+    sequences its logits and hidden states at every answer slot equal the inference mask's."""
+    from experiments.testbed.training import step as training_step
+    from experiments.testbed.training.batches import host_batch
+
+    hf_config, scene_config = _tiny()
+    cfg = from_hf_config(hf_config)
+    model = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    tokenizer = S.make_tokenizer()
+    batch = host_batch(0, 0, 3, cfg, scene_config, tokenizer.pad_token_id, tokenizer.eos_token_id, turns=3)
+    assert len(set(np.asarray(batch.lengths).tolist())) > 1  # rows of different lengths: real padding
+    pixels = training_step.normalize_pixels(
+        S.render_scenes(batch.scenes, scene_config),
+        training_step.PixelNormalization.from_hf_config(hf_config),
+    )
+
+    @nnx.jit(static_argnums=2)
+    def forward(model, pixel_values, causal):
+        return training_step.answer_logits_and_hidden(
+            model,
+            model.image_features(pixel_values),
+            jnp.asarray(batch.input_ids),
+            jnp.asarray(batch.lengths),
+            jnp.asarray(batch.target_positions),
+            causal,
+        )
+
+    (exact_logits, exact_hidden), (fused_logits, fused_hidden) = (
+        forward(model, pixels, False),
+        forward(model, pixels, True),
+    )
+    np.testing.assert_allclose(np.asarray(fused_logits), np.asarray(exact_logits), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fused_hidden), np.asarray(exact_hidden), rtol=1e-5, atol=1e-5)

@@ -122,6 +122,12 @@ class TrainOptions:
         "Keep the vision tower's weights fixed (as LLaVA-1.5 keeps CLIP's): no gradient, no update, no "
         "weight decay; the projector and the LLM train.",
     )
+    fused_attention: bool = setting(
+        False,
+        "Train the LLM with fused causal attention (cuDNN on a GPU; no logits in memory). Equal to the "
+        "inference mask on every real token of the slot-ordered, right-padded training sequences, in "
+        "the compute dtype's precision.",
+    )
     # Off here, so code (tests) does not write a cache; the command line's default is .jax_cache.
     compilation_cache_dir: str = setting("", "JAX persistent compilation cache ('' = off).")
     prefetch: int = 4  # batches sampled ahead by the host thread (no flag)

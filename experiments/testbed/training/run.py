@@ -231,6 +231,7 @@ def run_training(
         options.coordinate_loss_weight,
         options.relation_loss_weight,
         options.freeze_vision,
+        options.fused_attention,
     )
     make_batch = functools.partial(
         host_batch,

@@ -39,6 +39,7 @@ def config_fingerprint(hf_config, options: TrainOptions, scene_config) -> str:
         "init_from",
         "init_vision_from",
         "freeze_vision",
+        "fused_attention",
         "patch_loss_weight",
         "coordinate_loss_weight",
         "relation_loss_weight",

@@ -63,7 +63,7 @@ def normalize_pixels(images, normalization: PixelNormalization):
     return x.transpose(0, 3, 1, 2)
 
 
-def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions):
+def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions, causal=False):
     """Float32 logits (B, J, V) at `target_positions` of the teacher-forced sequences, and the residual
     stream (B, J, D) there entering the LAST decoder layer (what the relation probe reads: the last
     layer is left to compare what it holds).
@@ -71,15 +71,16 @@ def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_p
     Runs the inference modules (embed_prompt, then each layer's `prefill`) over the whole sequence, so
     training and inference share one forward. `image_features` is `model.image_features(pixel_values)`
     (computed once by the caller, which also feeds it to the patch probe). Slots at or after `lengths`
-    are padding (empty positions)."""
+    are padding (empty positions). `causal`: fused causal attention, equal on every real token (the
+    sequences are slot-ordered with their padding at the end; see `models.layers.attend_causal`)."""
     slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
     positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
     x, _ = model.embed_prompt(input_ids, image_features)
     layers = model.language_model.layers
     for layer in layers[:-1]:
-        x = layer.prefill(x, positions)[0]
+        x = layer.prefill(x, positions, causal=causal)[0]
     before_last = jnp.take_along_axis(x, target_positions[..., None], axis=1)
-    x = layers[-1].prefill(x, positions)[0]
+    x = layers[-1].prefill(x, positions, causal=causal)[0]
     hidden = jnp.take_along_axis(x, target_positions[..., None], axis=1)
     return model.language_model.logits(hidden), before_last
 
@@ -140,6 +141,7 @@ def make_train_step(
     coordinate_loss_weight: float,
     relation_loss_weight: float,
     freeze_vision: bool = False,
+    fused_attention: bool = False,
 ):
     """The jitted step (trainable, opt_state, batch, lr) -> (trainable, opt_state, metrics); donates the
     state. `trainable` is `initial_trainable(...)`'s pytree.
@@ -149,7 +151,8 @@ def make_train_step(
     coordinates on object patches) + relation_loss_weight * (squared error of the relation probe's
     coordinates of the two objects a position question names, read at its answer slot); the probes'
     reasons are in `probes`. freeze_vision: the tower's weights get no gradient (pair it with an
-    optimizer made with the same setting). Memoised on its (hashable) arguments, so runs in one process share one compilation.
+    optimizer made with the same setting); fused_attention: the LLM's attention through
+    `attend_causal`. Memoised on its (hashable) arguments, so runs in one process share one compilation.
     """
 
     def loss_fn(trainable, batch: DeviceBatch):
@@ -160,7 +163,7 @@ def make_train_step(
         pixels = normalize_pixels(render_scenes(batch.scenes, scene_config), normalization)
         features = model.image_features(pixels)
         logits, before_last = answer_logits_and_hidden(
-            model, features, batch.input_ids, batch.lengths, batch.target_positions
+            model, features, batch.input_ids, batch.lengths, batch.target_positions, fused_attention
         )
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, batch.target_ids[..., None], axis=-1)[..., 0]
