@@ -152,9 +152,14 @@ def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     and must not be read. The trainer's teacher-forced sequences are of that form.
     """
     batch, q_len, heads, head_dim = q.shape
-    implementation = "cudnn" if jax.default_backend() == "gpu" else None
+    implementation = None
+    if jax.default_backend() == "gpu":
+        # cuDNN's flash kernel takes sequence lengths in multiples of 64: slots appended at the end are,
+        # under the causal rule, seen by no earlier token, and their own rows are cut.
+        implementation, pad = "cudnn", -q_len % 64
+        q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    return out.reshape(batch, q_len, heads * head_dim)
+    return out[:, :q_len].reshape(batch, q_len, heads * head_dim)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
