@@ -1,6 +1,6 @@
 # Entry points, each self-contained on a fresh machine:
 #   make test       creates .venv, installs the project with its test extras, checks format and lint
-#                   (ruff), runs every test
+#                   (ruff), runs every test on two worker processes (pytest-xdist)
 #   make test-fast  the same venv, only the tests not marked slow (no subprocess, training or
 #                   end-to-end runs): the quick check while working
 #   make eval       creates .venv-eval (the project without its test extras: no torch), runs the
@@ -33,10 +33,10 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 # What eval needs and nothing more: no torch, no test tools.
 $(EVAL_VENV)/.installed: setup.cfg pyproject.toml
