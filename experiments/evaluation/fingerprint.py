@@ -25,10 +25,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from experiments.evaluation.config import RUN_FINGERPRINT_JSON, EvalConfig
+from experiments.evaluation.generation import predictions_path
 from experiments.evaluation.pairs import Pair
 
 logger = logging.getLogger(__name__)
@@ -153,15 +154,13 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def claim_output_dir(
-    output_dir: str,
-    fingerprints: Mapping[str, Mapping[str, Any]],
-    predictions_path: Callable[[str], str],
-    overwrite: bool,
+    output_dir: str, pairs: Sequence[Pair], shared: Mapping[str, Any], overwrite: bool
 ) -> None:
-    """Check every pair's existing predictions against its fingerprint, then record the fingerprints.
+    """Check every pair's existing predictions against its fingerprint (`shared` plus its own, see
+    `pair_fingerprint`), then record the fingerprints.
 
-    A pair whose prediction file was written under another fingerprint (or under none: older code)
-    is refused, naming what changed, unless `overwrite`, which deletes those files to recompute them.
+        A pair whose prediction file was written under another fingerprint (or under none: older code)
+        is refused, naming what changed, unless `overwrite`, which deletes those files to recompute them.
     """
     path = os.path.join(output_dir, RUN_FINGERPRINT_JSON)
     recorded: dict[str, Any] = {}
@@ -172,9 +171,14 @@ def claim_output_dir(
         except ValueError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); pass --overwrite to recompute") from None
     recorded_pairs = recorded.get("pairs", {})
+    fingerprints = {pair.name: pair_fingerprint(shared, pair) for pair in pairs}
     refused = []
-    for name, fingerprint in fingerprints.items():
-        predictions = predictions_path(name)
+    for pair in pairs:
+        name, fingerprint, predictions = (
+            pair.name,
+            fingerprints[pair.name],
+            predictions_path(output_dir, pair),
+        )
         if not os.path.exists(predictions):
             continue
         if overwrite:

@@ -153,12 +153,7 @@ def run(config: EvalConfig, engine=None) -> dict:
     pairs = build_pairs(config, num_image_tokens, num_layers, model.image_layout())
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
     shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens)
-    fingerprint.claim_output_dir(
-        config.output_dir,
-        {pair.name: fingerprint.pair_fingerprint(shared, pair) for pair in pairs},
-        lambda name: os.path.join(config.output_dir, PREDICTIONS_DIR, f"{name}.jsonl"),
-        config.overwrite,
-    )
+    fingerprint.claim_output_dir(config.output_dir, pairs, shared, config.overwrite)
     unusable = unusable_prompts(questions, engine, max_new_tokens)
     for question_id, reason in unusable.items():
         logger.warning("skipping question %s: %s", question_id, reason)
