@@ -10,16 +10,18 @@ import os
 DEFAULT_DIR = ".jax_cache"
 
 
-def use_compilation_cache(directory: str, min_compile_seconds: float | None = None) -> None:
-    """Cache compiled programs under `directory` ('' = off). Call before anything is compiled: JAX
-    reads the setting when it first compiles."""
+def use_compilation_cache(directory: str, *, every_program: bool = False) -> None:
+    """Cache compiled programs under `directory` ('' = off); `every_program`: also the small and quick
+    ones JAX leaves out by default. Call before anything is compiled: JAX reads the setting when it
+    first compiles."""
     if not directory:
         return
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
-    if min_compile_seconds is not None:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    if every_program:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def quiet_backend_probe() -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 from experiments.benchmark.timing import median, timed
+from experiments.jax_runtime import use_compilation_cache
 
 
 def llava_hf_config(model: str):
@@ -44,10 +43,7 @@ def configure_jax(spec):
         from models.layers import set_attention_logits_budget
 
         set_attention_logits_budget(int(spec["attention_logits_budget_mb"] * 2**20))
-    if spec.get("compile_cache"):
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(spec["compile_cache"]))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    use_compilation_cache(spec.get("compile_cache") or "", every_program=True)
     return jax
 
 
