@@ -3,6 +3,7 @@ checkpoint (`init_vision_from`) and kept fixed (`freeze_vision`), as LLaVA-1.5 k
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -55,6 +56,18 @@ def _tiny(text=TINY_TEXT):
     return hf_config, scene_config
 
 
+def _options(tmp_path, **settings) -> TrainOptions:
+    """A short run with no validation or test evaluation, under tmp_path."""
+    return TrainOptions(
+        output_dir=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        eval_items=0,
+        test_items=0,
+        quiet=True,
+        **settings,
+    )
+
+
 def _params(directory):
     _, model = load_checkpoint(directory)
     return {
@@ -69,21 +82,17 @@ def test_a_frozen_tower_from_another_checkpoint_stays_bit_identical_while_the_re
     source = LlavaForConditionalGeneration(from_hf_config(source_config), dtype=jnp.float32, rngs=nnx.Rngs(7))
     save_checkpoint(source, source_config, tmp_path / "source")
     hf_config, scene_config = _tiny()
-    options = TrainOptions(
-        output_dir=str(tmp_path / "out"),
-        work_dir=str(tmp_path / "work"),
+    options = _options(
+        tmp_path,
         steps=2,
         batch_size=2,
         learning_rate=1e-2,
         warmup_steps=1,
-        eval_items=0,
-        test_items=0,
         save_every=0,
         save_dtype="float32",
         seed=1,
         init_vision_from=str(tmp_path / "source"),
         freeze_vision=True,
-        quiet=True,
     )
     run_training(options, hf_config, scene_config)
     fresh = LlavaForConditionalGeneration(from_hf_config(hf_config), dtype=jnp.float32, rngs=nnx.Rngs(1))
@@ -104,18 +113,10 @@ def test_init_vision_from_refuses_another_tower_and_init_from_together(tmp_path)
     other = LlavaForConditionalGeneration(from_hf_config(other_config), dtype=jnp.float32, rngs=nnx.Rngs(0))
     save_checkpoint(other, other_config, tmp_path / "other")
     hf_config, scene_config = _tiny()
-    options = TrainOptions(
-        output_dir=str(tmp_path / "out"),
-        work_dir=str(tmp_path / "work"),
-        steps=1,
-        eval_items=0,
-        test_items=0,
-        init_vision_from=str(tmp_path / "other"),
-        quiet=True,
-    )
+    options = _options(tmp_path, steps=1, init_vision_from=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="has another vision tower configuration"):
         run_training(options, hf_config, scene_config)
-    both = TrainOptions(**{**options.__dict__, "init_from": str(tmp_path / "other")})
+    both = dataclasses.replace(options, init_from=str(tmp_path / "other"))
     with pytest.raises(ValueError, match="give it or --init_vision_from, not both"):
         run_training(both, hf_config, scene_config)
     assert not os.path.exists(options.output_dir)
@@ -133,10 +134,8 @@ def test_fused_causal_attention_gives_the_exact_training_logits():
     tokenizer = S.make_tokenizer()
     batch = host_batch(0, 0, 3, cfg, scene_config, tokenizer.pad_token_id, tokenizer.eos_token_id, turns=3)
     assert len(set(np.asarray(batch.lengths).tolist())) > 1  # rows of different lengths: real padding
-    pixels = training_step.normalize_pixels(
-        S.render_scenes(batch.scenes, scene_config),
-        training_step.PixelNormalization.from_hf_config(hf_config),
-    )
+    normalization = training_step.PixelNormalization.from_hf_config(hf_config)
+    pixels = training_step.scene_pixels(batch.scenes, scene_config, normalization)
 
     @nnx.jit(static_argnums=2)
     def forward(model, pixel_values, causal):

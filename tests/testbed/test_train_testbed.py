@@ -107,9 +107,7 @@ def test_pixels_normalised_in_step_equal_the_image_processor():
     preprocessor = Preprocessor(hf_config, S.make_tokenizer(), presets.llava15_image_processor(hf_config))
     expected = preprocessor.pixel_values([Image.fromarray(image) for image in S.render_scenes_numpy(scenes)])
     normalization = training_step.PixelNormalization.from_hf_config(hf_config)
-    got = jax.jit(lambda s: training_step.normalize_pixels(S.render_scenes(s, scene_config), normalization))(
-        scenes
-    )
+    got = jax.jit(lambda s: training_step.scene_pixels(s, scene_config, normalization))(scenes)
     assert got.shape == expected.shape == (2, 3, 336, 336)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
 
@@ -242,12 +240,10 @@ def test_training_logits_are_the_inference_prefills_and_see_the_image(tiny):
     batch = _host_batch(cfg, scene_config, 3, 4, 3)
     # The forward passes jitted, as training and inference run them (eagerly, each operation compiles
     # on its own).
-    pixels = jax.jit(
-        lambda scenes: training_step.normalize_pixels(
-            S.render_scenes(scenes, scene_config),
-            training_step.PixelNormalization.from_hf_config(hf_config),
-        )
-    )(batch.scenes)
+    normalization = training_step.PixelNormalization.from_hf_config(hf_config)
+    pixels = jax.jit(lambda scenes: training_step.scene_pixels(scenes, scene_config, normalization))(
+        batch.scenes
+    )
 
     @nnx.jit
     def logits_of(model, pixel_values):

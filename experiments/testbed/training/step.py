@@ -63,6 +63,11 @@ def normalize_pixels(images, normalization: PixelNormalization):
     return x.transpose(0, 3, 1, 2)
 
 
+def scene_pixels(scenes, scene_config, normalization: PixelNormalization):
+    """The tower's pixel values of `scenes`, rendered on the device: what the step trains on."""
+    return normalize_pixels(render_scenes(scenes, scene_config), normalization)
+
+
 def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions, causal=False):
     """Float32 logits (B, J, V) at `target_positions` of the teacher-forced sequences, and the residual
     stream (B, J, D) there entering the LAST decoder layer (what the relation probe reads: the last
@@ -160,7 +165,7 @@ def make_train_step(
             trainable = without_vision_gradient(trainable)
         compute = jax.tree.map(lambda p: p.astype(compute_dtype), trainable["model"])
         model = nnx.merge(graphdef, compute)
-        pixels = normalize_pixels(render_scenes(batch.scenes, scene_config), normalization)
+        pixels = scene_pixels(batch.scenes, scene_config, normalization)
         features = model.image_features(pixels)
         logits, before_last = answer_logits_and_hidden(
             model, features, batch.input_ids, batch.lengths, batch.target_positions, fused_attention
