@@ -37,17 +37,22 @@ from adaptprune_jax.methods.base import (
     LastTokenAttention,
     LayerView,
     LayerViewArrays,
+    MergedTokens,
     PruneConfig,
     QueryAttention,
     Stage,
+    StageAttention,
     VisionClsAttention,
+    VisionTokens,
     resolve_keep,
 )
 from adaptprune_jax.methods.divprune import DivPruneConfig
 from adaptprune_jax.methods.fastv import FastVConfig
 from adaptprune_jax.methods.fixed import FixedIndicesConfig
+from adaptprune_jax.methods.pyramiddrop import PyramidDropConfig
 from adaptprune_jax.methods.random import RandomConfig
 from adaptprune_jax.methods.uniform import UniformConfig
+from adaptprune_jax.methods.visionzip import VisionZipConfig
 from adaptprune_jax.nms import (
     NMS_IMPLEMENTATIONS,
     adaptive_nms,
@@ -72,13 +77,18 @@ __all__ = [
     "LastTokenAttention",
     "LayerView",
     "LayerViewArrays",
+    "MergedTokens",
     "PruneConfig",
+    "PyramidDropConfig",
     "QueryAttention",
     "RandomConfig",
     "Stage",
+    "StageAttention",
     "TokenLayout",
     "UniformConfig",
     "VisionClsAttention",
+    "VisionTokens",
+    "VisionZipConfig",
     "adaptive_nms",
     "adaptive_nms_order",
     "adaptprune_select",

@@ -204,6 +204,8 @@ def run(settings: ValidateConfig) -> dict:
             seed=settings.seed,
         )
     )
+    if pruning is not None:  # before either side runs: a specific error for a setting that cannot fit
+        pruning.validate(cfg.num_image_tokens, cfg.text.num_layers, cfg.image_layout())
     report = {
         "model": description,
         "dtype": settings.dtype,
@@ -227,7 +229,14 @@ def run(settings: ValidateConfig) -> dict:
         keep = pruning.resolve_keep(cfg.num_image_tokens)
         report["keep"] = keep
         report["equivalent_tokens"] = pruning.equivalent_tokens(cfg.num_image_tokens, cfg.text.num_layers)
-        if pruning.has_torch_reference:
+        staged = len(pruning.stages(cfg.num_image_tokens, cfg.text.num_layers)) > 1
+        if pruning.merges:
+            merged, torch_kept = torch_reference.merged_embeds(torch_model, input_ids_t, pixels_t, pruning)
+            torch_kept = torch_kept.numpy()
+        elif staged:  # the reference's own kept set at every stage; logits and tokens on those sets
+            torch_stages = torch_reference.staged_selection(torch_model, input_ids_t, pixels_t, pruning)
+            torch_kept = torch_stages[-1][1].numpy()
+        elif pruning.has_torch_reference:
             torch_kept = _reference_selection(
                 torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep
             )
@@ -286,30 +295,36 @@ def run(settings: ValidateConfig) -> dict:
         if torch_kept is not None and not report["kept_indices_equal"]:
             report["kept_torch"] = torch_kept.tolist()
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
-        renumber = pruning.renumber_positions
-        reference = (
-            torch_reference.pruned_forward(
-                torch_model_cpu.to(torch_device),
-                input_ids_t,
-                pixels_t,
-                layer=layer,
-                kept_image_indices=kept,
-                renumber_positions=renumber,
-            )[0]
-            .cpu()
-            .numpy()
-        )
-        if settings.generate_tokens:
-            torch_generated = torch_reference.reference_generate(
-                torch_model_cpu.to(torch_device),
-                input_ids_t,
-                pixels_t,
-                layer=layer,
-                kept_image_indices=kept,
-                max_new_tokens=settings.generate_tokens,
-                eos_token_id=preprocessor.eos_token_id,
-                renumber_positions=renumber,
+        # A merging method's tokens are the reference's own (its indices are compared above).
+        if pruning.merges:
+            sequence = torch_reference.merged_sequence(keep)
+            forward = dict(sequence, inputs_embeds=merged)
+        else:
+            sequence = dict(
+                layer=layer, kept_image_indices=kept, renumber_positions=pruning.renumber_positions
             )
+            forward = sequence
+        torch_model_cpu = torch_model_cpu.to(torch_device)
+        renumber = {"renumber_positions": pruning.renumber_positions}
+        if pruning.merges:
+            reference = torch_reference.merged_forward(torch_model_cpu, input_ids_t, pixels_t, pruning)[0]
+        elif staged:
+            reference = torch_reference.staged_forward(
+                torch_model_cpu, input_ids_t, pixels_t, torch_stages, **renumber
+            )[0]
+        else:
+            reference = torch_reference.pruned_forward(torch_model_cpu, input_ids_t, pixels_t, **sequence)[0]
+        reference = reference.cpu().numpy()
+        if settings.generate_tokens:
+            generation = dict(max_new_tokens=settings.generate_tokens, eos_token_id=preprocessor.eos_token_id)
+            if staged:
+                torch_generated = torch_reference.staged_generate(
+                    torch_model_cpu, input_ids_t, pixels_t, torch_stages, **generation, **renumber
+                )
+            else:
+                torch_generated = torch_reference.reference_generate(
+                    torch_model_cpu, input_ids_t, pixels_t, **generation, **forward
+                )
     report["jax_vs_torch_fp32"] = logit_metrics(jax_logits, reference)
 
     if settings.generate_tokens:

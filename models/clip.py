@@ -6,6 +6,8 @@ last encoder layer and the post-layernorm are loaded but never computed).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,6 +29,14 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+class VisionReadout(NamedTuple):
+    """One encoder layer, as pruning methods read it ([CLS] first in every array)."""
+
+    cls_attention: jax.Array  # (B, S) float32 head-mean attention of [CLS] over every token
+    keys: jax.Array  # (B, S, head_dim) float32 head-mean key projection
+    hidden: jax.Array  # (B, S, d) the layer's output, hidden_states[layer]
+
+
 class CLIPAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         width = cfg.hidden_size
@@ -42,12 +52,14 @@ class CLIPAttention(nnx.Module):
         q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(attend(q, k, v, mask=None))
 
-    def cls_attention(self, x: jax.Array) -> jax.Array:
-        """(B, S) float32 head-mean attention of the [CLS] token (position 0) over every token."""
+    def cls_readout(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, S) float32 head-mean attention of the [CLS] token (position 0) over every token, and the
+        head-mean key projection (B, S, head_dim) (VisionZip's merge metric)."""
         batch, length, width = x.shape
         shape = (batch, length, self.num_heads, width // self.num_heads)
         q, k = self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape)
-        return prune.last_token_attention(q[:, 0], k, jnp.ones((batch, length), bool))
+        attention = prune.last_token_attention(q[:, 0], k, jnp.ones((batch, length), bool))
+        return attention, jnp.mean(k.astype(jnp.float32), axis=2)
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -100,10 +112,11 @@ class CLIPVisionTower(nnx.Module):
 
     def encode(
         self, pixel_values: jax.Array, feature_layers: tuple[int, ...], cls_attention_layer: int | None = None
-    ) -> tuple[list[jax.Array], jax.Array | None]:
-        """hidden_states[i] for each i in feature_layers and, if `cls_attention_layer` is set, the
-        [CLS] token's head-mean attention (B, S) in the encoder layer whose output is
-        hidden_states[cls_attention_layer] (negative counts from the end, as hidden_states does)."""
+    ) -> tuple[list[jax.Array], VisionReadout | None]:
+        """hidden_states[i] for each i in feature_layers and, if `cls_attention_layer` is set, what
+        pruning reads in the encoder layer whose output is hidden_states[cls_attention_layer]
+        (negative counts from the end, as hidden_states does): its [CLS] attention, head-mean keys
+        and output."""
         attention_layer = None
         if cls_attention_layer is not None:
             count = self.cfg.num_layers + 1
@@ -114,10 +127,12 @@ class CLIPVisionTower(nnx.Module):
                 )
             attention_layer = cls_attention_layer % count
         hidden = self.embed(pixel_values)
-        states, cls_attention = [hidden], None
+        states, readout = [hidden], None
         for index, layer in enumerate(self.layers[: max(max(feature_layers), attention_layer or 0)], start=1):
             if index == attention_layer:
-                cls_attention = layer.self_attn.cls_attention(layer.layer_norm1(hidden))
+                attention, keys = layer.self_attn.cls_readout(layer.layer_norm1(hidden))
             hidden = layer(hidden)
+            if index == attention_layer:
+                readout = VisionReadout(attention, keys, hidden)
             states.append(hidden)
-        return [states[i] for i in feature_layers], cls_attention
+        return [states[i] for i in feature_layers], readout

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 LayerCache = dict[str, jax.Array]
-"""One decoder layer's KV cache: `k`, `v` (B, C, Hkv, D), `positions` (B, C) int32 (-1 = an empty slot)
-and `end_index` (the next slot to write). Layers may differ in capacity (pruning shortens later ones)."""
+"""One decoder layer's KV cache: `k`, `v` (B, C, Hkv, D), `positions` (B, C) int32 (-1 = an empty slot),
+`end_index` (the next slot to write) and `shift` (B,) int32, added to a new token's position in this
+layer (non-zero where a later pruning stage renumbered the sequence: each layer continues its own
+numbering). Layers may differ in capacity (pruning shortens later ones)."""
 
 INIT_STD = 0.02  # transformers' initializer_range for LLaMA and the projector; used for random weights
 EMPTY_POSITION = -1  # position of a padding token or an unused cache slot
@@ -175,7 +177,9 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
     return out.astype(q.dtype).reshape(batch, q_len, heads * head_dim)
 
 
-def new_layer_cache(k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int) -> LayerCache:
+def new_layer_cache(
+    k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int, shift: jax.Array | None = None
+) -> LayerCache:
     """A layer's cache holding the prefill keys/values plus `extra_slots` empty slots for decoding."""
     pad = ((0, 0), (0, extra_slots), (0, 0), (0, 0))
     return {
@@ -183,6 +187,7 @@ def new_layer_cache(k: jax.Array, v: jax.Array, positions: jax.Array, extra_slot
         "v": jnp.pad(v, pad),
         "positions": jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION),
         "end_index": jnp.asarray(positions.shape[1], jnp.int32),
+        "shift": jnp.zeros(positions.shape[:1], jnp.int32) if shift is None else shift.astype(jnp.int32),
     }
 
 

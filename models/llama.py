@@ -79,6 +79,11 @@ class LlamaDecoderLayer(nnx.Module):
         out = attend_causal(q, k, v) if causal else attend(q, k, v, attention_mask(positions, positions))
         return self._finish(x, out), q, k, v
 
+    def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Post-RoPE q and k this layer would attend with on its input `x`, without running it."""
+        q, k, _ = self.self_attn.qkv(self.input_layernorm(x), positions)
+        return q, k
+
     def feature_keys(self, hidden: jax.Array, *, normalized: bool) -> jax.Array:
         """This layer's key projection of `hidden` as unit float32 rows (input RMSNorm if `normalized`)."""
         projection = self.self_attn.k_proj
@@ -91,7 +96,9 @@ class LlamaDecoderLayer(nnx.Module):
         )
 
     def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-        """One new token per row (x (B, 1, d), positions (B, 1)), written at the cache's end_index."""
+        """One new token per row (x (B, 1, d), positions (B, 1)), written at the cache's end_index, at
+        the position this layer's own numbering gives it (``positions`` plus the cache's shift)."""
+        positions = positions + cache["shift"][:, None]
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
         slot = cache["end_index"]
         cache = {
@@ -99,6 +106,7 @@ class LlamaDecoderLayer(nnx.Module):
             "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, slot, axis=1),
             "positions": jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, slot, axis=1),
             "end_index": slot + 1,
+            "shift": cache["shift"],
         }
         out = attend(q, cache["k"], cache["v"], attention_mask(positions, cache["positions"]))
         return self._finish(x, out), cache

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import adaptprune_jax as prune
-from models.clip import CLIPVisionTower, activation
+from models.clip import CLIPVisionTower, VisionReadout, activation
 from models.config import LlavaModelConfig
 from models.layers import EMPTY_POSITION, Dense
 from models.llama import LlamaForCausalLM, PrefillResult
@@ -43,22 +43,42 @@ class LlavaForConditionalGeneration(nnx.Module):
         )
 
     def encode_images(
-        self, pixel_values: jax.Array, cls_attention_layer: int | None = None
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """(B, 3, H, W) -> image features (B, N, text width) and, if asked, the vision tower's [CLS]
-        attention over the same N image tokens (B, N) at `cls_attention_layer`."""
-        states, cls_attention = self.vision_tower.encode(
-            pixel_values, self.config.vision_feature_layers, cls_attention_layer
+        self, pixel_values: jax.Array, readout_layer: int | None = None
+    ) -> tuple[jax.Array, VisionReadout | None]:
+        """(B, 3, H, W) -> image features (B, N, text width) and, if asked, the vision tower's readout
+        of the encoder layer whose output is hidden_states[readout_layer] ([CLS] included)."""
+        states, readout = self.vision_tower.encode(
+            pixel_values, self.config.vision_feature_layers, readout_layer
         )
         features = jnp.concatenate(states, axis=-1)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-            cls_attention = None if cls_attention is None else cls_attention[:, 1:]
-        return self.multi_modal_projector(features), cls_attention
+        return self.multi_modal_projector(features), readout
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
         return self.encode_images(pixel_values)[0]
+
+    def _check_merge_layer(self, readout_layers: set[int]) -> None:
+        """A merging method's tokens go through the projector, so it must read the one feature layer."""
+        count = self.config.vision.num_layers + 1
+        layers = tuple(layer % count for layer in self.config.vision_feature_layers)
+        if len(layers) != 1 or {layer % count for layer in readout_layers} != set(layers):
+            raise ValueError(
+                f"a merging method reads hidden_states{sorted(readout_layers)} but this model's image "
+                f"features are hidden_states{list(self.config.vision_feature_layers)}: they must be one "
+                "and the same layer"
+            )
+
+    def vision_cues(self, readout: VisionReadout, num_image_tokens: int) -> dict[str, jax.Array]:
+        """The vision tower's cues over the LLM's N image tokens: [CLS] attention (B, N) over the
+        patches, and for merging methods the [CLS]-first tokens and keys (B, 1 + N, .)."""
+        offset = readout.cls_attention.shape[1] - num_image_tokens  # 1 under 'default', 0 under 'full'
+        return {
+            "vision_attention": readout.cls_attention[:, offset:],
+            "vision_tokens": readout.hidden,
+            "vision_keys": readout.keys,
+        }
 
     def embed_prompt(self, input_ids: jax.Array, image_features: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Token embeddings with each row's image tokens replaced by its image features, in order; and
@@ -95,16 +115,28 @@ class LlavaForConditionalGeneration(nnx.Module):
         """
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
         positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
-        vision_request = None
-        if pruning is not None:
-            vision_request = next(
-                (r for r in pruning.cue_requests() if isinstance(r, prune.VisionClsAttention)), None
+        readout_layers = {
+            request.layer
+            for request in (() if pruning is None else pruning.cue_requests())
+            if isinstance(request, (prune.VisionClsAttention, prune.VisionTokens))
+        }
+        if len(readout_layers) > 1:
+            raise ValueError(
+                f"{pruning.name} reads the vision tower at several layers {sorted(readout_layers)}"
             )
-        features, cls_attention = self.encode_images(
-            pixel_values, None if vision_request is None else vision_request.layer
-        )
+        features, readout = self.encode_images(pixel_values, next(iter(readout_layers), None))
+        num_image_tokens = features.shape[1]
+        vision = {} if readout is None else self.vision_cues(readout, num_image_tokens)
+        merged = None
+        if pruning is not None and pruning.merges:
+            self._check_merge_layer(readout_layers)
+            keep = pruning.resolve_keep(num_image_tokens)
+            layout = self.config.image_layout()
+            merged = pruning.merge(prune.Cues(**vision, layout=layout.broadcast(features.shape[:1])), keep)
+            tokens = self.multi_modal_projector(merged.features).astype(features.dtype)
+            features = jnp.zeros_like(features).at[:, :keep].set(tokens)  # select keeps these slots
         x, image_slots = self.embed_prompt(input_ids, features)
-        return self.language_model.prefill(
+        result = self.language_model.prefill(
             x,
             positions,
             lengths - 1,
@@ -112,6 +144,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             extra_slots=extra_slots,
             pruning=pruning,
             rng=rng,
-            vision_attention=cls_attention,
+            vision_attention=vision.get("vision_attention"),
             all_logits=all_logits,
         )
+        return result if merged is None else result._replace(kept=merged.kept)

@@ -33,6 +33,9 @@ class DecoderLayer(Protocol):
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Full-sequence step: (x out, post-RoPE q (B, S, H, D), k and v (B, S, Hkv, D))."""
 
+    def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Post-RoPE q (B, S, H, D) and k (B, S, Hkv, D) of this layer on its input, without running it."""
+
     def feature_keys(self, hidden: jax.Array, *, normalized: bool) -> jax.Array:
         """This layer's key projection of ``hidden`` (B, N, d) as unit float32 rows (B, N, Hkv * D)."""
 
@@ -71,17 +74,28 @@ def prefill(
     [CLS] attention, when the method asked for it.
     """
     num_image_tokens = image.slots.shape[1]
-    stages = {} if pruning is None else dict(pruning.stages(num_image_tokens))
+    stages = {} if pruning is None else dict(pruning.stages(num_image_tokens, len(layers)))
     requests = () if pruning is None else pruning.cue_requests()
     reads_previous = any(request.reads_previous_layer for request in requests)
     caches: list[LayerCache] = []
+    last_positions = []  # each layer's position of the last prompt token (renumbering moves it)
     kept = None
     previous = None  # (q, k, positions) of the layer before a stage, when a cue reads it
     for layer_index, layer in enumerate(layers):
         if layer_index in stages:
             stage = sorted(stages).index(layer_index)
             cues = _cues(
-                pruning, requests, layer, x, image, previous, last_index, rng, vision_attention, stage
+                pruning,
+                requests,
+                layer,
+                x,
+                positions,
+                image,
+                previous,
+                last_index,
+                rng,
+                vision_attention,
+                stage,
             )
             selected = pruning.select(cues, stages[layer_index])
             x, positions, last_index, image = _compact(x, positions, last_index, image, selected)
@@ -94,21 +108,33 @@ def prefill(
         if reads_previous and layer_index + 1 in stages:
             previous = (q, k, positions)
         caches.append(new_layer_cache(k, v, positions, extra_slots))
+        last_positions.append(rows_take(positions, last_index[:, None])[:, 0])
+    if pruning is not None and pruning.renumber_positions:
+        for cache, last_position in zip(caches, last_positions):
+            cache["shift"] = last_position - last_positions[-1]
     return PrefillState(x, positions, last_index, caches, kept)
 
 
-def _cues(pruning, requests, layer, x, image, previous, last_index, rng, vision_attention, stage):
+def _last_token_attention(q, k, positions, last_index, image):
+    """Head-mean attention of each row's last prompt token over its image tokens (B, N), float32."""
+    last_query = rows_take(q, last_index[:, None])[:, 0]
+    key_mask = attention_mask(rows_take(positions, last_index[:, None]), positions)[:, 0]
+    return rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
+
+
+def _cues(pruning, requests, layer, x, positions, image, previous, last_index, rng, vision_attention, stage):
     """The cues the method asked for, restricted to the image tokens (a static choice per method)."""
     fields = {}
     image_hidden = rows_take(x, image.slots)
     for request in requests:
         if isinstance(request, prune.LastTokenAttention):
-            q, k, positions = previous
-            last_query = rows_take(q, last_index[:, None])[:, 0]
-            key_mask = attention_mask(rows_take(positions, last_index[:, None]), positions)[:, 0]
-            fields["attention"] = rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
+            fields["attention"] = _last_token_attention(*previous, last_index, image)
+        elif isinstance(request, prune.StageAttention):
+            fields["attention"] = _last_token_attention(
+                *layer.queries_keys(x, positions), positions, last_index, image
+            )
         elif isinstance(request, prune.QueryAttention):
-            q, k, positions = previous
+            q, k, _ = previous  # the same positions: nothing is pruned between the two layers
             fields["query_attention"] = rows_take(
                 _head_mean_attention(q, k, positions).swapaxes(1, 2), image.slots
             ).swapaxes(1, 2)
@@ -120,8 +146,10 @@ def _cues(pruning, requests, layer, x, image, previous, last_index, rng, vision_
             fields["embeddings"] = image_hidden
         elif isinstance(request, prune.VisionClsAttention):
             fields["vision_attention"] = vision_attention
+        elif isinstance(request, prune.VisionTokens):
+            pass  # read by the model, which builds a merging method's tokens before the LLM
         elif isinstance(request, prune.LayerView):
-            q, k, positions = previous
+            q, k, _ = previous  # the same positions: nothing is pruned between the two layers
             fields["view"] = prune.LayerViewArrays(q, k, x, positions, image.slots)
         else:
             raise ValueError(f"{pruning.name} asks for an unknown cue {request!r}")

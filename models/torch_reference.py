@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from adaptprune_jax import AdaptPruneConfig
+from adaptprune_jax import AdaptPruneConfig, PruneConfig, VisionTokens
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -251,30 +252,152 @@ def pruned_forward(
 
 
 @torch.no_grad()
-def staged_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, stages) -> torch.Tensor:
+def staged_selection(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruneConfig):
+    """The kept sets of a multi-stage method that ranks by ``StageAttention`` (PyramidDrop), as its
+    released code selects them on the prompt: at each stage, the attention of the last prompt token in
+    the stage's own layer, on the sequence entering it (renumbered if the method renumbers), then the
+    method's torch selection. Returns ``[(layer, kept indices into the original image span), ...]``."""
+    language_model = model.model.language_model
+    layers = language_model.layers
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    hidden = embed_inputs(model, input_ids, pixel_values)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    present = torch.arange(image_positions.numel())  # original image indices still in the sequence
+    rows = image_positions.clone()  # where they sit in the current sequence
+    stages, start = [], 0
+    for stage in pruning.stages(image_positions.numel(), len(layers)):
+        hidden = _run_layers(language_model, hidden, positions, layers[start : stage.layer])
+        attention = _last_token_attention(language_model, layers[stage.layer], hidden, positions, rows)
+        order = pruning.torch_reference_order({"attention": attention.float().cpu()}, stage.keep, None)
+        chosen = torch.sort(order.to(present.device)).values
+        keep = _kept_sequence_positions(hidden.shape[1], rows, chosen)
+        hidden, present = hidden[:, keep], present[chosen]
+        rows = torch.searchsorted(keep, rows[chosen])
+        positions = (
+            torch.arange(hidden.shape[1], device=hidden.device)[None]
+            if pruning.renumber_positions
+            else positions[:, keep]
+        )
+        stages.append((stage.layer, present.clone()))
+        start = stage.layer
+    return stages
+
+
+@torch.no_grad()
+def staged_forward(
+    model, input_ids: torch.Tensor, pixel_values: torch.Tensor, stages, *, renumber_positions: bool = False
+) -> torch.Tensor:
     """Prefill logits (1, S', V) float32 with the image tokens pruned in several stages.
 
     stages: ``[(layer, kept_image_indices), ...]`` in increasing layer order, each kept set given as
     ascending indices into the ORIGINAL image span (and contained in the previous stage's): layers
-    from ``layer`` on see the text tokens and those image tokens, at their original positions.
+    from ``layer`` on see the text tokens and those image tokens, at their original positions, or
+    renumbered 0..L'-1 after every stage (``renumber_positions``, PyramidDrop as released; the
+    tokens after the prompt, as in ``reference_generate``'s loop, continue each layer's numbering).
     """
     language_model = model.model.language_model
     layers = language_model.layers
     image_positions = image_token_positions(input_ids, model.config.image_token_index)
     hidden = embed_inputs(model, input_ids, pixel_values)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    original = positions  # each remaining token's index in the unpruned sequence
     start = 0
     for layer, kept in stages:
         hidden = _run_layers(language_model, hidden, positions, layers[start:layer])
         keep = _kept_sequence_positions(input_ids.shape[1], image_positions, kept)
-        still_there = torch.isin(keep, positions[0])
+        still_there = torch.isin(keep, original[0])
         if not bool(still_there.all()):
             raise ValueError(f"stage at layer {layer} keeps image tokens an earlier stage dropped")
-        rows = torch.searchsorted(positions[0], keep)
-        hidden, positions = hidden[:, rows], positions[:, rows]
+        rows = torch.searchsorted(original[0], keep)
+        hidden, positions, original = hidden[:, rows], positions[:, rows], original[:, rows]
+        if renumber_positions:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
         start = layer
     hidden = _run_layers(language_model, hidden, positions, layers[start:])
     return model.lm_head(language_model.norm(hidden)).float()
+
+
+@torch.no_grad()
+def staged_generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    stages,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Collection[int],
+    renumber_positions: bool = False,
+) -> list[int]:
+    """Greedy new tokens of ``staged_forward`` (EOS included when reached), no KV cache: each step
+    reruns it on prompt + generated tokens, which continue every layer's own numbering."""
+    stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    sequence, generated = input_ids, []
+    for _ in range(max_new_tokens):
+        logits = staged_forward(model, sequence, pixel_values, stages, renumber_positions=renumber_positions)
+        token = int(torch.argmax(logits[0, -1]))
+        generated.append(token)
+        if token in stop_ids:
+            break
+        sequence = torch.cat([sequence, torch.tensor([[token]], device=sequence.device)], dim=1)
+    return generated
+
+
+@torch.no_grad()
+def vision_readout(model, pixel_values: torch.Tensor, layer: int):
+    """One encoder layer of transformers' CLIP tower for one image, as the released pre-LLM methods read
+    it with ``output_attentions``: (attention probabilities (H, S, S), output ``hidden_states[layer]``
+    (S, d), raw key states (H, S, D)), [CLS] first. The attention is transformers' own eager function
+    on the layer's own projections, so it holds whichever attention the model was loaded with."""
+    tower = model.model.vision_tower
+    states = tower(pixel_values, output_hidden_states=True).hidden_states
+    index = layer % len(states)
+    if index == 0:
+        raise ValueError(f"hidden_states[{layer}] is the embedding output, not an encoder layer's")
+    encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[index - 1]  # either spelling
+    attention = encoder_layer.self_attn
+    normed = encoder_layer.layer_norm1(states[index - 1])
+    shape = (*normed.shape[:2], -1, attention.head_dim)
+    q, k, v = (
+        proj(normed).view(shape).transpose(1, 2)
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    _, probabilities = clip_eager_attention(attention, q, k, v, None, scaling=attention.scale, dropout=0.0)
+    return probabilities[0], states[index][0], k[0]
+
+
+@torch.no_grad()
+def merged_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruneConfig):
+    """Input embeddings of a merging method (``pruning.merges``) as released, and the image-token
+    indices it passed through unchanged: its tokens built from the vision tower by its
+    ``torch_reference_merge`` and projected, in the first ``keep`` image slots (the rest of the span
+    is dropped by ``merged_sequence``)."""
+    (layer,) = {r.layer for r in pruning.cue_requests() if isinstance(r, VisionTokens)}
+    attentions, hidden, keys = vision_readout(model, pixel_values, layer)
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    keep = pruning.resolve_keep(image_positions.numel())
+    tokens, kept = pruning.torch_reference_merge(attentions, hidden, keys, keep)
+    embeds = model.model.get_input_embeddings()(input_ids).clone()
+    embeds[0, image_positions[:keep]] = model.model.multi_modal_projector(tokens[None])[0].to(embeds.dtype)
+    return embeds, kept
+
+
+def merged_sequence(keep: int) -> dict:
+    """The pruning arguments of ``pruned_forward`` / ``reference_generate`` that turn ``merged_embeds``
+    into the released shorter prompt: the first ``keep`` image slots, contiguous positions."""
+    return {"layer": 0, "kept_image_indices": torch.arange(keep), "renumber_positions": True}
+
+
+@torch.no_grad()
+def merged_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruneConfig):
+    """Prefill logits (1, S', V) float32 of a merging method as released, and its passed-through
+    image-token indices."""
+    embeds, kept = merged_embeds(model, input_ids, pixel_values, pruning)
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    sequence = merged_sequence(pruning.resolve_keep(image_positions.numel()))
+    logits, _ = _decoder_forward(
+        model, embeds, image_positions, return_cues=False, normalize_keys=False, **sequence
+    )
+    return logits, kept
 
 
 @torch.no_grad()
@@ -288,16 +411,19 @@ def reference_generate(
     max_new_tokens: int,
     eos_token_id: int | Collection[int],
     renumber_positions: bool = False,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> list[int]:
     """Greedy new tokens (EOS included when reached) with the pruning fixed at prefill.
 
     No KV cache: each step reruns the pruned forward on prompt + generated tokens. Generated tokens are
     text tokens, always kept, at positions original_length + t, which is what a cached decoder must
-    reproduce. The merged prompt embeddings are computed once (the vision tower is deterministic).
+    reproduce. The merged prompt embeddings are computed once (the vision tower is deterministic), or
+    given (``merged_embeds``).
     """
     stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     image_positions = image_token_positions(input_ids, model.config.image_token_index)
-    inputs_embeds = embed_inputs(model, input_ids, pixel_values)
+    if inputs_embeds is None:
+        inputs_embeds = embed_inputs(model, input_ids, pixel_values)
     embed_tokens = model.get_input_embeddings()
     generated: list[int] = []
     for _ in range(max_new_tokens):
@@ -365,6 +491,11 @@ def reference_select(
             f"its options: {sorted(config_class.reference_options) or 'none'}"
         )
     config = config_class(**method_kwargs)
+    if config.merges:
+        raise ValueError(
+            f"{method} builds the LLM's image tokens itself, so it has no selection to reference: "
+            "use merged_forward / merged_embeds"
+        )
     if not config.has_torch_reference:
         config.torch_reference_order({}, keep, grid)  # raises, saying what to do instead
     given = {"attention": attention, "keys": keys, "embeddings": embeddings}

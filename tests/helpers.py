@@ -78,6 +78,7 @@ def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, 
     slots = np.broadcast_to(np.arange(n, dtype=np.int32) + (length - n) // 2, (batch, n)).copy()
     makers = {
         prune.LastTokenAttention: lambda: {"attention": uniform(batch, n)},
+        prune.StageAttention: lambda: {"attention": uniform(batch, n)},
         prune.QueryAttention: lambda: {
             "query_attention": uniform(batch, length, n),
             "query_mask": rng.uniform(size=(batch, length)) < 0.5,
@@ -85,6 +86,10 @@ def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, 
         prune.FeatureKeys: lambda: {"keys": normal(batch, n, dim)},
         prune.Embeddings: lambda: {"embeddings": normal(batch, n, dim)},
         prune.VisionClsAttention: lambda: {"vision_attention": uniform(batch, n)},
+        prune.VisionTokens: lambda: {
+            "vision_tokens": normal(batch, 1 + n, dim),
+            "vision_keys": normal(batch, 1 + n, dim),
+        },
         prune.LayerView: lambda: {
             "view": prune.LayerViewArrays(
                 normal(batch, length, heads, dim),

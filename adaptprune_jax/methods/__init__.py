@@ -79,4 +79,13 @@ def import_plugins(modules: Iterable[str]) -> None:
 
 
 # The built-in methods register themselves on import.
-from adaptprune_jax.methods import adaptprune, divprune, fastv, fixed, random, uniform  # noqa: E402, F401
+from adaptprune_jax.methods import (  # noqa: E402, F401
+    adaptprune,
+    divprune,
+    fastv,
+    fixed,
+    pyramiddrop,
+    random,
+    uniform,
+    visionzip,
+)

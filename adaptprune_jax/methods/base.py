@@ -41,6 +41,15 @@ class LastTokenAttention:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageAttention:
+    """Head-mean attention of the last prompt token over the image tokens in the stage's own layer K,
+    from the hidden states entering it before the stage prunes: (B, N) in ``attention``
+    (PyramidDrop ranks with the layer it prunes in front of)."""
+
+    reads_previous_layer: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
 class QueryAttention:
     """Head-mean attention rows of every query token over the image tokens at layer K - 1:
     ``query_attention`` (B, S, N) with ``query_mask`` (B, S) marking the text tokens of the prompt
@@ -78,6 +87,17 @@ class VisionClsAttention:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionTokens:
+    """The image features before the projector, [CLS] included: ``vision_tokens`` (B, 1 + N, d_vision),
+    the vision tower's ``hidden_states[layer]`` (LLaVA-1.5's feature layer, -2), and ``vision_keys``
+    (B, 1 + N, head_dim), the head-mean key projection of the encoder layer that produced them (what
+    VisionZip merges by). Methods that ask for it build the LLM's image tokens themselves (``merges``)."""
+
+    layer: int = -2
+    reads_previous_layer: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerView:
     """Everything a method needs to compute a cue of its own: layer K - 1's post-RoPE queries and
     keys, the hidden states entering layer K, the positions and the image tokens' slots."""
@@ -95,16 +115,26 @@ class LayerViewArrays(NamedTuple):
     image_slots: jax.Array  # (B, N) int32 sequence slot of each image token
 
 
-CUE_TYPES = (LastTokenAttention, QueryAttention, FeatureKeys, Embeddings, VisionClsAttention, LayerView)
+CUE_TYPES = (
+    LastTokenAttention,
+    StageAttention,
+    QueryAttention,
+    FeatureKeys,
+    Embeddings,
+    VisionClsAttention,
+    VisionTokens,
+    LayerView,
+)
 
 
 @struct.dataclass
 class Cues:
     """What the model hands to ``select``: each field is filled only if the method asked for it.
 
-    attention: (B, N) float32 (LastTokenAttention); query_attention (B, S, N) and query_mask (B, S)
+    attention: (B, N) float32 (LastTokenAttention, StageAttention); query_attention (B, S, N) and query_mask (B, S)
     (QueryAttention); keys: (B, N, D) (FeatureKeys); embeddings: (B, N, d) (Embeddings);
-    vision_attention: (B, N) (VisionClsAttention); view: LayerViewArrays (LayerView).
+    vision_attention: (B, N) (VisionClsAttention); vision_tokens (B, 1 + N, d_vision) and vision_keys
+    (B, 1 + N, head_dim) (VisionTokens); view: LayerViewArrays (LayerView).
     layout: the image tokens' TokenLayout, (B, N); rng: a PRNG key for methods that take a seed.
     batch_size / num_image_tokens: static sizes, for methods that read no array.
     stage: which of the method's stages this is (static).
@@ -116,6 +146,8 @@ class Cues:
     keys: jax.Array | None = None
     embeddings: jax.Array | None = None
     vision_attention: jax.Array | None = None
+    vision_tokens: jax.Array | None = None
+    vision_keys: jax.Array | None = None
     view: LayerViewArrays | None = None
     layout: TokenLayout | None = None
     rng: jax.Array | None = None
@@ -143,6 +175,13 @@ class Cues:
         if value is None:
             raise ValueError(f"{method} needs cues.{field}, which is None.")
         return value
+
+
+class MergedTokens(NamedTuple):
+    """What a merging method gives the LLM in place of the image features (see ``PruneConfig.merge``)."""
+
+    features: jax.Array  # (B, keep, d_vision): the image tokens the LLM sees, before the projector
+    kept: jax.Array  # (B, k) int32, ascending: the image tokens passed through unchanged among them
 
 
 class Stage(NamedTuple):
@@ -215,6 +254,8 @@ class PruneConfig:
     has_torch_reference: ClassVar[bool] = False
     renumber_positions: ClassVar[bool] = False
     needs_grid: ClassVar[bool] = False  # spatial methods: every image token must sit on a grid
+    # The LLM sees tokens the method builds (``merge``), not a subset of the image tokens.
+    merges: ClassVar[bool] = False
 
     keep: int | float = DEFAULT_KEEP_RATIO
     layer: int = DEFAULT_LAYER
@@ -239,8 +280,9 @@ class PruneConfig:
         """1 when a cue is read at layer K - 1 (so K = 0 is impossible), else 0."""
         return int(any(request.reads_previous_layer for request in self.cue_requests()))
 
-    def stages(self, num_image_tokens: int) -> tuple[Stage, ...]:
-        """The pruning steps, in layer order: one ``(layer, keep)`` for a single-step method."""
+    def stages(self, num_image_tokens: int, num_layers: int | None = None) -> tuple[Stage, ...]:
+        """The pruning steps, in layer order: one ``(layer, keep)`` for a single-step method
+        (``num_layers``: the LLM's depth, for methods whose schedule follows it)."""
         return (Stage(self.layer, self.resolve_keep(num_image_tokens)),)
 
     def resolve_keep(self, num_image_tokens: int) -> int:
@@ -263,7 +305,7 @@ class PruneConfig:
                         f"{self.name}: needs every image token on a grid, but {off_grid} of the "
                         f"{num_image_tokens} image tokens sit on none (a [CLS] or newline token)."
                     )
-        stages = self.stages(num_image_tokens)
+        stages = self.stages(num_image_tokens, num_layers)
         previous_layer, previous_keep = -1, num_image_tokens
         for stage in stages:
             if not self.min_layer <= stage.layer <= num_layers - 1:
@@ -283,7 +325,7 @@ class PruneConfig:
         """Image tokens per layer averaged over all layers (``(K * N + (L - K) * keep) / L`` for one
         stage), so methods that prune at different depths are compared at equal cost."""
         total, seen, start = 0, num_image_tokens, 0
-        for stage in self.stages(num_image_tokens):
+        for stage in self.stages(num_image_tokens, num_layers):
             total += (stage.layer - start) * seen
             seen, start = stage.keep, stage.layer
         total += (num_layers - start) * seen
@@ -292,6 +334,12 @@ class PruneConfig:
     # The selection --------------------------------------------------------------------------
     def select(self, cues: Cues, keep: int) -> jax.Array:
         """Kept image-token indices, int32 (B, keep), distinct and sorted ascending."""
+        raise NotImplementedError
+
+    def merge(self, cues: Cues, keep: int) -> MergedTokens:
+        """For ``merges`` methods: the ``keep`` tokens the LLM sees in place of the image features,
+        before the projector, from the ``VisionTokens`` cue. The model writes them into the first
+        ``keep`` image slots and ``select`` keeps those slots."""
         raise NotImplementedError
 
     # The PyTorch reference (tests and experiments.validate) ---------------------------------

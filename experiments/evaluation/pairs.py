@@ -80,7 +80,9 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layo
         if method == UNPRUNED:
             continue
         if config.layer is not None and not methods.get(method).has_layer:
-            logger.warning("%s prunes before the LLM: --layer=%d does not apply to it", method, config.layer)
+            logger.warning(
+                "%s has no pruning layer setting: --layer=%d does not apply to it", method, config.layer
+            )
         for keep in config.keep:
             requested = parse_keep(keep)
             pruning = methods.make_config(

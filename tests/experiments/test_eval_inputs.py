@@ -313,7 +313,7 @@ def test_a_layer_for_a_method_without_one_is_named(caplog):
         pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
     assert [pair.pruning.layer for pair in pairs[1:]] == [0, 3]
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
-    assert warnings == ["divprune prunes before the LLM: --layer=3 does not apply to it"]
+    assert warnings == ["divprune has no pruning layer setting: --layer=3 does not apply to it"]
 
 
 def test_pairs_are_checked_against_the_model_layout():

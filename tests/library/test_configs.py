@@ -39,10 +39,10 @@ def test_registry_names_and_make_config():
     assert make_config("adaptprune", keep=0.25, distance_limit=3.0).distance_limit == 3.0
     with pytest.raises(
         ValueError,
-        match=r"unknown pruning method 'visionzip'; known methods: "
-        r"adaptprune, divprune, fastv, keynorm_fastv, random, uniform",
+        match=r"unknown pruning method 'tome'; known methods: "
+        r"adaptprune, divprune, fastv, keynorm_fastv, pyramiddrop, random, uniform, visionzip",
     ):
-        make_config("visionzip")
+        make_config("tome")
     with pytest.raises(
         ValueError,
         match=r"unknown setting\(s\) layer for divprune; known settings: keep, renumber_positions",

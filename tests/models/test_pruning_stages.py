@@ -22,7 +22,7 @@ class TwoStageFixed(prune.PruneConfig):
 
     name: ClassVar[str] = "two_stage_fixed"
 
-    def stages(self, num_image_tokens):
+    def stages(self, num_image_tokens, num_layers=None):
         first = len(range(0, num_image_tokens, 3))
         return (prune.Stage(1, first), prune.Stage(3, len(range(0, first, 2))))
 

@@ -276,6 +276,8 @@ def test_reference_select_rejects_what_it_cannot_reference():
         with pytest.raises(ValueError, match="no reference selection"):
             reference_select(method, keep=4, attention=attention)
     with pytest.raises(ValueError, match="unknown method"):
+        reference_select("tome", keep=4, attention=attention)
+    with pytest.raises(ValueError, match="visionzip builds the LLM's image tokens itself.*merged_forward"):
         reference_select("visionzip", keep=4, attention=attention)
     with pytest.raises(ValueError, match="no option"):
         reference_select("fastv", keep=4, attention=attention, distance_limit=3)
