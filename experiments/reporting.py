@@ -9,9 +9,7 @@
     and, in a second panel, against equivalent tokens (so in-LLM and pre-LLM pruning compare at
     equal cost); a line per method, the unpruned model as a horizontal reference, published points
     as hollow markers;
-  * `write_kept_token_overlays`: for a few questions, which patches each method kept, drawn on the
-    image exactly as the vision tower saw it (after LLaVA's pad-to-square and resize). The patch
-    grid is read from the model config, so the pictures stay right for any image or patch size.
+  * `experiments.overlays.write_kept_token_overlays`: the kept-token pictures.
 
 Everything works from results.json alone (plus the prediction files and the engine for overlays),
 so a report can be redrawn without rerunning the model.
@@ -22,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -31,10 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import reference_numbers  # noqa: E402
-from experiments.benchmarks.io import read_predictions  # noqa: E402
 
 UNPRUNED = reference_numbers.UNPRUNED
-PRUNED_PATCH_BRIGHTNESS = 0.2  # pruned patches are dimmed to this fraction, kept ones stay as seen
 Z_95 = 1.959963984540054  # two-sided 95% standard normal quantile
 INTERVAL_KEY = "interval_95"
 # (benchmark, metric) whose value is correct / N with every question scored 0 or 1. Left out on
@@ -150,7 +146,7 @@ def _source_key(source: str) -> str:
     return f"{words[0]} {year}".strip() if words else "?"
 
 
-def _ordered_pairs(results: dict) -> list[tuple[str, dict]]:
+def ordered_pairs(results: dict) -> list[tuple[str, dict]]:
     """Unpruned first, then by method (in run order) and decreasing keep."""
     pairs = list(results["pairs"].items())
     methods = list(dict.fromkeys(result["method"] for _, result in pairs))
@@ -168,7 +164,7 @@ def summary_table(results: dict) -> str:
         f"| scored | skipped |",
         "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for _, result in _ordered_pairs(results):
+    for _, result in ordered_pairs(results):
         lines.append(
             f"| {result['method']} | {result['keep']} | {result['equivalent_tokens']:.1f} "
             f"| {display_with_interval(results, result)} | {_published_cell(result)} "
@@ -179,7 +175,7 @@ def summary_table(results: dict) -> str:
 
 def category_table(results: dict) -> str:
     """Primary metric per category (POPE split, testbed question kind, ...) for every pair."""
-    ordered = _ordered_pairs(results)
+    ordered = ordered_pairs(results)
     categories = list(
         dict.fromkeys(
             category for _, result in ordered for category in result["metrics"].get("per_category", {})
@@ -395,93 +391,6 @@ def plot_accuracy_vs_tokens(path: str, results: dict) -> str:
     return path
 
 
-def model_input_image(engine, image) -> np.ndarray:
-    """(H, W, 3) floats in [0, 1]: the image as the vision tower sees it (padded, resized, cropped)."""
-    pixels = engine.preprocessor.pixel_values([image])[0]  # (3, H, W), normalised
-    processor = engine.preprocessor.image_processor
-    mean = np.asarray(processor.image_mean, np.float32)[:, None, None]
-    std = np.asarray(processor.image_std, np.float32)[:, None, None]
-    return np.clip(pixels * std + mean, 0.0, 1.0).transpose(1, 2, 0)
-
-
-def kept_patch_mask(kept: Sequence[int], config) -> np.ndarray:
-    """(grid, grid) bool: which patches of the vision grid were kept.
-
-    Indices count image tokens; with LLaVA's 'full' feature strategy the first token is [CLS], not a
-    patch, so the patch grid starts after the tokens that precede it.
-    """
-    grid = config.vision.grid_size
-    offset = config.num_image_tokens - grid * grid
-    mask = np.zeros(grid * grid, bool)
-    patches = np.asarray([index - offset for index in kept if index >= offset], np.int64)
-    mask[patches] = True
-    return mask.reshape(grid, grid)
-
-
-def overlay_kept_patches(image: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
-    """Dim the pruned patches of a model-input image; kept patches stay as the model saw them."""
-    brightness = np.where(mask, 1.0, PRUNED_PATCH_BRIGHTNESS)
-    per_pixel = np.kron(brightness, np.ones((patch_size, patch_size)))
-    height, width = image.shape[:2]
-    return image * per_pixel[:height, :width, None]
-
-
-def write_kept_token_overlays(
-    directory: str, engine, results: dict, questions: Sequence, image_path: Callable
-) -> list[str]:
-    """One PNG per question: its model-input image, then a panel per (method, keep) with the kept
-    patches bright and the rest dimmed. Returns the paths written."""
-    from models.preprocess import UnreadableImageError, load_image
-
-    config = engine.config
-    patch_size = config.vision.patch_size
-    pruned = [(name, result) for name, result in _ordered_pairs(results) if result["method"] != UNPRUNED]
-    if not questions or not pruned:
-        return []
-    kept_by_pair = {}
-    for name, result in pruned:
-        path = os.path.join(os.path.dirname(directory), result["predictions_file"])
-        kept_by_pair[name] = read_predictions(path) if os.path.exists(path) else {}
-    methods = list(dict.fromkeys(result["method"] for _, result in pruned))
-    keeps = sorted({result["keep"] for _, result in pruned}, reverse=True)
-    os.makedirs(directory, exist_ok=True)
-    written = []
-    for index, question in enumerate(questions):
-        try:
-            image = model_input_image(engine, load_image(image_path(question)))
-        except (FileNotFoundError, UnreadableImageError):
-            continue
-        rows, columns = len(keeps), len(methods) + 1
-        figure, grid_axes = plt.subplots(
-            rows, columns, figsize=(2.2 * columns, 2.3 * rows + 0.4), squeeze=False
-        )
-        for axes in grid_axes.flat:
-            axes.set_axis_off()
-        grid_axes[0][0].imshow(image)
-        grid_axes[0][0].set_title("model input", fontsize=8)
-        for name, result in pruned:
-            record = kept_by_pair[name].get(question.question_id, {})
-            axes = grid_axes[keeps.index(result["keep"])][methods.index(result["method"]) + 1]
-            if "kept" not in record:
-                axes.set_title(f"{name}: not recorded", fontsize=7)
-                continue
-            axes.imshow(overlay_kept_patches(image, kept_patch_mask(record["kept"], config), patch_size))
-            axes.set_title(f"{result['method']} keep {result['keep']}", fontsize=8)
-        prompt = question.prompt.splitlines()[0] if question.prompt else ""
-        figure.suptitle(f"{question.question_id}: {prompt[:90]}", fontsize=8)
-        figure.tight_layout()
-        path = os.path.join(directory, f"{index:02d}_{_file_name(question.question_id)}.png")
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
-    return written
-
-
-def _file_name(text: str) -> str:
-    safe = "".join(character if character.isalnum() or character in "._-" else "_" for character in text)
-    return safe.strip("_") or "question"
-
-
 def load_results(output_dir: str) -> dict:
     with open(os.path.join(output_dir, "results.json")) as file:
         return json.load(file)
@@ -491,15 +400,12 @@ __all__ = [
     "add_intervals",
     "category_table",
     "display_with_interval",
-    "kept_patch_mask",
+    "ordered_pairs",
     "load_results",
-    "model_input_image",
     "other_published_table",
-    "overlay_kept_patches",
     "pair_interval",
     "plot_accuracy_vs_tokens",
     "summary_table",
     "wilson_interval",
-    "write_kept_token_overlays",
     "write_report",
 ]

@@ -131,6 +131,7 @@ def format_seconds(seconds: float) -> str:
 def run(config: EvalConfig, engine=None) -> dict:
     """Evaluate every pair of `config`; returns what results.json holds. `engine` may be shared."""
     from experiments import reference_numbers, reporting
+    from experiments.overlays import write_kept_token_overlays
 
     if config.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {config.batch_size}")
@@ -249,7 +250,7 @@ def run(config: EvalConfig, engine=None) -> dict:
         json.dump(results, file, indent=2)
     reporting.write_report(config.output_dir, results)
     reporting.plot_accuracy_vs_tokens(os.path.join(config.output_dir, "accuracy_vs_tokens.png"), results)
-    reporting.write_kept_token_overlays(
+    write_kept_token_overlays(
         os.path.join(config.output_dir, "kept_tokens"), engine, results, overlays, image_path
     )
     return results

@@ -19,7 +19,7 @@ from absl import flags
 from adaptprune_jax import methods
 from experiments import eval as eval_lib
 from experiments import reference_numbers
-from experiments.reporting import kept_patch_mask, overlay_kept_patches
+from experiments.overlays import kept_patch_mask, overlay_kept_patches
 from models.config import from_hf_config
 from models.presets import llava_config
 
