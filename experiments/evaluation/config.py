@@ -56,6 +56,11 @@ class EvalConfig:
         (64,), "Budgets: image-token counts (192) or ratios of all image tokens (0.25)."
     )
     layer: int | None = setting(None, "Pruning layer K for the in-LLM methods (default: each method's own).")
+    method_settings: tuple[str, ...] = setting(
+        (),
+        "Settings of single methods, as method.setting=value (e.g. pyramiddrop.layers=2/8/16, "
+        "visionzip.contextual=5): values are Python literals, '/' separates the items of a tuple.",
+    )
     batch_size: int = setting(8, "Questions per generation call (the last batch is padded).")
     max_new_tokens: int | None = setting(None, "Tokens to generate per answer (default: the benchmark's).")
     limit: int | None = setting(None, "Evaluate only the first N questions.")

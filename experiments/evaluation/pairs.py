@@ -63,6 +63,42 @@ def check_method_names(methods: Sequence[str]) -> list[str]:
     return names
 
 
+def parse_method_settings(entries: Sequence[str], method_names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """'pyramiddrop.layers=2/8/16' -> {'pyramiddrop': {'layers': (2, 8, 16)}}, each setting checked
+    against the method's own (a method not evaluated in this run, or a setting it lacks, is an error)."""
+    import ast
+
+    from adaptprune_jax import methods
+
+    def literal(text: str, entry: str):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--method_settings {entry!r}: {text!r} is not a Python literal") from None
+
+    settings: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        target, equals, text = entry.partition("=")
+        method, dot, name = target.strip().partition(".")
+        if not equals or not dot or not name:
+            raise ValueError(f"--method_settings {entry!r}: expected method.setting=value")
+        if method not in method_names:
+            raise ValueError(
+                f"--method_settings {entry!r}: {method!r} is not among this run's methods "
+                f"({', '.join(method_names)})"
+            )
+        known = methods.setting_names(method)
+        if name not in known:
+            raise ValueError(
+                f"--method_settings {entry!r}: {method} has no setting {name!r}; its settings: {', '.join(known)}"
+            )
+        value = (
+            tuple(literal(item, entry) for item in text.split("/")) if "/" in text else literal(text, entry)
+        )
+        settings.setdefault(method, {})[name] = value
+    return settings
+
+
 def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layout=None) -> list[Pair]:
     """The unpruned pair first, then every (method, keep), validated against the model's sizes and,
     when given, its image-token layout (the check generation makes, so both give the same message).
@@ -70,13 +106,16 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layo
     A keep or layer out of range raises the pruning config's own ValueError here, before any work.
     Two requested keeps that resolve to the same count (192 and 1/3) are evaluated once. Each method
     takes only the settings it has: a method that prunes before the LLM has no layer, and only a
-    random one a seed; `layer=None` leaves each method its default.
+    random one a seed; `layer=None` leaves each method its default; `method_settings` sets a single
+    method's own settings.
     """
     from adaptprune_jax import methods
 
     pairs = [Pair(UNPRUNED, num_image_tokens, None, None, float(num_image_tokens))]
     seen = {pairs[0].name}
-    for method in check_method_names(config.methods):
+    names = check_method_names(config.methods)
+    own_settings = parse_method_settings(config.method_settings, [n for n in names if n != UNPRUNED])
+    for method in names:
         if method == UNPRUNED:
             continue
         if config.layer is not None and not methods.get(method).has_layer:
@@ -85,9 +124,8 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layo
             )
         for keep in config.keep:
             requested = parse_keep(keep)
-            pruning = methods.make_config(
-                method, strict=False, keep=requested, layer=config.layer, seed=config.seed
-            )
+            common = {"keep": requested, "layer": config.layer, "seed": config.seed}
+            pruning = methods.make_config(method, strict=False, **common, **own_settings.get(method, {}))
             pruning.validate(num_image_tokens, num_layers, layout)
             pair = Pair(
                 method,

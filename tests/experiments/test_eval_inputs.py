@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 from pathlib import Path
 
@@ -227,6 +228,36 @@ def test_a_method_registered_elsewhere_is_evaluated_like_the_builtin_ones():
     pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
     assert [pair.name for pair in pairs] == ["none_576", "keynorm_fastv_64"]
     assert pairs[1].pruning.layer == 3
+
+
+def test_method_settings_reach_their_method_and_bad_ones_are_named():
+    model = from_hf_config(llava_config("llava-1.5-7b"))
+
+    def pairs(*settings, methods=("pyramiddrop", "visionzip")):
+        config = eval_lib.EvalConfig(
+            checkpoint="c",
+            benchmark="pope",
+            questions="q",
+            output_dir="o",
+            methods=methods,
+            keep=(64,),
+            method_settings=settings,
+        )
+        return eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
+
+    chosen = pairs("pyramiddrop.layers=2/8/16", "visionzip.contextual=5")
+    assert chosen[1].pruning.layers == (2, 8, 16) and chosen[2].pruning.contextual == 5
+    assert chosen[1].equivalent_tokens == pytest.approx((2 * 576 + 6 * 276 + 8 * 133 + 16 * 64) / 32)
+    assert pairs()[1].pruning.layers is None
+    for bad, message in [
+        ("pyramiddrop.depth=3", "pyramiddrop has no setting 'depth'; its settings: keep, layers"),
+        ("fastv.layer=3", "'fastv' is not among this run's methods"),
+        ("pyramiddrop=3", "expected method.setting=value"),
+        ("visionzip.contextual=five", "'five' is not a Python literal"),
+        ("pyramiddrop.layers=8/4", "layers must increase"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pairs(bad)
 
 
 @pytest.mark.parametrize("name", sorted(FLAGFILES))
