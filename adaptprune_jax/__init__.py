@@ -53,6 +53,7 @@ from adaptprune_jax.methods.pyramiddrop import PyramidDropConfig
 from adaptprune_jax.methods.random import RandomConfig
 from adaptprune_jax.methods.uniform import UniformConfig
 from adaptprune_jax.methods.visionzip import VisionZipConfig
+from adaptprune_jax.methods.vispruner import VisPrunerConfig
 from adaptprune_jax.nms import (
     NMS_IMPLEMENTATIONS,
     adaptive_nms,
@@ -89,6 +90,7 @@ __all__ = [
     "VisionClsAttention",
     "VisionTokens",
     "VisionZipConfig",
+    "VisPrunerConfig",
     "adaptive_nms",
     "adaptive_nms_order",
     "adaptprune_select",

@@ -294,6 +294,7 @@ def run(settings: ValidateConfig) -> dict:
         report["kept_jax"] = kept.tolist()
         if torch_kept is not None and not report["kept_indices_equal"]:
             report["kept_torch"] = torch_kept.tolist()
+            report["kept_shared"] = f"{len(set(kept.tolist()) & set(torch_kept.tolist()))} of {kept.size}"
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
         # A merging method's tokens are the reference's own (its indices are compared above).
         if pruning.merges:
@@ -347,6 +348,9 @@ def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pr
     (`reference_cues`: the projected image features, or attention and keys at its layer), with the
     settings it says the reference takes (`reference_options`)."""
     options = {name: getattr(pruning, name) for name in pruning.reference_options}
+    if "vision_attention" in pruning.reference_cues:
+        cues = torch_reference.vision_reference_cues(torch_model, pixels_t, pruning)
+        return torch_reference.reference_select(pruning.name, keep=keep, **cues, **options)
     if "embeddings" in pruning.reference_cues:
         import torch
 
@@ -407,7 +411,14 @@ def print_table(report: dict) -> None:
             f"{name:<30} {m['max_abs_err']:>12.3e} {m['max_rel_err']:>12.3e} {m['mean_kl']:>12.3e} "
             f"{m['top1_agreement']:>8.4f}"
         )
-    for key in ("keep", "kept_indices_equal", "generated_equal", "generated_jax", "generated_torch"):
+    for key in (
+        "keep",
+        "kept_indices_equal",
+        "kept_shared",
+        "generated_equal",
+        "generated_jax",
+        "generated_torch",
+    ):
         if key in report:
             print(f"{key:<30} {report[key]}")
     print(f"{'result':<30} {'PASS' if report['passed'] else 'FAIL'} ({report['criterion']})")

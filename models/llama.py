@@ -153,7 +153,7 @@ class LlamaForCausalLM(nnx.Module):
         extra_slots: int,
         pruning: prune.PruneConfig | None = None,
         rng: jax.Array | None = None,
-        vision_attention: jax.Array | None = None,
+        vision: dict[str, jax.Array] | None = None,
         all_logits: bool = False,
     ) -> PrefillResult:
         """Run the prompt through every layer, pruning image tokens at the method's stages.
@@ -170,7 +170,7 @@ class LlamaForCausalLM(nnx.Module):
             extra_slots=extra_slots,
             pruning=pruning,
             rng=rng,
-            vision_attention=vision_attention,
+            vision=vision,
         )
         last = state.last_index[:, None]
         hidden = state.x if all_logits else rows_take(state.x, last)[:, 0]

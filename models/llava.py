@@ -144,7 +144,7 @@ class LlavaForConditionalGeneration(nnx.Module):
             extra_slots=extra_slots,
             pruning=pruning,
             rng=rng,
-            vision_attention=vision.get("vision_attention"),
+            vision=vision,
             all_logits=all_logits,
         )
         return result if merged is None else result._replace(kept=merged.kept)

@@ -65,14 +65,16 @@ def prefill(
     extra_slots: int,
     pruning: prune.PruneConfig | None = None,
     rng: jax.Array | None = None,
-    vision_attention: jax.Array | None = None,
+    vision: dict[str, jax.Array] | None = None,
 ) -> PrefillState:
     """Run the prompt through ``layers``, pruning image tokens at each of the method's stages.
 
     x (B, S, d) input embeddings (image features in place); positions (B, S) (-1 = padding);
-    last_index (B,) slot of each row's last prompt token; vision_attention (B, N) the vision tower's
-    [CLS] attention, when the method asked for it.
+    last_index (B,) slot of each row's last prompt token; vision: the vision tower's cues the method
+    asked for (``vision_attention`` (B, N); ``vision_tokens`` and ``vision_keys`` (B, 1 + N, .), which
+    describe the unpruned image and so serve a method's first stage).
     """
+    vision = dict(vision or {})
     num_image_tokens = image.slots.shape[1]
     stages = {} if pruning is None else dict(pruning.stages(num_image_tokens, len(layers)))
     requests = () if pruning is None else pruning.cue_requests()
@@ -94,7 +96,7 @@ def prefill(
                 previous,
                 last_index,
                 rng,
-                vision_attention,
+                vision,
                 stage,
             )
             selected = pruning.select(cues, stages[layer_index])
@@ -102,8 +104,8 @@ def prefill(
             kept = selected if kept is None else rows_take(kept, selected)
             if pruning.renumber_positions:  # pre-LLM methods as released: a shorter prompt
                 positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
-            if vision_attention is not None:
-                vision_attention = rows_take(vision_attention, selected)
+            if "vision_attention" in vision:
+                vision["vision_attention"] = rows_take(vision["vision_attention"], selected)
         x, q, k, v = layer.prefill(x, positions)
         if reads_previous and layer_index + 1 in stages:
             previous = (q, k, positions)
@@ -122,7 +124,7 @@ def _last_token_attention(q, k, positions, last_index, image):
     return rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
 
 
-def _cues(pruning, requests, layer, x, positions, image, previous, last_index, rng, vision_attention, stage):
+def _cues(pruning, requests, layer, x, positions, image, previous, last_index, rng, vision, stage):
     """The cues the method asked for, restricted to the image tokens (a static choice per method)."""
     fields = {}
     image_hidden = rows_take(x, image.slots)
@@ -145,9 +147,9 @@ def _cues(pruning, requests, layer, x, positions, image, previous, last_index, r
         elif isinstance(request, prune.Embeddings):
             fields["embeddings"] = image_hidden
         elif isinstance(request, prune.VisionClsAttention):
-            fields["vision_attention"] = vision_attention
+            fields["vision_attention"] = vision["vision_attention"]
         elif isinstance(request, prune.VisionTokens):
-            pass  # read by the model, which builds a merging method's tokens before the LLM
+            fields["vision_tokens"], fields["vision_keys"] = vision["vision_tokens"], vision["vision_keys"]
         elif isinstance(request, prune.LayerView):
             q, k, _ = previous  # the same positions: nothing is pruned between the two layers
             fields["view"] = prune.LayerViewArrays(q, k, x, positions, image.slots)

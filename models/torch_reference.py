@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from adaptprune_jax import AdaptPruneConfig, PruneConfig, VisionTokens
+from adaptprune_jax import AdaptPruneConfig, PruneConfig, VisionClsAttention, VisionTokens
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -366,6 +366,20 @@ def vision_readout(model, pixel_values: torch.Tensor, layer: int):
 
 
 @torch.no_grad()
+def vision_reference_cues(model, pixel_values: torch.Tensor, pruning: PruneConfig) -> dict[str, torch.Tensor]:
+    """The vision-tower cues of a pre-LLM method for one image, as released code reads them with
+    ``output_attentions``: ``vision_attention`` (N,) the head-mean [CLS] attention over the LLM's image
+    tokens and ``vision_features`` (N, d) those tokens' features before the projector."""
+    (layer,) = {r.layer for r in pruning.cue_requests() if isinstance(r, (VisionClsAttention, VisionTokens))}
+    attentions, hidden, _ = vision_readout(model, pixel_values, layer)
+    offset = 1 if model.config.vision_feature_select_strategy == "default" else 0
+    return {
+        "vision_attention": attentions[:, 0, offset:].float().mean(dim=0),
+        "vision_features": hidden[offset:].float(),
+    }
+
+
+@torch.no_grad()
 def merged_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruneConfig):
     """Input embeddings of a merging method (``pruning.merges``) as released, and the image-token
     indices it passed through unchanged: its tokens built from the vision tower by its
@@ -462,6 +476,8 @@ def reference_select(
     attention=None,
     keys=None,
     embeddings=None,
+    vision_attention=None,
+    vision_features=None,
     grid: int | None = None,
     seed: int = 0,
     **method_kwargs,
@@ -498,7 +514,13 @@ def reference_select(
         )
     if not config.has_torch_reference:
         config.torch_reference_order({}, keep, grid)  # raises, saying what to do instead
-    given = {"attention": attention, "keys": keys, "embeddings": embeddings}
+    given = {
+        "attention": attention,
+        "keys": keys,
+        "embeddings": embeddings,
+        "vision_attention": vision_attention,
+        "vision_features": vision_features,
+    }
     cues = {name: _as_float_tensor(given[name], name, method) for name in config.reference_cues}
     num_tokens = cues[config.reference_cues[0]].shape[0]
     if not 1 <= keep <= num_tokens:

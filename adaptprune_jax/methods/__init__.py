@@ -88,4 +88,5 @@ from adaptprune_jax.methods import (  # noqa: E402, F401
     random,
     uniform,
     visionzip,
+    vispruner,
 )

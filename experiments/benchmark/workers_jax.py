@@ -329,7 +329,14 @@ def abstract_cues(pruning, cfg, *, batch: int, length: int, dtype, rng):
         },
         prune.FeatureKeys: {"keys": sds((batch, n_img, text.num_kv_heads * text.head_dim), jnp.float32)},
         prune.Embeddings: {"embeddings": sds((batch, n_img, text.hidden_size), dtype)},
+        prune.StageAttention: {"attention": sds((batch, n_img), jnp.float32)},
         prune.VisionClsAttention: {"vision_attention": sds((batch, n_img), jnp.float32)},
+        prune.VisionTokens: {
+            "vision_tokens": sds((batch, 1 + n_img, cfg.vision.hidden_size), dtype),
+            "vision_keys": sds(
+                (batch, 1 + n_img, cfg.vision.hidden_size // cfg.vision.num_heads), jnp.float32
+            ),
+        },
         prune.LayerView: {
             "view": prune.LayerViewArrays(
                 sds(heads, dtype),
