@@ -269,14 +269,15 @@ def test_shipped_flagfiles_parse_and_fit_their_model(name):
     config = eval_lib.config_from_flags(flag_values)
     model = from_hf_config(llava_config("llava-1.5-7b"))
     pairs = eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers)
-    assert {pair.method for pair in pairs} == {"none", "adaptprune", "fastv", "random", "uniform", "divprune"}
+    assert {pair.method for pair in pairs} == {"none", *config.methods}
     eval_lib.get_benchmark(config.benchmark)
     if name.startswith("testbed"):
         checkpoint = "checkpoints/testbed-deep" if name == "testbed_deep_gpu" else "checkpoints/testbed"
         assert config.benchmark == "testbed" and config.checkpoint == checkpoint
         assert config.questions == "experiments/data/testbed_test" and config.image_dir is None
-    if name == "testbed":
-        assert config.limit and config.dtype == "float32"
+    if name == "testbed":  # make eval: every built-in method
+        builtin = {n for n in methods.names() if methods.get(n).__module__.startswith("adaptprune_jax.")}
+        assert config.limit and config.dtype == "float32" and set(config.methods) == builtin
     if name in ("testbed_gpu", "testbed_deep_gpu"):
         assert config.limit is None and config.dtype == "bfloat16" and set(config.keep) == {192, 128, 64, 32}
     if name == "pope_llava15_7b":
