@@ -8,6 +8,8 @@ with a gather + select, so shapes stay static for any batch; the slots and the c
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -30,6 +32,12 @@ class MultiModalProjector(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ImageInputs(NamedTuple):
+    features: jax.Array  # (B, N, text width) the image features the prompt embeds
+    vision: dict[str, jax.Array]  # the vision-tower cues the method asked for (see vision_cues)
+    merged_kept: jax.Array | None  # a merging method's passed-through image tokens (B, k)
 
 
 class LlavaForConditionalGeneration(nnx.Module):
@@ -58,6 +66,32 @@ class LlavaForConditionalGeneration(nnx.Module):
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
         return self.encode_images(pixel_values)[0]
+
+    def image_inputs(self, pixel_values: jax.Array, pruning: prune.PruneConfig | None = None) -> ImageInputs:
+        """What the LLM's prompt takes from the images under ``pruning``: the image features (a merging
+        method's tokens in the first ``keep`` slots), the vision-tower cues the method asked for, and a
+        merging method's passed-through image tokens."""
+        readout_layers = {
+            request.layer
+            for request in (() if pruning is None else pruning.cue_requests())
+            if isinstance(request, (prune.VisionClsAttention, prune.VisionTokens))
+        }
+        if len(readout_layers) > 1:
+            raise ValueError(
+                f"{pruning.name} reads the vision tower at several layers {sorted(readout_layers)}"
+            )
+        features, readout = self.encode_images(pixel_values, next(iter(readout_layers), None))
+        num_image_tokens = features.shape[1]
+        vision = {} if readout is None else self.vision_cues(readout, num_image_tokens)
+        if pruning is None or not pruning.merges:
+            return ImageInputs(features, vision, None)
+        self._check_merge_layer(readout_layers)
+        keep = pruning.resolve_keep(num_image_tokens)
+        layout = self.config.image_layout()
+        merged = pruning.merge(prune.Cues(**vision, layout=layout.broadcast(features.shape[:1])), keep)
+        tokens = self.multi_modal_projector(merged.features).astype(features.dtype)
+        features = jnp.zeros_like(features).at[:, :keep].set(tokens)  # select keeps these slots
+        return ImageInputs(features, vision, merged.kept)
 
     def _check_merge_layer(self, readout_layers: set[int]) -> None:
         """A merging method's tokens go through the projector, so it must read the one feature layer."""
@@ -115,26 +149,8 @@ class LlavaForConditionalGeneration(nnx.Module):
         """
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
         positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
-        readout_layers = {
-            request.layer
-            for request in (() if pruning is None else pruning.cue_requests())
-            if isinstance(request, (prune.VisionClsAttention, prune.VisionTokens))
-        }
-        if len(readout_layers) > 1:
-            raise ValueError(
-                f"{pruning.name} reads the vision tower at several layers {sorted(readout_layers)}"
-            )
-        features, readout = self.encode_images(pixel_values, next(iter(readout_layers), None))
-        num_image_tokens = features.shape[1]
-        vision = {} if readout is None else self.vision_cues(readout, num_image_tokens)
-        merged = None
-        if pruning is not None and pruning.merges:
-            self._check_merge_layer(readout_layers)
-            keep = pruning.resolve_keep(num_image_tokens)
-            layout = self.config.image_layout()
-            merged = pruning.merge(prune.Cues(**vision, layout=layout.broadcast(features.shape[:1])), keep)
-            tokens = self.multi_modal_projector(merged.features).astype(features.dtype)
-            features = jnp.zeros_like(features).at[:, :keep].set(tokens)  # select keeps these slots
+        inputs = self.image_inputs(pixel_values, pruning)
+        features, vision = inputs.features, inputs.vision
         x, image_slots = self.embed_prompt(input_ids, features)
         result = self.language_model.prefill(
             x,
@@ -147,4 +163,4 @@ class LlavaForConditionalGeneration(nnx.Module):
             vision=vision,
             all_logits=all_logits,
         )
-        return result if merged is None else result._replace(kept=merged.kept)
+        return result if inputs.merged_kept is None else result._replace(kept=inputs.merged_kept)

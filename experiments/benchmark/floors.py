@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 
-def stage_work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_tokens, itemsize) -> dict:
-    """FLOPs and bytes each stage cannot avoid, from the parameter shapes and the token counts."""
+def stage_work(cfg, abstract_state, *, batch, prompt_tokens, stages, new_tokens, itemsize) -> dict:
+    """FLOPs and bytes each stage cannot avoid, from the parameter shapes and the token counts;
+    ``stages``: the method's ``(layer, keep)`` pruning steps (empty: unpruned)."""
     import jax
 
     sizes: dict[str, int] = {}
@@ -26,10 +27,10 @@ def stage_work(cfg, abstract_state, *, batch, prompt_tokens, keep, layer, new_to
     layer_params = [total(f"language_model/layers/{i}") for i in range(text.num_layers)]
     head_params = total("language_model/lm_head") or total("language_model/embed_tokens")
     stream_params = sum(layer_params) + total("language_model/norm") + head_params
-    tokens = [
-        prompt_tokens if (keep == 0 or i < layer) else prompt_tokens - n_img + keep
-        for i in range(text.num_layers)
-    ]
+    seen = [n_img] * text.num_layers  # image tokens each layer sees
+    for layer, keep in stages:
+        seen[layer:] = [keep] * (text.num_layers - layer)
+    tokens = [prompt_tokens - n_img + count for count in seen]
     attn = 4 * text.num_heads * text.head_dim  # QK^T and PV per (query, key) pair
     kv_per_token = 2 * text.num_kv_heads * text.head_dim * itemsize
     prefill_flops = batch * (

@@ -69,12 +69,14 @@ def jax_worker(spec: dict) -> dict:
     else:
         pruning = prune.make_config(method, strict=False, keep=spec["keep"], layer=spec["layer"])
     keep = runner.resolve_keep(pruning)
+    stages = () if pruning is None else pruning.stages(n_img, cfg.text.num_layers)
     fixed = None
-    if pruning is not None and spec["selection_overhead"] and mode != "probe":
+    # One stage only: a multi-stage schedule has no single fixed-index counterpart to subtract.
+    if pruning is not None and len(stages) == 1 and spec["selection_overhead"] and mode != "probe":
         # The same layer and keep with constant indices: no cue, no selection, so prefill minus this is
         # what selecting costs.
         indices = tuple(i * n_img // keep for i in range(keep))
-        fixed = prune.FixedIndicesConfig(keep=keep, layer=pruning.layer, indices=indices)
+        fixed = prune.FixedIndicesConfig(keep=keep, layer=stages[0].layer, indices=indices)
     sampling = SamplingConfig(
         max_new_tokens=new_tokens,
         eos_token_id=None,
@@ -82,14 +84,16 @@ def jax_worker(spec: dict) -> dict:
     )
 
     def vision(weights, pixels):
-        return runner.merge(weights).image_features(pixels)
+        """The image features (a merging method's tokens in place) and the vision cues it asked for."""
+        inputs = runner.merge(weights).image_inputs(pixels, pruning)
+        return inputs.features, inputs.vision
 
     def embed(weights, ids, features):
-        x, image_slots = runner.merge(weights).embed_prompt(ids, features)
+        x, image_slots = runner.merge(weights).embed_prompt(ids, features[0])
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-        return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_slots
+        return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_slots, features[1]
 
-    def prefill(weights, x, positions, last_index, image_slots, rng, *, pruning):
+    def prefill(weights, x, positions, last_index, image_slots, vision_cues, rng, *, pruning):
         model = runner.merge(weights)
         return model.language_model.prefill(
             x,
@@ -99,6 +103,7 @@ def jax_worker(spec: dict) -> dict:
             extra_slots=new_tokens,
             pruning=pruning,
             rng=rng,
+            vision=vision_cues,
         )
 
     # --- compile every stage from abstract shapes (a cache load when the pre-compile phase ran) ----
@@ -171,8 +176,7 @@ def jax_worker(spec: dict) -> dict:
             abstract_state,
             batch=batch,
             prompt_tokens=prompt_tokens,
-            keep=keep,
-            layer=0 if pruning is None else pruning.layer,
+            stages=stages,
             new_tokens=new_tokens,
             itemsize=dtype.itemsize,
         ),
