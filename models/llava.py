@@ -71,21 +71,13 @@ class LlavaForConditionalGeneration(nnx.Module):
         """What the LLM's prompt takes from the images under ``pruning``: the image features (a merging
         method's tokens in the first ``keep`` slots), the vision-tower cues the method asked for, and a
         merging method's passed-through image tokens."""
-        readout_layers = {
-            request.layer
-            for request in (() if pruning is None else pruning.cue_requests())
-            if isinstance(request, (prune.VisionClsAttention, prune.VisionTokens))
-        }
-        if len(readout_layers) > 1:
-            raise ValueError(
-                f"{pruning.name} reads the vision tower at several layers {sorted(readout_layers)}"
-            )
-        features, readout = self.encode_images(pixel_values, next(iter(readout_layers), None))
+        readout_layer = None if pruning is None else pruning.vision_layer()
+        features, readout = self.encode_images(pixel_values, readout_layer)
         num_image_tokens = features.shape[1]
         vision = {} if readout is None else self.vision_cues(readout, num_image_tokens)
         if pruning is None or not pruning.merges:
             return ImageInputs(features, vision, None)
-        self._check_merge_layer(readout_layers)
+        self._check_merge_layer(readout_layer)
         keep = pruning.resolve_keep(num_image_tokens)
         layout = self.config.image_layout()
         merged = pruning.merge(prune.Cues(**vision, layout=layout.broadcast(features.shape[:1])), keep)
@@ -93,13 +85,13 @@ class LlavaForConditionalGeneration(nnx.Module):
         features = jnp.zeros_like(features).at[:, :keep].set(tokens)  # select keeps these slots
         return ImageInputs(features, vision, merged.kept)
 
-    def _check_merge_layer(self, readout_layers: set[int]) -> None:
+    def _check_merge_layer(self, readout_layer: int | None) -> None:
         """A merging method's tokens go through the projector, so it must read the one feature layer."""
         count = self.config.vision.num_layers + 1
         layers = tuple(layer % count for layer in self.config.vision_feature_layers)
-        if len(layers) != 1 or {layer % count for layer in readout_layers} != set(layers):
+        if readout_layer is None or len(layers) != 1 or readout_layer % count != layers[0]:
             raise ValueError(
-                f"a merging method reads hidden_states{sorted(readout_layers)} but this model's image "
+                f"a merging method reads hidden_states[{readout_layer}] but this model's image "
                 f"features are hidden_states{list(self.config.vision_feature_layers)}: they must be one "
                 "and the same layer"
             )

@@ -80,7 +80,8 @@ def prefill(
     requests = () if pruning is None else pruning.cue_requests()
     reads_previous = any(request.reads_previous_layer for request in requests)
     caches: list[LayerCache] = []
-    last_positions = []  # each layer's position of the last prompt token (renumbering moves it)
+    renumbers = pruning is not None and pruning.renumber_positions
+    last_positions = []  # each layer's position of the last prompt token, when renumbering moves it
     kept = None
     previous = None  # (q, k, positions) of the layer before a stage, when a cue reads it
     for layer_index, layer in enumerate(layers):
@@ -102,7 +103,7 @@ def prefill(
             selected = pruning.select(cues, stages[layer_index])
             x, positions, last_index, image = _compact(x, positions, last_index, image, selected)
             kept = selected if kept is None else rows_take(kept, selected)
-            if pruning.renumber_positions:  # pre-LLM methods as released: a shorter prompt
+            if renumbers:  # pre-LLM methods as released: a shorter prompt
                 positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
             if "vision_attention" in vision:
                 vision["vision_attention"] = rows_take(vision["vision_attention"], selected)
@@ -110,8 +111,9 @@ def prefill(
         if reads_previous and layer_index + 1 in stages:
             previous = (q, k, positions)
         caches.append(new_layer_cache(k, v, positions, extra_slots))
-        last_positions.append(rows_take(positions, last_index[:, None])[:, 0])
-    if pruning is not None and pruning.renumber_positions:
+        if renumbers:
+            last_positions.append(rows_take(positions, last_index[:, None])[:, 0])
+    if renumbers:
         for cache, last_position in zip(caches, last_positions):
             cache["shift"] = last_position - last_positions[-1]
     return PrefillState(x, positions, last_index, caches, kept)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from adaptprune_jax import AdaptPruneConfig, PruneConfig, VisionClsAttention, VisionTokens
+from adaptprune_jax import AdaptPruneConfig, PruneConfig
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -370,8 +370,7 @@ def vision_reference_cues(model, pixel_values: torch.Tensor, pruning: PruneConfi
     """The vision-tower cues of a pre-LLM method for one image, as released code reads them with
     ``output_attentions``: ``vision_attention`` (N,) the head-mean [CLS] attention over the LLM's image
     tokens and ``vision_features`` (N, d) those tokens' features before the projector."""
-    (layer,) = {r.layer for r in pruning.cue_requests() if isinstance(r, (VisionClsAttention, VisionTokens))}
-    attentions, hidden, _ = vision_readout(model, pixel_values, layer)
+    attentions, hidden, _ = vision_readout(model, pixel_values, pruning.vision_layer())
     offset = 1 if model.config.vision_feature_select_strategy == "default" else 0
     return {
         "vision_attention": attentions[:, 0, offset:].float().mean(dim=0),
@@ -385,8 +384,7 @@ def merged_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, pr
     indices it passed through unchanged: its tokens built from the vision tower by its
     ``torch_reference_merge`` and projected, in the first ``keep`` image slots (the rest of the span
     is dropped by ``merged_sequence``)."""
-    (layer,) = {r.layer for r in pruning.cue_requests() if isinstance(r, VisionTokens)}
-    attentions, hidden, keys = vision_readout(model, pixel_values, layer)
+    attentions, hidden, keys = vision_readout(model, pixel_values, pruning.vision_layer())
     image_positions = image_token_positions(input_ids, model.config.image_token_index)
     keep = pruning.resolve_keep(image_positions.numel())
     tokens, kept = pruning.torch_reference_merge(attentions, hidden, keys, keep)

@@ -170,6 +170,11 @@ class Cues:
         """(B, N) bool slots holding an image token, or None when every slot does."""
         return None if self.layout is None or self.layout.dense else self.layout.valid
 
+    def require_dense(self, method: str) -> None:
+        """Refuse layouts with padding slots (for methods whose released algorithm has no mask)."""
+        if self.valid() is not None:
+            raise ValueError(f"{method}: image-token layouts with padding slots are not supported")
+
     def require(self, field: str, method: str) -> jax.Array:
         value = getattr(self, field)
         if value is None:
@@ -274,6 +279,13 @@ class PruneConfig:
     def cue_requests(self) -> tuple[Any, ...]:
         """The cues ``select`` reads (instances of the classes in ``CUE_TYPES``)."""
         return ()
+
+    def vision_layer(self) -> int | None:
+        """The vision-tower layer the method's cues read (``hidden_states`` index; None: none)."""
+        layers = {r.layer for r in self.cue_requests() if isinstance(r, (VisionClsAttention, VisionTokens))}
+        if len(layers) > 1:
+            raise ValueError(f"{self.name} reads the vision tower at several layers {sorted(layers)}")
+        return next(iter(layers), None)
 
     @property
     def min_layer(self) -> int:

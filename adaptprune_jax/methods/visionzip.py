@@ -99,8 +99,7 @@ class VisionZipConfig(PruneConfig):
         attention = cues.require("vision_attention", self.name)
         tokens = cues.require("vision_tokens", self.name)
         keys = cues.require("vision_keys", self.name)
-        if cues.valid() is not None:
-            raise ValueError("visionzip: image-token layouts with padding slots are not supported")
+        cues.require_dense(self.name)
         batch, num_patches = attention.shape
         dominant, contextual = self.split(keep, num_patches)
         rows = jnp.arange(batch)[:, None]

@@ -100,8 +100,7 @@ class VisPrunerConfig(PruneConfig):
     def select(self, cues: Cues, keep: int) -> jax.Array:
         attention = cues.require("vision_attention", self.name)
         tokens = cues.require("vision_tokens", self.name)
-        if cues.valid() is not None:
-            raise ValueError("vispruner: image-token layouts with padding slots are not supported")
+        cues.require_dense(self.name)
         batch, num_patches = attention.shape
         important, diverse = self.split(keep, num_patches)
         features = tokens[:, tokens.shape[1] - num_patches :].astype(jnp.float32)  # the image tokens
