@@ -297,35 +297,28 @@ def run(settings: ValidateConfig) -> dict:
             report["kept_shared"] = f"{len(set(kept.tolist()) & set(torch_kept.tolist()))} of {kept.size}"
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
         # A merging method's tokens are the reference's own (its indices are compared above).
-        if pruning.merges:
-            sequence = torch_reference.merged_sequence(keep)
-            forward = dict(sequence, inputs_embeds=merged)
+        if pruning.merges:  # the shorter prompt of the reference's own merged embeddings
+            sequence = dict(torch_reference.merged_sequence(keep), inputs_embeds=merged)
         else:
             sequence = dict(
                 layer=layer, kept_image_indices=kept, renumber_positions=pruning.renumber_positions
             )
-            forward = sequence
         torch_model_cpu = torch_model_cpu.to(torch_device)
+        inputs = (torch_model_cpu, input_ids_t, pixels_t)
         renumber = {"renumber_positions": pruning.renumber_positions}
-        if pruning.merges:
-            reference = torch_reference.merged_forward(torch_model_cpu, input_ids_t, pixels_t, pruning)[0]
-        elif staged:
-            reference = torch_reference.staged_forward(
-                torch_model_cpu, input_ids_t, pixels_t, torch_stages, **renumber
-            )[0]
+        if staged:
+            reference = torch_reference.staged_forward(*inputs, torch_stages, **renumber)[0]
         else:
-            reference = torch_reference.pruned_forward(torch_model_cpu, input_ids_t, pixels_t, **sequence)[0]
+            reference = torch_reference.pruned_forward(*inputs, **sequence)[0]
         reference = reference.cpu().numpy()
         if settings.generate_tokens:
             generation = dict(max_new_tokens=settings.generate_tokens, eos_token_id=preprocessor.eos_token_id)
             if staged:
                 torch_generated = torch_reference.staged_generate(
-                    torch_model_cpu, input_ids_t, pixels_t, torch_stages, **generation, **renumber
+                    *inputs, torch_stages, **generation, **renumber
                 )
             else:
-                torch_generated = torch_reference.reference_generate(
-                    torch_model_cpu, input_ids_t, pixels_t, **generation, **forward
-                )
+                torch_generated = torch_reference.reference_generate(*inputs, **generation, **sequence)
     report["jax_vs_torch_fp32"] = logit_metrics(jax_logits, reference)
 
     if settings.generate_tokens:

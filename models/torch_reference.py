@@ -229,18 +229,22 @@ def pruned_forward(
     return_cues: bool = False,
     normalize_keys: bool = False,
     renumber_positions: bool = False,
+    inputs_embeds: torch.Tensor | None = None,
 ):
     """Prefill logits (1, S', V) float32 with the image tokens pruned after decoder layer `layer` - 1.
 
     kept_image_indices: ascending indices into the image span (None keeps every token, and then the
     result equals `model(input_ids=..., pixel_values=...).logits`). S' = text tokens + kept tokens.
     return_cues=True returns (logits, PruningCues): the cues read the unpruned prefix, so they can be
-    computed with kept_image_indices=None and fed to `reference_select`.
+    computed with kept_image_indices=None and fed to `reference_select`. inputs_embeds: the merged
+    prompt embeddings, when already built (``merged_embeds``); default: transformers' own.
     """
     image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    if inputs_embeds is None:
+        inputs_embeds = embed_inputs(model, input_ids, pixel_values)
     logits, cues = _decoder_forward(
         model,
-        embed_inputs(model, input_ids, pixel_values),
+        inputs_embeds,
         image_positions,
         layer=layer,
         kept_image_indices=kept_image_indices,
@@ -404,12 +408,8 @@ def merged_forward(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, p
     """Prefill logits (1, S', V) float32 of a merging method as released, and its passed-through
     image-token indices."""
     embeds, kept = merged_embeds(model, input_ids, pixel_values, pruning)
-    image_positions = image_token_positions(input_ids, model.config.image_token_index)
-    sequence = merged_sequence(pruning.resolve_keep(image_positions.numel()))
-    logits, _ = _decoder_forward(
-        model, embeds, image_positions, return_cues=False, normalize_keys=False, **sequence
-    )
-    return logits, kept
+    keep = pruning.resolve_keep(image_token_positions(input_ids, model.config.image_token_index).numel())
+    return pruned_forward(model, input_ids, pixel_values, inputs_embeds=embeds, **merged_sequence(keep)), kept
 
 
 @torch.no_grad()
