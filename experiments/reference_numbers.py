@@ -35,6 +35,11 @@ _VISIONZIP = (
     "Models' (CVPR), Table 1 (LLaVA-1.5-7B; FastV and SparseVLM as run by the VisionZip authors)"
 )
 
+_MMTOK = (
+    "MMTok (ICLR 2026), Table 1 (LLaVA-1.5-7B, 64 tokens), as digested in the project's anchors: "
+    "its FastV, SparseVLM and VisionZip rows equal VisionZip's Table 1"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceNumber:
@@ -126,6 +131,19 @@ REFERENCE_NUMBERS: tuple[ReferenceNumber, ...] = tuple(
         "llava-1.5-7b", _VISIONZIP, "visionzip", 128, pope=83.2, gqa=57.6, textvqa=56.8, scienceqa=68.9
     )
     + _entries("llava-1.5-7b", _VISIONZIP, "visionzip", 64, pope=77.0, gqa=55.1, textvqa=55.5, scienceqa=69.0)
+    # 64-token rows of the later methods (their MME column is perception + cognition, not listed).
+    + _entries("llava-1.5-7b", _MMTOK, "pyramiddrop", 64, pope=55.9, gqa=47.5, textvqa=50.6, scienceqa=68.6)
+    + _entries(
+        "llava-1.5-7b",
+        _MMTOK,
+        "dart",
+        64,
+        note="the released budget 64 keeps 68 image tokens (dart keep=68 here)",
+        pope=73.9,
+        gqa=55.9,
+        textvqa=54.4,
+        scienceqa=69.8,
+    )
 )
 
 

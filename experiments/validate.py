@@ -344,6 +344,9 @@ def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pr
     if "vision_attention" in pruning.reference_cues:
         cues = torch_reference.vision_reference_cues(torch_model, pixels_t, pruning)
         return torch_reference.reference_select(pruning.name, keep=keep, **cues, **options)
+    if "layer_keys" in pruning.reference_cues:
+        cues = torch_reference.layer_reference_cues(torch_model, input_ids_t, pixels_t, pruning.layer)
+        return torch_reference.reference_select(pruning.name, keep=keep, **cues, **options)
     if "embeddings" in pruning.reference_cues:
         import torch
 

@@ -171,6 +171,7 @@ class LlamaForCausalLM(nnx.Module):
             pruning=pruning,
             rng=rng,
             vision=vision,
+            final_norm=self.norm,
         )
         last = state.last_index[:, None]
         hidden = state.x if all_logits else rows_take(state.x, last)[:, 0]

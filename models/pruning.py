@@ -15,7 +15,7 @@ keep`` slots, so a row's text must fit in ``S - N`` slots (the prompt batcher pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import jax
@@ -66,13 +66,15 @@ def prefill(
     pruning: prune.PruneConfig | None = None,
     rng: jax.Array | None = None,
     vision: dict[str, jax.Array] | None = None,
+    final_norm: Callable[[jax.Array], jax.Array] | None = None,
 ) -> PrefillState:
     """Run the prompt through ``layers``, pruning image tokens at each of the method's stages.
 
     x (B, S, d) input embeddings (image features in place); positions (B, S) (-1 = padding);
     last_index (B,) slot of each row's last prompt token; vision: the vision tower's cues the method
     asked for (``vision_attention`` (B, N); ``vision_tokens`` and ``vision_keys`` (B, 1 + N, .), which
-    describe the unpruned image and so serve a method's first stage).
+    describe the unpruned image and so serve a method's first stage); final_norm: the LLM's final
+    norm, for a ``LayerView(final_norm=True)`` cue.
     """
     vision = dict(vision or {})
     num_image_tokens = image.slots.shape[1]
@@ -99,6 +101,7 @@ def prefill(
                 rng,
                 vision,
                 stage,
+                final_norm,
             )
             selected = pruning.select(cues, stages[layer_index])
             x, positions, last_index, image = _compact(x, positions, last_index, image, selected)
@@ -126,7 +129,9 @@ def _last_token_attention(q, k, positions, last_index, image):
     return rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
 
 
-def _cues(pruning, requests, layer, x, positions, image, previous, last_index, rng, vision, stage):
+def _cues(
+    pruning, requests, layer, x, positions, image, previous, last_index, rng, vision, stage, final_norm
+):
     """The cues the method asked for, restricted to the image tokens (a static choice per method)."""
     fields = {}
     image_hidden = rows_take(x, image.slots)
@@ -154,7 +159,8 @@ def _cues(pruning, requests, layer, x, positions, image, previous, last_index, r
             fields["vision_tokens"], fields["vision_keys"] = vision["vision_tokens"], vision["vision_keys"]
         elif isinstance(request, prune.LayerView):
             q, k, _ = previous  # the same positions: nothing is pruned between the two layers
-            fields["view"] = prune.LayerViewArrays(q, k, x, positions, image.slots)
+            hidden = final_norm(x) if request.final_norm else x
+            fields["view"] = prune.LayerViewArrays(q, k, hidden, positions, image.slots)
         else:
             raise ValueError(f"{pruning.name} asks for an unknown cue {request!r}")
     return prune.Cues(

@@ -347,6 +347,33 @@ def staged_generate(
 
 
 @torch.no_grad()
+def layer_reference_cues(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, layer: int) -> dict:
+    """What an in-LLM method reading the whole layer K - 1 sees (DART), for one prompt, computed as its
+    released code reads it: ``layer_keys`` (S, H * D) the layer's post-RoPE keys, repeated per query
+    head; ``normed_hidden`` (S, d) its output through the LLM's final norm; ``image_positions`` (N,)."""
+    language_model = model.model.language_model
+    layers = language_model.layers
+    if not 1 <= layer < len(layers):
+        raise ValueError(f"layer must be in [1, {len(layers) - 1}], got {layer}")
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    hidden = embed_inputs(model, input_ids, pixel_values)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    hidden = _run_layers(language_model, hidden, positions, layers[: layer - 1])
+    attention = layers[layer - 1].self_attn
+    key = attention.k_proj(layers[layer - 1].input_layernorm(hidden))
+    key = key.view(1, key.shape[1], -1, attention.head_dim).transpose(1, 2)
+    cos, sin = language_model.rotary_emb(hidden, position_ids=positions)
+    key = apply_rotary_pos_emb(key, key, cos, sin)[1]
+    key = torch.repeat_interleave(key, attention.num_key_value_groups, dim=1)  # transformers' repeat_kv
+    output = _run_layers(language_model, hidden, positions, layers[layer - 1 : layer])
+    return {
+        "layer_keys": key[0].transpose(0, 1).reshape(key.shape[2], -1).float(),
+        "normed_hidden": language_model.norm(output)[0].float(),
+        "image_positions": image_positions.float(),
+    }
+
+
+@torch.no_grad()
 def vision_readout(model, pixel_values: torch.Tensor, layer: int):
     """One encoder layer of transformers' CLIP tower for one image, as the released pre-LLM methods read
     it with ``output_attentions``: (attention probabilities (H, S, S), output ``hidden_states[layer]``
@@ -476,6 +503,9 @@ def reference_select(
     embeddings=None,
     vision_attention=None,
     vision_features=None,
+    layer_keys=None,
+    normed_hidden=None,
+    image_positions=None,
     grid: int | None = None,
     seed: int = 0,
     **method_kwargs,
@@ -518,9 +548,13 @@ def reference_select(
         "embeddings": embeddings,
         "vision_attention": vision_attention,
         "vision_features": vision_features,
+        "layer_keys": layer_keys,
+        "normed_hidden": normed_hidden,
+        "image_positions": image_positions,
     }
     cues = {name: _as_float_tensor(given[name], name, method) for name in config.reference_cues}
-    num_tokens = cues[config.reference_cues[0]].shape[0]
+    per_image_token = [name for name in config.reference_cues if name not in ("layer_keys", "normed_hidden")]
+    num_tokens = cues[per_image_token[0]].shape[0]
     if not 1 <= keep <= num_tokens:
         raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
     order = config.torch_reference_order(cues, keep, grid)

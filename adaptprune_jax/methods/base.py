@@ -100,8 +100,12 @@ class VisionTokens:
 @dataclasses.dataclass(frozen=True)
 class LayerView:
     """Everything a method needs to compute a cue of its own: layer K - 1's post-RoPE queries and
-    keys, the hidden states entering layer K, the positions and the image tokens' slots."""
+    keys, the hidden states entering layer K, the positions and the image tokens' slots.
 
+    ``final_norm``: the hidden states pass through the LLM's final norm first (as the LM head sees
+    them; DART compares tokens there)."""
+
+    final_norm: bool = False
     reads_previous_layer: ClassVar[bool] = True
 
 
@@ -110,7 +114,7 @@ class LayerViewArrays(NamedTuple):
 
     queries: jax.Array  # (B, S, H, D) post-RoPE, layer K - 1
     keys: jax.Array  # (B, S, Hkv, D) post-RoPE, layer K - 1
-    hidden: jax.Array  # (B, S, d) entering layer K
+    hidden: jax.Array  # (B, S, d) entering layer K (after the final norm, if asked)
     positions: jax.Array  # (B, S) int32, -1 = padding
     image_slots: jax.Array  # (B, N) int32 sequence slot of each image token
 
