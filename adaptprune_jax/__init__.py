@@ -34,6 +34,9 @@ from adaptprune_jax.methods.base import (
     Cues,
     Embeddings,
     FeatureKeys,
+    InputEmbeddings,
+    InputEmbeddingsArrays,
+    KeptAndMerged,
     LastTokenAttention,
     LayerView,
     LayerViewArrays,
@@ -51,6 +54,7 @@ from adaptprune_jax.methods.fastv import FastVConfig
 from adaptprune_jax.methods.fixed import FixedIndicesConfig
 from adaptprune_jax.methods.pyramiddrop import PyramidDropConfig
 from adaptprune_jax.methods.random import RandomConfig
+from adaptprune_jax.methods.sparsevlm import SparseVLMConfig
 from adaptprune_jax.methods.uniform import UniformConfig
 from adaptprune_jax.methods.visionzip import VisionZipConfig
 from adaptprune_jax.methods.vispruner import VisPrunerConfig
@@ -75,6 +79,9 @@ __all__ = [
     "FastVConfig",
     "FeatureKeys",
     "FixedIndicesConfig",
+    "InputEmbeddings",
+    "InputEmbeddingsArrays",
+    "KeptAndMerged",
     "LastTokenAttention",
     "LayerView",
     "LayerViewArrays",
@@ -83,6 +90,7 @@ __all__ = [
     "PyramidDropConfig",
     "QueryAttention",
     "RandomConfig",
+    "SparseVLMConfig",
     "Stage",
     "StageAttention",
     "TokenLayout",

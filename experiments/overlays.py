@@ -33,7 +33,8 @@ def kept_patch_mask(kept: Sequence[int], config) -> np.ndarray:
     """(grid, grid) bool: which patches of the vision grid were kept.
 
     Indices count image tokens; with LLaVA's 'full' feature strategy the first token is [CLS], not a
-    patch, so the patch grid starts after the tokens that precede it.
+    patch, so the patch grid starts after the tokens that precede it. A token merged inside the LLM
+    (index -1) covers no single patch and is not drawn.
     """
     grid = config.vision.grid_size
     offset = config.num_image_tokens - grid * grid

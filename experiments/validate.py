@@ -3,12 +3,16 @@
     python -m experiments.validate --config=tiny --random_weights
     python -m experiments.validate --checkpoint=/path/to/llava-1.5-7b-hf --dtype=bfloat16
     python -m experiments.validate --checkpoint=DIR --method=adaptprune --keep=64 --layer=2
+    python -m experiments.validate --config=tiny-gqa --random_weights --method=sparsevlm --keep=64 \
+        --method_settings=sparsevlm.layers=0/1/2
 
 Both sides get the same token ids and pixels. Reported: max_abs_err, max_rel_err (max |jax - torch| /
 max |torch| over every prompt logit), mean_kl (KL(torch || jax) per position, averaged), top1_agreement,
 generated_equal (greedy continuations identical), and with pruning kept_indices_equal (the JAX
-library's selection == the PyTorch reference selection). The reference is always PyTorch float32; in
-bfloat16 the JAX error is judged against PyTorch bfloat16's own error (the bf16 noise floor).
+library's selection == the PyTorch reference selection; for a method that merges inside the LLM, the
+original indices kept after the last stage, -1 for each merged token, and merged_tokens, their count).
+The reference is always PyTorch float32; in bfloat16 the JAX error is judged against PyTorch
+bfloat16's own error (the bf16 noise floor).
 Exit status 1 when the tolerance is exceeded.
 """
 
@@ -64,6 +68,11 @@ class ValidateConfig:
         (), "Modules to import first that register pruning methods of their own (e.g. tests.keynorm_method)."
     )
     keep: str = setting("0.1", "Image tokens to keep: a count (64) or a ratio (0.1).")
+    method_settings: tuple[str, ...] = setting(
+        (),
+        "Settings of the method, as method.setting=value (e.g. sparsevlm.layers=0/1/2): values are "
+        "Python literals, '/' separates the items of a tuple.",
+    )
     layer: int = setting(2, "Pruning layer K (unused by methods that prune before the LLM).")
     seed: int = setting(0, "Seed for random weights and for a method that takes one.")
     tolerance: float | None = setting(
@@ -192,18 +201,16 @@ def run(settings: ValidateConfig) -> dict:
     input_ids_t = torch.tensor([ids], device=torch_device)
     pixels_t = torch.tensor(pixels, device=torch_device)
 
-    # Each method takes only the settings it has (a layer, a seed).
-    pruning = (
-        None
-        if settings.method == UNPRUNED
-        else methods.make_config(
-            settings.method,
-            strict=False,
-            keep=parse_keep(settings.keep),
-            layer=settings.layer,
-            seed=settings.seed,
-        )
-    )
+    # Each method takes only the settings it has (a layer, a seed), and its own given ones.
+    pruning = None
+    if settings.method != UNPRUNED:
+        from experiments.evaluation.pairs import parse_method_settings
+
+        own = parse_method_settings(settings.method_settings, [settings.method]).get(settings.method, {})
+        common = {"keep": parse_keep(settings.keep), "layer": settings.layer, "seed": settings.seed}
+        pruning = methods.make_config(settings.method, strict=False, **{**common, **own})
+    elif settings.method_settings:
+        raise ValueError("--method_settings needs a --method")
     if pruning is not None:  # before either side runs: a specific error for a setting that cannot fit
         pruning.validate(cfg.num_image_tokens, cfg.text.num_layers, cfg.image_layout())
     report = {
@@ -233,6 +240,9 @@ def run(settings: ValidateConfig) -> dict:
         if pruning.merges:
             merged, torch_kept = torch_reference.merged_embeds(torch_model, input_ids_t, pixels_t, pruning)
             torch_kept = torch_kept.numpy()
+        elif pruning.merges_in_llm:  # the reference's own kept and merged tokens at every stage
+            torch_stages = torch_reference.merging_selection(torch_model, input_ids_t, pixels_t, pruning)
+            torch_kept = torch_stages[-1].present.numpy()
         elif staged:  # the reference's own kept set at every stage; logits and tokens on those sets
             torch_stages = torch_reference.staged_selection(torch_model, input_ids_t, pixels_t, pruning)
             torch_kept = torch_stages[-1][1].numpy()
@@ -292,11 +302,17 @@ def run(settings: ValidateConfig) -> dict:
     if pruning is not None:
         report["kept_indices_equal"] = None if torch_kept is None else bool(np.array_equal(kept, torch_kept))
         report["kept_jax"] = kept.tolist()
+        if pruning.merges_in_llm:
+            report["merged_tokens"] = int(np.sum(kept < 0))
         if torch_kept is not None and not report["kept_indices_equal"]:
             report["kept_torch"] = torch_kept.tolist()
-            report["kept_shared"] = f"{len(set(kept.tolist()) & set(torch_kept.tolist()))} of {kept.size}"
+            originals = kept[kept >= 0]  # merged tokens (-1) have no original index
+            shared = set(originals.tolist()) & set(torch_kept.tolist())
+            report["kept_shared"] = f"{len(shared)} of {originals.size}"
         # Logits are compared on the JAX selection, so a selection difference does not hide logit errors.
-        # A merging method's tokens are the reference's own (its indices are compared above).
+        # A merging method's tokens are the reference's own (its indices are compared above); so are
+        # those of a method that merges inside the LLM (its kept tokens, then every merged token's
+        # members, would have to agree for the logits to).
         if pruning.merges:  # the shorter prompt of the reference's own merged embeddings
             sequence = dict(torch_reference.merged_sequence(keep), inputs_embeds=merged)
         else:
@@ -306,14 +322,20 @@ def run(settings: ValidateConfig) -> dict:
         torch_model_cpu = torch_model_cpu.to(torch_device)
         inputs = (torch_model_cpu, input_ids_t, pixels_t)
         renumber = {"renumber_positions": pruning.renumber_positions}
-        if staged:
+        if pruning.merges_in_llm:
+            reference = torch_reference.merging_forward(*inputs, pruning, torch_stages)[0]
+        elif staged:
             reference = torch_reference.staged_forward(*inputs, torch_stages, **renumber)[0]
         else:
             reference = torch_reference.pruned_forward(*inputs, **sequence)[0]
         reference = reference.cpu().numpy()
         if settings.generate_tokens:
             generation = dict(max_new_tokens=settings.generate_tokens, eos_token_id=preprocessor.eos_token_id)
-            if staged:
+            if pruning.merges_in_llm:
+                torch_generated = torch_reference.merging_generate(
+                    *inputs, pruning, torch_stages, **generation
+                )
+            elif staged:
                 torch_generated = torch_reference.staged_generate(
                     *inputs, torch_stages, **generation, **renumber
                 )
@@ -410,6 +432,7 @@ def print_table(report: dict) -> None:
     for key in (
         "keep",
         "kept_indices_equal",
+        "merged_tokens",
         "kept_shared",
         "generated_equal",
         "generated_jax",

@@ -5,7 +5,9 @@ the prompt through them, and at each of a method's stages computes the cues the 
 lets the method select, and compacts the sequence to the text tokens plus the kept image tokens.
 Kept tokens keep their ORIGINAL positions (or are renumbered, if the method says so), so the one
 masking rule of ``models.layers`` (a key is visible when 0 <= its position <= the query's) still
-gives every layer its causal mask over a sequence with gaps.
+gives every layer its causal mask over a sequence with gaps. A method that merges inside the LLM
+(``merges_in_llm``) also builds tokens at a stage: they go right after the last kept image token
+and are image tokens of the later stages.
 
 Image tokens are data, not a count: ``ImageTokens`` holds each row's image-token slots in the
 sequence and their ``TokenLayout`` (coordinates, grid, validity), so rows may hold image tokens at
@@ -52,7 +54,9 @@ class PrefillState(NamedTuple):
     positions: jax.Array  # (B, S') positions of the sequence the last layer saw (-1 = padding)
     last_index: jax.Array  # (B,) slot of each row's last prompt token in that sequence
     caches: list[LayerCache]
-    kept: jax.Array | None  # (B, keep) kept indices into the original image tokens, ascending
+    # (B, keep) kept indices into the original image tokens, ascending, then -1 for each token a
+    # method merged inside the LLM (those follow the kept ones in the sequence)
+    kept: jax.Array | None
 
 
 def prefill(
@@ -83,9 +87,18 @@ def prefill(
     reads_previous = any(request.reads_previous_layer for request in requests)
     caches: list[LayerCache] = []
     renumbers = pruning is not None and pruning.renumber_positions
+    merges = pruning is not None and pruning.merges_in_llm
+    if merges and not renumbers:
+        raise ValueError(
+            f"{pruning.name} merges tokens inside the LLM, which needs renumber_positions: a merged "
+            "token has no position of its own in the prompt."
+        )
     last_positions = []  # each layer's position of the last prompt token, when renumbering moves it
     kept = None
     previous = None  # (q, k, positions) of the layer before a stage, when a cue reads it
+    # The unpruned prompt, and each current slot's slot in it (for an InputEmbeddings cue).
+    original = (x, positions, image.slots)
+    origin = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
     for layer_index, layer in enumerate(layers):
         if layer_index in stages:
             stage = sorted(stages).index(layer_index)
@@ -102,13 +115,23 @@ def prefill(
                 vision,
                 stage,
                 final_norm,
+                prune.InputEmbeddingsArrays(*original, origin),
             )
-            selected = pruning.select(cues, stages[layer_index])
-            x, positions, last_index, image = _compact(x, positions, last_index, image, selected)
+            if merges:
+                selected, merged = pruning.select_and_merge(cues, stages[layer_index])
+            else:
+                selected, merged = pruning.select(cues, stages[layer_index]), None
+            x, positions, last_index, image, origin = _compact(
+                x, positions, last_index, image, origin, selected, merged
+            )
             kept = selected if kept is None else rows_take(kept, selected)
+            if merged is not None:
+                kept = jnp.concatenate([kept, jnp.full(merged.shape[:2], -1, kept.dtype)], axis=1)
             if renumbers:  # pre-LLM methods as released: a shorter prompt
                 positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
             if "vision_attention" in vision:
+                if merged is not None:
+                    raise ValueError(f"{pruning.name}: a merged token has no vision-tower attention")
                 vision["vision_attention"] = rows_take(vision["vision_attention"], selected)
         x, q, k, v = layer.prefill(x, positions)
         if reads_previous and layer_index + 1 in stages:
@@ -130,7 +153,19 @@ def _last_token_attention(q, k, positions, last_index, image):
 
 
 def _cues(
-    pruning, requests, layer, x, positions, image, previous, last_index, rng, vision, stage, final_norm
+    pruning,
+    requests,
+    layer,
+    x,
+    positions,
+    image,
+    previous,
+    last_index,
+    rng,
+    vision,
+    stage,
+    final_norm,
+    inputs,
 ):
     """The cues the method asked for, restricted to the image tokens (a static choice per method)."""
     fields = {}
@@ -161,6 +196,8 @@ def _cues(
             q, k, _ = previous  # the same positions: nothing is pruned between the two layers
             hidden = final_norm(x) if request.final_norm else x
             fields["view"] = prune.LayerViewArrays(q, k, hidden, positions, image.slots)
+        elif isinstance(request, prune.InputEmbeddings):
+            fields["inputs"] = inputs
         else:
             raise ValueError(f"{pruning.name} asks for an unknown cue {request!r}")
     return prune.Cues(
@@ -191,23 +228,65 @@ def _slot_mask(slots: jax.Array, valid: jax.Array, length: int) -> jax.Array:
     return jnp.zeros((batch, length), bool).at[rows, jnp.where(valid, slots, length)].set(True, mode="drop")
 
 
-def _compact(x, positions, last_index, image: ImageTokens, kept: jax.Array):
-    """Keep every non-image slot and the kept image slots, in their original order (static length).
+def _compact(x, positions, last_index, image: ImageTokens, origin, kept: jax.Array, merged=None):
+    """Keep every non-image slot and the kept image slots, in their original order (static length);
+    a merging method's ``merged`` tokens (B, c, d) go right after the last kept image token.
 
-    Every row keeps exactly ``S - N + keep`` slots (padding included, still marked -1), so the result
-    has a static shape; a row's last prompt token moves to the count of kept slots before it.
+    Every row keeps exactly ``S - N + keep (+ c)`` slots (padding included, still marked -1), so the
+    result has a static shape; a row's last prompt token moves to its slot in the new sequence.
+    Merged tokens get position 0 here (renumbering follows) and origin -1; they join the image tokens
+    after the kept ones, valid and on no grid.
     """
-    length = positions.shape[1]
+    batch, length = positions.shape
     num_image_tokens, keep = image.slots.shape[1], kept.shape[1]
+    count = 0 if merged is None else merged.shape[1]
     slots = jnp.arange(length)
     in_image = _slot_mask(image.slots, image.layout.valid, length)
     kept_slots = rows_take(image.slots, kept)
     kept_image = _slot_mask(kept_slots, jnp.ones_like(kept, bool), length)
     keep_mask = ~in_image | kept_image
-    new_length = length - num_image_tokens + keep
-    order = jnp.argsort(jnp.where(keep_mask, slots, slots + length), axis=1)[:, :new_length]
+    new_length = length - num_image_tokens + keep + count
+    # Sort keys: slot s at s * (c + 1), merged token m right after the last kept image slot, dropped
+    # slots beyond every kept one.
+    stride = count + 1
+    keys = jnp.where(keep_mask, slots * stride, (slots + length) * stride)
     new_slot = jnp.cumsum(keep_mask, axis=1) - 1
-    new_last = jnp.take_along_axis(new_slot, last_index[:, None], axis=1)[:, 0]
     kept_layout = jax.tree_util.tree_map(lambda a: rows_take(jnp.asarray(a), kept), image.layout)
-    new_image = ImageTokens(rows_take(new_slot, kept_slots).astype(jnp.int32), kept_layout)
-    return rows_take(x, order), rows_take(positions, order), new_last, new_image
+    new_image_slots = rows_take(new_slot, kept_slots)
+    if count:
+        last_kept = jnp.max(kept_slots, axis=1, keepdims=True)
+        keys = jnp.concatenate([keys, last_kept * stride + 1 + jnp.arange(count)[None]], axis=1)
+        new_slot = new_slot + count * (slots[None] > last_kept)
+        merged_slots = rows_take(new_slot, last_kept) + 1 + jnp.arange(count)[None]
+        new_image_slots = jnp.concatenate([new_image_slots, merged_slots], axis=1)
+        kept_layout = _with_merged_tokens(kept_layout, count)
+        x = jnp.concatenate([x, merged.astype(x.dtype)], axis=1)
+        positions = jnp.concatenate([positions, jnp.zeros((batch, count), positions.dtype)], axis=1)
+        origin = jnp.concatenate([origin, jnp.full((batch, count), -1, origin.dtype)], axis=1)
+    order = jnp.argsort(keys, axis=1)[:, :new_length]
+    new_last = jnp.take_along_axis(new_slot, last_index[:, None], axis=1)[:, 0]
+    new_image = ImageTokens(new_image_slots.astype(jnp.int32), kept_layout)
+    return (
+        rows_take(x, order),
+        rows_take(positions, order),
+        new_last,
+        new_image,
+        rows_take(origin, order),
+    )
+
+
+def _with_merged_tokens(layout: prune.TokenLayout, count: int) -> prune.TokenLayout:
+    """``layout`` (B, k) followed by ``count`` merged tokens: valid, on no grid."""
+    batch = layout.valid.shape[0]
+
+    def append(field, value):
+        return jnp.concatenate([field, jnp.full((batch, count), value, field.dtype)], axis=1)
+
+    return layout.replace(
+        row=append(layout.row, 0),
+        col=append(layout.col, 0),
+        grid=append(layout.grid, prune.NO_GRID),
+        grid_rows=append(layout.grid_rows, 0),
+        grid_cols=append(layout.grid_cols, 0),
+        valid=append(layout.valid, True),
+    )

@@ -346,6 +346,136 @@ def staged_generate(
     return generated
 
 
+def _head_mean_attention(language_model, decoder_layer, hidden: torch.Tensor, positions: torch.Tensor):
+    """(S, S) float32 attention probabilities of every query over every key at ``decoder_layer``,
+    averaged over heads: the layer's own projections and RoPE, transformers' eager attention function
+    (float32 softmax over the causal keys), as the released SparseVLM scores with the eager matrix."""
+    attention = decoder_layer.self_attn
+
+    def split_heads(projected: torch.Tensor) -> torch.Tensor:  # (1, T, H*d) -> (1, H, T, d)
+        return projected.view(1, projected.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+    normed = decoder_layer.input_layernorm(hidden)
+    query, key, value = (
+        split_heads(p(normed)) for p in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    cos, sin = language_model.rotary_emb(hidden, position_ids=positions)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    mask = causal_mask_by_position(positions, hidden.dtype)
+    _, probabilities = eager_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
+    return probabilities[0].float().mean(dim=0)
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    """One stage of a method that merges inside the LLM (``merges_in_llm``), as its reference ran it."""
+
+    layer: int  # the first decoder layer that sees the stage's sequence
+    kept: torch.Tensor  # (k,) ascending indices into the image tokens entering the stage
+    clusters: list[torch.Tensor]  # each merged token's members, indices like ``kept``, in token order
+    present: torch.Tensor  # (k + c,) each image token after the stage: original index, -1 = merged
+    merged: torch.Tensor  # (c, d) the merged tokens' hidden states
+
+
+def _merging_prefill(model, inputs_embeds, image_positions, pruning: PruneConfig, replay=None):
+    """Logits (1, S', V) float32 and the stages of a merging method on one prompt: at each stage,
+    the layer before it runs on the current sequence, the method's ``torch_reference_select_and_merge``
+    reads its attention and output (``replay``: a list of ``MergeStage`` to repeat instead), and the
+    sequence becomes [before the image | kept | merged | after the image], renumbered 0..L'-1 (as
+    released; tokens appended after the prompt continue every layer's own numbering)."""
+    language_model = model.model.language_model
+    layers = language_model.layers
+    if not bool((image_positions.diff() == 1).all()):
+        raise ValueError("the merging reference needs the image tokens in one contiguous span")
+    hidden, original_image = inputs_embeds, image_positions
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    present = torch.arange(image_positions.numel())
+    planned = pruning.stages(image_positions.numel(), len(layers)) if replay is None else replay
+    stages, start = [], 0
+    for index, stage in enumerate(planned):
+        hidden = _run_layers(language_model, hidden, positions, layers[start : stage.layer - 1])
+        pruned_layer = layers[stage.layer - 1]
+        attention = None
+        if replay is None:
+            attention = _head_mean_attention(language_model, pruned_layer, hidden, positions)
+        hidden = _run_layers(language_model, hidden, positions, layers[stage.layer - 1 : stage.layer])
+        if replay is None:
+            cues = {
+                "input_embeddings": inputs_embeds[0].float(),
+                "input_image_positions": original_image,
+                "attention": attention,
+                "hidden": hidden[0].float(),
+                "image_positions": image_positions,
+            }
+            kept, clusters = pruning.torch_reference_select_and_merge(cues, index)
+        else:
+            kept, clusters = stage.kept, stage.clusters
+        image_start, image_end = int(image_positions[0]), int(image_positions[-1]) + 1
+        merged = torch.stack([hidden[0, image_start + members].mean(dim=0) for members in clusters])
+        hidden = torch.cat(
+            [hidden[:, :image_start], hidden[:, image_start + kept], merged[None], hidden[:, image_end:]],
+            dim=1,
+        )
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        image_positions = torch.arange(
+            image_start, image_start + kept.numel() + len(clusters), device=hidden.device
+        )
+        present = torch.cat([present[kept.cpu()], torch.full((len(clusters),), -1)])
+        stages.append(MergeStage(stage.layer, kept, clusters, present, merged.float()))
+        start = stage.layer
+    hidden = _run_layers(language_model, hidden, positions, layers[start:])
+    return model.lm_head(language_model.norm(hidden)).float(), stages
+
+
+@torch.no_grad()
+def merging_selection(model, input_ids, pixel_values, pruning: PruneConfig) -> list[MergeStage]:
+    """The stages of a method that merges inside the LLM (``pruning.merges_in_llm``, SparseVLM), as
+    its released code runs them on the prompt (``torch_reference_select_and_merge`` of its config on
+    the eager attention and the output of each pruned layer)."""
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    embeds = embed_inputs(model, input_ids, pixel_values)
+    return _merging_prefill(model, embeds, image_positions, pruning)[1]
+
+
+@torch.no_grad()
+def merging_forward(model, input_ids, pixel_values, pruning: PruneConfig, stages=None) -> torch.Tensor:
+    """Prefill logits (1, S', V) float32 of a method that merges inside the LLM: its own stages, or
+    ``stages`` (from ``merging_selection``) repeated."""
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    embeds = embed_inputs(model, input_ids, pixel_values)
+    return _merging_prefill(model, embeds, image_positions, pruning, stages)[0]
+
+
+@torch.no_grad()
+def merging_generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    pruning: PruneConfig,
+    stages,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Collection[int],
+) -> list[int]:
+    """Greedy new tokens of ``merging_forward`` with the prompt's ``stages`` (EOS included when
+    reached), no KV cache: each step reruns the layers on prompt + generated tokens with the same
+    kept and merged tokens, and every new token continues each layer's own numbering (the released
+    decode: a layer's position is its cache length)."""
+    stop_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    embeds = embed_inputs(model, input_ids, pixel_values)
+    embed_tokens = model.get_input_embeddings()
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        logits, _ = _merging_prefill(model, embeds, image_positions, pruning, stages)
+        token = int(torch.argmax(logits[0, -1]))
+        generated.append(token)
+        if token in stop_ids:
+            break
+        embeds = torch.cat([embeds, embed_tokens(torch.tensor([[token]], device=embeds.device))], dim=1)
+    return generated
+
+
 @torch.no_grad()
 def layer_reference_cues(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, layer: int) -> dict:
     """What an in-LLM method reading the whole layer K - 1 sees (DART), for one prompt, computed as its
@@ -535,6 +665,11 @@ def reference_select(
             f"its options: {sorted(config_class.reference_options) or 'none'}"
         )
     config = config_class(**method_kwargs)
+    if config.merges_in_llm:
+        raise ValueError(
+            f"{method} merges tokens inside the LLM, so its selection depends on every stage: use "
+            "merging_selection / merging_forward"
+        )
     if config.merges:
         raise ValueError(
             f"{method} builds the LLM's image tokens itself, so it has no selection to reference: "

@@ -99,6 +99,14 @@ def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, 
                 slots,
             )
         },
+        prune.InputEmbeddings: lambda: {
+            "inputs": prune.InputEmbeddingsArrays(
+                normal(batch, length, dim),
+                np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+                slots,
+                np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+            )
+        },
     }
     fields = {}
     for request in config.cue_requests():
@@ -106,6 +114,14 @@ def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, 
     if layout.valid.ndim == 1:
         layout = layout.broadcast((batch,))
     return prune.Cues(**fields, layout=layout, rng=jax.random.key(seed), batch_size=batch, num_image_tokens=n)
+
+
+def small_model_config(name: str, **settings):
+    """Method ``name``'s config for the small test models: the harness-wide ``settings`` it has (as
+    ``make_config(strict=False)`` takes them) and its ``small_model_settings``."""
+    from adaptprune_jax import methods
+
+    return methods.make_config(name, strict=False, **{**settings, **methods.get(name).small_model_settings})
 
 
 def once_per_session(tmp_path_factory, name: str, compute):

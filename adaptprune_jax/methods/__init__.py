@@ -87,6 +87,7 @@ from adaptprune_jax.methods import (  # noqa: E402, F401
     fixed,
     pyramiddrop,
     random,
+    sparsevlm,
     uniform,
     visionzip,
     vispruner,

@@ -8,7 +8,8 @@ model must do for it, and turns the cues it asked for into kept indices:
 * which cues it needs: ``cue_requests()``, instances of the cue classes below (computed by the
   model only when asked, with static shapes);
 * whether kept tokens keep their RoPE positions (``renumber_positions``), whether it has a layer
-  setting (``has_layer``) or a seed (``takes_seed``), and whether a PyTorch reference of its
+  setting (``has_layer``) or a seed (``takes_seed``), whether it builds tokens of its own before the
+  LLM (``merges``) or inside it (``merges_in_llm``), and whether a PyTorch reference of its
   selection exists (``has_torch_reference``).
 
 Nothing outside a method's own file tests a method by name.
@@ -109,6 +110,24 @@ class LayerView:
     reads_previous_layer: ClassVar[bool] = True
 
 
+@dataclasses.dataclass(frozen=True)
+class InputEmbeddings:
+    """The LLM's layer-0 input of the unpruned prompt, and where each slot of the sequence entering
+    the stage came from: ``inputs`` (``InputEmbeddingsArrays``). A method that picks tokens of the
+    prompt once (SparseVLM's text raters) finds them again in every later, shorter sequence."""
+
+    reads_previous_layer: ClassVar[bool] = False
+
+
+class InputEmbeddingsArrays(NamedTuple):
+    """The arrays behind an ``InputEmbeddings`` request."""
+
+    embeddings: jax.Array  # (B, S0, d) layer-0 input of the unpruned prompt (image features in place)
+    positions: jax.Array  # (B, S0) int32 its positions, -1 = padding
+    image_slots: jax.Array  # (B, N0) int32 its image tokens' slots
+    origin: jax.Array  # (B, S) int32 each current slot's slot in that prompt; -1: a token a method built
+
+
 class LayerViewArrays(NamedTuple):
     """The arrays behind a ``LayerView`` request."""
 
@@ -128,6 +147,7 @@ CUE_TYPES = (
     VisionClsAttention,
     VisionTokens,
     LayerView,
+    InputEmbeddings,
 )
 
 
@@ -138,7 +158,8 @@ class Cues:
     attention: (B, N) float32 (LastTokenAttention, StageAttention); query_attention (B, S, N) and query_mask (B, S)
     (QueryAttention); keys: (B, N, D) (FeatureKeys); embeddings: (B, N, d) (Embeddings);
     vision_attention: (B, N) (VisionClsAttention); vision_tokens (B, 1 + N, d_vision) and vision_keys
-    (B, 1 + N, head_dim) (VisionTokens); view: LayerViewArrays (LayerView).
+    (B, 1 + N, head_dim) (VisionTokens); view: LayerViewArrays (LayerView); inputs:
+    InputEmbeddingsArrays (InputEmbeddings).
     layout: the image tokens' TokenLayout, (B, N); rng: a PRNG key for methods that take a seed.
     batch_size / num_image_tokens: static sizes, for methods that read no array.
     stage: which of the method's stages this is (static).
@@ -153,6 +174,7 @@ class Cues:
     vision_tokens: jax.Array | None = None
     vision_keys: jax.Array | None = None
     view: LayerViewArrays | None = None
+    inputs: InputEmbeddingsArrays | None = None
     layout: TokenLayout | None = None
     rng: jax.Array | None = None
     batch_size: int | None = struct.field(pytree_node=False, default=None)
@@ -191,6 +213,13 @@ class MergedTokens(NamedTuple):
 
     features: jax.Array  # (B, keep, d_vision): the image tokens the LLM sees, before the projector
     kept: jax.Array  # (B, k) int32, ascending: the image tokens passed through unchanged among them
+
+
+class KeptAndMerged(NamedTuple):
+    """What a method that merges inside the LLM (``PruneConfig.merges_in_llm``) returns at a stage."""
+
+    kept: jax.Array  # (B, k) int32, ascending: the image tokens kept as they are
+    merged: jax.Array  # (B, c, d) hidden states of the tokens it built, inserted after the kept ones
 
 
 class Stage(NamedTuple):
@@ -265,6 +294,14 @@ class PruneConfig:
     needs_grid: ClassVar[bool] = False  # spatial methods: every image token must sit on a grid
     # The LLM sees tokens the method builds (``merge``), not a subset of the image tokens.
     merges: ClassVar[bool] = False
+    # At each stage the method keeps some image tokens and builds others from the hidden states
+    # entering the stage (``select_and_merge``); only with renumbered positions (a built token has no
+    # position of its own in the prompt).
+    merges_in_llm: ClassVar[bool] = False
+    # Settings under which the method runs on a small LLM (4 decoder layers, a few dozen image tokens)
+    # where its released defaults need LLaVA-1.5-7B's sizes; the tests that build every registered
+    # method add them.
+    small_model_settings: ClassVar[dict[str, Any]] = {}
 
     keep: int | float = DEFAULT_KEEP_RATIO
     layer: int = DEFAULT_LAYER
@@ -321,6 +358,11 @@ class PruneConfig:
                         f"{self.name}: needs every image token on a grid, but {off_grid} of the "
                         f"{num_image_tokens} image tokens sit on none (a [CLS] or newline token)."
                     )
+        if self.merges_in_llm and not self.renumber_positions:
+            raise ValueError(
+                f"{self.name} merges tokens inside the LLM, which needs renumber_positions: a merged "
+                "token has no position of its own in the prompt."
+            )
         stages = self.stages(num_image_tokens, num_layers)
         previous_layer, previous_keep = -1, num_image_tokens
         for stage in stages:
@@ -350,6 +392,12 @@ class PruneConfig:
     # The selection --------------------------------------------------------------------------
     def select(self, cues: Cues, keep: int) -> jax.Array:
         """Kept image-token indices, int32 (B, keep), distinct and sorted ascending."""
+        raise NotImplementedError
+
+    def select_and_merge(self, cues: Cues, keep: int) -> KeptAndMerged:
+        """For ``merges_in_llm`` methods: of the ``keep`` image tokens the stage leaves, the kept ones
+        (indices into the current image tokens) and the built ones (hidden states). The model puts the
+        built tokens right after the last kept image token; later stages see them as image tokens."""
         raise NotImplementedError
 
     def merge(self, cues: Cues, keep: int) -> MergedTokens:

@@ -158,7 +158,11 @@ def jax_worker(spec: dict) -> dict:
     if pruning is not None and mode != "probe":
         cues = abstract_cues(pruning, cfg, batch=batch, length=prompt_tokens, dtype=dtype, rng=key)
         layout = cfg.image_layout().broadcast((batch,))
-        build("select", jax.jit(lambda c: pruning.select(c.replace(layout=layout), keep)), cues)
+        if pruning.merges_in_llm:  # its first stage's selection and merge
+            select = jax.jit(lambda c: pruning.select_and_merge(c.replace(layout=layout), stages[0].keep))
+        else:
+            select = jax.jit(lambda c: pruning.select(c.replace(layout=layout), keep))
+        build("select", select, cues)
     from models.layers import attention_logits_budget
 
     out = {
@@ -348,6 +352,14 @@ def abstract_cues(pruning, cfg, *, batch: int, length: int, dtype, rng):
                 sds((batch, length, text.hidden_size), dtype),
                 sds((batch, length), jnp.int32),
                 sds((batch, n_img), jnp.int32),
+            )
+        },
+        prune.InputEmbeddings: {
+            "inputs": prune.InputEmbeddingsArrays(
+                sds((batch, length, text.hidden_size), dtype),
+                sds((batch, length), jnp.int32),
+                sds((batch, n_img), jnp.int32),
+                sds((batch, length), jnp.int32),
             )
         },
     }

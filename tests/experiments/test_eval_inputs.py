@@ -260,6 +260,16 @@ def test_method_settings_reach_their_method_and_bad_ones_are_named():
             pairs(bad)
 
 
+def _takes_budgets(name, keeps) -> bool:
+    """Whether method ``name`` has a setting for each budget (SparseVLM has released ones only)."""
+    try:
+        for keep in keeps:
+            methods.make_config(name, strict=False, keep=eval_lib.parse_keep(keep))
+    except ValueError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("name", sorted(FLAGFILES))
 def test_shipped_flagfiles_parse_and_fit_their_model(name):
     """Every flagfile gives a complete config whose budgets fit LLaVA-1.5's geometry (576 tokens, 32
@@ -275,9 +285,10 @@ def test_shipped_flagfiles_parse_and_fit_their_model(name):
         checkpoint = "checkpoints/testbed-deep" if name == "testbed_deep_gpu" else "checkpoints/testbed"
         assert config.benchmark == "testbed" and config.checkpoint == checkpoint
         assert config.questions == "experiments/data/testbed_test" and config.image_dir is None
-    if name == "testbed":  # make eval: every built-in method
+    if name == "testbed":  # make eval: every built-in method that takes each of its budgets
         builtin = {n for n in methods.names() if methods.get(n).__module__.startswith("adaptprune_jax.")}
-        assert config.limit and config.dtype == "float32" and set(config.methods) == builtin
+        usable = {n for n in builtin if _takes_budgets(n, config.keep)}
+        assert config.limit and config.dtype == "float32" and set(config.methods) == usable
     if name in ("testbed_gpu", "testbed_deep_gpu"):
         assert config.limit is None and config.dtype == "bfloat16" and set(config.keep) == {192, 128, 64, 32}
     if name == "pope_llava15_7b":
@@ -325,6 +336,9 @@ def test_kept_patch_mask_follows_the_config_grid():
     assert mask.shape == (4, 4) and mask.sum() == 3 and mask[0, 0] and mask[1, 1] and mask[3, 3]
     with_cls = config(28, 7, 1)  # 'full' strategy: token 0 is [CLS], token 1 is patch (0, 0)
     assert np.argwhere(kept_patch_mask([0, 1, 16], with_cls)).tolist() == [[0, 0], [3, 3]]
+    # Tokens merged inside the LLM (-1, after the kept ones) cover no patch.
+    np.testing.assert_array_equal(kept_patch_mask([0, 5, 15, -1, -1], square), mask)
+    np.testing.assert_array_equal(kept_patch_mask([1, -1], with_cls), kept_patch_mask([1], with_cls))
 
     image = np.ones((28, 28, 3))
     shown = overlay_kept_patches(image, mask, 7)

@@ -40,7 +40,8 @@ def test_registry_names_and_make_config():
     with pytest.raises(
         ValueError,
         match=r"unknown pruning method 'tome'; known methods: "
-        r"adaptprune, divprune, fastv, keynorm_fastv, pyramiddrop, random, uniform, visionzip",
+        r"adaptprune, dart, divprune, fastv, keynorm_fastv, pyramiddrop, random, sparsevlm, uniform, "
+        r"visionzip, vispruner\.",
     ):
         make_config("tome")
     with pytest.raises(

@@ -6,6 +6,7 @@ import pytest
 
 import adaptprune_jax as prune
 from adaptprune_jax import methods
+from tests.helpers import small_model_config
 
 
 def _two_grids():
@@ -105,9 +106,7 @@ def test_uniform_on_two_grids_spreads_over_both():
 def test_grid_methods_refuse_tokens_on_no_grid():
     layout = _two_grids()
     for name in methods.names():
-        config = methods.make_config(
-            name, strict=False, keep=22
-        )  # a count every method can take from 23 tokens
+        config = small_model_config(name, keep=22)  # a count every method can take from 23 tokens
         if config.needs_grid:
             with pytest.raises(ValueError, match=rf"{name}: needs every image token on a grid, but 1 of"):
                 config.validate(23, 8, layout)

@@ -9,7 +9,7 @@ import pytest
 
 from adaptprune_jax import methods
 from models.generate import SamplingConfig
-from tests.helpers import make_prompt, random_pixels
+from tests.helpers import make_prompt, random_pixels, small_model_config
 
 
 def _last_logits(ckpt, prompts, pixels, pruning):
@@ -31,12 +31,17 @@ def inputs(tiny_checkpoints):
     return ckpt, prompts, pixels, unpruned
 
 
+def _builds_tokens(name) -> bool:
+    return methods.get(name).merges or methods.get(name).merges_in_llm
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in methods.names() if not methods.get(n).merges])
+@pytest.mark.parametrize("name", [n for n in methods.names() if not _builds_tokens(n)])
 def test_keeping_every_token_equals_unpruned(inputs, name):
-    """(Methods that merge build tokens of their own, so keeping all of them is not the unpruned input.)"""
+    """(Methods that merge build tokens of their own, so keeping all of them is not the unpruned
+    input; one that merges inside the LLM prunes and merges at least one token at every stage.)"""
     ckpt, prompts, pixels, unpruned = inputs
-    pruning = methods.make_config(name, strict=False, keep=1.0, layer=2)
+    pruning = small_model_config(name, keep=1.0, layer=2)
     logits, kept = _last_logits(ckpt, prompts, pixels, pruning)
     np.testing.assert_array_equal(kept, np.broadcast_to(np.arange(ckpt.config.num_image_tokens), kept.shape))
     np.testing.assert_allclose(logits, unpruned, rtol=0, atol=1e-5 * np.abs(unpruned).max())
@@ -65,10 +70,11 @@ def test_pruned_batch_equals_rows_one_by_one(tiny_checkpoints, name):
     rng = np.random.default_rng(1234)
     prompts = [make_prompt(ckpt.config, rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1), (25, 12))]
     pixels = random_pixels(rng, len(prompts), ckpt.config.vision.image_size)
-    pruning = methods.make_config(name, strict=False, keep=64, layer=2)
+    pruning = small_model_config(name, keep=64, layer=2)
     logits, kept, tokens = _generate(ckpt, prompts, pixels, pruning)
     # A merging method reports the image tokens it passed through unchanged, fewer than it keeps.
-    assert kept.shape[0] == len(prompts) and (pruning.merges or kept.shape[1] == 64)
+    keep = pruning.resolve_keep(ckpt.config.num_image_tokens)
+    assert kept.shape[0] == len(prompts) and (pruning.merges or kept.shape[1] == keep)
     assert tokens.shape == (len(prompts), NEW_TOKENS)
     for row in range(len(prompts)):
         one_logits, one_kept, one_tokens = _generate(
