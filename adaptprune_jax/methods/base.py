@@ -232,6 +232,11 @@ class Stage(NamedTuple):
 # --- keep counts and checks --------------------------------------------------------------------
 
 
+class UnsupportedBudget(ValueError):
+    """A method has no setting for this budget (its released code ships a table of budgets): a sweep
+    over budgets skips the pair instead of failing."""
+
+
 def check_keep_type(keep: Any) -> None:
     """Checks on ``keep`` that need no token count (also run when a config is built)."""
     if isinstance(keep, bool) or not isinstance(keep, numbers.Real):

@@ -54,6 +54,7 @@ from adaptprune_jax.methods.base import (
     PruneConfig,
     QueryAttention,
     Stage,
+    UnsupportedBudget,
     check_int,
     check_keep_type,
 )
@@ -167,7 +168,7 @@ class SparseVLMConfig(PruneConfig):
         check_keep_type(self.keep)
         if self.schedule is None:
             if not isinstance(self.keep, numbers.Integral) or int(self.keep) not in RELEASED_SCHEDULES:
-                raise ValueError(
+                raise UnsupportedBudget(
                     f"sparsevlm has no released schedule for keep={self.keep!r}: the released budgets "
                     f"are {', '.join(map(str, RELEASED_SCHEDULES))}; for another, give schedule= (the "
                     "image tokens kept at each pruning layer)."

@@ -103,13 +103,16 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layo
     """The unpruned pair first, then every (method, keep), validated against the model's sizes and,
     when given, its image-token layout (the check generation makes, so both give the same message).
 
-    A keep or layer out of range raises the pruning config's own ValueError here, before any work.
+    A keep or layer out of range raises the pruning config's own ValueError here, before any work; a
+    budget a method has no setting for (``UnsupportedBudget``: SparseVLM's released schedules) skips
+    that pair with a warning, so one sweep covers methods with different budget tables.
     Two requested keeps that resolve to the same count (192 and 1/3) are evaluated once. Each method
     takes only the settings it has: a method that prunes before the LLM has no layer, and only a
     random one a seed; `layer=None` leaves each method its default; `method_settings` sets a single
     method's own settings.
     """
     from adaptprune_jax import methods
+    from adaptprune_jax.methods.base import UnsupportedBudget
 
     pairs = [Pair(UNPRUNED, num_image_tokens, None, None, float(num_image_tokens))]
     seen = {pairs[0].name}
@@ -125,7 +128,11 @@ def build_pairs(config: EvalConfig, num_image_tokens: int, num_layers: int, layo
         for keep in config.keep:
             requested = parse_keep(keep)
             common = {"keep": requested, "layer": config.layer, "seed": config.seed}
-            pruning = methods.make_config(method, strict=False, **common, **own_settings.get(method, {}))
+            try:
+                pruning = methods.make_config(method, strict=False, **common, **own_settings.get(method, {}))
+            except UnsupportedBudget as error:
+                logger.warning("skipping %s at keep=%s: %s", method, keep, error)
+                continue
             pruning.validate(num_image_tokens, num_layers, layout)
             pair = Pair(
                 method,

@@ -260,6 +260,23 @@ def test_method_settings_reach_their_method_and_bad_ones_are_named():
             pairs(bad)
 
 
+def test_a_budget_a_method_has_no_setting_for_is_skipped_with_a_warning(caplog):
+    config = eval_lib.EvalConfig(
+        checkpoint="c",
+        benchmark="testbed",
+        questions="q",
+        output_dir="o",
+        methods=("sparsevlm", "fastv"),
+        keep=(192, 32),
+    )
+    with caplog.at_level("WARNING"):
+        pairs = eval_lib.build_pairs(config, 576, 32)
+    assert [pair.name for pair in pairs] == ["none_576", "sparsevlm_113", "fastv_192", "fastv_32"]
+    assert "skipping sparsevlm at keep=32: sparsevlm has no released schedule" in caplog.text
+    with pytest.raises(ValueError, match="exceeds num_image_tokens"):  # other errors still stop the run
+        eval_lib.build_pairs(dataclasses.replace(config, keep=(1000,)), 576, 32)
+
+
 def _takes_budgets(name, keeps) -> bool:
     """Whether method ``name`` has a setting for each budget (SparseVLM has released ones only)."""
     try:
