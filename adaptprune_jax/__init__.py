@@ -36,6 +36,7 @@ from adaptprune_jax.methods.base import (
     FeatureKeys,
     InputEmbeddings,
     InputEmbeddingsArrays,
+    JointEmbeddings,
     KeptAndMerged,
     LastTokenAttention,
     LayerView,
@@ -50,6 +51,7 @@ from adaptprune_jax.methods.base import (
     VisionTokens,
     resolve_keep,
 )
+from adaptprune_jax.methods.cdpruner import CDPrunerConfig
 from adaptprune_jax.methods.divprune import DivPruneConfig
 from adaptprune_jax.methods.fastv import FastVConfig
 from adaptprune_jax.methods.fixed import FixedIndicesConfig
@@ -74,6 +76,7 @@ __all__ = [
     "NMS_IMPLEMENTATIONS",
     "NO_GRID",
     "AdaptPruneConfig",
+    "CDPrunerConfig",
     "Cues",
     "DivPruneConfig",
     "Embeddings",
@@ -82,6 +85,7 @@ __all__ = [
     "FixedIndicesConfig",
     "InputEmbeddings",
     "InputEmbeddingsArrays",
+    "JointEmbeddings",
     "KeptAndMerged",
     "UnsupportedBudget",
     "LastTokenAttention",

@@ -32,6 +32,7 @@ class VisionConfig:
     patch_size: int
     layer_norm_eps: float
     hidden_act: str
+    projection_dim: int | None = None  # CLIP's joint image-text width (visual_projection's output)
 
     @property
     def grid_size(self) -> int:
@@ -179,6 +180,7 @@ def from_hf_config(hf_config: Any) -> LlavaModelConfig:
             patch_size=vision.patch_size,
             layer_norm_eps=vision.layer_norm_eps,
             hidden_act=vision.hidden_act,
+            projection_dim=getattr(vision, "projection_dim", None),
         ),
         text=TextConfig(
             hidden_size=text.hidden_size,

@@ -71,6 +71,11 @@ class LlavaForConditionalGeneration(nnx.Module):
         """What the LLM's prompt takes from the images under ``pruning``: the image features (a merging
         method's tokens in the first ``keep`` slots), the vision-tower cues the method asked for, and a
         merging method's passed-through image tokens."""
+        if pruning is not None and pruning.needs_text_tower:
+            raise ValueError(
+                f"{pruning.name} needs the CLIP text tower: its cues (the question's CLIP text embeddings "
+                "and the image in CLIP's joint space) are not computed by this model yet."
+            )
         readout_layer = None if pruning is None else pruning.vision_layer()
         features, readout = self.encode_images(pixel_values, readout_layer)
         num_image_tokens = features.shape[1]

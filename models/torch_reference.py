@@ -636,6 +636,8 @@ def reference_select(
     layer_keys=None,
     normed_hidden=None,
     image_positions=None,
+    image_embeds=None,
+    text_embeds=None,
     grid: int | None = None,
     seed: int = 0,
     **method_kwargs,
@@ -686,9 +688,13 @@ def reference_select(
         "layer_keys": layer_keys,
         "normed_hidden": normed_hidden,
         "image_positions": image_positions,
+        "image_embeds": image_embeds,
+        "text_embeds": text_embeds,
     }
     cues = {name: _as_float_tensor(given[name], name, method) for name in config.reference_cues}
-    per_image_token = [name for name in config.reference_cues if name not in ("layer_keys", "normed_hidden")]
+    per_image_token = [
+        name for name in config.reference_cues if name not in ("layer_keys", "normed_hidden", "text_embeds")
+    ]
     num_tokens = cues[per_image_token[0]].shape[0]
     if not 1 <= keep <= num_tokens:
         raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")

@@ -60,8 +60,19 @@ def random_pixels(rng: np.random.Generator, batch: int, size: int) -> np.ndarray
     return rng.standard_normal((batch, 3, size, size)).astype(np.float32)
 
 
-def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, heads: int = 2, dim: int = 8):
-    """Random cues of the kinds ``config`` asks for, for ``batch`` rows of the layout's image tokens."""
+def random_cues(
+    config,
+    *,
+    batch: int,
+    layout,
+    seed: int = 0,
+    length: int = 40,
+    heads: int = 2,
+    dim: int = 8,
+    text_segments: int = 3,
+):
+    """Random cues of the kinds ``config`` asks for, for ``batch`` rows of the layout's image tokens
+    (``text_segments``: the most text segments a row's question has, for ``JointEmbeddings``)."""
     import jax
 
     import adaptprune_jax as prune
@@ -89,6 +100,11 @@ def random_cues(config, *, batch: int, layout, seed: int = 0, length: int = 40, 
         prune.VisionTokens: lambda: {
             "vision_tokens": normal(batch, 1 + n, dim),
             "vision_keys": normal(batch, 1 + n, dim),
+        },
+        prune.JointEmbeddings: lambda: {
+            "image_embeds": normal(batch, n, dim),
+            "text_embeds": normal(batch, text_segments, dim),
+            "text_mask": np.arange(text_segments)[None] < rng.integers(1, text_segments + 1, (batch, 1)),
         },
         prune.LayerView: lambda: {
             "view": prune.LayerViewArrays(

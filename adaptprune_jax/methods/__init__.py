@@ -81,6 +81,7 @@ def import_plugins(modules: Iterable[str]) -> None:
 # The built-in methods register themselves on import.
 from adaptprune_jax.methods import (  # noqa: E402, F401
     adaptprune,
+    cdpruner,
     dart,
     divprune,
     fastv,

@@ -99,6 +99,20 @@ class VisionTokens:
 
 
 @dataclasses.dataclass(frozen=True)
+class JointEmbeddings:
+    """The image and the question in CLIP's joint image-text space (what CDPruner's relevance reads):
+    ``image_embeds`` (B, N, C_proj), the vision tower's ``hidden_states[layer]`` patches through its
+    post_layernorm and visual_projection; ``text_embeds`` (B, M, C_proj), the CLIP text tower's
+    projected output for each of the question's segments of ``max_position_embeddings`` tokens, and
+    ``text_mask`` (B, M) bool, False on the segments a shorter question leaves empty (every row has
+    at least one). The model needs the CLIP text tower to compute it (``needs_text_tower``)."""
+
+    layer: int = -2
+    reads_previous_layer: ClassVar[bool] = False
+    needs_text_tower: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerView:
     """Everything a method needs to compute a cue of its own: layer K - 1's post-RoPE queries and
     keys, the hidden states entering layer K, the positions and the image tokens' slots.
@@ -146,6 +160,7 @@ CUE_TYPES = (
     Embeddings,
     VisionClsAttention,
     VisionTokens,
+    JointEmbeddings,
     LayerView,
     InputEmbeddings,
 )
@@ -158,7 +173,8 @@ class Cues:
     attention: (B, N) float32 (LastTokenAttention, StageAttention); query_attention (B, S, N) and query_mask (B, S)
     (QueryAttention); keys: (B, N, D) (FeatureKeys); embeddings: (B, N, d) (Embeddings);
     vision_attention: (B, N) (VisionClsAttention); vision_tokens (B, 1 + N, d_vision) and vision_keys
-    (B, 1 + N, head_dim) (VisionTokens); view: LayerViewArrays (LayerView); inputs:
+    (B, 1 + N, head_dim) (VisionTokens); image_embeds (B, N, C_proj), text_embeds (B, M, C_proj) and
+    text_mask (B, M) (JointEmbeddings); view: LayerViewArrays (LayerView); inputs:
     InputEmbeddingsArrays (InputEmbeddings).
     layout: the image tokens' TokenLayout, (B, N); rng: a PRNG key for methods that take a seed.
     batch_size / num_image_tokens: static sizes, for methods that read no array.
@@ -173,6 +189,9 @@ class Cues:
     vision_attention: jax.Array | None = None
     vision_tokens: jax.Array | None = None
     vision_keys: jax.Array | None = None
+    image_embeds: jax.Array | None = None
+    text_embeds: jax.Array | None = None
+    text_mask: jax.Array | None = None
     view: LayerViewArrays | None = None
     inputs: InputEmbeddingsArrays | None = None
     layout: TokenLayout | None = None
@@ -183,7 +202,7 @@ class Cues:
 
     def batch_and_tokens(self) -> tuple[int, int]:
         """(B, N), from the first array cue present, else from the static fields."""
-        for array in (self.attention, self.keys, self.embeddings, self.vision_attention):
+        for array in (self.attention, self.keys, self.embeddings, self.vision_attention, self.image_embeds):
             if array is not None:
                 return int(array.shape[0]), int(array.shape[1])
         if self.layout is not None and self.layout.valid.ndim == 2:
@@ -303,6 +322,9 @@ class PruneConfig:
     # entering the stage (``select_and_merge``); only with renumbered positions (a built token has no
     # position of its own in the prompt).
     merges_in_llm: ClassVar[bool] = False
+    # Its cues need the CLIP text tower (``JointEmbeddings``), which the model does not load yet: the
+    # model refuses the method, and the in-model tests skip it.
+    needs_text_tower: ClassVar[bool] = False
     # Settings under which the method runs on a small LLM (4 decoder layers, a few dozen image tokens)
     # where its released defaults need LLaVA-1.5-7B's sizes; the tests that build every registered
     # method add them.
@@ -328,7 +350,11 @@ class PruneConfig:
 
     def vision_layer(self) -> int | None:
         """The vision-tower layer the method's cues read (``hidden_states`` index; None: none)."""
-        layers = {r.layer for r in self.cue_requests() if isinstance(r, (VisionClsAttention, VisionTokens))}
+        layers = {
+            r.layer
+            for r in self.cue_requests()
+            if isinstance(r, (VisionClsAttention, VisionTokens, JointEmbeddings))
+        }
         if len(layers) > 1:
             raise ValueError(f"{self.name} reads the vision tower at several layers {sorted(layers)}")
         return next(iter(layers), None)

@@ -16,6 +16,10 @@ from experiments.benchmark.workers import (
     random_prompts,
 )
 
+# Text segments of max_position_embeddings tokens a question takes (JointEmbeddings): the benchmark's
+# short questions fit one, as the released evaluation's do.
+TEXT_SEGMENTS = 1
+
 
 def _compiled_memory(compiled) -> dict | None:
     """XLA's byte counts of a compiled stage (its temporaries are what a batch adds beside the cache)."""
@@ -344,6 +348,11 @@ def abstract_cues(pruning, cfg, *, batch: int, length: int, dtype, rng):
             "vision_keys": sds(
                 (batch, 1 + n_img, cfg.vision.hidden_size // cfg.vision.num_heads), jnp.float32
             ),
+        },
+        prune.JointEmbeddings: {
+            "image_embeds": sds((batch, n_img, cfg.vision.projection_dim), jnp.float32),
+            "text_embeds": sds((batch, TEXT_SEGMENTS, cfg.vision.projection_dim), jnp.float32),
+            "text_mask": sds((batch, TEXT_SEGMENTS), bool),
         },
         prune.LayerView: {
             "view": prune.LayerViewArrays(

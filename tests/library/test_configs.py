@@ -40,7 +40,7 @@ def test_registry_names_and_make_config():
     with pytest.raises(
         ValueError,
         match=r"unknown pruning method 'tome'; known methods: "
-        r"adaptprune, dart, divprune, fastv, keynorm_fastv, pyramiddrop, random, sparsevlm, uniform, "
+        r"adaptprune, cdpruner, dart, divprune, fastv, keynorm_fastv, pyramiddrop, random, sparsevlm, uniform, "
         r"visionzip, vispruner\.",
     ):
         make_config("tome")

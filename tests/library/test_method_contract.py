@@ -88,6 +88,8 @@ def test_config_declarations_are_consistent(name):
     config = _config(name, 9)
     assert config_class.name == name and isinstance(config, config_class)
     assert all(isinstance(request, prune.CUE_TYPES) for request in config.cue_requests())
+    text_tower = any(getattr(request, "needs_text_tower", False) for request in config.cue_requests())
+    assert config_class.needs_text_tower == text_tower
     assert ("layer" in methods.setting_names(name)) == config_class.has_layer
     assert ("seed" in methods.setting_names(name)) == config_class.takes_seed
     assert config.equivalent_tokens(NUM_TOKENS, 4) <= NUM_TOKENS

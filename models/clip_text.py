@@ -1,0 +1,193 @@
+"""CLIP's text tower with its projection (transformers' ``CLIPTextModelWithProjection``): the question's
+embedding in CLIP's joint image-text space, which CDPruner's relevance reads.
+
+Token and position embeddings, pre-layernorm encoder layers under a causal mask (and the segments'
+padding mask), a final layer norm, the hidden state at the end-of-text token, and the projection.
+The encoder layers are the vision tower's (``models/clip.py``) with a mask. Also the host-side split of
+a tokenized question into segments of ``max_position_embeddings`` tokens, as the released CDPruner
+feeds the tower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.checkpoint import CheckpointError, TensorSource, _identity, _transpose
+from models.clip import CLIPAttention, CLIPEncoderLayer
+from models.layers import Dense, LayerNorm, attend, normal_param
+
+# transformers' CLIPTextTransformer: configs saved before its eos_token_id was fixed say 2, and the
+# tower then pools at the highest token id (the end-of-text token of CLIP's vocabulary).
+LEGACY_EOS_TOKEN_ID = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTowerConfig:
+    """The shapes of a CLIP text tower (field names as ``VisionConfig``'s, so the layers are shared)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    hidden_act: str
+    vocab_size: int
+    max_position_embeddings: int
+    projection_dim: int
+    eos_token_id: int
+
+    @classmethod
+    def from_hf(cls, hf_config) -> TextTowerConfig:
+        """From transformers' ``CLIPTextConfig``."""
+        if hf_config.model_type != "clip_text_model":
+            raise ValueError(f"expected a clip_text_model config, got model_type {hf_config.model_type!r}")
+        return cls(
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            layer_norm_eps=hf_config.layer_norm_eps,
+            hidden_act=hf_config.hidden_act,
+            vocab_size=hf_config.vocab_size,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            projection_dim=hf_config.projection_dim,
+            eos_token_id=hf_config.eos_token_id,
+        )
+
+
+class CLIPTextAttention(CLIPAttention):
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        batch, length, width = x.shape
+        shape = (batch, length, self.num_heads, width // self.num_heads)
+        q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attend(q, k, v, mask=mask))
+
+
+class CLIPTextEncoderLayer(CLIPEncoderLayer):
+    def __init__(self, cfg: TextTowerConfig, *, dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = CLIPTextAttention(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
+
+
+class CLIPTextTower(nnx.Module):
+    def __init__(self, cfg: TextTowerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.token_embedding = normal_param(rngs, (cfg.vocab_size, cfg.hidden_size), dtype)
+        self.position_embedding = normal_param(rngs, (cfg.max_position_embeddings, cfg.hidden_size), dtype)
+        self.layers = nnx.List(
+            [CLIPTextEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.text_projection = Dense(
+            cfg.hidden_size, cfg.projection_dim, use_bias=False, dtype=dtype, rngs=rngs
+        )
+
+    def eos_index(self, input_ids: jax.Array) -> jax.Array:
+        """(B,) the slot transformers pools at: the first end-of-text token (slot 0 when a segment has
+        none), or under a legacy config the highest token id."""
+        if self.cfg.eos_token_id == LEGACY_EOS_TOKEN_ID:
+            return jnp.argmax(input_ids, axis=-1)
+        return jnp.argmax(input_ids == self.cfg.eos_token_id, axis=-1)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids (B, T) int, attention_mask (B, T) (0 = padding) -> text_embeds (B, projection_dim)."""
+        length = input_ids.shape[1]
+        if length > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"{length} tokens exceed the text tower's max_position_embeddings="
+                f"{self.cfg.max_position_embeddings}: split them with text_segments"
+            )
+        x = self.token_embedding[...][input_ids] + self.position_embedding[...][:length]
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        mask = causal[None] & (attention_mask[:, None, :] > 0)
+        for layer in self.layers:
+            x = layer(x, mask)
+        x = self.final_layer_norm(x)
+        pooled = jnp.take_along_axis(x, self.eos_index(input_ids)[:, None, None], axis=1)[:, 0]
+        return self.text_projection(pooled)
+
+
+def text_segments(input_ids: np.ndarray | list[int], segment_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """One tokenized question (T,) -> (input_ids, attention_mask), each (ceil(T / L), L) int64: the
+    released split into segments of L = max_position_embeddings tokens, the last zero-padded with
+    mask 0 there (later segments carry no start token, and only the last an end-of-text token)."""
+    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        raise ValueError("text_segments needs at least one token")
+    count = (ids.size - 1) // segment_length + 1
+    padding = count * segment_length - ids.size
+    mask = np.concatenate([np.ones_like(ids), np.zeros(padding, np.int64)])
+    ids = np.concatenate([ids, np.zeros(padding, np.int64)])
+    return ids.reshape(count, segment_length), mask.reshape(count, segment_length)
+
+
+def _hf_name(path: tuple) -> tuple[str, object]:
+    """transformers' name (``CLIPTextModelWithProjection``) and the transform for one of our paths."""
+    parts = [str(p) for p in path]
+    if parts[0] in ("token_embedding", "position_embedding"):
+        return f"text_model.embeddings.{parts[0]}.weight", _identity
+    if parts[0] == "text_projection":
+        return "text_projection.weight", _transpose
+    suffix, transform = {
+        "kernel": ("weight", _transpose),
+        "bias": ("bias", _identity),
+        "scale": ("weight", _identity),
+    }[parts[-1]]
+    module = parts[:-1]
+    if module[0] == "layers":
+        module = ["encoder", "layers", module[1]] + [
+            {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(m, m) for m in module[2:]
+        ]
+    return ".".join(["text_model", *module, suffix]), transform
+
+
+def load_text_tower(directory: str | os.PathLike, dtype=jnp.float32) -> CLIPTextTower:
+    """The tower from a ``CLIPTextModelWithProjection.save_pretrained`` directory (config.json and
+    safetensors, as the llava-hf loader reads them): FileNotFoundError without a safetensors file,
+    CheckpointFileError for an unreadable one, CheckpointError without config.json or naming every
+    missing, unexpected or misshapen tensor."""
+    from transformers import CLIPTextConfig
+
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(
+            f"{directory} has no config.json: expected a CLIPTextModelWithProjection directory"
+        )
+    cfg = TextTowerConfig.from_hf(CLIPTextConfig.from_pretrained(directory))
+    source = TensorSource(directory)
+    abstract = nnx.eval_shape(lambda: CLIPTextTower(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    plan, missing, mismatched = [], [], []
+    available = source.names()
+    for key_path, leaf in leaves:
+        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]  # drop '.value'
+        name, transform = _hf_name(path)
+        if name not in available:
+            missing.append(name)
+            continue
+        shape = tuple(transform(np.zeros(source.shape(name), np.int8)).shape)
+        if shape != tuple(leaf.shape):
+            mismatched.append(f"{name}: checkpoint {source.shape(name)}, tower expects {tuple(leaf.shape)}")
+        plan.append((name, transform))
+    unexpected = sorted(n for n in available - {name for name, _ in plan} if not n.endswith("position_ids"))
+    problems = [
+        f"{what} ({len(names)}): " + ", ".join(names)
+        for what, names in (("missing keys", missing), ("unexpected keys", unexpected))
+        if names
+    ] + ([f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched)] if mismatched else [])
+    if problems:
+        raise CheckpointError("text tower checkpoint does not match its config:\n  " + "\n  ".join(problems))
+    arrays = [jnp.asarray(transform(source.get(name))).astype(dtype) for name, transform in plan]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
