@@ -206,34 +206,29 @@ def _transformed_shape(transform: Transform, shape: tuple[int, ...]) -> tuple[in
     return tuple(jax.eval_shape(transform, jax.ShapeDtypeStruct(shape, jnp.float32)).shape)
 
 
-def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaForConditionalGeneration:
-    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
-    jdtype = DTYPES[dtype]
-    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
+def fill_module(abstract, source, name_for, dtype, *, ignored=lambda name: False, what: str = "the model"):
+    """The nnx module ``abstract`` (from ``nnx.eval_shape``) with every parameter read from ``source``:
+    ``name_for(path) -> (checkpoint name, transform)``. Every name and shape is checked before any
+    tensor is read, and all problems are reported at once; ``ignored(name)``: checkpoint entries that
+    belong to no parameter (buffers, tied weights)."""
     graphdef, abstract_state = nnx.split(abstract)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
     plan, missing, mismatched = [], [], []
     available = source.names()
     for key_path, leaf in leaves:
         path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]  # drop '.value'
-        name, transform = hf_name_for(path)
+        name, transform = name_for(path)
         if name not in available:
             missing.append(name)
             continue
         shape = _transformed_shape(transform, source.shape(name))
         if shape != tuple(leaf.shape):
             mismatched.append(
-                f"{name}: checkpoint {source.shape(name)} -> {shape}, model expects {tuple(leaf.shape)}"
+                f"{name}: checkpoint {source.shape(name)} -> {shape}, {what} expects {tuple(leaf.shape)}"
             )
         plan.append((name, transform))
     used = {name for name, _ in plan}
-    unexpected = sorted(
-        n
-        for n in available - used
-        if not n.endswith(IGNORED_SUFFIXES) and not (cfg.tie_word_embeddings and n == "lm_head.weight")
-    )
+    unexpected = sorted(n for n in available - used if not ignored(n))
     if missing or unexpected or mismatched:
         problems = []
         if missing:
@@ -242,9 +237,24 @@ def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaF
             problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
         if mismatched:
             problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
-        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
-    arrays = [transform(_load_tensor(source, name)).astype(jdtype) for name, transform in plan]
+        raise CheckpointError(f"checkpoint does not match {what}'s config:\n  " + "\n  ".join(problems))
+    arrays = [transform(_load_tensor(source, name)).astype(dtype) for name, transform in plan]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+
+
+def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaForConditionalGeneration:
+    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    jdtype = DTYPES[dtype]
+    abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
+    return fill_module(
+        abstract,
+        source,
+        hf_name_for,
+        jdtype,
+        ignored=lambda n: n.endswith(IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and n == "lm_head.weight"),
+    )
 
 
 def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32"):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.checkpoint import CheckpointError, TensorSource, _identity, _transpose
+from models.checkpoint import CheckpointError, TensorSource, _identity, _transpose, fill_module
 from models.clip import CLIPAttention, CLIPEncoderLayer
 from models.layers import Dense, LayerNorm, attend, normal_param
 
@@ -165,29 +165,12 @@ def load_text_tower(directory: str | os.PathLike, dtype=jnp.float32) -> CLIPText
             f"{directory} has no config.json: expected a CLIPTextModelWithProjection directory"
         )
     cfg = TextTowerConfig.from_hf(CLIPTextConfig.from_pretrained(directory))
-    source = TensorSource(directory)
     abstract = nnx.eval_shape(lambda: CLIPTextTower(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-    plan, missing, mismatched = [], [], []
-    available = source.names()
-    for key_path, leaf in leaves:
-        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]  # drop '.value'
-        name, transform = _hf_name(path)
-        if name not in available:
-            missing.append(name)
-            continue
-        shape = tuple(transform(np.zeros(source.shape(name), np.int8)).shape)
-        if shape != tuple(leaf.shape):
-            mismatched.append(f"{name}: checkpoint {source.shape(name)}, tower expects {tuple(leaf.shape)}")
-        plan.append((name, transform))
-    unexpected = sorted(n for n in available - {name for name, _ in plan} if not n.endswith("position_ids"))
-    problems = [
-        f"{what} ({len(names)}): " + ", ".join(names)
-        for what, names in (("missing keys", missing), ("unexpected keys", unexpected))
-        if names
-    ] + ([f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched)] if mismatched else [])
-    if problems:
-        raise CheckpointError("text tower checkpoint does not match its config:\n  " + "\n  ".join(problems))
-    arrays = [jnp.asarray(transform(source.get(name))).astype(dtype) for name, transform in plan]
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
+    return fill_module(
+        abstract,
+        TensorSource(directory),
+        _hf_name,
+        dtype,
+        ignored=lambda name: name.endswith("position_ids"),
+        what="the text tower",
+    )
