@@ -104,7 +104,6 @@ def prefill(
             stage = sorted(stages).index(layer_index)
             cues = _cues(
                 pruning,
-                requests,
                 layer,
                 x,
                 positions,
@@ -154,7 +153,6 @@ def _last_token_attention(q, k, positions, last_index, image):
 
 def _cues(
     pruning,
-    requests,
     layer,
     x,
     positions,
@@ -170,7 +168,7 @@ def _cues(
     """The cues the method asked for, restricted to the image tokens (a static choice per method)."""
     fields = {}
     image_hidden = rows_take(x, image.slots)
-    for request in requests:
+    for request in pruning.cue_requests():
         if isinstance(request, prune.LastTokenAttention):
             fields["attention"] = _last_token_attention(*previous, last_index, image)
         elif isinstance(request, prune.StageAttention):
