@@ -257,14 +257,23 @@ def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaF
     )
 
 
-def load_checkpoint(directory: str | os.PathLike, dtype: str = "float32"):
-    """(hf_config, model) from a llava-hf checkpoint directory (config.json + safetensors)."""
+def load_checkpoint(
+    directory: str | os.PathLike, dtype: str = "float32", text_tower: str | os.PathLike | None = None
+):
+    """(hf_config, model) from a llava-hf checkpoint directory (config.json + safetensors); with
+    ``text_tower``, a CLIPModel directory, the model also gets CLIP's text tower and visual
+    projection (``model.joint_space``), for methods that read CLIP's joint space."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     hf_config = load_hf_config(directory)
     cfg = from_hf_config(hf_config)
-    return hf_config, load_params(cfg, TensorSource(directory), dtype)
+    model = load_params(cfg, TensorSource(directory), dtype)
+    if text_tower is not None:
+        from models.clip_text import load_joint_space
+
+        model.joint_space = load_joint_space(text_tower, cfg.vision.hidden_size, DTYPES[dtype])
+    return hf_config, model
 
 
 def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:

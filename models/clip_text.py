@@ -1,11 +1,13 @@
-"""CLIP's text tower with its projection (transformers' ``CLIPTextModelWithProjection``): the question's
-embedding in CLIP's joint image-text space, which CDPruner's relevance reads.
+"""CLIP's joint image-text space beside a LLaVA model: the text tower with its projection
+(transformers' ``CLIPTextModelWithProjection``) and the vision side's ``visual_projection``, which
+CDPruner's relevance reads. LLaVA checkpoints carry neither; they come from the CLIP checkpoint the
+vision tower was taken from (a ``CLIPModel`` directory such as openai/clip-vit-large-patch14-336).
 
-Token and position embeddings, pre-layernorm encoder layers under a causal mask (and the segments'
-padding mask), a final layer norm, the hidden state at the end-of-text token, and the projection.
-The encoder layers are the vision tower's (``models/clip.py``) with a mask. Also the host-side split of
-a tokenized question into segments of ``max_position_embeddings`` tokens, as the released CDPruner
-feeds the tower.
+Text tower: token and position embeddings, pre-layernorm encoder layers under a causal mask (and the
+segments' padding mask), a final layer norm, the hidden state at the end-of-text token, and the
+projection. The encoder layers are the vision tower's (``models/clip.py``) with a mask. Also the
+host-side split of tokenized questions into segments of ``max_position_embeddings`` tokens, as the
+released CDPruner feeds the tower.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flax import nnx
 
 from models.checkpoint import CheckpointError, TensorSource, _identity, _transpose, fill_module
 from models.clip import CLIPAttention, CLIPEncoderLayer
+from models.config import read_json_object
 from models.layers import Dense, LayerNorm, attend, normal_param
 
 # transformers' CLIPTextTransformer: configs saved before its eos_token_id was fixed say 2, and the
@@ -132,9 +135,66 @@ def text_segments(input_ids: np.ndarray | list[int], segment_length: int) -> tup
     return ids.reshape(count, segment_length), mask.reshape(count, segment_length)
 
 
+def batch_segments(queries, segment_length: int, num_segments: int | None = None):
+    """Tokenized questions (one id list per row) -> (ids, mask) (B, M, L) int32: each row's
+    ``text_segments``, then empty segments (ids 0, mask 0) up to M = ``num_segments`` (default: the
+    most any row needs), so questions of different lengths share one static shape."""
+    rows = [text_segments(ids, segment_length) for ids in queries]
+    needed = max(len(ids) for ids, _ in rows)
+    count = needed if num_segments is None else num_segments
+    if needed > count:
+        raise ValueError(
+            f"a question takes {needed} text segments of {segment_length} tokens; only {count} fit"
+        )
+    ids = np.zeros((len(rows), count, segment_length), np.int32)
+    mask = np.zeros_like(ids)
+    for row, (row_ids, row_mask) in enumerate(rows):
+        ids[row, : len(row_ids)], mask[row, : len(row_ids)] = row_ids, row_mask
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class JointSpaceConfig:
+    text: TextTowerConfig
+    vision_width: int  # the vision tower's hidden size, visual_projection's input
+
+    @classmethod
+    def from_hf(cls, clip_config) -> JointSpaceConfig:
+        """From transformers' ``CLIPConfig`` (a CLIPModel's: its projection_dim is the shared one)."""
+        text = dataclasses.replace(
+            TextTowerConfig.from_hf(clip_config.text_config), projection_dim=clip_config.projection_dim
+        )
+        return cls(text, clip_config.vision_config.hidden_size)
+
+
+class JointSpace(nnx.Module):
+    """CLIP's text tower and visual projection: a question and the image tokens in one space."""
+
+    def __init__(self, cfg: JointSpaceConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.text_tower = CLIPTextTower(cfg.text, dtype=dtype, rngs=rngs)
+        self.visual_projection = Dense(
+            cfg.vision_width, cfg.text.projection_dim, use_bias=False, dtype=dtype, rngs=rngs
+        )
+
+    def text_embeds(self, query_ids: jax.Array, query_mask: jax.Array) -> jax.Array:
+        """(B, M, L) segments -> (B, M, projection_dim). An empty segment (mask 0 throughout) is run
+        with its first slot visible, so its (unused) embedding is finite rather than a softmax over
+        nothing."""
+        batch, count, length = query_ids.shape
+        mask = query_mask.reshape(batch * count, length) > 0
+        mask = mask.at[:, 0].set(True)
+        embeds = self.text_tower(query_ids.reshape(batch * count, length), mask.astype(jnp.int32))
+        return embeds.reshape(batch, count, -1)
+
+
 def _hf_name(path: tuple) -> tuple[str, object]:
-    """transformers' name (``CLIPTextModelWithProjection``) and the transform for one of our paths."""
+    """transformers' name (``CLIPModel``'s) and the transform for one of ``JointSpace``'s paths."""
     parts = [str(p) for p in path]
+    if parts[0] == "visual_projection":
+        return "visual_projection.weight", _transpose
+    parts = parts[1:]  # text_tower
     if parts[0] in ("token_embedding", "position_embedding"):
         return f"text_model.embeddings.{parts[0]}.weight", _identity
     if parts[0] == "text_projection":
@@ -152,25 +212,46 @@ def _hf_name(path: tuple) -> tuple[str, object]:
     return ".".join(["text_model", *module, suffix]), transform
 
 
-def load_text_tower(directory: str | os.PathLike, dtype=jnp.float32) -> CLIPTextTower:
-    """The tower from a ``CLIPTextModelWithProjection.save_pretrained`` directory (config.json and
-    safetensors, as the llava-hf loader reads them): FileNotFoundError without a safetensors file,
-    CheckpointFileError for an unreadable one, CheckpointError without config.json or naming every
-    missing, unexpected or misshapen tensor."""
-    from transformers import CLIPTextConfig
+def load_joint_space(directory: str | os.PathLike, vision_width: int, dtype=jnp.float32) -> JointSpace:
+    """The joint space from a CLIP checkpoint directory (``CLIPModel.save_pretrained``,
+    as openai/clip-vit-large-patch14-336 ships: config.json, safetensors and a tokenizer). Only the
+    text tower, ``text_projection`` and ``visual_projection`` are read; the CLIP vision model, if
+    there, is not (the LLaVA checkpoint has its own). Errors: FileNotFoundError for a missing
+    directory or safetensors file; CheckpointError without config.json, for a config that is no
+    CLIPModel's, for a visual_projection that does not take ``vision_width`` features, or naming every
+    missing or misshapen tensor."""
+    from transformers import CLIPConfig
 
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"CLIP text tower directory {directory!r} does not exist")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(
-            f"{directory} has no config.json: expected a CLIPTextModelWithProjection directory"
+            f"{directory} has no config.json: expected a CLIPModel directory (the text tower and "
+            "visual_projection of the CLIP the vision tower came from)"
         )
-    cfg = TextTowerConfig.from_hf(CLIPTextConfig.from_pretrained(directory))
-    abstract = nnx.eval_shape(lambda: CLIPTextTower(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    model_type = read_json_object(config_path).get("model_type")
+    if model_type != "clip":
+        raise CheckpointError(
+            f"{directory} holds a {model_type!r} checkpoint; expected a CLIPModel ('clip') directory, "
+            "which has both the text tower and visual_projection"
+        )
+    clip = CLIPConfig.from_pretrained(directory)
+    if clip.vision_config.hidden_size != vision_width:
+        raise CheckpointError(
+            f"{directory}'s visual_projection takes {clip.vision_config.hidden_size}-wide features, but "
+            f"this model's vision tower is {vision_width} wide: not the CLIP it was taken from"
+        )
+    cfg = JointSpaceConfig.from_hf(clip)
+    abstract = nnx.eval_shape(lambda: JointSpace(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     return fill_module(
         abstract,
         TensorSource(directory),
         _hf_name,
         dtype,
-        ignored=lambda name: name.endswith("position_ids"),
-        what="the text tower",
+        ignored=lambda name: (
+            name.endswith("position_ids") or name.startswith("vision_model.") or name == "logit_scale"
+        ),
+        what="the CLIP text tower",
     )

@@ -40,9 +40,12 @@ class LlavaEngine:
         *,
         dtype: str = "float32",
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
+        text_tower: str | os.PathLike | None = None,
     ) -> LlavaEngine:
-        hf_config, model = load_checkpoint(directory, dtype)
-        preprocessor = Preprocessor.from_checkpoint(directory, hf_config)
+        """``text_tower``: a CLIPModel directory whose text tower and visual projection a method
+        reading CLIP's joint space needs (CDPruner)."""
+        hf_config, model = load_checkpoint(directory, dtype, text_tower)
+        preprocessor = Preprocessor.from_checkpoint(directory, hf_config, text_tower=text_tower)
         return cls(LlavaRunner(model, length_bucket=length_bucket), preprocessor, hf_config)
 
     def answer(
@@ -55,20 +58,27 @@ class LlavaEngine:
         temperature: float = 0.0,
         seed: int = 0,
         row_seeds: Sequence[int] | None = None,
+        queries: Sequence[str] | None = None,
     ) -> Answers:
         """Generate one answer per (image, question) pair, as one batch.
 
         ``seed`` drives sampling; ``row_seeds`` (one per question) seed a method that takes a seed
         row by row, so its selection for a question is the same in any batch (else it uses ``seed``).
+        ``queries``: the text a method reading CLIP's joint space gives the text tower (default: the
+        questions).
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         prompts = [self.preprocessor.encode(question) for question in questions]
+        query_ids = None
+        if pruning is not None and pruning.needs_text_tower:
+            query_ids = [self.preprocessor.encode_query(text) for text in (queries or questions)]
         batch = self.runner.make_batch(
             prompts,
             self.preprocessor.pixel_values(images),
             pad_token_id=self.preprocessor.pad_token_id,
             max_new_tokens=max_new_tokens,
+            queries=query_ids,
         )
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.clip_text import batch_segments
 from models.llava import LlavaForConditionalGeneration
 
 DEFAULT_LENGTH_BUCKET = 64
@@ -46,6 +47,10 @@ class PromptBatch(NamedTuple):
     input_ids: np.ndarray  # (B, S_bucket) int32, right-padded
     lengths: np.ndarray  # (B,) int32
     pixel_values: np.ndarray  # (B, 3, H, W) float32
+    # The questions in the CLIP text tower's tokens, as segments (B, M, L) (for a method that reads
+    # them, ``needs_text_tower``); M is a power of two, so question lengths rarely recompile.
+    query_ids: np.ndarray | None = None
+    query_mask: np.ndarray | None = None
 
 
 class GenerationOutput(NamedTuple):
@@ -110,6 +115,8 @@ class LlavaRunner:
             (jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype)) for path, leaf in with_paths
         ]
         self.length_bucket = length_bucket
+        joint_space = model.joint_space
+        self.segment_length = None if joint_space is None else joint_space.cfg.text.max_position_embeddings
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("extra_slots", "pruning", "all_logits"))
         # The cache is donated where the backend can reuse it in place (not the CPU, which would warn).
@@ -154,7 +161,18 @@ class LlavaRunner:
 
     # --- jitted bodies -------------------------------------------------------------------------
     def _prefill_impl(
-        self, weights, input_ids, lengths, pixel_values, rng, *, extra_slots, pruning, all_logits
+        self,
+        weights,
+        input_ids,
+        lengths,
+        pixel_values,
+        rng,
+        query_ids,
+        query_mask,
+        *,
+        extra_slots,
+        pruning,
+        all_logits,
     ):
         self.trace_counts["prefill"] += 1  # runs only while tracing
         model = self.merge(weights)
@@ -166,6 +184,8 @@ class LlavaRunner:
             pruning=pruning,
             rng=rng,
             all_logits=all_logits,
+            query_ids=query_ids,
+            query_mask=query_mask,
         )
 
     def _generate_impl(self, weights, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
@@ -215,6 +235,8 @@ class LlavaRunner:
             jnp.asarray(batch.lengths),
             jnp.asarray(batch.pixel_values),
             rng,
+            None if batch.query_ids is None else jnp.asarray(batch.query_ids),
+            None if batch.query_mask is None else jnp.asarray(batch.query_mask),
             extra_slots=extra_slots,
             pruning=pruning,
             all_logits=all_logits,
@@ -259,7 +281,10 @@ class LlavaRunner:
         *,
         pad_token_id: int,
         max_new_tokens: int = 0,
+        queries: Sequence[Sequence[int]] | None = None,
     ) -> PromptBatch:
+        """``queries``: each prompt's question in the CLIP text tower's tokens, for a method that
+        reads it (the model must have the text tower)."""
         input_ids, lengths = pad_prompts(
             token_ids,
             pad_token_id=pad_token_id,
@@ -272,7 +297,19 @@ class LlavaRunner:
         pixel_values = np.asarray(pixel_values, np.float32)
         if pixel_values.shape[0] != len(token_ids):
             raise ValueError(f"{len(token_ids)} prompts but {pixel_values.shape[0]} images")
-        return PromptBatch(input_ids, lengths, pixel_values)
+        if queries is None:
+            return PromptBatch(input_ids, lengths, pixel_values)
+        if self.segment_length is None:
+            raise ValueError(
+                "queries need the CLIP text tower, which this model was loaded without "
+                "(load_checkpoint(..., text_tower=DIR))"
+            )
+        if len(queries) != len(token_ids):
+            raise ValueError(f"{len(token_ids)} prompts but {len(queries)} queries")
+        query_ids, query_mask = batch_segments(queries, self.segment_length)
+        padding = ((0, 0), (0, (1 << (query_ids.shape[1] - 1).bit_length()) - query_ids.shape[1]), (0, 0))
+        query_ids, query_mask = np.pad(query_ids, padding), np.pad(query_mask, padding)
+        return PromptBatch(input_ids, lengths, pixel_values, query_ids, query_mask)
 
 
 def tokens_until_eos(tokens: np.ndarray, counts: np.ndarray, eos_token_id: int | None) -> list[list[int]]:

@@ -49,6 +49,9 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.language_model = LlamaForCausalLM(
             cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype, rngs=rngs
         )
+        # CLIP's text tower and visual projection (``models.clip_text.JointSpace``), loaded beside the
+        # checkpoint for methods whose cues read CLIP's joint space (``needs_text_tower``).
+        self.joint_space = nnx.data(None)
 
     def encode_images(
         self, pixel_values: jax.Array, readout_layer: int | None = None
@@ -67,19 +70,23 @@ class LlavaForConditionalGeneration(nnx.Module):
         """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
         return self.encode_images(pixel_values)[0]
 
-    def image_inputs(self, pixel_values: jax.Array, pruning: prune.PruneConfig | None = None) -> ImageInputs:
+    def image_inputs(
+        self,
+        pixel_values: jax.Array,
+        pruning: prune.PruneConfig | None = None,
+        query_ids: jax.Array | None = None,
+        query_mask: jax.Array | None = None,
+    ) -> ImageInputs:
         """What the LLM's prompt takes from the images under ``pruning``: the image features (a merging
-        method's tokens in the first ``keep`` slots), the vision-tower cues the method asked for, and a
-        merging method's passed-through image tokens."""
-        if pruning is not None and pruning.needs_text_tower:
-            raise ValueError(
-                f"{pruning.name} needs the CLIP text tower: its cues (the question's CLIP text embeddings "
-                "and the image in CLIP's joint space) are not computed by this model yet."
-            )
+        method's tokens in the first ``keep`` slots), the vision-tower cues the method asked for (and
+        the joint-space ones, from the questions' text-tower segments ``query_ids`` / ``query_mask``
+        (B, M, L)), and a merging method's passed-through image tokens."""
         readout_layer = None if pruning is None else pruning.vision_layer()
         features, readout = self.encode_images(pixel_values, readout_layer)
         num_image_tokens = features.shape[1]
         vision = {} if readout is None else self.vision_cues(readout, num_image_tokens)
+        if pruning is not None and pruning.needs_text_tower:
+            vision.update(self.joint_cues(pruning.name, readout, num_image_tokens, query_ids, query_mask))
         if pruning is None or not pruning.merges:
             return ImageInputs(features, vision, None)
         self._check_merge_layer(readout_layer)
@@ -111,6 +118,30 @@ class LlavaForConditionalGeneration(nnx.Module):
             "vision_keys": readout.keys,
         }
 
+    def joint_cues(self, name, readout: VisionReadout, num_image_tokens: int, query_ids, query_mask):
+        """The image tokens and the questions in CLIP's joint space (``JointEmbeddings``): the read
+        layer's tokens through the tower's post_layernorm and visual_projection, and one text-tower
+        embedding per question segment, with the segments' mask (B, M)."""
+        if self.joint_space is None:
+            raise ValueError(
+                f"{name} needs the CLIP text tower and visual_projection, which llava checkpoints do not "
+                "carry: load them beside the checkpoint (load_checkpoint(..., text_tower=DIR), "
+                "--text_tower=DIR in the experiments), DIR a CLIPModel directory such as "
+                "openai/clip-vit-large-patch14-336"
+            )
+        if query_ids is None or query_mask is None:
+            raise ValueError(
+                f"{name} reads each question through CLIP's text tower: give the batch the questions' "
+                "text-tower tokens (make_batch(..., queries=...))"
+            )
+        offset = readout.hidden.shape[1] - num_image_tokens  # [CLS] as the features have it
+        patches = self.vision_tower.post_layernorm(readout.hidden[:, offset:])
+        return {
+            "image_embeds": self.joint_space.visual_projection(patches),
+            "text_embeds": self.joint_space.text_embeds(query_ids, query_mask),
+            "text_mask": query_mask[:, :, 0] > 0,
+        }
+
     def embed_prompt(self, input_ids: jax.Array, image_features: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Token embeddings with each row's image tokens replaced by its image features, in order; and
         the image tokens' sequence slots (B, N) int32."""
@@ -139,14 +170,17 @@ class LlavaForConditionalGeneration(nnx.Module):
         pruning: prune.PruneConfig | None = None,
         rng: jax.Array | None = None,
         all_logits: bool = False,
+        query_ids: jax.Array | None = None,
+        query_mask: jax.Array | None = None,
     ) -> PrefillResult:
         """Vision tower + projector + LLM prefill (with optional pruning), for right-padded prompts.
 
-        input_ids (B, S) int32 padded on the right; lengths (B,) real prompt lengths.
+        input_ids (B, S) int32 padded on the right; lengths (B,) real prompt lengths; query_ids and
+        query_mask (B, M, L): the questions in the text tower's tokens, for a method that reads them.
         """
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
         positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
-        inputs = self.image_inputs(pixel_values, pruning)
+        inputs = self.image_inputs(pixel_values, pruning, query_ids, query_mask)
         features, vision = inputs.features, inputs.vision
         x, image_slots = self.embed_prompt(input_ids, features)
         result = self.language_model.prefill(

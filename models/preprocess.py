@@ -104,16 +104,23 @@ def llava15_pad_mode(image_processor) -> LlavaImageProcessorPil:
 class Preprocessor:
     """Turns questions and images into the token ids and pixel arrays of one LLaVA checkpoint."""
 
-    def __init__(self, config: LlavaConfig, tokenizer, image_processor):
+    def __init__(self, config: LlavaConfig, tokenizer, image_processor, query_tokenizer=None):
         self.config = config
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.query_tokenizer = query_tokenizer  # the CLIP text tower's, when one is loaded
 
     @classmethod
     def from_checkpoint(
-        cls, directory: str | os.PathLike, config: LlavaConfig | None = None, *, pad_to_square: bool = True
+        cls,
+        directory: str | os.PathLike,
+        config: LlavaConfig | None = None,
+        *,
+        pad_to_square: bool = True,
+        text_tower: str | os.PathLike | None = None,
     ) -> Preprocessor:
-        """Load the tokenizer and image processor saved with a checkpoint directory.
+        """Load the tokenizer and image processor saved with a checkpoint directory (and the tokenizer
+        of a CLIP text tower directory).
 
         pad_to_square=True (default) applies LLaVA-1.5's original pad mode whatever processor was saved;
         False keeps the saved processor as it is (llava-hf's centre crop). Without a saved processor,
@@ -128,7 +135,8 @@ class Preprocessor:
             image_processor = llava15_image_processor(config)
         if pad_to_square:
             image_processor = llava15_pad_mode(image_processor)
-        return cls(config, tokenizer, image_processor)
+        query_tokenizer = None if text_tower is None else AutoTokenizer.from_pretrained(text_tower)
+        return cls(config, tokenizer, image_processor, query_tokenizer)
 
     @property
     def image_token_index(self) -> int:
@@ -178,6 +186,13 @@ class Preprocessor:
             )
         slot = image_slots[0]
         return ids[:slot] + [self.image_token_index] * self.num_image_tokens + ids[slot + 1 :]
+
+    def encode_query(self, question: str) -> list[int]:
+        """The question in the CLIP text tower's tokens, untruncated (as the released CDPruner
+        tokenizes it; ``models.clip_text.text_segments`` splits it)."""
+        if self.query_tokenizer is None:
+            raise ValueError("no CLIP text tower tokenizer: load the preprocessor with text_tower=DIR")
+        return self.query_tokenizer(question)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, special tokens (EOS, padding, image) dropped."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from models.tokenizer import build_word_tokenizer, vocabulary_from_texts
+from models.tokenizer import build_clip_word_tokenizer, build_word_tokenizer, vocabulary_from_texts
 
 # CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5.
 _CLIP_L_336 = dict(
@@ -39,6 +39,31 @@ _CLIP_TINY = dict(
     image_size=336,
     patch_size=14,
     projection_dim=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+
+# The text tower of openai/clip-vit-large-patch14-336 (the CLIP LLaVA-1.5's vision tower comes from).
+_CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
+# A narrow text tower whose short segments (16 tokens) make test questions span several.
+_CLIP_TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
@@ -139,6 +164,45 @@ def llava_config(name: str) -> LlavaConfig:
 def tiny_tokenizer(config: LlavaConfig):
     """The word-level tokenizer that goes with the tiny presets (`<image>` at the config's index)."""
     return build_word_tokenizer(TINY_VOCABULARY, image_token_index=config.image_token_index)
+
+
+def tiny_clip_tokenizer():
+    """The word-level CLIP-convention tokenizer of the tiny presets' text towers."""
+    return build_clip_word_tokenizer(TINY_VOCABULARY)
+
+
+def clip_config(config: LlavaConfig) -> CLIPConfig:
+    """The CLIP a preset's vision tower comes from: its vision config, and the text tower of
+    openai/clip-vit-large-patch14-336 under CLIP-L, else a tiny one over the tiny vocabulary."""
+    vision = config.vision_config
+    if vision.hidden_size == _CLIP_L_336["hidden_size"]:
+        text = CLIPTextConfig(**_CLIP_L_TEXT, projection_dim=vision.projection_dim)
+    else:
+        tokenizer = tiny_clip_tokenizer()
+        text = CLIPTextConfig(
+            **_CLIP_TINY_TEXT,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=vision.projection_dim,
+        )
+    return CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=vision.projection_dim
+    )
+
+
+def write_random_clip(config: LlavaConfig, directory: str | os.PathLike, *, seed: int = 0):
+    """Write a CLIPModel directory with random weights beside a preset (``save_pretrained``, as
+    openai's CLIP ships) and the tiny CLIP tokenizer; returns transformers' model."""
+    import torch
+    from transformers import CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(clip_config(config)).float().eval()
+    model.save_pretrained(directory)
+    tiny_clip_tokenizer().save_pretrained(directory)
+    return model
 
 
 def llava15_image_processor(config: LlavaConfig):

@@ -77,7 +77,8 @@ def prefill(
     x (B, S, d) input embeddings (image features in place); positions (B, S) (-1 = padding);
     last_index (B,) slot of each row's last prompt token; vision: the vision tower's cues the method
     asked for (``vision_attention`` (B, N); ``vision_tokens`` and ``vision_keys`` (B, 1 + N, .), which
-    describe the unpruned image and so serve a method's first stage); final_norm: the LLM's final
+    describe the unpruned image and so serve a method's first stage; ``image_embeds``, ``text_embeds``
+    and ``text_mask``, CLIP's joint space); final_norm: the LLM's final
     norm, for a ``LayerView(final_norm=True)`` cue.
     """
     vision = dict(vision or {})
@@ -190,6 +191,9 @@ def _cues(
             fields["vision_attention"] = vision["vision_attention"]
         elif isinstance(request, prune.VisionTokens):
             fields["vision_tokens"], fields["vision_keys"] = vision["vision_tokens"], vision["vision_keys"]
+        elif isinstance(request, prune.JointEmbeddings):
+            for name in ("image_embeds", "text_embeds", "text_mask"):
+                fields[name] = vision[name]
         elif isinstance(request, prune.LayerView):
             q, k, _ = previous  # the same positions: nothing is pruned between the two layers
             hidden = final_norm(x) if request.final_norm else x

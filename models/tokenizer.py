@@ -75,3 +75,38 @@ def build_word_tokenizer(
         padding_side="right",
         model_max_length=1 << 20,
     )
+
+
+CLIP_START_TOKEN = "<|startoftext|>"
+CLIP_END_TOKEN = "<|endoftext|>"
+
+
+def build_clip_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A lowercasing word-level tokenizer with CLIP's conventions, for CLIP text towers the project
+    writes itself: id 0 is <unk>, then `words`, then <|startoftext|> and <|endoftext|> as the two
+    highest ids; every text is wrapped in them. (CLIP's text tower pools at the end-of-text token, and
+    a legacy config at the highest id: here both are the same slot.)"""
+    vocab: dict[str, int] = {UNK_TOKEN: 0}
+    for word in words:
+        word = word.lower()
+        if word in vocab:
+            raise ValueError(f"duplicate or reserved word in tokenizer vocabulary: {word!r}")
+        vocab[word] = len(vocab)
+    vocab[CLIP_START_TOKEN] = len(vocab)
+    vocab[CLIP_END_TOKEN] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_START_TOKEN} $A {CLIP_END_TOKEN}",
+        special_tokens=[(token, vocab[token]) for token in (CLIP_START_TOKEN, CLIP_END_TOKEN)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=UNK_TOKEN,
+        bos_token=CLIP_START_TOKEN,
+        eos_token=CLIP_END_TOKEN,
+        pad_token=CLIP_END_TOKEN,  # as openai's CLIP tokenizers; the released segments pad with id 0
+        model_max_length=1 << 20,
+    )

@@ -540,6 +540,47 @@ def vision_reference_cues(model, pixel_values: torch.Tensor, pruning: PruneConfi
 
 
 @torch.no_grad()
+def joint_reference_cues(
+    model, clip_directory: str, input_ids: torch.Tensor, pixel_values: torch.Tensor, query_ids, layer: int
+) -> dict[str, torch.Tensor]:
+    """CDPruner's cues for one image and question, as its released vision tower computes them:
+    ``image_embeds`` (N, C) the ``hidden_states[layer]`` image tokens through the tower's
+    post_layernorm and the ``visual_projection`` of ``CLIPVisionModelWithProjection`` loaded from
+    ``clip_directory``; ``text_embeds`` (M, C) of ``CLIPTextModelWithProjection`` from there on the
+    tokenized question ``query_ids`` zero-padded to a multiple of max_position_embeddings and cut
+    into segments; ``embeddings`` (N, d) the projected image features the LLM receives."""
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    device = pixel_values.device
+    projection = CLIPVisionModelWithProjection.from_pretrained(clip_directory).visual_projection
+    text_tower = CLIPTextModelWithProjection.from_pretrained(clip_directory).eval()
+    tower = model.model.vision_tower
+    states = tower(pixel_values, output_hidden_states=True).hidden_states
+    image_positions = image_token_positions(input_ids, model.config.image_token_index)
+    hidden = states[layer][0, states[layer].shape[1] - image_positions.numel() :]
+    post_layernorm = getattr(tower, "vision_model", tower).post_layernorm
+    image_embeds = projection.to(device)(post_layernorm(hidden).float())
+
+    length = text_tower.config.max_position_embeddings
+    ids = torch.tensor([list(query_ids)])
+    count = (ids.shape[1] - 1) // length + 1
+    padding = length * count - ids.shape[1]
+    text_inputs = {
+        "input_ids": torch.cat([ids, ids.new_zeros((1, padding))], dim=1).reshape(-1, length),
+        "attention_mask": torch.cat([torch.ones_like(ids), ids.new_zeros((1, padding))], dim=1).reshape(
+            -1, length
+        ),
+    }
+    text_embeds = text_tower.to(device)(**{k: v.to(device) for k, v in text_inputs.items()}).text_embeds
+    embeddings = embed_inputs(model, input_ids, pixel_values)[0, image_positions]
+    return {
+        "image_embeds": image_embeds.float(),
+        "text_embeds": text_embeds.float(),
+        "embeddings": embeddings.float(),
+    }
+
+
+@torch.no_grad()
 def merged_embeds(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, pruning: PruneConfig):
     """Input embeddings of a merging method (``pruning.merges``) as released, and the image-token
     indices it passed through unchanged: its tokens built from the vision tower by its

@@ -6,6 +6,8 @@ for one (the pruning library, the benchmark readers) run without loading them.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # How each tiny preset is written: one per on-disk variant the loader must handle.
@@ -41,7 +43,10 @@ class TinyCheckpoint:
         presets.write_random_checkpoint(
             self.hf_config, directory, model=self.torch_model, **CHECKPOINT_VARIANTS[name]
         )
-        _, self.jax_model = load_checkpoint(directory)
+        # The CLIP its vision tower would come from, for methods that read CLIP's joint space.
+        self.clip_directory = os.path.join(directory, "clip")
+        presets.write_random_clip(self.hf_config, self.clip_directory, seed=1)
+        _, self.jax_model = load_checkpoint(directory, text_tower=self.clip_directory)
         self.runner = LlavaRunner(self.jax_model)
         self.config = self.jax_model.config
         self.pad_token_id = self.hf_config.text_config.pad_token_id
@@ -54,6 +59,31 @@ def make_prompt(config, rng: np.random.Generator, before: int, after: int) -> li
         return [int(t) for t in rng.integers(4, 60, n)]
 
     return [1] + words(before) + [config.image_token_index] * config.num_image_tokens + words(after)
+
+
+def make_queries(ckpt, rng: np.random.Generator, words: list[int]) -> list[list[int]]:
+    """Questions in the tiny CLIP tokenizer's ids (start, ``words[i]`` random words, end), one per
+    count; past the text tower's max_position_embeddings a question spans several segments."""
+    start, end = (
+        ckpt.jax_model.joint_space.cfg.text.vocab_size - 2,
+        ckpt.jax_model.joint_space.cfg.text.eos_token_id,
+    )
+    return [[start, *(int(t) for t in rng.integers(1, start, count)), end] for count in words]
+
+
+def batch_for(ckpt, prompts, pixels, pruning=None, *, max_new_tokens: int = 0, queries=None):
+    """``ckpt.runner.make_batch``; a method reading CLIP's joint space also gets questions (random
+    ones of different lengths, or ``queries``)."""
+    if queries is None and pruning is not None and pruning.needs_text_tower:
+        rng = np.random.default_rng(len(prompts))
+        queries = make_queries(ckpt, rng, [5 + 13 * row for row in range(len(prompts))])
+    return ckpt.runner.make_batch(
+        prompts,
+        pixels,
+        pad_token_id=ckpt.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        queries=None if pruning is None or not pruning.needs_text_tower else queries,
+    )
 
 
 def random_pixels(rng: np.random.Generator, batch: int, size: int) -> np.ndarray:

@@ -322,8 +322,8 @@ class PruneConfig:
     # entering the stage (``select_and_merge``); only with renumbered positions (a built token has no
     # position of its own in the prompt).
     merges_in_llm: ClassVar[bool] = False
-    # Its cues need the CLIP text tower (``JointEmbeddings``), which the model does not load yet: the
-    # model refuses the method, and the in-model tests skip it.
+    # Its cues need CLIP's text tower and visual projection (``JointEmbeddings``), which LLaVA
+    # checkpoints do not carry: the model must be loaded with them and given the questions' tokens.
     needs_text_tower: ClassVar[bool] = False
     # Settings under which the method runs on a small LLM (4 decoder layers, a few dozen image tokens)
     # where its released defaults need LLaVA-1.5-7B's sizes; the tests that build every registered

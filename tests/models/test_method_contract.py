@@ -9,11 +9,11 @@ import pytest
 
 from adaptprune_jax import methods
 from models.generate import SamplingConfig
-from tests.helpers import make_prompt, random_pixels, small_model_config
+from tests.helpers import batch_for, make_prompt, make_queries, random_pixels, small_model_config
 
 
 def _last_logits(ckpt, prompts, pixels, pruning):
-    batch = ckpt.runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id)
+    batch = batch_for(ckpt, prompts, pixels, pruning)
     result = ckpt.runner.prefill(batch, pruning=pruning)
     return np.asarray(result.logits), None if result.kept is None else np.asarray(result.kept)
 
@@ -35,18 +35,8 @@ def _builds_tokens(name) -> bool:
     return methods.get(name).merges or methods.get(name).merges_in_llm
 
 
-def _in_model(names):
-    """The methods whose cues this model computes; the others are skipped, saying why."""
-    return [
-        pytest.param(name, marks=pytest.mark.skip(reason=f"{name} needs the CLIP text tower, not loaded yet"))
-        if methods.get(name).needs_text_tower
-        else name
-        for name in names
-    ]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _in_model(n for n in methods.names() if not _builds_tokens(n)))
+@pytest.mark.parametrize("name", [n for n in methods.names() if not _builds_tokens(n)])
 def test_keeping_every_token_equals_unpruned(inputs, name):
     """(Methods that merge build tokens of their own, so keeping all of them is not the unpruned
     input; one that merges inside the LLM prunes and merges at least one token at every stage.)"""
@@ -60,10 +50,10 @@ def test_keeping_every_token_equals_unpruned(inputs, name):
 NEW_TOKENS = 6
 
 
-def _generate(ckpt, prompts, pixels, pruning):
+def _generate(ckpt, prompts, pixels, pruning, queries):
     """(first-token logits, kept indices, generated tokens) of one batch, greedy."""
     runner = ckpt.runner
-    batch = runner.make_batch(prompts, pixels, pad_token_id=ckpt.pad_token_id, max_new_tokens=NEW_TOKENS)
+    batch = batch_for(ckpt, prompts, pixels, pruning, max_new_tokens=NEW_TOKENS, queries=queries)
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
     generated = runner.generate(batch, sampling, pruning=pruning)
     # The prefill generate ran (same shapes and settings: the compiled program is reused), for its logits.
@@ -72,7 +62,7 @@ def _generate(ckpt, prompts, pixels, pruning):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _in_model(n for n in methods.names() if not methods.get(n).takes_seed))
+@pytest.mark.parametrize("name", [n for n in methods.names() if not methods.get(n).takes_seed])
 def test_pruned_batch_equals_rows_one_by_one(tiny_checkpoints, name):
     """Four prompts of different lengths (grouped-query attention, a sharded checkpoint) in one
     padded batch, and each alone."""
@@ -81,14 +71,16 @@ def test_pruned_batch_equals_rows_one_by_one(tiny_checkpoints, name):
     prompts = [make_prompt(ckpt.config, rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1), (25, 12))]
     pixels = random_pixels(rng, len(prompts), ckpt.config.vision.image_size)
     pruning = small_model_config(name, keep=64, layer=2)
-    logits, kept, tokens = _generate(ckpt, prompts, pixels, pruning)
+    # (Questions for a method that reads them through CLIP's text tower: one to three segments.)
+    queries = make_queries(ckpt, rng, [3, 40, 9, 20])
+    logits, kept, tokens = _generate(ckpt, prompts, pixels, pruning, queries)
     # A merging method reports the image tokens it passed through unchanged, fewer than it keeps.
     keep = pruning.resolve_keep(ckpt.config.num_image_tokens)
     assert kept.shape[0] == len(prompts) and (pruning.merges or kept.shape[1] == keep)
     assert tokens.shape == (len(prompts), NEW_TOKENS)
     for row in range(len(prompts)):
         one_logits, one_kept, one_tokens = _generate(
-            ckpt, prompts[row : row + 1], pixels[row : row + 1], pruning
+            ckpt, prompts[row : row + 1], pixels[row : row + 1], pruning, queries[row : row + 1]
         )
         np.testing.assert_array_equal(one_kept[0], kept[row])
         np.testing.assert_allclose(one_logits[0], logits[row], rtol=0, atol=1e-5 * np.abs(logits).max())
