@@ -5,6 +5,8 @@
     python -m experiments.validate --checkpoint=DIR --method=adaptprune --keep=64 --layer=2
     python -m experiments.validate --config=tiny-gqa --random_weights --method=sparsevlm --keep=64 \
         --method_settings=sparsevlm.layers=0/1/2
+    python -m experiments.validate --checkpoint=checkpoints/testbed-deep --method=cdpruner --keep=64 \
+        --text_tower=checkpoints/testbed-deep/clip
 
 Both sides get the same token ids and pixels. Reported: max_abs_err, max_rel_err (max |jax - torch| /
 max |torch| over every prompt logit), mean_kl (KL(torch || jax) per position, averaged), top1_agreement,
@@ -55,6 +57,11 @@ class ValidateConfig:
     )
     max_shard_size: str | None = setting(
         None, "With --transfer=directory: shard the saved checkpoint (e.g. 300KB)."
+    )
+    text_tower: str | None = setting(
+        None,
+        "CLIPModel directory (text tower, visual_projection, tokenizer) for a method reading CLIP's joint "
+        "space (cdpruner); with --random_weights, default: a random one written for the preset.",
     )
     image: str | None = setting(None, "Image file; default: scikit-image's astronaut photo.")
     prompt: str = setting("Describe the image in detail.", "Question text (vicuna_v1 template).")
@@ -213,6 +220,13 @@ def run(settings: ValidateConfig) -> dict:
         raise ValueError("--method_settings needs a --method")
     if pruning is not None:  # before either side runs: a specific error for a setting that cannot fit
         pruning.validate(cfg.num_image_tokens, cfg.text.num_layers, cfg.image_layout())
+    text_tower, query_ids = _text_tower(settings, pruning, hf_config), None
+    if text_tower is not None:  # the question as the released evaluation gives the text tower
+        from transformers import AutoTokenizer
+
+        from experiments.benchmarks.base import text_tower_query
+
+        query_ids = AutoTokenizer.from_pretrained(text_tower)(text_tower_query(settings.prompt))["input_ids"]
     report = {
         "model": description,
         "dtype": settings.dtype,
@@ -246,6 +260,11 @@ def run(settings: ValidateConfig) -> dict:
         elif staged:  # the reference's own kept set at every stage; logits and tokens on those sets
             torch_stages = torch_reference.staged_selection(torch_model, input_ids_t, pixels_t, pruning)
             torch_kept = torch_stages[-1][1].numpy()
+        elif query_ids is not None:
+            cues = torch_reference.joint_reference_cues(
+                torch_model, text_tower, input_ids_t, pixels_t, query_ids, pruning.vision_layer()
+            )
+            torch_kept = torch_reference.reference_select(pruning.name, keep=keep, **cues)
         elif pruning.has_torch_reference:
             torch_kept = _reference_selection(
                 torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep
@@ -289,9 +308,19 @@ def run(settings: ValidateConfig) -> dict:
     # JAX side.
     model = checkpoint.load_params(cfg, source, settings.dtype)
     del source
+    if text_tower is not None:
+        from models.clip_text import load_joint_space
+
+        model.joint_space = load_joint_space(
+            text_tower, cfg.vision.hidden_size, checkpoint.DTYPES[settings.dtype]
+        )
     runner = LlavaRunner(model)
     batch = runner.make_batch(
-        [ids], pixels, pad_token_id=preprocessor.pad_token_id, max_new_tokens=sampling.max_new_tokens
+        [ids],
+        pixels,
+        pad_token_id=preprocessor.pad_token_id,
+        max_new_tokens=sampling.max_new_tokens,
+        queries=None if query_ids is None else [query_ids],
     )
     rng = jax.random.key(settings.seed)
     result = runner.prefill(batch, pruning=pruning, all_logits=True, rng=rng)
@@ -356,6 +385,27 @@ def run(settings: ValidateConfig) -> dict:
     report["passed"], report["criterion"] = _judge(report, on_gpu, settings)
     report["seconds"] = round(time.time() - started, 1)
     return report
+
+
+def _text_tower(settings: ValidateConfig, pruning, hf_config):
+    """The CLIP directory of a method reading CLIP's joint space (None for others); with random
+    weights and no --text_tower, a random CLIP written for the preset."""
+    if pruning is None or not pruning.needs_text_tower:
+        return None
+    if settings.text_tower:
+        if not os.path.isdir(settings.text_tower):
+            raise FileNotFoundError(f"--text_tower directory not found: {settings.text_tower}")
+        return settings.text_tower
+    if settings.checkpoint:
+        raise ValueError(
+            f"{pruning.name} reads CLIP's joint space: give --text_tower=DIR, the CLIPModel directory "
+            "of the CLIP the vision tower came from (e.g. openai/clip-vit-large-patch14-336)"
+        )
+    from models import presets
+
+    directory = tempfile.mkdtemp(prefix="validate_clip_")
+    presets.write_random_clip(hf_config, directory, seed=settings.seed)
+    return directory
 
 
 def _reference_selection(torch_reference, torch_model, input_ids_t, pixels_t, pruning, keep) -> np.ndarray:

@@ -66,6 +66,12 @@ def with_instruction(text: str, instruction: str) -> str:
     return f"{text}\n{instruction}"
 
 
+def text_tower_query(prompt: str) -> str:
+    """The question as the released CDPruner evaluation gives CLIP's text tower: the prompt without
+    LLaVA's short-answer instruction (a method reading CLIP's joint space compares the image with it)."""
+    return prompt.replace(f"\n{SHORT_ANSWER_INSTRUCTION}", "")
+
+
 def safe_ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator, or 0.0 when the denominator is zero."""
     return numerator / denominator if denominator else 0.0

@@ -40,6 +40,12 @@ class EvalConfig:
     output_dir: str = setting(
         dataclasses.MISSING, "Where predictions/, results.json, results.md and the plots go.", required=True
     )
+    text_tower: str | None = setting(
+        None,
+        "CLIP checkpoint directory (CLIPModel: text tower, visual_projection, tokenizer) for methods "
+        "that read CLIP's joint space (cdpruner): the CLIP the vision tower came from, e.g. "
+        "openai/clip-vit-large-patch14-336, or a testbed's <checkpoint>/clip.",
+    )
     image_dir: str | None = setting(
         None,
         "Folder of the images the questions name (default: the benchmark's own, e.g. <testbed split>/images).",

@@ -3,7 +3,8 @@
 A pair's fingerprint has three parts:
   * the checkpoint's content: the sha256 of every file the loader reads (config, weights, tokenizer,
     processor), so a retrained checkpoint written to the same folder is noticed and a harmless
-    spelling of its path (`checkpoints/testbed/`) is not;
+    spelling of its path (`checkpoints/testbed/`) is not; for a method reading CLIP's joint space,
+    the text tower's files too;
   * the settings that change an answer, defaults resolved: the method's whole config (its layer and
     seed as the method sees them, so an explicit `--layer` equal to the default is the same pair), the
     benchmark, the question file and image folder as real paths, max_new_tokens and dtype;
@@ -111,6 +112,7 @@ def shared_fingerprint(config: EvalConfig, benchmark, max_new_tokens: int) -> di
     method_modules = {config_class.__module__ for config_class in methods.METHODS.values()}
     return {
         "checkpoint": checkpoint_digest(config.checkpoint),
+        "text_tower": None if config.text_tower is None else checkpoint_digest(config.text_tower),
         "settings": {
             "benchmark": benchmark.name,
             "questions": _real_paths(config.questions),
@@ -123,14 +125,25 @@ def shared_fingerprint(config: EvalConfig, benchmark, max_new_tokens: int) -> di
 
 
 def pair_fingerprint(shared: Mapping[str, Any], pair: Pair) -> dict[str, Any]:
-    """`shared` plus the pair's method config and its method file."""
+    """`shared` plus the pair's method config and its method file (and, for a method that reads
+    CLIP's joint space, the text tower's files)."""
+    shared = dict(shared)
+    text_tower = shared.pop("text_tower", None)
     code = dict(shared["code"])
+    checkpoint = dict(shared["checkpoint"])
     method: dict[str, Any] = {"method": pair.method}
     if pair.pruning is not None:
         method.update(dataclasses.asdict(pair.pruning))
         module = type(pair.pruning).__module__
         code[module] = file_digest(_module_file(module))
-    return {**shared, "method": json.loads(json.dumps(method)), "code": dict(sorted(code.items()))}
+        if pair.pruning.needs_text_tower:
+            checkpoint.update({f"text_tower/{name}": digest for name, digest in (text_tower or {}).items()})
+    return {
+        **shared,
+        "checkpoint": checkpoint,
+        "method": json.loads(json.dumps(method)),
+        "code": dict(sorted(code.items())),
+    }
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from experiments.benchmarks import Question
+from experiments.benchmarks.base import text_tower_query
 from experiments.benchmarks.io import PredictionWriter, read_predictions
 from experiments.evaluation.config import PREDICTIONS_DIR, EvalConfig
 from experiments.evaluation.inputs import ImageLoader
@@ -139,6 +140,7 @@ def run_pair(
                     max_new_tokens=max_new_tokens,
                     seed=batch_seed(config.seed, batch_index),
                     row_seeds=[question_seed(config.seed, q.question_id) for q, _ in padded],
+                    queries=[text_tower_query(q.prompt) for q, _ in padded],
                 )
                 seconds = time.perf_counter() - tic
                 new = 0

@@ -19,7 +19,7 @@ from adaptprune_jax import methods
 from experiments.benchmarks import Question, get_benchmark
 from experiments.benchmarks.io import read_predictions
 from experiments.evaluation import fingerprint
-from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, EvalConfig
+from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, UNPRUNED, EvalConfig
 from experiments.evaluation.generation import predictions_path, run_pair
 from experiments.evaluation.inputs import (
     ImageLoader,
@@ -128,6 +128,19 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def check_text_tower(config: EvalConfig) -> None:
+    """A method that reads CLIP's joint space needs --text_tower, and --text_tower a directory."""
+    needing = [name for name in config.methods if name != UNPRUNED and methods.get(name).needs_text_tower]
+    if needing and not config.text_tower:
+        raise ValueError(
+            f"--methods {','.join(needing)}: reads CLIP's joint space; give --text_tower=DIR, the CLIPModel "
+            "directory of the CLIP the vision tower came from (e.g. openai/clip-vit-large-patch14-336, "
+            "or a testbed's <checkpoint>/clip)"
+        )
+    if config.text_tower and not os.path.isdir(config.text_tower):
+        raise FileNotFoundError(f"--text_tower directory not found: {config.text_tower}")
+
+
 def run(config: EvalConfig, engine=None) -> dict:
     """Evaluate every pair of `config`; returns what results.json holds. `engine` may be shared."""
     from experiments import reference_numbers, reporting
@@ -143,12 +156,15 @@ def run(config: EvalConfig, engine=None) -> dict:
     if not os.path.isdir(config.checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {config.checkpoint}")
     check_images_exist(questions, image_path)
+    check_text_tower(config)
 
     use_compilation_cache(config.compile_cache)
     if engine is None:
         from models.engine import LlavaEngine
 
-        engine = LlavaEngine.from_checkpoint(config.checkpoint, dtype=config.dtype)
+        engine = LlavaEngine.from_checkpoint(
+            config.checkpoint, dtype=config.dtype, text_tower=config.text_tower
+        )
     model = engine.config
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
     pairs = build_pairs(config, num_image_tokens, num_layers, model.image_layout())

@@ -172,6 +172,31 @@ def test_fingerprint_names_the_changed_method_file_and_only_its_own(tmp_path, mo
     }
 
 
+def test_a_method_reading_clip_needs_the_text_tower(config, engine):
+    with pytest.raises(
+        ValueError, match="--methods cdpruner: reads CLIP's joint space; give --text_tower=DIR"
+    ):
+        eval_lib.run(dataclasses.replace(config, methods=("fastv", "cdpruner")), engine=engine)
+    with pytest.raises(FileNotFoundError, match="--text_tower directory not found: /nowhere"):
+        eval_lib.run(dataclasses.replace(config, methods=("cdpruner",), text_tower="/nowhere"), engine=engine)
+    assert not os.path.exists(config.output_dir)
+
+
+def test_the_text_tower_files_are_in_its_methods_fingerprints_only(config, tiny_checkpoints):
+    from experiments.evaluation import fingerprint
+
+    config = dataclasses.replace(config, text_tower=tiny_checkpoints("tiny").clip_directory)
+    shared = fingerprint.shared_fingerprint(config, eval_lib.get_benchmark("pope"), 32)
+    cdpruner = eval_lib.Pair("cdpruner", 64, 64, methods.make_config("cdpruner", keep=64), 64.0)
+    fastv = eval_lib.Pair("fastv", 64, 64, methods.make_config("fastv", keep=64), 64.0)
+    reading = fingerprint.pair_fingerprint(shared, cdpruner)["checkpoint"]
+    assert {"text_tower/config.json", "text_tower/model.safetensors", "text_tower/tokenizer.json"} <= set(
+        reading
+    )
+    assert fingerprint.pair_fingerprint(shared, fastv)["checkpoint"] == shared["checkpoint"]
+    assert "text_tower" not in fingerprint.pair_fingerprint(shared, fastv)
+
+
 def test_shared_fingerprint_leaves_the_method_files_out(config):
     """Every library and model module is in the shared code part, no registered method's file."""
     from experiments.evaluation import fingerprint
