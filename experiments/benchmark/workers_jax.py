@@ -63,11 +63,18 @@ def jax_worker(spec: dict) -> dict:
     cfg = from_hf_config(hf_config)
     dtype = jnp.dtype(spec["dtype"])
     abstract_model = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    prune.methods.import_plugins(spec.get("method_modules", ()))
+    reads_clip = method != "none" and prune.methods.get(method).needs_text_tower
+    if reads_clip:  # the text tower of the CLIP the preset's vision tower comes from, random too
+        from models.clip_text import JointSpace, JointSpaceConfig
+        from models.presets import clip_config
+
+        joint = JointSpaceConfig.from_hf(clip_config(hf_config))
+        abstract_model.joint_space = nnx.eval_shape(lambda: JointSpace(joint, dtype=dtype, rngs=nnx.Rngs(0)))
     runner = LlavaRunner(abstract_model)
     abstract_state, abstract_weights = runner.state, runner.weights
     n_img = cfg.num_image_tokens
     prompt_tokens = n_img + spec["text_tokens"]
-    prune.methods.import_plugins(spec.get("method_modules", ()))
     if method == "none":
         pruning = None
     else:
@@ -87,9 +94,10 @@ def jax_worker(spec: dict) -> dict:
         pad_token_id=int(hf_config.text_config.pad_token_id or 0),
     )
 
-    def vision(weights, pixels):
-        """The image features (a merging method's tokens in place) and the vision cues it asked for."""
-        inputs = runner.merge(weights).image_inputs(pixels, pruning)
+    def vision(weights, pixels, query_ids, query_mask):
+        """The image features (a merging method's tokens in place) and the vision cues it asked for
+        (with the questions through CLIP's text tower, for a method that reads it)."""
+        inputs = runner.merge(weights).image_inputs(pixels, pruning, query_ids, query_mask)
         return inputs.features, inputs.vision
 
     def embed(weights, ids, features):
@@ -130,7 +138,13 @@ def jax_worker(spec: dict) -> dict:
         start = time.perf_counter()
         random_state(abstract_state, spec["seed"], compile_only=True)
         compile_s["init"] = round(time.perf_counter() - start, 3)
-    features = build("vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32))
+    query_shapes = (None, None)
+    if reads_clip:
+        segment = (batch, TEXT_SEGMENTS, runner.segment_length)
+        query_shapes = (sds(segment, jnp.int32), sds(segment, jnp.int32))
+    features = build(
+        "vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32), *query_shapes
+    )
     embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
     result = build(
         "prefill",
@@ -209,11 +223,17 @@ def jax_worker(spec: dict) -> dict:
         batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index, spec["seed"]
     )
     ids, pixels = jnp.asarray(ids), jnp.asarray(random_pixels(batch, cfg.vision.image_size, spec["seed"]))
+    queries = (None, None)
+    if reads_clip:
+        queries = random_queries(batch, spec["text_tokens"], runner.segment_length, spec["seed"])
     rng = jax.random.key(spec["seed"] + 2)
     run = compiled
 
+    def vision_stage():
+        return run["vision"](weights, pixels, *queries)
+
     def first_token():
-        embedded = run["embed"](weights, ids, run["vision"](weights, pixels))
+        embedded = run["embed"](weights, ids, vision_stage())
         result = run["prefill"](weights, *embedded, rng)
         return run["first_token"](result.logits), result
 
@@ -233,8 +253,8 @@ def jax_worker(spec: dict) -> dict:
 
     # --- timings ---------------------------------------------------------------------------------
     reps, e2e_reps = spec["repeats"], spec["e2e_repeats"]
-    samples = {"vision_ms": timed(lambda: run["vision"](weights, pixels), reps, sync)}
-    embedded = sync(run["embed"](weights, ids, run["vision"](weights, pixels)))
+    samples = {"vision_ms": timed(vision_stage, reps, sync)}
+    embedded = sync(run["embed"](weights, ids, vision_stage()))
     prefills = {"llm_prefill_ms": "prefill", "fixed_prefill_ms": "prefill_fixed"}
     prefills = {k: v for k, v in prefills.items() if v in run}
     for name, stage in prefills.items():  # warm-up, then interleave so drift hits both alike
@@ -286,7 +306,7 @@ def jax_worker(spec: dict) -> dict:
         result = sync(run["prefill"](weights, *embedded, rng))
         stages = {
             "vision": lambda: profiling.profile_call(
-                lambda: run["vision"](weights, pixels), os.path.join(where, "vision"), calls=3, sync=sync
+                vision_stage, os.path.join(where, "vision"), calls=3, sync=sync
             ),
             "llm_prefill": lambda: profiling.profile_call(
                 lambda: run["prefill"](weights, *embedded, rng),
@@ -313,6 +333,20 @@ def jax_worker(spec: dict) -> dict:
                     "device_threads": [],
                 }
     return out
+
+
+def random_queries(batch: int, text_tokens: int, segment_length: int, seed: int):
+    """(ids, mask) (B, TEXT_SEGMENTS, L) int32 of random questions as long as the prompts' text (at
+    most what the segments hold), split as the model's batches split them."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.clip_text import batch_segments
+
+    rng = np.random.default_rng(seed + 3)
+    length = min(text_tokens, segment_length * TEXT_SEGMENTS)
+    questions = [rng.integers(1, 256, length).tolist() for _ in range(batch)]
+    return tuple(jnp.asarray(a) for a in batch_segments(questions, segment_length, TEXT_SEGMENTS))
 
 
 def _one(fn, sync) -> float:
