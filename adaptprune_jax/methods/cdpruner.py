@@ -33,23 +33,32 @@ import jax.numpy as jnp
 from jax import lax
 
 from adaptprune_jax.methods import register
-from adaptprune_jax.methods.base import Cues, Embeddings, JointEmbeddings, PruneConfig, check_keep_type
+from adaptprune_jax.methods.base import (
+    Cues,
+    Embeddings,
+    JointEmbeddings,
+    PruneConfig,
+    check_bool,
+    check_keep_type,
+)
 
 FEATURE_LAYER = -2  # LLaVA-1.5's vision feature layer: the released image embeds are its patches
 RELEVANCE_OFFSET = 1e-6  # the released min-max normalisation's offset, so no token weighs 0
 # Ours: once every remaining d_i^2 is below this share of the row's largest kernel diagonal, the
 # kernel's rank is spent and d^2 holds float32 round-off only (the released picks follow that noise,
 # and its square roots of negative numbers give NaN); the remaining picks go by relevance instead.
-SPENT_GAIN = 1e-5
+SPENT_GAIN = 1e-6
 
 
 def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def query_relevance(image_embeds: jax.Array, text_embeds: jax.Array, text_mask: jax.Array) -> jax.Array:
-    """(B, N) float32: each token's negated cosine to the question, averaged over the row's text
-    segments, min-max normalised per row."""
+def query_relevance(
+    image_embeds: jax.Array, text_embeds: jax.Array, text_mask: jax.Array, negate: bool = True
+) -> jax.Array:
+    """(B, N) float32: each token's negated (``negate``, as released) cosine to the question,
+    averaged over the row's text segments, min-max normalised per row."""
     cosine = jnp.einsum(
         "bnc,bmc->bnm",
         _unit(image_embeds.astype(jnp.float32)),
@@ -57,7 +66,8 @@ def query_relevance(image_embeds: jax.Array, text_embeds: jax.Array, text_mask: 
         precision=lax.Precision.HIGHEST,
     )
     mask = text_mask[:, None, :]
-    relevance = jnp.sum(jnp.where(mask, -cosine, 0.0), axis=-1) / jnp.sum(mask, axis=-1)
+    signed = -cosine if negate else cosine
+    relevance = jnp.sum(jnp.where(mask, signed, 0.0), axis=-1) / jnp.sum(mask, axis=-1)
     low = jnp.min(relevance, axis=-1, keepdims=True)
     span = jnp.max(relevance, axis=-1, keepdims=True) - low
     return (relevance - low + RELEVANCE_OFFSET) / jnp.where(span > 0, span, 1.0)
@@ -103,7 +113,10 @@ def greedy_dpp_order(kernel: jax.Array, keep: int) -> jax.Array:
 @register
 @dataclasses.dataclass(frozen=True)
 class CDPrunerConfig(PruneConfig):
-    """CDPruner's settings: only ``keep`` (the released ``visual_token_num``)."""
+    """CDPruner's settings: ``keep`` (the released ``visual_token_num``) and, ours, an ablation:
+    ``negate_relevance=False`` ranks the tokens by the cosine itself, for a joint space whose image
+    tokens align positively with the question (the released negation follows openai CLIP's, whose
+    patch embeddings are anti-aligned)."""
 
     name: ClassVar[str] = "cdpruner"
     has_layer: ClassVar[bool] = False
@@ -113,8 +126,11 @@ class CDPrunerConfig(PruneConfig):
     layer: ClassVar[int] = 0  # the LLM's input
     reference_cues: ClassVar[tuple[str, ...]] = ("image_embeds", "text_embeds", "embeddings")
 
+    negate_relevance: bool = True
+
     def __post_init__(self):
         check_keep_type(self.keep)
+        check_bool("negate_relevance", self.negate_relevance)
 
     def cue_requests(self):
         return (JointEmbeddings(FEATURE_LAYER), Embeddings())
@@ -133,7 +149,8 @@ class CDPrunerConfig(PruneConfig):
                 f"{self.name}: image_embeds {image_embeds.shape} and embeddings {features.shape} must "
                 "cover the same (batch, image tokens)."
             )
-        kernel = conditional_kernel(features, query_relevance(image_embeds, text_embeds, text_mask))
+        relevance = query_relevance(image_embeds, text_embeds, text_mask, self.negate_relevance)
+        kernel = conditional_kernel(features, relevance)
         return jnp.sort(greedy_dpp_order(kernel, keep), axis=1).astype(jnp.int32)
 
     def torch_reference_order(self, cues, keep, grid):

@@ -52,6 +52,22 @@ def _reference(cues: prune.Cues, keep: int) -> np.ndarray:
     return np.stack(rows)
 
 
+def test_the_unnegated_ablation_reverses_the_relevance():
+    """negate_relevance=False (ours) is the released min-max of the cosine itself: per token the two
+    relevances sum to 1 + 2e-6 / span."""
+    cues = _cues(batch=3, seed=4)
+    released = np.asarray(cdpruner.query_relevance(cues.image_embeds, cues.text_embeds, cues.text_mask))
+    unnegated = np.asarray(
+        cdpruner.query_relevance(cues.image_embeds, cues.text_embeds, cues.text_mask, negate=False)
+    )
+    np.testing.assert_allclose(released + unnegated, 1.0, atol=1e-5)
+    assert np.corrcoef(released[0], unnegated[0])[0, 1] < -0.999
+    config = prune.CDPrunerConfig(keep=8, negate_relevance=False)
+    assert not np.array_equal(np.asarray(_select(config, cues, 8)), _reference(cues, 8))
+    with pytest.raises(ValueError, match="negate_relevance must be a bool"):
+        prune.CDPrunerConfig(keep=8, negate_relevance=1)
+
+
 @pytest.mark.parametrize("keep", [8, 24])
 def test_batched_selection_equals_the_reference(keep):
     cues = _cues(batch=6, seed=keep)
