@@ -327,12 +327,10 @@ def test_shipped_flagfiles_parse_and_fit_their_model(name):
         checkpoint = "checkpoints/testbed-deep" if name == "testbed_deep_gpu" else "checkpoints/testbed"
         assert config.benchmark == "testbed" and config.checkpoint == checkpoint
         assert config.questions == "experiments/data/testbed_test" and config.image_dir is None
+        assert config.text_tower == f"{checkpoint}/clip"  # the testbed's own CLIP text tower
     if name == "testbed":  # make eval: every built-in method that takes each of its budgets
         builtin = {n for n in methods.names() if methods.get(n).__module__.startswith("adaptprune_jax.")}
-        # (less the methods whose cues the model cannot compute yet)
-        usable = {
-            n for n in builtin if _takes_budgets(n, config.keep) and not methods.get(n).needs_text_tower
-        }
+        usable = {n for n in builtin if _takes_budgets(n, config.keep)}
         assert config.limit and config.dtype == "float32" and set(config.methods) == usable
     if name in ("testbed_gpu", "testbed_deep_gpu"):
         assert config.limit is None and config.dtype == "bfloat16" and set(config.keep) == {192, 128, 64, 32}
