@@ -171,13 +171,15 @@ def tiny_clip_tokenizer():
     return build_clip_word_tokenizer(TINY_VOCABULARY)
 
 
-def clip_config(config: LlavaConfig) -> CLIPConfig:
-    """The CLIP a preset's vision tower comes from: its vision config, and the text tower of
-    openai/clip-vit-large-patch14-336 under CLIP-L, else a tiny one over the tiny vocabulary."""
-    vision = config.vision_config
-    if vision.hidden_size == _CLIP_L_336["hidden_size"]:
-        text = CLIPTextConfig(**_CLIP_L_TEXT, projection_dim=vision.projection_dim)
-    else:
+def clip_config(config: LlavaConfig, text: CLIPTextConfig | None = None) -> CLIPConfig:
+    """The CLIP a LLaVA's vision tower comes from: its vision config and the text tower ``text``
+    (default: openai/clip-vit-large-patch14-336's under CLIP-L, else a tiny one over the tiny
+    vocabulary). The text tower's projection_dim is the joint width, set in the vision config too,
+    so a CLIPVisionModelWithProjection built from it fits the visual_projection."""
+    vision = config.vision_config.to_dict()
+    if text is None and vision["hidden_size"] == _CLIP_L_336["hidden_size"]:
+        text = CLIPTextConfig(**_CLIP_L_TEXT, projection_dim=vision["projection_dim"])
+    elif text is None:
         tokenizer = tiny_clip_tokenizer()
         text = CLIPTextConfig(
             **_CLIP_TINY_TEXT,
@@ -185,11 +187,10 @@ def clip_config(config: LlavaConfig) -> CLIPConfig:
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            projection_dim=vision.projection_dim,
+            projection_dim=vision["projection_dim"],
         )
-    return CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=vision.projection_dim
-    )
+    vision["projection_dim"] = text.projection_dim
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=text.projection_dim)
 
 
 def write_random_clip(config: LlavaConfig, directory: str | os.PathLike, *, seed: int = 0):

@@ -160,10 +160,15 @@ def relation_holds(relation: str, first: SceneObject, second: SceneObject) -> bo
     return {"left": x1 < x2, "right": x1 > x2, "above": y1 < y2, "below": y1 > y2}[relation]
 
 
-def _position(rng, objects: list[SceneObject], config: TestbedConfig):
+def relation_pairs(
+    objects: list[SceneObject], margin_px: int
+) -> list[tuple[SceneObject, SceneObject, tuple[str, str]]]:
+    """(first, second, the axis' two relations) for every ordered pair of objects of unique
+    (colour, shape) whose centres are `margin_px` apart along that axis: what a position question
+    may ask about (horizontal before vertical for each pair)."""
     pairs = [o.pair for o in objects]
     unique = [o for o in objects if pairs.count(o.pair) == 1]
-    margin2 = 2 * config.relation_margin_px  # centres are doubled
+    margin2 = 2 * margin_px  # centres are doubled
     options = []
     for first in unique:
         for second in unique:
@@ -174,6 +179,11 @@ def _position(rng, objects: list[SceneObject], config: TestbedConfig):
                 options.append((first, second, ("left", "right")))
             if abs(y1 - y2) >= margin2:
                 options.append((first, second, ("above", "below")))
+    return options
+
+
+def _position(rng, objects: list[SceneObject], config: TestbedConfig):
+    options = relation_pairs(objects, config.relation_margin_px)
     if not options:
         return None
     first, second, relations = _pick(rng, options)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from experiments.testbed.training import joint_space
 from models.checkpoint import SINGLE_FILE
+from models.clip_text import load_joint_space
 from tests.helpers import exact_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,7 +79,7 @@ def test_committed_joint_space_loads_as_clip(testbed):
     assert all(i[0] == text.bos_token_id and i[-1] == text.eos_token_id for i in ids)
 
     assert joint_space.directory_bytes(directory) < MAX_DIRECTORY_BYTES
-    model = joint_space.load_joint_space(directory)
+    model = load_joint_space(directory, lvlm_vision["hidden_size"])
     assert _text_embeds_gap(directory, model, questions[::401]) < MAX_REL_ERR
 
 
@@ -131,5 +132,9 @@ def test_tiny_training_lowers_the_loss_and_reruns_identically(tmp_path):
     joint_space.run(joint_space.JointSpaceOptions(output=directory, cache_dir=cache, **TINY))
     weights = [(tmp_path / name / SINGLE_FILE).read_bytes() for name in ("a", "b")]
     assert weights[0] == weights[1]
-    model = joint_space.load_joint_space(directory)
+    from transformers import LlavaConfig
+
+    model = load_joint_space(
+        directory, LlavaConfig.from_pretrained(TINY["checkpoint"]).vision_config.hidden_size
+    )
     assert _text_embeds_gap(directory, model, joint_space.testbed_questions()[:5]) < MAX_REL_ERR

@@ -48,9 +48,9 @@ from flax import nnx
 
 from adaptprune_jax.methods.cdpruner import FEATURE_LAYER
 from experiments.flag_config import run_program, setting
-from experiments.testbed.encoding import VOCABULARY, make_tokenizer
+from experiments.testbed.encoding import VOCABULARY
 from experiments.testbed.layout import sample_scenes, split_rng, take_scenes
-from experiments.testbed.questions import SceneObject, relation_holds, scene_objects
+from experiments.testbed.questions import SceneObject, relation_holds, relation_pairs, scene_objects
 from experiments.testbed.scene_config import TestbedConfig
 from experiments.testbed.training.step import PixelNormalization, scene_pixels
 from experiments.testbed.words import (
@@ -65,13 +65,11 @@ from experiments.testbed.words import (
     SHAPE_PLURALS,
     SHORT_ANSWER_INSTRUCTIONS,
 )
-from models.checkpoint import SINGLE_FILE, TensorSource, _transpose, fill_module, load_checkpoint
-from models.clip_text import CLIPTextTower, TextTowerConfig, _hf_name
-from models.layers import Dense
-from models.tokenizer import UNK_TOKEN
+from models.checkpoint import _INVERSE, SINGLE_FILE, load_checkpoint
+from models.clip_text import JointSpace, JointSpaceConfig, _hf_name, load_joint_space
+from models.presets import clip_config
+from models.tokenizer import build_clip_word_tokenizer
 
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
 POOLINGS = ("cls", "patch_mean")
 LOG_FILE = "training_log.json"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp
@@ -115,41 +113,8 @@ class JointSpaceOptions:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer and text tower config.
+# The text tower's config, the directory's weights.
 # ---------------------------------------------------------------------------------------------
-
-
-def make_text_tokenizer(max_length: int):
-    """CLIP's convention over the testbed's words: `<|startoftext|> words <|endoftext|>`, the two marks
-    the highest ids (so the tower pools at the end-of-text token under either of transformers' rules),
-    `<unk>` 0, padding with `<|endoftext|>` as CLIP pads. Normalizer and pre-tokenizer are the LVLM's."""
-    from tokenizers import Tokenizer, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    lvlm = make_tokenizer().backend_tokenizer
-    vocab = {UNK_TOKEN: 0}
-    for word in VOCABULARY:
-        vocab[word] = len(vocab)
-    vocab[START_TOKEN] = len(vocab)
-    vocab[END_TOKEN] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.normalizer = lvlm.normalizer
-    backend.pre_tokenizer = lvlm.pre_tokenizer
-    backend.decoder = lvlm.decoder
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{START_TOKEN} $A {END_TOKEN}",
-        pair=f"{START_TOKEN} $A {END_TOKEN} {END_TOKEN} $B {END_TOKEN}",  # as CLIP's tokenizer pairs
-        special_tokens=[(START_TOKEN, vocab[START_TOKEN]), (END_TOKEN, vocab[END_TOKEN])],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token=UNK_TOKEN,
-        bos_token=START_TOKEN,
-        eos_token=END_TOKEN,
-        pad_token=END_TOKEN,
-        padding_side="right",
-        model_max_length=max_length,
-    )
 
 
 def text_config(options: JointSpaceOptions, tokenizer):
@@ -172,64 +137,22 @@ def text_config(options: JointSpaceOptions, tokenizer):
     )
 
 
-def clip_config(text, lvlm_config):
-    """The directory's CLIPConfig: the text tower, the LVLM's own vision config, one projection width
-    (set in both sub-configs too, so a CLIPVisionModelWithProjection built from it fits the stored
-    visual_projection)."""
-    from transformers import CLIPConfig
-
-    vision = lvlm_config.vision_config.to_dict()
-    vision["projection_dim"] = text.projection_dim
-    return CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=text.projection_dim)
-
-
-# ---------------------------------------------------------------------------------------------
-# The trained module, its names on disk.
-# ---------------------------------------------------------------------------------------------
-
-
-class JointSpace(nnx.Module):
-    """What the directory holds: the text tower (with text_projection) and the visual projection."""
-
-    def __init__(self, cfg: TextTowerConfig, vision_width: int, *, rngs: nnx.Rngs):
-        self.text_tower = CLIPTextTower(cfg, rngs=rngs)
-        self.visual_projection = Dense(
-            vision_width, cfg.projection_dim, use_bias=False, dtype=jnp.float32, rngs=rngs
-        )
-
-
-def _disk_name(path: tuple):
-    """transformers' name (CLIPModel's) and the transform for one of JointSpace's parameter paths."""
-    if str(path[0]) == "visual_projection":
-        return "visual_projection.weight", _transpose
-    return _hf_name(path[1:])
-
-
 def save_joint_space(model: JointSpace, config, tokenizer, directory: str) -> str:
-    """config.json, the tokenizer and model.safetensors (float32, torch layout) into `directory`."""
+    """config.json, the tokenizer and model.safetensors (float32, torch layout, the names
+    `models.clip_text.load_joint_space` reads) into `directory`."""
     from safetensors.numpy import save_file
 
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
         path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]
-        name, transform = _disk_name(path)  # identity or a transpose: each its own inverse
-        tensors[name] = np.ascontiguousarray(np.asarray(transform(jnp.asarray(leaf, jnp.float32))))
+        name, transform = _hf_name(path)
+        array = _INVERSE[transform](jnp.asarray(leaf, jnp.float32))
+        tensors[name] = np.ascontiguousarray(np.asarray(array))
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
     return directory
-
-
-def load_joint_space(directory: str) -> JointSpace:
-    """The module back from a directory `save_joint_space` wrote (every name and shape checked)."""
-    from transformers import CLIPConfig
-
-    config = CLIPConfig.from_pretrained(directory)
-    cfg = TextTowerConfig.from_hf(config.text_config)
-    width = config.vision_config.hidden_size
-    abstract = nnx.eval_shape(lambda: JointSpace(cfg, width, rngs=nnx.Rngs(0)))
-    return fill_module(abstract, TensorSource(directory), _disk_name, jnp.float32, what="the joint space")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,30 +163,17 @@ def load_joint_space(directory: str) -> JointSpace:
 def _position_captions(objects: list[SceneObject], margin_px: int) -> list[str]:
     """Every true relation between two objects of unique (colour, shape), centres `margin_px` apart
     along the relation's axis (as the position questions pick them)."""
-    pairs = [o.pair for o in objects]
-    unique = [o for o in objects if pairs.count(o.pair) == 1]
-    texts = []
-    for first in unique:
-        for second in unique:
-            if first is second:
-                continue
-            (y1, x1), (y2, x2) = first.centre2, second.centre2
-            relations = []
-            if abs(x1 - x2) >= 2 * margin_px:
-                relations += ["left", "right"]
-            if abs(y1 - y2) >= 2 * margin_px:
-                relations += ["above", "below"]
-            for relation in relations:
-                if relation_holds(relation, first, second):
-                    texts.append(
-                        POSITION_TEMPLATES[relation].format(
-                            colour=COLOUR_NAMES[first.colour],
-                            shape=SHAPE_NAMES[first.shape],
-                            colour2=COLOUR_NAMES[second.colour],
-                            shape2=SHAPE_NAMES[second.shape],
-                        )
-                    )
-    return texts
+    return [
+        POSITION_TEMPLATES[relation].format(
+            colour=COLOUR_NAMES[first.colour],
+            shape=SHAPE_NAMES[first.shape],
+            colour2=COLOUR_NAMES[second.colour],
+            shape2=SHAPE_NAMES[second.shape],
+        )
+        for first, second, relations in relation_pairs(objects, margin_px)
+        for relation in relations
+        if relation_holds(relation, first, second)
+    ]
 
 
 def scene_captions(objects: list[SceneObject], scene_config: TestbedConfig) -> dict[str, list[str]]:
@@ -507,7 +417,7 @@ class TrainResult(NamedTuple):
 
 def train(
     options: JointSpaceOptions,
-    cfg: TextTowerConfig,
+    cfg: JointSpaceConfig,
     features: np.ndarray,
     table: CaptionTable,
     kind_weights,
@@ -516,7 +426,7 @@ def train(
     """The text tower and visual projection from `features` (S, W) and their caption table."""
     count = len(features)
     batch = min(options.batch_size, count)
-    model = JointSpace(cfg, features.shape[1], rngs=nnx.Rngs(options.seed))
+    model = JointSpace(cfg, rngs=nnx.Rngs(options.seed))
     null = _mean_direction(features) if options.null_mean_direction else None
     if null is not None:
         features = (features - np.outer(features @ null, null)).astype(np.float32)
@@ -731,9 +641,9 @@ def run(options: JointSpaceOptions) -> dict:
     tower = lvlm.vision_tower
     scene_config = TestbedConfig.from_llava_config(hf_config)
     normalization = PixelNormalization.from_hf_config(hf_config)
-    tokenizer = make_text_tokenizer(options.max_position_embeddings)
-    text = text_config(options, tokenizer)
-    cfg = TextTowerConfig.from_hf(text)
+    tokenizer = build_clip_word_tokenizer(VOCABULARY)
+    config = clip_config(hf_config, text_config(options, tokenizer))
+    cfg = JointSpaceConfig.from_hf(config)
     missing_words = unknown_words(tokenizer, testbed_questions() + list(SHORT_ANSWER_INSTRUCTIONS))
     if missing_words:
         raise ValueError(
@@ -775,7 +685,7 @@ def run(options: JointSpaceOptions) -> dict:
     chosen = max(poolings, key=lambda p: results[p][1]["text_to_image_top1"])
     trained = results[chosen][0]
 
-    save_joint_space(trained.model, clip_config(text, hf_config), tokenizer, options.output)
+    save_joint_space(trained.model, config, tokenizer, options.output)
     record = {
         "checkpoint": options.checkpoint,
         "options": dataclasses.asdict(options),
@@ -795,7 +705,7 @@ def run(options: JointSpaceOptions) -> dict:
             for p, r in results.items()
         },
     }
-    reloaded = load_joint_space(options.output)
+    reloaded = load_joint_space(options.output, cfg.vision_width)
     for a, b in zip(jax.tree.leaves(nnx.state(reloaded)), jax.tree.leaves(nnx.state(trained.model))):
         if not np.array_equal(np.asarray(a), np.asarray(b)):
             raise AssertionError("the written joint space does not read back as trained")
