@@ -309,11 +309,7 @@ def run(settings: ValidateConfig) -> dict:
     model = checkpoint.load_params(cfg, source, settings.dtype)
     del source
     if text_tower is not None:
-        from models.clip_text import load_joint_space
-
-        model.joint_space = load_joint_space(
-            text_tower, cfg.vision.hidden_size, checkpoint.DTYPES[settings.dtype]
-        )
+        checkpoint.attach_text_tower(model, text_tower, settings.dtype)
     runner = LlavaRunner(model)
     batch = runner.make_batch(
         [ids],

@@ -270,10 +270,15 @@ def load_checkpoint(
     cfg = from_hf_config(hf_config)
     model = load_params(cfg, TensorSource(directory), dtype)
     if text_tower is not None:
-        from models.clip_text import load_joint_space
-
-        model.joint_space = load_joint_space(text_tower, cfg.vision.hidden_size, DTYPES[dtype])
+        attach_text_tower(model, text_tower, dtype)
     return hf_config, model
+
+
+def attach_text_tower(model: LlavaForConditionalGeneration, directory: str | os.PathLike, dtype: str) -> None:
+    """Give ``model`` CLIP's text tower and visual projection from a CLIPModel directory."""
+    from models.clip_text import load_joint_space
+
+    model.joint_space = load_joint_space(directory, model.config.vision.hidden_size, DTYPES[dtype])
 
 
 def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
