@@ -291,6 +291,15 @@ def _error_bars(results: dict, method_results: Sequence[dict], scale: float) -> 
     return bars
 
 
+# Eleven and more methods outrun matplotlib's ten-colour cycle: each method gets its own colour
+# (tab20's dark shades, then its light ones) and marker, so no two lines look alike.
+_METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _method_colour(index: int):
+    return plt.get_cmap("tab20")(2 * (index % 10) + (index // 10) % 2)
+
+
 def _draw_metric_panel(axes, results: dict, x_key: str, with_legend: bool) -> None:
     """One panel: the primary metric against `x_key` ('keep' or 'equivalent_tokens') per method,
     with interval error bars, unpruned as a dashed line over its interval band, published hollow."""
@@ -311,7 +320,8 @@ def _draw_metric_panel(axes, results: dict, x_key: str, with_legend: bool) -> No
             [r[x_key] + offset for r in method_results],
             [scale * r["primary"] for r in method_results],
             yerr=_error_bars(results, method_results, scale),
-            marker="o",
+            marker=_METHOD_MARKERS[method_index % len(_METHOD_MARKERS)],
+            color=_method_colour(method_index),
             capsize=3,
             label=method,
         )
