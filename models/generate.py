@@ -124,6 +124,13 @@ class LlavaRunner:
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
 
     @property
+    def prefill_program(self):
+        """The jitted prefill `(weights, input_ids, lengths, pixel_values, rng, query_ids, query_mask, *,
+        extra_slots, pruning, all_logits)` -> PrefillResult, for callers (the benchmark's pre-compile
+        phase) that compile it from abstract shapes before `generate` runs it."""
+        return self._prefill
+
+    @property
     def decode_loop(self):
         """The jitted decode loop `(weights, first_logits, caches, next_positions, rng, *, sampling)` ->
         (tokens, counts), for callers (the benchmark) that compile and time it stage by stage."""
