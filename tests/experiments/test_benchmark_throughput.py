@@ -259,3 +259,23 @@ def test_the_report_records_the_work_and_leaves_the_targets_unjudged_on_a_cpu(ru
     assert "## Failed or skipped" in markdown and run["plot"] == b"\x89PNG".hex()
     assert "acceptance: 0 pass, 0 fail, 2 not measured here" in run["stdout"]
 
+
+def test_the_h200_flagfile_measures_what_the_targets_need_within_one_call():
+    from absl import flags
+
+    from experiments.benchmark.configs import Config, planned_configs
+    from experiments.flag_config import define_flags, from_flags
+
+    flag_values = define_flags(BenchmarkConfig, flags.FlagValues())
+    flag_values(["benchmark", f"--flagfile={REPO_ROOT}/experiments/flags/benchmark_h200_throughput.flags"])
+    settings = from_flags(BenchmarkConfig, flag_values)
+    throughput.check_settings(settings)
+    configs = planned_configs(settings)
+    target = acceptance.THROUGHPUT_BATCH
+    assert settings.mode == "throughput" and settings.model == acceptance.TARGET_MODEL
+    assert configs[:2] == [
+        Config("none", 0, target),
+        Config(acceptance.ACCEPT_METHOD, acceptance.ACCEPT_KEEP, target),
+    ]
+    assert settings.torch_baseline and acceptance.TORCH_REFERENCE_BATCH in settings.torch_batch_sizes
+    assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
