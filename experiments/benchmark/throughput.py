@@ -135,10 +135,15 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
         )
         save()
     for config in configs:
-        spec = dict(common, kind="jax_throughput", mode="measure", method=config.method, keep=config.keep)
-        result = runner.run(
-            f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}", dict(spec, batch=config.batch)
+        spec = dict(
+            common,
+            kind="jax_throughput",
+            mode="measure",
+            method=config.method,
+            keep=config.keep,
+            batch=config.batch,
         )
+        result = runner.run(f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}", spec)
         if config in compiled:
             result["precompile"] = {
                 k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")

@@ -45,6 +45,9 @@ class StageClock:
         self.seconds.clear()
 
     def wrap(self, stage: str, function, on_result=None):
+        """``function``, its time added to ``stage``; ``on_result`` sees each result (the engine's
+        generation outputs, whose token counts the row reports)."""
+
         def timed_call(*args, **kwargs):
             start = time.perf_counter()
             result = function(*args, **kwargs)
@@ -56,7 +59,7 @@ class StageClock:
         return timed_call
 
 
-def throughput_summary(batch: int, batch_seconds: list[float], stage_seconds: list[dict]) -> dict:
+def rate_summary(batch: int, batch_seconds: list[float], stage_seconds: list[dict]) -> dict:
     """Questions per second of timed batches of ``batch`` questions: over the whole timed run (the
     mean rate a researcher waits for) and at the median batch; the mean ms per question of each
     stage (what is left beside the named stages is ``other``)."""
@@ -144,7 +147,7 @@ def jax_throughput_worker(spec: dict) -> dict:
         "keep": runner.resolve_keep(pruning),
         "layer": None if pruning is None else pruning.layer,
         "image_tokens": cfg.num_image_tokens,
-        "prompt_tokens": _spread(prompt_lengths),
+        "prompt_tokens": _min_mean_max(prompt_lengths),
         "padded_lengths": sorted({width(indices) for indices in [warmup] + timed}),
     }
     if spec["mode"] == "compile":  # the engine's two programs from abstract shapes, into the cache
@@ -246,7 +249,7 @@ def _timed_run(answer, timed, clock, batch) -> dict:
         stage_seconds.append(dict(clock.seconds))
         answers += texts
     return dict(
-        throughput_summary(batch, batch_seconds, stage_seconds),
+        rate_summary(batch, batch_seconds, stage_seconds),
         answers_returned=len(answers),
         example_answers=answers[:EXAMPLE_ANSWERS],
     )
@@ -258,7 +261,7 @@ def _answer_lengths(outputs) -> dict:
     return {"answer_token_counts": {str(n): c for n, c in sorted(counts.items())}}
 
 
-def _spread(values) -> dict:
+def _min_mean_max(values) -> dict:
     return {"min": min(values), "mean": round(statistics.mean(values), 2), "max": max(values)}
 
 

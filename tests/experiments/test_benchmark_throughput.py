@@ -24,7 +24,7 @@ ANSWER_TOKENS = 3
 
 def test_throughput_summary_arithmetic():
     stages = [{"preprocess": 0.25, "generate": 0.5}, {"preprocess": 0.25, "generate": 1.5, "detokenize": 0.1}]
-    result = workers_throughput.throughput_summary(4, [1.0, 2.0], stages)
+    result = workers_throughput.rate_summary(4, [1.0, 2.0], stages)
     assert result["timed_questions"] == 8 and result["timed_s"] == 3.0
     assert result["questions_per_s"] == 8 / 3 and result["ms_per_question"] == 3000 / 8
     assert result["questions_per_s_median_batch"] == 4 / 1.5
@@ -121,9 +121,7 @@ def synthetic_report():
     ]
     for r in rows[:3]:
         r.update(
-            workers_throughput.throughput_summary(
-                r["batch"], [r["batch"] / r["questions_per_s"]] * 2, [{}, {}]
-            ),
+            workers_throughput.rate_summary(r["batch"], [r["batch"] / r["questions_per_s"]] * 2, [{}, {}]),
             answer_token_counts={"4": 2 * r["batch"]},
             device_kind="NVIDIA H200",
             platform="gpu",
