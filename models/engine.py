@@ -59,13 +59,15 @@ class LlavaEngine:
         seed: int = 0,
         row_seeds: Sequence[int] | None = None,
         queries: Sequence[str] | None = None,
+        stop_at_eos: bool = True,
     ) -> Answers:
         """Generate one answer per (image, question) pair, as one batch.
 
         ``seed`` drives sampling; ``row_seeds`` (one per question) seed a method that takes a seed
         row by row, so its selection for a question is the same in any batch (else it uses ``seed``).
         ``queries``: the text a method reading CLIP's joint space gives the text tower (default: the
-        questions).
+        questions). ``stop_at_eos=False`` gives every answer exactly ``max_new_tokens`` tokens (what a
+        speed measurement with random weights needs: they emit EOS by chance, not on cue).
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
@@ -80,10 +82,11 @@ class LlavaEngine:
             max_new_tokens=max_new_tokens,
             queries=query_ids,
         )
+        eos_token_id = self.preprocessor.eos_token_id if stop_at_eos else None
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            eos_token_id=self.preprocessor.eos_token_id,
+            eos_token_id=eos_token_id,
             pad_token_id=self.preprocessor.pad_token_id,
         )
         pruning_keys = None
@@ -94,6 +97,6 @@ class LlavaEngine:
         output = self.runner.generate(
             batch, sampling, pruning=pruning, rng=jax.random.key(seed), pruning_keys=pruning_keys
         )
-        ids = tokens_until_eos(output.tokens, output.num_generated, self.preprocessor.eos_token_id)
+        ids = tokens_until_eos(output.tokens, output.num_generated, eos_token_id)
         texts = [self.preprocessor.decode(row).strip() for row in ids]
         return Answers(texts, output.kept, [len(p) for p in prompts])

@@ -124,6 +124,13 @@ class LlavaRunner:
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
 
     @property
+    def prefill_program(self):
+        """The jitted prefill `(weights, input_ids, lengths, pixel_values, rng, query_ids, query_mask, *,
+        extra_slots, pruning, all_logits)` -> PrefillResult, for callers (the benchmark's pre-compile
+        phase) that compile it from abstract shapes before `generate` runs it."""
+        return self._prefill
+
+    @property
     def decode_loop(self):
         """The jitted decode loop `(weights, first_logits, caches, next_positions, rng, *, sampling)` ->
         (tokens, counts), for callers (the benchmark) that compile and time it stage by stage."""
@@ -220,10 +227,10 @@ class LlavaRunner:
 
         carry = (jnp.asarray(1, jnp.int32), tokens, first, caches, done, rng)
         step, tokens, _, _, _, _ = jax.lax.while_loop(keep_going, step_once, carry)
-        generated = (tokens != sampling.pad_token_id) | (jnp.arange(sampling.max_new_tokens)[None] == 0)
+        # A row's count ends at its EOS or at the last step: a generated token that happens to equal the
+        # pad id is still an answer token (random weights emit any id).
         is_eos = tokens == eos
-        first_eos = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, step)
-        return tokens, jnp.minimum(first_eos, generated.sum(1))
+        return tokens, jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, step)
 
     # --- public API ----------------------------------------------------------------------------
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):

@@ -3,6 +3,7 @@
     python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_latency.flags
     python -m experiments.benchmark --model=tiny --batch_sizes=1 --methods=none,adaptprune --keep=64
     python -m experiments.benchmark --replot=experiments/results/h200_latency/results.json
+    python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_throughput.flags
 
 The acceptance run on an H200 is three commands (flagfiles benchmark_h200_{latency,batch,max_batch});
 each prints its table and pass/fail lines last.
@@ -35,8 +36,13 @@ Why it is built this way:
 - A --deadline_s budget skips (and records) what no longer fits, so a capped run still writes
   results.json, results.md and the plot.
 
+--mode=throughput measures questions per second of the evaluation's answer path instead, JAX
+against transformers' generate, on POPE-shaped work (`throughput` says how and why).
+
 Modules: `configs` (settings, the planned configurations), `jobs` (worker subprocesses, the
 pre-compile phase), `workers`, `workers_jax`, `workers_torch` (what runs inside a worker), `floors`,
 `max_batch`, `acceptance`, `report`, `driver` (the run from start to end); `profiling` and `timing`
-serve them. `prefill_speed` and `dispatch_overhead` are smaller one-process speed experiments.
+serve them. The throughput mode: `throughput` (its run), `workload` (its questions, images,
+tokenizer and batches), `workers_throughput`, `report_throughput`. `prefill_speed` and
+`dispatch_overhead` are smaller one-process speed experiments.
 """

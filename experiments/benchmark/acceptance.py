@@ -15,6 +15,10 @@ TARGETS = dict(
 )
 # What the targets were set for: a run of another model or on another platform is not judged.
 TARGET_MODEL, TARGET_PLATFORM = "llava-1.5-7b", "gpu"
+# Throughput mode's targets: questions per second of the pruned configuration at THROUGHPUT_BATCH
+# against transformers answering one question at a time, and against unpruned JAX at that batch.
+THROUGHPUT_BATCH, TORCH_REFERENCE_BATCH = 128, 1
+THROUGHPUT_TARGETS = dict(vs_transformers=20.0, vs_unpruned=3.0)
 
 
 def acceptance(rows: list[dict], searches: list[dict], run_on: tuple[str, str] | None = None) -> list[dict]:
@@ -23,7 +27,38 @@ def acceptance(rows: list[dict], searches: list[dict], run_on: tuple[str, str] |
     `run_on` = (model, platform) of the run: the targets are about LLaVA-1.5-7B on a GPU, so any other
     (the CPU smoke run of the tiny preset) gets every target listed as not judged, never a FAIL.
     """
-    checks = _judge(rows, searches)
+    return _on_the_target_run(_judge(rows, searches), run_on)
+
+
+def throughput_acceptance(rows: list[dict], run_on: tuple[str, str] | None = None) -> list[dict]:
+    """Throughput mode's targets, from the speedups of the pruned row at THROUGHPUT_BATCH
+    (`experiments.benchmark.throughput.add_speedups`), judged only on LLaVA-1.5-7B on a GPU."""
+    key = ("jax", ACCEPT_METHOD, ACCEPT_KEEP, THROUGHPUT_BATCH, "ok")
+    row = next(
+        (r for r in rows if (r["framework"], r["method"], r["keep"], r["batch"], r["status"]) == key), {}
+    )
+    name = f"questions/s {ACCEPT_METHOD}@{ACCEPT_KEEP} b{THROUGHPUT_BATCH}"
+    checks = [
+        _verdict(
+            f"{name} / transformers b{TORCH_REFERENCE_BATCH}",
+            row.get("speedup_vs_transformers"),
+            THROUGHPUT_TARGETS["vs_transformers"],
+            False,
+            "x",
+        ),
+        _verdict(
+            f"{name} / JAX unpruned b{THROUGHPUT_BATCH}",
+            row.get("speedup_vs_unpruned"),
+            THROUGHPUT_TARGETS["vs_unpruned"],
+            False,
+            "x",
+        ),
+    ]
+    return _on_the_target_run(checks, run_on)
+
+
+def _on_the_target_run(checks: list[dict], run_on: tuple[str, str] | None) -> list[dict]:
+    """The checks as judged, or, for a run of another model or platform, listed but not judged."""
     if run_on is not None and tuple(run_on) != (TARGET_MODEL, TARGET_PLATFORM):
         model, platform = run_on
         reason = (
@@ -32,6 +67,29 @@ def acceptance(rows: list[dict], searches: list[dict], run_on: tuple[str, str] |
         )
         return [{**check, "pass": None, "judged": False, "detail": reason} for check in checks]
     return checks
+
+
+def _verdict(name, value, target, at_most, unit="", note="", decided=True) -> dict:
+    """One target's check: its value against the target (at most or at least), pass / fail / None
+    (not measured, or measured but undecided) and the gap."""
+    if value is None:
+        return {
+            "name": name,
+            "value": None,
+            "target": target,
+            "pass": None,
+            "detail": "n/a (not measured in this run)",
+        }
+    ok = (value <= target if at_most else value >= target) if decided else None
+    verdict = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}[ok]
+    return {
+        "name": name,
+        "value": value,
+        "target": target,
+        "pass": ok,
+        "detail": f"{value:.3f}{unit} {'<=' if at_most else '>='} {target}{unit}: {verdict} "
+        f"(gap {value - target:+.3f}{unit}){note}",
+    }
 
 
 def _judge(rows: list[dict], searches: list[dict]) -> list[dict]:
@@ -55,29 +113,7 @@ def _judge(rows: list[dict], searches: list[dict]) -> list[dict]:
     checks = []
 
     def check(name, value, target, at_most, unit="", note="", decided=True):
-        if value is None:
-            checks.append(
-                {
-                    "name": name,
-                    "value": None,
-                    "target": target,
-                    "pass": None,
-                    "detail": "n/a (not measured in this run)",
-                }
-            )
-            return
-        ok = (value <= target if at_most else value >= target) if decided else None
-        verdict = {True: "PASS", False: "FAIL", None: "INCONCLUSIVE"}[ok]
-        checks.append(
-            {
-                "name": name,
-                "value": value,
-                "target": target,
-                "pass": ok,
-                "detail": f"{value:.3f}{unit} {'<=' if at_most else '>='} {target}{unit}: {verdict} "
-                f"(gap {value - target:+.3f}{unit}){note}",
-            }
-        )
+        checks.append(_verdict(name, value, target, at_most, unit, note, decided))
 
     def ratio(num, den, key):
         return num[key] / den[key] if num and den and num.get(key) and den.get(key) else None

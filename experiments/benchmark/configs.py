@@ -17,6 +17,8 @@ class BenchmarkConfig:
 
     What is measured: model, dtype, the configurations (configs, else batch_sizes x methods x keep),
     the shapes (text_tokens, new_tokens) and repeats; torch_baseline and max_batch_search add jobs.
+    mode=throughput measures questions per second instead (answer_tokens, distinct_questions,
+    timed_batches, min_timed_questions; experiments.benchmark.throughput).
     The run's budget: deadline_s, job_timeout_s, compile_workers. worker / worker_result are how the
     driver starts a worker process (this package re-run), not for the command line.
     """
@@ -57,6 +59,28 @@ class BenchmarkConfig:
     max_batch_probes: int = setting(4, "Probes (processes) per searched configuration.")
     max_batch_cap: int = setting(1024, "Largest batch probed.")
     max_batch_tolerance: float = setting(0.1, "Stop bisecting when (fail - fit) <= tolerance * fit.")
+    mode: str = setting(
+        "stages",
+        "stages: time each stage on random token ids (the settings above); throughput: questions per "
+        "second of the evaluation's answer path (preprocess, generate, decode to text) on POPE-style "
+        "questions and COCO-sized images, JAX per configuration and, with --torch_baseline, "
+        "transformers' generate at --torch_batch_sizes (unpruned).",
+        choices=("stages", "throughput"),
+    )
+    answer_tokens: int = setting(
+        4,
+        "Throughput mode: tokens generated per answer, exactly (no stop at EOS; transformers with "
+        "min_new_tokens = max_new_tokens): random weights stand in for a short answer and its EOS.",
+    )
+    distinct_questions: int = setting(
+        300, "Throughput mode: distinct questions (six per image, as POPE asks), cycled through the batches."
+    )
+    timed_batches: int = setting(
+        5, "Throughput mode: warm batches timed per configuration, after the batch that compiles."
+    )
+    min_timed_questions: int = setting(
+        64, "Throughput mode: time more batches where timed_batches would answer fewer questions."
+    )
     compile_cache: str = setting(".jax_cache", "Persistent compilation cache directory ('' = off).")
     compile_workers: int = setting(
         0, "Parallel pre-compile processes (0 = compile in the measuring process)."

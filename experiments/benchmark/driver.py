@@ -22,17 +22,28 @@ from experiments.benchmark.floors import add_floors_and_ratios, set_floor_rates
 from experiments.benchmark.jobs import Runner, precompile
 from experiments.benchmark.max_batch import max_batch_search
 from experiments.benchmark.report import summary, write_outputs
+from experiments.benchmark.throughput import run_throughput
 from experiments.benchmark.timing import run_stamp
 from experiments.benchmark.workers import ceilings_worker
 from experiments.benchmark.workers_jax import jax_worker
+from experiments.benchmark.workers_throughput import jax_throughput_worker, torch_throughput_worker
 from experiments.benchmark.workers_torch import torch_worker
+
+# The job each kind of worker process runs.
+WORKERS = {
+    "ceilings": ceilings_worker,
+    "jax": jax_worker,
+    "torch": torch_worker,
+    "jax_throughput": jax_throughput_worker,
+    "torch_throughput": torch_throughput_worker,
+}
 
 
 def run_worker(spec_json: str, result_path: str) -> None:
     """Run the one job a worker process was started for; its result (or its error) goes to result_path."""
     spec = json.loads(spec_json)
     try:
-        result = {"ceilings": ceilings_worker, "jax": jax_worker, "torch": torch_worker}[spec["kind"]](spec)
+        result = WORKERS[spec["kind"]](spec)
     except Exception as error:  # noqa: BLE001 - reported to the driver as a failed row
         text = f"{type(error).__name__}: {error}"
         oom = any(s in text for s in ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "Out of memory"))
@@ -83,7 +94,7 @@ def replot(settings: BenchmarkConfig) -> None:
     with open(settings.replot) as f:
         report = json.load(f)
     bandwidth, matmul = settings.reference_bandwidth_tbps, settings.reference_matmul_tflops
-    if bandwidth or matmul:  # re-judge against references
+    if (bandwidth or matmul) and report.get("mode") != "throughput":  # re-judge against references
         set_floor_rates(report["ceilings"], bandwidth, matmul)
         add_floors_and_ratios(report["rows"], report["ceilings"])
         report["acceptance"] = acceptance(report["rows"], report["max_batch"], run_on(report))
@@ -99,6 +110,9 @@ def run(settings: BenchmarkConfig) -> None:
         return
     if settings.replot:
         replot(settings)
+        return
+    if settings.mode == "throughput":
+        run_throughput(settings, _meta(settings))
         return
     configs = planned_configs(settings)
     name = os.path.basename(os.path.normpath(settings.output_dir))

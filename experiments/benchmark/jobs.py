@@ -81,19 +81,20 @@ class Runner:
         return result
 
 
-def precompile(runner: Runner, configs: list[Config], common: dict) -> dict:
+def precompile(runner: Runner, configs: list[Config], common: dict, kind: str = "jax") -> dict:
     """Fill the compilation cache from abstract shapes, in parallel processes: when there are more
     jobs than workers, the first runs alone (its autotuning results serve the shapes the later programs
     share, and parallel autotuning times kernels on a shared GPU); unpruned first, then method by
     method, so that two methods at one keep (same fixed-index prefill, same decode program) do not
-    compile the same program side by side. Stops at 60% of the deadline."""
+    compile the same program side by side. Stops at 60% of the deadline. ``kind``: the worker that
+    compiles (the stage timings' or the throughput mode's)."""
     methods = list(dict.fromkeys(["none"] + [c.method for c in configs]))
     ordered = sorted(configs, key=lambda c: methods.index(c.method))  # same-keep programs not side by side
     jobs = [
         (
             f"compile-{c.method}-k{c.keep}-b{c.batch}",
             c,
-            dict(common, kind="jax", mode="compile", method=c.method, keep=c.keep, batch=c.batch),
+            dict(common, kind=kind, mode="compile", method=c.method, keep=c.keep, batch=c.batch),
         )
         for c in ordered
     ]

@@ -225,8 +225,22 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _renderers(report: dict):
+    """(markdown, plot, plot file name) of a report: the stage timings' or the throughput mode's."""
+    if report.get("mode") == "throughput":
+        from experiments.benchmark import report_throughput
+
+        return (
+            report_throughput.throughput_markdown,
+            report_throughput.throughput_plot,
+            report_throughput.PLOT_FILE,
+        )
+    return results_markdown, plot, "time_memory_vs_tokens.png"
+
+
 def write_outputs(report: dict, out_dirs: list[str], *, final: bool = False, logs: list[str] = ()) -> None:
     """results.json, results.md (and with `final` the plot) in every output directory."""
+    render, draw, plot_file = _renderers(report)
     for directory in out_dirs:
         os.makedirs(directory, exist_ok=True)
         if logs:
@@ -235,14 +249,14 @@ def write_outputs(report: dict, out_dirs: list[str], *, final: bool = False, log
         with open(os.path.join(directory, "results.json"), "w") as f:
             json.dump(report, f, indent=1, default=str)
         try:  # results.json is complete already; a rendering bug must not lose the run
-            markdown = results_markdown(report)
+            markdown = render(report)
         except Exception:  # noqa: BLE001
             markdown = "results.md could not be rendered:\n\n```\n" + traceback.format_exc() + "```\n"
         with open(os.path.join(directory, "results.md"), "w") as f:
             f.write(markdown)
         if final:
             try:
-                plot(report, os.path.join(directory, "time_memory_vs_tokens.png"))
+                draw(report, os.path.join(directory, plot_file))
             except Exception as error:  # noqa: BLE001 - e.g. no matplotlib there: --replot draws it here
                 print(
                     f"no plot ({type(error).__name__}: {error}); "
@@ -260,6 +274,10 @@ def acceptance_tag(check: dict) -> str:
 
 def summary(report: dict) -> str:
     """The short table printed last, with the acceptance lines and the seeds for a max-batch search."""
+    if report.get("mode") == "throughput":
+        from experiments.benchmark.report_throughput import throughput_summary
+
+        return throughput_summary(report)
     head = (
         f"{'config':<18}{'vision':>8}{'prefill':>9}{'x flr':>7}{'select':>8}{'1st tok':>9}{'speedup':>8}"
         f"{'dec/tok':>9}{'x flr':>7}{'e2e':>9}{'GiB':>7}{'JAX/PT':>8}"
@@ -294,12 +312,16 @@ def summary(report: dict) -> str:
             "predicted largest batches (seeds for a search): --max_batch_configs="
             + ",".join(f"{name}@{batch}" for name, (_, batch) in seeds.items())
         )
-    checks = report["acceptance"]
+    return "\n".join(lines + acceptance_lines(report["acceptance"]))
+
+
+def acceptance_lines(checks: list[dict]) -> list[str]:
+    """One tagged line per check and the count of each verdict."""
     tags = {True: "PASS", False: "FAIL", None: "n/a "}
-    lines += [f"[{acceptance_tag(c)}] {c['name']}: {c['detail']}" for c in checks]
+    lines = [f"[{acceptance_tag(c)}] {c['name']}: {c['detail']}" for c in checks]
     count = {tag: sum(c["pass"] is value for c in checks) for value, tag in tags.items()}
     lines.append(
         f"acceptance: {count['PASS']} pass, {count['FAIL']} fail, {count['n/a ']} not measured here "
         f"or inconclusive (of {len(checks)})"
     )
-    return "\n".join(lines)
+    return lines

@@ -36,3 +36,42 @@ def test_a_cpu_or_other_model_run_is_listed_but_not_judged():
         assert (
             acceptance_tag(check) == "n/a " and f"this run is {run_on[0]} on {run_on[1]}" in check["detail"]
         )
+
+
+def throughput_rows(vs_transformers, vs_unpruned):
+    """The pruned row at the throughput targets' batch, with its speedups already added."""
+    return [
+        dict(
+            framework="jax",
+            method=acceptance.ACCEPT_METHOD,
+            keep=acceptance.ACCEPT_KEEP,
+            batch=acceptance.THROUGHPUT_BATCH,
+            status="ok",
+            speedup_vs_transformers=vs_transformers,
+            speedup_vs_unpruned=vs_unpruned,
+        )
+    ]
+
+
+def test_throughput_targets_pass_fail_and_not_measured():
+    target_run = (acceptance.TARGET_MODEL, acceptance.TARGET_PLATFORM)
+    targets = acceptance.THROUGHPUT_TARGETS
+    passing = acceptance.throughput_acceptance(
+        throughput_rows(targets["vs_transformers"], targets["vs_unpruned"] + 0.5), target_run
+    )
+    assert [check["pass"] for check in passing] == [True, True]
+    assert "transformers b1" in passing[0]["name"] and "JAX unpruned b128" in passing[1]["name"]
+    failing = acceptance.throughput_acceptance(throughput_rows(19.9, 2.9), target_run)
+    assert [check["pass"] for check in failing] == [False, False]
+    assert "FAIL (gap -0.100x)" in failing[0]["detail"]
+    missing = acceptance.throughput_acceptance(throughput_rows(None, 4.0), target_run)
+    assert missing[0]["pass"] is None and acceptance_tag(missing[0]) == "n/a "
+    assert acceptance.throughput_acceptance([], target_run)[1]["value"] is None
+
+
+def test_throughput_targets_are_not_judged_on_a_cpu_or_another_model():
+    for run_on in (("tiny", "cpu"), (acceptance.TARGET_MODEL, "cpu")):
+        checks = acceptance.throughput_acceptance(throughput_rows(30.0, 4.0), run_on)
+        assert [check["pass"] for check in checks] == [None, None]
+        assert [check["value"] for check in checks] == [30.0, 4.0]  # still reported
+        assert all(acceptance_tag(check) == "n/a " for check in checks)

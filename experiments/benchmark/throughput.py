@@ -1,0 +1,163 @@
+"""--mode=throughput: questions per second of the evaluation's answer path, JAX against transformers.
+
+    python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_throughput.flags
+    python -m experiments.benchmark --mode=throughput --model=tiny --dtype=float32 --batch_sizes=1,4 \\
+        --methods=none,adaptprune --keep=64 --torch_baseline --torch_batch_sizes=1 --compile_cache=
+
+The stage timings (the default mode) say what a prefill costs on random token ids; a researcher waits
+for something else: an evaluation answering questions about images, with the image preprocessing,
+the prompt padding and the decoding to text around the model. This mode times that path on
+POPE-shaped work (`workload`: questions about COCO-sized images, answers of exactly --answer_tokens
+tokens) in the workers of `workers_throughput`:
+- JAX: LlavaEngine.answer per batch, each configuration (method, keep, batch) in its own process,
+  after a pre-compile phase fills the compilation cache (--compile_workers) and a warm-up batch;
+- transformers: LlavaProcessor + LlavaForConditionalGeneration.generate + batch_decode, unpruned,
+  at --torch_batch_sizes (batch 1 is how lmms-eval and the released PyTorch codes answer).
+Each row reports questions per second over its timed batches, ms per question and the stages'
+share; the report adds the speedups over transformers at batch 1 and over unpruned JAX at the same
+batch, and the acceptance lines (`acceptance.throughput_acceptance`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from experiments.benchmark.acceptance import TORCH_REFERENCE_BATCH, throughput_acceptance
+from experiments.benchmark.configs import BenchmarkConfig, planned_configs
+from experiments.benchmark.jobs import Runner, precompile
+from experiments.benchmark.report import summary, write_outputs
+
+
+def check_settings(settings: BenchmarkConfig) -> None:
+    """Refuse, before any job, what the throughput mode cannot run."""
+    from models.presets import PRESET_NAMES
+
+    if settings.model not in PRESET_NAMES:
+        raise ValueError(
+            f"--mode=throughput runs a preset with random weights ({', '.join(PRESET_NAMES)}); "
+            f"got --model={settings.model}"
+        )
+    for name in ("answer_tokens", "distinct_questions", "timed_batches"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(settings, name)}")
+    batches = list(settings.batch_sizes) + list(settings.torch_batch_sizes)
+    batches += [config.batch for config in planned_configs(settings)]
+    if any(batch < 1 for batch in batches):
+        raise ValueError(f"batch sizes must be >= 1, got {sorted(set(batches))}")
+
+
+def workload_description(settings: BenchmarkConfig) -> dict:
+    """What every worker of the run answers (the workers build the same from the same settings)."""
+    from experiments.benchmark.workload import QUESTIONS_PER_IMAGE, build_workload
+    from models.preprocess import build_prompt
+
+    workload = build_workload(settings.distinct_questions, settings.seed)
+    return {
+        "distinct_questions": len(workload.questions),
+        "questions_per_image": QUESTIONS_PER_IMAGE,
+        "images": len(workload.images),
+        "image_sizes": sorted({f"{image.width}x{image.height}" for image in workload.images}),
+        "image_source": workload.image_source,
+        "answer_tokens": settings.answer_tokens,
+        "example_prompt": build_prompt(workload.questions[0].prompt),
+    }
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Each measured row's questions per second over transformers' at batch TORCH_REFERENCE_BATCH
+    (`speedup_vs_transformers`) and over unpruned JAX at the row's batch (`speedup_vs_unpruned`)."""
+    measured = {
+        (r["framework"], r["method"], r["keep"], r["batch"]): r
+        for r in rows
+        if r["status"] == "ok" and r.get("questions_per_s")
+    }
+    reference = measured.get(("torch", "none", 0, TORCH_REFERENCE_BATCH))
+    for row in measured.values():
+        unpruned = measured.get(("jax", "none", 0, row["batch"]))
+        if reference:
+            row["speedup_vs_transformers"] = row["questions_per_s"] / reference["questions_per_s"]
+        if unpruned:
+            row["speedup_vs_unpruned"] = row["questions_per_s"] / unpruned["questions_per_s"]
+
+
+def run_on(report: dict) -> tuple[str, str]:
+    """(model, platform) of a throughput report, for judging its acceptance lines."""
+    platforms = [r["platform"] for r in report["rows"] if r["status"] == "ok" and r.get("platform")]
+    return report["meta"]["flags"]["model"], platforms[0] if platforms else "unknown"
+
+
+def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
+    """Pre-compile, the transformers rows, then the JAX rows in --configs order; the report after each."""
+    check_settings(settings)
+    configs = planned_configs(settings)
+    name = os.path.basename(os.path.normpath(settings.output_dir))
+    out_dirs = [settings.output_dir] + (
+        [os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []
+    )
+    runner = Runner(settings)
+    common = dict(
+        model=settings.model,
+        dtype=settings.dtype,
+        layer=settings.layer,
+        method_modules=list(settings.method_modules),
+        seed=settings.seed,
+        compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
+        attention_logits_budget_mb=settings.attention_logits_budget_mb,
+        answer_tokens=settings.answer_tokens,
+        distinct_questions=settings.distinct_questions,
+        timed_batches=settings.timed_batches,
+        min_timed_questions=settings.min_timed_questions,
+    )
+    report = {
+        "mode": "throughput",
+        "meta": meta,
+        "workload": workload_description(settings),
+        "rows": [],
+        "acceptance": [],
+    }
+
+    def save(final=False):  # after every job, so a run cut short still leaves its report
+        add_speedups(report["rows"])
+        report["acceptance"] = throughput_acceptance(report["rows"], run_on(report))
+        report["meta"]["wall_s"] = round(time.monotonic() - runner.start, 1)
+        write_outputs(report, out_dirs, final=final, logs=runner.logs)
+
+    compiled = {}
+    if settings.compile_workers > 0:
+        compiled = precompile(runner, configs, common, kind="jax_throughput")
+    torch_batches = list(dict.fromkeys(settings.torch_batch_sizes or [c.batch for c in configs]))
+    for batch in torch_batches if settings.torch_baseline else []:
+        result = runner.run(f"torch-throughput-b{batch}", dict(common, kind="torch_throughput", batch=batch))
+        label = f"transformers b{batch}"
+        report["rows"].append(
+            dict(result, framework="torch", method="none", keep=0, batch=batch, label=label)
+        )
+        save()
+    for config in configs:
+        spec = dict(
+            common,
+            kind="jax_throughput",
+            mode="measure",
+            method=config.method,
+            keep=config.keep,
+            batch=config.batch,
+        )
+        result = runner.run(f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}", spec)
+        if config in compiled:
+            result["precompile"] = {
+                k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")
+            }
+        report["rows"].append(
+            dict(
+                result,
+                framework="jax",
+                method=config.method,
+                keep=config.keep,
+                batch=config.batch,
+                label=config.label,
+            )
+        )
+        save()
+    save(final=True)
+    print(summary(report), flush=True)

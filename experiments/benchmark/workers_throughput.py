@@ -1,0 +1,352 @@
+"""The throughput workers: questions per second of the answer path an evaluation runs, timed over
+warm batches of the run's workload (`experiments.benchmark.workload`).
+
+- JAX: `models.engine.LlavaEngine.answer`, what the eval harness calls per batch (tokenize, LLaVA-1.5
+  image preprocessing through transformers' image processor, pad to the length bucket, one jitted
+  prefill with the method and one decode loop, decode to text). The stages are timed by wrapping
+  the engine's preprocessor and runner methods on the instance; the path itself is unchanged.
+- PyTorch: transformers' LlavaProcessor (the same image processor and tokenizer, prompts left-padded)
+  and LlavaForConditionalGeneration.generate (sdpa, greedy), then batch_decode: how lmms-eval and the
+  released PyTorch codes answer, one question at a time or batched.
+
+Both generate exactly `answer_tokens` new tokens per question (JAX: no stop at EOS; PyTorch:
+min_new_tokens = max_new_tokens): random weights emit EOS by chance, not after a short answer.
+The first batch compiles (JAX) or warms the kernels (PyTorch) and is timed apart; in JAX every
+other prompt-length bucket the timed batches reach is warmed too, so no timed batch compiles.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+from typing import Any, NamedTuple
+
+from experiments.benchmark.workers import configure_jax, memory_stats
+from experiments.benchmark.workload import (
+    Workload,
+    batch_indices,
+    build_workload,
+    timed_batch_count,
+    word_tokenizer,
+)
+
+STAGES = ("preprocess", "generate", "detokenize")
+EXAMPLE_ANSWERS = 3
+
+
+class StageClock:
+    """Seconds spent in each stage of the calls it wraps, since the last `reset`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    def wrap(self, stage: str, function, on_result=None):
+        """``function``, its time added to ``stage``; ``on_result`` sees each result (the engine's
+        generation outputs, whose token counts the row reports)."""
+
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            self.seconds[stage] += time.perf_counter() - start
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        return timed_call
+
+
+def rate_summary(batch: int, batch_seconds: list[float], stage_seconds: list[dict]) -> dict:
+    """Questions per second of timed batches of ``batch`` questions: over the whole timed run (the
+    mean rate a researcher waits for) and at the median batch; the mean ms per question of each
+    stage (what is left beside the named stages is ``other``)."""
+    total = sum(batch_seconds)
+    questions = batch * len(batch_seconds)
+    stages = {stage: sum(s.get(stage, 0.0) for s in stage_seconds) for stage in STAGES}
+    stages["other"] = max(total - sum(stages.values()), 0.0)
+    return {
+        "timed_batches": len(batch_seconds),
+        "timed_questions": questions,
+        "timed_s": total,
+        "questions_per_s": questions / total,
+        "questions_per_s_median_batch": batch / statistics.median(batch_seconds),
+        "ms_per_question": 1e3 * total / questions,
+        "stage_ms_per_question": {stage: 1e3 * s / questions for stage, s in stages.items()},
+        "batch_ms": [round(1e3 * s, 3) for s in batch_seconds],
+    }
+
+
+class JobWork(NamedTuple):
+    """What one job answers: the run's workload and tokenizer, warm-up batch 0, timed batches 1..T."""
+
+    hf_config: Any
+    workload: Workload
+    tokenizer: Any
+    warmup: list[int]
+    timed: list[list[int]]
+
+
+def _work(spec) -> JobWork:
+    """The job's work, from the settings every worker of the run shares."""
+    from models.preprocess import build_prompt
+    from models.presets import llava_config
+
+    hf_config = llava_config(spec["model"])
+    workload = build_workload(spec["distinct_questions"], spec["seed"])
+    texts = [build_prompt("")] + [question.prompt for question in workload.questions]
+    tokenizer = word_tokenizer(hf_config, texts)
+    count = timed_batch_count(spec["batch"], spec["timed_batches"], spec["min_timed_questions"])
+    pool = len(workload.questions)
+    timed = [batch_indices(pool, spec["batch"], number) for number in range(1, count + 1)]
+    return JobWork(hf_config, workload, tokenizer, batch_indices(pool, spec["batch"], 0), timed)
+
+
+def jax_throughput_worker(spec: dict) -> dict:
+    """Compile the configuration's programs (mode compile), or answer and time its batches (measure)."""
+    jax = configure_jax(spec)
+    import warnings
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import adaptprune_jax as prune
+    from models.config import from_hf_config
+    from models.engine import LlavaEngine
+    from models.generate import LlavaRunner, SamplingConfig, bucket_length
+    from models.llava import LlavaForConditionalGeneration
+    from models.preprocess import Preprocessor
+    from models.presets import llava15_image_processor, random_model, random_state
+
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    hf_config, workload, tokenizer, warmup, timed = _work(spec)
+    preprocessor = Preprocessor(hf_config, tokenizer, llava15_image_processor(hf_config))
+    prune.methods.import_plugins(spec.get("method_modules", ()))
+    pruning = None
+    if spec["method"] != "none":
+        pruning = prune.make_config(spec["method"], strict=False, keep=spec["keep"], layer=spec["layer"])
+        if pruning.needs_text_tower:
+            raise ValueError(
+                f"{spec['method']} reads CLIP's joint space; the throughput mode builds no CLIP text tower"
+            )
+    batch, new_tokens, dtype = spec["batch"], spec["answer_tokens"], spec["dtype"]
+    prompt_lengths = [len(preprocessor.encode(question.prompt)) for question in workload.questions]
+    cfg = from_hf_config(hf_config)
+    runner = LlavaRunner(
+        nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    )
+
+    def width(indices):  # the padded prompt length the engine's batch of these questions gets
+        return bucket_length(max(prompt_lengths[i] for i in indices), runner.length_bucket)
+
+    warm = warmup_batches(warmup, timed, width)
+    out = {
+        "status": "ok",
+        "keep": runner.resolve_keep(pruning),
+        "layer": None if pruning is None else pruning.layer,
+        "image_tokens": cfg.num_image_tokens,
+        "prompt_tokens": _min_mean_max(prompt_lengths),
+        "padded_lengths": sorted({width(indices) for indices in [warmup] + timed}),
+    }
+    if spec["mode"] == "compile":  # the engine's two programs from abstract shapes, into the cache
+        sds, key = jax.ShapeDtypeStruct, jax.eval_shape(lambda: jax.random.key(0))
+        sampling = SamplingConfig(
+            max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=preprocessor.pad_token_id
+        )
+        start = time.perf_counter()
+        random_state(runner.state, spec["seed"], compile_only=True)
+        size = cfg.vision.image_size
+        for padded in out["padded_lengths"]:
+            lowered = runner.prefill_program.lower(
+                runner.weights,
+                sds((batch, padded), jnp.int32),
+                sds((batch,), jnp.int32),
+                sds((batch, 3, size, size), jnp.float32),
+                key,
+                None,
+                None,
+                extra_slots=new_tokens,
+                pruning=pruning,
+                all_logits=False,
+            )
+            lowered.compile()
+            result = lowered.out_info
+            runner.decode_loop.lower(
+                runner.weights, result.logits, result.caches, result.next_positions, key, sampling=sampling
+            ).compile()
+        out["compile_s"] = round(time.perf_counter() - start, 3)
+        return out
+
+    start = time.perf_counter()
+    runner = LlavaRunner(random_model(hf_config, dtype=dtype, seed=spec["seed"]))
+    jax.block_until_ready(runner.weights)
+    out["weights_s"] = round(time.perf_counter() - start, 3)
+    engine = LlavaEngine(runner, preprocessor, hf_config)
+    clock, outputs = StageClock(), []
+    for name in ("encode", "pixel_values"):
+        setattr(preprocessor, name, clock.wrap("preprocess", getattr(preprocessor, name)))
+    runner.make_batch = clock.wrap("preprocess", runner.make_batch)
+    runner.generate = clock.wrap("generate", runner.generate, outputs.append)
+    preprocessor.decode = clock.wrap("detokenize", preprocessor.decode)
+
+    def answer(indices):
+        images, prompts = workload.batch(indices)
+        return engine.answer(
+            images, prompts, pruning=pruning, max_new_tokens=new_tokens, stop_at_eos=False
+        ).texts
+
+    start = time.perf_counter()
+    answer(warm[0])
+    out["first_batch_s"] = round(time.perf_counter() - start, 3)
+    for indices in warm[1:]:
+        answer(indices)
+    out["warmup_batches"] = len(warm)
+    outputs.clear()
+    traced = sum(runner.trace_counts.values())
+    out.update(_timed_run(answer, timed, clock, batch))
+    out["traces_while_timed"] = sum(runner.trace_counts.values()) - traced  # 0: no timed batch compiled
+    return dict(out, **_answer_lengths(outputs), **_device_jax())
+
+
+def warmup_batches(warmup: list[int], timed: list[list[int]], width) -> list[list[int]]:
+    """The warm-up batch, then the first timed batch of each other padded prompt length
+    (``width(indices)``): the engine compiles once per length bucket, and no timed batch may."""
+    warm, seen = [warmup], {width(warmup)}
+    for indices in timed:
+        if width(indices) not in seen:
+            seen.add(width(indices))
+            warm.append(indices)
+    return warm
+
+
+def llava_processor(hf_config, tokenizer):
+    """transformers' LlavaProcessor over LLaVA-1.5's pad-to-square image processor and ``tokenizer``,
+    padding on the left as batched generation needs (the new tokens follow every prompt's end)."""
+    from transformers import LlavaProcessor
+
+    from models.presets import llava15_image_processor
+
+    tokenizer.padding_side = "left"
+    return LlavaProcessor(
+        image_processor=llava15_image_processor(hf_config),
+        tokenizer=tokenizer,
+        patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's [CLS], as llava-hf's processor counts it
+    )
+
+
+def _timed_run(answer, timed, clock, batch) -> dict:
+    """Answer and time each batch of ``timed``; the throughput, stages, answers and their count."""
+    batch_seconds, stage_seconds, answers = [], [], []
+    for indices in timed:
+        clock.reset()
+        start = time.perf_counter()
+        texts = answer(indices)
+        batch_seconds.append(time.perf_counter() - start)
+        stage_seconds.append(dict(clock.seconds))
+        answers += texts
+    return dict(
+        rate_summary(batch, batch_seconds, stage_seconds),
+        answers_returned=len(answers),
+        example_answers=answers[:EXAMPLE_ANSWERS],
+    )
+
+
+def _answer_lengths(outputs) -> dict:
+    """How many tokens each timed answer got (JAX: from the engine's generation outputs)."""
+    counts = collections.Counter(int(n) for output in outputs for n in output.num_generated)
+    return {"answer_token_counts": {str(n): c for n, c in sorted(counts.items())}}
+
+
+def _min_mean_max(values) -> dict:
+    return {"min": min(values), "mean": round(statistics.mean(values), 2), "max": max(values)}
+
+
+def _device_jax() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    stats = memory_stats()
+    return {
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "peak_bytes": stats.get("peak_bytes_in_use"),
+    }
+
+
+def torch_throughput_worker(spec: dict) -> dict:
+    """transformers' LLaVA (sdpa, random weights built on the device) answering the same batches."""
+    import torch
+    import transformers
+    from transformers import LlavaForConditionalGeneration
+
+    from models.preprocess import build_prompt
+
+    transformers.logging.set_verbosity_error()
+    hf_config, workload, tokenizer, warmup, timed = _work(spec)
+    processor = llava_processor(hf_config, tokenizer)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(1)  # CPU runs are tests on shared cores: spinning thread pools stall there
+    dtype = getattr(torch, spec["dtype"])
+    start = time.perf_counter()
+    torch.manual_seed(spec["seed"])
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(
+            hf_config, dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+    out = {"status": "ok", "keep": 0, "weights_s": round(time.perf_counter() - start, 3)}
+    new_tokens, clock = spec["answer_tokens"], StageClock()
+    answer_lengths, padded_lengths = collections.Counter(), []  # of the timed batches
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def answer(indices):
+        images, questions = workload.batch(indices)
+        start = time.perf_counter()
+        inputs = processor(
+            images=images, text=[build_prompt(q) for q in questions], padding=True, return_tensors="pt"
+        ).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        sync()
+        middle = time.perf_counter()
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        sync()
+        end = time.perf_counter()
+        new = generated[:, inputs["input_ids"].shape[1] :]
+        texts = [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
+        clock.seconds["preprocess"] += middle - start
+        clock.seconds["generate"] += end - middle
+        clock.seconds["detokenize"] += time.perf_counter() - end
+        answer_lengths.update([new.shape[1]] * new.shape[0])
+        padded_lengths.append(int(inputs["input_ids"].shape[1]))
+        return texts
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        answer(warmup)
+        out["first_batch_s"] = round(time.perf_counter() - start, 3)
+        out["warmup_batches"] = 1
+        answer_lengths.clear()
+        padded_lengths.clear()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        out.update(_timed_run(answer, timed, clock, spec["batch"]))
+    out["padded_lengths"] = sorted(set(padded_lengths))
+    out["answer_token_counts"] = {str(n): c for n, c in sorted(answer_lengths.items())}
+    out["device_kind"] = torch.cuda.get_device_name() if cuda else "cpu"
+    out["platform"] = "gpu" if cuda else "cpu"
+    out["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+    return out
