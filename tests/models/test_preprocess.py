@@ -154,6 +154,22 @@ def test_pixel_values_equal_llava_processor_in_a_batch(preprocessor, photos):
     np.testing.assert_allclose(preprocessor.pixel_values(images), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threaded_pixel_values_equal_one_call_in_order(preprocessor, photos, threads):
+    """Slices of a batch processed side by side come back in the batch's order, with the pixels the
+    image processor gives the whole batch in one call."""
+    images = [photos[name] for name in ("astronaut", "chelsea", "coffee", "rocket", "chelsea")]
+    one_call = np.asarray(preprocessor.image_processor(images=images, return_tensors="np")["pixel_values"])
+    default = preprocessor.preprocess_threads
+    preprocessor.preprocess_threads, preprocessor._pool = threads, None
+    try:
+        threaded = preprocessor.pixel_values(images)
+    finally:
+        preprocessor.preprocess_threads, preprocessor._pool = default, None
+    assert threaded.dtype == np.float32
+    np.testing.assert_array_equal(threaded, one_call.astype(np.float32))
+
+
 def test_padded_border_is_the_normalised_mean_colour(preprocessor, photos):
     border = (np.array([int(x * 255) for x in CLIP_MEAN]) / 255 - CLIP_MEAN) / CLIP_STD
     assert np.all(np.abs(border) < 0.02)  # the mean colour, up to truncation to integer levels
