@@ -11,6 +11,8 @@ layers after pruning whose kept tokens have non-contiguous positions.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,6 +42,44 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...]
         return y + self.bias[...] if self.bias is not None else y
+
+
+class FusedDense(nnx.Module):
+    """Several projections of one input as one matmul: one kernel (in, sum(sizes)) holding the parts
+    side by side along the output axis (q/k/v, gate/up), so the input is read once and one wide
+    matmul replaces several narrow ones. Checkpoints keep the parts apart (`models.checkpoint` joins
+    them at load and splits them at save)."""
+
+    def __init__(self, in_features: int, sizes: tuple[int, ...], *, use_bias: bool, dtype, rngs: nnx.Rngs):
+        self.sizes = tuple(int(size) for size in sizes)
+        self.kernel = normal_param(rngs, (in_features, sum(self.sizes)), dtype)
+        self.bias = nnx.Param(jnp.zeros((sum(self.sizes),), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Every part's projection of ``x``, in order."""
+        return self.project(x, 0, len(self.sizes))
+
+    def project(self, x: jax.Array, first: int, count: int = 1) -> tuple[jax.Array, ...]:
+        """The projections of parts ``first .. first + count - 1`` alone (one matmul over their
+        columns: the other parts are not computed)."""
+        kernel, bias = self._columns(first, count)
+        y = x @ kernel
+        y = y + bias if bias is not None else y
+        return tuple(jnp.split(y, list(itertools.accumulate(self.sizes[first : first + count - 1])), axis=-1))
+
+    def part(self, index: int) -> tuple[jax.Array, jax.Array | None]:
+        """(kernel (in, sizes[index]), bias or None) of one projection, as a `Dense` would hold it."""
+        return self._columns(index, 1)
+
+    def _columns(self, first: int, count: int) -> tuple[jax.Array, jax.Array | None]:
+        start = sum(self.sizes[:first])
+        stop = start + sum(self.sizes[first : first + count])
+        kernel = self.kernel[...]
+        if (start, stop) != (0, kernel.shape[-1]):
+            kernel = kernel[:, start:stop]
+        if self.bias is None:
+            return kernel, None
+        return kernel, self.bias[...][start:stop]
 
 
 class LayerNorm(nnx.Module):
