@@ -30,7 +30,9 @@ from models.config import (
     from_hf_config,
     load_hf_config,
     read_json_object,
+    with_attention,
 )
+from models.layers import AUTO
 from models.llava import LlavaForConditionalGeneration
 
 SINGLE_FILE = "model.safetensors"
@@ -310,11 +312,15 @@ def checkpoint_parts(module, name_for) -> list[tuple[str, Transform, np.ndarray]
     return parts
 
 
-def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaForConditionalGeneration:
-    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape."""
+def load_params(
+    cfg: LlavaModelConfig, source, dtype: str = "float32", attention: str = AUTO
+) -> LlavaForConditionalGeneration:
+    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape;
+    ``attention``: how both towers attend (`models.config.with_attention`; ``auto`` resolved here)."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     jdtype = DTYPES[dtype]
+    cfg = with_attention(cfg, attention, jdtype)
     abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
     return fill_module(
         abstract,
@@ -326,17 +332,21 @@ def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaF
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, dtype: str = "float32", text_tower: str | os.PathLike | None = None
+    directory: str | os.PathLike,
+    dtype: str = "float32",
+    text_tower: str | os.PathLike | None = None,
+    attention: str = AUTO,
 ):
     """(hf_config, model) from a llava-hf checkpoint directory (config.json + safetensors); with
     ``text_tower``, a CLIPModel directory, the model also gets CLIP's text tower and visual
-    projection (``model.joint_space``), for methods that read CLIP's joint space."""
+    projection (``model.joint_space``), for methods that read CLIP's joint space. ``attention``: how
+    the towers attend (``auto``: cuDNN on a GPU in bfloat16 / float16, einsum otherwise)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     hf_config = load_hf_config(directory)
     cfg = from_hf_config(hf_config)
-    model = load_params(cfg, TensorSource(directory), dtype)
+    model = load_params(cfg, TensorSource(directory), dtype, attention)
     if text_tower is not None:
         attach_text_tower(model, text_tower, dtype)
     return hf_config, model

@@ -14,7 +14,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from models.config import VisionConfig
-from models.layers import Dense, FusedDense, LayerNorm, attend, normal_param
+from models.layers import EINSUM, Dense, FusedDense, LayerNorm, normal_param, self_attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -39,11 +39,12 @@ class VisionReadout(NamedTuple):
 
 class CLIPAttention(nnx.Module):
     """q, k and v projected by one fused kernel with bias (`qkv_proj`: the parts in that order), then
-    out_proj."""
+    out_proj; ``implementation``: how the attention runs (`models.layers.self_attention`)."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, implementation: str = EINSUM):
         width = cfg.hidden_size
         self.num_heads = cfg.num_heads
+        self.implementation = implementation
         self.qkv_proj = FusedDense(width, (width, width, width), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
 
@@ -54,7 +55,7 @@ class CLIPAttention(nnx.Module):
         return tuple(y.reshape(shape) for y in self.qkv_proj.project(x, 0, parts))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out_proj(attend(*self.heads(x), mask=None))
+        return self.out_proj(self_attention(*self.heads(x), self.implementation))
 
     def cls_readout(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, S) float32 head-mean attention of the [CLS] token (position 0) over every token, and the
@@ -74,7 +75,7 @@ class CLIPEncoderLayer(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def _attention(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs) -> CLIPAttention:
-        return CLIPAttention(cfg, dtype=dtype, rngs=rngs)
+        return CLIPAttention(cfg, dtype=dtype, rngs=rngs, implementation=cfg.attention)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x))

@@ -7,7 +7,7 @@ Text tower: token and position embeddings, pre-layernorm encoder layers under a 
 segments' padding mask), a final layer norm, the hidden state at the end-of-text token, and the
 projection. The encoder layers are the vision tower's (``models/clip.py``: q/k/v in one fused kernel,
 joined from and split back into transformers' q_proj / k_proj / v_proj by ``models.checkpoint``) with a
-mask. Also the
+mask, attending through einsum whatever the LLaVA model's attention option says. Also the
 host-side split of tokenized questions into segments of ``max_position_embeddings`` tokens, as the
 released CDPruner feeds the tower.
 """

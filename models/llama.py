@@ -24,10 +24,10 @@ from models.layers import (
     RMSNorm,
     apply_rope,
     attend,
-    attend_causal,
     attention_mask,
     normal_param,
     rows_take,
+    self_attention,
 )
 
 
@@ -86,11 +86,13 @@ class LlamaDecoderLayer(nnx.Module):
         x = x + self.self_attn.o_proj(attention_out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x: jax.Array, positions: jax.Array, *, causal: bool = False):
+    def prefill(self, x: jax.Array, positions: jax.Array, *, attention: str | None = None):
         """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q and k.
-        `causal`: fused causal attention (`attend_causal`), for slot-ordered right-padded sequences."""
+        ``attention``: an implementation other than the config's (`models.layers.self_attention`; the
+        trainer's fused attention), for this call."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        out = attend_causal(q, k, v) if causal else attend(q, k, v, attention_mask(positions, positions))
+        implementation = self.self_attn.cfg.attention if attention is None else attention
+        out = self_attention(q, k, v, implementation, positions)
         return self._finish(x, out), q, k, v
 
     def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
