@@ -124,7 +124,7 @@ def test_init_vision_from_refuses_another_tower_and_init_from_together(tmp_path)
 
 def test_fused_causal_attention_gives_the_exact_training_logits():
     """`fused_attention` trains through `jax.nn.dot_product_attention` (causal over each row's real
-    tokens; XLA's implementation here): on the slot-ordered, right-padded training sequences its
+    tokens; XLA's implementation in float32): on the slot-ordered, right-padded training sequences its
     logits and hidden states at every answer slot equal the inference mask's."""
     from experiments.testbed.training import step as training_step
     from experiments.testbed.training.batches import host_batch
@@ -151,7 +151,7 @@ def test_fused_causal_attention_gives_the_exact_training_logits():
 
     (exact_logits, exact_hidden), (fused_logits, fused_hidden) = (
         forward(model, pixels, None),
-        forward(model, pixels, training_step.fused_attention_implementation()),
+        forward(model, pixels, training_step.fused_attention_implementation(jnp.float32)),
     )
     np.testing.assert_allclose(np.asarray(fused_logits), np.asarray(exact_logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(fused_hidden), np.asarray(exact_hidden), rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ from experiments.testbed.training.probes import (
     relation_targets,
 )
 from experiments.testbed.words import KINDS
-from models.layers import CUDNN, EMPTY_POSITION, XLA
+from models.layers import AUTO, CUDNN, EMPTY_POSITION, XLA, resolve_attention
 from models.presets import llava15_image_processor
 
 
@@ -77,7 +77,7 @@ def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_p
     training and inference share one forward. `image_features` is `model.image_features(pixel_values)`
     (computed once by the caller, which also feeds it to the patch probe). Slots at or after `lengths`
     are padding (empty positions). `attention`: the LLM's attention implementation for this forward
-    (default: the model config's); `fused_attention_implementation()` gives the fused one, equal on
+    (default: the model config's); `fused_attention_implementation` gives the fused one, equal on
     every real token (the sequences are slot-ordered with their padding at the end; see
     `models.layers.self_attention`)."""
     slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
@@ -92,10 +92,11 @@ def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_p
     return model.language_model.logits(hidden), before_last
 
 
-def fused_attention_implementation() -> str:
-    """The trainer's fused causal attention: cuDNN's flash kernel on a GPU (no logits in memory), XLA's
-    implementation of the same call elsewhere."""
-    return CUDNN if jax.default_backend() == "gpu" else XLA
+def fused_attention_implementation(dtype) -> str:
+    """The trainer's fused causal attention in ``dtype``: cuDNN's flash kernel where `auto` would take it
+    (a GPU, bfloat16 / float16: no logits in memory), XLA's implementation of the same call elsewhere
+    (cuDNN's kernel takes no float32)."""
+    return CUDNN if resolve_attention(AUTO, dtype) == CUDNN else XLA
 
 
 def make_optimizer(options: TrainOptions):
@@ -165,8 +166,8 @@ def make_train_step(
     coordinates of the two objects a position question names, read at its answer slot); the probes'
     reasons are in `probes`. freeze_vision: the tower's weights get no gradient (pair it with an
     optimizer made with the same setting); fused_attention: the LLM's attention through
-    `fused_attention_implementation()`. Memoised on its (hashable) arguments, so runs in one process
-    share one compilation.
+    `fused_attention_implementation(compute_dtype)`. Memoised on its (hashable) arguments, so runs in
+    one process share one compilation.
     """
 
     def loss_fn(trainable, batch: DeviceBatch):
@@ -182,7 +183,7 @@ def make_train_step(
             batch.input_ids,
             batch.lengths,
             batch.target_positions,
-            fused_attention_implementation() if fused_attention else None,
+            fused_attention_implementation(compute_dtype) if fused_attention else None,
         )
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, batch.target_ids[..., None], axis=-1)[..., 0]
