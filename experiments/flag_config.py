@@ -58,6 +58,24 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+# models.layers.ATTENTION_IMPLEMENTATIONS, spelt out here so that an entry point whose process never
+# imports JAX (the benchmark's driver) can offer the flag; tests/experiments/test_flag_config.py checks
+# that the two agree.
+ATTENTION_CHOICES = ("einsum", "cudnn", "xla", "auto")
+
+
+def attention_setting(note: str = "") -> Any:
+    """The --attention setting the JAX entry points share (default auto), with an entry point's ``note``."""
+    return setting(
+        "auto",
+        "How the vision tower and the LLM prefill attend (models.layers.self_attention): einsum (the "
+        "position rule computed exactly, float32 logits: the parity path), cudnn (cuDNN's fused flash "
+        "kernel, GPU, bfloat16), xla (the same fused call through XLA), auto (cudnn on a GPU in "
+        "bfloat16, einsum otherwise). Decoding and the pruning cues always use einsum." + note,
+        choices=ATTENTION_CHOICES,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Field types.
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import numpy as np
 from absl import app
 
 from adaptprune_jax import methods
-from experiments.flag_config import define_flags, from_flags, one_line_errors, setting
+from experiments.flag_config import attention_setting, define_flags, from_flags, one_line_errors, setting
 from experiments.jax_runtime import quiet_backend_probe
 
 UNPRUNED = "none"
@@ -67,6 +67,7 @@ class ValidateConfig:
     prompt: str = setting("Describe the image in detail.", "Question text (vicuna_v1 template).")
     min_prompt_tokens: int = setting(0, "Pad the question with filler words up to this many tokens.")
     dtype: str = setting("float32", "JAX parameter/activation dtype.", choices=("float32", "bfloat16"))
+    attention: str = attention_setting(" In float32, auto is einsum: the parity path.")
     generate_tokens: int = setting(20, "Greedy tokens to compare (0 = skip generation).")
     method: str = setting(
         UNPRUNED, f"Pruning method: {UNPRUNED} or a registered one ({', '.join(methods.names())}, ...)."
@@ -306,7 +307,8 @@ def run(settings: ValidateConfig) -> dict:
         torch_model_cpu = torch_model
 
     # JAX side.
-    model = checkpoint.load_params(cfg, source, settings.dtype)
+    model = checkpoint.load_params(cfg, source, settings.dtype, settings.attention)
+    report["attention"] = model.config.text.attention  # as resolved
     del source
     if text_tower is not None:
         checkpoint.attach_text_tower(model, text_tower, settings.dtype)
@@ -466,7 +468,8 @@ def print_table(report: dict) -> None:
     if "torch_bf16_vs_torch_fp32" in report:
         rows.append(("PyTorch bf16 vs PyTorch fp32", report["torch_bf16_vs_torch_fp32"]))
     print(
-        f"\n{report['model']} | dtype {report['dtype']} | method {report['method']} | "
+        f"\n{report['model']} | dtype {report['dtype']} | attention {report['attention']} | "
+        f"method {report['method']} | "
         f"{report['prompt_tokens']} prompt tokens ({report['image_tokens']} image)"
     )
     print(f"{'comparison':<30} {'max_abs_err':>12} {'max_rel_err':>12} {'mean_kl':>12} {'top1':>8}")

@@ -2,7 +2,10 @@
 
 The key table is derived from the model itself: every parameter path of `LlavaForConditionalGeneration`
 maps to one transformers name and a transform (Linear weights are transposed, the patch convolution is
-flattened). Both spellings transformers uses are accepted and normalised first:
+flattened), or a fused projection (`models.layers.FusedDense`: q/k/v, gate/up) to the several
+transformers tensors it joins, each transformed and concatenated along the output axis; saving splits
+it back, so checkpoints stay in llava-hf's layout. Both spellings transformers uses are accepted and
+normalised first:
   on disk (save_pretrained):  language_model.model.*, language_model.lm_head.*, vision_tower[.vision_model].*,
                               multi_modal_projector.*
   in memory (state_dict):     model.language_model.*, lm_head.*, model.vision_tower.*, model.multi_modal_projector.*
@@ -11,6 +14,7 @@ Missing keys, unexpected keys and shape mismatches are collected and reported to
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,7 +30,9 @@ from models.config import (
     from_hf_config,
     load_hf_config,
     read_json_object,
+    with_attention,
 )
+from models.layers import AUTO
 from models.llava import LlavaForConditionalGeneration
 
 SINGLE_FILE = "model.safetensors"
@@ -91,8 +97,24 @@ _VISION_EMBEDDINGS = {
 }
 
 
-def hf_name_for(path: tuple[Any, ...]) -> tuple[str, Transform]:
-    """transformers' (canonical) name and the transform for one of our parameter paths."""
+# Our fused projections (models.layers.FusedDense) and the transformers modules they join, in order.
+JOINED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+Names = str | tuple[str, ...]
+"""The checkpoint name of a parameter, or the names of the tensors a fused parameter joins along its
+last axis (each under the same transform)."""
+
+
+def module_names(module: list[str], suffix: str) -> Names:
+    """``module.suffix`` as one dotted name; a fused module (JOINED_MODULES) gives one per part."""
+    *parents, last = module
+    if last in JOINED_MODULES:
+        return tuple(".".join([*parents, part, suffix]) for part in JOINED_MODULES[last])
+    return ".".join([*module, suffix])
+
+
+def hf_name_for(path: tuple[Any, ...]) -> tuple[Names, Transform]:
+    """transformers' (canonical) name(s) and the transform for one of our parameter paths."""
     parts = [str(p) for p in path]
     top, rest = parts[0], parts[1:]
     if top == "vision_tower" and rest[0] in _VISION_EMBEDDINGS:
@@ -111,7 +133,15 @@ def hf_name_for(path: tuple[Any, ...]) -> tuple[str, Transform]:
     module = rest[:-1]
     if top == "vision_tower" and module[0] == "layers":
         module = ["encoder", "layers"] + [_VISION_RENAMES.get(m, m) for m in module[1:]]
-    return ".".join([top, *module, suffix]), transform
+    return module_names([top, *module], suffix), transform
+
+
+def split_sizes(root, path: tuple[Any, ...]) -> tuple[int, ...]:
+    """The part widths of the fused module holding the parameter at ``path`` under ``root``."""
+    module = root
+    for key in path[:-1]:
+        module = module[key] if isinstance(key, int) else getattr(module, key)
+    return module.sizes
 
 
 class TensorSource:
@@ -206,28 +236,45 @@ def _transformed_shape(transform: Transform, shape: tuple[int, ...]) -> tuple[in
     return tuple(jax.eval_shape(transform, jax.ShapeDtypeStruct(shape, jnp.float32)).shape)
 
 
+def _leaf_paths(state) -> tuple[list[tuple[tuple[Any, ...], Any]], Any]:
+    """([(parameter path without the trailing '.value', leaf)], treedef) of an nnx state."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    return [
+        (tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1], leaf)
+        for key_path, leaf in leaves
+    ], treedef
+
+
 def fill_module(abstract, source, name_for, dtype, *, ignored=lambda name: False, what: str = "the model"):
     """The nnx module ``abstract`` (from ``nnx.eval_shape``) with every parameter read from ``source``:
-    ``name_for(path) -> (checkpoint name, transform)``. Every name and shape is checked before any
-    tensor is read, and all problems are reported at once; ``ignored(name)``: checkpoint entries that
-    belong to no parameter (buffers, tied weights)."""
+    ``name_for(path) -> (checkpoint name or names, transform)``; a parameter with several names (a
+    fused projection) is their transformed tensors joined along the last axis, in order, each as wide
+    as its part of the fused module (``split_sizes``). Every name and shape is checked before any
+    tensor is read, and all problems are reported at once, by transformers' tensor names;
+    ``ignored(name)``: checkpoint entries that belong to no parameter (buffers, tied weights)."""
     graphdef, abstract_state = nnx.split(abstract)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    leaves, treedef = _leaf_paths(abstract_state)
     plan, missing, mismatched = [], [], []
     available = source.names()
-    for key_path, leaf in leaves:
-        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]  # drop '.value'
-        name, transform = name_for(path)
-        if name not in available:
-            missing.append(name)
-            continue
-        shape = _transformed_shape(transform, source.shape(name))
-        if shape != tuple(leaf.shape):
-            mismatched.append(
-                f"{name}: checkpoint {source.shape(name)} -> {shape}, {what} expects {tuple(leaf.shape)}"
-            )
-        plan.append((name, transform))
-    used = {name for name, _ in plan}
+    used = set()
+    for path, leaf in leaves:
+        names, transform = name_for(path)
+        joined = not isinstance(names, str)
+        names = names if joined else (names,)
+        widths = split_sizes(abstract, path) if joined else (leaf.shape[-1],)
+        used.update(names)
+        for name, width in zip(names, widths, strict=True):
+            if name not in available:
+                missing.append(name)
+                continue
+            shape = _transformed_shape(transform, source.shape(name))
+            expected = tuple(leaf.shape[:-1]) + (width,) if joined else tuple(leaf.shape)
+            if shape != expected:
+                part = f" (part of {what}'s fused {tuple(leaf.shape)})" if joined else ""
+                mismatched.append(
+                    f"{name}: checkpoint {source.shape(name)} -> {shape}, {what} expects {expected}{part}"
+                )
+        plan.append((names, transform))
     unexpected = sorted(n for n in available - used if not ignored(n))
     if missing or unexpected or mismatched:
         problems = []
@@ -238,15 +285,42 @@ def fill_module(abstract, source, name_for, dtype, *, ignored=lambda name: False
         if mismatched:
             problems.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
         raise CheckpointError(f"checkpoint does not match {what}'s config:\n  " + "\n  ".join(problems))
-    arrays = [transform(_load_tensor(source, name)).astype(dtype) for name, transform in plan]
+    arrays = [
+        jnp.concatenate([transform(_load_tensor(source, name)).astype(dtype) for name in names], axis=-1)
+        if len(names) > 1
+        else transform(_load_tensor(source, names[0])).astype(dtype)
+        for names, transform in plan
+    ]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, arrays))
 
 
-def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaForConditionalGeneration:
-    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape."""
+def checkpoint_parts(module, name_for) -> list[tuple[str, Transform, np.ndarray]]:
+    """(checkpoint name, transform, float32 array in our layout) of every parameter of ``module``, a
+    fused one cut into the tensors it joins: apply the inverse transform to get transformers' layout
+    (the inverse of `fill_module`)."""
+    parts = []
+    for path, leaf in _leaf_paths(nnx.state(module, nnx.Param))[0]:
+        names, transform = name_for(path)
+        array = np.asarray(jnp.asarray(leaf, jnp.float32))
+        if isinstance(names, str):
+            parts.append((names, transform, array))
+            continue
+        offsets = list(itertools.accumulate(split_sizes(module, path)[:-1]))
+        parts.extend(
+            (name, transform, piece) for name, piece in zip(names, np.split(array, offsets, axis=-1))
+        )
+    return parts
+
+
+def load_params(
+    cfg: LlavaModelConfig, source, dtype: str = "float32", attention: str = AUTO
+) -> LlavaForConditionalGeneration:
+    """Build the model from `source` (TensorSource / StateDictSource), checking every name and shape;
+    ``attention``: how both towers attend (`models.config.with_attention`; ``auto`` resolved here)."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(DTYPES)}")
     jdtype = DTYPES[dtype]
+    cfg = with_attention(cfg, attention, jdtype)
     abstract = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jdtype, rngs=nnx.Rngs(0)))
     return fill_module(
         abstract,
@@ -258,17 +332,21 @@ def load_params(cfg: LlavaModelConfig, source, dtype: str = "float32") -> LlavaF
 
 
 def load_checkpoint(
-    directory: str | os.PathLike, dtype: str = "float32", text_tower: str | os.PathLike | None = None
+    directory: str | os.PathLike,
+    dtype: str = "float32",
+    text_tower: str | os.PathLike | None = None,
+    attention: str = AUTO,
 ):
     """(hf_config, model) from a llava-hf checkpoint directory (config.json + safetensors); with
     ``text_tower``, a CLIPModel directory, the model also gets CLIP's text tower and visual
-    projection (``model.joint_space``), for methods that read CLIP's joint space."""
+    projection (``model.joint_space``), for methods that read CLIP's joint space. ``attention``: how
+    the towers attend (``auto``: cuDNN on a GPU in bfloat16 / float16, einsum otherwise)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     hf_config = load_hf_config(directory)
     cfg = from_hf_config(hf_config)
-    model = load_params(cfg, TensorSource(directory), dtype)
+    model = load_params(cfg, TensorSource(directory), dtype, attention)
     if text_tower is not None:
         attach_text_tower(model, text_tower, dtype)
     return hf_config, model
@@ -289,10 +367,11 @@ def state_dict_to_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 _INVERSE = {_identity: _identity, _transpose: _transpose}
 
 
-def _inverse_transform(transform: Transform, shape: tuple[int, ...]) -> Transform:
-    """The torch-layout array for one of ours (`shape` = the torch shape)."""
+def _inverse_transform(transform: Transform, patch_conv_shape: tuple[int, ...]) -> Transform:
+    """The torch-layout array for one of ours (`patch_conv_shape`: the torch shape of the patch
+    convolution, the one transform that loses a shape)."""
     if transform is _flatten_patch_conv:
-        return lambda x: x.T.reshape(shape)
+        return lambda x: x.T.reshape(patch_conv_shape)
     return _INVERSE[transform]
 
 
@@ -317,20 +396,14 @@ def save_checkpoint(
         raise ValueError(f"save dtype must be float32 or float16 (numpy has no bfloat16), got {dtype!r}")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    state = nnx.state(model, nnx.Param)
-    tensors = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]
-        name, transform = hf_name_for(path)
-        array = np.asarray(jnp.asarray(leaf, jnp.float32))
-        if transform is _flatten_patch_conv:
-            cfg = model.config.vision
-            torch_shape = (cfg.hidden_size, 3, cfg.patch_size, cfg.patch_size)
-        else:
-            torch_shape = None
-        tensors[_disk_name(name)] = np.ascontiguousarray(
-            _inverse_transform(transform, torch_shape)(array)
-        ).astype(dtype)
+    vision = model.config.vision
+    patch_conv_shape = (vision.hidden_size, 3, vision.patch_size, vision.patch_size)
+    tensors = {
+        _disk_name(name): np.ascontiguousarray(_inverse_transform(transform, patch_conv_shape)(array)).astype(
+            dtype
+        )
+        for name, transform, array in checkpoint_parts(model, hf_name_for)
+    }
     hf_config.save_pretrained(directory)
     save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})
     return directory

@@ -14,7 +14,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from models.config import VisionConfig
-from models.layers import Dense, LayerNorm, attend, normal_param
+from models.layers import EINSUM, Dense, FusedDense, LayerNorm, normal_param, self_attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -38,38 +38,44 @@ class VisionReadout(NamedTuple):
 
 
 class CLIPAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+    """q, k and v projected by one fused kernel with bias (`qkv_proj`: the parts in that order), then
+    out_proj; ``implementation``: how the attention runs (`models.layers.self_attention`)."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, implementation: str = EINSUM):
         width = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.q_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
-        self.k_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
-        self.v_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
+        self.implementation = implementation
+        self.qkv_proj = FusedDense(width, (width, width, width), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = Dense(width, width, use_bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def heads(self, x: jax.Array, parts: int = 3) -> tuple[jax.Array, ...]:
+        """The first ``parts`` of q, k, v of ``x`` (B, S, width), each (B, S, heads, head_dim)."""
         batch, length, width = x.shape
         shape = (batch, length, self.num_heads, width // self.num_heads)
-        q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attend(q, k, v, mask=None))
+        return tuple(y.reshape(shape) for y in self.qkv_proj.project(x, 0, parts))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out_proj(self_attention(*self.heads(x), self.implementation))
 
     def cls_readout(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, S) float32 head-mean attention of the [CLS] token (position 0) over every token, and the
         head-mean key projection (B, S, head_dim) (VisionZip's merge metric)."""
-        batch, length, width = x.shape
-        shape = (batch, length, self.num_heads, width // self.num_heads)
-        q, k = self.q_proj(x).reshape(shape), self.k_proj(x).reshape(shape)
-        attention = prune.last_token_attention(q[:, 0], k, jnp.ones((batch, length), bool))
+        q, k = self.heads(x, parts=2)
+        attention = prune.last_token_attention(q[:, 0], k, jnp.ones(k.shape[:2], bool))
         return attention, jnp.mean(k.astype(jnp.float32), axis=2)
 
 
 class CLIPEncoderLayer(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = self._attention(cfg, dtype=dtype, rngs=rngs)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=True, dtype=dtype, rngs=rngs)
         self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=True, dtype=dtype, rngs=rngs)
         self.act = activation(cfg.hidden_act)
+
+    def _attention(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs) -> CLIPAttention:
+        return CLIPAttention(cfg, dtype=dtype, rngs=rngs, implementation=cfg.attention)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x))

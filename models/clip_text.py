@@ -5,7 +5,9 @@ vision tower was taken from (a ``CLIPModel`` directory such as openai/clip-vit-l
 
 Text tower: token and position embeddings, pre-layernorm encoder layers under a causal mask (and the
 segments' padding mask), a final layer norm, the hidden state at the end-of-text token, and the
-projection. The encoder layers are the vision tower's (``models/clip.py``) with a mask. Also the
+projection. The encoder layers are the vision tower's (``models/clip.py``: q/k/v in one fused kernel,
+joined from and split back into transformers' q_proj / k_proj / v_proj by ``models.checkpoint``) with a
+mask, attending through einsum whatever the LLaVA model's attention option says. Also the
 host-side split of tokenized questions into segments of ``max_position_embeddings`` tokens, as the
 released CDPruner feeds the tower.
 """
@@ -20,7 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.checkpoint import CheckpointError, TensorSource, _identity, _transpose, fill_module
+from models.checkpoint import (
+    CheckpointError,
+    Names,
+    TensorSource,
+    _identity,
+    _transpose,
+    fill_module,
+    module_names,
+)
 from models.clip import CLIPAttention, CLIPEncoderLayer
 from models.config import read_json_object
 from models.layers import Dense, LayerNorm, attend, normal_param
@@ -65,17 +75,16 @@ class TextTowerConfig:
 
 
 class CLIPTextAttention(CLIPAttention):
+    """The vision tower's attention (fused q/k/v) under the text tower's mask, always through
+    `attend` (einsum): a few short segments per question, read once per batch."""
+
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        batch, length, width = x.shape
-        shape = (batch, length, self.num_heads, width // self.num_heads)
-        q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attend(q, k, v, mask=mask))
+        return self.out_proj(attend(*self.heads(x), mask=mask))
 
 
 class CLIPTextEncoderLayer(CLIPEncoderLayer):
-    def __init__(self, cfg: TextTowerConfig, *, dtype, rngs: nnx.Rngs):
-        super().__init__(cfg, dtype=dtype, rngs=rngs)
-        self.self_attn = CLIPTextAttention(cfg, dtype=dtype, rngs=rngs)
+    def _attention(self, cfg: TextTowerConfig, *, dtype, rngs: nnx.Rngs) -> CLIPTextAttention:
+        return CLIPTextAttention(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -189,8 +198,8 @@ class JointSpace(nnx.Module):
         return embeds.reshape(batch, count, -1)
 
 
-def _hf_name(path: tuple) -> tuple[str, object]:
-    """transformers' name (``CLIPModel``'s) and the transform for one of ``JointSpace``'s paths."""
+def _hf_name(path: tuple) -> tuple[Names, object]:
+    """transformers' name(s) (``CLIPModel``'s) and the transform for one of ``JointSpace``'s paths."""
     parts = [str(p) for p in path]
     if parts[0] == "visual_projection":
         return "visual_projection.weight", _transpose
@@ -209,7 +218,7 @@ def _hf_name(path: tuple) -> tuple[str, object]:
         module = ["encoder", "layers", module[1]] + [
             {"fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(m, m) for m in module[2:]
         ]
-    return ".".join(["text_model", *module, suffix]), transform
+    return module_names(["text_model", *module], suffix), transform
 
 
 def load_joint_space(directory: str | os.PathLike, vision_width: int, dtype=jnp.float32) -> JointSpace:

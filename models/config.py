@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import adaptprune_jax as prune
+from models.layers import EINSUM, check_attention, resolve_attention
 
 SUPPORTED_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration (LLaVA-1.5 style)"}
 SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
@@ -33,6 +34,11 @@ class VisionConfig:
     layer_norm_eps: float
     hidden_act: str
     projection_dim: int | None = None  # CLIP's joint image-text width (visual_projection's output)
+    # How the encoder's self-attention runs (models.layers.ATTENTION_IMPLEMENTATIONS; a static choice).
+    attention: str = EINSUM
+
+    def __post_init__(self):
+        check_attention(self.attention)
 
     @property
     def grid_size(self) -> int:
@@ -57,6 +63,12 @@ class TextConfig:
     max_position_embeddings: int
     attention_bias: bool = False
     mlp_bias: bool = False
+    # How the prefill's self-attention runs (models.layers.ATTENTION_IMPLEMENTATIONS); decoding and the
+    # pruning cues always use einsum.
+    attention: str = EINSUM
+
+    def __post_init__(self):
+        check_attention(self.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +104,18 @@ class LlavaModelConfig:
     def vision_layers_needed(self) -> int:
         """How many CLIP encoder layers must run to produce the selected hidden states."""
         return max(self.vision_feature_layers)
+
+
+def with_attention(cfg: LlavaModelConfig, attention: str, dtype) -> LlavaModelConfig:
+    """``cfg`` with both towers attending through ``attention`` (`models.layers.self_attention`),
+    ``auto`` resolved for ``dtype`` on this backend (`models.layers.resolve_attention`), so the model
+    records the implementation it runs."""
+    resolved = resolve_attention(attention, dtype)
+    return dataclasses.replace(
+        cfg,
+        vision=dataclasses.replace(cfg.vision, attention=resolved),
+        text=dataclasses.replace(cfg.text, attention=resolved),
+    )
 
 
 class CheckpointFileError(ValueError):

@@ -17,6 +17,7 @@ import PIL.Image
 
 from models.checkpoint import load_checkpoint
 from models.generate import DEFAULT_LENGTH_BUCKET, LlavaRunner, SamplingConfig, tokens_until_eos
+from models.layers import AUTO
 from models.preprocess import Preprocessor
 
 
@@ -41,10 +42,13 @@ class LlavaEngine:
         dtype: str = "float32",
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
         text_tower: str | os.PathLike | None = None,
+        attention: str = AUTO,
     ) -> LlavaEngine:
         """``text_tower``: a CLIPModel directory whose text tower and visual projection a method
-        reading CLIP's joint space needs (CDPruner)."""
-        hf_config, model = load_checkpoint(directory, dtype, text_tower)
+        reading CLIP's joint space needs (CDPruner); ``attention``: how the towers attend
+        (`models.layers.ATTENTION_IMPLEMENTATIONS`; ``auto``: cuDNN on a GPU in bfloat16, einsum
+        otherwise)."""
+        hf_config, model = load_checkpoint(directory, dtype, text_tower, attention)
         preprocessor = Preprocessor.from_checkpoint(directory, hf_config, text_tower=text_tower)
         return cls(LlavaRunner(model, length_bucket=length_bucket), preprocessor, hf_config)
 

@@ -6,10 +6,14 @@ parity), every reduction (norm statistics, softmax, attention logits) in float32
 Attention is addressed by position, not by slot: every key carries the RoPE position of its token
 (-1 for an empty or padding slot), and a query at position p attends keys with 0 <= position <= p.
 That one rule covers causal prefill, right-padded batches, a static KV cache with unused slots, and
-layers after pruning whose kept tokens have non-contiguous positions.
+layers after pruning whose kept tokens have non-contiguous positions. `self_attention` runs a
+sequence's attention over itself through a chosen implementation (the exact einsum, or the fused
+`jax.nn.dot_product_attention` through cuDNN or XLA), which a model config names per tower.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,44 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...]
         return y + self.bias[...] if self.bias is not None else y
+
+
+class FusedDense(nnx.Module):
+    """Several projections of one input as one matmul: one kernel (in, sum(sizes)) holding the parts
+    side by side along the output axis (q/k/v, gate/up), so the input is read once and one wide
+    matmul replaces several narrow ones. Checkpoints keep the parts apart (`models.checkpoint` joins
+    them at load and splits them at save)."""
+
+    def __init__(self, in_features: int, sizes: tuple[int, ...], *, use_bias: bool, dtype, rngs: nnx.Rngs):
+        self.sizes = tuple(int(size) for size in sizes)
+        self.kernel = normal_param(rngs, (in_features, sum(self.sizes)), dtype)
+        self.bias = nnx.Param(jnp.zeros((sum(self.sizes),), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        """Every part's projection of ``x``, in order."""
+        return self.project(x, 0, len(self.sizes))
+
+    def project(self, x: jax.Array, first: int, count: int = 1) -> tuple[jax.Array, ...]:
+        """The projections of parts ``first .. first + count - 1`` alone (one matmul over their
+        columns: the other parts are not computed)."""
+        kernel, bias = self._columns(first, count)
+        y = x @ kernel
+        y = y + bias if bias is not None else y
+        return tuple(jnp.split(y, list(itertools.accumulate(self.sizes[first : first + count - 1])), axis=-1))
+
+    def part(self, index: int) -> tuple[jax.Array, jax.Array | None]:
+        """(kernel (in, sizes[index]), bias or None) of one projection, as a `Dense` would hold it."""
+        return self._columns(index, 1)
+
+    def _columns(self, first: int, count: int) -> tuple[jax.Array, jax.Array | None]:
+        start = sum(self.sizes[:first])
+        stop = start + sum(self.sizes[first : first + count])
+        kernel = self.kernel[...]
+        if (start, stop) != (0, kernel.shape[-1]):
+            kernel = kernel[:, start:stop]
+        if self.bias is None:
+            return kernel, None
+        return kernel, self.bias[...][start:stop]
 
 
 class LayerNorm(nnx.Module):
@@ -144,24 +186,77 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> 
     return out.swapaxes(0, 1).reshape(batch, size * chunks, heads * head_dim)[:, :q_len]  # padded rows cut
 
 
-def attend_causal(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal attention through `jax.nn.dot_product_attention`: cuDNN's fused kernel on a GPU (no
-    logits in memory), XLA elsewhere; q, k, v as in `attend`.
+EINSUM, CUDNN, XLA, AUTO = "einsum", "cudnn", "xla", "auto"
+ATTENTION_IMPLEMENTATIONS = (EINSUM, CUDNN, XLA, AUTO)
+"""How a tower's self-attention runs (`self_attention`): `einsum` (`attend`: the position rule
+computed exactly, float32 logits; the parity path, and the only one on a CPU besides `xla`), `cudnn`
+(cuDNN's fused flash kernel through `jax.nn.dot_product_attention`: no logits in memory; bfloat16 /
+float16 on a GPU), `xla` (the same call's XLA implementation, for checking the fused path's masking
+anywhere), `auto` (resolved when the model is loaded: `resolve_attention`)."""
 
-    For sequences whose positions are their slots (0, 1, ...) followed by padding, it equals `attend`
-    under `attention_mask(positions, positions)` on every real token: a real token never sees a later
-    slot, so it never sees the padding. Padding rows differ (they attend to the tokens before them)
-    and must not be read. The trainer's teacher-forced sequences are of that form.
+# cuDNN's flash kernels take sequence lengths in multiples of this.
+CUDNN_SEQUENCE_MULTIPLE = 64
+
+
+def check_attention(implementation: str) -> str:
+    """``implementation`` if it names one of ATTENTION_IMPLEMENTATIONS; a ValueError listing them if not."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    return implementation
+
+
+def resolve_attention(implementation: str, dtype, backend: str | None = None) -> str:
+    """``auto`` -> `cudnn` on a GPU backend in bfloat16 / float16 (the fast path, where the fused
+    kernel exists), `einsum` otherwise (float32 is the parity path); any other choice as it is."""
+    check_attention(implementation)
+    if implementation != AUTO:
+        return implementation
+    backend = jax.default_backend() if backend is None else backend
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return CUDNN if backend == "gpu" and half else EINSUM
+
+
+def self_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, positions: jax.Array | None = None
+) -> jax.Array:
+    """A sequence's attention over itself through ``implementation``; q, k, v and the output as in
+    `attend`. ``positions`` None: every token sees every token (the vision tower); ``positions`` (B, S)
+    (-1 = padding): the position rule of `attention_mask(positions, positions)`.
+
+    `einsum` computes the position rule exactly, for any positions. `cudnn` and `xla` take it as
+    causal attention over each row's first n slots, n = the row's real tokens (position >= 0): the
+    same keys for every real token when, in every row, the real tokens form a prefix of the slots and
+    their positions increase strictly along them, as the pruning driver's sequences do
+    (`tests/models/test_attention.py` checks every sequence it feeds a layer). Their padding rows are
+    zeros, unlike `einsum`'s (an average of the values); nothing reads a padding row's output (its
+    keys and values are cached at position -1, which no query sees).
     """
-    batch, q_len, heads, head_dim = q.shape
-    implementation = None
-    if jax.default_backend() == "gpu":
-        # cuDNN's flash kernel takes sequence lengths in multiples of 64: slots appended at the end are,
-        # under the causal rule, seen by no earlier token, and their own rows are cut.
-        implementation, pad = "cudnn", -q_len % 64
+    implementation = resolve_attention(implementation, q.dtype)
+    if implementation == EINSUM:
+        return attend(q, k, v, None if positions is None else attention_mask(positions, positions))
+    batch, length, heads, head_dim = q.shape
+    lengths = None  # real tokens per row: all of them, unless positions say otherwise
+    if positions is not None:
+        lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
+    pad = -length % CUDNN_SEQUENCE_MULTIPLE if implementation == CUDNN else 0
+    if pad:  # slots appended at the end, beyond every row's length: no query sees them, their rows are cut
         q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    return out[:, :q_len].reshape(batch, q_len, heads * head_dim)
+        lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=positions is not None,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )[:, :length]
+    if positions is not None:  # padding rows: zeros, whatever the kernel left there (finite for the cache)
+        real = jnp.arange(length)[None, :] < lengths[:, None]
+        out = jnp.where(real[:, :, None, None], out, 0)
+    return out.reshape(batch, length, heads * head_dim)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -19,46 +19,60 @@ from models import pruning as pruning_driver
 from models.config import TextConfig
 from models.layers import (
     Dense,
+    FusedDense,
     LayerCache,
     RMSNorm,
     apply_rope,
     attend,
-    attend_causal,
     attention_mask,
     normal_param,
     rows_take,
+    self_attention,
 )
 
 
 class LlamaAttention(nnx.Module):
+    """q, k and v projected by one fused kernel (`qkv_proj`: the parts in that order), then o_proj."""
+
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         bias = cfg.attention_bias
-        self.q_proj = Dense(cfg.hidden_size, q_width, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Dense(cfg.hidden_size, kv_width, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Dense(cfg.hidden_size, kv_width, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.qkv_proj = FusedDense(
+            cfg.hidden_size, (q_width, kv_width, kv_width), use_bias=bias, dtype=dtype, rngs=rngs
+        )
         self.o_proj = Dense(q_width, cfg.hidden_size, use_bias=bias, dtype=dtype, rngs=rngs)
 
     def qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Post-RoPE queries (B, S, H, D) and keys, and values (B, S, Hkv, D)."""
-        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x)
+        q, k = self._rotate(q, k, positions)
+        return q, k, v.reshape(k.shape)
+
+    def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Post-RoPE queries and keys alone (the values' columns are not computed)."""
+        return self._rotate(*self.qkv_proj.project(x, 0, 2), positions)
+
+    def _rotate(self, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
-        q = self.q_proj(x).reshape(batch, length, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta), v
+        batch, length, _ = q.shape
+        q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
 
 
 class LlamaMLP(nnx.Module):
+    """SwiGLU with the gate and up projections as one fused kernel (`gate_up_proj`)."""
+
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         bias = cfg.mlp_bias
-        self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, use_bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, use_bias=bias, dtype=dtype, rngs=rngs)
+        width = cfg.intermediate_size
+        self.gate_up_proj = FusedDense(cfg.hidden_size, (width, width), use_bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Dense(width, cfg.hidden_size, use_bias=bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -72,25 +86,26 @@ class LlamaDecoderLayer(nnx.Module):
         x = x + self.self_attn.o_proj(attention_out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x: jax.Array, positions: jax.Array, *, causal: bool = False):
+    def prefill(self, x: jax.Array, positions: jax.Array, *, attention: str | None = None):
         """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q and k.
-        `causal`: fused causal attention (`attend_causal`), for slot-ordered right-padded sequences."""
+        ``attention``: an implementation other than the config's (`models.layers.self_attention`; the
+        trainer's fused attention), for this call."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        out = attend_causal(q, k, v) if causal else attend(q, k, v, attention_mask(positions, positions))
+        implementation = self.self_attn.cfg.attention if attention is None else attention
+        out = self_attention(q, k, v, implementation, positions)
         return self._finish(x, out), q, k, v
 
     def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Post-RoPE q and k this layer would attend with on its input `x`, without running it."""
-        q, k, _ = self.self_attn.qkv(self.input_layernorm(x), positions)
-        return q, k
+        return self.self_attn.queries_keys(self.input_layernorm(x), positions)
 
     def feature_keys(self, hidden: jax.Array, *, normalized: bool) -> jax.Array:
         """This layer's key projection of `hidden` as unit float32 rows (input RMSNorm if `normalized`)."""
-        projection = self.self_attn.k_proj
+        kernel, bias = self.self_attn.qkv_proj.part(1)
         return prune.feature_keys(
             hidden,
-            projection.kernel[...],
-            projection.bias[...] if projection.bias is not None else None,
+            kernel,
+            bias,
             norm_scale=self.input_layernorm.scale[...] if normalized else None,
             norm_eps=self.input_layernorm.eps,
         )

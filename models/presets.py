@@ -315,15 +315,16 @@ def random_state(abstract_state, seed: int, *, compile_only: bool = False):
     return None if compile_only else treedef.unflatten(filled)
 
 
-def random_model(config: LlavaConfig, *, dtype: str = "bfloat16", seed: int = 0):
-    """The Flax LLaVA of a transformers config with random weights made directly on the device."""
+def random_model(config: LlavaConfig, *, dtype: str = "bfloat16", seed: int = 0, attention: str = "auto"):
+    """The Flax LLaVA of a transformers config with random weights made directly on the device;
+    ``attention`` as `models.checkpoint.load_checkpoint` takes it."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from models.config import from_hf_config
+    from models.config import from_hf_config, with_attention
     from models.llava import LlavaForConditionalGeneration
 
-    cfg = from_hf_config(config)
+    cfg = with_attention(from_hf_config(config), attention, jnp.dtype(dtype))
     abstract = nnx.eval_shape(
         lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from experiments.flag_config import setting
+from experiments.flag_config import attention_setting, setting
 
 # The stages jax_worker compiles (each its own executable), the names --stage_compiler_options takes.
 COMPILED_STAGES = ("vision", "embed", "prefill", "prefill_fixed", "first_token", "generate", "select")
@@ -26,6 +26,9 @@ class BenchmarkConfig:
     model: str = setting("llava-1.5-7b", "Preset name (models.presets) or llava-hf checkpoint directory.")
     random_weights: bool = setting(False, "Random weights for a checkpoint directory (presets always are).")
     dtype: str = setting("bfloat16", "Parameter and activation dtype.", choices=("bfloat16", "float32"))
+    attention: str = attention_setting(
+        " Every JAX configuration is measured with it; each row records what it resolved to."
+    )
     batch_sizes: tuple[int, ...] = setting((1,), "Batch sizes.")
     methods: tuple[str, ...] = setting(("none", "adaptprune"), "Pruning methods (none = unpruned).")
     method_modules: tuple[str, ...] = setting(

@@ -124,6 +124,7 @@ def run(settings: BenchmarkConfig) -> None:
         model=settings.model,
         random_weights=settings.random_weights,
         dtype=settings.dtype,
+        attention=settings.attention,
         layer=settings.layer,
         method_modules=list(settings.method_modules),
         text_tokens=settings.text_tokens,

@@ -57,9 +57,15 @@ def results_markdown(report: dict) -> str:
     ]
     jax_rows = [r for r in report["rows"] if r["framework"] == "jax" and r["status"] == "ok"]
     if jax_rows:  # a max-batch search alone has no timed rows
+        attention = sorted({r["attention"] for r in jax_rows if r.get("attention")})  # older runs: none
+        lines += ["## JAX", ""]
+        if attention:
+            lines += [
+                f"Attention (vision tower and LLM prefill): {', '.join(attention)} "
+                f"(--attention={meta['flags'].get('attention', 'auto')}); decoding uses einsum.",
+                "",
+            ]
         lines += [
-            "## JAX",
-            "",
             "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
             "|---|---|---|---|---|---|---|---|",
         ]

@@ -50,7 +50,7 @@ def jax_worker(spec: dict) -> dict:
 
     import adaptprune_jax as prune
     from models.checkpoint import load_checkpoint
-    from models.config import from_hf_config
+    from models.config import from_hf_config, with_attention
     from models.generate import LlavaRunner, SamplingConfig
     from models.llava import LlavaForConditionalGeneration
     from models.presets import random_state
@@ -60,8 +60,8 @@ def jax_worker(spec: dict) -> dict:
     if new_tokens < 2 or spec["text_tokens"] < 2:
         raise ValueError("need --new_tokens >= 2 (one decode step) and --text_tokens >= 2")
     hf_config = llava_hf_config(spec["model"])
-    cfg = from_hf_config(hf_config)
     dtype = jnp.dtype(spec["dtype"])
+    cfg = with_attention(from_hf_config(hf_config), spec.get("attention", "auto"), dtype)
     abstract_model = nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     prune.methods.import_plugins(spec.get("method_modules", ()))
     reads_clip = method != "none" and prune.methods.get(method).needs_text_tower
@@ -189,6 +189,7 @@ def jax_worker(spec: dict) -> dict:
         "compiled_memory": memory,
         "keep": keep,
         "stage_compiler_options": stage_options,
+        "attention": cfg.text.attention,  # as resolved: the vision tower's and the LLM prefill's
         "attention_logits_budget_bytes": attention_logits_budget(),
         "layer": None if pruning is None else pruning.layer,
         "prompt_tokens": prompt_tokens,
@@ -214,7 +215,9 @@ def jax_worker(spec: dict) -> dict:
     if random_init:
         weights = runner.flatten_weights(random_state(abstract_state, spec["seed"]))
     else:
-        weights = runner.flatten_weights(nnx.split(load_checkpoint(spec["model"], spec["dtype"])[1])[1])
+        weights = runner.flatten_weights(
+            nnx.split(load_checkpoint(spec["model"], spec["dtype"], attention=cfg.text.attention)[1])[1]
+        )
     sync = jax.block_until_ready
     sync(weights)
     out["weights_s"] = round(time.perf_counter() - start, 3)

@@ -6,7 +6,7 @@ import dataclasses
 
 from adaptprune_jax import methods as pruning_methods
 from experiments.benchmarks import benchmark_names
-from experiments.flag_config import setting
+from experiments.flag_config import attention_setting, setting
 
 UNPRUNED = "none"  # method name of the unpruned run, always evaluated once
 PREDICTIONS_DIR = "predictions"
@@ -74,6 +74,9 @@ class EvalConfig:
         0, "Seed of random pruning (each question draws from a seed derived from it and its question_id)."
     )
     dtype: str = setting("float32", "Compute dtype of the model.", choices=("float32", "bfloat16"))
+    attention: str = attention_setting(
+        " In the fingerprint as resolved: cudnn and einsum may differ in bfloat16's last bits."
+    )
     model_name: str | None = setting(
         None, "Model name for published-number lookup (default: checkpoint folder name)."
     )

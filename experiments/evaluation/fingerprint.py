@@ -7,7 +7,9 @@ A pair's fingerprint has three parts:
     the text tower's files too;
   * the settings that change an answer, defaults resolved: the method's whole config (its layer and
     seed as the method sees them, so an explicit `--layer` equal to the default is the same pair), the
-    benchmark, the question file and image folder as real paths, max_new_tokens and dtype;
+    benchmark, the question file and image folder as real paths, max_new_tokens, dtype and the
+    attention implementation as resolved (cuDNN's and einsum's bfloat16 round-offs differ; `auto`
+    itself decides nothing until it is resolved);
   * the source of the code that computes the answer: every module of `adaptprune_jax` and `models`,
     the evaluation loop, the benchmark's prompt formatting, and the pair's own method file (another
     method's file does not touch this pair).
@@ -105,8 +107,8 @@ def _real_paths(paths: str) -> str:
     return ",".join(os.path.realpath(part) for part in paths.split(","))
 
 
-def shared_fingerprint(config: EvalConfig, benchmark, max_new_tokens: int) -> dict[str, Any]:
-    """The parts every pair of the run has in common."""
+def shared_fingerprint(config: EvalConfig, benchmark, max_new_tokens: int, attention: str) -> dict[str, Any]:
+    """The parts every pair of the run has in common; ``attention``: the implementation the model runs."""
     from adaptprune_jax import methods
 
     method_modules = {config_class.__module__ for config_class in methods.METHODS.values()}
@@ -119,6 +121,7 @@ def shared_fingerprint(config: EvalConfig, benchmark, max_new_tokens: int) -> di
             "image_dir": None if config.image_dir is None else os.path.realpath(config.image_dir),
             "max_new_tokens": max_new_tokens,
             "dtype": config.dtype,
+            "attention": attention,
         },
         "code": code_digests(method_modules, type(benchmark).__module__),
     }

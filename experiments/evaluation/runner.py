@@ -163,13 +163,14 @@ def run(config: EvalConfig, engine=None) -> dict:
         from models.engine import LlavaEngine
 
         engine = LlavaEngine.from_checkpoint(
-            config.checkpoint, dtype=config.dtype, text_tower=config.text_tower
+            config.checkpoint, dtype=config.dtype, text_tower=config.text_tower, attention=config.attention
         )
     model = engine.config
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
     pairs = build_pairs(config, num_image_tokens, num_layers, model.image_layout())
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
-    shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens)
+    attention = model.text.attention  # as the engine resolved it (auto is no answer-deciding setting)
+    shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens, attention)
     fingerprint.claim_output_dir(config.output_dir, pairs, shared, config.overwrite)
     unusable = unusable_prompts(questions, engine, max_new_tokens)
     for question_id, reason in unusable.items():
@@ -197,6 +198,7 @@ def run(config: EvalConfig, engine=None) -> dict:
         "settings": {
             **{k: v for k, v in dataclasses.asdict(config).items() if k != "command"},
             "max_new_tokens": max_new_tokens,
+            "attention_resolved": attention,
         },
         "command": config.command,
         "pairs": {},

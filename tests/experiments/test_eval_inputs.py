@@ -116,19 +116,26 @@ def test_layer_out_of_range_is_the_config_error(config, engine):
 
 
 def test_output_dir_with_other_answer_settings_is_refused(config, engine):
-    """Predictions recorded under another max_new_tokens are refused, naming the setting."""
+    """Predictions recorded under another max_new_tokens and attention implementation (as resolved)
+    are refused, naming both settings."""
     from experiments.evaluation import fingerprint
 
     benchmark = eval_lib.get_benchmark("pope")
     unpruned = eval_lib.build_pairs(config, engine.config.num_image_tokens, engine.config.text.num_layers)[0]
-    recorded = fingerprint.pair_fingerprint(fingerprint.shared_fingerprint(config, benchmark, 8), unpruned)
+    recorded = fingerprint.pair_fingerprint(
+        fingerprint.shared_fingerprint(config, benchmark, 8, "cudnn"), unpruned
+    )
     predictions = Path(config.output_dir, eval_lib.PREDICTIONS_DIR)
     predictions.mkdir(parents=True)
     (predictions / f"{unpruned.name}.jsonl").write_text(json.dumps({"question_id": "1", "prediction": "yes"}))
     Path(config.output_dir, eval_lib.RUN_FINGERPRINT_JSON).write_text(
         json.dumps({"pairs": {unpruned.name: recorded}})
     )
-    with pytest.raises(ValueError, match=rf"{unpruned.name}: setting max_new_tokens: 8 -> 32"):
+    assert engine.config.text.attention == "einsum"
+    with pytest.raises(
+        ValueError,
+        match=rf"{unpruned.name}: setting attention: 'cudnn' -> 'einsum'; setting max_new_tokens: 8 -> 32",
+    ):
         eval_lib.run(config, engine=engine)
 
 
@@ -186,7 +193,7 @@ def test_the_text_tower_files_are_in_its_methods_fingerprints_only(config, tiny_
     from experiments.evaluation import fingerprint
 
     config = dataclasses.replace(config, text_tower=tiny_checkpoints("tiny").clip_directory)
-    shared = fingerprint.shared_fingerprint(config, eval_lib.get_benchmark("pope"), 32)
+    shared = fingerprint.shared_fingerprint(config, eval_lib.get_benchmark("pope"), 32, "einsum")
     cdpruner = eval_lib.Pair("cdpruner", 64, 64, methods.make_config("cdpruner", keep=64), 64.0)
     fastv = eval_lib.Pair("fastv", 64, 64, methods.make_config("fastv", keep=64), 64.0)
     reading = fingerprint.pair_fingerprint(shared, cdpruner)["checkpoint"]
@@ -201,7 +208,7 @@ def test_shared_fingerprint_leaves_the_method_files_out(config):
     """Every library and model module is in the shared code part, no registered method's file."""
     from experiments.evaluation import fingerprint
 
-    shared = fingerprint.shared_fingerprint(config, eval_lib.get_benchmark("pope"), 32)
+    shared = fingerprint.shared_fingerprint(config, eval_lib.get_benchmark("pope"), 32, "einsum")
     assert {"models.llama", "models.pruning", "adaptprune_jax.nms", "adaptprune_jax.methods.base"} <= set(
         shared["code"]
     )

@@ -181,3 +181,21 @@ def test_flags_belong_to_the_module_that_defines_them():
     by_module = flag_values.flags_by_module_dict()
     assert "experiments.flag_config" not in by_module
     assert {flag.name for flag in by_module[__name__]} >= {"checkpoint", "keep"}
+
+
+def test_the_attention_flag_offers_the_models_implementations_on_every_jax_entry_point():
+    """--attention (default auto) on eval, validate and the benchmark, whose choices are the model's
+    (spelt out in flag_config so the benchmark's driver need not import JAX); a bad value is refused."""
+    from experiments.benchmark.configs import BenchmarkConfig
+    from experiments.evaluation.config import EvalConfig
+    from experiments.flag_config import ATTENTION_CHOICES
+    from experiments.validate import ValidateConfig
+    from models.layers import ATTENTION_IMPLEMENTATIONS
+
+    assert ATTENTION_CHOICES == ATTENTION_IMPLEMENTATIONS
+    for config_class in (EvalConfig, ValidateConfig, BenchmarkConfig):
+        flag_values = define_flags(config_class, flags.FlagValues())
+        assert flag_values["attention"].default == "auto"
+        assert flag_values["attention"].parser.enum_values == list(ATTENTION_IMPLEMENTATIONS)
+        with pytest.raises(flags.IllegalFlagValueError, match=r"one of <einsum\|cudnn\|xla\|auto>"):
+            flag_values(["prog", "--attention=flash"])

@@ -185,6 +185,7 @@ def test_validate_reference_generation_is_not_masked_where_the_prompt_holds_the_
     report = run(ValidateConfig(checkpoint=directory, prompt=prompt, generate_tokens=5))
     assert report["generated_equal"], report
     assert report["passed"]
+    assert report["attention"] == "einsum"  # --attention=auto in float32: the parity path
 
     # The case is one where the mask matters: left to infer it, transformers continues differently.
     preprocessor = Preprocessor.from_checkpoint(directory, config)

@@ -123,8 +123,9 @@ def test_init_vision_from_refuses_another_tower_and_init_from_together(tmp_path)
 
 
 def test_fused_causal_attention_gives_the_exact_training_logits():
-    """`fused_attention` trains through `attend_causal`: on the slot-ordered, right-padded training
-    sequences its logits and hidden states at every answer slot equal the inference mask's."""
+    """`fused_attention` trains through `jax.nn.dot_product_attention` (causal over each row's real
+    tokens; XLA's implementation in float32): on the slot-ordered, right-padded training sequences its
+    logits and hidden states at every answer slot equal the inference mask's."""
     from experiments.testbed.training import step as training_step
     from experiments.testbed.training.batches import host_batch
 
@@ -138,19 +139,19 @@ def test_fused_causal_attention_gives_the_exact_training_logits():
     pixels = training_step.scene_pixels(batch.scenes, scene_config, normalization)
 
     @nnx.jit(static_argnums=2)
-    def forward(model, pixel_values, causal):
+    def forward(model, pixel_values, attention):
         return training_step.answer_logits_and_hidden(
             model,
             model.image_features(pixel_values),
             jnp.asarray(batch.input_ids),
             jnp.asarray(batch.lengths),
             jnp.asarray(batch.target_positions),
-            causal,
+            attention,
         )
 
     (exact_logits, exact_hidden), (fused_logits, fused_hidden) = (
-        forward(model, pixels, False),
-        forward(model, pixels, True),
+        forward(model, pixels, None),
+        forward(model, pixels, training_step.fused_attention_implementation(jnp.float32)),
     )
     np.testing.assert_allclose(np.asarray(fused_logits), np.asarray(exact_logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(fused_hidden), np.asarray(exact_hidden), rtol=1e-5, atol=1e-5)

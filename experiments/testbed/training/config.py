@@ -124,7 +124,8 @@ class TrainOptions:
     )
     fused_attention: bool = setting(
         False,
-        "Train the LLM with fused causal attention (cuDNN on a GPU; no logits in memory). Equal to the "
+        "Train the LLM with fused causal attention (cuDNN on a GPU in bfloat16, no logits in memory; "
+        "XLA's implementation of the same call otherwise). Equal to the "
         "inference mask on every real token of the slot-ordered, right-padded training sequences, in "
         "the compute dtype's precision.",
     )

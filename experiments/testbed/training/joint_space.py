@@ -65,7 +65,7 @@ from experiments.testbed.words import (
     SHAPE_PLURALS,
     SHORT_ANSWER_INSTRUCTIONS,
 )
-from models.checkpoint import _INVERSE, SINGLE_FILE, load_checkpoint
+from models.checkpoint import _INVERSE, SINGLE_FILE, checkpoint_parts, load_checkpoint
 from models.clip_text import JointSpace, JointSpaceConfig, _hf_name, load_joint_space
 from models.presets import clip_config
 from models.tokenizer import build_clip_word_tokenizer
@@ -144,11 +144,8 @@ def save_joint_space(model: JointSpace, config, tokenizer, directory: str) -> st
 
     os.makedirs(directory, exist_ok=True)
     tensors = {}
-    for key_path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
-        path = tuple(getattr(k, "key", getattr(k, "name", None)) for k in key_path)[:-1]
-        name, transform = _hf_name(path)
-        array = _INVERSE[transform](jnp.asarray(leaf, jnp.float32))
-        tensors[name] = np.ascontiguousarray(np.asarray(array))
+    for name, transform, array in checkpoint_parts(model, _hf_name):
+        tensors[name] = np.ascontiguousarray(_INVERSE[transform](array))
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata={"format": "pt"})

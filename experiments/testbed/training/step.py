@@ -34,7 +34,7 @@ from experiments.testbed.training.probes import (
     relation_targets,
 )
 from experiments.testbed.words import KINDS
-from models.layers import EMPTY_POSITION
+from models.layers import AUTO, CUDNN, EMPTY_POSITION, XLA, resolve_attention
 from models.presets import llava15_image_processor
 
 
@@ -68,7 +68,7 @@ def scene_pixels(scenes, scene_config, normalization: PixelNormalization):
     return normalize_pixels(render_scenes(scenes, scene_config), normalization)
 
 
-def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions, causal=False):
+def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_positions, attention=None):
     """Float32 logits (B, J, V) at `target_positions` of the teacher-forced sequences, and the residual
     stream (B, J, D) there entering the LAST decoder layer (what the relation probe reads: the last
     layer is left to compare what it holds).
@@ -76,18 +76,27 @@ def answer_logits_and_hidden(model, image_features, input_ids, lengths, target_p
     Runs the inference modules (embed_prompt, then each layer's `prefill`) over the whole sequence, so
     training and inference share one forward. `image_features` is `model.image_features(pixel_values)`
     (computed once by the caller, which also feeds it to the patch probe). Slots at or after `lengths`
-    are padding (empty positions). `causal`: fused causal attention, equal on every real token (the
-    sequences are slot-ordered with their padding at the end; see `models.layers.attend_causal`)."""
+    are padding (empty positions). `attention`: the LLM's attention implementation for this forward
+    (default: the model config's); `fused_attention_implementation` gives the fused one, equal on
+    every real token (the sequences are slot-ordered with their padding at the end; see
+    `models.layers.self_attention`)."""
     slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
     positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
     x, _ = model.embed_prompt(input_ids, image_features)
     layers = model.language_model.layers
     for layer in layers[:-1]:
-        x = layer.prefill(x, positions, causal=causal)[0]
+        x = layer.prefill(x, positions, attention=attention)[0]
     before_last = jnp.take_along_axis(x, target_positions[..., None], axis=1)
-    x = layers[-1].prefill(x, positions, causal=causal)[0]
+    x = layers[-1].prefill(x, positions, attention=attention)[0]
     hidden = jnp.take_along_axis(x, target_positions[..., None], axis=1)
     return model.language_model.logits(hidden), before_last
+
+
+def fused_attention_implementation(dtype) -> str:
+    """The trainer's fused causal attention in ``dtype``: cuDNN's flash kernel where `auto` would take it
+    (a GPU, bfloat16 / float16: no logits in memory), XLA's implementation of the same call elsewhere
+    (cuDNN's kernel takes no float32)."""
+    return CUDNN if resolve_attention(AUTO, dtype) == CUDNN else XLA
 
 
 def make_optimizer(options: TrainOptions):
@@ -157,7 +166,8 @@ def make_train_step(
     coordinates of the two objects a position question names, read at its answer slot); the probes'
     reasons are in `probes`. freeze_vision: the tower's weights get no gradient (pair it with an
     optimizer made with the same setting); fused_attention: the LLM's attention through
-    `attend_causal`. Memoised on its (hashable) arguments, so runs in one process share one compilation.
+    `fused_attention_implementation(compute_dtype)`. Memoised on its (hashable) arguments, so runs in
+    one process share one compilation.
     """
 
     def loss_fn(trainable, batch: DeviceBatch):
@@ -168,7 +178,12 @@ def make_train_step(
         pixels = scene_pixels(batch.scenes, scene_config, normalization)
         features = model.image_features(pixels)
         logits, before_last = answer_logits_and_hidden(
-            model, features, batch.input_ids, batch.lengths, batch.target_positions, fused_attention
+            model,
+            features,
+            batch.input_ids,
+            batch.lengths,
+            batch.target_positions,
+            fused_attention_implementation(compute_dtype) if fused_attention else None,
         )
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, batch.target_ids[..., None], axis=-1)[..., 0]

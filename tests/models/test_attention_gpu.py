@@ -1,0 +1,153 @@
+"""cuDNN's fused attention (`attention='cudnn'`, what `auto` picks on a GPU in bfloat16) against
+einsum, on a GPU only: the compiled program really calls cuDNN; in bfloat16 its outputs are within
+bf16 noise of einsum's on the vision tower and on the LLM prefill of a small random model (a padded
+batch, unpruned and pruned); the trained testbed gives the same greedy answers either way."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import adaptprune_jax as prune
+from models import layers, presets
+from models.checkpoint import load_checkpoint
+from models.generate import LlavaRunner
+from tests.helpers import make_prompt, random_pixels
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on a GPU only"
+)
+
+# Max |cudnn - einsum| over the output's largest magnitude, both in bfloat16: bf16 noise, not a bug
+# (a wrong mask or a read padding row moves outputs by their own size).
+BF16_TOLERANCE = 2e-2
+TESTBED = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "checkpoints", "testbed")
+
+
+def _relative_error(ours, reference, rows=None) -> float:
+    ours, reference = (np.asarray(jnp.asarray(x, jnp.float32)) for x in (ours, reference))
+    if rows is not None:
+        ours, reference = ours[rows], reference[rows]
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def test_cudnn_is_what_auto_picks_and_what_runs():
+    assert layers.resolve_attention("auto", jnp.bfloat16) == "cudnn"
+    assert layers.resolve_attention("auto", jnp.float32) == "einsum"
+    q = jnp.zeros((1, 100, 4, 64), jnp.bfloat16)
+    positions = jnp.arange(100, dtype=jnp.int32)[None]
+    compiled = jax.jit(lambda q, p: layers.self_attention(q, q, q, "cudnn", p)).lower(q, positions).compile()
+    assert "cudnn" in compiled.as_text()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cudnn_equals_einsum_on_random_heads_in_bfloat16(kv_heads):
+    """577 tokens with no mask (the vision tower's shape: padded to a multiple of 64 inside), and
+    right-padded rows with gaps in their positions (a pruned prefill)."""
+    rng = np.random.default_rng(0)
+    shape = (3, 577, 4, 64)
+    q = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(3, 577, kv_heads, 64)), jnp.bfloat16) for _ in range(2))
+    attend = jax.jit(layers.self_attention, static_argnums=3)
+    assert _relative_error(attend(q, k, v, "cudnn"), attend(q, k, v, "einsum")) < BF16_TOLERANCE
+    positions = np.full((3, 577), -1, np.int32)
+    positions[0] = np.arange(577)
+    positions[1, :300] = np.sort(rng.choice(1000, 300, replace=False))
+    positions[2, :1] = 0
+    positions = jnp.asarray(positions)
+    cudnn, einsum = attend(q, k, v, "cudnn", positions), attend(q, k, v, "einsum", positions)
+    real = np.asarray(positions) >= 0
+    assert _relative_error(cudnn, einsum, real) < BF16_TOLERANCE
+    assert (np.asarray(cudnn, np.float32)[~real] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def random_pair(tmp_path_factory):
+    """A small random LLaVA with cuDNN-sized heads (64 wide; grouped-query LLM), loaded in bfloat16
+    twice: einsum and cudnn."""
+    config = presets.llava_config("tiny")
+    config.text_config.hidden_size = 256
+    config.text_config.intermediate_size = 512
+    config.text_config.num_attention_heads = 4
+    config.text_config.num_key_value_heads = 2
+    config.vision_config.hidden_size = 128
+    config.vision_config.intermediate_size = 256
+    config.vision_config.num_attention_heads = 2
+    directory = str(tmp_path_factory.mktemp("random-gpu"))
+    presets.write_random_checkpoint(config, directory, seed=0)
+    models = {
+        name: load_checkpoint(directory, dtype="bfloat16", attention=name)[1] for name in ("einsum", "cudnn")
+    }
+    assert models["cudnn"].config.text.attention == "cudnn"
+    return config, models
+
+
+def test_vision_tower_cudnn_equals_einsum_in_bfloat16(random_pair):
+    _, models = random_pair
+    pixels = jnp.asarray(
+        random_pixels(np.random.default_rng(1), 4, models["einsum"].config.vision.image_size)
+    )
+    features = {
+        name: nnx.jit(lambda m, p: m.image_features(p))(model, pixels) for name, model in models.items()
+    }
+    assert _relative_error(features["cudnn"], features["einsum"]) < BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_llm_prefill_cudnn_equals_einsum_in_bfloat16(random_pair, pruned):
+    """Four prompts of different lengths (right padding); pruned: the same fixed kept tokens on both
+    sides (a selection from bf16 cues may break near-ties differently), so the compacted sequences
+    with gaps in their positions are compared."""
+    config, models = random_pair
+    cfg = models["einsum"].config
+    rng = np.random.default_rng(2)
+    prompts = [make_prompt(cfg, rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1), (25, 12))]
+    pixels = random_pixels(rng, len(prompts), cfg.vision.image_size)
+    pruning = None
+    if pruned:
+        keep = 64
+        indices = tuple(sorted(rng.choice(cfg.num_image_tokens, keep, replace=False).tolist()))
+        pruning = prune.FixedIndicesConfig(keep=keep, layer=2, indices=indices)
+    results = {}
+    for name, model in models.items():
+        runner = LlavaRunner(model)
+        batch = runner.make_batch(prompts, pixels, pad_token_id=config.text_config.pad_token_id)
+        results[name] = runner.prefill(batch, pruning=pruning, all_logits=True)
+    real = np.asarray(results["einsum"].positions) >= 0
+    np.testing.assert_array_equal(
+        np.asarray(results["cudnn"].positions), np.asarray(results["einsum"].positions)
+    )
+    assert _relative_error(results["cudnn"].logits, results["einsum"].logits, real) < BF16_TOLERANCE
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(TESTBED, "model.safetensors")), reason="no testbed")
+def test_testbed_gives_the_same_greedy_answers_with_cudnn_and_einsum(tmp_path):
+    import PIL.Image
+
+    from experiments.benchmarks.testbed import normalize_answer
+    from experiments.testbed.splits import IMAGES_DIR, write_split
+    from models.engine import LlavaEngine
+
+    records = write_split(tmp_path, split="test", num_items=16)
+    images = [PIL.Image.open(os.path.join(tmp_path, IMAGES_DIR, r["image"])).convert("RGB") for r in records]
+    questions = [r["text"] for r in records]
+    engines = {
+        name: LlavaEngine.from_checkpoint(TESTBED, dtype="bfloat16", attention=name)
+        for name in ("einsum", "auto")
+    }
+    assert engines["auto"].config.text.attention == "cudnn"
+    for pruning in (None, prune.make_config("adaptprune", keep=64)):
+        answers = {
+            name: engine.answer(images, questions, pruning=pruning, max_new_tokens=4).texts
+            for name, engine in engines.items()
+        }
+        assert answers["auto"] == answers["einsum"], pruning
+        correct = sum(
+            normalize_answer(a) == normalize_answer(r["answer"]) for a, r in zip(answers["auto"], records)
+        )
+        assert correct >= len(records) // 2  # the trained model answers, not a degenerate one
