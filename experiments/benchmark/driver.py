@@ -19,7 +19,7 @@ from experiments.benchmark.configs import (
     planned_configs,
 )
 from experiments.benchmark.floors import add_floors_and_ratios, set_floor_rates
-from experiments.benchmark.jobs import Runner, precompile
+from experiments.benchmark.jobs import Runner, output_dirs, precompile
 from experiments.benchmark.max_batch import max_batch_search
 from experiments.benchmark.report import summary, write_outputs
 from experiments.benchmark.throughput import run_throughput
@@ -115,10 +115,7 @@ def run(settings: BenchmarkConfig) -> None:
         run_throughput(settings, _meta(settings))
         return
     configs = planned_configs(settings)
-    name = os.path.basename(os.path.normpath(settings.output_dir))
-    out_dirs = [settings.output_dir] + (
-        [os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []
-    )
+    out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
         model=settings.model,

@@ -81,6 +81,12 @@ class Runner:
         return result
 
 
+def output_dirs(settings: BenchmarkConfig) -> list[str]:
+    """Where a run's report goes: --output_dir, and $OUT/<its name> on a machine whose $OUT comes back."""
+    name = os.path.basename(os.path.normpath(settings.output_dir))
+    return [settings.output_dir] + ([os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else [])
+
+
 def precompile(runner: Runner, configs: list[Config], common: dict, kind: str = "jax") -> dict:
     """Fill the compilation cache from abstract shapes, in parallel processes: when there are more
     jobs than workers, the first runs alone (its autotuning results serve the shapes the later programs

@@ -57,14 +57,7 @@ def results_markdown(report: dict) -> str:
     ]
     jax_rows = [r for r in report["rows"] if r["framework"] == "jax" and r["status"] == "ok"]
     if jax_rows:  # a max-batch search alone has no timed rows
-        attention = sorted({r["attention"] for r in jax_rows if r.get("attention")})  # older runs: none
-        lines += ["## JAX", ""]
-        if attention:
-            lines += [
-                f"Attention (vision tower and LLM prefill): {', '.join(attention)} "
-                f"(--attention={meta['flags'].get('attention', 'auto')}); decoding uses einsum.",
-                "",
-            ]
+        lines += ["## JAX", ""] + attention_note(jax_rows, meta)
         lines += [
             "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
             "|---|---|---|---|---|---|---|---|",
@@ -160,13 +153,30 @@ def results_markdown(report: dict) -> str:
                     f"{thread['busy_ms_per_call']:.3f} | {thread['span_ms_per_call']:.3f} | "
                     f"{_fmt(thread['busy_fraction'], '.2f')} | {heaviest} |"
                 )
-    lines += ["", "## Acceptance", ""] + [f"- {c['name']}: {c['detail']}" for c in report["acceptance"]]
+    return "\n".join(lines + closing_sections(report)) + "\n"
+
+
+def attention_note(jax_rows: list[dict], meta: dict) -> list[str]:
+    """The attention implementation the JAX rows ran (as resolved), for a report's JAX section."""
+    attention = sorted({r["attention"] for r in jax_rows if r.get("attention")})  # older runs: none
+    if not attention:
+        return []
+    return [
+        f"Attention (vision tower and LLM prefill): {', '.join(attention)} "
+        f"(--attention={meta['flags'].get('attention', 'auto')}); decoding uses einsum.",
+        "",
+    ]
+
+
+def closing_sections(report: dict) -> list[str]:
+    """A report's acceptance lines, then every row that failed or was skipped, with its error."""
+    lines = ["", "## Acceptance", ""] + [f"- {c['name']}: {c['detail']}" for c in report["acceptance"]]
     failed = [r for r in report["rows"] if r["status"] != "ok"]
     if failed:
         lines += ["", "## Failed or skipped", ""] + [
             f"- {r['label']}: {r['status']}: {r.get('error', '')[:300]}" for r in failed
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(report: dict, path: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from experiments.benchmark.acceptance import TORCH_REFERENCE_BATCH
-from experiments.benchmark.report import GIB, _fmt, acceptance_lines
+from experiments.benchmark.report import GIB, _fmt, acceptance_lines, attention_note, closing_sections
 
 PLOT_FILE = "questions_per_second.png"
 
@@ -65,6 +65,7 @@ def throughput_markdown(report: dict) -> str:
         "question in preprocessing (tokenize, images, padding), generation (host-to-device copies "
         "included), decoding to text, and the rest.",
         "",
+        *attention_note(jax_rows, meta),
         f"| framework | method | batch | questions/s | ms/question | vs transformers b{TORCH_REFERENCE_BATCH} "
         "| vs JAX unpruned, same batch | preprocess / generate / detokenize / other ms per question "
         "| median-batch questions/s | timed questions | answer tokens x answers | first batch s | "
@@ -84,13 +85,7 @@ def throughput_markdown(report: dict) -> str:
     examples = next((r["example_answers"] for r in ok if r.get("example_answers")), None)
     if examples:
         lines += ["", f"Example answers (random weights): {examples}"]
-    lines += ["", "## Acceptance", ""] + [f"- {c['name']}: {c['detail']}" for c in report["acceptance"]]
-    failed = [r for r in report["rows"] if r["status"] != "ok"]
-    if failed:
-        lines += ["", "## Failed or skipped", ""] + [
-            f"- {r['label']}: {r['status']}: {r.get('error', '')[:300]}" for r in failed
-        ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + closing_sections(report)) + "\n"
 
 
 def throughput_summary(report: dict) -> str:

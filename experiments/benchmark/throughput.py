@@ -25,7 +25,7 @@ import time
 
 from experiments.benchmark.acceptance import TORCH_REFERENCE_BATCH, throughput_acceptance
 from experiments.benchmark.configs import BenchmarkConfig, planned_configs
-from experiments.benchmark.jobs import Runner, precompile
+from experiments.benchmark.jobs import Runner, output_dirs, precompile
 from experiments.benchmark.report import summary, write_outputs
 
 
@@ -91,14 +91,12 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
     """Pre-compile, the transformers rows, then the JAX rows in --configs order; the report after each."""
     check_settings(settings)
     configs = planned_configs(settings)
-    name = os.path.basename(os.path.normpath(settings.output_dir))
-    out_dirs = [settings.output_dir] + (
-        [os.path.join(os.environ["OUT"], name)] if os.environ.get("OUT") else []
-    )
+    out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
         model=settings.model,
         dtype=settings.dtype,
+        attention=settings.attention,
         layer=settings.layer,
         method_modules=list(settings.method_modules),
         seed=settings.seed,
@@ -146,7 +144,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
         result = runner.run(f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}", spec)
         if config in compiled:
             result["precompile"] = {
-                k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")
+                k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "attention", "error")
             }
         report["rows"].append(
             dict(

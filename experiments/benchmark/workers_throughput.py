@@ -113,7 +113,7 @@ def jax_throughput_worker(spec: dict) -> dict:
     from flax import nnx
 
     import adaptprune_jax as prune
-    from models.config import from_hf_config
+    from models.config import from_hf_config, with_attention
     from models.engine import LlavaEngine
     from models.generate import LlavaRunner, SamplingConfig, bucket_length
     from models.llava import LlavaForConditionalGeneration
@@ -133,7 +133,9 @@ def jax_throughput_worker(spec: dict) -> dict:
             )
     batch, new_tokens, dtype = spec["batch"], spec["answer_tokens"], spec["dtype"]
     prompt_lengths = [len(preprocessor.encode(question.prompt)) for question in workload.questions]
-    cfg = from_hf_config(hf_config)
+    # The pre-compiled programs and the measured ones must be the same programs (one cache entry):
+    # both resolve the attention implementation the same way.
+    cfg = with_attention(from_hf_config(hf_config), spec["attention"], jnp.dtype(dtype))
     runner = LlavaRunner(
         nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
     )
@@ -147,6 +149,7 @@ def jax_throughput_worker(spec: dict) -> dict:
         "keep": runner.resolve_keep(pruning),
         "layer": None if pruning is None else pruning.layer,
         "image_tokens": cfg.num_image_tokens,
+        "attention": cfg.text.attention,  # as resolved: the vision tower's and the LLM prefill's
         "prompt_tokens": _min_mean_max(prompt_lengths),
         "padded_lengths": sorted({width(indices) for indices in [warmup] + timed}),
     }
@@ -180,7 +183,7 @@ def jax_throughput_worker(spec: dict) -> dict:
         return out
 
     start = time.perf_counter()
-    runner = LlavaRunner(random_model(hf_config, dtype=dtype, seed=spec["seed"]))
+    runner = LlavaRunner(random_model(hf_config, dtype=dtype, seed=spec["seed"], attention=spec["attention"]))
     jax.block_until_ready(runner.weights)
     out["weights_s"] = round(time.perf_counter() - start, 3)
     engine = LlavaEngine(runner, preprocessor, hf_config)

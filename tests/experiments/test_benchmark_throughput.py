@@ -179,7 +179,9 @@ def test_report_table_speedups_and_acceptance(tmp_path):
 
 def _run(tmp_path_factory):
     """tiny, float32: transformers at batches 1 and 2, JAX unpruned and AdaptPrune at batch 2 (both
-    pre-compiled in parallel), and CDPruner, which the mode refuses (a failed row, the run goes on)."""
+    pre-compiled in parallel), and CDPruner, which the mode refuses (a failed row, the run goes on).
+    JAX attends through XLA's fused call, not the CPU's default einsum, so a run that dropped
+    --attention on its way to a worker shows."""
     output_dir = tmp_path_factory.mktemp("throughput_run")
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
@@ -190,6 +192,7 @@ def _run(tmp_path_factory):
         "--mode=throughput",
         "--model=tiny",
         "--dtype=float32",
+        "--attention=xla",
         "--configs=none:2,adaptprune:64:2,cdpruner:64:2",
         "--torch_baseline",
         "--torch_batch_sizes=1,2",
@@ -238,6 +241,7 @@ def test_every_configuration_answers_every_question_asked_with_the_set_token_cou
     for label in ("none b2", "adaptprune@64 b2"):
         r = rows[label]
         assert r["precompile"]["status"] == "ok" and r["traces_while_timed"] == 0
+        assert r["attention"] == r["precompile"]["attention"] == "xla"
         assert r["prompt_tokens"]["min"] > r["image_tokens"] == 576 and r["speedup_vs_unpruned"] > 0
     assert rows["adaptprune@64 b2"]["keep"] == 64 and rows["adaptprune@64 b2"]["layer"] == 2
     refused = rows["cdpruner@64 b2"]
@@ -255,6 +259,7 @@ def test_the_report_records_the_work_and_leaves_the_targets_unjudged_on_a_cpu(ru
     assert [check["pass"] for check in report["acceptance"]] == [None, None]
     assert "| JAX | adaptprune@64 | 2 |" in markdown and "| transformers | none | 1 |" in markdown
     assert "## Failed or skipped" in markdown and run["plot"] == b"\x89PNG".hex()
+    assert "Attention (vision tower and LLM prefill): xla (--attention=xla)" in markdown
     assert "acceptance: 0 pass, 0 fail, 2 not measured here" in run["stdout"]
 
 
