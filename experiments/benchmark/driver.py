@@ -19,7 +19,7 @@ from experiments.benchmark.configs import (
     planned_configs,
 )
 from experiments.benchmark.floors import add_floors_and_ratios, set_floor_rates
-from experiments.benchmark.jobs import Runner, output_dirs, precompile
+from experiments.benchmark.jobs import Runner, common_spec, output_dirs, precompile
 from experiments.benchmark.max_batch import max_batch_search
 from experiments.benchmark.report import summary, write_outputs
 from experiments.benchmark.throughput import run_throughput
@@ -118,21 +118,14 @@ def run(settings: BenchmarkConfig) -> None:
     out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
-        model=settings.model,
+        common_spec(settings),
         random_weights=settings.random_weights,
-        dtype=settings.dtype,
-        attention=settings.attention,
-        layer=settings.layer,
-        method_modules=list(settings.method_modules),
         text_tokens=settings.text_tokens,
         new_tokens=settings.new_tokens,
         repeats=settings.repeats,
         e2e_repeats=settings.e2e_repeats,
         selection_overhead=settings.selection_overhead,
-        seed=settings.seed,
-        compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
         profile_dir=settings.profile_dir and os.path.abspath(settings.profile_dir),
-        attention_logits_budget_mb=settings.attention_logits_budget_mb,
         stage_compiler_options=parse_stage_compiler_options(settings.stage_compiler_options),
     )
     report = {"meta": _meta(settings), "ceilings": None, "rows": [], "max_batch": [], "acceptance": []}

@@ -81,6 +81,21 @@ class Runner:
         return result
 
 
+def common_spec(settings: BenchmarkConfig) -> dict:
+    """What every worker of a run is told, whatever it measures: the model, its dtype and attention,
+    the pruning layer and method plugins, the seed, the compilation cache and the logits budget."""
+    return dict(
+        model=settings.model,
+        dtype=settings.dtype,
+        attention=settings.attention,
+        layer=settings.layer,
+        method_modules=list(settings.method_modules),
+        seed=settings.seed,
+        compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
+        attention_logits_budget_mb=settings.attention_logits_budget_mb,
+    )
+
+
 def output_dirs(settings: BenchmarkConfig) -> list[str]:
     """Where a run's report goes: --output_dir, and $OUT/<its name> on a machine whose $OUT comes back."""
     name = os.path.basename(os.path.normpath(settings.output_dir))

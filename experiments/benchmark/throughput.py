@@ -20,12 +20,11 @@ batch, and the acceptance lines (`acceptance.throughput_acceptance`).
 
 from __future__ import annotations
 
-import os
 import time
 
 from experiments.benchmark.acceptance import TORCH_REFERENCE_BATCH, throughput_acceptance
 from experiments.benchmark.configs import BenchmarkConfig, planned_configs
-from experiments.benchmark.jobs import Runner, output_dirs, precompile
+from experiments.benchmark.jobs import Runner, common_spec, output_dirs, precompile
 from experiments.benchmark.report import summary, write_outputs
 
 
@@ -94,14 +93,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
     out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
-        model=settings.model,
-        dtype=settings.dtype,
-        attention=settings.attention,
-        layer=settings.layer,
-        method_modules=list(settings.method_modules),
-        seed=settings.seed,
-        compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
-        attention_logits_budget_mb=settings.attention_logits_budget_mb,
+        common_spec(settings),
         answer_tokens=settings.answer_tokens,
         distinct_questions=settings.distinct_questions,
         timed_batches=settings.timed_batches,
