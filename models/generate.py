@@ -106,7 +106,15 @@ def pad_prompts(
 class LlavaRunner:
     """Jitted prefill and generation over a split model. `trace_counts` counts compilations per function."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, *, length_bucket: int = DEFAULT_LENGTH_BUCKET):
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        *,
+        length_bucket: int = DEFAULT_LENGTH_BUCKET,
+        donate_caches: bool | None = None,
+    ):
+        """``donate_caches``: let the decode loop update the prompt's caches in place (default: where
+        the backend can, not on the CPU, which would warn)."""
         self.config = model.config
         self.graphdef, state = nnx.split(model)
         with_paths, self._state_def = jax.tree_util.tree_flatten_with_path(state)
@@ -119,8 +127,9 @@ class LlavaRunner:
         self.segment_length = None if joint_space is None else joint_space.cfg.text.max_position_embeddings
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("extra_slots", "pruning", "all_logits"))
-        # The cache is donated where the backend can reuse it in place (not the CPU, which would warn).
-        donate = ("caches",) if jax.default_backend() != "cpu" else ()
+        if donate_caches is None:
+            donate_caches = jax.default_backend() != "cpu"
+        donate = ("caches",) if donate_caches else ()
         self._generate = jax.jit(self._generate_impl, static_argnames=("sampling",), donate_argnames=donate)
 
     @property
@@ -133,7 +142,8 @@ class LlavaRunner:
     @property
     def decode_loop(self):
         """The jitted decode loop `(weights, first_logits, caches, next_positions, rng, *, sampling)` ->
-        (tokens, counts), for callers (the benchmark) that compile and time it stage by stage."""
+        (tokens, counts, caches), for callers (the benchmark) that compile and time it stage by stage.
+        On GPU and TPU the caches passed in are donated (updated in place): pass each call its own."""
         return self._generate
 
     # --- weights: a flat tuple outside jit, the model inside -------------------------------------
@@ -226,11 +236,14 @@ class LlavaRunner:
             return step + 1, tokens, token, caches, done | (token == eos), rng
 
         carry = (jnp.asarray(1, jnp.int32), tokens, first, caches, done, rng)
-        step, tokens, _, _, _, _ = jax.lax.while_loop(keep_going, step_once, carry)
+        step, tokens, _, caches, _, _ = jax.lax.while_loop(keep_going, step_once, carry)
         # A row's count ends at its EOS or at the last step: a generated token that happens to equal the
         # pad id is still an answer token (random weights emit any id).
         is_eos = tokens == eos
-        return tokens, jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, step)
+        counts = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, step)
+        # The final caches are returned so the donated input caches alias them: the loop then updates
+        # the prompt's caches in place instead of holding a second copy for the whole decode.
+        return tokens, counts, caches
 
     # --- public API ----------------------------------------------------------------------------
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
@@ -275,7 +288,7 @@ class LlavaRunner:
         if pruning_keys is not None:
             prefill_rng = pruning_keys
         result = self.prefill(batch, extra_slots=sampling.max_new_tokens, pruning=pruning, rng=prefill_rng)
-        tokens, counts = self._generate(
+        tokens, counts, _ = self._generate(
             self.weights, result.logits, result.caches, result.next_positions, sample_rng, sampling=sampling
         )
         kept = None if result.kept is None else np.asarray(result.kept)

@@ -84,6 +84,11 @@ class BenchmarkConfig:
     min_timed_questions: int = setting(
         64, "Throughput mode: time more batches where timed_batches would answer fewer questions."
     )
+    overlap_preprocessing: bool = setting(
+        True,
+        "Throughput mode: JAX prepares the next batch (tokenize, images) while one generates, as the "
+        "eval harness does (LlavaEngine.answer_stream); false: one batch after another.",
+    )
     compile_cache: str = setting(".jax_cache", "Persistent compilation cache directory ('' = off).")
     compile_workers: int = setting(
         0, "Parallel pre-compile processes (0 = compile in the measuring process)."

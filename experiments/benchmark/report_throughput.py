@@ -65,6 +65,7 @@ def throughput_markdown(report: dict) -> str:
         "question in preprocessing (tokenize, images, padding), generation (host-to-device copies "
         "included), decoding to text, and the rest.",
         "",
+        *_overlap_note(jax_rows),
         *attention_note(jax_rows, meta),
         f"| framework | method | batch | questions/s | ms/question | vs transformers b{TORCH_REFERENCE_BATCH} "
         "| vs JAX unpruned, same batch | preprocess / generate / detokenize / other ms per question "
@@ -86,6 +87,25 @@ def throughput_markdown(report: dict) -> str:
     if examples:
         lines += ["", f"Example answers (random weights): {examples}"]
     return "\n".join(lines + closing_sections(report)) + "\n"
+
+
+def _overlap_note(jax_rows: list[dict]) -> list[str]:
+    """How the JAX rows ran their batches: streamed (the next batch prepared while one generates) or
+    one after another."""
+    streamed = sorted({bool(r.get("overlap_preprocessing")) for r in jax_rows})
+    if not streamed:
+        return []
+    if streamed == [True]:
+        how = (
+            "The JAX rows prepare the next batch (tokenize, images, padding) on a background thread "
+            "while one generates (`LlavaEngine.answer_stream`, as the eval harness runs): preprocessing "
+            "hides behind generation, so the stage times may add up to more than the wall time."
+        )
+    elif streamed == [False]:
+        how = "The JAX rows run their batches one after another (--nooverlap_preprocessing)."
+    else:
+        how = "JAX rows differ in --overlap_preprocessing (see each row's results.json)."
+    return [how, ""]
 
 
 def throughput_summary(report: dict) -> str:

@@ -98,6 +98,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
         distinct_questions=settings.distinct_questions,
         timed_batches=settings.timed_batches,
         min_timed_questions=settings.min_timed_questions,
+        overlap_preprocessing=settings.overlap_preprocessing,
     )
     report = {
         "mode": "throughput",

@@ -111,62 +111,75 @@ def run_pair(
         total=len(questions), initial=already, desc=pair.name, unit="img", dynamic_ncols=True, file=sys.stderr
     )
     with PredictionWriter(path) as writer:
-        next_images = loader.submit(pending[0][1]) if pending else None
-        for position, (batch_index, batch) in enumerate(pending):
-            images = next_images.result()
-            next_images = loader.submit(pending[position + 1][1]) if position + 1 < len(pending) else None
-            todo = {question.question_id for question in batch if question.question_id not in done}
-            readable = [
-                (question, image)
-                for question, image in zip(batch, images)
-                if image is not None and question.question_id not in unusable
-            ]
-            for question, image in zip(batch, images):
+        # The engine prepares the next batch while this one generates: requests are planned one batch
+        # ahead (skips and progress of batches that need no model call are recorded on the way).
+        batch_start = time.perf_counter()
+        for (readable, todo), answers in engine.answer_stream(
+            _requests(pending, loader, done, unusable, config, pair, max_new_tokens, progress, bar)
+        ):
+            seconds = time.perf_counter() - batch_start
+            new = 0
+            for row, (question, _) in enumerate(readable):
                 if question.question_id not in todo:
                     continue
-                if question.question_id in unusable:
-                    progress.skipped[question.question_id] = unusable[question.question_id]
-                elif image is None:
-                    progress.skipped[question.question_id] = loader.failures[loader.image_path(question)]
-            # A batch whose unanswered questions all lack images needs no model call.
-            if any(question.question_id in todo for question, _ in readable):
-                # Pad to the batch size by repeating this batch's own items: static shapes, one compile.
-                padded = [readable[i % len(readable)] for i in range(config.batch_size)]
-                tic = time.perf_counter()
-                answers = engine.answer(
-                    [image for _, image in padded],
-                    [q.prompt for q, _ in padded],
-                    pruning=pair.pruning,
-                    max_new_tokens=max_new_tokens,
-                    seed=batch_seed(config.seed, batch_index),
-                    row_seeds=[question_seed(config.seed, q.question_id) for q, _ in padded],
-                    queries=[text_tower_query(q.prompt) for q, _ in padded],
+                writer.write(
+                    prediction_record(question, answers, row, pair, question.question_id in record_kept_ids)
                 )
-                seconds = time.perf_counter() - tic
-                new = 0
-                for row, (question, _) in enumerate(readable):
-                    if question.question_id not in todo:
-                        continue
-                    writer.write(
-                        prediction_record(
-                            question, answers, row, pair, question.question_id in record_kept_ids
-                        )
-                    )
-                    new += 1
-                progress.generation_seconds += seconds
-                if progress.first_batch_seconds is None:
-                    progress.first_batch_seconds = seconds
-                else:
-                    progress.warm_images += new
-                    progress.warm_seconds += seconds
-                progress.generated += new
+                new += 1
+            progress.generation_seconds += seconds
+            if progress.first_batch_seconds is None:
+                progress.first_batch_seconds = seconds
+            else:
+                progress.warm_images += new
+                progress.warm_seconds += seconds
+            progress.generated += new
             bar.update(len(todo))
             rate = progress.timing()["images_per_second"]
             if rate:
                 bar.set_postfix(model_img_s=f"{rate:.2f}", skipped=len(progress.skipped))
+            batch_start = time.perf_counter()
     bar.close()
     progress.wall_seconds = time.perf_counter() - start_time
     return progress
+
+
+def _requests(pending, loader, done, unusable, config, pair, max_new_tokens, progress, bar):
+    """The batches that need a model call, as ``engine.answer_stream`` requests tagged with
+    ``(readable (question, image) pairs, unanswered ids)``; each batch's skipped questions
+    are recorded, and a batch with nothing to generate only advances the progress bar."""
+    next_images = loader.submit(pending[0][1]) if pending else None
+    for position, (batch_index, batch) in enumerate(pending):
+        images = next_images.result()
+        next_images = loader.submit(pending[position + 1][1]) if position + 1 < len(pending) else None
+        todo = {question.question_id for question in batch if question.question_id not in done}
+        readable = [
+            (question, image)
+            for question, image in zip(batch, images)
+            if image is not None and question.question_id not in unusable
+        ]
+        for question, image in zip(batch, images):
+            if question.question_id not in todo:
+                continue
+            if question.question_id in unusable:
+                progress.skipped[question.question_id] = unusable[question.question_id]
+            elif image is None:
+                progress.skipped[question.question_id] = loader.failures[loader.image_path(question)]
+        # A batch whose unanswered questions all lack images needs no model call.
+        if not any(question.question_id in todo for question, _ in readable):
+            bar.update(len(todo))
+            continue
+        # Pad to the batch size by repeating this batch's own items: static shapes, one compile.
+        padded = [readable[i % len(readable)] for i in range(config.batch_size)]
+        options = dict(
+            images=[image for _, image in padded],
+            questions=[q.prompt for q, _ in padded],
+            pruning=pair.pruning,
+            max_new_tokens=max_new_tokens,
+            seed=batch_seed(config.seed, batch_index),
+            row_seeds=[question_seed(config.seed, q.question_id) for q, _ in padded],
+            queries=[text_tower_query(q.prompt) for q, _ in padded],
+        )
+        yield (readable, todo), options
 
 
 def prediction_record(question: Question, answers, row: int, pair: Pair, record_kept: bool) -> dict:

@@ -187,17 +187,20 @@ def test_every_output_is_written_and_consistent(full_run, engine):
 
 
 class InterruptAfter:
-    """An engine that raises KeyboardInterrupt (as Ctrl-C would) after `calls` answer() calls."""
+    """An engine that raises KeyboardInterrupt (as Ctrl-C would) after `calls` generations."""
+
+    answer_stream = LlavaEngine.answer_stream  # its prepare and run are this wrapper's
 
     def __init__(self, engine, calls: int):
         self.engine, self.calls = engine, calls
         self.config, self.preprocessor = engine.config, engine.preprocessor
+        self.prepare = engine.prepare
 
-    def answer(self, *args, **kwargs):
+    def run(self, prepared):
         if self.calls == 0:
             raise KeyboardInterrupt
         self.calls -= 1
-        return self.engine.answer(*args, **kwargs)
+        return self.engine.run(prepared)
 
 
 def assert_same_as_full_run(output_dir, full_output_dir, names):
@@ -224,8 +227,8 @@ def test_interrupted_run_resumes_to_the_same_results(full_run, engine, tmp_path)
 
     calls = []
     counting = InterruptAfter(engine, calls=10**6)
-    original = counting.answer
-    counting.answer = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = counting.run
+    counting.run = lambda prepared: calls.append(1) or original(prepared)
     eval_lib.run(interrupted, engine=counting)
     # Only the unanswered work ran: 1 batch of the second pair and 2 of each of the other three.
     assert len(calls) == 1 + 2 * (len(names) - 2)
@@ -319,9 +322,11 @@ class CountingEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def answer(self, *args, **kwargs):
+    answer_stream = LlavaEngine.answer_stream  # its prepare and run are this wrapper's
+
+    def run(self, prepared):
         self.calls += 1
-        return self._engine.answer(*args, **kwargs)
+        return self._engine.run(prepared)
 
 
 def test_rerun_reuses_matching_pairs_and_says_so(full_run, engine, tmp_path, caplog):

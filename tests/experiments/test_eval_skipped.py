@@ -26,9 +26,11 @@ class RecordingEngine:
     def __init__(self, engine, events: list):
         self._engine, self.events = engine, events
 
-    def answer(self, images, questions, **kwargs):
+    answer_stream = LlavaEngine.answer_stream  # its prepare and run are this wrapper's
+
+    def prepare(self, images, questions, **kwargs):
         self.events.append(("answer", list(questions)))
-        return self._engine.answer(images, questions, **kwargs)
+        return self._engine.prepare(images, questions, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)

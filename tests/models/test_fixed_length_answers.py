@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -52,3 +55,67 @@ def test_engine_without_eos_stop_decodes_every_generated_token(engine, prompt_rn
     direct = engine.runner.generate(batch, sampling)
     assert direct.num_generated.tolist() == [NEW_TOKENS, NEW_TOKENS]
     assert answers.texts == [preprocessor.decode(row).strip() for row in direct.tokens]
+
+
+def test_donated_caches_alias_the_decode_loops_output(engine, prompt_rng):
+    """The decode loop returns its caches, so each donated cache buffer is updated in place rather
+    than copied into a second cache for the whole decode (the memory that bounds the batch)."""
+    runner = LlavaRunner(engine.runner.merge(engine.runner.weights), donate_caches=True)
+    batch = runner.make_batch(
+        [make_prompt(runner.config, prompt_rng, 4, 9)],
+        random_pixels(prompt_rng, 1, 336),
+        pad_token_id=0,
+        max_new_tokens=NEW_TOKENS,
+    )
+    result = runner.prefill(batch, extra_slots=NEW_TOKENS)
+    lowered = runner.decode_loop.lower(
+        runner.weights,
+        result.logits,
+        result.caches,
+        result.next_positions,
+        jax.random.key(0),
+        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+    )
+    cache_leaves = len(jax.tree_util.tree_leaves(result.caches))
+    assert lowered.as_text().count("tf.aliasing_output") == cache_leaves
+
+
+class OverlapProbe:
+    """The engine, with each batch's generation waiting until the next batch's preparation has
+    started: only a stream that prepares ahead, on another thread, gets through."""
+
+    answer_stream = LlavaEngine.answer_stream  # its prepare and run are this probe's
+
+    def __init__(self, engine, batches: int):
+        self.engine = engine
+        self.started = [threading.Event() for _ in range(batches)]
+        self.prepared = self.runs = 0
+
+    def prepare(self, images, questions, **options):
+        self.started[self.prepared].set()
+        self.prepared += 1
+        return self.engine.prepare(images, questions, **options)
+
+    def run(self, prepared):
+        following = self.runs + 1
+        self.runs += 1
+        if following < len(self.started):
+            assert self.started[following].wait(timeout=30), "the next batch was not prepared meanwhile"
+        return self.engine.run(prepared)
+
+
+def test_answer_stream_prepares_the_next_batch_while_one_generates(engine, prompt_rng):
+    images = [PIL.Image.fromarray(prompt_rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(6)]
+    questions = [f"Is there a {word} in the image?" for word in ("cat", "dog", "car", "tree", "cup", "man")]
+    requests = [
+        (
+            tag,
+            dict(images=images[2 * tag : 2 * tag + 2], questions=questions[2 * tag : 2 * tag + 2], seed=tag),
+        )
+        for tag in range(3)
+    ]
+    probe = OverlapProbe(engine, len(requests))
+    streamed = list(probe.answer_stream(iter(requests)))
+    assert [tag for tag, _ in streamed] == [0, 1, 2]
+    for (_, options), (_, answers) in zip(requests, streamed):
+        assert answers == engine.answer(**options)
