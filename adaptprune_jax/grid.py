@@ -165,16 +165,19 @@ def _axis_terms(coordinate, size, sigma):
     return jnp.square(offset), step_squared / (2.0 * sigma**2)
 
 
+def reduce_per_grid(segment_op, values: jax.Array, grid: jax.Array) -> jax.Array:
+    """Each token's value replaced by ``segment_op`` (e.g. ``jax.ops.segment_max``) over the tokens of
+    its grid, for one layout row: (N,) values and grid ids (ids 0..N-1; tokens on no grid form one
+    group of their own)."""
+    num_tokens = values.shape[-1]
+    segment = grid + 1  # NO_GRID (-1) gets a segment of its own
+    return segment_op(values, segment, num_segments=num_tokens + 1)[segment]
+
+
 def _max_per_grid(values: jax.Array, grid: jax.Array) -> jax.Array:
     """Each token's value replaced by the maximum over the tokens of its grid, (..., N)."""
     num_tokens = values.shape[-1]
-
-    def one_row(row_values, row_grid):
-        segment = row_grid + 1  # NO_GRID (-1) gets a segment of its own
-        maxima = jax.ops.segment_max(row_values, segment, num_segments=num_tokens + 1)
-        return maxima[segment]
-
-    flat = jax.vmap(one_row)(
+    flat = jax.vmap(lambda v, g: reduce_per_grid(jax.ops.segment_max, v, g))(
         values.reshape(-1, num_tokens), jnp.broadcast_to(grid, values.shape).reshape(-1, num_tokens)
     )
     return flat.reshape(values.shape)
