@@ -62,17 +62,22 @@ from adaptprune_jax.methods.uniform import UniformConfig
 from adaptprune_jax.methods.visionzip import VisionZipConfig
 from adaptprune_jax.methods.vispruner import VisPrunerConfig
 from adaptprune_jax.nms import (
+    NMS_FORMS,
     NMS_IMPLEMENTATIONS,
     adaptive_nms,
     adaptive_nms_order,
+    adaptprune_scores,
     adaptprune_select,
     l2_normalize,
+    pair_factor,
     suppression_factors,
+    window_suppression_factors,
 )
 
 __all__ = [
     "CUE_TYPES",
     "METHODS",
+    "NMS_FORMS",
     "NMS_IMPLEMENTATIONS",
     "NO_GRID",
     "AdaptPruneConfig",
@@ -107,6 +112,7 @@ __all__ = [
     "VisPrunerConfig",
     "adaptive_nms",
     "adaptive_nms_order",
+    "adaptprune_scores",
     "adaptprune_select",
     "center_prior",
     "concat_layouts",
@@ -120,6 +126,7 @@ __all__ = [
     "make_config",
     "methods",
     "off_grid_layout",
+    "pair_factor",
     "random_select",
     "register",
     "resolve_keep",
@@ -131,4 +138,5 @@ __all__ = [
     "uniform_grid_indices",
     "uniform_layout_select",
     "uniform_select",
+    "window_suppression_factors",
 ]

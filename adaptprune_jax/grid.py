@@ -52,8 +52,16 @@ class TokenLayout:
         return int(self.valid.shape[-1])
 
     def broadcast(self, batch_shape: Sequence[int]) -> TokenLayout:
-        """This layout for every row of ``batch_shape`` (an (N,) layout becomes batch_shape + (N,))."""
-        return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, tuple(batch_shape) + x.shape[-1:]), self)
+        """This layout for every row of ``batch_shape`` (an (N,) layout becomes batch_shape + (N,)).
+
+        A host-side (NumPy) layout stays one, so that under jit it is still known at trace time (the
+        NMS then checks it once, on the host, instead of in the program)."""
+
+        def broadcast(x):
+            shape = tuple(batch_shape) + x.shape[-1:]
+            return np.broadcast_to(x, shape) if isinstance(x, np.ndarray) else jnp.broadcast_to(x, shape)
+
+        return jax.tree_util.tree_map(broadcast, self)
 
 
 def _layout(row, col, grid, grid_rows, grid_cols, valid) -> TokenLayout:

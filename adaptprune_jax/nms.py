@@ -38,9 +38,9 @@ from adaptprune_jax.grid import (
 from adaptprune_jax.nms_window import (
     band_cosines,
     band_geometry,
-    window_is_narrower,
     window_neighbours,
     window_offsets,
+    window_pays_off,
 )
 
 DEFAULT_DISTANCE_LIMIT = 5.0
@@ -57,11 +57,13 @@ SIMILARITY_PRECISION = lax.Precision.HIGHEST
 # which the single kernel avoids.
 NMS_IMPLEMENTATIONS = ("auto", "xla", "unrolled", "pallas")
 
-# Where the factors live: 'dense' (N, N), 'window' (N, K neighbours), or 'auto' = 'window' where the
-# window's band is narrower than all N tokens and distance_limit is a static number, else 'dense'.
-# Why 'auto' prefers the window there: the same selections for O(N K) factor memory instead of
-# O(N^2) and a cosine matmul over the band instead of all pairs (the gain grows with N: 388 of 576
-# columns per token on LLaVA-1.5's grid, 688 of 2,928 on LLaVA-NeXT's largest layout).
+# Where the factors live: 'dense' (N, N), 'window' (N, K neighbours), or 'auto' = 'window' where its
+# band covers at most half of the N tokens and distance_limit is a static number, else 'dense'. Both
+# select the same tokens; 'auto' weighs cost. On LLaVA-NeXT's layouts (up to 2,928 tokens) the
+# window's band is under a quarter of the tokens and its factors take 1/36 of the dense matrix's
+# memory (34 MB per row); on LLaVA-1.5's 576 tokens the band would still be two thirds of them and
+# the dense matrix is 1.3 MB per row, so the dense form's single matmul and plain loop stay (the
+# released-code path, unchanged).
 NMS_FORMS = ("auto", "dense", "window")
 
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN.
@@ -246,7 +248,7 @@ def resolve_form(form: str, distance_limit, num_tokens: int) -> str:
             f"got {distance_limit!r}; use form='dense' or 'auto' for a traced limit."
         )
     if form == "auto":
-        usable = limit is not None and math.isfinite(limit) and window_is_narrower(limit, num_tokens)
+        usable = limit is not None and math.isfinite(limit) and window_pays_off(limit, num_tokens)
         return "window" if usable else "dense"
     return form
 

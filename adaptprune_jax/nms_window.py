@@ -68,9 +68,11 @@ def band_geometry(distance_limit: float, num_tokens: int) -> tuple[int, int]:
     return WINDOW_BLOCK, reach
 
 
-def window_is_narrower(distance_limit: float, num_tokens: int) -> bool:
-    """Whether the band is narrower than all N tokens (else the window form saves no matmul work)."""
-    return band_geometry(distance_limit, num_tokens)[0] < num_tokens
+def window_pays_off(distance_limit: float, num_tokens: int) -> bool:
+    """Whether the band covers at most half of the N tokens, where the window form's smaller matmul
+    outweighs its extra steps (a neighbour search, a loop over blocks, a scatter per pick)."""
+    block, reach = band_geometry(distance_limit, num_tokens)
+    return 2 * (block + 2 * reach) <= num_tokens
 
 
 def window_neighbours(layout: TokenLayout, offsets: np.ndarray, block: int, reach: int):
