@@ -97,6 +97,23 @@ def grid_layout(rows: int, cols: int, grid_id: int = 0) -> TokenLayout:
     )
 
 
+def newline_grid_layout(rows: int, cols: int, grid_id: int = 0) -> TokenLayout:
+    """A ``rows x cols`` grid with a newline token (on no grid) after each of its rows, as LLaVA-NeXT
+    packs its high-resolution features: ``rows * (cols + 1)`` tokens, a row stride of cols + 1."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a grid needs at least one row and one column, got {rows} x {cols}.")
+    row, col = np.divmod(np.arange(rows * (cols + 1)), cols + 1)
+    on_grid = col < cols
+    return _layout(
+        np.where(on_grid, row, 0),
+        np.where(on_grid, col, 0),
+        np.where(on_grid, grid_id, NO_GRID),
+        np.where(on_grid, rows, 0),
+        np.where(on_grid, cols, 0),
+        np.ones(row.size, bool),
+    )
+
+
 def off_grid_layout(count: int, *, valid: bool = True) -> TokenLayout:
     """``count`` tokens on no grid (a [CLS] token, newline tokens; or, with valid=False, padding)."""
     zeros = np.zeros(count)

@@ -69,6 +69,16 @@ def test_adaptprune_on_two_grids_with_invalid_slots():
         np.testing.assert_array_equal(np.asarray(alone), kept[row])
 
 
+def test_newline_grid_is_row_major_with_a_newline_after_each_row():
+    layout = prune.newline_grid_layout(2, 3, grid_id=1)
+    np.testing.assert_array_equal(layout.grid, [1, 1, 1, prune.NO_GRID, 1, 1, 1, prune.NO_GRID])
+    np.testing.assert_array_equal(layout.row, [0, 0, 0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(layout.col, [0, 1, 2, 0, 0, 1, 2, 0])
+    np.testing.assert_array_equal(layout.grid_rows, [2, 2, 2, 0, 2, 2, 2, 0])
+    np.testing.assert_array_equal(layout.grid_cols, [3, 3, 3, 0, 3, 3, 3, 0])
+    assert layout.dense and layout.valid.all()
+
+
 def test_masked_baselines_never_keep_invalid_slots():
     rng = np.random.default_rng(1)
     layout = prune.stack_layouts([prune.grid_layout(4, 5), prune.grid_layout(3, 3)])
