@@ -23,6 +23,7 @@ from adaptprune_jax.grid import (
     grid_layout,
     grid_side,
     layout_center_prior,
+    newline_grid_layout,
     off_grid_layout,
     square_layout,
     stack_layouts,
@@ -62,17 +63,22 @@ from adaptprune_jax.methods.uniform import UniformConfig
 from adaptprune_jax.methods.visionzip import VisionZipConfig
 from adaptprune_jax.methods.vispruner import VisPrunerConfig
 from adaptprune_jax.nms import (
+    NMS_FORMS,
     NMS_IMPLEMENTATIONS,
     adaptive_nms,
     adaptive_nms_order,
+    adaptprune_scores,
     adaptprune_select,
     l2_normalize,
+    pair_factor,
     suppression_factors,
+    window_suppression_factors,
 )
 
 __all__ = [
     "CUE_TYPES",
     "METHODS",
+    "NMS_FORMS",
     "NMS_IMPLEMENTATIONS",
     "NO_GRID",
     "AdaptPruneConfig",
@@ -107,6 +113,7 @@ __all__ = [
     "VisPrunerConfig",
     "adaptive_nms",
     "adaptive_nms_order",
+    "adaptprune_scores",
     "adaptprune_select",
     "center_prior",
     "concat_layouts",
@@ -119,7 +126,9 @@ __all__ = [
     "layout_center_prior",
     "make_config",
     "methods",
+    "newline_grid_layout",
     "off_grid_layout",
+    "pair_factor",
     "random_select",
     "register",
     "resolve_keep",
@@ -131,4 +140,5 @@ __all__ = [
     "uniform_grid_indices",
     "uniform_layout_select",
     "uniform_select",
+    "window_suppression_factors",
 ]

@@ -52,8 +52,16 @@ class TokenLayout:
         return int(self.valid.shape[-1])
 
     def broadcast(self, batch_shape: Sequence[int]) -> TokenLayout:
-        """This layout for every row of ``batch_shape`` (an (N,) layout becomes batch_shape + (N,))."""
-        return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, tuple(batch_shape) + x.shape[-1:]), self)
+        """This layout for every row of ``batch_shape`` (an (N,) layout becomes batch_shape + (N,)).
+
+        A host-side (NumPy) layout stays one, so that under jit it is still known at trace time (the
+        NMS then checks it once, on the host, instead of in the program)."""
+
+        def broadcast(x):
+            shape = tuple(batch_shape) + x.shape[-1:]
+            return np.broadcast_to(x, shape) if isinstance(x, np.ndarray) else jnp.broadcast_to(x, shape)
+
+        return jax.tree_util.tree_map(broadcast, self)
 
 
 def _layout(row, col, grid, grid_rows, grid_cols, valid) -> TokenLayout:
@@ -86,6 +94,23 @@ def grid_layout(rows: int, cols: int, grid_id: int = 0) -> TokenLayout:
         np.full(count, rows),
         np.full(count, cols),
         np.ones(count, bool),
+    )
+
+
+def newline_grid_layout(rows: int, cols: int, grid_id: int = 0) -> TokenLayout:
+    """A ``rows x cols`` grid with a newline token (on no grid) after each of its rows, as LLaVA-NeXT
+    packs its high-resolution features: ``rows * (cols + 1)`` tokens, a row stride of cols + 1."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"a grid needs at least one row and one column, got {rows} x {cols}.")
+    row, col = np.divmod(np.arange(rows * (cols + 1)), cols + 1)
+    on_grid = col < cols
+    return _layout(
+        np.where(on_grid, row, 0),
+        np.where(on_grid, col, 0),
+        np.where(on_grid, grid_id, NO_GRID),
+        np.where(on_grid, rows, 0),
+        np.where(on_grid, cols, 0),
+        np.ones(row.size, bool),
     )
 
 
@@ -165,16 +190,19 @@ def _axis_terms(coordinate, size, sigma):
     return jnp.square(offset), step_squared / (2.0 * sigma**2)
 
 
+def reduce_per_grid(segment_op, values: jax.Array, grid: jax.Array) -> jax.Array:
+    """Each token's value replaced by ``segment_op`` (e.g. ``jax.ops.segment_max``) over the tokens of
+    its grid, for one layout row: (N,) values and grid ids (ids 0..N-1; tokens on no grid form one
+    group of their own)."""
+    num_tokens = values.shape[-1]
+    segment = grid + 1  # NO_GRID (-1) gets a segment of its own
+    return segment_op(values, segment, num_segments=num_tokens + 1)[segment]
+
+
 def _max_per_grid(values: jax.Array, grid: jax.Array) -> jax.Array:
     """Each token's value replaced by the maximum over the tokens of its grid, (..., N)."""
     num_tokens = values.shape[-1]
-
-    def one_row(row_values, row_grid):
-        segment = row_grid + 1  # NO_GRID (-1) gets a segment of its own
-        maxima = jax.ops.segment_max(row_values, segment, num_segments=num_tokens + 1)
-        return maxima[segment]
-
-    flat = jax.vmap(one_row)(
+    flat = jax.vmap(lambda v, g: reduce_per_grid(jax.ops.segment_max, v, g))(
         values.reshape(-1, num_tokens), jnp.broadcast_to(grid, values.shape).reshape(-1, num_tokens)
     )
     return flat.reshape(values.shape)

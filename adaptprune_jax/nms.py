@@ -5,9 +5,13 @@ Greedy: ``keep`` times, keep the highest-scoring token ``i`` and multiply every 
 2 similarity_sigma^2)``, so that near-duplicate neighbours of a kept token lose their score.
 
 Why it is fast: the suppression factor of every (kept i, token j) pair depends only on the grid and
-the keys, never on the scores, so the whole N x N factor matrix is built once, in one fused
-elementwise pass after one matmul. The fixed-trip loop body is then one argmax, one row read and
-one multiply; no boolean indexing and no dynamic shapes anywhere.
+the keys, never on the scores, so all factors are built once, before the loop. The fixed-trip loop
+body is then one argmax, one row read and one multiply; no boolean indexing, no dynamic shapes.
+
+Two forms hold the factors, with identical selections (one pair-factor function, ``pair_factor``):
+'dense', the (N, N) matrix after one matmul; 'window', per token only its K in-window neighbours on
+its own grid, (N, K) with K ~ 81 at the default limit, their cosines from a banded matmul
+(nms_window.py). The window form needs a static ``distance_limit`` and a row-major layout.
 
 Ties and degenerate scores: the argmax takes the first index among equal maxima (``jnp.argmax``),
 and already-kept tokens are masked to -inf before it, so a token is never kept twice even when all
@@ -15,6 +19,10 @@ remaining scores are equal or have underflowed to 0 (the released code could the
 """
 
 from __future__ import annotations
+
+import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +34,13 @@ from adaptprune_jax.grid import (
     TokenLayout,
     layout_center_prior,
     square_layout,
+)
+from adaptprune_jax.nms_window import (
+    band_cosines,
+    band_geometry,
+    window_neighbours,
+    window_offsets,
+    window_pays_off,
 )
 
 DEFAULT_DISTANCE_LIMIT = 5.0
@@ -41,6 +56,15 @@ SIMILARITY_PRECISION = lax.Precision.HIGHEST
 # GPU, else 'xla'. All select identically; on a GPU the XLA loop pays a few kernel launches per pick,
 # which the single kernel avoids.
 NMS_IMPLEMENTATIONS = ("auto", "xla", "unrolled", "pallas")
+
+# Where the factors live: 'dense' (N, N), 'window' (N, K neighbours), or 'auto' = 'window' where its
+# band covers at most half of the N tokens and distance_limit is a static number, else 'dense'. Both
+# select the same tokens; 'auto' weighs cost. On LLaVA-NeXT's layouts (up to 2,928 tokens) the
+# window's band is under a quarter of the tokens and its factors take 1/36 of the dense matrix's
+# memory (34 MB per row); on LLaVA-1.5's 576 tokens the band would still be two thirds of them and
+# the dense matrix is 1.3 MB per row, so the dense form's single matmul and plain loop stay (the
+# released-code path, unchanged).
+NMS_FORMS = ("auto", "dense", "window")
 
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN.
 
@@ -60,6 +84,29 @@ def check_keep(keep: int, num_tokens: int) -> int:
     if not 1 <= keep <= num_tokens:
         raise ValueError(f"keep={keep} is out of range: allowed 1..{num_tokens} (the number of tokens).")
     return keep
+
+
+def pair_factor(
+    cosine: jax.Array,
+    squared_distance: jax.Array,
+    same_grid: jax.Array,
+    *,
+    distance_limit: float,
+    distance_sigma: float,
+    similarity_sigma: float,
+) -> jax.Array:
+    """The factor token j's score is multiplied by when token i is kept, elementwise over pairs.
+
+    ``1 - exp(-d^2 / 2 distance_sigma^2) * exp(-(1 - cos)^2 / 2 similarity_sigma^2)`` inside the window
+    (``same_grid`` and ``d <= distance_limit``), exactly 1 outside. Both forms call this one function,
+    so their factors agree bit for bit wherever their cosines do.
+    """
+    in_window = same_grid & (jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32))
+    spatial = jnp.exp(-squared_distance / (2.0 * jnp.square(jnp.asarray(distance_sigma, jnp.float32))))
+    similarity = jnp.exp(
+        -jnp.square(1.0 - cosine) / (2.0 * jnp.square(jnp.asarray(similarity_sigma, jnp.float32)))
+    )
+    return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
 
 
 def suppression_factors(
@@ -86,23 +133,61 @@ def suppression_factors(
     grid = jnp.asarray(layout.grid)
     squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
     same_grid = (grid[:, None] == grid[None, :]) & (grid[:, None] != NO_GRID)
-    in_window = same_grid & (jnp.sqrt(squared_distance) <= jnp.asarray(distance_limit, jnp.float32))
-    spatial = jnp.exp(-squared_distance / (2.0 * jnp.square(jnp.asarray(distance_sigma, jnp.float32))))
-    similarity = jnp.exp(
-        -jnp.square(1.0 - cosine) / (2.0 * jnp.square(jnp.asarray(similarity_sigma, jnp.float32)))
+    return pair_factor(
+        cosine,
+        squared_distance,
+        same_grid,
+        distance_limit=distance_limit,
+        distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma,
     )
-    return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
 
 
-def _greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
-    """Selection order (keep,) int32 for one (N,) score vector and its (N, N) factor matrix."""
+def window_suppression_factors(
+    keys: jax.Array,
+    *,
+    layout: TokenLayout | None = None,
+    distance_limit: float = DEFAULT_DISTANCE_LIMIT,
+    distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
+    similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
+    precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+):
+    """The window form of :func:`suppression_factors` for one row: ``(neighbours, factors, layout_ok,
+    band_ok)``.
+
+    ``neighbours`` (N, K) int32 are each token's candidate neighbours (N where none), ``factors``
+    (N, K) float32 the factor ``F[i, neighbours[i, k]]`` (1 where none); every pair not listed has
+    factor 1. ``distance_limit`` must be a static number. The selections equal the dense form's only
+    where ``layout_ok`` and ``band_ok`` hold (see :func:`nms_window.window_neighbours`).
+    """
+    num_tokens = keys.shape[-2]
+    layout = square_layout(num_tokens) if layout is None else layout
+    block, reach = band_geometry(distance_limit, num_tokens)
+    neighbours, squared_distance, same_grid, layout_ok, band_ok = window_neighbours(
+        layout, window_offsets(distance_limit), block, reach
+    )
+    cosine = band_cosines(l2_normalize(keys), neighbours, block, reach, precision)
+    factors = pair_factor(
+        cosine,
+        squared_distance,
+        same_grid,
+        distance_limit=distance_limit,
+        distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma,
+    )
+    return neighbours, factors, layout_ok, band_ok
+
+
+def _greedy_order(suppress, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
+    """Selection order (keep,) int32 for one (N,) score vector; ``suppress(current, chosen)`` applies
+    the kept token's factors."""
     num_tokens = scores.shape[-1]
     token_index = jnp.arange(num_tokens, dtype=jnp.int32)
 
     def pick_one(step, state):
         current, kept, order = state
         chosen = jnp.argmax(jnp.where(kept, -jnp.inf, current)).astype(jnp.int32)
-        current = current * lax.dynamic_index_in_dim(factors, chosen, axis=0, keepdims=False)
+        current = suppress(current, chosen)
         kept = kept | (token_index == chosen)
         return current, kept, order.at[step].set(chosen)
 
@@ -114,6 +199,26 @@ def _greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int 
     return lax.fori_loop(0, keep, pick_one, state, unroll=unroll)[2]
 
 
+def _dense_greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
+    """Each pick multiplies every score by its row of the (N, N) factors."""
+
+    def suppress(current, chosen):
+        return current * lax.dynamic_index_in_dim(factors, chosen, axis=0, keepdims=False)
+
+    return _greedy_order(suppress, scores, keep, unroll)
+
+
+def _window_greedy_order(
+    neighbours: jax.Array, factors: jax.Array, scores: jax.Array, keep: int, unroll: int | bool
+) -> jax.Array:
+    """Each pick multiplies only its K neighbours' scores (index N: none, dropped)."""
+
+    def suppress(current, chosen):
+        return current.at[neighbours[chosen]].multiply(factors[chosen], mode="drop")
+
+    return _greedy_order(suppress, scores, keep, unroll)
+
+
 def _flat_layout(layout: TokenLayout | None, num_tokens: int, batch_shape, flat_rows: int) -> TokenLayout:
     """The layout as (rows, N) arrays, one per flattened batch row (default: one square grid)."""
     layout = square_layout(num_tokens) if layout is None else layout
@@ -123,6 +228,49 @@ def _flat_layout(layout: TokenLayout | None, num_tokens: int, batch_shape, flat_
         lambda x: jnp.broadcast_to(x, tuple(batch_shape) + (num_tokens,)).reshape(flat_rows, num_tokens),
         layout,
     )
+
+
+def _static_number(value) -> float | None:
+    """``value`` as a Python float when it is known at trace time (a Python or NumPy number), else None."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, jax.Array)):
+        return float(value)
+    return None
+
+
+def resolve_form(form: str, distance_limit, num_tokens: int) -> str:
+    """'dense' or 'window': which form ``form`` means for this limit and token count (see NMS_FORMS)."""
+    if form not in NMS_FORMS:
+        raise ValueError(f"unknown NMS form {form!r}; known: {', '.join(NMS_FORMS)}.")
+    limit = _static_number(distance_limit)
+    if form == "window" and (limit is None or not math.isfinite(limit)):
+        raise ValueError(
+            "form='window' needs distance_limit as a finite static number (it sets the window's shape), "
+            f"got {distance_limit!r}; use form='dense' or 'auto' for a traced limit."
+        )
+    if form == "auto":
+        usable = limit is not None and math.isfinite(limit) and window_pays_off(limit, num_tokens)
+        return "window" if usable else "dense"
+    return form
+
+
+@functools.partial(jax.jit, static_argnames=("distance_limit",))
+def _window_layout_checks(flat_layout: TokenLayout, distance_limit: float):
+    num_tokens = flat_layout.valid.shape[-1]
+    block, reach = band_geometry(distance_limit, num_tokens)
+    offsets = window_offsets(distance_limit)
+    checks = jax.vmap(lambda lay: window_neighbours(lay, offsets, block, reach)[3:])(flat_layout)
+    return tuple(jnp.all(check) for check in checks)
+
+
+def _window_checks(layout, num_tokens: int, batch_shape, flat_rows: int, distance_limit: float):
+    """Whether the window form may run on every row: (layout row-major, neighbours within the band).
+    Python bools when the layout is known at trace time (the usual case), else traced booleans."""
+    with jax.ensure_compile_time_eval():
+        flat_layout = _flat_layout(layout, num_tokens, batch_shape, flat_rows)
+        layout_ok, band_ok = _window_layout_checks(flat_layout, distance_limit)
+    if isinstance(layout_ok, jax.core.Tracer):
+        return layout_ok, band_ok
+    return bool(layout_ok), bool(band_ok)
 
 
 def adaptive_nms_order(
@@ -137,6 +285,7 @@ def adaptive_nms_order(
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
     implementation: str = "auto",
+    form: str = "auto",
 ) -> jax.Array:
     """Like :func:`adaptive_nms` but returns the kept indices in the order they were picked."""
     if implementation not in NMS_IMPLEMENTATIONS:
@@ -154,6 +303,7 @@ def adaptive_nms_order(
         )
     num_tokens = scores.shape[-1]
     keep = check_keep(keep, num_tokens)
+    form = resolve_form(form, distance_limit, num_tokens)
     batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
     flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
     flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape((-1,) + keys.shape[-2:])
@@ -162,25 +312,61 @@ def adaptive_nms_order(
         layout is not None and not layout.dense
     ):  # invalid slots are never picked (keep must not exceed a row's valid count)
         flat_scores = jnp.where(flat_layout.valid, flat_scores.astype(jnp.float32), -jnp.inf)
+    # Off the GPU the Pallas kernels run in Pallas' interpreter (slow, exact): for tests and portability.
+    interpret = jax.default_backend() != "gpu"
+    hyper = dict(
+        distance_limit=distance_limit,
+        distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma,
+        precision=precision,
+    )
+    unroll = True if implementation == "unrolled" else unroll
 
-    factors = jax.vmap(
-        lambda k, lay: suppression_factors(
-            k,
-            layout=lay,
-            distance_limit=distance_limit,
-            distance_sigma=distance_sigma,
-            similarity_sigma=similarity_sigma,
-            precision=precision,
+    def dense_order():
+        factors = jax.vmap(lambda k, lay: suppression_factors(k, layout=lay, **hyper))(flat_keys, flat_layout)
+        if implementation == "pallas":
+            from adaptprune_jax.nms_pallas import greedy_order_pallas
+
+            return greedy_order_pallas(factors, flat_scores, keep, interpret=interpret)
+        return jax.vmap(lambda f, s: _dense_greedy_order(f, s, keep, unroll))(factors, flat_scores)
+
+    def window_order():
+        neighbours, factors, _, _ = jax.vmap(
+            lambda k, lay: window_suppression_factors(k, layout=lay, **hyper)
+        )(flat_keys, flat_layout)
+        if implementation == "pallas":
+            from adaptprune_jax.nms_pallas import greedy_order_pallas_window
+
+            return greedy_order_pallas_window(
+                factors, flat_scores, flat_layout, window_offsets(distance_limit), keep, interpret=interpret
+            )
+        return jax.vmap(lambda n, f, s: _window_greedy_order(n, f, s, keep, unroll))(
+            neighbours, factors, flat_scores
         )
-    )(flat_keys, flat_layout)
-    if implementation == "pallas":
-        from adaptprune_jax.nms_pallas import greedy_order_pallas
 
-        # Off the GPU the kernel runs in Pallas' interpreter (slow, exact): for tests and portability.
-        order = greedy_order_pallas(factors, flat_scores, keep, interpret=jax.default_backend() != "gpu")
+    if form == "dense":
+        order = dense_order()
     else:
-        unroll = True if implementation == "unrolled" else unroll
-        order = jax.vmap(lambda f, s: _greedy_order(f, s, keep, unroll))(factors, flat_scores)
+        layout_ok, band_ok = _window_checks(
+            layout, num_tokens, batch_shape, flat_scores.shape[0], float(distance_limit)
+        )
+        if isinstance(layout_ok, jax.core.Tracer):  # known only at run time: the dense form if not
+            order = lax.cond(layout_ok & band_ok, window_order, dense_order)
+        elif layout_ok and band_ok:
+            order = window_order()
+        elif form == "window" and not layout_ok:
+            raise ValueError(
+                "form='window' needs every grid of the layout row-major with a row stride of its own "
+                "(token first + row * stride + col) and each cell held by one token; this layout is not "
+                "(use form='dense' or 'auto')."
+            )
+        elif form == "window":
+            raise ValueError(
+                f"form='window': a grid's row stride exceeds the band of the window form for "
+                f"{num_tokens} tokens (isqrt(N) + 1 indices per grid row); use form='dense' or 'auto'."
+            )
+        else:
+            order = dense_order()
     return order.reshape(batch_shape + (keep,))
 
 
@@ -196,6 +382,7 @@ def adaptive_nms(
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
     implementation: str = "auto",
+    form: str = "auto",
 ) -> jax.Array:
     """Adaptive NMS: ``keep`` distinct token indices, int32 (..., keep), sorted ascending.
 
@@ -210,10 +397,13 @@ def adaptive_nms(
         the kept token itself is suppressed and the result is the top-k of ``scores``.
       distance_sigma, similarity_sigma: widths of the spatial and cosine-similarity Gaussians.
       unroll: passed to ``lax.fori_loop``; unrolling trades compile time for fewer loop iterations.
-      precision: matmul precision of the cosine-similarity matrix (keep HIGHEST for parity).
+      precision: matmul precision of the cosine similarities (keep HIGHEST for parity).
       implementation: 'auto' (Pallas on GPU, else XLA), 'xla', 'unrolled' or 'pallas'; see NMS_IMPLEMENTATIONS.
+      form: 'auto', 'dense' or 'window', where the factors live; see NMS_FORMS. 'window' raises for a
+        traced ``distance_limit`` or a layout known to be unsuitable; with a layout traced under jit
+        the dense form runs on a batch whose layout turns out unsuitable.
 
-    The hyperparameters may be Python floats or traced scalars.
+    The hyperparameters may be Python floats or traced scalars (a traced distance_limit: dense form).
     """
     order = adaptive_nms_order(
         scores,
@@ -226,8 +416,28 @@ def adaptive_nms(
         unroll=unroll,
         precision=precision,
         implementation=implementation,
+        form=form,
     )
     return jnp.sort(order, axis=-1)
+
+
+def adaptprune_scores(attention: jax.Array, layout: TokenLayout | None, prior_sigma: float) -> jax.Array:
+    """The scores AdaptPrune's NMS ranks, float32 (..., N): attention x the centre prior of each
+    token's grid, and +inf for every valid token on no grid, so that those are always kept.
+
+    The multi-grid rule (ours, for anyres layouts): one score vector over all grids, the prior on
+    each grid's normalised coordinates, suppression only within a grid. Tokens on no grid (a
+    layout's ``grid == NO_GRID`` with ``valid``: LLaVA-NeXT's newline tokens, the [CLS] token of
+    LLaVA-1.5's 'full' features) carry no cell to rank by; they are kept, first, and count against
+    ``keep``, which must therefore exceed their number in every row.
+    """
+    attention = jnp.asarray(attention, jnp.float32)
+    token_layout = square_layout(attention.shape[-1]) if layout is None else layout
+    scores = attention * layout_center_prior(token_layout, prior_sigma)
+    if layout is None:
+        return scores
+    off_grid = (jnp.asarray(layout.grid) == NO_GRID) & jnp.asarray(layout.valid)
+    return jnp.where(off_grid, jnp.inf, scores)
 
 
 def adaptprune_select(
@@ -243,18 +453,16 @@ def adaptprune_select(
     unroll: int | bool = 1,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
     implementation: str = "auto",
+    form: str = "auto",
 ) -> jax.Array:
     """AdaptPrune end to end: attention cue x centre prior, then adaptive NMS on the feature keys.
 
     ``attention`` (..., N) is the attention cue over the image tokens only; ``keys`` (..., N, D);
-    ``layout`` as in :func:`adaptive_nms` (the prior is taken per grid). Returns int32 (..., keep),
-    sorted ascending.
+    ``layout`` as in :func:`adaptive_nms` (the prior is taken per grid; tokens on no grid are kept,
+    see :func:`adaptprune_scores`). Returns int32 (..., keep), sorted ascending.
     """
-    attention = jnp.asarray(attention, jnp.float32)
-    token_layout = square_layout(attention.shape[-1]) if layout is None else layout
-    prior = layout_center_prior(token_layout, prior_sigma)
     return adaptive_nms(
-        attention * prior,
+        adaptprune_scores(attention, layout, prior_sigma),
         keys,
         keep,
         layout=layout,
@@ -264,4 +472,5 @@ def adaptprune_select(
         unroll=unroll,
         precision=precision,
         implementation=implementation,
+        form=form,
     )

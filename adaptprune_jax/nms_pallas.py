@@ -7,6 +7,11 @@ loop: per iteration a max-reduction, a first-index tie break, one row read of th
 suppression matrix (L2-resident) and one multiply. Same semantics as the XLA loop in nms.py: ties go
 to the first index, kept tokens are masked to -inf so none is kept twice, even with all-zero scores.
 
+The window form (``greedy_order_pallas_window``) holds per token only the factors of its window,
+laid out on the square of cell offsets, and each pick reads them where the layout puts a token of
+the kept token's grid within that square: one gathered load of the kept token's row instead of a
+row of the (N, N) matrix; scores stay in registers, no scatter.
+
 Triton blocks are powers of two, so tokens are padded (padding scores -inf, never chosen). Runs on
 the CPU in Pallas interpret mode for tests.
 """
@@ -17,12 +22,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from adaptprune_jax.grid import NO_GRID, TokenLayout
 
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _pick(scores, token, padded_tokens):
+    """The highest score's token, the first on ties."""
+    best = jnp.max(scores)
+    return jnp.min(jnp.where(scores == best, token, padded_tokens))
 
 
 def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_tokens: int, padded_keep: int):
@@ -31,14 +45,55 @@ def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_toke
 
     def pick_one(step, state):
         scores, order = state
-        best = jnp.max(scores)
-        chosen = jnp.min(jnp.where(scores == best, token, padded_tokens))
+        chosen = _pick(scores, token, padded_tokens)
         row = factors_ref[chosen, :]
         scores = jnp.where((token == chosen) | (scores == -jnp.inf), -jnp.inf, scores * row)
         return scores, jnp.where(slot == step, chosen, order)
 
     initial = (scores_ref[...], jnp.zeros((padded_keep,), jnp.int32))
     order_ref[...] = lax.fori_loop(0, keep, pick_one, initial)[1]
+
+
+def _window_kernel(
+    scores_ref,
+    row_ref,
+    col_ref,
+    grid_ref,
+    factors_ref,
+    order_ref,
+    *,
+    keep: int,
+    padded_tokens: int,
+    padded_keep: int,
+    span: int,
+):
+    token = lax.broadcasted_iota(jnp.int32, (padded_tokens,), 0)
+    slot = lax.broadcasted_iota(jnp.int32, (padded_keep,), 0)
+    rows, cols, grids = row_ref[...], col_ref[...], grid_ref[...]
+
+    def pick_one(step, state):
+        scores, order = state
+        chosen = _pick(scores, token, padded_tokens)
+        d_row, d_col, chosen_grid = rows - row_ref[chosen], cols - col_ref[chosen], grid_ref[chosen]
+        near = (
+            (grids == chosen_grid)
+            & (chosen_grid != NO_GRID)
+            & (jnp.abs(d_row) <= span)
+            & (jnp.abs(d_col) <= span)
+        )
+        offset = jnp.where(near, (d_row + span) * (2 * span + 1) + (d_col + span), 0).astype(jnp.int32)
+        factor = factors_ref[chosen, offset]
+        scores = jnp.where(
+            (token == chosen) | (scores == -jnp.inf), -jnp.inf, jnp.where(near, scores * factor, scores)
+        )
+        return scores, jnp.where(slot == step, chosen, order)
+
+    initial = (scores_ref[...], jnp.zeros((padded_keep,), jnp.int32))
+    order_ref[...] = lax.fori_loop(0, keep, pick_one, initial)[1]
+
+
+def _row_spec(size: int) -> pl.BlockSpec:
+    return pl.BlockSpec((None, size), lambda b: (b, 0))
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "interpret"))
@@ -59,10 +114,67 @@ def greedy_order_pallas(
         out_shape=jax.ShapeDtypeStruct((batch, padded_keep), jnp.int32),
         grid=(batch,),
         in_specs=[
-            pl.BlockSpec((None, padded_tokens), lambda b: (b, 0)),
+            _row_spec(padded_tokens),
             pl.BlockSpec((None, padded_tokens, padded_tokens), lambda b: (b, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, padded_keep), lambda b: (b, 0)),
+        out_specs=_row_spec(padded_keep),
         interpret=interpret,
     )(scores, factors)
+    return order[:, :keep]
+
+
+def greedy_order_pallas_window(
+    factors: jax.Array,
+    scores: jax.Array,
+    layout: TokenLayout,
+    offsets: np.ndarray,
+    keep: int,
+    interpret: bool = False,
+) -> jax.Array:
+    """Selection order (B, keep) int32 for scores (B, N), window factors (B, N, K) at the cell
+    ``offsets`` (K, 2) (as ``nms.window_suppression_factors`` returns them) and the (B, N) layout,
+    which must be one the window form accepts (each cell of a grid held by one token)."""
+    span = int(np.abs(offsets).max())
+    width = 2 * span + 1
+    slots = (offsets[:, 0] + span) * width + offsets[:, 1] + span
+    # On the square of offsets, 1 where the window has no pair (outside the disc).
+    square = jnp.ones(factors.shape[:-1] + (width * width,), jnp.float32).at[..., slots].set(factors)
+    return _window_order(
+        square, scores, layout.row, layout.col, layout.grid, keep=keep, span=span, interpret=interpret
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "span", "interpret"))
+def _window_order(square_factors, scores, row, col, grid, *, keep: int, span: int, interpret: bool):
+    batch, num_tokens = scores.shape
+    padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
+    padded_offsets = _next_power_of_two(square_factors.shape[-1])
+    pad = padded_tokens - num_tokens
+
+    def pad_tokens(x, value):
+        return jnp.pad(x, ((0, 0), (0, pad)), constant_values=value)
+
+    inputs = (
+        pad_tokens(scores.astype(jnp.float32), -jnp.inf),
+        pad_tokens(jnp.asarray(row, jnp.float32), 0.0),
+        pad_tokens(jnp.asarray(col, jnp.float32), 0.0),
+        pad_tokens(jnp.asarray(grid, jnp.int32), NO_GRID),
+        jnp.pad(
+            square_factors,
+            ((0, 0), (0, pad), (0, padded_offsets - square_factors.shape[-1])),
+            constant_values=1.0,
+        ),
+    )
+    kernel = functools.partial(
+        _window_kernel, keep=keep, padded_tokens=padded_tokens, padded_keep=padded_keep, span=span
+    )
+    order = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, padded_keep), jnp.int32),
+        grid=(batch,),
+        in_specs=[_row_spec(padded_tokens)] * 4
+        + [pl.BlockSpec((None, padded_tokens, padded_offsets), lambda b: (b, 0, 0))],
+        out_specs=_row_spec(padded_keep),
+        interpret=interpret,
+    )(*inputs)
     return order[:, :keep]

@@ -24,6 +24,7 @@ from adaptprune_jax.nms import (
     DEFAULT_DISTANCE_LIMIT,
     DEFAULT_DISTANCE_SIGMA,
     DEFAULT_SIMILARITY_SIGMA,
+    NMS_FORMS,
     NMS_IMPLEMENTATIONS,
     adaptprune_select,
 )
@@ -36,12 +37,15 @@ class AdaptPruneConfig(PruneConfig):
 
     ``normalize_keys`` asks the model for RMSNorm-ed feature keys (the clean variant); the default
     False reproduces the released code's un-normalised projection (QUIRK). ``nms_implementation``
-    picks how the greedy loop runs ('auto' = the Pallas kernel on GPU, else XLA); all select the same
-    tokens.
+    picks how the greedy loop runs ('auto' = the Pallas kernel on GPU, else XLA), ``nms_form`` where
+    its factors live ('auto', 'dense' (N, N) or 'window' (N, K neighbours); see ``nms.NMS_FORMS``);
+    all select the same tokens. On a layout with several grids, the multi-grid rule of
+    ``nms.adaptprune_scores``: tokens on no grid (newline, [CLS]) are kept and count in keep.
     """
 
     name: ClassVar[str] = "adaptprune"
     needs_grid: ClassVar[bool] = True
+    keeps_off_grid_tokens: ClassVar[bool] = True
     has_torch_reference: ClassVar[bool] = True
     reference_cues: ClassVar[tuple[str, ...]] = ("attention", "keys")
     reference_options: ClassVar[tuple[str, ...]] = (
@@ -57,6 +61,7 @@ class AdaptPruneConfig(PruneConfig):
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA
     normalize_keys: bool = False
     nms_implementation: str = "auto"
+    nms_form: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,6 +70,8 @@ class AdaptPruneConfig(PruneConfig):
                 f"nms_implementation must be one of {', '.join(NMS_IMPLEMENTATIONS)}, "
                 f"got {self.nms_implementation!r}."
             )
+        if self.nms_form not in NMS_FORMS:
+            raise ValueError(f"nms_form must be one of {', '.join(NMS_FORMS)}, got {self.nms_form!r}.")
         for field in ("prior_sigma", "distance_sigma", "similarity_sigma"):
             check_positive(field, getattr(self, field))
         if isinstance(self.distance_limit, bool) or not isinstance(self.distance_limit, numbers.Real):
@@ -85,6 +92,7 @@ class AdaptPruneConfig(PruneConfig):
             distance_sigma=self.distance_sigma,
             similarity_sigma=self.similarity_sigma,
             implementation=self.nms_implementation,
+            form=self.nms_form,
         )
 
     def torch_reference_order(self, cues, keep, grid):

@@ -316,6 +316,8 @@ class PruneConfig:
     has_torch_reference: ClassVar[bool] = False
     renumber_positions: ClassVar[bool] = False
     needs_grid: ClassVar[bool] = False  # spatial methods: every image token must sit on a grid
+    # ... except tokens on no grid (newline, [CLS]) that the method keeps outright, counted in keep.
+    keeps_off_grid_tokens: ClassVar[bool] = False
     # The LLM sees tokens the method builds (``merge``), not a subset of the image tokens.
     merges: ClassVar[bool] = False
     # At each stage the method keeps some image tokens and builds others from the hidden states
@@ -383,11 +385,21 @@ class PruneConfig:
                 except ValueError as error:
                     raise ValueError(f"{self.name}: {error}") from None
             else:
-                off_grid = int(np.sum((np.asarray(layout.grid) == NO_GRID) & np.asarray(layout.valid)))
-                if off_grid:
+                off_grid_per_row = np.sum(
+                    (np.asarray(layout.grid) == NO_GRID) & np.asarray(layout.valid), axis=-1
+                )
+                off_grid = int(np.sum(off_grid_per_row))
+                if off_grid and not self.keeps_off_grid_tokens:
                     raise ValueError(
                         f"{self.name}: needs every image token on a grid, but {off_grid} of the "
                         f"{num_image_tokens} image tokens sit on none (a [CLS] or newline token)."
+                    )
+                most = int(np.max(off_grid_per_row, initial=0))
+                if off_grid and self.resolve_keep(num_image_tokens) <= most:
+                    raise ValueError(
+                        f"{self.name} keeps every image token on no grid (a [CLS] or newline token) and "
+                        f"counts it in keep: keep={self.resolve_keep(num_image_tokens)} must exceed the "
+                        f"{most} such tokens of a row, or no grid token is kept."
                     )
         if self.merges_in_llm and not self.renumber_positions:
             raise ValueError(

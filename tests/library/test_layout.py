@@ -69,6 +69,16 @@ def test_adaptprune_on_two_grids_with_invalid_slots():
         np.testing.assert_array_equal(np.asarray(alone), kept[row])
 
 
+def test_newline_grid_is_row_major_with_a_newline_after_each_row():
+    layout = prune.newline_grid_layout(2, 3, grid_id=1)
+    np.testing.assert_array_equal(layout.grid, [1, 1, 1, prune.NO_GRID, 1, 1, 1, prune.NO_GRID])
+    np.testing.assert_array_equal(layout.row, [0, 0, 0, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(layout.col, [0, 1, 2, 0, 0, 1, 2, 0])
+    np.testing.assert_array_equal(layout.grid_rows, [2, 2, 2, 0, 2, 2, 2, 0])
+    np.testing.assert_array_equal(layout.grid_cols, [3, 3, 3, 0, 3, 3, 3, 0])
+    assert layout.dense and layout.valid.all()
+
+
 def test_masked_baselines_never_keep_invalid_slots():
     rng = np.random.default_rng(1)
     layout = prune.stack_layouts([prune.grid_layout(4, 5), prune.grid_layout(3, 3)])
@@ -107,7 +117,7 @@ def test_grid_methods_refuse_tokens_on_no_grid():
     layout = _two_grids()
     for name in methods.names():
         config = small_model_config(name, keep=22)  # a count every method can take from 23 tokens
-        if config.needs_grid:
+        if config.needs_grid and not config.keeps_off_grid_tokens:
             with pytest.raises(ValueError, match=rf"{name}: needs every image token on a grid, but 1 of"):
                 config.validate(23, 8, layout)
         else:

@@ -1,0 +1,142 @@
+"""AdaptPrune's selection alone, by NMS form and implementation, on LLaVA-1.5's and LLaVA-NeXT's layouts.
+
+    python -m experiments.benchmark.select_speed --layouts=24x24,24x24+48x48n --batch_sizes=1,8,16
+
+Synthetic cues (speed depends on shapes, not values): attention (B, N) and float32 keys (B, N, D),
+D = 4096 by default (a 7B model's 32 KV heads x 128). A layout is grids joined by '+': 'RxC' a
+row-major grid, 'RxCn' one with a newline token after each row (LLaVA-NeXT's high-resolution
+grid), so '24x24+48x48n' is its largest layout, 2,928 tokens. Each (layout, batch, form,
+implementation) is one jitted program; it reports the median select time after a warm-up, the
+compile time and XLA's temporary-buffer size (where the dense form's (N, N) matrices live).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from absl import app
+
+from experiments.benchmark.timing import median, run_stamp, timed
+from experiments.flag_config import define_flags, from_flags, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectSpeedConfig:
+    """Which layouts, batches and NMS variants to time."""
+
+    layouts: tuple[str, ...] = setting(("24x24", "24x24+48x48n"), "Token layouts, e.g. 24x24+37x48n.")
+    batch_sizes: tuple[int, ...] = setting((1, 8, 16), "Batch sizes.")
+    keep: int = setting(64, "Image tokens kept (must exceed a layout's newline count).")
+    dim: int = setting(4096, "Key width D (KV heads x head_dim).")
+    forms: tuple[str, ...] = setting(("dense", "window", "auto"), "NMS forms (adaptprune_jax NMS_FORMS).")
+    implementations: tuple[str, ...] = setting(("auto",), "NMS loop implementations (NMS_IMPLEMENTATIONS).")
+    static_layout: bool = setting(
+        True,
+        "Layout known at trace time; False passes it as data, as the model does with per-batch layouts "
+        "(the window form then also compiles the dense form, for a layout found unsuitable at run time).",
+    )
+    repeats: int = setting(50, "Timed calls per variant.")
+    output: str | None = setting(None, "JSON results file.")
+
+
+def parse_layout(spec: str):
+    """'24x24+48x48n' -> the TokenLayout: grids in order (ids 0, 1, ...), 'n' = a newline per row."""
+    import adaptprune_jax as prune
+
+    parts = []
+    for grid_id, part in enumerate(spec.split("+")):
+        newline = part.endswith("n")
+        try:
+            rows, cols = (int(side) for side in part.rstrip("n").split("x"))
+        except ValueError:
+            raise ValueError(f"layout part {part!r} of {spec!r} is not RxC or RxCn") from None
+        parts.append((prune.newline_grid_layout if newline else prune.grid_layout)(rows, cols, grid_id))
+    return prune.concat_layouts(*parts)
+
+
+def time_variant(
+    settings: SelectSpeedConfig, spec: str, layout, attention, keys, form, implementation
+) -> dict:
+    """One jitted selection: its median time, compile time and temporary buffers."""
+    import jax
+    import jax.numpy as jnp
+
+    import adaptprune_jax as prune
+
+    num_tokens, keep = layout.num_tokens, settings.keep
+    config = prune.AdaptPruneConfig(keep=keep, nms_form=form, nms_implementation=implementation)
+    config.validate(num_tokens, 32, layout)
+    batch_layout = layout.broadcast(attention.shape[:1])
+
+    def select(a, k, lay):
+        return config.select(prune.Cues(attention=a, keys=k, layout=lay), keep)
+
+    if settings.static_layout:
+        jitted, args = jax.jit(lambda a, k: select(a, k, batch_layout)), (attention, keys)
+    else:
+        jitted, args = jax.jit(select), (attention, keys, jax.tree_util.tree_map(jnp.asarray, batch_layout))
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    samples = timed(lambda: compiled(*args), settings.repeats, jax.block_until_ready)
+    return {
+        "layout": spec,
+        "image_tokens": num_tokens,
+        "batch": int(attention.shape[0]),
+        "form": form,
+        "resolved_form": prune.nms.resolve_form(form, config.distance_limit, num_tokens),
+        "implementation": implementation,
+        "select_ms": median(samples),
+        "min_ms": min(samples),
+        "compile_s": compile_s,
+        "temp_bytes": None if memory is None else memory.temp_size_in_bytes,
+    }
+
+
+def measure(settings: SelectSpeedConfig) -> list[dict]:
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for spec in settings.layouts:
+        layout = parse_layout(spec)
+        for batch in settings.batch_sizes:
+            attention = jnp.asarray(rng.dirichlet(np.ones(layout.num_tokens), size=batch), jnp.float32)
+            keys = jnp.asarray(rng.standard_normal((batch, layout.num_tokens, settings.dim)), jnp.float32)
+            for form in settings.forms:
+                for implementation in settings.implementations:
+                    row = time_variant(settings, spec, layout, attention, keys, form, implementation)
+                    rows.append(row)
+                    print(
+                        f"{spec:<16}{row['image_tokens']:>6} b{batch:<3}{form:>7} ({row['resolved_form']}) "
+                        f"{implementation:>8} {row['select_ms']:9.3f} ms  temp {row['temp_bytes']}",
+                        flush=True,
+                    )
+    return rows
+
+
+def main(argv):
+    del argv
+    settings = from_flags(SelectSpeedConfig)
+    import jax
+
+    result = {
+        "device": str(jax.devices()[0]),
+        "keep": settings.keep,
+        "dim": settings.dim,
+        "static_layout": settings.static_layout,
+        **run_stamp("experiments.benchmark.select_speed"),
+        "rows": measure(settings),
+    }
+    if settings.output:
+        with open(settings.output, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    define_flags(SelectSpeedConfig)
+    app.run(main)
