@@ -1,4 +1,4 @@
-"""One object that answers questions about images with a LLaVA checkpoint, pruned or not.
+"""One object that answers questions about images with a LLaVA checkpoint (1.5 or NeXT), pruned or not.
 
 It joins the pieces a harness needs (checkpoint loading, preprocessing, the jitted runner, decoding
 of the answers) behind `answer(images, questions, pruning=...)`, so an evaluation or a demo never
@@ -75,7 +75,11 @@ class LlavaEngine:
         """
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        prompts = [self.preprocessor.encode(question) for question in questions]
+        image_sizes = self.preprocessor.image_sizes(images) if self.config.anyres else None
+        prompts = [
+            self.preprocessor.encode(question, None if image_sizes is None else image_sizes[row])
+            for row, question in enumerate(questions)
+        ]
         query_ids = None
         if pruning is not None and pruning.needs_text_tower:
             query_ids = [self.preprocessor.encode_query(text) for text in (queries or questions)]
@@ -85,6 +89,7 @@ class LlavaEngine:
             pad_token_id=self.preprocessor.pad_token_id,
             max_new_tokens=max_new_tokens,
             queries=query_ids,
+            image_sizes=image_sizes,
         )
         eos_token_id = self.preprocessor.eos_token_id if stop_at_eos else None
         sampling = SamplingConfig(

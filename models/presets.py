@@ -134,6 +134,12 @@ def _tiny_text(**overrides: Any) -> dict[str, Any]:
     return text
 
 
+def _next_text(**overrides: Any) -> dict[str, Any]:
+    """The tiny text model of the LLaVA-NeXT presets: room for a 2,928-token image, and three layers
+    (prompts are five times LLaVA-1.5's, so attention costs the CPU tests 25 times more per layer)."""
+    return _tiny_text(num_hidden_layers=3, max_position_embeddings=4096, **overrides)
+
+
 def _make(name: str) -> LlavaConfig:
     if name in ("llava-1.5-7b", "llava-1.5-13b"):
         width, mlp, layers = (4096, 11008, 32) if name == "llava-1.5-7b" else (5120, 13824, 40)
@@ -202,11 +208,11 @@ def _make(name: str) -> LlavaConfig:
             **tiny,
         )
     if name == "tiny-next":  # LLaVA-NeXT over the tiny LLaMA: anyres crops, image_newline
-        return _llava_next(_CLIP_TINY, _tiny_text(), mistral=False, **tiny)
+        return _llava_next(_CLIP_TINY, _next_text(), mistral=False, **tiny)
     if name == "tiny-next-mistral":  # ...over a tiny Mistral: grouped-query heads, a 64-position window
         return _llava_next(
             _CLIP_TINY,
-            _tiny_text(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, sliding_window=64),
+            _next_text(num_key_value_heads=2, sliding_window=64),
             mistral=True,
             **tiny,
         )
