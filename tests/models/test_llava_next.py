@@ -171,14 +171,15 @@ def test_batch_equals_rows_one_by_one(next_batch):
         pytest.skip("one preset suffices: the row-by-row prefills compile once per row")
     ckpt, batch = next_batch.ckpt, next_batch.batch
     batched = last_logits(next_batch.prefill, batch.lengths)
-    for row, ids in enumerate(next_batch.prompts):
+    for row in (1, 3):  # the rows with padded crops (4 and 3 of 5) and the most padded image slots
+        ids = next_batch.prompts[row]
         single = ckpt.runner.make_batch(
             [ids],
             batch.pixel_values[row : row + 1],
             pad_token_id=ckpt.pad_token_id,
             image_sizes=next_batch.preprocessor.image_sizes(next_batch.images[row : row + 1]),
         )
-        assert single.image_layout.num_tokens < batch.image_layout.num_tokens or row == 2
+        assert single.image_layout.num_tokens < batch.image_layout.num_tokens
         alone = np.asarray(ckpt.runner.prefill(single).logits)[0]
         np.testing.assert_allclose(batched[row], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
 
