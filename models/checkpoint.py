@@ -1,4 +1,5 @@
-"""Loading llava-hf checkpoints (safetensors, single file or sharded) into the Flax model.
+"""Loading llava-hf checkpoints (safetensors, single file or sharded) into the Flax model (LLaVA-1.5 and
+LLaVA-NeXT, whose one extra tensor is `image_newline`).
 
 The key table is derived from the model itself: every parameter path of `LlavaForConditionalGeneration`
 maps to one transformers name and a transform (Linear weights are transposed, the patch convolution is
@@ -120,6 +121,8 @@ def hf_name_for(path: tuple[Any, ...]) -> tuple[Names, Transform]:
     if top == "vision_tower" and rest[0] in _VISION_EMBEDDINGS:
         name, transform = _VISION_EMBEDDINGS[rest[0]]
         return f"vision_tower.{name}", transform
+    if top == "image_newline":
+        return "image_newline", _identity
     if top == "language_model" and rest == ["embed_tokens"]:
         return "language_model.embed_tokens.weight", _identity
     if top == "language_model" and rest[0] == "lm_head":

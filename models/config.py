@@ -1,4 +1,4 @@
-"""Typed model configuration, derived once from transformers' `LlavaConfig`.
+"""Typed model configuration, derived once from transformers' `LlavaConfig` / `LlavaNextConfig`.
 
 transformers' config classes are the source of truth for a checkpoint's shapes; this module reads them
 into small frozen dataclasses (hashable, so they can be static arguments of `jax.jit`) and refuses
@@ -16,8 +16,11 @@ from typing import Any
 import adaptprune_jax as prune
 from models.layers import EINSUM, check_attention, resolve_attention
 
-SUPPORTED_MODEL_TYPES = {"llava": "LlavaForConditionalGeneration (LLaVA-1.5 style)"}
-SUPPORTED_TEXT_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = {
+    "llava": "LlavaForConditionalGeneration (LLaVA-1.5 style)",
+    "llava_next": "LlavaNextForConditionalGeneration (LLaVA-NeXT / v1.6, anyres crops)",
+}
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model",)
 SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_FEATURE_STRATEGIES = ("default", "full")
@@ -63,12 +66,19 @@ class TextConfig:
     max_position_embeddings: int
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Mistral's sliding window: a query sees the keys less than this many positions before it (None:
+    # every earlier key). Static, part of the jitted program.
+    sliding_window: int | None = None
     # How the prefill's self-attention runs (models.layers.ATTENTION_IMPLEMENTATIONS); decoding and the
     # pruning cues always use einsum.
     attention: str = EINSUM
 
     def __post_init__(self):
         check_attention(self.attention)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(
+                f"sliding_window must be a positive number of positions, got {self.sliding_window}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +91,29 @@ class LlavaModelConfig:
     projector_bias: bool
     projector_act: str
     tie_word_embeddings: bool
+    # LLaVA-NeXT's anyres resolutions, (height, width) each; empty for LLaVA-1.5 (one crop per image).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT: each image is a base crop plus high-resolution crops, packed with newline tokens
+        (`models.anyres`), so the image-token count differs per image."""
+        return bool(self.image_grid_pinpoints)
+
+    @property
+    def features_per_crop(self) -> int:
+        """Image features one crop gives: the patch grid, plus [CLS] in 'full' mode."""
+        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per image in the LLM's sequence: the patch grid, plus [CLS] in 'full' mode."""
-        return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        """Image tokens per image in the LLM's sequence: LLaVA-1.5's fixed count; under anyres the most
+        any image can take (`models.anyres.max_image_tokens`)."""
+        if self.anyres:
+            from models.anyres import max_image_tokens
+
+            return max_image_tokens(self)
+        return self.features_per_crop
 
     @property
     def image_grid(self) -> int | None:
@@ -94,7 +122,13 @@ class LlavaModelConfig:
         return side if side * side == self.num_image_tokens else None
 
     def image_layout(self) -> prune.TokenLayout:
-        """Where each image token sits: the patch grid, row-major, after [CLS] under 'full' (on no grid)."""
+        """Where each image token sits: the patch grid, row-major, after [CLS] under 'full' (on no grid).
+        Under anyres the layout is each image's own (`models.anyres.pack_images`)."""
+        if self.anyres:
+            raise ValueError(
+                "a LLaVA-NeXT (anyres) model has no single image layout: each image's comes with its "
+                "batch (models.anyres.pack_images)"
+            )
         patches = prune.grid_layout(self.vision.grid_size, self.vision.grid_size)
         if self.vision_feature_select_strategy == "full":
             return prune.concat_layouts(prune.off_grid_layout(1), patches)
@@ -159,8 +193,38 @@ def _rope_theta(text_config: Any) -> float:
     return float(theta)
 
 
+def _sliding_window(text_config: Any) -> int | None:
+    """Mistral's window (None when unset or for LLaMA); a per-layer mix of window and full layers is refused."""
+    window = getattr(text_config, "sliding_window", None) if text_config.model_type == "mistral" else None
+    layer_types = getattr(text_config, "layer_types", None)
+    if window is not None and layer_types and len(set(layer_types)) > 1:
+        raise ValueError(
+            f"text model mixes attention layer types {sorted(set(layer_types))}; supported: one sliding "
+            "window for every layer, or none"
+        )
+    return None if window is None else int(window)
+
+
+def _grid_pinpoints(hf_config: Any) -> tuple[tuple[int, int], ...]:
+    """LLaVA-NeXT's pinpoints as (height, width) tuples; () for LLaVA-1.5."""
+    if hf_config.model_type != "llava_next":
+        return ()
+    pinpoints = tuple(tuple(int(side) for side in point) for point in hf_config.image_grid_pinpoints)
+    size = hf_config.vision_config.image_size
+    for point in pinpoints:
+        if len(point) != 2 or point[0] % size or point[1] % size or min(point) < size:
+            raise ValueError(
+                f"image_grid_pinpoints entry {list(point)} must be (height, width), both positive "
+                f"multiples of the vision tower's image size {size}"
+            )
+    if not pinpoints:
+        raise ValueError("a llava_next config needs at least one image_grid_pinpoints entry")
+    return pinpoints
+
+
 def from_hf_config(hf_config: Any) -> LlavaModelConfig:
-    """Read a transformers `LlavaConfig` into a `LlavaModelConfig`, refusing unsupported variants."""
+    """Read a transformers `LlavaConfig` / `LlavaNextConfig` into a `LlavaModelConfig`, refusing
+    unsupported variants."""
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -179,6 +243,11 @@ def from_hf_config(hf_config: Any) -> LlavaModelConfig:
             f"{', '.join(SUPPORTED_VISION_MODEL_TYPES)}"
         )
     strategy = hf_config.vision_feature_select_strategy
+    if model_type == "llava_next" and strategy != "default":
+        raise ValueError(
+            f"unsupported vision_feature_select_strategy {strategy!r} for llava_next; supported: default "
+            "(the crops are packed as patch grids, without [CLS])"
+        )
     if strategy not in SUPPORTED_FEATURE_STRATEGIES:
         raise ValueError(
             f"unsupported vision_feature_select_strategy {strategy!r}; supported: "
@@ -219,6 +288,7 @@ def from_hf_config(hf_config: Any) -> LlavaModelConfig:
             max_position_embeddings=text.max_position_embeddings,
             attention_bias=bool(getattr(text, "attention_bias", False)),
             mlp_bias=bool(getattr(text, "mlp_bias", False)),
+            sliding_window=_sliding_window(text),
         ),
         image_token_index=hf_config.image_token_index,
         vision_feature_layers=tuple(layer % hidden_states_count for layer in layers),
@@ -226,12 +296,13 @@ def from_hf_config(hf_config: Any) -> LlavaModelConfig:
         projector_bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
         projector_act=hf_config.projector_hidden_act,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        image_grid_pinpoints=_grid_pinpoints(hf_config),
     )
 
 
 def load_hf_config(directory: str | os.PathLike):
-    """transformers' LlavaConfig of a checkpoint directory, after checking its model_type."""
-    from transformers import LlavaConfig
+    """transformers' LlavaConfig / LlavaNextConfig of a checkpoint directory, after checking its model_type."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     directory = os.fspath(directory)
     model_type = _read_model_type(directory)
@@ -240,4 +311,4 @@ def load_hf_config(directory: str | os.PathLike):
             f"unsupported model_type {model_type!r} in {directory}/config.json; supported: "
             + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_MODEL_TYPES.items())
         )
-    return LlavaConfig.from_pretrained(directory)
+    return {"llava": LlavaConfig, "llava_next": LlavaNextConfig}[model_type].from_pretrained(directory)

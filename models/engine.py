@@ -1,4 +1,4 @@
-"""One object that answers questions about images with a LLaVA checkpoint, pruned or not.
+"""One object that answers questions about images with a LLaVA checkpoint (1.5 or NeXT), pruned or not.
 
 It joins the pieces a harness needs (checkpoint loading, preprocessing, the jitted runner, decoding
 of the answers) behind `answer(images, questions, pruning=...)`, so an evaluation or a demo never
@@ -119,7 +119,11 @@ class LlavaEngine:
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         if row_seeds is not None and len(row_seeds) != len(questions):
             raise ValueError(f"{len(row_seeds)} row seeds but {len(questions)} questions")
-        prompts = [self.preprocessor.encode(question) for question in questions]
+        image_sizes = self.preprocessor.image_sizes(images) if self.config.anyres else None
+        prompts = [
+            self.preprocessor.encode(question, None if image_sizes is None else image_sizes[row])
+            for row, question in enumerate(questions)
+        ]
         query_ids = None
         if pruning is not None and pruning.needs_text_tower:
             query_ids = [self.preprocessor.encode_query(text) for text in (queries or questions)]
@@ -129,6 +133,7 @@ class LlavaEngine:
             pad_token_id=self.preprocessor.pad_token_id,
             max_new_tokens=max_new_tokens,
             queries=query_ids,
+            image_sizes=image_sizes,
         )
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens,

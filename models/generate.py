@@ -21,10 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import adaptprune_jax as prune
+from models import anyres as anyres_lib
 from models.clip_text import batch_segments
-from models.llava import LlavaForConditionalGeneration
+from models.llava import LlavaForConditionalGeneration, check_anyres_method
 
 DEFAULT_LENGTH_BUCKET = 64
+# LLaVA-NeXT rows carry different image-token counts; a batch gives each row this many slots, rounded
+# up to a multiple of the bucket (at most the most any image takes), so a new aspect ratio rarely
+# compiles a new prefill.
+DEFAULT_IMAGE_TOKEN_BUCKET = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,10 @@ class PromptBatch(NamedTuple):
     # them, ``needs_text_tower``); M is a power of two, so question lengths rarely recompile.
     query_ids: np.ndarray | None = None
     query_mask: np.ndarray | None = None
+    # LLaVA-NeXT: pixel_values are crops (B, C, 3, H, W), packed into the image slots by this index and
+    # layout (B, N) (`models.anyres.pack_images`).
+    image_index: np.ndarray | None = None
+    image_layout: prune.TokenLayout | None = None
 
 
 class GenerationOutput(NamedTuple):
@@ -68,24 +78,29 @@ def pad_prompts(
     *,
     pad_token_id: int,
     image_token_index: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
     length_bucket: int = DEFAULT_LENGTH_BUCKET,
     max_total_length: int | None = None,
     max_new_tokens: int = 0,
+    image_slots: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad prompts to a shared bucketed length; check each holds exactly one contiguous image span.
 
+    num_image_tokens: the span's length, one for every row or one per row (LLaVA-NeXT); image_slots:
+    the image slots the batch gives every row (default: the most any row has). A pruned row keeps its
+    text in the slots beyond them (`models.pruning`), so the width holds every row's text plus them.
     max_total_length: the longest sequence the cache may hold (prompt + new tokens); a longer request
     is refused here, with the numbers, rather than silently truncated.
     """
     if not token_ids:
         raise ValueError("no prompts given")
     lengths = np.array([len(ids) for ids in token_ids], np.int32)
-    for row, ids in enumerate(token_ids):
+    counts = np.broadcast_to(np.asarray(num_image_tokens, np.int32), lengths.shape)
+    for row, (ids, count) in enumerate(zip(token_ids, counts)):
         where = np.flatnonzero(np.asarray(ids) == image_token_index)
-        if where.size != num_image_tokens or (where.size and where[-1] - where[0] + 1 != where.size):
+        if where.size != count or (where.size and where[-1] - where[0] + 1 != where.size):
             raise ValueError(
-                f"prompt {row} must contain one contiguous run of {num_image_tokens} image tokens "
+                f"prompt {row} must contain one contiguous run of {count} image tokens "
                 f"(id {image_token_index}); found {where.size}"
             )
     longest = int(lengths.max())
@@ -94,7 +109,8 @@ def pad_prompts(
             f"prompt too long for the cache: {longest} prompt tokens + {max_new_tokens} new tokens "
             f"> {max_total_length} positions"
         )
-    width = bucket_length(longest, length_bucket)
+    image_slots = int(counts.max()) if image_slots is None else image_slots
+    width = bucket_length(int((lengths - counts).max()) + image_slots, length_bucket)
     if max_total_length is not None:
         width = min(width, max_total_length - max_new_tokens)
     input_ids = np.full((len(token_ids), width), pad_token_id, np.int32)
@@ -111,6 +127,7 @@ class LlavaRunner:
         model: LlavaForConditionalGeneration,
         *,
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
+        image_token_bucket: int = DEFAULT_IMAGE_TOKEN_BUCKET,
         donate_caches: bool | None = None,
     ):
         """``donate_caches``: let the decode loop update the prompt's caches in place (default: where
@@ -123,6 +140,7 @@ class LlavaRunner:
             (jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype)) for path, leaf in with_paths
         ]
         self.length_bucket = length_bucket
+        self.image_token_bucket = image_token_bucket
         joint_space = model.joint_space
         self.segment_length = None if joint_space is None else joint_space.cfg.text.max_position_embeddings
         self.trace_counts: collections.Counter[str] = collections.Counter()
@@ -134,8 +152,8 @@ class LlavaRunner:
 
     @property
     def prefill_program(self):
-        """The jitted prefill `(weights, input_ids, lengths, pixel_values, rng, query_ids, query_mask, *,
-        extra_slots, pruning, all_logits)` -> PrefillResult, for callers (the benchmark's pre-compile
+        """The jitted prefill `(weights, input_ids, lengths, pixel_values, rng, query_ids, query_mask,
+        image_index=None, image_layout=None, *, extra_slots, pruning, all_logits)` -> PrefillResult, for callers (the benchmark's pre-compile
         phase) that compile it from abstract shapes before `generate` runs it."""
         return self._prefill
 
@@ -186,6 +204,8 @@ class LlavaRunner:
         rng,
         query_ids,
         query_mask,
+        image_index=None,
+        image_layout=None,
         *,
         extra_slots,
         pruning,
@@ -203,6 +223,8 @@ class LlavaRunner:
             all_logits=all_logits,
             query_ids=query_ids,
             query_mask=query_mask,
+            image_index=image_index,
+            image_layout=image_layout,
         )
 
     def _generate_impl(self, weights, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
@@ -247,7 +269,7 @@ class LlavaRunner:
 
     # --- public API ----------------------------------------------------------------------------
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
-        self.resolve_keep(pruning)
+        self.resolve_keep(pruning, batch.image_layout)
         rng = jax.random.key(0) if rng is None else rng
         return self._prefill(
             self.weights,
@@ -257,20 +279,41 @@ class LlavaRunner:
             rng,
             None if batch.query_ids is None else jnp.asarray(batch.query_ids),
             None if batch.query_mask is None else jnp.asarray(batch.query_mask),
+            None if batch.image_index is None else jnp.asarray(batch.image_index),
+            None if batch.image_layout is None else jax.tree.map(jnp.asarray, batch.image_layout),
             extra_slots=extra_slots,
             pruning=pruning,
             all_logits=all_logits,
         )
 
-    def resolve_keep(self, pruning) -> int:
-        """Validate a pruning config against this model; the number of image tokens the LLM finally
-        keeps (0 when unpruned)."""
+    def resolve_keep(self, pruning, layout: prune.TokenLayout | None = None) -> int:
+        """Validate a pruning config against this model (a LLaVA-NeXT model: against the batch's
+        image-token ``layout``); the number of image tokens the LLM finally keeps (0 when unpruned)."""
         if pruning is None:
             return 0
-        pruning.validate(
-            self.config.num_image_tokens, self.config.text.num_layers, self.config.image_layout()
-        )
-        return pruning.resolve_keep(self.config.num_image_tokens)
+        if not self.config.anyres:
+            pruning.validate(
+                self.config.num_image_tokens, self.config.text.num_layers, self.config.image_layout()
+            )
+            return pruning.resolve_keep(self.config.num_image_tokens)
+        check_anyres_method(pruning)
+        if isinstance(pruning.keep, float):
+            raise ValueError(
+                f"{pruning.name}: keep={pruning.keep} is a ratio, but LLaVA-NeXT images differ in their "
+                "image-token counts: give keep as a count of image tokens the LLM keeps"
+            )
+        if layout is None:
+            return pruning.resolve_keep(self.config.num_image_tokens)  # the batch is checked when it comes
+        counts = np.asarray(layout.valid).sum(axis=-1)
+        pruning.validate(layout.num_tokens, self.config.text.num_layers, layout)
+        keep = pruning.resolve_keep(layout.num_tokens)
+        for row, count in enumerate(counts):
+            if keep > count:
+                raise ValueError(
+                    f"{pruning.name}: keep={keep} exceeds the {count} image tokens of row {row}; on "
+                    f"LLaVA-NeXT keep must be at most every row's image-token count"
+                )
+        return keep
 
     def generate(
         self,
@@ -302,23 +345,33 @@ class LlavaRunner:
         pad_token_id: int,
         max_new_tokens: int = 0,
         queries: Sequence[Sequence[int]] | None = None,
+        image_sizes: Sequence[Sequence[int]] | None = None,
     ) -> PromptBatch:
         """``queries``: each prompt's question in the CLIP text tower's tokens, for a method that
-        reads it (the model must have the text tower)."""
+        reads it (the model must have the text tower). LLaVA-NeXT: ``pixel_values`` are the crops
+        (B, C, 3, H, W) and ``image_sizes`` (B, 2) the images' (height, width), as transformers'
+        processor gives them; each row's prompt holds its own image's token count."""
+        pixel_values = np.asarray(pixel_values, np.float32)
+        if pixel_values.shape[0] != len(token_ids):
+            raise ValueError(f"{len(token_ids)} prompts but {pixel_values.shape[0]} images")
+        packed = self._pack(pixel_values, image_sizes)
         input_ids, lengths = pad_prompts(
             token_ids,
             pad_token_id=pad_token_id,
             image_token_index=self.config.image_token_index,
-            num_image_tokens=self.config.num_image_tokens,
+            num_image_tokens=self.config.num_image_tokens if packed is None else packed.counts,
             length_bucket=self.length_bucket,
             max_total_length=self.config.text.max_position_embeddings,
             max_new_tokens=max_new_tokens,
+            image_slots=None if packed is None else packed.layout.num_tokens,
         )
-        pixel_values = np.asarray(pixel_values, np.float32)
-        if pixel_values.shape[0] != len(token_ids):
-            raise ValueError(f"{len(token_ids)} prompts but {pixel_values.shape[0]} images")
+        anyres = {}
+        if packed is not None:
+            crops = anyres_lib.max_crops(self.config)
+            pixel_values = np.pad(pixel_values, [(0, 0), (0, crops - pixel_values.shape[1])] + [(0, 0)] * 3)
+            anyres = dict(image_index=packed.index, image_layout=packed.layout)
         if queries is None:
-            return PromptBatch(input_ids, lengths, pixel_values)
+            return PromptBatch(input_ids, lengths, pixel_values, **anyres)
         if self.segment_length is None:
             raise ValueError(
                 "queries need the CLIP text tower, which this model was loaded without "
@@ -329,7 +382,26 @@ class LlavaRunner:
         query_ids, query_mask = batch_segments(queries, self.segment_length)
         padding = ((0, 0), (0, (1 << (query_ids.shape[1] - 1).bit_length()) - query_ids.shape[1]), (0, 0))
         query_ids, query_mask = np.pad(query_ids, padding), np.pad(query_mask, padding)
-        return PromptBatch(input_ids, lengths, pixel_values, query_ids, query_mask)
+        return PromptBatch(input_ids, lengths, pixel_values, query_ids, query_mask, **anyres)
+
+    def _pack(self, pixel_values: np.ndarray, image_sizes) -> anyres_lib.PackedImages | None:
+        """LLaVA-NeXT's packing of a batch (None for LLaVA-1.5): the crops padded to the most any image
+        takes (one vision program per model), the image slots to the image-token bucket."""
+        if not self.config.anyres:
+            if image_sizes is not None:
+                raise ValueError(
+                    "image_sizes are for LLaVA-NeXT (anyres) models; this one takes one crop per image"
+                )
+            return None
+        if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or pixel_values.ndim != 5:
+            raise ValueError(
+                "a LLaVA-NeXT batch needs crops (B, C, 3, H, W) and one (height, width) image size per row, "
+                f"got pixel_values {pixel_values.shape} and "
+                f"{'no' if image_sizes is None else len(image_sizes)} image sizes"
+            )
+        counts = [anyres_lib.image_token_count(size, self.config) for size in image_sizes]
+        slots = min(bucket_length(max(counts), self.image_token_bucket), self.config.num_image_tokens)
+        return anyres_lib.pack_images(image_sizes, self.config, anyres_lib.max_crops(self.config), slots)
 
 
 def tokens_until_eos(tokens: np.ndarray, counts: np.ndarray, eos_token_id: int | None) -> list[list[int]]:

@@ -128,10 +128,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-    """(B, Sq, Sk) bool: key is a real token at or before the query's position."""
+def attention_mask(
+    query_positions: jax.Array, key_positions: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
+    """(B, Sq, Sk) bool: key is a real token at or before the query's position, and, with a
+    ``sliding_window`` W, less than W positions before it (transformers' Mistral rule
+    ``kv > q - W``: the query and the W - 1 keys before it)."""
     keys = key_positions[:, None, :]
-    return (keys >= 0) & (keys <= query_positions[:, :, None])
+    queries = query_positions[:, :, None]
+    mask = (keys >= 0) & (keys <= queries)
+    if sliding_window is not None:
+        mask &= keys > queries - sliding_window
+    return mask
 
 
 # Largest float32 attention-logits tensor (B, H, Sq, Sk) one attention call materialises; a call whose
@@ -219,7 +227,12 @@ def resolve_attention(implementation: str, dtype, backend: str | None = None) ->
 
 
 def self_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, positions: jax.Array | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    implementation: str,
+    positions: jax.Array | None = None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """A sequence's attention over itself through ``implementation``; q, k, v and the output as in
     `attend`. ``positions`` None: every token sees every token (the vision tower); ``positions`` (B, S)
@@ -232,10 +245,16 @@ def self_attention(
     (`tests/models/test_attention.py` checks every sequence it feeds a layer). Their padding rows are
     zeros, unlike `einsum`'s (an average of the values); nothing reads a padding row's output (its
     keys and values are cached at position -1, which no query sees).
+
+    ``sliding_window`` W (with ``positions``): `einsum` applies the window on positions; `cudnn` and
+    `xla` as the kernel's local window of W - 1 slots to the left, the same keys where every row's real
+    tokens also sit at the slots their positions name (no gaps: an unpruned prompt, or one renumbered
+    by slot). A sequence with gaps (pruned, original positions kept) must take `einsum`.
     """
     implementation = resolve_attention(implementation, q.dtype)
     if implementation == EINSUM:
-        return attend(q, k, v, None if positions is None else attention_mask(positions, positions))
+        mask = None if positions is None else attention_mask(positions, positions, sliding_window)
+        return attend(q, k, v, mask)
     batch, length, heads, head_dim = q.shape
     lengths = None  # real tokens per row: all of them, unless positions say otherwise
     if positions is not None:
@@ -251,6 +270,7 @@ def self_attention(
         is_causal=positions is not None,
         query_seq_lengths=lengths,
         key_value_seq_lengths=lengths,
+        local_window_size=None if sliding_window is None or positions is None else (sliding_window - 1, 0),
         implementation=implementation,
     )[:, :length]
     if positions is not None:  # padding rows: zeros, whatever the kernel left there (finite for the cache)

@@ -92,8 +92,12 @@ class LlamaDecoderLayer(nnx.Module):
         trainer's fused attention), for this call."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
         implementation = self.self_attn.cfg.attention if attention is None else attention
-        out = self_attention(q, k, v, implementation, positions)
+        out = self_attention(q, k, v, implementation, positions, self.sliding_window)
         return self._finish(x, out), q, k, v
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.self_attn.cfg.sliding_window
 
     def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Post-RoPE q and k this layer would attend with on its input `x`, without running it."""
@@ -123,7 +127,8 @@ class LlamaDecoderLayer(nnx.Module):
             "end_index": slot + 1,
             "shift": cache["shift"],
         }
-        out = attend(q, cache["k"], cache["v"], attention_mask(positions, cache["positions"]))
+        mask = attention_mask(positions, cache["positions"], self.sliding_window)
+        out = attend(q, cache["k"], cache["v"], mask)
         return self._finish(x, out), cache
 
 

@@ -1,9 +1,13 @@
-"""LLaVA-1.5: CLIP vision tower -> MLP projector -> LLaMA, joined by a thin model.
+"""LLaVA-1.5 and LLaVA-NeXT: CLIP vision tower -> MLP projector -> LLaMA / Mistral, joined by a thin model.
 
-Each prompt row holds one image: `num_image_tokens` image-token ids, found per row from the ids
-(rows of a batch may put them at different offsets). Image features are written into those slots
-with a gather + select, so shapes stay static for any batch; the slots and the config's token layout
-(`LlavaModelConfig.image_layout`) describe the image tokens to the pruning step.
+Each prompt row holds one image: its image-token ids, found per row from the ids (rows of a batch may
+put them at different offsets). LLaVA-1.5's image gives one crop's features, the same count for every
+row, described by the config's token layout (`LlavaModelConfig.image_layout`). LLaVA-NeXT's image gives
+several crops, packed into a per-image count of tokens (base grid, high-resolution grid, newlines):
+the host computes the packing once (`models.anyres.pack_images`: a gather index and a layout per row),
+the model runs every crop of the batch through the tower at once and packs with one gather. Image
+features are written into the slots with a gather + select, so shapes stay static for any batch; the
+slots and the layout describe the image tokens to the pruning step.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from flax import nnx
 import adaptprune_jax as prune
 from models.clip import CLIPVisionTower, VisionReadout, activation
 from models.config import LlavaModelConfig
-from models.layers import EMPTY_POSITION, Dense
+from models.layers import EMPTY_POSITION, Dense, normal_param
 from models.llama import LlamaForCausalLM, PrefillResult
 from models.pruning import ImageTokens
 
@@ -40,6 +44,19 @@ class ImageInputs(NamedTuple):
     merged_kept: jax.Array | None  # a merging method's passed-through image tokens (B, k)
 
 
+def check_anyres_method(pruning: prune.PruneConfig | None) -> None:
+    """LLaVA-NeXT takes the methods whose cues come from the LLM over the packed span; a method that
+    reads the vision tower or merges before the projector would need per-crop cues, not ported."""
+    if pruning is None:
+        return
+    if pruning.vision_layer() is not None or pruning.merges:
+        raise ValueError(
+            f"{pruning.name} reads the vision tower per crop (or merges before the projector), which the "
+            "LLaVA-NeXT port does not provide; on LLaVA-NeXT use a method whose cues come from the LLM "
+            "over the packed image tokens (e.g. fastv, random, divprune)"
+        )
+
+
 class LlavaForConditionalGeneration(nnx.Module):
     def __init__(self, cfg: LlavaModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -49,6 +66,8 @@ class LlavaForConditionalGeneration(nnx.Module):
         self.language_model = LlamaForCausalLM(
             cfg.text, tie_word_embeddings=cfg.tie_word_embeddings, dtype=dtype, rngs=rngs
         )
+        # LLaVA-NeXT's learned token after every row of an image's high-resolution grid.
+        self.image_newline = normal_param(rngs, (cfg.text.hidden_size,), dtype) if cfg.anyres else None
         # CLIP's text tower and visual projection (``models.clip_text.JointSpace``), loaded beside the
         # checkpoint for methods whose cues read CLIP's joint space (``needs_text_tower``).
         self.joint_space = nnx.data(None)
@@ -66,6 +85,17 @@ class LlavaForConditionalGeneration(nnx.Module):
             features = features[:, 1:]
         return self.multi_modal_projector(features), readout
 
+    def packed_features(self, pixel_values: jax.Array, image_index: jax.Array) -> jax.Array:
+        """LLaVA-NeXT: crops (B, C, 3, H, W) and the packing index (B, N) (`models.anyres.pack_images`)
+        -> the LLM's image features (B, N, text width). One tower pass over every crop of the batch
+        (a row's padding crops are computed and never read: crops do not see each other), then one
+        gather from the flat crop features, whose extra last row is `image_newline`."""
+        batch, crops = pixel_values.shape[:2]
+        features, _ = self.encode_images(pixel_values.reshape(batch * crops, *pixel_values.shape[2:]))
+        flat = features.reshape(-1, features.shape[-1])
+        flat = jnp.concatenate([flat, self.image_newline[...][None].astype(flat.dtype)])
+        return jnp.take(flat, image_index, axis=0)
+
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """(B, 3, H, W) -> (B, num_image_tokens, text width): selected CLIP layers, [CLS] per strategy."""
         return self.encode_images(pixel_values)[0]
@@ -76,11 +106,18 @@ class LlavaForConditionalGeneration(nnx.Module):
         pruning: prune.PruneConfig | None = None,
         query_ids: jax.Array | None = None,
         query_mask: jax.Array | None = None,
+        image_index: jax.Array | None = None,
     ) -> ImageInputs:
         """What the LLM's prompt takes from the images under ``pruning``: the image features (a merging
         method's tokens in the first ``keep`` slots), the vision-tower cues the method asked for (and
         the joint-space ones, from the questions' text-tower segments ``query_ids`` / ``query_mask``
-        (B, M, L)), and a merging method's passed-through image tokens."""
+        (B, M, L)), and a merging method's passed-through image tokens. LLaVA-NeXT: the packed crop
+        features (``image_index``, `packed_features`)."""
+        if self.config.anyres:
+            check_anyres_method(pruning)
+            if image_index is None:
+                raise ValueError("a LLaVA-NeXT batch needs its packing index (models.anyres.pack_images)")
+            return ImageInputs(self.packed_features(pixel_values, image_index), {}, None)
         readout_layer = None if pruning is None else pruning.vision_layer()
         features, readout = self.encode_images(pixel_values, readout_layer)
         num_image_tokens = features.shape[1]
@@ -172,22 +209,26 @@ class LlavaForConditionalGeneration(nnx.Module):
         all_logits: bool = False,
         query_ids: jax.Array | None = None,
         query_mask: jax.Array | None = None,
+        image_index: jax.Array | None = None,
+        image_layout: prune.TokenLayout | None = None,
     ) -> PrefillResult:
         """Vision tower + projector + LLM prefill (with optional pruning), for right-padded prompts.
 
         input_ids (B, S) int32 padded on the right; lengths (B,) real prompt lengths; query_ids and
         query_mask (B, M, L): the questions in the text tower's tokens, for a method that reads them.
+        LLaVA-NeXT: pixel_values (B, C, 3, H, W) crops, image_index and image_layout (B, N) the packing
+        (`models.anyres.pack_images`).
         """
         slots = jnp.arange(input_ids.shape[1], dtype=jnp.int32)[None]
         positions = jnp.where(slots < lengths[:, None], slots, EMPTY_POSITION)
-        inputs = self.image_inputs(pixel_values, pruning, query_ids, query_mask)
+        inputs = self.image_inputs(pixel_values, pruning, query_ids, query_mask, image_index)
         features, vision = inputs.features, inputs.vision
         x, image_slots = self.embed_prompt(input_ids, features)
         result = self.language_model.prefill(
             x,
             positions,
             lengths - 1,
-            self.image_tokens(image_slots),
+            self.image_tokens(image_slots, image_layout),
             extra_slots=extra_slots,
             pruning=pruning,
             rng=rng,

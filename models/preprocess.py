@@ -25,7 +25,9 @@ from transformers import AutoTokenizer, LlavaConfig
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from models.presets import llava15_image_processor
+from models import anyres
+from models.config import from_hf_config, load_hf_config
+from models.presets import anyres_image_processor, llava15_image_processor
 from models.tokenizer import IMAGE_TOKEN
 
 VICUNA_V1_SYSTEM = (
@@ -55,8 +57,11 @@ class UnreadableImageError(ValueError):
     """An image file exists but PIL cannot decode it (corrupt, truncated, or not an image)."""
 
 
-def build_prompt(question: str) -> str:
-    """The vicuna_v1 prompt LLaVA-1.5 was trained with: one image placeholder before the question."""
+def build_prompt(question: str, text_model_type: str = "llama") -> str:
+    """The prompt LLaVA was trained with, one image placeholder before the question: vicuna_v1 for a
+    LLaMA (LLaVA-1.5, v1.6-vicuna), mistral_instruct for a Mistral (v1.6-mistral)."""
+    if text_model_type == "mistral":
+        return f"[INST] {IMAGE_TOKEN}\n{question} [/INST]"
     return f"{VICUNA_V1_SYSTEM} USER: {IMAGE_TOKEN}\n{question} ASSISTANT:"
 
 
@@ -107,6 +112,7 @@ class Preprocessor:
 
     def __init__(self, config: LlavaConfig, tokenizer, image_processor, query_tokenizer=None):
         self.config = config
+        self.model_config = from_hf_config(config)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.query_tokenizer = query_tokenizer  # the CLIP text tower's, when one is loaded
@@ -127,16 +133,18 @@ class Preprocessor:
 
         pad_to_square=True (default) applies LLaVA-1.5's original pad mode whatever processor was saved;
         False keeps the saved processor as it is (llava-hf's centre crop). Without a saved processor,
-        the LLaVA-1.5 one is built from the config.
+        the LLaVA-1.5 one is built from the config. A LLaVA-NeXT checkpoint takes its saved anyres
+        processor as it is (or builds one from the config's pinpoints).
         """
         directory = os.fspath(directory)
-        config = config if config is not None else LlavaConfig.from_pretrained(directory)
+        config = config if config is not None else load_hf_config(directory)
+        is_anyres = config.model_type == "llava_next"
         tokenizer = AutoTokenizer.from_pretrained(directory)
         if any(os.path.isfile(os.path.join(directory, name)) for name in _PROCESSOR_FILES):
             image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil")
         else:
-            image_processor = llava15_image_processor(config)
-        if pad_to_square:
+            image_processor = (anyres_image_processor if is_anyres else llava15_image_processor)(config)
+        if pad_to_square and not is_anyres:
             image_processor = llava15_pad_mode(image_processor)
         query_tokenizer = None if text_tower is None else AutoTokenizer.from_pretrained(text_tower)
         return cls(config, tokenizer, image_processor, query_tokenizer)
@@ -147,7 +155,22 @@ class Preprocessor:
 
     @property
     def num_image_tokens(self) -> int:
-        return num_image_tokens(self.config)
+        """Image tokens per image (LLaVA-NeXT: the most any image takes; `image_token_count`)."""
+        return self.model_config.num_image_tokens
+
+    def image_token_count(self, image_size: Sequence[int] | None = None) -> int:
+        """Image tokens an image of ``image_size`` (height, width) puts in the prompt: LLaVA-NeXT's
+        count per image, newlines included (as its processor expands `<image>`); LLaVA-1.5's fixed one."""
+        if not self.model_config.anyres:
+            return self.num_image_tokens
+        if image_size is None:
+            raise ValueError("a LLaVA-NeXT prompt's image-token count depends on its image: give image_size")
+        return anyres.image_token_count(image_size, self.model_config)
+
+    @staticmethod
+    def image_sizes(images: Sequence[PIL.Image.Image]) -> list[tuple[int, int]]:
+        """Each image's (height, width), as LLaVA-NeXT's processor reports it."""
+        return [(image.height, image.width) for image in images]
 
     @property
     def eos_token_id(self) -> int:
@@ -163,21 +186,16 @@ class Preprocessor:
         return self.eos_token_id
 
     def pixel_values(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
-        """float32 (B, 3, H, W) pixels; H = W = the vision tower's image size (checked).
+        """float32 (B, 3, H, W) pixels; H = W = the vision tower's image size (checked). LLaVA-NeXT:
+        its crops (B, C, 3, H, W), C the most any image takes (`models.anyres.max_crops`), zero-padded.
 
         A batch is split over threads, one slice each: every image is processed on its own (PIL's
         resize and numpy's normalisation release the GIL), so the pixels equal one call's, and a batch
         of 128 no longer waits on one core while the accelerator is idle."""
         images = list(images)
-        slices = [images[i :: self.preprocess_threads] for i in range(self.preprocess_threads)]
-        slices = [part for part in slices if part]
-        if len(slices) > 1:
-            parts = list(self._thread_pool().map(self._process_images, slices))
-            pixels = np.empty((len(images), *parts[0].shape[1:]), np.float32)
-            for index, part in enumerate(parts):
-                pixels[index :: len(slices)] = part
-        else:
-            pixels = self._process_images(images)
+        if self.model_config.anyres:  # every slice's crops padded to one count before they are joined
+            return self._threaded(images, self._process_crops)
+        pixels = self._threaded(images, self._process_images)
         size = self.config.vision_config.image_size
         if pixels.shape[1:] != (3, size, size):
             raise ValueError(
@@ -185,6 +203,30 @@ class Preprocessor:
                 f"tower expects (3, {size}, {size}); the saved processor disagrees with the config"
             )
         return pixels
+
+    def _threaded(self, images: list[PIL.Image.Image], process) -> np.ndarray:
+        """``process`` over slices of ``images`` on threads, joined in batch order."""
+        slices = [images[i :: self.preprocess_threads] for i in range(self.preprocess_threads)]
+        slices = [part for part in slices if part]
+        if len(slices) > 1:
+            parts = list(self._thread_pool().map(process, slices))
+            pixels = np.empty((len(images), *parts[0].shape[1:]), np.float32)
+            for index, part in enumerate(parts):
+                pixels[index :: len(slices)] = part
+            return pixels
+        return process(images)
+
+    def _process_crops(self, images: list[PIL.Image.Image]) -> np.ndarray:
+        pixels = self._process_images(images)
+        crops = anyres.max_crops(self.model_config)
+        size = self.config.vision_config.image_size
+        if pixels.ndim != 5 or pixels.shape[2:] != (3, size, size) or pixels.shape[1] > crops:
+            raise ValueError(
+                f"image processor produced crops of shape {pixels.shape[1:]}, but the vision tower "
+                f"expects at most {crops} crops of (3, {size}, {size}); the saved processor disagrees "
+                "with the config"
+            )
+        return np.pad(pixels, [(0, 0), (0, crops - pixels.shape[1])] + [(0, 0)] * 3)
 
     def _process_images(self, images: list[PIL.Image.Image]) -> np.ndarray:
         pixels = self.image_processor(images=images, return_tensors="np")["pixel_values"]
@@ -195,12 +237,14 @@ class Preprocessor:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.preprocess_threads, "preprocess")
         return self._pool
 
-    def encode(self, question: str) -> list[int]:
-        """Token ids of the vicuna_v1 prompt for `question`, with the image placeholder expanded."""
-        return self.encode_prompt(build_prompt(question))
+    def encode(self, question: str, image_size: Sequence[int] | None = None) -> list[int]:
+        """Token ids of the model's prompt for `question`, with the image placeholder expanded (for an
+        image of ``image_size`` (height, width) under LLaVA-NeXT)."""
+        return self.encode_prompt(build_prompt(question, self.config.text_config.model_type), image_size)
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Token ids of a complete prompt holding exactly one `<image>`, expanded to one id per feature."""
+    def encode_prompt(self, prompt: str, image_size: Sequence[int] | None = None) -> list[int]:
+        """Token ids of a complete prompt holding exactly one `<image>`, expanded to one id per feature
+        (LLaVA-NeXT: per image token of an image of ``image_size``)."""
         ids = self.tokenizer(prompt)["input_ids"]
         image_slots = [index for index, token in enumerate(ids) if token == self.image_token_index]
         if len(image_slots) != 1:
@@ -209,7 +253,7 @@ class Preprocessor:
                 f"found {len(image_slots)}: {prompt!r}"
             )
         slot = image_slots[0]
-        return ids[:slot] + [self.image_token_index] * self.num_image_tokens + ids[slot + 1 :]
+        return ids[:slot] + [self.image_token_index] * self.image_token_count(image_size) + ids[slot + 1 :]
 
     def encode_query(self, question: str) -> list[int]:
         """The question in the CLIP text tower's tokens, untruncated (as the released CDPruner

@@ -1,7 +1,7 @@
 """Named LLaVA configurations and a writer of random-weight checkpoints in the llava-hf layout.
 
-The full-size presets reproduce llava-hf/llava-1.5-{7b,13b}-hf's config.json, so speed and memory
-can be measured with random weights (they depend on shapes, not values). The tiny presets keep
+The full-size presets reproduce llava-hf/llava-1.5-{7b,13b}-hf's and llava-v1.6-{vicuna,mistral}-7b-hf's
+config.json, so speed and memory can be measured with random weights (they depend on shapes, not values). The tiny presets keep
 LLaVA-1.5's 336 px / patch-14 / 24 x 24 image grid but shrink every width, so parity tests exercise
 the real token counts and RoPE positions past 600 on a 2-core CPU.
 
@@ -14,7 +14,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import (
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    MistralConfig,
+)
 
 from models.tokenizer import build_clip_word_tokenizer, build_word_tokenizer, vocabulary_from_texts
 
@@ -86,8 +94,26 @@ _TINY_IMAGE_TOKEN = len(TINY_VOCABULARY) + 4  # right after the 4 special tokens
 _TINY_VOCAB_SIZE = 128
 
 
+# llava-hf's LLaVA-NeXT (v1.6) resolutions, (height, width).
+_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
 def _llava(vision: dict[str, Any], text: dict[str, Any], **top: Any) -> LlavaConfig:
     return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text), **top)
+
+
+def _llava_next(
+    vision: dict[str, Any], text: dict[str, Any], *, mistral: bool, **top: Any
+) -> LlavaNextConfig:
+    text_config = MistralConfig(**text) if mistral else LlamaConfig(**text)
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=text_config,
+        image_grid_pinpoints=_V16_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        **top,
+    )
 
 
 def _tiny_text(**overrides: Any) -> dict[str, Any]:
@@ -108,6 +134,12 @@ def _tiny_text(**overrides: Any) -> dict[str, Any]:
     return text
 
 
+def _next_text(**overrides: Any) -> dict[str, Any]:
+    """The tiny text model of the LLaVA-NeXT presets: room for a 2,928-token image, and three layers
+    (prompts are five times LLaVA-1.5's, so attention costs the CPU tests 25 times more per layer)."""
+    return _tiny_text(num_hidden_layers=3, max_position_embeddings=4096, **overrides)
+
+
 def _make(name: str) -> LlavaConfig:
     if name in ("llava-1.5-7b", "llava-1.5-13b"):
         width, mlp, layers = (4096, 11008, 32) if name == "llava-1.5-7b" else (5120, 13824, 40)
@@ -126,6 +158,31 @@ def _make(name: str) -> LlavaConfig:
         )
         return _llava(
             _CLIP_L_336, text, image_token_index=_LLAVA15_IMAGE_TOKEN, pad_token_id=_LLAVA15_PAD_TOKEN
+        )
+    if name in ("llava-v1.6-vicuna-7b", "llava-v1.6-mistral-7b"):
+        mistral = name == "llava-v1.6-mistral-7b"
+        text = dict(
+            hidden_size=4096,
+            intermediate_size=14336 if mistral else 11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8 if mistral else 32,
+            vocab_size=_LLAVA15_VOCAB,
+            max_position_embeddings=32768 if mistral else 4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=_LLAVA15_PAD_TOKEN,
+        )
+        if mistral:  # Mistral-7B-Instruct-v0.2's: no sliding window, rope_theta 1e6
+            text.update(sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        return _llava_next(
+            _CLIP_L_336,
+            text,
+            mistral=mistral,
+            image_token_index=_LLAVA15_IMAGE_TOKEN,
+            pad_token_id=_LLAVA15_PAD_TOKEN,
+            projector_hidden_act="gelu",
         )
     tiny = dict(image_token_index=_TINY_IMAGE_TOKEN, pad_token_id=3)
     if name == "tiny":
@@ -150,13 +207,32 @@ def _make(name: str) -> LlavaConfig:
             tie_word_embeddings=True,
             **tiny,
         )
+    if name == "tiny-next":  # LLaVA-NeXT over the tiny LLaMA: anyres crops, image_newline
+        return _llava_next(_CLIP_TINY, _next_text(), mistral=False, **tiny)
+    if name == "tiny-next-mistral":  # ...over a tiny Mistral: grouped-query heads, a 64-position window
+        return _llava_next(
+            _CLIP_TINY,
+            _next_text(num_key_value_heads=2, sliding_window=64),
+            mistral=True,
+            **tiny,
+        )
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESET_NAMES)}")
 
 
-PRESET_NAMES = ("llava-1.5-7b", "llava-1.5-13b", "tiny", "tiny-gqa", "tiny-full")
+PRESET_NAMES = (
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-v1.6-vicuna-7b",
+    "llava-v1.6-mistral-7b",
+    "tiny",
+    "tiny-gqa",
+    "tiny-full",
+    "tiny-next",
+    "tiny-next-mistral",
+)
 
 
-def llava_config(name: str) -> LlavaConfig:
+def llava_config(name: str) -> LlavaConfig | LlavaNextConfig:
     """The transformers `LlavaConfig` of a named preset (see PRESET_NAMES)."""
     return _make(name)
 
@@ -221,13 +297,32 @@ def llava15_image_processor(config: LlavaConfig):
     )
 
 
-def random_torch_model(config: LlavaConfig, *, seed: int = 0, dtype: str = "float32"):
-    """transformers' PyTorch LlavaForConditionalGeneration with its own random initialisation."""
+def anyres_image_processor(config: LlavaNextConfig):
+    """LLaVA-NeXT's preprocessing as llava-hf saves it: transformers' LLaVA-NeXT image processor (PIL
+    backend, see `llava15_image_processor`) with the config's pinpoints and crop size."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    size = config.vision_config.image_size
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=[list(point) for point in config.image_grid_pinpoints],
+    )
+
+
+def random_torch_model(config: LlavaConfig | LlavaNextConfig, *, seed: int = 0, dtype: str = "float32"):
+    """transformers' PyTorch LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for a
+    llava_next config) with its own random initialisation."""
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model_class = (
+        LlavaNextForConditionalGeneration
+        if config.model_type == "llava_next"
+        else LlavaForConditionalGeneration
+    )
+    model = model_class(config)
     return model.to(getattr(torch, dtype)).eval()
 
 
@@ -250,7 +345,7 @@ def write_random_checkpoint(
     The tokenizer (default: the tiny word-level one) and LLaVA-1.5 processor are saved alongside.
     """
     from safetensors.torch import save_file
-    from transformers import LlavaProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -269,8 +364,13 @@ def write_random_checkpoint(
     else:
         raise ValueError(f"key_spelling must be 'saved' or 'state_dict', got {key_spelling!r}")
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer(config)
-    processor = LlavaProcessor(
-        image_processor=llava15_image_processor(config),
+    processor_class, image_processor = (
+        (LlavaNextProcessor, anyres_image_processor(config))
+        if config.model_type == "llava_next"
+        else (LlavaProcessor, llava15_image_processor(config))
+    )
+    processor = processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,

@@ -24,16 +24,20 @@ import jax
 import jax.numpy as jnp
 
 import adaptprune_jax as prune
-from models.layers import EMPTY_POSITION, LayerCache, attention_mask, new_layer_cache, rows_take
+from models.layers import EINSUM, EMPTY_POSITION, LayerCache, attention_mask, new_layer_cache, rows_take
 
 
 class DecoderLayer(Protocol):
     """What the pruning driver needs of a decoder layer."""
 
+    sliding_window: int | None
+    """Keys less than this many positions before a query are seen (None: all earlier keys)."""
+
     def prefill(
-        self, x: jax.Array, positions: jax.Array
+        self, x: jax.Array, positions: jax.Array, *, attention: str | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Full-sequence step: (x out, post-RoPE q (B, S, H, D), k and v (B, S, Hkv, D))."""
+        """Full-sequence step: (x out, post-RoPE q (B, S, H, D), k and v (B, S, Hkv, D));
+        ``attention``: an implementation other than the layer's own, for this call."""
 
     def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Post-RoPE q (B, S, H, D) and k (B, S, Hkv, D) of this layer on its input, without running it."""
@@ -100,6 +104,7 @@ def prefill(
     # The unpruned prompt, and each current slot's slot in it (for an InputEmbeddings cue).
     original = (x, positions, image.slots)
     origin = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+    gapped = False  # positions skip the pruned tokens' (a windowed fused kernel counts slots: einsum then)
     for layer_index, layer in enumerate(layers):
         if layer_index in stages:
             stage = sorted(stages).index(layer_index)
@@ -127,13 +132,15 @@ def prefill(
             kept = selected if kept is None else rows_take(kept, selected)
             if merged is not None:
                 kept = jnp.concatenate([kept, jnp.full(merged.shape[:2], -1, kept.dtype)], axis=1)
+            gapped = not renumbers
             if renumbers:  # pre-LLM methods as released: a shorter prompt
                 positions = jnp.where(positions >= 0, jnp.arange(positions.shape[1])[None], EMPTY_POSITION)
             if "vision_attention" in vision:
                 if merged is not None:
                     raise ValueError(f"{pruning.name}: a merged token has no vision-tower attention")
                 vision["vision_attention"] = rows_take(vision["vision_attention"], selected)
-        x, q, k, v = layer.prefill(x, positions)
+        exact_only = gapped and layer.sliding_window is not None
+        x, q, k, v = layer.prefill(x, positions, attention=EINSUM if exact_only else None)
         if reads_previous and layer_index + 1 in stages:
             previous = (q, k, positions)
         caches.append(new_layer_cache(k, v, positions, extra_slots))
@@ -145,10 +152,10 @@ def prefill(
     return PrefillState(x, positions, last_index, caches, kept)
 
 
-def _last_token_attention(q, k, positions, last_index, image):
+def _last_token_attention(q, k, positions, last_index, image, sliding_window):
     """Head-mean attention of each row's last prompt token over its image tokens (B, N), float32."""
     last_query = rows_take(q, last_index[:, None])[:, 0]
-    key_mask = attention_mask(rows_take(positions, last_index[:, None]), positions)[:, 0]
+    key_mask = attention_mask(rows_take(positions, last_index[:, None]), positions, sliding_window)[:, 0]
     return rows_take(prune.last_token_attention(last_query, k, key_mask), image.slots)
 
 
@@ -171,15 +178,15 @@ def _cues(
     image_hidden = rows_take(x, image.slots)
     for request in pruning.cue_requests():
         if isinstance(request, prune.LastTokenAttention):
-            fields["attention"] = _last_token_attention(*previous, last_index, image)
+            fields["attention"] = _last_token_attention(*previous, last_index, image, layer.sliding_window)
         elif isinstance(request, prune.StageAttention):
             fields["attention"] = _last_token_attention(
-                *layer.queries_keys(x, positions), positions, last_index, image
+                *layer.queries_keys(x, positions), positions, last_index, image, layer.sliding_window
             )
         elif isinstance(request, prune.QueryAttention):
             q, k, _ = previous  # the same positions: nothing is pruned between the two layers
             fields["query_attention"] = rows_take(
-                _head_mean_attention(q, k, positions).swapaxes(1, 2), image.slots
+                _head_mean_attention(q, k, positions, layer.sliding_window).swapaxes(1, 2), image.slots
             ).swapaxes(1, 2)
             is_image = _slot_mask(image.slots, image.layout.valid, positions.shape[1])
             fields["query_mask"] = (positions >= 0) & ~is_image
@@ -212,13 +219,15 @@ def _cues(
     )
 
 
-def _head_mean_attention(q: jax.Array, k: jax.Array, positions: jax.Array) -> jax.Array:
+def _head_mean_attention(
+    q: jax.Array, k: jax.Array, positions: jax.Array, sliding_window: int | None = None
+) -> jax.Array:
     """(B, S, S) float32 attention probabilities of every query over every key, averaged over heads."""
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     grouped = q.astype(jnp.float32).reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", grouped, k.astype(jnp.float32)) * head_dim**-0.5
-    mask = attention_mask(positions, positions)[:, None, None]
+    mask = attention_mask(positions, positions, sliding_window)[:, None, None]
     probabilities = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
     return jnp.mean(jnp.where(mask, probabilities, 0.0), axis=(1, 2))
 

@@ -65,15 +65,19 @@ def image_token_positions(input_ids: torch.Tensor, image_token_index: int) -> to
 
 
 @torch.no_grad()
-def embed_inputs(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+def embed_inputs(
+    model, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
     """Input embeddings with the projected image features scattered into the image positions.
 
     Exactly transformers' own path (LlavaModel.forward): token embeddings, vision tower features
-    selected by the config's layer and strategy, projector, then masked_scatter in sequence order.
+    selected by the config's layer and strategy, projector (LLaVA-NeXT: packed by ``image_sizes``),
+    then masked_scatter in sequence order.
     """
     llava = model.model
     inputs_embeds = llava.get_input_embeddings()(input_ids)
-    features = llava.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    sizes = {} if image_sizes is None else {"image_sizes": image_sizes}
+    features = llava.get_image_features(pixel_values=pixel_values, return_dict=True, **sizes).pooler_output
     features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
     image_mask = llava.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
     return inputs_embeds.masked_scatter(image_mask, features)

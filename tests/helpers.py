@@ -15,6 +15,8 @@ CHECKPOINT_VARIANTS = {
     "tiny": dict(key_spelling="saved"),  # save_pretrained, one file
     "tiny-gqa": dict(key_spelling="saved", max_shard_size="300KB"),  # sharded with an index
     "tiny-full": dict(key_spelling="state_dict"),  # newer in-memory key spelling
+    "tiny-next": dict(key_spelling="saved"),  # LLaVA-NeXT over LLaMA
+    "tiny-next-mistral": dict(key_spelling="state_dict"),  # LLaVA-NeXT over Mistral, model.image_newline
 }
 
 

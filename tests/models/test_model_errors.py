@@ -86,10 +86,10 @@ def test_unsupported_variants_of_the_config_are_refused():
     with pytest.raises(ValueError, match="unsupported RoPE type 'yarn'"):
         from_hf_config(config)
     tiny = presets.llava_config("tiny")
-    mistral = LlavaConfig(
+    qwen = LlavaConfig(
         vision_config=tiny.vision_config.to_dict(),
         text_config=dict(
-            model_type="mistral",
+            model_type="qwen2",
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -97,8 +97,10 @@ def test_unsupported_variants_of_the_config_are_refused():
             vocab_size=128,
         ),
     )
-    with pytest.raises(ValueError, match="unsupported language model type 'mistral'; supported: llama"):
-        from_hf_config(mistral)
+    with pytest.raises(
+        ValueError, match="unsupported language model type 'qwen2'; supported: llama, mistral"
+    ):
+        from_hf_config(qwen)
 
 
 def test_prompt_errors(tiny_checkpoints, prompt_rng):
