@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from adaptprune_jax.grid import (
     DEFAULT_PRIOR_SIGMA,
@@ -114,6 +115,29 @@ def _greedy_order(factors: jax.Array, scores: jax.Array, keep: int, unroll: int 
     return lax.fori_loop(0, keep, pick_one, state, unroll=unroll)[2]
 
 
+def over_mesh_rows(kernel):
+    """``kernel`` (arrays with rows first -> rows first) run on each device's rows under the mesh of
+    the surrounding context (`jax.set_mesh`), through ``shard_map``: a ``pallas_call`` is not
+    partitioned automatically. Rows are split over as many mesh axes (in order) as divide them (none:
+    every device runs every row); without a mesh, ``kernel`` itself."""
+
+    def run(*arrays):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return kernel(*arrays)
+        rows, axes, devices = arrays[0].shape[0], [], 1
+        for name in mesh.axis_names:
+            if rows % (devices * mesh.shape[name]) == 0:
+                axes.append(name)
+                devices *= mesh.shape[name]
+        rows_spec = PartitionSpec(tuple(axes)) if axes else PartitionSpec()
+        return jax.shard_map(kernel, mesh=mesh, in_specs=rows_spec, out_specs=rows_spec, check_vma=False)(
+            *arrays
+        )
+
+    return run
+
+
 def _flat_layout(layout: TokenLayout | None, num_tokens: int, batch_shape, flat_rows: int) -> TokenLayout:
     """The layout as (rows, N) arrays, one per flattened batch row (default: one square grid)."""
     layout = square_layout(num_tokens) if layout is None else layout
@@ -177,7 +201,10 @@ def adaptive_nms_order(
         from adaptprune_jax.nms_pallas import greedy_order_pallas
 
         # Off the GPU the kernel runs in Pallas' interpreter (slow, exact): for tests and portability.
-        order = greedy_order_pallas(factors, flat_scores, keep, interpret=jax.default_backend() != "gpu")
+        interpret = jax.default_backend() != "gpu"
+        order = over_mesh_rows(lambda f, s: greedy_order_pallas(f, s, keep, interpret=interpret))(
+            factors, flat_scores
+        )
     else:
         unroll = True if implementation == "unrolled" else unroll
         order = jax.vmap(lambda f, s: _greedy_order(f, s, keep, unroll))(factors, flat_scores)

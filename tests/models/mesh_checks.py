@@ -1,0 +1,162 @@
+"""The model on several meshes of fake CPU devices against one device, run as a program of its own
+(the device count is fixed before JAX starts; `tests/models/test_mesh.py` runs it and asserts on the
+JSON it prints). One process, so every mesh shares the loaded checkpoint and the one-device baselines.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.models.mesh_checks OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import adaptprune_jax as prune  # noqa: E402
+from adaptprune_jax import methods  # noqa: E402
+from models import presets, sharding  # noqa: E402
+from models.checkpoint import load_checkpoint  # noqa: E402
+from models.generate import LlavaRunner, SamplingConfig  # noqa: E402
+from tests.helpers import make_prompt, make_queries, random_pixels, small_model_config  # noqa: E402
+
+MESHES = ("data:8", "data:2,model:4", "model:2")
+TP_MESH = "data:2,model:4"  # where every method runs (the others: unpruned and AdaptPrune)
+REFUSED_MESH = "model:8"  # more devices than KV heads
+NEW_TOKENS = 3
+HEADS, KV_HEADS = 8, 4
+IMAGE_SIZE, KEEP = 112, 16  # an 8 x 8 grid of image tokens: short prompts
+
+
+def gqa_checkpoint(directory: str):
+    """tiny-gqa with 4 KV heads (8 query heads) and a small image, and the CLIP its tower would
+    come from."""
+    config = presets.llava_config("tiny-gqa")
+    config.vision_config.image_size = IMAGE_SIZE
+    config.text_config.num_attention_heads = HEADS
+    config.text_config.num_key_value_heads = KV_HEADS
+    presets.write_random_checkpoint(config, directory)
+    presets.write_random_clip(config, f"{directory}/clip", seed=1)
+    return config, load_checkpoint(directory, text_tower=f"{directory}/clip")[1]
+
+
+class Inputs:
+    """Three prompts of different lengths (three rows: a padded batch on every data axis here)."""
+
+    def __init__(self, model, pad_token_id):
+        rng = np.random.default_rng(5)
+        self.prompts = [make_prompt(model.config, rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1))]
+        self.pixels = random_pixels(rng, len(self.prompts), model.config.vision.image_size)
+        self.pad_token_id = pad_token_id
+        self.model = model
+        self.queries = None
+
+    def batch(self, runner, pruning):
+        queries = None
+        if pruning is not None and pruning.needs_text_tower:
+
+            class Holder:  # make_queries reads the joint space's tokenizer ids off a checkpoint
+                jax_model = self.model
+
+            queries = make_queries(Holder, np.random.default_rng(3), [3, 20, 9])
+        return runner.make_batch(
+            self.prompts,
+            self.pixels,
+            pad_token_id=self.pad_token_id,
+            max_new_tokens=NEW_TOKENS,
+            queries=queries,
+        )
+
+
+def run(runner, inputs, pruning):
+    """(first-token logits, kept indices, greedy tokens)."""
+    batch = inputs.batch(runner, pruning)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=inputs.pad_token_id)
+    generated = runner.generate(batch, sampling, pruning=pruning)
+    logits = sharding.to_host(runner.prefill(batch, extra_slots=NEW_TOKENS, pruning=pruning).logits)
+    return logits, generated.kept, generated.tokens
+
+
+def layout_report(runner, cache):
+    """Per weight: its spec and the share of it on one device; the cache's spec and share."""
+    report = {}
+    for (path, _), weight in zip(jax.tree_util.tree_flatten_with_path(runner.state)[0], runner.weights):
+        name = ".".join(sharding._path_names(path))
+        report[name] = {
+            "spec": str(weight.sharding.spec),
+            "bytes": int(weight.nbytes),
+            "device_bytes": sharding.local_bytes(weight),
+        }
+    report["cache.k"] = {
+        "spec": str(cache["k"].sharding.spec),
+        "bytes": int(cache["k"].nbytes),
+        "device_bytes": sharding.local_bytes(cache["k"]),
+    }
+    return report
+
+
+def nms_in_shard_map(mesh) -> bool:
+    """Whether the Pallas NMS, traced under ``mesh``, runs inside a shard_map."""
+    scores, keys = np.ones((4, 64), np.float32), np.ones((4, 64, 8), np.float32)
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda s, k: prune.adaptive_nms(s, k, 8, implementation="pallas"))(
+            scores, keys
+        )
+    return "shard_map" in str(jaxpr)
+
+
+def compare(runner, one, inputs, pruning, baseline, key):
+    if key not in baseline:
+        baseline[key] = run(one, inputs, pruning)
+    logits, kept, tokens = run(runner, inputs, pruning)
+    base_logits, base_kept, base_tokens = baseline[key]
+    return {
+        "logits_max_abs_diff": float(np.abs(logits - base_logits).max()),
+        "logits_scale": float(np.abs(base_logits).max()),
+        "kept_equal": None if kept is None else bool(np.array_equal(kept, base_kept)),
+        "tokens_equal": bool(np.array_equal(tokens, base_tokens)),
+    }
+
+
+def main(out_path: str, all_methods: bool) -> None:
+    """``all_methods``: every registered method on every mesh (the recorded acceptance run); else
+    the unpruned model and AdaptPrune with the Pallas NMS (under shard_map) on every mesh."""
+    results = {"devices": len(jax.devices()), "meshes": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        hf_config, model = gqa_checkpoint(directory)
+        inputs = Inputs(model, hf_config.text_config.pad_token_id)
+        one = LlavaRunner(model)
+        configs = {"none": None}
+        configs["adaptprune-pallas"] = small_model_config(
+            "adaptprune", keep=KEEP, layer=2, nms_implementation="pallas"
+        )
+        if all_methods:
+            configs.update({name: small_model_config(name, keep=KEEP, layer=2) for name in methods.names()})
+        baseline = {}
+        for mesh_spec in MESHES:
+            runner = LlavaRunner(model, mesh=sharding.make_mesh(mesh_spec))
+            entry = {"methods": {}}
+            for name, pruning in configs.items():
+                tic = time.perf_counter()
+                entry["methods"][name] = compare(runner, one, inputs, pruning, baseline, name)
+                print(f"{mesh_spec} {name}: {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
+            # The caches as generation gets them (padding rows included: rows over the data axis).
+            prefill = runner._prefill_rows(inputs.batch(runner, None), NEW_TOKENS, None, None, False)
+            entry["layout"] = layout_report(runner, prefill.caches[0])
+            entry["nms_in_shard_map"] = nms_in_shard_map(runner.mesh)
+            results["meshes"][mesh_spec] = entry
+        try:
+            LlavaRunner(model, mesh=sharding.make_mesh(REFUSED_MESH))
+            results["refused"] = None
+        except ValueError as error:
+            results["refused"] = str(error)
+    with open(out_path, "w") as file:
+        json.dump(results, file, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], "--all_methods" in sys.argv[2:])

@@ -1,0 +1,102 @@
+"""The model on meshes of 8 fake CPU devices (data-parallel, data x model, model alone) against one
+device, in a subprocess of its own (`tests/models/mesh_checks.py`: the device count is fixed before
+JAX starts): logits, kept indices and greedy tokens; where each weight and the KV cache live; the
+Pallas NMS under shard_map; the refusal of a model axis that does not divide the KV heads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEVICES = 8
+# The language model's large weights: split over the model axis, never whole on a device.
+TENSOR_PARALLEL = ("qkv_proj.kernel", "o_proj.kernel", "gate_up_proj.kernel", "down_proj.kernel")
+
+
+def fake_device_env(count: int) -> dict[str, str]:
+    """The environment of a subprocess whose CPU backend shows ``count`` devices."""
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
+        "PYTHONPATH": str(REPO_ROOT),
+        "JAX_PLATFORMS": "cpu",
+    }
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh") / "checks.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "tests.models.mesh_checks", str(out)],
+        cwd=REPO_ROOT,
+        env=fake_device_env(DEVICES),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def mesh_sizes(spec: str) -> dict[str, int]:
+    sizes = {"data": 1, "model": 1}
+    sizes.update({name: int(size) for name, size in (item.split(":") for item in spec.split(","))})
+    return sizes
+
+
+pytestmark = pytest.mark.slow  # a subprocess compiling for three meshes
+
+
+def test_every_mesh_answers_as_one_device(checks):
+    assert checks["devices"] == DEVICES
+    assert set(checks["meshes"]) == {"data:8", "data:2,model:4", "model:2"}
+    for spec, entry in checks["meshes"].items():
+        assert set(entry["methods"]) == {"none", "adaptprune-pallas"}
+        for name, result in entry["methods"].items():
+            where = f"{spec} {name}"
+            assert result["logits_max_abs_diff"] <= 1e-5, where
+            assert result["logits_scale"] > 0.1, where  # real logits, not zeros
+            assert result["tokens_equal"], where
+            assert result["kept_equal"] is (None if name == "none" else True), where
+        assert entry["nms_in_shard_map"], spec
+
+
+def test_weights_and_cache_are_sharded_as_the_table_says(checks):
+    for spec, entry in checks["meshes"].items():
+        sizes = mesh_sizes(spec)
+        layout = entry["layout"]
+        for name, item in layout.items():
+            if name == "cache.k":
+                continue
+            split = sizes["model"] if "'model'" in item["spec"] else 1
+            assert item["device_bytes"] * split == item["bytes"], (spec, name, item)
+            if name.startswith(("vision_tower.", "joint_space.")):
+                assert "model" not in item["spec"], (spec, name)  # the CLIP towers stay whole
+        tensor_parallel = [
+            n for n in layout if n.startswith("language_model.") and n.endswith(TENSOR_PARALLEL)
+        ]
+        assert len(tensor_parallel) == 4 * len(TENSOR_PARALLEL)  # every layer of the 4-layer LLM
+        for name in [*tensor_parallel, "language_model.embed_tokens", "language_model.lm_head.kernel"]:
+            assert "'model'" in layout[name]["spec"], (spec, name)
+        # The KV cache (B, C, Hkv, D): rows over data, heads over model, one share per device.
+        cache = layout["cache.k"]
+        assert ("'data'" in cache["spec"]) == (sizes["data"] > 1), (spec, cache)
+        assert ("'model'" in cache["spec"]) == (sizes["model"] > 1), (spec, cache)
+        assert cache["device_bytes"] * sizes["data"] * sizes["model"] == cache["bytes"], (spec, cache)
+        if sizes["model"] > 1:  # no silent replication: a device holds far less than the whole
+            whole = sum(item["bytes"] for name, item in layout.items() if name != "cache.k")
+            held = sum(item["device_bytes"] for name, item in layout.items() if name != "cache.k")
+            assert held < 0.6 * whole, (spec, held, whole)
+
+
+def test_a_model_axis_that_does_not_divide_the_kv_heads_is_refused(checks):
+    assert checks["refused"] == (
+        "a model axis of 8 devices does not divide the language model's 4 KV heads: each device must "
+        "hold whole heads (the KV cache is split by head); use model:1 / 2 / 4"
+    )
