@@ -2,14 +2,16 @@
 (the device count is fixed before JAX starts; `tests/models/test_mesh.py` runs it and asserts on the
 JSON it prints). One process, so every mesh shares the loaded checkpoint and the one-device baselines.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.models.mesh_checks OUT.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.models.mesh_checks WORK [--all_methods]
+
+WORK receives the checkpoint, a testbed question split, the evaluations' output folders and
+checks.json (what the test reads).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 
 import jax
@@ -25,11 +27,13 @@ from models.generate import LlavaRunner, SamplingConfig  # noqa: E402
 from tests.helpers import make_prompt, make_queries, random_pixels, small_model_config  # noqa: E402
 
 MESHES = ("data:8", "data:2,model:4", "model:2")
-TP_MESH = "data:2,model:4"  # where every method runs (the others: unpruned and AdaptPrune)
+NMS_MESH = "data:2,model:4"  # where AdaptPrune with the Pallas NMS runs (the others: unpruned only)
 REFUSED_MESH = "model:8"  # more devices than KV heads
 NEW_TOKENS = 3
 HEADS, KV_HEADS = 8, 4
 IMAGE_SIZE, KEEP = 112, 16  # an 8 x 8 grid of image tokens: short prompts
+EVAL_QUESTIONS, EVAL_BATCH = 11, 5  # batches of 5, 5 and 1 (padded to 5 by the evaluation, 8 by the mesh)
+INTERRUPT_AFTER = 1  # one batch answered, then the run is stopped
 
 
 def gqa_checkpoint(directory: str):
@@ -122,39 +126,92 @@ def compare(runner, one, inputs, pruning, baseline, key):
     }
 
 
-def main(out_path: str, all_methods: bool) -> None:
+class InterruptAfter:
+    """An engine that raises KeyboardInterrupt (as Ctrl-C would) after ``calls`` answer() calls."""
+
+    def __init__(self, engine, calls: int):
+        self.engine, self.calls = engine, calls
+        self.config, self.preprocessor = engine.config, engine.preprocessor
+
+    def answer(self, *args, **kwargs):
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        self.calls -= 1
+        return self.engine.answer(*args, **kwargs)
+
+
+def eval_checks(work: str, checkpoint: str) -> dict:
+    """`experiments.eval` on one device, then on the 8-device mesh interrupted after its first
+    batches and rerun in the same output folder (the test compares the prediction files)."""
+    import dataclasses
+
+    from experiments import eval as eval_lib
+    from experiments.testbed.splits import write_split
+    from models.engine import LlavaEngine
+
+    write_split(f"{work}/testbed_test", "test", num_items=EVAL_QUESTIONS, questions_per_image=4)
+    one = eval_lib.EvalConfig(
+        checkpoint=checkpoint,
+        benchmark="testbed",
+        questions=f"{work}/testbed_test",
+        output_dir=f"{work}/one_device",
+        methods=("none",),
+        keep=(KEEP,),
+        batch_size=EVAL_BATCH,
+        mesh="data:1",
+        num_overlays=0,
+    )
+    eval_lib.run(one)
+    mesh = dataclasses.replace(one, output_dir=f"{work}/mesh", mesh="data:8")
+    engine = LlavaEngine.from_checkpoint(checkpoint, mesh=sharding.make_mesh(mesh.mesh))
+    try:
+        eval_lib.run(mesh, engine=InterruptAfter(engine, calls=INTERRUPT_AFTER))
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+    eval_lib.run(mesh, engine=engine)
+    return {"interrupted": interrupted, "one_device": one.output_dir, "mesh": mesh.output_dir}
+
+
+def main(work: str, all_methods: bool) -> None:
     """``all_methods``: every registered method on every mesh (the recorded acceptance run); else
-    the unpruned model and AdaptPrune with the Pallas NMS (under shard_map) on every mesh."""
+    the unpruned model on every mesh and AdaptPrune with the Pallas NMS (under shard_map) on
+    NMS_MESH (the test suite's run)."""
     results = {"devices": len(jax.devices()), "meshes": {}}
-    with tempfile.TemporaryDirectory() as directory:
-        hf_config, model = gqa_checkpoint(directory)
-        inputs = Inputs(model, hf_config.text_config.pad_token_id)
-        one = LlavaRunner(model)
-        configs = {"none": None}
-        configs["adaptprune-pallas"] = small_model_config(
-            "adaptprune", keep=KEEP, layer=2, nms_implementation="pallas"
-        )
-        if all_methods:
-            configs.update({name: small_model_config(name, keep=KEEP, layer=2) for name in methods.names()})
-        baseline = {}
-        for mesh_spec in MESHES:
-            runner = LlavaRunner(model, mesh=sharding.make_mesh(mesh_spec))
-            entry = {"methods": {}}
-            for name, pruning in configs.items():
-                tic = time.perf_counter()
-                entry["methods"][name] = compare(runner, one, inputs, pruning, baseline, name)
-                print(f"{mesh_spec} {name}: {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
-            # The caches as generation gets them (padding rows included: rows over the data axis).
-            prefill = runner._prefill_rows(inputs.batch(runner, None), NEW_TOKENS, None, None, False)
-            entry["layout"] = layout_report(runner, prefill.caches[0])
-            entry["nms_in_shard_map"] = nms_in_shard_map(runner.mesh)
-            results["meshes"][mesh_spec] = entry
-        try:
-            LlavaRunner(model, mesh=sharding.make_mesh(REFUSED_MESH))
-            results["refused"] = None
-        except ValueError as error:
-            results["refused"] = str(error)
-    with open(out_path, "w") as file:
+    directory = f"{work}/checkpoint"
+    hf_config, model = gqa_checkpoint(directory)
+    inputs = Inputs(model, hf_config.text_config.pad_token_id)
+    one = LlavaRunner(model)
+    configs = {"none": None}
+    configs["adaptprune-pallas"] = small_model_config(
+        "adaptprune", keep=KEEP, layer=2, nms_implementation="pallas"
+    )
+    if all_methods:
+        configs.update({name: small_model_config(name, keep=KEEP, layer=2) for name in methods.names()})
+    baseline = {}
+    for mesh_spec in MESHES:
+        runner = LlavaRunner(model, mesh=sharding.make_mesh(mesh_spec))
+        entry = {"methods": {}}
+        for name, pruning in configs.items():
+            if not all_methods and name != "none" and mesh_spec != NMS_MESH:
+                continue
+            tic = time.perf_counter()
+            entry["methods"][name] = compare(runner, one, inputs, pruning, baseline, name)
+            print(f"{mesh_spec} {name}: {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
+        # The caches as generation gets them (padding rows included: rows over the data axis).
+        prefill = runner._prefill_rows(inputs.batch(runner, None), NEW_TOKENS, None, None, False)
+        entry["layout"] = layout_report(runner, prefill.caches[0])
+        entry["nms_in_shard_map"] = nms_in_shard_map(runner.mesh)
+        results["meshes"][mesh_spec] = entry
+    try:
+        LlavaRunner(model, mesh=sharding.make_mesh(REFUSED_MESH))
+        results["refused"] = None
+    except ValueError as error:
+        results["refused"] = str(error)
+    tic = time.perf_counter()
+    results["eval"] = eval_checks(work, directory)
+    print(f"eval: {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
+    with open(f"{work}/checks.json", "w") as file:
         json.dump(results, file, indent=1)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,11 @@ def fake_device_env(count: int) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def checks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "checks.json"
+def work(tmp_path_factory):
+    """The checks' output folder: checks.json, the checkpoint, the question split, the evaluations."""
+    work = tmp_path_factory.mktemp("mesh")
     process = subprocess.run(
-        [sys.executable, "-m", "tests.models.mesh_checks", str(out)],
+        [sys.executable, "-m", "tests.models.mesh_checks", str(work)],
         cwd=REPO_ROOT,
         env=fake_device_env(DEVICES),
         capture_output=True,
@@ -41,7 +43,12 @@ def checks(tmp_path_factory):
         timeout=600,
     )
     assert process.returncode == 0, process.stderr[-3000:]
-    return json.loads(out.read_text())
+    return work
+
+
+@pytest.fixture(scope="module")
+def checks(work):
+    return json.loads((work / "checks.json").read_text())
 
 
 def mesh_sizes(spec: str) -> dict[str, int]:
@@ -57,7 +64,9 @@ def test_every_mesh_answers_as_one_device(checks):
     assert checks["devices"] == DEVICES
     assert set(checks["meshes"]) == {"data:8", "data:2,model:4", "model:2"}
     for spec, entry in checks["meshes"].items():
-        assert set(entry["methods"]) == {"none", "adaptprune-pallas"}
+        assert (
+            set(entry["methods"]) == {"none", "adaptprune-pallas"} if spec == "data:2,model:4" else {"none"}
+        )
         for name, result in entry["methods"].items():
             where = f"{spec} {name}"
             assert result["logits_max_abs_diff"] <= 1e-5, where
@@ -100,3 +109,60 @@ def test_a_model_axis_that_does_not_divide_the_kv_heads_is_refused(checks):
         "a model axis of 8 devices does not divide the language model's 4 KV heads: each device must "
         "hold whole heads (the KV cache is split by head); use model:1 / 2 / 4"
     )
+
+
+def raw_predictions(output_dir) -> list[tuple[str, str]]:
+    """(question_id, prediction) of every line of the unpruned pair's file, duplicates included."""
+    (path,) = (Path(output_dir) / "predictions").glob("none_*.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(record["question_id"], record["prediction"]) for record in records]
+
+
+def test_eval_on_eight_devices_interrupted_and_rerun_answers_as_one_device(checks):
+    """Batches of 5 questions on a data axis of 8 (padded rows), stopped after its first batch and
+    rerun in the same folder: every question once, each answer as on one device."""
+    one_device = raw_predictions(checks["eval"]["one_device"])
+    assert checks["eval"]["interrupted"]
+    assert len(one_device) == len({question_id for question_id, _ in one_device}) == 11
+    assert sorted(raw_predictions(checks["eval"]["mesh"])) == sorted(one_device)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_answer_as_one_device(work, checks):
+    """`experiments.eval` as two processes joined by jax.distributed (one CPU device each: one global
+    data axis of 2, collectives between the processes): process 0 writes every answer once."""
+    port = free_port()
+    output = work / "two_processes"
+    flags = [
+        f"--checkpoint={work / 'checkpoint'}",
+        "--benchmark=testbed",
+        f"--questions={work / 'testbed_test'}",
+        f"--output_dir={output}",
+        "--methods=none",
+        "--batch_size=5",
+        "--num_overlays=0",
+        "--compile_cache=",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+    ]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "experiments.eval", *flags, f"--process_id={index}"],
+            cwd=REPO_ROOT,
+            env=fake_device_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    logs = [process.communicate(timeout=600)[0] for process in processes]
+    for process, log in zip(processes, logs):
+        assert process.returncode == 0, log[-3000:]
+    assert "devices: data:2,model:1 (2 processes)" in logs[0]
+    assert sorted(raw_predictions(output)) == sorted(raw_predictions(checks["eval"]["one_device"]))
