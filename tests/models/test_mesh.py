@@ -57,9 +57,7 @@ def mesh_sizes(spec: str) -> dict[str, int]:
     return sizes
 
 
-pytestmark = pytest.mark.slow  # a subprocess compiling for three meshes
-
-
+@pytest.mark.slow  # the checks' subprocess (or two of its own)
 def test_every_mesh_answers_as_one_device(checks):
     assert checks["devices"] == DEVICES
     assert set(checks["meshes"]) == {"data:8", "data:2,model:4", "model:2"}
@@ -76,6 +74,7 @@ def test_every_mesh_answers_as_one_device(checks):
         assert entry["nms_in_shard_map"], spec
 
 
+@pytest.mark.slow  # the checks' subprocess (or two of its own)
 def test_weights_and_cache_are_sharded_as_the_table_says(checks):
     for spec, entry in checks["meshes"].items():
         sizes = mesh_sizes(spec)
@@ -104,6 +103,7 @@ def test_weights_and_cache_are_sharded_as_the_table_says(checks):
             assert held < 0.6 * whole, (spec, held, whole)
 
 
+@pytest.mark.slow  # the checks' subprocess (or two of its own)
 def test_a_model_axis_that_does_not_divide_the_kv_heads_is_refused(checks):
     assert checks["refused"] == (
         "a model axis of 8 devices does not divide the language model's 4 KV heads: each device must "
@@ -118,6 +118,7 @@ def raw_predictions(output_dir) -> list[tuple[str, str]]:
     return [(record["question_id"], record["prediction"]) for record in records]
 
 
+@pytest.mark.slow  # the checks' subprocess (or two of its own)
 def test_eval_on_eight_devices_interrupted_and_rerun_answers_as_one_device(checks):
     """Batches of 5 questions on a data axis of 8 (padded rows), stopped after its first batch and
     rerun in the same folder: every question once, each answer as on one device."""
@@ -133,6 +134,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # the checks' subprocess (or two of its own)
 def test_two_processes_answer_as_one_device(work, checks):
     """`experiments.eval` as two processes joined by jax.distributed (one CPU device each: one global
     data axis of 2, collectives between the processes): process 0 writes every answer once."""
@@ -166,3 +168,69 @@ def test_two_processes_answer_as_one_device(work, checks):
         assert process.returncode == 0, log[-3000:]
     assert "devices: data:2,model:1 (2 processes)" in logs[0]
     assert sorted(raw_predictions(output)) == sorted(raw_predictions(checks["eval"]["one_device"]))
+
+
+# --- in this process: layouts and settings, no devices needed ------------------------------------
+
+
+def test_fused_blocks_project_and_save_as_the_side_by_side_layout(tiny_checkpoints):
+    """Fused kernels in two blocks (a model axis of 2 on tiny-gqa's 2 KV heads): every projection
+    and the saved tensors are those of the side-by-side layout; only the columns' order differs."""
+    import numpy as np
+    from flax import nnx
+
+    from models import sharding
+    from models.checkpoint import checkpoint_parts, hf_name_for
+
+    model = nnx.clone(tiny_checkpoints("tiny-gqa").jax_model)
+    model.joint_space = None  # (saved apart, as CLIP's)
+    blocked = nnx.clone(model)
+    sharding.relayout_fused(blocked, 2)
+    x = np.random.default_rng(0).normal(size=(2, 5, model.config.text.hidden_size)).astype(np.float32)
+    for plain, split in zip(model.language_model.layers, blocked.language_model.layers):
+        for name in ("qkv_proj", "gate_up_proj"):
+            one = getattr(plain.self_attn if name == "qkv_proj" else plain.mlp, name)
+            two = getattr(split.self_attn if name == "qkv_proj" else split.mlp, name)
+            assert two.blocks == 2 and not np.array_equal(one.kernel[...], two.kernel[...])
+            for a, b in zip(one(x), two(x)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+            for a, b in zip(one.project(x, 1, 1), two.project(x, 1, 1)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(one.part(1)[0], two.part(1)[0])
+    saved, saved_blocked = checkpoint_parts(model, hf_name_for), checkpoint_parts(blocked, hf_name_for)
+    assert [name for name, _, _ in saved] == [name for name, _, _ in saved_blocked]
+    for (name, _, a), (_, _, b) in zip(saved, saved_blocked):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa", "tiny-full"])
+def test_every_weight_has_logical_axes(tiny_checkpoints, name):
+    """Every preset's weights (the text tower's too) have an entry in the table, one name per axis."""
+    from flax import nnx
+
+    from models import sharding
+
+    state = nnx.state(tiny_checkpoints(name).jax_model)
+    shardings = sharding.weight_shardings(state, sharding.make_mesh("data:1"))
+    assert len(shardings) == len(jax_leaves(state)) > 0
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
+def test_bad_meshes_are_refused_with_the_reason():
+    from models import sharding
+
+    assert sharding.parse_mesh("model:4, data:2") == {"model": 4, "data": 2}
+    for spec, message in (
+        ("data:2,pipe:2", "unknown axis 'pipe'; axes: data, model"),
+        ("data:2,data:4", "axis 'data' given twice"),
+        ("model:0", "axis 'model' needs a positive size"),
+        ("data", "axis 'data' needs a positive size"),
+        ("data:64", "needs 64 devices; 1 are available"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sharding.make_mesh(spec)
