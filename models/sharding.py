@@ -3,9 +3,10 @@ the mesh axes `data` and `model`, and a model prepared for a mesh.
 
 The same model runs on one device, on a data-parallel mesh (`data:N`: batch rows split, weights
 whole on every device) or on data x model (`data:N,model:M`: each device also holds 1/M of the
-attention heads, MLP columns and vocabulary, Megatron-style: column-split q/k/v, gate/up and the
-LM head, row-split o_proj and down_proj, the KV cache split by head). Arrays carry GSPMD shardings
-(`NamedSharding`) into the runner's jitted prefill and decode loop, which XLA partitions.
+language model's attention heads, MLP columns and vocabulary, Megatron-style: column-split q/k/v,
+gate/up and the LM head, row-split o_proj and down_proj, the KV cache split by head; the CLIP towers
+stay whole, see RULES). Arrays carry GSPMD shardings (`NamedSharding`) into the runner's jitted
+prefill and decode loop, which XLA partitions.
 
 The fused projections (`models.layers.FusedDense`: q/k/v as (d, (H + 2 Hkv) D), gate/up as (d, 2 I))
 are laid out in M blocks on a model axis of M (`relayout_fused`): block b holds the b-th slice of every
@@ -184,8 +185,8 @@ def cache_shardings(caches, mesh):
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
-    """Rows over `data`, the other axes whole."""
-    return NamedSharding(mesh, spec(("batch",) + ("embed",) * (ndim - 1)))
+    """A batch array of ``ndim`` axes: rows over `data`, the other axes whole."""
+    return NamedSharding(mesh, P(RULES["batch"], *([None] * (ndim - 1))))
 
 
 # --- the model on a mesh ----------------------------------------------------------------------
