@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -57,16 +58,13 @@ class Inputs:
         self.pixels = random_pixels(rng, len(self.prompts), model.config.vision.image_size)
         self.pad_token_id = pad_token_id
         self.model = model
-        self.queries = None
 
     def batch(self, runner, pruning):
         queries = None
-        if pruning is not None and pruning.needs_text_tower:
-
-            class Holder:  # make_queries reads the joint space's tokenizer ids off a checkpoint
-                jax_model = self.model
-
-            queries = make_queries(Holder, np.random.default_rng(3), [3, 20, 9])
+        if pruning is not None and pruning.needs_text_tower:  # (make_queries reads ckpt.jax_model)
+            queries = make_queries(
+                types.SimpleNamespace(jax_model=self.model), np.random.default_rng(3), [3, 20, 9]
+            )
         return runner.make_batch(
             self.prompts,
             self.pixels,
