@@ -27,6 +27,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from adaptprune_jax.grid import (
     DEFAULT_PRIOR_SIGMA,
@@ -219,6 +220,29 @@ def _window_greedy_order(
     return _greedy_order(suppress, scores, keep, unroll)
 
 
+def over_mesh_rows(kernel):
+    """``kernel`` (arrays with rows first -> rows first) run on each device's rows under the mesh of
+    the surrounding context (`jax.set_mesh`), through ``shard_map``: a ``pallas_call`` is not
+    partitioned automatically. Rows are split over as many mesh axes (in order) as divide them (none:
+    every device runs every row); without a mesh, ``kernel`` itself."""
+
+    def run(*arrays):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return kernel(*arrays)
+        rows, axes, devices = arrays[0].shape[0], [], 1
+        for name in mesh.axis_names:
+            if rows % (devices * mesh.shape[name]) == 0:
+                axes.append(name)
+                devices *= mesh.shape[name]
+        rows_spec = PartitionSpec(tuple(axes)) if axes else PartitionSpec()
+        return jax.shard_map(kernel, mesh=mesh, in_specs=rows_spec, out_specs=rows_spec, check_vma=False)(
+            *arrays
+        )
+
+    return run
+
+
 def _flat_layout(layout: TokenLayout | None, num_tokens: int, batch_shape, flat_rows: int) -> TokenLayout:
     """The layout as (rows, N) arrays, one per flattened batch row (default: one square grid)."""
     layout = square_layout(num_tokens) if layout is None else layout
@@ -327,7 +351,9 @@ def adaptive_nms_order(
         if implementation == "pallas":
             from adaptprune_jax.nms_pallas import greedy_order_pallas
 
-            return greedy_order_pallas(factors, flat_scores, keep, interpret=interpret)
+            return over_mesh_rows(lambda f, s: greedy_order_pallas(f, s, keep, interpret=interpret))(
+                factors, flat_scores
+            )
         return jax.vmap(lambda f, s: _dense_greedy_order(f, s, keep, unroll))(factors, flat_scores)
 
     def window_order():
@@ -337,9 +363,10 @@ def adaptive_nms_order(
         if implementation == "pallas":
             from adaptprune_jax.nms_pallas import greedy_order_pallas_window
 
-            return greedy_order_pallas_window(
-                factors, flat_scores, flat_layout, window_offsets(distance_limit), keep, interpret=interpret
-            )
+            offsets = window_offsets(distance_limit)
+            return over_mesh_rows(
+                lambda f, s, lay: greedy_order_pallas_window(f, s, lay, offsets, keep, interpret=interpret)
+            )(factors, flat_scores, flat_layout)
         return jax.vmap(lambda n, f, s: _window_greedy_order(n, f, s, keep, unroll))(
             neighbours, factors, flat_scores
         )

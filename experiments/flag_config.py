@@ -76,6 +76,17 @@ def attention_setting(note: str = "") -> Any:
     )
 
 
+def mesh_setting(note: str = "") -> Any:
+    """The --mesh setting of the JAX entry points that run on several devices (models.sharding)."""
+    return setting(
+        "",
+        "Devices, as data:N,model:M (models.sharding): a batch's rows split over data (padded to a "
+        "multiple of it), the language model's attention heads, MLP columns and vocabulary over model "
+        "(which must divide its KV heads); an axis not named has size 1; default: every device "
+        "data-parallel." + note,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Field types.
 # ---------------------------------------------------------------------------------------------

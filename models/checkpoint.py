@@ -15,7 +15,6 @@ Missing keys, unexpected keys and shape mismatches are collected and reported to
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,7 +32,7 @@ from models.config import (
     read_json_object,
     with_attention,
 )
-from models.layers import AUTO
+from models.layers import AUTO, split_blocked
 from models.llava import LlavaForConditionalGeneration
 
 SINGLE_FILE = "model.safetensors"
@@ -139,12 +138,17 @@ def hf_name_for(path: tuple[Any, ...]) -> tuple[Names, Transform]:
     return module_names([top, *module], suffix), transform
 
 
-def split_sizes(root, path: tuple[Any, ...]) -> tuple[int, ...]:
-    """The part widths of the fused module holding the parameter at ``path`` under ``root``."""
+def fused_module(root, path: tuple[Any, ...]):
+    """The fused module (`models.layers.FusedDense`) holding the parameter at ``path`` under ``root``."""
     module = root
     for key in path[:-1]:
         module = module[key] if isinstance(key, int) else getattr(module, key)
-    return module.sizes
+    return module
+
+
+def split_sizes(root, path: tuple[Any, ...]) -> tuple[int, ...]:
+    """The part widths of the fused module holding the parameter at ``path`` under ``root``."""
+    return fused_module(root, path).sizes
 
 
 class TensorSource:
@@ -308,10 +312,9 @@ def checkpoint_parts(module, name_for) -> list[tuple[str, Transform, np.ndarray]
         if isinstance(names, str):
             parts.append((names, transform, array))
             continue
-        offsets = list(itertools.accumulate(split_sizes(module, path)[:-1]))
-        parts.extend(
-            (name, transform, piece) for name, piece in zip(names, np.split(array, offsets, axis=-1))
-        )
+        fused = fused_module(module, path)  # its columns may be in tensor-parallel blocks
+        pieces = split_blocked(array, fused.sizes, fused.blocks)
+        parts.extend((name, transform, np.asarray(piece)) for name, piece in zip(names, pieces))
     return parts
 
 

@@ -55,14 +55,15 @@ class LlavaEngine:
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
         text_tower: str | os.PathLike | None = None,
         attention: str = AUTO,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> LlavaEngine:
         """``text_tower``: a CLIPModel directory whose text tower and visual projection a method
         reading CLIP's joint space needs (CDPruner); ``attention``: how the towers attend
         (`models.layers.ATTENTION_IMPLEMENTATIONS`; ``auto``: cuDNN on a GPU in bfloat16, einsum
-        otherwise)."""
+        otherwise); ``mesh``: the devices to run on (`LlavaRunner`)."""
         hf_config, model = load_checkpoint(directory, dtype, text_tower, attention)
         preprocessor = Preprocessor.from_checkpoint(directory, hf_config, text_tower=text_tower)
-        return cls(LlavaRunner(model, length_bucket=length_bucket), preprocessor, hf_config)
+        return cls(LlavaRunner(model, length_bucket=length_bucket, mesh=mesh), preprocessor, hf_config)
 
     def answer(self, images: Sequence[PIL.Image.Image], questions: Sequence[str], **options) -> Answers:
         """Generate one answer per (image, question) pair, as one batch (``options``: those of

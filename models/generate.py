@@ -6,12 +6,14 @@ not as the nnx.State: JAX flattens a tuple of arrays in C++, while the State's n
 nodes cost host time on every call (measured by `experiments.benchmark.dispatch_overhead`). At batch 1
 that is latency. Prompts are right-padded to a multiple of `length_bucket`, so the prefill compiles once per
 bucket, not once per prompt length. The decode loop is a `lax.while_loop` inside jit (one dispatch for
-all new tokens) carrying the KV cache, which is donated.
+all new tokens) carrying the KV cache, which is donated. On a mesh (`models.sharding`) the weights and
+caches carry their shardings into both programs and every batch is split over the `data` axis.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -23,6 +25,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from models import anyres as anyres_lib
+from models import sharding
 from models.clip_text import batch_segments
 from models.llava import LlavaForConditionalGeneration, check_anyres_method
 
@@ -129,13 +132,21 @@ class LlavaRunner:
         length_bucket: int = DEFAULT_LENGTH_BUCKET,
         image_token_bucket: int = DEFAULT_IMAGE_TOKEN_BUCKET,
         donate_caches: bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         """``donate_caches``: let the decode loop update the prompt's caches in place (default: where
-        the backend can, not on the CPU, which would warn)."""
+        the backend can, not on the CPU, which would warn). ``mesh``: the (data, model) mesh to run on
+        (`models.sharding.make_mesh`): weights and caches sharded by `models.sharding`'s table, each
+        batch's rows split over `data` (a batch is padded to a multiple of it and the padding rows'
+        outputs dropped); None: the default device."""
+        self.mesh = mesh
+        if mesh is not None:
+            model = sharding.prepare_model(model, mesh)
         self.config = model.config
         self.graphdef, state = nnx.split(model)
         with_paths, self._state_def = jax.tree_util.tree_flatten_with_path(state)
-        self.weights: tuple = tuple(leaf for _, leaf in with_paths)
+        self._weight_shardings = None if mesh is None else sharding.weight_shardings(state, mesh)
+        self.weights: tuple = self._place(tuple(leaf for _, leaf in with_paths))
         self._weight_specs = [
             (jax.tree_util.keystr(path), leaf.shape, jnp.dtype(leaf.dtype)) for path, leaf in with_paths
         ]
@@ -176,7 +187,9 @@ class LlavaRunner:
         self.weights = None if state is None else self.flatten_weights(state)
 
     def flatten_weights(self, state: nnx.State) -> tuple:
-        """A state of this model's structure (e.g. fresh random weights) as the flat tuple jit takes."""
+        """A state of this model's structure (e.g. fresh random weights) as the flat tuple jit takes,
+        on this runner's devices (a state from `state` is in this runner's layout: on a model axis,
+        fused projections in blocks)."""
         leaves, treedef = jax.tree_util.tree_flatten(state)
         if treedef != self._state_def:
             raise ValueError(
@@ -188,7 +201,27 @@ class LlavaRunner:
                     f"weight {path} is {jnp.dtype(leaf.dtype).name}{list(leaf.shape)}; this runner's "
                     f"model has {dtype.name}{list(shape)}"
                 )
-        return tuple(leaves)
+        return self._place(tuple(leaves))
+
+    def _place(self, weights: tuple) -> tuple:
+        """Weights on this runner's mesh, each with its sharding (as they are without a mesh)."""
+        if self.mesh is None:
+            return weights
+        host = jax.process_count() > 1  # a multi-process sharding is filled from the same host values
+        return tuple(
+            jax.device_put(np.asarray(weight) if host else weight, where)
+            for weight, where in zip(weights, self._weight_shardings)
+        )
+
+    def on_mesh(self):
+        """The context the jitted programs run in (`jax.set_mesh`: kernels that are not partitioned
+        automatically, the Pallas NMS, find the mesh there); nothing without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def _constrain_caches(self, caches):
+        if self.mesh is None:
+            return caches
+        return sharding.constrain(caches, sharding.cache_shardings(caches, self.mesh))
 
     def merge(self, weights: tuple) -> LlavaForConditionalGeneration:
         """The model from a flat weight tuple (call inside jit: merging is trace-time work)."""
@@ -213,7 +246,7 @@ class LlavaRunner:
     ):
         self.trace_counts["prefill"] += 1  # runs only while tracing
         model = self.merge(weights)
-        return model.prefill(
+        result = model.prefill(
             input_ids,
             lengths,
             pixel_values,
@@ -226,6 +259,7 @@ class LlavaRunner:
             image_index=image_index,
             image_layout=image_layout,
         )
+        return result._replace(caches=self._constrain_caches(result.caches))
 
     def _generate_impl(self, weights, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
         self.trace_counts["generate"] += 1
@@ -252,6 +286,7 @@ class LlavaRunner:
         def step_once(carry):
             step, tokens, current, caches, done, rng = carry
             logits, caches = language_model.decode(current, next_positions + step - 1, caches)
+            caches = self._constrain_caches(caches)
             rng, key = jax.random.split(rng)
             token = jnp.where(done, sampling.pad_token_id, draw(logits, key))
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
@@ -269,22 +304,64 @@ class LlavaRunner:
 
     # --- public API ----------------------------------------------------------------------------
     def prefill(self, batch: PromptBatch, *, extra_slots: int = 0, pruning=None, rng=None, all_logits=False):
+        """The jitted prefill of ``batch``; ``rng`` one key, or one per row (B,)."""
+        rows = batch.input_ids.shape[0]
+        result = self._prefill_rows(batch, extra_slots, pruning, rng, all_logits)
+        if result.logits.shape[0] == rows:
+            return result
+        return jax.tree_util.tree_map(lambda x: x[:rows] if x.ndim else x, result)  # padding rows cut
+
+    def _prefill_rows(self, batch: PromptBatch, extra_slots, pruning, rng, all_logits):
+        """`prefill` of ``batch`` padded to a multiple of the data axis (padding rows left in)."""
         self.resolve_keep(pruning, batch.image_layout)
         rng = jax.random.key(0) if rng is None else rng
-        return self._prefill(
-            self.weights,
-            jnp.asarray(batch.input_ids),
-            jnp.asarray(batch.lengths),
-            jnp.asarray(batch.pixel_values),
-            rng,
-            None if batch.query_ids is None else jnp.asarray(batch.query_ids),
-            None if batch.query_mask is None else jnp.asarray(batch.query_mask),
-            None if batch.image_index is None else jnp.asarray(batch.image_index),
-            None if batch.image_layout is None else jax.tree.map(jnp.asarray, batch.image_layout),
-            extra_slots=extra_slots,
-            pruning=pruning,
-            all_logits=all_logits,
-        )
+        batch, rng = self._pad_rows(batch, rng)
+        with self.on_mesh():
+            return self._prefill(
+                self.weights,
+                self._put(batch.input_ids),
+                self._put(batch.lengths),
+                self._put(batch.pixel_values),
+                self._put(rng) if rng.ndim else rng,
+                None if batch.query_ids is None else self._put(batch.query_ids),
+                None if batch.query_mask is None else self._put(batch.query_mask),
+                None if batch.image_index is None else self._put(batch.image_index),
+                None if batch.image_layout is None else jax.tree.map(self._put, batch.image_layout),
+                extra_slots=extra_slots,
+                pruning=pruning,
+                all_logits=all_logits,
+            )
+
+    def _pad_rows(self, batch: PromptBatch, rng: jax.Array) -> tuple[PromptBatch, jax.Array]:
+        """``batch`` (and per-row keys ``rng``) with copies of its first row appended up to a multiple
+        of the data axis: every device gets the same number of rows."""
+        extra = -batch.input_ids.shape[0] % sharding.axis_size(self.mesh, sharding.DATA)
+        if not extra:
+            return batch, rng
+        if batch.image_index is not None:
+            raise ValueError(
+                f"a LLaVA-NeXT batch of {batch.input_ids.shape[0]} rows on a data axis of "
+                f"{sharding.axis_size(self.mesh, sharding.DATA)}: its packing index addresses the batch's "
+                "own crops, so give it a multiple of the data axis rows"
+            )
+
+        def pad(x):
+            return np.concatenate([x, np.repeat(x[:1], extra, axis=0)])
+
+        batch = PromptBatch(*(None if x is None else pad(np.asarray(x)) for x in batch))
+        if rng.ndim:
+            rng = jnp.concatenate([rng, jnp.repeat(rng[:1], extra, axis=0)])
+        return batch, rng
+
+    def _put(self, x):
+        """A batch array on the devices: rows over the data axis on a mesh."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        if isinstance(x, jax.Array) and jax.process_count() == 1:
+            return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(self._put(np.asarray(jax.random.key_data(x))))  # per-row keys
+        return jax.device_put(np.asarray(x), sharding.batch_sharding(self.mesh, np.ndim(x)))
 
     def resolve_keep(self, pruning, layout: prune.TokenLayout | None = None) -> int:
         """Validate a pruning config against this model (a LLaVA-NeXT model: against the batch's
@@ -330,12 +407,19 @@ class LlavaRunner:
         prefill_rng, sample_rng = jax.random.split(rng)
         if pruning_keys is not None:
             prefill_rng = pruning_keys
-        result = self.prefill(batch, extra_slots=sampling.max_new_tokens, pruning=pruning, rng=prefill_rng)
-        tokens, counts, _ = self._generate(
-            self.weights, result.logits, result.caches, result.next_positions, sample_rng, sampling=sampling
-        )
-        kept = None if result.kept is None else np.asarray(result.kept)
-        return GenerationOutput(np.asarray(tokens), np.asarray(counts), kept)
+        rows = batch.input_ids.shape[0]
+        result = self._prefill_rows(batch, sampling.max_new_tokens, pruning, prefill_rng, False)
+        with self.on_mesh():
+            tokens, counts, _ = self._generate(
+                self.weights,
+                result.logits,
+                result.caches,
+                result.next_positions,
+                sample_rng,
+                sampling=sampling,
+            )
+        kept = None if result.kept is None else sharding.to_host(result.kept)[:rows]
+        return GenerationOutput(sharding.to_host(tokens)[:rows], sharding.to_host(counts)[:rows], kept)
 
     def make_batch(
         self,

@@ -17,6 +17,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LayerCache = dict[str, jax.Array]
@@ -50,10 +51,16 @@ class FusedDense(nnx.Module):
     """Several projections of one input as one matmul: one kernel (in, sum(sizes)) holding the parts
     side by side along the output axis (q/k/v, gate/up), so the input is read once and one wide
     matmul replaces several narrow ones. Checkpoints keep the parts apart (`models.checkpoint` joins
-    them at load and splits them at save)."""
+    them at load and splits them at save).
+
+    ``blocks`` > 1 lays the columns out in that many equal blocks, each holding the same slice of
+    every part (block b: part 0's b-th slice, part 1's b-th slice, ...), so that splitting the columns
+    over ``blocks`` devices gives each device whole heads of q, k and v together (tensor parallelism,
+    `models.sharding.relayout_fused`); the projections returned are the same in either layout."""
 
     def __init__(self, in_features: int, sizes: tuple[int, ...], *, use_bias: bool, dtype, rngs: nnx.Rngs):
         self.sizes = tuple(int(size) for size in sizes)
+        self.blocks = 1
         self.kernel = normal_param(rngs, (in_features, sum(self.sizes)), dtype)
         self.bias = nnx.Param(jnp.zeros((sum(self.sizes),), dtype)) if use_bias else None
 
@@ -67,21 +74,55 @@ class FusedDense(nnx.Module):
         kernel, bias = self._columns(first, count)
         y = x @ kernel
         y = y + bias if bias is not None else y
-        return tuple(jnp.split(y, list(itertools.accumulate(self.sizes[first : first + count - 1])), axis=-1))
+        return split_blocked(y, self.sizes[first : first + count], self.blocks)
 
     def part(self, index: int) -> tuple[jax.Array, jax.Array | None]:
         """(kernel (in, sizes[index]), bias or None) of one projection, as a `Dense` would hold it."""
-        return self._columns(index, 1)
+        kernel, bias = self._columns(index, 1)
+        if self.blocks == 1:
+            return kernel, bias
+        return kernel.reshape(kernel.shape[0], -1), None if bias is None else bias.reshape(-1)
 
     def _columns(self, first: int, count: int) -> tuple[jax.Array, jax.Array | None]:
-        start = sum(self.sizes[:first])
-        stop = start + sum(self.sizes[first : first + count])
+        """The kernel and bias columns of parts ``first .. first + count - 1``, still in blocks:
+        (in, blocks * width / blocks) as one axis when ``blocks`` is 1, (in, blocks, width / blocks)
+        otherwise."""
+        blocks = self.blocks
+        start = sum(self.sizes[:first]) // blocks
+        stop = start + sum(self.sizes[first : first + count]) // blocks
         kernel = self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
+        if blocks > 1:
+            kernel = kernel.reshape(kernel.shape[0], blocks, -1)
+            bias = None if bias is None else bias.reshape(blocks, -1)
         if (start, stop) != (0, kernel.shape[-1]):
-            kernel = kernel[:, start:stop]
-        if self.bias is None:
-            return kernel, None
-        return kernel, self.bias[...][start:stop]
+            kernel = kernel[..., start:stop]
+            bias = None if bias is None else bias[..., start:stop]
+        if blocks > 1:
+            kernel = kernel.reshape(kernel.shape[0], -1)
+            bias = None if bias is None else bias.reshape(-1)
+        return kernel, bias
+
+
+def split_blocked(y: jax.Array, sizes: tuple[int, ...], blocks: int) -> tuple[jax.Array, ...]:
+    """The parts (each (..., size)) of columns ``y`` (..., sum(sizes)) laid out in ``blocks`` equal
+    blocks of every part's slices (`FusedDense`); ``blocks`` 1: the parts side by side."""
+    if blocks == 1:
+        return tuple(jnp.split(y, list(itertools.accumulate(sizes[:-1])), axis=-1))
+    widths = [size // blocks for size in sizes]
+    pieces = jnp.split(y.reshape(*y.shape[:-1], blocks, -1), list(itertools.accumulate(widths[:-1])), axis=-1)
+    return tuple(piece.reshape(*y.shape[:-1], -1) for piece in pieces)
+
+
+def join_blocked(parts, blocks: int):
+    """The inverse of `split_blocked`: parts (each (..., size), numpy or jax) as one array of columns
+    in ``blocks`` blocks."""
+    xp = np if all(isinstance(part, np.ndarray) for part in parts) else jnp
+    if blocks == 1:
+        return xp.concatenate(parts, axis=-1)
+    pieces = [part.reshape(*part.shape[:-1], blocks, -1) for part in parts]
+    joined = xp.concatenate(pieces, axis=-1)
+    return joined.reshape(*joined.shape[:-2], -1)
 
 
 class LayerNorm(nnx.Module):

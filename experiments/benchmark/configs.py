@@ -89,6 +89,13 @@ class BenchmarkConfig:
         "Throughput mode: JAX prepares the next batch (tokenize, images) while one generates, as the "
         "eval harness does (LlavaEngine.answer_stream); false: one batch after another.",
     )
+    mesh: str = setting(
+        "",
+        "Throughput mode: the device meshes every JAX configuration runs on, separated by ';', each as "
+        "experiments.eval's --mesh takes it (data:N,model:M; models.sharding), e.g. "
+        "'data:1;data:2;data:4;data:2,model:2': a row per configuration and mesh, with questions/s per "
+        "device. '' = the default device alone.",
+    )
     compile_cache: str = setting(".jax_cache", "Persistent compilation cache directory ('' = off).")
     compile_workers: int = setting(
         0, "Parallel pre-compile processes (0 = compile in the measuring process)."

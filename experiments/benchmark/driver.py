@@ -114,6 +114,8 @@ def run(settings: BenchmarkConfig) -> None:
     if settings.mode == "throughput":
         run_throughput(settings, _meta(settings))
         return
+    if settings.mesh:
+        raise ValueError("--mesh is a setting of --mode=throughput; the stage timings run on one device")
     configs = planned_configs(settings)
     out_dirs = output_dirs(settings)
     runner = Runner(settings)

@@ -67,16 +67,20 @@ def throughput_markdown(report: dict) -> str:
         "",
         *_overlap_note(jax_rows),
         *attention_note(jax_rows, meta),
-        f"| framework | method | batch | questions/s | ms/question | vs transformers b{TORCH_REFERENCE_BATCH} "
-        "| vs JAX unpruned, same batch | preprocess / generate / detokenize / other ms per question "
-        "| median-batch questions/s | timed questions | answer tokens x answers | first batch s | "
+        f"| framework | method | batch | devices | questions/s | questions/s per device | ms/question | "
+        f"vs transformers b{TORCH_REFERENCE_BATCH} "
+        "| vs JAX unpruned, same batch and devices | preprocess / generate / detokenize / other ms per "
+        "question | median-batch questions/s | timed questions | answer tokens x answers | first batch s | "
         "peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ok:
+        devices = r.get("devices", 1)
+        where = f"{devices} ({r['mesh']})" if r.get("mesh") else str(devices)
         lines.append(
             f"| {'JAX' if r['framework'] == 'jax' else 'transformers'} | {_method(r)} | {r['batch']} | "
-            f"{r['questions_per_s']:.2f} | {r['ms_per_question']:.2f} | "
+            f"{where} | "
+            f"{r['questions_per_s']:.2f} | {r['questions_per_s'] / devices:.2f} | {r['ms_per_question']:.2f} | "
             f"{_fmt(r.get('speedup_vs_transformers'), '.2f', 'x')} | "
             f"{_fmt(r.get('speedup_vs_unpruned'), '.2f', 'x')} | {_stages(r)} | "
             f"{r['questions_per_s_median_batch']:.2f} | {r['timed_questions']} | {_counts(r)} | "

@@ -63,17 +63,28 @@ def workload_description(settings: BenchmarkConfig) -> dict:
     }
 
 
+def meshes(settings: BenchmarkConfig) -> list[str]:
+    """The --mesh list ('' = the default device alone), each checked."""
+    from models.sharding import parse_mesh
+
+    listed = [mesh.strip() for mesh in settings.mesh.split(";") if mesh.strip()]
+    for mesh in listed:
+        parse_mesh(mesh)
+    return listed or [""]
+
+
 def add_speedups(rows: list[dict]) -> None:
     """Each measured row's questions per second over transformers' at batch TORCH_REFERENCE_BATCH
-    (`speedup_vs_transformers`) and over unpruned JAX at the row's batch (`speedup_vs_unpruned`)."""
+    (`speedup_vs_transformers`) and over unpruned JAX at the row's batch on the row's mesh
+    (`speedup_vs_unpruned`)."""
     measured = {
-        (r["framework"], r["method"], r["keep"], r["batch"]): r
+        (r["framework"], r["method"], r["keep"], r["batch"], r.get("mesh", "")): r
         for r in rows
         if r["status"] == "ok" and r.get("questions_per_s")
     }
-    reference = measured.get(("torch", "none", 0, TORCH_REFERENCE_BATCH))
+    reference = measured.get(("torch", "none", 0, TORCH_REFERENCE_BATCH, ""))
     for row in measured.values():
-        unpruned = measured.get(("jax", "none", 0, row["batch"]))
+        unpruned = measured.get(("jax", "none", 0, row["batch"], row.get("mesh", "")))
         if reference:
             row["speedup_vs_transformers"] = row["questions_per_s"] / reference["questions_per_s"]
         if unpruned:
@@ -90,6 +101,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
     """Pre-compile, the transformers rows, then the JAX rows in --configs order; the report after each."""
     check_settings(settings)
     configs = planned_configs(settings)
+    device_meshes = meshes(settings)
     out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
@@ -115,7 +127,8 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
         write_outputs(report, out_dirs, final=final, logs=runner.logs)
 
     compiled = {}
-    if settings.compile_workers > 0:
+    # (A run on meshes compiles in its measuring processes: the pre-compile phase has no devices.)
+    if settings.compile_workers > 0 and device_meshes == [""]:
         compiled = precompile(runner, configs, common, kind="jax_throughput")
     torch_batches = list(dict.fromkeys(settings.torch_batch_sizes or [c.batch for c in configs]))
     for batch in torch_batches if settings.torch_baseline else []:
@@ -125,7 +138,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
             dict(result, framework="torch", method="none", keep=0, batch=batch, label=label)
         )
         save()
-    for config in configs:
+    for config, mesh in ((config, mesh) for config in configs for mesh in device_meshes):
         spec = dict(
             common,
             kind="jax_throughput",
@@ -133,8 +146,10 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
             method=config.method,
             keep=config.keep,
             batch=config.batch,
+            mesh=mesh,
         )
-        result = runner.run(f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}", spec)
+        suffix = f"-{mesh.replace(':', '').replace(',', '-')}" if mesh else ""
+        result = runner.run(f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}{suffix}", spec)
         if config in compiled:
             result["precompile"] = {
                 k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "attention", "error")
@@ -146,7 +161,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
                 method=config.method,
                 keep=config.keep,
                 batch=config.batch,
-                label=config.label,
+                label=config.label + (f" [{mesh}]" if mesh else ""),
             )
         )
         save()

@@ -113,6 +113,7 @@ def jax_throughput_worker(spec: dict) -> dict:
     from flax import nnx
 
     import adaptprune_jax as prune
+    from models import sharding
     from models.config import from_hf_config, with_attention
     from models.engine import LlavaEngine
     from models.generate import LlavaRunner, SamplingConfig, bucket_length
@@ -183,9 +184,14 @@ def jax_throughput_worker(spec: dict) -> dict:
         return out
 
     start = time.perf_counter()
-    runner = LlavaRunner(random_model(hf_config, dtype=dtype, seed=spec["seed"], attention=spec["attention"]))
+    mesh = sharding.make_mesh(spec["mesh"]) if spec.get("mesh") else None
+    model = random_model(hf_config, dtype=dtype, seed=spec["seed"], attention=spec["attention"])
+    runner = LlavaRunner(model, mesh=mesh)
+    del model  # (on a model axis the runner holds its own, re-laid-out copy)
     jax.block_until_ready(runner.weights)
     out["weights_s"] = round(time.perf_counter() - start, 3)
+    out["mesh"] = "" if mesh is None else sharding.describe_mesh(mesh)
+    out["devices"] = 1 if mesh is None else mesh.size
     engine = LlavaEngine(runner, preprocessor, hf_config)
     clock, outputs = StageClock(), []
     for name in ("encode", "pixel_values"):
@@ -218,6 +224,7 @@ def jax_throughput_worker(spec: dict) -> dict:
     else:
         out.update(_timed_run(answer, timed, clock, batch))
     out["traces_while_timed"] = sum(runner.trace_counts.values()) - traced  # 0: no timed batch compiled
+    out["questions_per_s_per_device"] = out["questions_per_s"] / out["devices"]
     return dict(out, **_answer_lengths(outputs), **_device_jax())
 
 

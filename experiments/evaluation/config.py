@@ -6,7 +6,7 @@ import dataclasses
 
 from adaptprune_jax import methods as pruning_methods
 from experiments.benchmarks import benchmark_names
-from experiments.flag_config import attention_setting, setting
+from experiments.flag_config import attention_setting, mesh_setting, setting
 
 UNPRUNED = "none"  # method name of the unpruned run, always evaluated once
 PREDICTIONS_DIR = "predictions"
@@ -76,6 +76,16 @@ class EvalConfig:
     dtype: str = setting("float32", "Compute dtype of the model.", choices=("float32", "bfloat16"))
     attention: str = attention_setting(
         " In the fingerprint as resolved: cudnn and einsum may differ in bfloat16's last bits."
+    )
+    mesh: str = mesh_setting(" Answers do not depend on it (not in the fingerprint).")
+    coordinator_address: str | None = setting(
+        None,
+        "Several processes (one per host): HOST:PORT of process 0, where jax.distributed's coordinator "
+        "listens; with --num_processes and --process_id, the same other flags on every process.",
+    )
+    num_processes: int = setting(1, "Processes of a multi-process run; 1: this process alone.")
+    process_id: int = setting(
+        0, "This process's index, 0 .. num_processes - 1; process 0 reads and writes --output_dir."
     )
     model_name: str | None = setting(
         None, "Model name for published-number lookup (default: checkpoint folder name)."

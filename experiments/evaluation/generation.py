@@ -30,7 +30,8 @@ import numpy as np
 
 from experiments.benchmarks import Question
 from experiments.benchmarks.base import text_tower_query
-from experiments.benchmarks.io import PredictionWriter, read_predictions
+from experiments.benchmarks.io import read_predictions
+from experiments.evaluation import processes
 from experiments.evaluation.config import PREDICTIONS_DIR, EvalConfig
 from experiments.evaluation.inputs import ImageLoader
 from experiments.evaluation.pairs import Pair
@@ -89,12 +90,14 @@ def run_pair(
     """Answer every unanswered question for one pair, appending each answer to its prediction file.
 
     `unusable`: question_id -> reason for questions whose prompt is never given to the model.
+    In a multi-process run every process runs every batch; process 0 decides which are left (from
+    its prediction file) and writes the answers (`experiments.evaluation.processes`).
     """
     from tqdm import tqdm
 
     unusable = unusable or {}
     path = predictions_path(config.output_dir, pair)
-    done = set(read_predictions(path)) if os.path.exists(path) else set()
+    done = processes.answered(path, [question.question_id for question in questions], read_predictions)
     progress = PairProgress()
     batches = [
         list(questions[start : start + config.batch_size])
@@ -108,9 +111,15 @@ def run_pair(
     already = sum(question.question_id in done for question in questions)
     start_time = time.perf_counter()
     bar = tqdm(
-        total=len(questions), initial=already, desc=pair.name, unit="img", dynamic_ncols=True, file=sys.stderr
+        total=len(questions),
+        initial=already,
+        desc=pair.name,
+        unit="img",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=not processes.is_writer(),
     )
-    with PredictionWriter(path) as writer:
+    with processes.prediction_writer(path) as writer:
         # The engine prepares the next batch while this one generates: requests are planned one batch
         # ahead (skips and progress of batches that need no model call are recorded on the way).
         batch_start = time.perf_counter()

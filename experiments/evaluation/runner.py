@@ -2,7 +2,9 @@
 
 Then it writes `results.json`, `results.md`, `accuracy_vs_tokens.png` and `kept_tokens/*.png` (see
 `experiments.reporting`). Scores always come from the prediction files, so a resumed run scores
-exactly what an uninterrupted one would.
+exactly what an uninterrupted one would. On several devices (`--mesh`) the batches are split over
+them; over several processes (`experiments.evaluation.processes`) process 0 alone reads and writes
+the output directory.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from adaptprune_jax import methods
 from experiments.benchmarks import Question, get_benchmark
 from experiments.benchmarks.io import read_predictions
-from experiments.evaluation import fingerprint
+from experiments.evaluation import fingerprint, processes
 from experiments.evaluation.config import PREDICTIONS_DIR, RESULTS_JSON, UNPRUNED, EvalConfig
 from experiments.evaluation.generation import predictions_path, run_pair
 from experiments.evaluation.inputs import (
@@ -145,9 +147,12 @@ def run(config: EvalConfig, engine=None) -> dict:
     """Evaluate every pair of `config`; returns what results.json holds. `engine` may be shared."""
     from experiments import reference_numbers, reporting
     from experiments.overlays import write_kept_token_overlays
+    from models import sharding
 
     if config.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {config.batch_size}")
+    sharding.parse_mesh(config.mesh)  # a malformed --mesh fails before any work
+    processes.initialize(config.coordinator_address, config.num_processes, config.process_id)
     benchmark = get_benchmark(config.benchmark)
     methods.import_plugins(config.method_modules)
     check_method_names(config.methods)
@@ -162,8 +167,14 @@ def run(config: EvalConfig, engine=None) -> dict:
     if engine is None:
         from models.engine import LlavaEngine
 
+        mesh = sharding.make_mesh(config.mesh)
+        logger.info("devices: %s (%d processes)", sharding.describe_mesh(mesh), processes.count())
         engine = LlavaEngine.from_checkpoint(
-            config.checkpoint, dtype=config.dtype, text_tower=config.text_tower, attention=config.attention
+            config.checkpoint,
+            dtype=config.dtype,
+            text_tower=config.text_tower,
+            attention=config.attention,
+            mesh=mesh if mesh.size > 1 else None,
         )
     model = engine.config
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
@@ -171,7 +182,9 @@ def run(config: EvalConfig, engine=None) -> dict:
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
     attention = model.text.attention  # as the engine resolved it (auto is no answer-deciding setting)
     shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens, attention)
-    fingerprint.claim_output_dir(config.output_dir, pairs, shared, config.overwrite)
+    processes.on_writer(
+        lambda: fingerprint.claim_output_dir(config.output_dir, pairs, shared, config.overwrite)
+    )
     unusable = unusable_prompts(questions, engine, max_new_tokens)
     for question_id, reason in unusable.items():
         logger.warning("skipping question %s: %s", question_id, reason)
@@ -210,6 +223,8 @@ def run(config: EvalConfig, engine=None) -> dict:
             progress = run_pair(
                 engine, pair, questions, loader, config, max_new_tokens, record_kept_ids, unusable
             )
+            if not processes.is_writer():
+                continue  # process 0 scores and reports
             records = pair_records(questions, pair, config.output_dir)
             skipped = skipped_questions(questions, records, unusable, loader, image_path)
             metrics = score_pair(benchmark, questions, records, skipped)
@@ -263,6 +278,8 @@ def run(config: EvalConfig, engine=None) -> dict:
             config.output_dir,
         )
 
+    if not processes.is_writer():
+        return results  # without pairs: process 0 holds them
     reporting.add_intervals(results)
     with open(os.path.join(config.output_dir, RESULTS_JSON), "w") as file:
         json.dump(results, file, indent=2)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.benchmark import acceptance, throughput, workers_throughput, workload
+from experiments.benchmark import acceptance, driver, throughput, workers_throughput, workload
 from experiments.benchmark.configs import BenchmarkConfig
 from experiments.benchmark.report import summary, write_outputs
 from models.preprocess import Preprocessor, build_prompt
@@ -160,8 +160,8 @@ def test_report_table_speedups_and_acceptance(tmp_path):
     write_outputs(report, [str(tmp_path)], final=True)
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.startswith("# Throughput: llava-1.5-7b on NVIDIA H200")
-    assert "| JAX | adaptprune@64 | 128 | 200.00 | 5.00 | 40.00x | 4.00x |" in markdown
-    assert "| transformers | none | 1 | 5.00 | 200.00 | 1.00x | - |" in markdown
+    assert "| JAX | adaptprune@64 | 128 | 1 | 200.00 | 200.00 | 5.00 | 40.00x | 4.00x |" in markdown
+    assert "| transformers | none | 1 | 1 | 5.00 | 5.00 | 200.00 | 1.00x | - |" in markdown
     assert "exactly 4 tokens" in markdown and "4 x 256" in markdown
     assert "questions/s adaptprune@64 b128 / transformers b1: 40.000x >= 20.0x: PASS" in markdown
     assert "- fastv@64 b128: skipped: deadline" in markdown
@@ -172,6 +172,42 @@ def test_report_table_speedups_and_acceptance(tmp_path):
         "adaptprune@64 b128" in printed and "[PASS] questions/s adaptprune@64 b128 / JAX unpruned" in printed
     )
     assert "acceptance: 2 pass, 0 fail" in printed
+
+
+def test_rows_on_meshes_compare_with_unpruned_on_the_same_mesh(tmp_path):
+    assert throughput.meshes(BenchmarkConfig(mesh=" data:1; data:2,model:2 ;")) == [
+        "data:1",
+        "data:2,model:2",
+    ]
+    assert throughput.meshes(BenchmarkConfig()) == [""]
+    with pytest.raises(ValueError, match="unknown axis 'pipeline'"):
+        throughput.meshes(BenchmarkConfig(mesh="data:2;pipeline:2"))
+    with pytest.raises(ValueError, match="--mesh is a setting of --mode=throughput"):
+        driver.run(BenchmarkConfig(mesh="data:2"))
+    report = synthetic_report()
+    on_four = [
+        dict(row("jax", "none", 128, 160.0), label="none b128 [data:4]", mesh="data:4,model:1", devices=4),
+        dict(
+            row("jax", "adaptprune", 128, 480.0), label="adaptprune@64 b128 [data:4]", mesh="data:4,model:1"
+        ),
+    ]
+    on_four[1]["devices"] = 4
+    for r in on_four:
+        r.update(
+            report["rows"][1],
+            **{k: r[k] for k in ("method", "keep", "questions_per_s", "label", "mesh", "devices")},
+        )
+        r.update(workers_throughput.rate_summary(128, [128 / r["questions_per_s"]] * 2, [{}, {}]))
+    report["rows"] += on_four
+    throughput.add_speedups(report["rows"])
+    assert on_four[1]["speedup_vs_unpruned"] == pytest.approx(3.0)  # 480 / 160, not 480 / 50
+    assert report["rows"][2]["speedup_vs_unpruned"] == pytest.approx(4.0)  # one device: 200 / 50
+    write_outputs(report, [str(tmp_path)], final=True)
+    markdown = (tmp_path / "results.md").read_text()
+    assert (
+        "| JAX | adaptprune@64 | 128 | 4 (data:4,model:1) | 480.00 | 120.00 | 2.08 | 96.00x | 3.00x |"
+        in markdown
+    )
 
 
 # --- end to end --------------------------------------------------------------------------------

@@ -419,9 +419,9 @@ def test_pairs_are_checked_against_the_model_layout():
     hf_config.vision_feature_select_strategy = "full"
     model = from_hf_config(hf_config)
     config = eval_lib.EvalConfig(
-        checkpoint="c", benchmark="pope", questions="q", output_dir="o", methods=("adaptprune",)
+        checkpoint="c", benchmark="pope", questions="q", output_dir="o", methods=("uniform",)
     )
-    with pytest.raises(ValueError, match="adaptprune: needs every image token on a grid, but 1 of the"):
+    with pytest.raises(ValueError, match="uniform: needs every image token on a grid, but 1 of the"):
         eval_lib.build_pairs(config, model.num_image_tokens, model.text.num_layers, model.image_layout())
     fastv = dataclasses.replace(config, methods=("fastv",))
     pairs = eval_lib.build_pairs(fastv, model.num_image_tokens, model.text.num_layers, model.image_layout())

@@ -148,7 +148,7 @@ def test_greedy_generation_equals_transformers_generate(next_batch):
     ckpt, runner, prefill = next_batch.ckpt, next_batch.ckpt.runner, next_batch.prefill
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=ckpt.pad_token_id)
     first = jnp.asarray(last_logits(prefill, next_batch.batch.lengths))
-    tokens, counts = runner.decode_loop(
+    tokens, counts, _ = runner.decode_loop(
         runner.weights, first, prefill.caches, prefill.next_positions, jax.random.key(0), sampling=sampling
     )
     assert (np.asarray(counts) == NEW_TOKENS).all()

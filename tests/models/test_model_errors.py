@@ -151,11 +151,15 @@ def test_pruning_settings_out_of_range_fail_before_any_work(tiny_checkpoints, pr
 
 
 def test_grid_methods_refuse_a_non_square_token_count(tiny_checkpoints):
+    """Uniform needs every token on its grid; AdaptPrune keeps the off-grid [CLS] and selects the rest,
+    so its budget must exceed the one off-grid token."""
     ckpt = tiny_checkpoints("tiny-full")  # 577 image tokens: [CLS] + 24 x 24
     assert ckpt.config.image_grid is None
-    for name in ("adaptprune", "uniform"):
-        with pytest.raises(ValueError, match=f"{name}: .*577"):
-            ckpt.runner.resolve_keep(prune.make_config(name, keep=16, layer=1))
+    with pytest.raises(ValueError, match="uniform: .*577"):
+        ckpt.runner.resolve_keep(prune.make_config("uniform", keep=16, layer=1))
+    assert ckpt.runner.resolve_keep(prune.make_config("adaptprune", keep=16, layer=1)) == 16
+    with pytest.raises(ValueError, match="keep=1 must exceed the 1 such tokens"):
+        ckpt.runner.resolve_keep(prune.make_config("adaptprune", keep=1, layer=1))
     assert ckpt.runner.resolve_keep(prune.make_config("fastv", keep=16, layer=1)) == 16  # no grid needed
 
 
