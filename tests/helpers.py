@@ -193,3 +193,24 @@ def once_per_session(tmp_path_factory, name: str, compute):
         value = compute()
         stored.write_text(json.dumps(value))
         return value
+
+
+class InterruptAfter:
+    """An engine that raises KeyboardInterrupt (as Ctrl-C would) after `calls` generations."""
+
+    def __init__(self, engine, calls: int):
+        self.engine, self.calls = engine, calls
+        self.config, self.preprocessor = engine.config, engine.preprocessor
+        self.prepare = engine.prepare
+
+    def run(self, prepared):
+        if self.calls == 0:
+            raise KeyboardInterrupt
+        self.calls -= 1
+        return self.engine.run(prepared)
+
+    def answer_stream(self, requests):
+        """The engine's stream, through this wrapper's prepare and run."""
+        from models.engine import LlavaEngine
+
+        return LlavaEngine.answer_stream(self, requests)

@@ -25,6 +25,7 @@ from experiments import eval as eval_lib
 from experiments.benchmarks import get_benchmark
 from experiments.benchmarks.io import read_predictions
 from models.engine import LlavaEngine
+from tests.helpers import InterruptAfter
 
 pytestmark = pytest.mark.slow  # end to end: generates with a tiny model for every pair
 
@@ -184,23 +185,6 @@ def test_every_output_is_written_and_consistent(full_run, engine):
         with PIL.Image.open(path) as image:
             image.verify()
         assert path.stat().st_size > 1000
-
-
-class InterruptAfter:
-    """An engine that raises KeyboardInterrupt (as Ctrl-C would) after `calls` generations."""
-
-    answer_stream = LlavaEngine.answer_stream  # its prepare and run are this wrapper's
-
-    def __init__(self, engine, calls: int):
-        self.engine, self.calls = engine, calls
-        self.config, self.preprocessor = engine.config, engine.preprocessor
-        self.prepare = engine.prepare
-
-    def run(self, prepared):
-        if self.calls == 0:
-            raise KeyboardInterrupt
-        self.calls -= 1
-        return self.engine.run(prepared)
 
 
 def assert_same_as_full_run(output_dir, full_output_dir, names):

@@ -25,7 +25,13 @@ from adaptprune_jax import methods  # noqa: E402
 from models import presets, sharding  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.generate import LlavaRunner, SamplingConfig  # noqa: E402
-from tests.helpers import make_prompt, make_queries, random_pixels, small_model_config  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    InterruptAfter,
+    make_prompt,
+    make_queries,
+    random_pixels,
+    small_model_config,
+)
 
 MESHES = ("data:8", "data:2,model:4", "model:2")
 NMS_MESH = "data:2,model:4"  # where AdaptPrune with the Pallas NMS runs (the others: unpruned only)
@@ -122,20 +128,6 @@ def compare(runner, one, inputs, pruning, baseline, key):
         "kept_equal": None if kept is None else bool(np.array_equal(kept, base_kept)),
         "tokens_equal": bool(np.array_equal(tokens, base_tokens)),
     }
-
-
-class InterruptAfter:
-    """An engine that raises KeyboardInterrupt (as Ctrl-C would) after ``calls`` answer() calls."""
-
-    def __init__(self, engine, calls: int):
-        self.engine, self.calls = engine, calls
-        self.config, self.preprocessor = engine.config, engine.preprocessor
-
-    def answer(self, *args, **kwargs):
-        if self.calls == 0:
-            raise KeyboardInterrupt
-        self.calls -= 1
-        return self.engine.answer(*args, **kwargs)
 
 
 def eval_checks(work: str, checkpoint: str) -> dict:
