@@ -177,8 +177,13 @@ def run(config: EvalConfig, engine=None) -> dict:
             mesh=mesh if mesh.size > 1 else None,
         )
     model = engine.config
+    # LLaVA-NeXT: the count is the most an image can take, and there is no one layout; the runner
+    # checks each pair's keep against every batch's own image-token counts.
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
-    pairs = build_pairs(config, num_image_tokens, num_layers, model.image_layout())
+    pairs = build_pairs(config, num_image_tokens, num_layers, None if model.anyres else model.image_layout())
+    if model.anyres:
+        for pair in pairs:  # a ratio keep or a method reading the vision tower is refused before any work
+            engine.runner.resolve_keep(pair.pruning)
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
     attention = model.text.attention  # as the engine resolved it (auto is no answer-deciding setting)
     shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens, attention)
@@ -206,6 +211,7 @@ def run(config: EvalConfig, engine=None) -> dict:
         "checkpoint": os.path.abspath(config.checkpoint),
         "num_questions": len(questions),
         "num_image_tokens": num_image_tokens,
+        "image_tokens_vary": model.anyres,  # LLaVA-NeXT: num_image_tokens is the most an image takes
         "num_layers": num_layers,
         "image_grid": model.image_grid,
         "settings": {
