@@ -196,8 +196,12 @@ def run(config: EvalConfig, engine=None) -> dict:
     reported = set(unusable)  # each skipped question is named once on the console
     model_name = reference_numbers.canonical_model_name(config.model_name or config.checkpoint)
 
+    num_overlays = config.num_overlays
+    if model.anyres and num_overlays:  # the pictures draw one patch grid; LLaVA-NeXT's crops have several
+        logger.info("no kept-token pictures for LLaVA-NeXT: they draw LLaVA-1.5's single patch grid")
+        num_overlays = 0
     overlays = overlay_questions(
-        [q for q in questions if q.question_id not in unusable], config.num_overlays, image_path
+        [q for q in questions if q.question_id not in unusable], num_overlays, image_path
     )
     record_kept_ids = {q.question_id for q in questions[: config.record_kept]} | {
         q.question_id for q in overlays

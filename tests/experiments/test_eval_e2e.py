@@ -392,7 +392,6 @@ def test_llava_next_checkpoint_through_the_evaluation(tiny_checkpoints, tmp_path
         batch_size=2,
         limit=2,
         max_new_tokens=2,
-        num_overlays=0,
     )
     results = eval_lib.run(config, engine=LlavaEngine.from_checkpoint(checkpoint.directory))
     most = checkpoint.config.num_image_tokens
@@ -402,3 +401,4 @@ def test_llava_next_checkpoint_through_the_evaluation(tiny_checkpoints, tmp_path
         assert result["num_scored"] == 2 and result["num_skipped"] == 0
     kept = read_predictions(tmp_path / "out" / "predictions" / "fastv_64.jsonl")
     assert all(record["kept_count"] == 64 for record in kept.values())
+    assert not (tmp_path / "out" / "kept_tokens").exists()  # no single patch grid to draw on
