@@ -342,3 +342,26 @@ def test_llava_next_flagfile_on_the_tiny_next_preset(tmp_path, cache_dir):
     names = [check["name"] for check in report["acceptance"]]
     assert f"first token speedup fastv@{acceptance.NEXT_KEEP} b1" in names
     assert all(check["pass"] is None for check in report["acceptance"])
+
+
+def test_image_size_packs_llava_next_and_is_refused_elsewhere():
+    from experiments.benchmark.workers import benchmark_image
+    from models import anyres
+    from models.config import from_hf_config
+    from models.presets import llava_config
+
+    next_cfg, cfg = from_hf_config(llava_config("tiny-next")), from_hf_config(llava_config("tiny"))
+    base = cfg.vision.image_size
+    image = benchmark_image(next_cfg, "672x672")
+    assert image == (
+        (672, 672),
+        anyres.image_token_count((672, 672), next_cfg),
+        anyres.num_crops((672, 672), next_cfg),
+    )
+    assert image.num_tokens == next_cfg.num_image_tokens  # the largest square pinpoint takes the most
+    assert benchmark_image(next_cfg, "").size == (base, base)
+    assert benchmark_image(cfg, "") == ((base, base), cfg.num_image_tokens, None)
+    with pytest.raises(ValueError, match="other sizes are for LLaVA-NeXT"):
+        benchmark_image(cfg, "672x672")
+    with pytest.raises(ValueError, match="expected HEIGHTxWIDTH"):
+        benchmark_image(next_cfg, "672")
