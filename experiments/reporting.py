@@ -228,7 +228,8 @@ def write_report(output_dir: str, results: dict) -> str:
     parts = [
         f"# {results['benchmark']} on {results['model_name']}",
         "",
-        f"{results['num_questions']} questions; {results['num_image_tokens']} image tokens per image, "
+        f"{results['num_questions']} questions; {'up to ' if results.get('image_tokens_vary') else ''}"
+        f"{results['num_image_tokens']} image tokens per image, "
         f"{results['num_layers']} LLM layers; dtype {settings['dtype']}, batch {settings['batch_size']}, "
         f"max_new_tokens {settings['max_new_tokens']}, seed {settings['seed']}.",
         "",

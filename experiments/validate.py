@@ -2,6 +2,7 @@
 
     python -m experiments.validate --config=tiny --random_weights
     python -m experiments.validate --checkpoint=/path/to/llava-1.5-7b-hf --dtype=bfloat16
+    python -m experiments.validate --checkpoint=/path/to/llava-v1.6-vicuna-7b-hf --dtype=bfloat16
     python -m experiments.validate --checkpoint=DIR --method=adaptprune --keep=64 --layer=2
     python -m experiments.validate --config=tiny-gqa --random_weights --method=sparsevlm --keep=64 \
         --method_settings=sparsevlm.layers=0/1/2
@@ -14,7 +15,8 @@ generated_equal (greedy continuations identical), and with pruning kept_indices_
 library's selection == the PyTorch reference selection; for a method that merges inside the LLM, the
 original indices kept after the last stage, -1 for each merged token, and merged_tokens, their count).
 The reference is always PyTorch float32; in bfloat16 the JAX error is judged against PyTorch
-bfloat16's own error (the bf16 noise floor).
+bfloat16's own error (the bf16 noise floor). A LLaVA-NeXT checkpoint (or preset) is compared with
+transformers' LlavaNextForConditionalGeneration on the image's crops and size, unpruned.
 Exit status 1 when the tolerance is exceeded.
 """
 
@@ -47,7 +49,9 @@ class ValidateConfig:
         None, "llava-hf checkpoint directory (config.json + safetensors + tokenizer)."
     )
     config: str | None = setting(
-        None, "Preset name (llava-1.5-7b, llava-1.5-13b, tiny, tiny-gqa, tiny-full) with --random_weights."
+        None,
+        "Preset name (llava-1.5-7b, llava-v1.6-vicuna-7b, tiny, tiny-gqa, tiny-full, tiny-next, ...) with "
+        "--random_weights.",
     )
     random_weights: bool = setting(False, "Build random weights with transformers for --config.")
     transfer: str = setting(
@@ -127,26 +131,46 @@ def logit_metrics(jax_logits: np.ndarray, torch_logits: np.ndarray) -> dict:
     }
 
 
-def build_question(preprocessor, question: str, min_prompt_tokens: int) -> list[int]:
-    """Prompt ids for `question`, padded with filler words until at least `min_prompt_tokens` long."""
-    ids = preprocessor.encode(question)
+def build_question(preprocessor, question: str, min_prompt_tokens: int, image_size=None) -> list[int]:
+    """Prompt ids for `question`, padded with filler words until at least `min_prompt_tokens` long
+    (``image_size`` (height, width): the image's, which sets a LLaVA-NeXT prompt's image tokens)."""
+    ids = preprocessor.encode(question, image_size)
     while len(ids) < min_prompt_tokens:
         question = f"{question} {FILLER}"
-        ids = preprocessor.encode(question)
+        ids = preprocessor.encode(question, image_size)
     return ids
+
+
+def torch_model_class(hf_config):
+    """transformers' class of a config: LLaVA-NeXT's for an anyres (llava_next) one, else LLaVA's."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    if hf_config.model_type == "llava_next":
+        return LlavaNextForConditionalGeneration
+    return LlavaForConditionalGeneration
+
+
+def _hf_config(settings: ValidateConfig):
+    """The transformers config of the checkpoint or the preset."""
+    from models import checkpoint, presets
+
+    if settings.checkpoint:
+        return checkpoint.load_hf_config(settings.checkpoint)
+    if not (settings.config and settings.random_weights):
+        raise app.UsageError("give --checkpoint=DIR, or --config=NAME --random_weights")
+    return presets.llava_config(settings.config)
 
 
 def _load_sides(settings: ValidateConfig, torch_device: str):
     """(hf_config, torch float32 model, preprocessor, JAX weights source, description)."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     from models import checkpoint, presets
     from models.preprocess import Preprocessor
 
+    hf_config = _hf_config(settings)
     if settings.checkpoint:
-        hf_config = checkpoint.load_hf_config(settings.checkpoint)
-        torch_model = LlavaForConditionalGeneration.from_pretrained(settings.checkpoint, dtype=torch.float32)
+        torch_model = torch_model_class(hf_config).from_pretrained(settings.checkpoint, dtype=torch.float32)
         preprocessor = Preprocessor.from_checkpoint(settings.checkpoint, hf_config)
         return (
             hf_config,
@@ -155,15 +179,15 @@ def _load_sides(settings: ValidateConfig, torch_device: str):
             checkpoint.TensorSource(settings.checkpoint),
             f"checkpoint {settings.checkpoint}",
         )
-    if not (settings.config and settings.random_weights):
-        raise app.UsageError("give --checkpoint=DIR, or --config=NAME --random_weights")
-    hf_config = presets.llava_config(settings.config)
     torch.manual_seed(settings.seed)
     with torch.device(torch_device):
-        torch_model = LlavaForConditionalGeneration(hf_config).float().eval()
-    preprocessor = Preprocessor(
-        hf_config, presets.tiny_tokenizer(hf_config), presets.llava15_image_processor(hf_config)
+        torch_model = torch_model_class(hf_config)(hf_config).float().eval()
+    image_processor = (
+        presets.anyres_image_processor(hf_config)
+        if hf_config.model_type == "llava_next"
+        else presets.llava15_image_processor(hf_config)
     )
+    preprocessor = Preprocessor(hf_config, presets.tiny_tokenizer(hf_config), image_processor)
     if settings.transfer == "directory":
         directory = tempfile.mkdtemp(prefix="validate_")
         presets.write_random_checkpoint(
@@ -198,16 +222,27 @@ def run(settings: ValidateConfig) -> dict:
     methods.import_plugins(settings.method_modules)
     if settings.method != UNPRUNED:
         methods.get(settings.method)  # an unknown name fails here, listing the registered ones
+        if _hf_config(settings).model_type == "llava_next":  # before any weights load
+            raise ValueError(
+                f"--method={settings.method} on a LLaVA-NeXT model: the PyTorch references of the pruning "
+                "methods take LLaVA-1.5's one image layout, not LLaVA-NeXT's packed crops; validate the "
+                "unpruned model here (--method=none), pruned LLaVA-NeXT runs are checked by the tests"
+            )
     on_gpu = torch.cuda.is_available()
     torch_device = "cuda" if on_gpu else "cpu"
     started = time.time()
     hf_config, torch_model, preprocessor, source, description = _load_sides(settings, torch_device)
     cfg = from_hf_config(hf_config)
     image = load_image(settings.image) if settings.image else default_image()
-    ids = build_question(preprocessor, settings.prompt, settings.min_prompt_tokens)
+    # LLaVA-NeXT: the image's size sets its crops and image tokens, on both sides.
+    image_size = preprocessor.image_sizes([image])[0] if cfg.anyres else None
+    ids = build_question(preprocessor, settings.prompt, settings.min_prompt_tokens, image_size)
     pixels = preprocessor.pixel_values([image])
     input_ids_t = torch.tensor([ids], device=torch_device)
     pixels_t = torch.tensor(pixels, device=torch_device)
+    images_t = {"pixel_values": pixels_t}
+    if cfg.anyres:
+        images_t["image_sizes"] = torch.tensor([image_size], device=torch_device)
 
     # Each method takes only the settings it has (a layer, a seed), and its own given ones.
     pruning = None
@@ -233,7 +268,7 @@ def run(settings: ValidateConfig) -> dict:
         "dtype": settings.dtype,
         "method": settings.method,
         "prompt_tokens": len(ids),
-        "image_tokens": cfg.num_image_tokens,
+        "image_tokens": ids.count(cfg.image_token_index),
         "device": str(jax.devices()[0]),
         "torch_device": torch_device,
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
@@ -244,9 +279,7 @@ def run(settings: ValidateConfig) -> dict:
     layer = None if pruning is None else pruning.layer
     if pruning is None:
         with torch.no_grad():
-            reference = (
-                torch_model(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
-            )
+            reference = torch_model(input_ids=input_ids_t, **images_t).logits[0].float().cpu().numpy()
     else:
         keep = pruning.resolve_keep(cfg.num_image_tokens)
         report["keep"] = keep
@@ -279,9 +312,7 @@ def run(settings: ValidateConfig) -> dict:
     if settings.dtype == "bfloat16" and pruning is None:
         with torch.no_grad():  # a copy: casting in place and back would leave bf16-rounded weights
             torch_bf16 = copy.deepcopy(torch_model).to(torch.bfloat16)
-            bf16_logits = (
-                torch_bf16(input_ids=input_ids_t, pixel_values=pixels_t).logits[0].float().cpu().numpy()
-            )
+            bf16_logits = torch_bf16(input_ids=input_ids_t, **images_t).logits[0].float().cpu().numpy()
         del torch_bf16
         report["torch_bf16_vs_torch_fp32"] = logit_metrics(bf16_logits, reference)
 
@@ -293,7 +324,7 @@ def run(settings: ValidateConfig) -> dict:
             out = torch_model.generate(
                 input_ids=input_ids_t,
                 attention_mask=torch.ones_like(input_ids_t),
-                pixel_values=pixels_t,
+                **images_t,
                 do_sample=False,
                 max_new_tokens=settings.generate_tokens,
                 eos_token_id=preprocessor.eos_token_id,
@@ -319,6 +350,7 @@ def run(settings: ValidateConfig) -> dict:
         pad_token_id=preprocessor.pad_token_id,
         max_new_tokens=sampling.max_new_tokens,
         queries=None if query_ids is None else [query_ids],
+        image_sizes=None if image_size is None else [image_size],
     )
     rng = jax.random.key(settings.seed)
     result = runner.prefill(batch, pruning=pruning, all_logits=True, rng=rng)

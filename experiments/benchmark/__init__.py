@@ -1,6 +1,8 @@
-"""Speed and memory of the jitted JAX LLaVA-1.5, pruned and unpruned, against the floor and PyTorch.
+"""Speed and memory of the jitted JAX LLaVA-1.5 (and LLaVA-NeXT, `--image_size`), pruned and unpruned,
+against the floor and PyTorch.
 
     python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_latency.flags
+    python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_next.flags
     python -m experiments.benchmark --model=tiny --batch_sizes=1 --methods=none,adaptprune --keep=64
     python -m experiments.benchmark --replot=experiments/results/h200_latency/results.json
     python -m experiments.benchmark --flagfile=experiments/flags/benchmark_h200_throughput.flags

@@ -15,6 +15,12 @@ TARGETS = dict(
 )
 # What the targets were set for: a run of another model or on another platform is not judged.
 TARGET_MODEL, TARGET_PLATFORM = "llava-1.5-7b", "gpu"
+# LLaVA-NeXT's targets (a run whose JAX rows are anyres, e.g. at --image_size=672x672, 2,928 image
+# tokens): each method keeping NEXT_KEEP at batch 1 against the unpruned row, judged on these models on
+# a GPU.
+NEXT_METHODS, NEXT_KEEP = ("adaptprune", "fastv"), 320
+NEXT_TARGETS = dict(ttft_speedup_b1=3.5, selection_overhead_ms=1.0, prefill_vs_flop_floor=1.3)
+NEXT_TARGET_MODELS = ("llava-v1.6-vicuna-7b", "llava-v1.6-mistral-7b")
 # Throughput mode's targets: questions per second of the pruned configuration at THROUGHPUT_BATCH
 # against transformers answering one question at a time, and against unpruned JAX at that batch.
 THROUGHPUT_BATCH, TORCH_REFERENCE_BATCH = 128, 1
@@ -25,8 +31,11 @@ def acceptance(rows: list[dict], searches: list[dict], run_on: tuple[str, str] |
     """The targets, each with its value, pass/fail and the gap; n/a when not measured here.
 
     `run_on` = (model, platform) of the run: the targets are about LLaVA-1.5-7B on a GPU, so any other
-    (the CPU smoke run of the tiny preset) gets every target listed as not judged, never a FAIL.
+    (the CPU smoke run of the tiny preset) gets every target listed as not judged, never a FAIL. A
+    LLaVA-NeXT run (its rows anyres) is judged against the LLaVA-NeXT targets instead.
     """
+    if any(r.get("anyres") for r in rows) or (run_on is not None and run_on[0] in NEXT_TARGET_MODELS):
+        return _on_the_target_run(_judge_next(rows), run_on, NEXT_TARGET_MODELS)
     return _on_the_target_run(_judge(rows, searches), run_on)
 
 
@@ -57,12 +66,14 @@ def throughput_acceptance(rows: list[dict], run_on: tuple[str, str] | None = Non
     return _on_the_target_run(checks, run_on)
 
 
-def _on_the_target_run(checks: list[dict], run_on: tuple[str, str] | None) -> list[dict]:
+def _on_the_target_run(
+    checks: list[dict], run_on: tuple[str, str] | None, models: tuple[str, ...] = (TARGET_MODEL,)
+) -> list[dict]:
     """The checks as judged, or, for a run of another model or platform, listed but not judged."""
-    if run_on is not None and tuple(run_on) != (TARGET_MODEL, TARGET_PLATFORM):
+    if run_on is not None and (run_on[0] not in models or run_on[1] != TARGET_PLATFORM):
         model, platform = run_on
         reason = (
-            f"not judged: the targets are for {TARGET_MODEL} on a {TARGET_PLATFORM}, "
+            f"not judged: the targets are for {' / '.join(models)} on a {TARGET_PLATFORM}, "
             f"this run is {model} on {platform}"
         )
         return [{**check, "pass": None, "judged": False, "detail": reason} for check in checks]
@@ -92,20 +103,65 @@ def _verdict(name, value, target, at_most, unit="", note="", decided=True) -> di
     }
 
 
+def _jax_row(rows: list[dict], method: str, keep: int, batch: int) -> dict | None:
+    """The measured JAX row of a configuration, if the run has one."""
+    return next(
+        (
+            r
+            for r in rows
+            if r["framework"] == "jax"
+            and r["method"] == method
+            and r["keep"] == keep
+            and r["batch"] == batch
+            and r["status"] == "ok"
+        ),
+        None,
+    )
+
+
+def _judge_next(rows: list[dict]) -> list[dict]:
+    """LLaVA-NeXT's targets: the unpruned prefill against its FLOP floor, and each of NEXT_METHODS at
+    NEXT_KEEP, batch 1: its first-token speedup and its selection overhead."""
+    base = _jax_row(rows, "none", 0, 1)
+    flop_floor = base and base.get("floors", {}).get("llm_prefill_flop_ms")
+    checks = [
+        _verdict(
+            f"unpruned LLM prefill b1 ({base['prompt_tokens'] if base else '?'} tokens) / FLOP floor",
+            base["llm_prefill_ms"] / flop_floor if flop_floor else None,
+            NEXT_TARGETS["prefill_vs_flop_floor"],
+            True,
+            "x",
+        )
+    ]
+    for method in NEXT_METHODS:
+        pruned = _jax_row(rows, method, NEXT_KEEP, 1)
+        speedup = None
+        if base and pruned and base.get("ttft_ms") and pruned.get("ttft_ms"):
+            speedup = base["ttft_ms"] / pruned["ttft_ms"]
+        checks.append(
+            _verdict(
+                f"first token speedup {method}@{NEXT_KEEP} b1",
+                speedup,
+                NEXT_TARGETS["ttft_speedup_b1"],
+                False,
+                "x",
+            )
+        )
+        checks.append(
+            _verdict(
+                f"selection overhead {method}@{NEXT_KEEP} b1",
+                pruned and pruned.get("selection_overhead_ms"),
+                NEXT_TARGETS["selection_overhead_ms"],
+                True,
+                " ms",
+            )
+        )
+    return checks
+
+
 def _judge(rows: list[dict], searches: list[dict]) -> list[dict]:
     def row(method, keep, batch):
-        return next(
-            (
-                r
-                for r in rows
-                if r["framework"] == "jax"
-                and r["method"] == method
-                and r["keep"] == keep
-                and r["batch"] == batch
-                and r["status"] == "ok"
-            ),
-            None,
-        )
+        return _jax_row(rows, method, keep, batch)
 
     base1, acc1 = row("none", 0, 1), row(ACCEPT_METHOD, ACCEPT_KEEP, 1)
     base16, acc16 = row("none", 0, 16), row(ACCEPT_METHOD, ACCEPT_KEEP, 16)

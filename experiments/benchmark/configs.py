@@ -40,6 +40,12 @@ class BenchmarkConfig:
         (),
         "Explicit configurations instead of the cross product, in run order: none:BATCH or METHOD:KEEP:BATCH.",
     )
+    image_size: str = setting(
+        "",
+        "Stages mode: every row's image, HEIGHTxWIDTH in pixels ('' = the model's base crop, e.g. 336x336). "
+        "LLaVA-NeXT (anyres) models pack it into crops and image tokens as their processor would "
+        "(672x672: 5 crops, 2,928 image tokens); LLaVA-1.5 takes only its base crop.",
+    )
     text_tokens: int = setting(64, "Text tokens per prompt (the image span comes on top).")
     new_tokens: int = setting(32, "Generated tokens (end-to-end; decode steps = new_tokens - 1).")
     repeats: int = setting(20, "Timed repeats of vision / prefill / first-token.")

@@ -112,6 +112,10 @@ def run(settings: BenchmarkConfig) -> None:
         replot(settings)
         return
     if settings.mode == "throughput":
+        if settings.image_size:
+            raise ValueError(
+                "--image_size is a setting of --mode=stages; the throughput mode's images are its workload's"
+            )
         run_throughput(settings, _meta(settings))
         return
     if settings.mesh:
@@ -123,6 +127,7 @@ def run(settings: BenchmarkConfig) -> None:
         common_spec(settings),
         random_weights=settings.random_weights,
         text_tokens=settings.text_tokens,
+        image_size=settings.image_size,
         new_tokens=settings.new_tokens,
         repeats=settings.repeats,
         e2e_repeats=settings.e2e_repeats,

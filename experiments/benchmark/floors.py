@@ -9,9 +9,22 @@ from __future__ import annotations
 import math
 
 
-def stage_work(cfg, abstract_state, *, batch, prompt_tokens, stages, new_tokens, itemsize) -> dict:
+def stage_work(
+    cfg,
+    abstract_state,
+    *,
+    batch,
+    prompt_tokens,
+    stages,
+    new_tokens,
+    itemsize,
+    image_tokens=None,
+    crops=None,
+) -> dict:
     """FLOPs and bytes each stage cannot avoid, from the parameter shapes and the token counts;
-    ``stages``: the method's ``(layer, keep)`` pruning steps (empty: unpruned)."""
+    ``stages``: the method's ``(layer, keep)`` pruning steps (empty: unpruned); ``image_tokens``: each
+    row's image tokens (default: the config's); ``crops``: LLaVA-NeXT's vision-tower crops per row
+    (None: one image, LLaVA-1.5)."""
     import jax
 
     sizes: dict[str, int] = {}
@@ -23,7 +36,9 @@ def stage_work(cfg, abstract_state, *, batch, prompt_tokens, stages, new_tokens,
     def total(prefix):
         return sum(n for g, n in sizes.items() if g == prefix or g.startswith(prefix + "/"))
 
-    text, vision, n_img = cfg.text, cfg.vision, cfg.num_image_tokens
+    text, vision = cfg.text, cfg.vision
+    n_img = cfg.num_image_tokens if image_tokens is None else image_tokens
+    images = batch * (crops or 1)  # the vision tower's passes
     layer_params = [total(f"language_model/layers/{i}") for i in range(text.num_layers)]
     head_params = total("language_model/lm_head") or total("language_model/embed_tokens")
     stream_params = sum(layer_params) + total("language_model/norm") + head_params
@@ -40,10 +55,10 @@ def stage_work(cfg, abstract_state, *, batch, prompt_tokens, stages, new_tokens,
     v_tokens, v_layers = vision.num_patches + 1, cfg.vision_layers_needed
     v_layer_params = [total(f"vision_tower/layers/{i}") for i in range(v_layers)]
     v_other = total("vision_tower/patch_embedding") + total("multi_modal_projector")
-    vision_flops = batch * (
+    vision_flops = images * (
         sum(2 * p * v_tokens for p in v_layer_params)
         + v_layers * 4 * vision.hidden_size * v_tokens**2
-        + 2 * v_other * n_img
+        + 2 * v_other * cfg.features_per_crop
     )
     return {
         "llm_params": sum(layer_params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from experiments.benchmark.timing import median, timed
 from experiments.jax_runtime import use_compilation_cache
 
@@ -28,11 +30,49 @@ def random_prompts(
     return ids, start
 
 
-def random_pixels(batch: int, size: int, seed: int):
-    """(B, 3, size, size) float32 normal noise: random pixels, never zeros, so no kernel sees a shortcut."""
+def random_pixels(batch: int, size: int, seed: int, crops: int | None = None):
+    """(B, 3, size, size) float32 normal noise, or (B, crops, 3, size, size) for LLaVA-NeXT's crops:
+    random pixels, never zeros, so no kernel sees a shortcut."""
     import numpy as np
 
-    return np.random.default_rng(seed + 1).standard_normal((batch, 3, size, size), dtype=np.float32)
+    shape = (batch, 3, size, size) if crops is None else (batch, crops, 3, size, size)
+    return np.random.default_rng(seed + 1).standard_normal(shape, dtype=np.float32)
+
+
+class BenchmarkImage(NamedTuple):
+    """The one image size every row of a configuration has, and what it puts in the prompt."""
+
+    size: tuple[int, int]  # (height, width)
+    num_tokens: int  # image tokens per row (LLaVA-NeXT: newlines included)
+    crops: int | None  # LLaVA-NeXT's crops per row (base + high resolution); None for LLaVA-1.5
+
+
+def parse_image_size(text: str) -> tuple[int, int] | None:
+    """'HxW' -> (H, W); '' -> None (the model's base image)."""
+    if not text:
+        return None
+    height, x, width = text.strip().lower().partition("x")
+    if not (x and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise ValueError(f"bad --image_size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x672")
+    return int(height), int(width)
+
+
+def benchmark_image(cfg, image_size: str) -> BenchmarkImage:
+    """The image of a run: ``image_size`` 'HxW' ('' = the base crop, cfg.vision.image_size square).
+    LLaVA-1.5 resizes every image to its base crop, so only that size is taken; LLaVA-NeXT's token
+    and crop counts come from its anyres packing (`models.anyres`)."""
+    from models import anyres
+
+    base = (cfg.vision.image_size, cfg.vision.image_size)
+    size = parse_image_size(image_size) or base
+    if not cfg.anyres:
+        if size != base:
+            raise ValueError(
+                f"--image_size={image_size}: a LLaVA-1.5 model sees every image as one "
+                f"{base[0]}x{base[1]} crop; other sizes are for LLaVA-NeXT (anyres) models"
+            )
+        return BenchmarkImage(size, cfg.num_image_tokens, None)
+    return BenchmarkImage(size, anyres.image_token_count(size, cfg), anyres.num_crops(size, cfg))
 
 
 def configure_jax(spec):

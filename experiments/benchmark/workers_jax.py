@@ -9,6 +9,7 @@ import time
 from experiments.benchmark.floors import stage_work
 from experiments.benchmark.timing import median, timed
 from experiments.benchmark.workers import (
+    benchmark_image,
     configure_jax,
     llava_hf_config,
     memory_stats,
@@ -73,13 +74,19 @@ def jax_worker(spec: dict) -> dict:
         abstract_model.joint_space = nnx.eval_shape(lambda: JointSpace(joint, dtype=dtype, rngs=nnx.Rngs(0)))
     runner = LlavaRunner(abstract_model)
     abstract_state, abstract_weights = runner.state, runner.weights
-    n_img = cfg.num_image_tokens
+    image = benchmark_image(cfg, spec.get("image_size", ""))
+    n_img = image.num_tokens
     prompt_tokens = n_img + spec["text_tokens"]
+    packed = None  # LLaVA-NeXT: every row's gather index into the crop features, and its layout
+    if cfg.anyres:
+        from models.anyres import pack_images
+
+        packed = pack_images([image.size] * batch, cfg, image.crops, n_img)
     if method == "none":
         pruning = None
     else:
         pruning = prune.make_config(method, strict=False, keep=spec["keep"], layer=spec["layer"])
-    keep = runner.resolve_keep(pruning)
+    keep = runner.resolve_keep(pruning, None if packed is None else packed.layout)
     stages = () if pruning is None else pruning.stages(n_img, cfg.text.num_layers)
     fixed = None
     # One stage only: a multi-stage schedule has no single fixed-index counterpart to subtract.
@@ -94,10 +101,11 @@ def jax_worker(spec: dict) -> dict:
         pad_token_id=int(hf_config.text_config.pad_token_id or 0),
     )
 
-    def vision(weights, pixels, query_ids, query_mask):
+    def vision(weights, pixels, query_ids, query_mask, image_index):
         """The image features (a merging method's tokens in place) and the vision cues it asked for
-        (with the questions through CLIP's text tower, for a method that reads it)."""
-        inputs = runner.merge(weights).image_inputs(pixels, pruning, query_ids, query_mask)
+        (with the questions through CLIP's text tower, for a method that reads it); LLaVA-NeXT: every
+        crop through the tower, packed by ``image_index``."""
+        inputs = runner.merge(weights).image_inputs(pixels, pruning, query_ids, query_mask, image_index)
         return inputs.features, inputs.vision
 
     def embed(weights, ids, features):
@@ -105,13 +113,13 @@ def jax_worker(spec: dict) -> dict:
         positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         return x, positions, jnp.full((ids.shape[0],), ids.shape[1] - 1, jnp.int32), image_slots, features[1]
 
-    def prefill(weights, x, positions, last_index, image_slots, vision_cues, rng, *, pruning):
+    def prefill(weights, x, positions, last_index, image_slots, vision_cues, rng, layout, *, pruning):
         model = runner.merge(weights)
         return model.language_model.prefill(
             x,
             positions,
             last_index,
-            model.image_tokens(image_slots),
+            model.image_tokens(image_slots, layout),
             extra_slots=new_tokens,
             pruning=pruning,
             rng=rng,
@@ -132,7 +140,8 @@ def jax_worker(spec: dict) -> dict:
 
     sds = jax.ShapeDtypeStruct
     key = jax.eval_shape(lambda: jax.random.key(0))
-    ids_shape, pixel_shape = (batch, prompt_tokens), (batch, 3, cfg.vision.image_size, cfg.vision.image_size)
+    ids_shape = (batch, prompt_tokens)
+    pixel_shape = (batch, *(() if packed is None else (image.crops,)), 3, *(cfg.vision.image_size,) * 2)
     random_init = spec["random_weights"] or not os.path.isdir(spec["model"])
     if random_init:
         start = time.perf_counter()
@@ -142,8 +151,13 @@ def jax_worker(spec: dict) -> dict:
     if reads_clip:
         segment = (batch, TEXT_SEGMENTS, runner.segment_length)
         query_shapes = (sds(segment, jnp.int32), sds(segment, jnp.int32))
+    # LLaVA-NeXT's packing (index and layout) are arguments, as the runner passes them, not constants.
+    index_shape, layout_shape = None, None
+    if packed is not None:
+        index_shape = sds(packed.index.shape, jnp.int32)
+        layout_shape = jax.tree.map(lambda x: sds(x.shape, x.dtype), packed.layout)
     features = build(
-        "vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32), *query_shapes
+        "vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32), *query_shapes, index_shape
     )
     embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
     result = build(
@@ -152,6 +166,7 @@ def jax_worker(spec: dict) -> dict:
         abstract_weights,
         *embedded,
         key,
+        layout_shape,
     )
     build("first_token", jax.jit(lambda logits: jnp.argmax(logits, -1)), result.logits)
     build(
@@ -171,11 +186,14 @@ def jax_worker(spec: dict) -> dict:
             abstract_weights,
             *embedded,
             key,
+            layout_shape,
         )
     cues = None
     if pruning is not None and mode != "probe":
-        cues = abstract_cues(pruning, cfg, batch=batch, length=prompt_tokens, dtype=dtype, rng=key)
-        layout = cfg.image_layout().broadcast((batch,))
+        cues = abstract_cues(
+            pruning, cfg, batch=batch, length=prompt_tokens, dtype=dtype, rng=key, num_image_tokens=n_img
+        )
+        layout = cfg.image_layout().broadcast((batch,)) if packed is None else packed.layout
         if pruning.merges_in_llm:  # its first stage's selection and merge
             select = jax.jit(lambda c: pruning.select_and_merge(c.replace(layout=layout), stages[0].keep))
         else:
@@ -194,6 +212,9 @@ def jax_worker(spec: dict) -> dict:
         "layer": None if pruning is None else pruning.layer,
         "prompt_tokens": prompt_tokens,
         "image_tokens": n_img,
+        "image_size": "x".join(map(str, image.size)),
+        "crops": image.crops,
+        "anyres": cfg.anyres,
         "work": stage_work(
             cfg,
             abstract_state,
@@ -202,6 +223,8 @@ def jax_worker(spec: dict) -> dict:
             stages=stages,
             new_tokens=new_tokens,
             itemsize=dtype.itemsize,
+            image_tokens=n_img,
+            crops=image.crops,
         ),
     }
     out["work"]["kv_cache_bytes_allocated"] = sum(
@@ -225,7 +248,11 @@ def jax_worker(spec: dict) -> dict:
     ids, _ = random_prompts(
         batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index, spec["seed"]
     )
-    ids, pixels = jnp.asarray(ids), jnp.asarray(random_pixels(batch, cfg.vision.image_size, spec["seed"]))
+    ids = jnp.asarray(ids)
+    pixels = jnp.asarray(random_pixels(batch, cfg.vision.image_size, spec["seed"], image.crops))
+    image_index, layout = (None, None) if packed is None else (jnp.asarray(packed.index), packed.layout)
+    if layout is not None:
+        layout = jax.tree.map(jnp.asarray, layout)
     queries = (None, None)
     if reads_clip:
         queries = random_queries(batch, spec["text_tokens"], runner.segment_length, spec["seed"])
@@ -233,11 +260,11 @@ def jax_worker(spec: dict) -> dict:
     run = compiled
 
     def vision_stage():
-        return run["vision"](weights, pixels, *queries)
+        return run["vision"](weights, pixels, *queries, image_index)
 
     def first_token():
         embedded = run["embed"](weights, ids, vision_stage())
-        result = run["prefill"](weights, *embedded, rng)
+        result = run["prefill"](weights, *embedded, rng, layout)
         return run["first_token"](result.logits), result
 
     def generation():
@@ -261,11 +288,11 @@ def jax_worker(spec: dict) -> dict:
     prefills = {"llm_prefill_ms": "prefill", "fixed_prefill_ms": "prefill_fixed"}
     prefills = {k: v for k, v in prefills.items() if v in run}
     for name, stage in prefills.items():  # warm-up, then interleave so drift hits both alike
-        sync(run[stage](weights, *embedded, rng))
+        sync(run[stage](weights, *embedded, rng, layout))
         samples[name] = []
     for _ in range(reps):
         for name, stage in prefills.items():
-            samples[name].append(_one(lambda stage=stage: run[stage](weights, *embedded, rng), sync))
+            samples[name].append(_one(lambda stage=stage: run[stage](weights, *embedded, rng, layout), sync))
     if fixed is not None:
         samples["selection_overhead_ms"] = [
             a - b for a, b in zip(samples["llm_prefill_ms"], samples["fixed_prefill_ms"])
@@ -287,7 +314,7 @@ def jax_worker(spec: dict) -> dict:
     samples["ttft_ms"] = timed(first_token, reps, sync)
     decode = []
     for _ in range(e2e_reps + 1):
-        result = sync(run["prefill"](weights, *embedded, rng))
+        result = sync(run["prefill"](weights, *embedded, rng, layout))
         decode.append(
             _one(
                 lambda result=result: run["generate"](
@@ -308,13 +335,13 @@ def jax_worker(spec: dict) -> dict:
         where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
         # The decode loop updates its caches in place (donated): its one profiled call takes this
         # fresh prefill's, made before the trace so the prefill's kernels stay out of the profile.
-        result = sync(run["prefill"](weights, *embedded, rng))
+        result = sync(run["prefill"](weights, *embedded, rng, layout))
         stages = {
             "vision": lambda: profiling.profile_call(
                 vision_stage, os.path.join(where, "vision"), calls=3, sync=sync
             ),
             "llm_prefill": lambda: profiling.profile_call(
-                lambda: run["prefill"](weights, *embedded, rng),
+                lambda: run["prefill"](weights, *embedded, rng, layout),
                 os.path.join(where, "llm_prefill"),
                 calls=3,
                 sync=sync,
@@ -361,15 +388,16 @@ def _one(fn, sync) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def abstract_cues(pruning, cfg, *, batch: int, length: int, dtype, rng):
-    """The shapes of the cues ``pruning`` asks for, at the first stage (for compiling ``select`` alone)."""
+def abstract_cues(pruning, cfg, *, batch: int, length: int, dtype, rng, num_image_tokens: int):
+    """The shapes of the cues ``pruning`` asks for, at the first stage (for compiling ``select`` alone),
+    over ``num_image_tokens`` image tokens per row."""
     import jax
     import jax.numpy as jnp
 
     import adaptprune_jax as prune
 
     sds = jax.ShapeDtypeStruct
-    n_img, text = cfg.num_image_tokens, cfg.text
+    n_img, text = num_image_tokens, cfg.text
     heads = (batch, length, text.num_heads, text.head_dim)
     kv = (batch, length, text.num_kv_heads, text.head_dim)
     shapes = {

@@ -85,10 +85,16 @@ def unusable_prompts(questions: Sequence[Question], engine, max_new_tokens: int)
 
     A prompt holding its own `<image>` or too long for the context would otherwise stop the whole run
     mid-generation without naming the question; like a bad image, it costs only its own question.
+    LLaVA-NeXT prompts are measured with the most image tokens any image takes (images are not read
+    here), so a question is kept only if it fits whatever its image.
     """
+    from models.anyres import image_token_count
     from models.tokenizer import IMAGE_TOKEN
 
     positions = engine.config.text.max_position_embeddings
+    largest = None  # LLaVA-NeXT: the image size (a pinpoint) that takes the most image tokens
+    if engine.config.anyres:
+        largest = max(engine.config.image_grid_pinpoints, key=lambda s: image_token_count(s, engine.config))
     unusable = {}
     for question in questions:
         if IMAGE_TOKEN in question.prompt:
@@ -97,13 +103,14 @@ def unusable_prompts(questions: Sequence[Question], engine, max_new_tokens: int)
             )
             continue
         try:
-            length = len(engine.preprocessor.encode(question.prompt))
+            length = len(engine.preprocessor.encode(question.prompt, largest))
         except ValueError as error:
             unusable[question.question_id] = f"cannot encode the prompt: {error}"
             continue
         if length + max_new_tokens > positions:
             unusable[question.question_id] = (
-                f"prompt too long for the context: {length} prompt tokens + {max_new_tokens} new tokens "
+                f"prompt too long for the context: {length} prompt tokens"
+                f"{' (with the largest image)' if largest else ''} + {max_new_tokens} new tokens "
                 f"> {positions} positions"
             )
     return unusable

@@ -177,8 +177,13 @@ def run(config: EvalConfig, engine=None) -> dict:
             mesh=mesh if mesh.size > 1 else None,
         )
     model = engine.config
+    # LLaVA-NeXT: the count is the most an image can take, and there is no one layout; the runner
+    # checks each pair's keep against every batch's own image-token counts.
     num_image_tokens, num_layers = model.num_image_tokens, model.text.num_layers
-    pairs = build_pairs(config, num_image_tokens, num_layers, model.image_layout())
+    pairs = build_pairs(config, num_image_tokens, num_layers, None if model.anyres else model.image_layout())
+    if model.anyres:
+        for pair in pairs:  # a ratio keep or a method reading the vision tower is refused before any work
+            engine.runner.resolve_keep(pair.pruning)
     max_new_tokens = config.max_new_tokens or benchmark.max_new_tokens
     attention = model.text.attention  # as the engine resolved it (auto is no answer-deciding setting)
     shared = fingerprint.shared_fingerprint(config, benchmark, max_new_tokens, attention)
@@ -191,8 +196,12 @@ def run(config: EvalConfig, engine=None) -> dict:
     reported = set(unusable)  # each skipped question is named once on the console
     model_name = reference_numbers.canonical_model_name(config.model_name or config.checkpoint)
 
+    num_overlays = config.num_overlays
+    if model.anyres and num_overlays:  # the pictures draw one patch grid; LLaVA-NeXT's crops have several
+        logger.info("no kept-token pictures for LLaVA-NeXT: they draw LLaVA-1.5's single patch grid")
+        num_overlays = 0
     overlays = overlay_questions(
-        [q for q in questions if q.question_id not in unusable], config.num_overlays, image_path
+        [q for q in questions if q.question_id not in unusable], num_overlays, image_path
     )
     record_kept_ids = {q.question_id for q in questions[: config.record_kept]} | {
         q.question_id for q in overlays
@@ -206,6 +215,7 @@ def run(config: EvalConfig, engine=None) -> dict:
         "checkpoint": os.path.abspath(config.checkpoint),
         "num_questions": len(questions),
         "num_image_tokens": num_image_tokens,
+        "image_tokens_vary": model.anyres,  # LLaVA-NeXT: num_image_tokens is the most an image takes
         "num_layers": num_layers,
         "image_grid": model.image_grid,
         "settings": {

@@ -75,3 +75,28 @@ def test_throughput_targets_are_not_judged_on_a_cpu_or_another_model():
         assert [check["pass"] for check in checks] == [None, None]
         assert [check["value"] for check in checks] == [30.0, 4.0]  # still reported
         assert all(acceptance_tag(check) == "n/a " for check in checks)
+
+
+def test_an_anyres_run_is_judged_against_the_llava_next_targets():
+    """AdaptPrune passes (4x faster first token, 0.5 ms selection), FastV fails (2x, 1.5 ms), the
+    unpruned prefill is at 1.2x its FLOP floor; the same rows on the CPU are listed but not judged."""
+    common = dict(framework="jax", batch=1, status="ok", anyres=True)
+    base = dict(common, method="none", keep=0, ttft_ms=40.0, llm_prefill_ms=12.0, prompt_tokens=2992)
+    base["floors"] = {"llm_prefill_flop_ms": 10.0}
+    keep = acceptance.NEXT_KEEP
+    rows = [
+        base,
+        dict(common, method="adaptprune", keep=keep, ttft_ms=10.0, selection_overhead_ms=0.5),
+        dict(common, method="fastv", keep=keep, ttft_ms=20.0, selection_overhead_ms=1.5),
+    ]
+    checks = {c["name"]: c for c in acceptance.acceptance(rows, [], ("llava-v1.6-vicuna-7b", "gpu"))}
+    assert checks["unpruned LLM prefill b1 (2992 tokens) / FLOP floor"]["pass"] is True
+    assert checks[f"first token speedup adaptprune@{keep} b1"]["value"] == 4.0
+    assert checks[f"first token speedup adaptprune@{keep} b1"]["pass"] is True
+    assert checks[f"selection overhead adaptprune@{keep} b1"]["pass"] is True
+    assert checks[f"first token speedup fastv@{keep} b1"]["pass"] is False
+    assert checks[f"selection overhead fastv@{keep} b1"]["pass"] is False
+    assert not any("@64" in name for name in checks)  # LLaVA-1.5's targets are not this run's
+    on_cpu = acceptance.acceptance(rows, [], ("tiny-next", "cpu"))
+    assert [c["name"] for c in on_cpu] == list(checks) and all(c["pass"] is None for c in on_cpu)
+    assert "llava-v1.6-vicuna-7b / llava-v1.6-mistral-7b on a gpu" in on_cpu[0]["detail"]

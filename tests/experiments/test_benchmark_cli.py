@@ -299,3 +299,69 @@ def test_stage_compiler_options_parse_and_name_bad_entries():
         configs.parse_stage_compiler_options(["decode:xla_gpu_enable_triton_gemm=false"])
     with pytest.raises(ValueError, match="expected STAGE:OPTION=VALUE"):
         configs.parse_stage_compiler_options(["generate:xla_gpu_enable_triton_gemm"])
+
+
+@pytest.mark.slow
+def test_llava_next_flagfile_on_the_tiny_next_preset(tmp_path, cache_dir):
+    """The LLaVA-NeXT flagfile's run shrunk to the tiny-next preset, one pruned configuration: the
+    image packed into crops and tokens as the processor would, the fixed-index prefill, the floors,
+    transformers' LlavaNext on the same shapes, and the LLaVA-NeXT targets listed but not judged."""
+    from models import anyres
+    from models.config import from_hf_config
+    from models.presets import llava_config
+
+    report, _, _ = run_cli(
+        tmp_path,
+        cache_dir,
+        "--flagfile=experiments/flags/benchmark_h200_next.flags",
+        "--model=tiny-next",
+        "--dtype=float32",
+        "--new_tokens=2",
+        "--text_tokens=8",
+        "--repeats=1",
+        "--e2e_repeats=1",
+        "--image_size=336x336",
+        "--configs=fastv:64:1",
+        "--compile_workers=0",
+        "--deadline_s=0",
+        f"--output_dir={tmp_path}",
+        f"--compile_cache={cache_dir}",
+    )
+    cfg = from_hf_config(llava_config("tiny-next"))
+    tokens, crops = anyres.image_token_count((336, 336), cfg), anyres.num_crops((336, 336), cfg)
+    rows = rows_by_label(report)
+    assert list(rows) == ["fastv@64 b1", "pytorch cut@64 b1"]
+    jax_row, torch_row = rows["fastv@64 b1"], rows["pytorch cut@64 b1"]
+    assert jax_row["status"] == "ok" and torch_row["status"] == "ok", (jax_row, torch_row)
+    for row in (jax_row, torch_row):
+        assert (row["image_tokens"], row["crops"], row["image_size"]) == (tokens, crops, "336x336")
+        assert row["prompt_tokens"] == tokens + 8
+    assert jax_row["anyres"] and jax_row["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
+    assert jax_row["selection_overhead_ms"] is not None and jax_row["select_only_ms"] > 0
+    assert jax_row["floors"]["vision_ms"] > 0 and jax_row["jax_over_torch"]["ttft_ms"] > 0
+    names = [check["name"] for check in report["acceptance"]]
+    assert f"first token speedup fastv@{acceptance.NEXT_KEEP} b1" in names
+    assert all(check["pass"] is None for check in report["acceptance"])
+
+
+def test_image_size_packs_llava_next_and_is_refused_elsewhere():
+    from experiments.benchmark.workers import benchmark_image
+    from models import anyres
+    from models.config import from_hf_config
+    from models.presets import llava_config
+
+    next_cfg, cfg = from_hf_config(llava_config("tiny-next")), from_hf_config(llava_config("tiny"))
+    base = cfg.vision.image_size
+    image = benchmark_image(next_cfg, "672x672")
+    assert image == (
+        (672, 672),
+        anyres.image_token_count((672, 672), next_cfg),
+        anyres.num_crops((672, 672), next_cfg),
+    )
+    assert image.num_tokens == next_cfg.num_image_tokens  # the largest square pinpoint takes the most
+    assert benchmark_image(next_cfg, "").size == (base, base)
+    assert benchmark_image(cfg, "") == ((base, base), cfg.num_image_tokens, None)
+    with pytest.raises(ValueError, match="other sizes are for LLaVA-NeXT"):
+        benchmark_image(cfg, "672x672")
+    with pytest.raises(ValueError, match="expected HEIGHTxWIDTH"):
+        benchmark_image(next_cfg, "672")

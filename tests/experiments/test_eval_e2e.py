@@ -372,3 +372,33 @@ def test_resume_refused_after_the_method_code_changes_and_overwrite_recomputes(f
     assert_same_as_full_run(
         output, config.output_dir, [pair_names(engine.config.num_image_tokens)[0], "fastv_64"]
     )
+
+
+def test_llava_next_checkpoint_through_the_evaluation(tiny_checkpoints, tmp_path):
+    """A LLaVA-NeXT checkpoint evaluates without one image layout: the keep is checked against each
+    batch's image-token counts, results.json records the most image tokens an image can take."""
+    from experiments.testbed.scenes import write_split
+
+    split = tmp_path / "testbed_test"
+    write_split(split, "test", num_items=2, questions_per_image=2)
+    checkpoint = tiny_checkpoints("tiny-next")
+    config = eval_lib.EvalConfig(
+        checkpoint=checkpoint.directory,
+        benchmark="testbed",
+        questions=str(split),
+        output_dir=str(tmp_path / "out"),
+        methods=("none", "fastv"),
+        keep=(64,),
+        batch_size=2,
+        limit=2,
+        max_new_tokens=2,
+    )
+    results = eval_lib.run(config, engine=LlavaEngine.from_checkpoint(checkpoint.directory))
+    most = checkpoint.config.num_image_tokens
+    assert results["num_image_tokens"] == most and results["image_tokens_vary"] is True
+    assert list(results["pairs"]) == [f"none_{most}", "fastv_64"]
+    for result in results["pairs"].values():
+        assert result["num_scored"] == 2 and result["num_skipped"] == 0
+    kept = read_predictions(tmp_path / "out" / "predictions" / "fastv_64.jsonl")
+    assert all(record["kept_count"] == 64 for record in kept.values())
+    assert not (tmp_path / "out" / "kept_tokens").exists()  # no single patch grid to draw on

@@ -249,3 +249,22 @@ def test_unsupported_variants_are_refused_by_name():
     )
     with pytest.raises(ValueError, match=r"\[336, 500\] must be \(height, width\), both positive multiples"):
         from_hf_config(odd)
+
+
+@pytest.mark.slow
+def test_validate_cli_compares_a_llava_next_checkpoint_with_transformers(tiny_checkpoints, tmp_path):
+    """experiments.validate on a LLaVA-NeXT checkpoint: the image's crops and size reach both sides
+    (LlavaNextForConditionalGeneration), logits and greedy tokens agree; pruning is refused by name."""
+    from experiments.validate import ValidateConfig, run
+
+    checkpoint = tiny_checkpoints("tiny-next")
+    image = tmp_path / "wide.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 500, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(image)
+    settings = ValidateConfig(checkpoint=checkpoint.directory, image=str(image), generate_tokens=3)
+    report = run(settings)
+    assert report["image_tokens"] == anyres.image_token_count((200, 500), checkpoint.config)
+    assert report["passed"] and report["generated_equal"], report
+    assert report["jax_vs_torch_fp32"]["max_rel_err"] <= MAX_REL_ERR
+    with pytest.raises(ValueError, match="--method=fastv on a LLaVA-NeXT model"):
+        run(dataclasses.replace(settings, method="fastv", keep="64"))
