@@ -172,9 +172,9 @@ def test_fused_prefill_attention_is_exact_for_every_method(xla_prefill_model, mo
     fed: list[np.ndarray] = []
     original = layers.self_attention
 
-    def garbage_in_padding_rows(q, k, v, implementation, positions=None):
+    def garbage_in_padding_rows(q, k, v, implementation, positions=None, *args, **kwargs):
         jax.debug.callback(lambda p: fed.append(np.asarray(p)), positions)
-        out = original(q, k, v, implementation, positions)
+        out = original(q, k, v, implementation, positions, *args, **kwargs)
         noise = 1e3 * jax.random.normal(jax.random.key(len(fed)), out.shape, out.dtype)
         return jnp.where(positions[:, :, None] >= 0, out, noise)
 
