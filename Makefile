@@ -33,7 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: venv
 	$(PY) -m pytest -q -n 2 -m "not slow" tests

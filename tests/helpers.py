@@ -214,3 +214,20 @@ class InterruptAfter:
         from models.engine import LlavaEngine
 
         return LlavaEngine.answer_stream(self, requests)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(*args: str, timeout: int):
+    """``python -m experiments.benchmark *args`` from the repository root on the CPU, as a user runs it
+    (no $OUT of the device machine leaking in); the finished process, its return code asserted 0."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "experiments.benchmark", *args]
+    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return process

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from experiments.benchmark import acceptance, configs, floors, max_batch
-from tests.helpers import once_per_session
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO_ROOT, once_per_session, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +24,7 @@ def cache_dir(tmp_path_factory):
 
 
 def run_cli(output_dir, cache_dir, *args):
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.benchmark",
+    process = run_benchmark(
         "--model=tiny",
         "--dtype=float32",
         "--new_tokens=2",
@@ -43,9 +34,8 @@ def run_cli(output_dir, cache_dir, *args):
         f"--output_dir={output_dir}",
         f"--compile_cache={cache_dir}",
         *args,
-    ]
-    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+        timeout=300,
+    )
     with open(os.path.join(output_dir, "results.json")) as f:
         report = json.load(f)
     with open(os.path.join(output_dir, "results.md")) as f:
@@ -248,24 +238,12 @@ def test_replot_with_reference_rates_rejudges_the_committed_h200_latency_run(tmp
     with open(os.path.join(REPO_ROOT, "experiments/results/h200_latency/results.json")) as f:
         committed = json.load(f)
     (tmp_path / "results.json").write_text(json.dumps(committed))
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-    process = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.benchmark",
-            f"--replot={tmp_path / 'results.json'}",
-            "--reference_bandwidth_tbps=4.3",
-            "--reference_matmul_tflops=788",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    run_benchmark(
+        f"--replot={tmp_path / 'results.json'}",
+        "--reference_bandwidth_tbps=4.3",
+        "--reference_matmul_tflops=788",
         timeout=300,
     )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     base = rows_by_label(report)["none b1"]
     assert base["floors"]["decode_weight_read_ms"] == pytest.approx(

@@ -4,9 +4,6 @@ CPU with the tiny preset (JAX and transformers workers, the pre-compile phase, t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,9 +13,8 @@ from experiments.benchmark.configs import BenchmarkConfig
 from experiments.benchmark.report import summary, write_outputs
 from models.preprocess import Preprocessor, build_prompt
 from models.presets import llava15_image_processor, llava_config
-from tests.helpers import once_per_session
+from tests.helpers import REPO_ROOT, once_per_session, run_benchmark
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ANSWER_TOKENS = 3
 
 
@@ -219,12 +215,7 @@ def _run(tmp_path_factory):
     JAX attends through XLA's fused call, not the CPU's default einsum, so a run that dropped
     --attention on its way to a worker shows."""
     output_dir = tmp_path_factory.mktemp("throughput_run")
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-    command = [
-        sys.executable,
-        "-m",
-        "experiments.benchmark",
+    process = run_benchmark(
         "--mode=throughput",
         "--model=tiny",
         "--dtype=float32",
@@ -239,9 +230,8 @@ def _run(tmp_path_factory):
         "--compile_workers=2",
         f"--compile_cache={output_dir / 'cache'}",
         f"--output_dir={output_dir}",
-    ]
-    process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+        timeout=600,
+    )
     return {
         "report": json.loads((output_dir / "results.json").read_text()),
         "markdown": (output_dir / "results.md").read_text(),
