@@ -150,3 +150,46 @@ def main_thread(summary: dict) -> dict | None:
     """The device thread that did the most work (on GPU: the compute stream's kernels)."""
     threads = summary.get("device_threads") or []
     return max(threads, key=lambda t: t["busy_ms_per_call"]) if threads else None
+
+
+def kernel_sequence(events: list[dict], *, calls: int = 1) -> list[dict]:
+    """The busiest kernel stream's events (a device thread named 'Stream ...', not a derived line
+    such as 'XLA Ops'; any device thread if none is) of the last of `calls` equal repetitions, in
+    time order: name, microseconds, start and end relative to that call's first event."""
+    device_pids = {
+        e.get("pid")
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and str((e.get("args") or {}).get("name", "")).startswith(DEVICE_PREFIXES)
+    }
+    by_thread: dict[tuple, list[dict]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("ph") == "X" and "dur" in event and event.get("pid") in device_pids:
+            by_thread[(event["pid"], event.get("tid"))].append(event)
+    if not by_thread:
+        return []
+    names = {
+        (e.get("pid"), e.get("tid")): (e.get("args") or {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M"
+    }
+    streams = {
+        key: thread for key, thread in by_thread.items() if str(names.get(key, "")).startswith("Stream")
+    }
+    busiest = max(
+        (streams or by_thread).values(),
+        key=lambda thread: union_length([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in thread]),
+    )
+    ordered = sorted(busiest, key=lambda e: float(e["ts"]))
+    last = ordered[len(ordered) - len(ordered) // calls :]
+    start = float(last[0]["ts"]) if last else 0.0
+    return [
+        {
+            "name": e.get("name", "?"),
+            "us": float(e["dur"]),
+            "start_us": float(e["ts"]) - start,
+            "end_us": float(e["ts"]) + float(e["dur"]) - start,
+        }
+        for e in last
+    ]

@@ -48,6 +48,18 @@ def test_summary_per_device_thread_counts_overlap_once():
     assert threads["XLA Ops"]["busy_fraction"] == pytest.approx(1.0)
 
 
+def test_kernel_sequence_is_the_stream_s_last_call_in_order():
+    kernels = profiling.kernel_sequence(_trace(), calls=1)
+    assert [(k["name"], k["us"], k["start_us"]) for k in kernels] == [
+        ("gemm", 20.0, 0.0),
+        ("fusion.1", 20.0, 10.0),
+        ("gemm", 10.0, 50.0),
+    ]  # the stream, not the busier derived 'XLA Ops' line, nor the host
+    last = profiling.kernel_sequence(_trace(), calls=3)
+    assert [(k["name"], k["start_us"], k["end_us"]) for k in last] == [("gemm", 0.0, 10.0)]
+    assert profiling.kernel_sequence([], calls=1) == []
+
+
 def test_union_length():
     assert profiling.union_length([]) == 0.0
     assert profiling.union_length([(5, 7), (0, 2), (1, 3), (6, 9)]) == pytest.approx(3 + 4)
@@ -86,3 +98,17 @@ def test_profile_call_traces_a_jitted_function(tmp_path):
     assert os.path.isfile(summary["trace"]) and summary["calls"] == 6
     if jax.default_backend() == "cpu":
         assert summary["device_threads"] == []
+
+
+def test_fused_ops_names_each_fusion_as_its_kernel_and_lists_its_opcodes():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.benchmark.layer_kernels import fused_ops
+
+    hlo = jax.jit(lambda x: jnp.exp(x * 2.0) + 1.0).lower(jnp.ones((64, 64))).compile().as_text()
+    ops = fused_ops(hlo)
+    fusions = [entry for name, entry in ops.items() if "." not in name and entry["kind"]]
+    assert fusions, hlo
+    assert any({"exponential", "multiply", "add"} <= set(entry["ops"]) for entry in fusions)
+    assert all(entry["shape"].startswith("f32[64,64]") for entry in fusions)

@@ -66,6 +66,24 @@ def test_cudnn_equals_einsum_on_random_heads_in_bfloat16(kv_heads):
     assert (np.asarray(cudnn, np.float32)[~real] == 0).all()
 
 
+def test_cudnn_sliding_window_equals_einsum_in_bfloat16():
+    """Mistral's window on right-padded unpruned rows (positions = slots, some rows longer than the
+    window): cuDNN's local window sees the keys the position rule allows, and the window matters."""
+    rng = np.random.default_rng(1)
+    window, length = 64, 300
+    q = jnp.asarray(rng.normal(size=(3, length, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(3, length, 2, 64)), jnp.bfloat16) for _ in range(2))
+    positions = np.full((3, length), -1, np.int32)
+    for row, real_tokens in enumerate((length, 150, 40)):
+        positions[row, :real_tokens] = np.arange(real_tokens)
+    positions = jnp.asarray(positions)
+    attend = jax.jit(layers.self_attention, static_argnums=(3, 5))
+    einsum = attend(q, k, v, "einsum", positions, window)
+    real = np.asarray(positions) >= 0
+    assert _relative_error(attend(q, k, v, "cudnn", positions, window), einsum, real) < BF16_TOLERANCE
+    assert _relative_error(attend(q, k, v, "cudnn", positions, None), einsum, real) > 10 * BF16_TOLERANCE
+
+
 @pytest.fixture(scope="module")
 def random_pair(tmp_path_factory):
     """A small random LLaVA with cuDNN-sized heads (64 wide; grouped-query LLM), loaded in bfloat16

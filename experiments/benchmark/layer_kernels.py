@@ -1,0 +1,179 @@
+"""Which kernels each layer runs on the device: the ordered kernel list of a few-layer model with a
+preset's widths (vision tower, LLM prefill unpruned and pruned), each kernel with its time and what
+XLA fused into it.
+
+    python -m experiments.benchmark.layer_kernels --model=llava-1.5-7b --layers=4 --output_dir=DIR
+
+Why: the stage benchmark says how far a stage is from its floor and which kernels weigh most; a
+stage made of many small kernels loses its time between them, and this says what they are, layer by
+layer, so a change can be aimed at the ones it would remove. A layer's kernels are the same in a
+4-layer and a 32-layer model of the same widths, so only a few layers are built (random bfloat16
+weights on the device: seconds, not a 14 GB model). Writes kernels.json (per program: the kernel
+sequence of one call, with each fusion's HLO opcodes) and each program's optimised HLO, gzipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from flax import nnx
+
+import adaptprune_jax as prune
+from experiments.benchmark import profiling
+from experiments.flag_config import define_flags, from_flags, setting
+from models.presets import llava_config, random_model
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKernelsConfig:
+    """The model widths, depth and budget whose kernels are listed."""
+
+    model: str = setting("llava-1.5-7b", "Preset name (models.presets): its widths are kept.")
+    layers: int = setting(4, "Decoder and vision layers built (pruning happens at --layer).")
+    layer: int = setting(2, "Pruning layer K.")
+    keep: int = setting(64, "Image tokens kept by the pruned prefill (AdaptPrune).")
+    batch: int = setting(1, "Batch size.")
+    text_tokens: int = setting(64, "Text tokens per prompt (the image span comes on top).")
+    calls: int = setting(3, "Profiled calls per program (after a warm-up); the last one is listed.")
+    output_dir: str = setting("runs/layer_kernels", "Where kernels.json and the HLO files go.")
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+(\w[\w\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def fused_ops(hlo_text: str) -> dict[str, dict]:
+    """Per fusion or custom-call instruction of an optimised HLO module, under the name its kernel
+    carries in a trace ('.' -> '_'): its output shape and the opcodes of the computation it calls."""
+    bodies: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and "=" not in line.split("{")[0]:
+            current = header.group(1)
+            bodies[current] = []
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if instruction and current is not None:
+            bodies[current].append(instruction.group(3))
+    ops = {}
+    for line in hlo_text.splitlines():
+        instruction = _INSTRUCTION.match(line)
+        if not instruction or instruction.group(3) not in ("fusion", "custom-call"):
+            continue
+        name, shape, opcode = instruction.groups()
+        called = _CALLS.search(line)
+        body = bodies.get(called.group(1), []) if called else []
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        ops[name.replace(".", "_")] = {
+            "shape": shape[:120],
+            "ops": sorted(set(body) - {"parameter"}) if body else [],
+            "custom_call": target.group(1) if target else None,
+            "kind": (re.search(r"kind=(\w+)", line) or [None, None])[1] if opcode == "fusion" else None,
+        }
+    return ops
+
+
+def _programs(settings: LayerKernelsConfig):
+    """(name, jitted fn, args) for the vision tower and the LLM prefill, unpruned and pruned."""
+    hf_config = llava_config(settings.model)
+    hf_config.text_config.num_hidden_layers = settings.layers
+    hf_config.vision_config.num_hidden_layers = settings.layers
+    model = random_model(hf_config, dtype="bfloat16")
+    graphdef, state = nnx.split(model)
+    rng = np.random.default_rng(0)
+    size = hf_config.vision_config.image_size
+    pixels = jnp.asarray(rng.standard_normal((settings.batch, 3, size, size)), jnp.bfloat16)
+    num_image = model.image_features(pixels[:1]).shape[1]
+    length = num_image + settings.text_tokens
+    ids = rng.integers(4, 1000, (settings.batch, length)).astype(np.int32)
+    ids[:, 1 : 1 + num_image] = hf_config.image_token_index
+    ids = jnp.asarray(ids)
+
+    @jax.jit
+    def vision(state, pixels):
+        return nnx.merge(graphdef, state).image_features(pixels)
+
+    x, image_slots = jax.jit(lambda s, i, p: nnx.merge(graphdef, s).embed_prompt(i, vision(s, p)))(
+        state, ids, pixels
+    )
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (settings.batch, length))
+    last_index = jnp.full((settings.batch,), length - 1, jnp.int32)
+
+    def prefill(pruning):
+        @jax.jit
+        def step(state, x):
+            m = nnx.merge(graphdef, state)
+            out = m.language_model.prefill(
+                x, positions, last_index, m.image_tokens(image_slots), extra_slots=0, pruning=pruning
+            )
+            return out.logits, out.caches
+
+        return step
+
+    pruned = prune.AdaptPruneConfig(keep=settings.keep, layer=settings.layer)
+    return [
+        ("vision", vision, (state, pixels)),
+        ("llm_prefill_unpruned", prefill(None), (state, x)),
+        (f"llm_prefill_adaptprune{settings.keep}", prefill(pruned), (state, x)),
+    ]
+
+
+def run(settings: LayerKernelsConfig) -> dict:
+    os.makedirs(settings.output_dir, exist_ok=True)
+    results = {
+        "model": settings.model,
+        "layers": settings.layers,
+        "layer": settings.layer,
+        "keep": settings.keep,
+        "batch": settings.batch,
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "programs": {},
+    }
+    for name, fn, args in _programs(settings):
+        hlo = fn.lower(*args).compile().as_text()
+        with gzip.open(os.path.join(settings.output_dir, f"{name}.hlo.txt.gz"), "wt") as handle:
+            handle.write(hlo)
+        jax.block_until_ready(fn(*args))
+        trace_dir = os.path.join(settings.output_dir, "traces", name)
+        profiling.profile_call(lambda fn=fn, args=args: fn(*args), trace_dir, calls=settings.calls)
+        sequence = profiling.kernel_sequence(
+            profiling.load_events(profiling.find_trace(trace_dir)), calls=settings.calls
+        )
+        ops = fused_ops(hlo)
+        kernels = [dict(kernel, **ops.get(kernel["name"], {})) for kernel in sequence]
+        results["programs"][name] = {
+            "kernels": len(kernels),
+            "busy_us": sum(k["us"] for k in kernels),
+            "span_us": (kernels[-1]["end_us"] - kernels[0]["start_us"]) if kernels else 0.0,
+            "sequence": kernels,
+        }
+        print(f"{name}: {len(kernels)} kernels", flush=True)
+    with open(os.path.join(settings.output_dir, "kernels.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    return results
+
+
+def main(argv):
+    del argv
+    run(from_flags(LayerKernelsConfig))
+
+
+if __name__ == "__main__":
+    define_flags(LayerKernelsConfig)
+    app.run(main)
