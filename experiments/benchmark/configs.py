@@ -191,11 +191,16 @@ def parse_stage_compiler_options(entries: list[str]) -> dict[str, dict[str, Any]
             )
         if not name or not equals:
             raise ValueError(f"bad --stage_compiler_options entry {entry!r}: expected STAGE:OPTION=VALUE")
-        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
-        if isinstance(parsed, str) and parsed.lstrip("-").isdigit():
-            parsed = int(parsed)
-        options.setdefault(stage, {})[name] = parsed
+        options.setdefault(stage, {})[name] = compiler_option_value(value)
     return options
+
+
+def compiler_option_value(value: str) -> Any:
+    """An XLA option's value as the compiler takes it: 'true' / 'false' -> bool, digits -> int."""
+    parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+    if isinstance(parsed, str) and parsed.lstrip("-").isdigit():
+        parsed = int(parsed)
+    return parsed
 
 
 def parse_search(text: str) -> tuple[Config, int | None]:

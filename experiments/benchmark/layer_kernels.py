@@ -29,6 +29,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from experiments.benchmark import profiling
+from experiments.benchmark.configs import compiler_option_value
 from experiments.flag_config import define_flags, from_flags, setting
 from models.presets import llava_config, random_model
 
@@ -43,6 +44,9 @@ class LayerKernelsConfig:
     keep: int = setting(64, "Image tokens kept by the pruned prefill (AdaptPrune).")
     batch: int = setting(1, "Batch size.")
     text_tokens: int = setting(64, "Text tokens per prompt (the image span comes on top).")
+    compiler_options: tuple[str, ...] = setting(
+        (), "XLA options for every program, OPTION=VALUE (e.g. xla_gpu_cublas_fallback=false)."
+    )
     calls: int = setting(3, "Profiled calls per program (after a warm-up); the last one is listed.")
     output_dir: str = setting("runs/layer_kernels", "Where kernels.json and the HLO files go.")
 
@@ -145,8 +149,17 @@ def run(settings: LayerKernelsConfig) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "programs": {},
     }
-    for name, fn, args in _programs(settings):
-        hlo = fn.lower(*args).compile().as_text()
+    options = {}
+    for entry in settings.compiler_options:
+        option, equals, value = entry.partition("=")
+        if not option or not equals:
+            raise ValueError(f"bad --compiler_options entry {entry!r}: expected OPTION=VALUE")
+        options[option] = compiler_option_value(value)
+    results["compiler_options"] = options
+    for name, jitted, args in _programs(settings):
+        compiled = jitted.lower(*args).compile(compiler_options=options or None)
+        hlo = compiled.as_text()
+        fn = compiled
         with gzip.open(os.path.join(settings.output_dir, f"{name}.hlo.txt.gz"), "wt") as handle:
             handle.write(hlo)
         jax.block_until_ready(fn(*args))
