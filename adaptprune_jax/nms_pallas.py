@@ -3,7 +3,7 @@
 Why: under XLA each of the `keep` iterations is a few kernel launches plus a loop-condition round
 trip, so 64 iterations cost on the order of a millisecond on a GPU although each does almost no
 work. Here one program per batch row holds the (padded) score vector in registers and runs the whole
-loop: per iteration a max-reduction, a first-index tie break, one row read of the precomputed
+loop: per iteration one argmax (first index on ties), one row read of the precomputed
 suppression matrix (L2-resident) and one multiply. Same semantics as the XLA loop in nms.py: ties go
 to the first index, kept tokens are masked to -inf so none is kept twice, even with all-zero scores.
 
@@ -33,10 +33,23 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _pick(scores, token, padded_tokens):
-    """The highest score's token, the first on ties."""
-    best = jnp.max(scores)
-    return jnp.min(jnp.where(scores == best, token, padded_tokens))
+def default_num_warps(padded_tokens: int) -> int:
+    """Warps of a row's program: each iteration's reductions and loads are spread over the warps, so
+    long rows get more of them (4 up to 1,024 tokens, 16 from 4,096)."""
+    return int(np.clip(padded_tokens // 256, 4, 16))
+
+
+def _compiler_params(num_warps: int | None, padded_tokens: int, interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pallas_triton
+
+    return pallas_triton.CompilerParams(num_warps=num_warps or default_num_warps(padded_tokens))
+
+
+def _pick(scores):
+    """The highest score's token, the first on ties: one combined (value, index) reduction."""
+    return jnp.argmax(scores).astype(jnp.int32)
 
 
 def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_tokens: int, padded_keep: int):
@@ -45,7 +58,7 @@ def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_toke
 
     def pick_one(step, state):
         scores, order = state
-        chosen = _pick(scores, token, padded_tokens)
+        chosen = _pick(scores)
         row = factors_ref[chosen, :]
         scores = jnp.where((token == chosen) | (scores == -jnp.inf), -jnp.inf, scores * row)
         return scores, jnp.where(slot == step, chosen, order)
@@ -73,7 +86,7 @@ def _window_kernel(
 
     def pick_one(step, state):
         scores, order = state
-        chosen = _pick(scores, token, padded_tokens)
+        chosen = _pick(scores)
         d_row, d_col, chosen_grid = rows - row_ref[chosen], cols - col_ref[chosen], grid_ref[chosen]
         near = (
             (grids == chosen_grid)
@@ -96,11 +109,12 @@ def _row_spec(size: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, size), lambda b: (b, 0))
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "interpret"))
+@functools.partial(jax.jit, static_argnames=("keep", "interpret", "num_warps"))
 def greedy_order_pallas(
-    factors: jax.Array, scores: jax.Array, keep: int, interpret: bool = False
+    factors: jax.Array, scores: jax.Array, keep: int, interpret: bool = False, num_warps: int | None = None
 ) -> jax.Array:
-    """Selection order (B, keep) int32 for scores (B, N) and suppression factors (B, N, N)."""
+    """Selection order (B, keep) int32 for scores (B, N) and suppression factors (B, N, N);
+    ``num_warps`` None = `default_num_warps`."""
     batch, num_tokens = scores.shape
     padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
     pad = padded_tokens - num_tokens
@@ -119,6 +133,7 @@ def greedy_order_pallas(
         ],
         out_specs=_row_spec(padded_keep),
         interpret=interpret,
+        compiler_params=_compiler_params(num_warps, padded_tokens, interpret),
     )(scores, factors)
     return order[:, :keep]
 
@@ -130,6 +145,7 @@ def greedy_order_pallas_window(
     offsets: np.ndarray,
     keep: int,
     interpret: bool = False,
+    num_warps: int | None = None,
 ) -> jax.Array:
     """Selection order (B, keep) int32 for scores (B, N), window factors (B, N, K) at the cell
     ``offsets`` (K, 2) (as ``nms.window_suppression_factors`` returns them) and the (B, N) layout,
@@ -140,12 +156,22 @@ def greedy_order_pallas_window(
     # On the square of offsets, 1 where the window has no pair (outside the disc).
     square = jnp.ones(factors.shape[:-1] + (width * width,), jnp.float32).at[..., slots].set(factors)
     return _window_order(
-        square, scores, layout.row, layout.col, layout.grid, keep=keep, span=span, interpret=interpret
+        square,
+        scores,
+        layout.row,
+        layout.col,
+        layout.grid,
+        keep=keep,
+        span=span,
+        interpret=interpret,
+        num_warps=num_warps,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "span", "interpret"))
-def _window_order(square_factors, scores, row, col, grid, *, keep: int, span: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("keep", "span", "interpret", "num_warps"))
+def _window_order(
+    square_factors, scores, row, col, grid, *, keep: int, span: int, interpret: bool, num_warps: int | None
+):
     batch, num_tokens = scores.shape
     padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
     padded_offsets = _next_power_of_two(square_factors.shape[-1])
@@ -176,5 +202,6 @@ def _window_order(square_factors, scores, row, col, grid, *, keep: int, span: in
         + [pl.BlockSpec((None, padded_tokens, padded_offsets), lambda b: (b, 0, 0))],
         out_specs=_row_spec(padded_keep),
         interpret=interpret,
+        compiler_params=_compiler_params(num_warps, padded_tokens, interpret),
     )(*inputs)
     return order[:, :keep]

@@ -37,6 +37,11 @@ class SelectSpeedConfig:
         "Layout known at trace time; False passes it as data, as the model does with per-batch layouts "
         "(the window form then also compiles the dense form, for a layout found unsuitable at run time).",
     )
+    loop_warps: tuple[int, ...] = setting(
+        (),
+        "Also time the Pallas greedy loop alone (factors precomputed), dense and window forms, with each of "
+        "these warp counts per row's program (0 = the kernel's default): where a selection's time goes.",
+    )
     repeats: int = setting(50, "Timed calls per variant.")
     output: str | None = setting(None, "JSON results file.")
 
@@ -96,6 +101,62 @@ def time_variant(
     }
 
 
+def time_loops(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
+    """The Pallas greedy loop alone, per form and warp count, on factors computed once."""
+    import jax
+    import jax.numpy as jnp
+
+    import adaptprune_jax as prune
+    from adaptprune_jax.nms_pallas import greedy_order_pallas, greedy_order_pallas_window
+
+    batch_layout = layout.broadcast(attention.shape[:1])
+    scores = prune.nms.adaptprune_scores(attention, batch_layout, prune.AdaptPruneConfig().prior_sigma)
+    offsets = prune.nms_window.window_offsets(prune.nms.DEFAULT_DISTANCE_LIMIT)
+    dense = jax.jit(jax.vmap(lambda k, lay: prune.nms.suppression_factors(k, layout=lay)))(keys, batch_layout)
+    window = jax.jit(jax.vmap(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1]))(
+        keys, batch_layout
+    )
+    layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
+    interpret = jax.default_backend() != "gpu"  # Pallas' interpreter off the GPU: a smoke run, not a speed
+    rows = []
+    for warps in settings.loop_warps:
+        variants = {
+            "dense": lambda w=warps: greedy_order_pallas(
+                dense, scores, settings.keep, interpret=interpret, num_warps=w or None
+            ),
+            "window": lambda w=warps: greedy_order_pallas_window(
+                window,
+                scores,
+                layout_arrays,
+                offsets,
+                settings.keep,
+                interpret=interpret,
+                num_warps=w or None,
+            ),
+        }
+        for form, fn in variants.items():
+            jax.block_until_ready(fn())
+            samples = timed(fn, settings.repeats, jax.block_until_ready)
+            rows.append(
+                {
+                    "layout": spec,
+                    "image_tokens": layout.num_tokens,
+                    "batch": int(attention.shape[0]),
+                    "form": form,
+                    "implementation": "pallas loop alone",
+                    "num_warps": warps or "default",
+                    "select_ms": median(samples),
+                    "min_ms": min(samples),
+                }
+            )
+            print(
+                f"{spec:<16}{layout.num_tokens:>6} b{attention.shape[0]:<3}{form:>7} loop alone, "
+                f"warps {warps or 'default':>7} {median(samples):9.3f} ms",
+                flush=True,
+            )
+    return rows
+
+
 def measure(settings: SelectSpeedConfig) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
@@ -116,6 +177,7 @@ def measure(settings: SelectSpeedConfig) -> list[dict]:
                         f"{implementation:>8} {row['select_ms']:9.3f} ms  temp {row['temp_bytes']}",
                         flush=True,
                     )
+            rows.extend(time_loops(settings, spec, layout, attention, keys))
     return rows
 
 
