@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.benchmark import acceptance, driver, throughput, workers_throughput, workload
+from experiments.benchmark import acceptance, configs, throughput, workers_throughput, workload
 from experiments.benchmark.configs import BenchmarkConfig
 from experiments.benchmark.report import summary, write_outputs
 from models.preprocess import Preprocessor, build_prompt
@@ -171,15 +171,13 @@ def test_report_table_speedups_and_acceptance(tmp_path):
 
 
 def test_rows_on_meshes_compare_with_unpruned_on_the_same_mesh(tmp_path):
-    assert throughput.meshes(BenchmarkConfig(mesh=" data:1; data:2,model:2 ;")) == [
+    assert configs.planned_meshes(BenchmarkConfig(mesh=" data:1; data:2,model:2 ;")) == [
         "data:1",
         "data:2,model:2",
     ]
-    assert throughput.meshes(BenchmarkConfig()) == [""]
+    assert configs.planned_meshes(BenchmarkConfig()) == [""]
     with pytest.raises(ValueError, match="unknown axis 'pipeline'"):
-        throughput.meshes(BenchmarkConfig(mesh="data:2;pipeline:2"))
-    with pytest.raises(ValueError, match="--mesh is a setting of --mode=throughput"):
-        driver.run(BenchmarkConfig(mesh="data:2"))
+        configs.planned_meshes(BenchmarkConfig(mesh="data:2;pipeline:2"))
     report = synthetic_report()
     on_four = [
         dict(row("jax", "none", 128, 160.0), label="none b128 [data:4]", mesh="data:4,model:1", devices=4),
