@@ -307,6 +307,30 @@ def test_rows_on_a_mesh_take_a_devices_share_of_the_floors_and_compare_within_th
     assert "| adaptprune@64 b16 [data:1,model:2] | first token | 8.000 |" in markdown
 
 
+def test_the_13b_model_axis_flagfile_compares_two_gpus_with_one_within_one_call():
+    from absl import flags
+
+    from experiments.flag_config import define_flags, from_flags
+    from models.config import from_hf_config
+    from models.presets import llava_config
+
+    flag_values = define_flags(configs.BenchmarkConfig, flags.FlagValues())
+    path = f"{REPO_ROOT}/experiments/flags/benchmark_h200x2_13b_model_axis.flags"
+    flag_values(["benchmark", f"--flagfile={path}"])
+    settings = from_flags(configs.BenchmarkConfig, flag_values)
+    assert settings.mode == "stages" and settings.model == "llava-1.5-13b" and settings.dtype == "bfloat16"
+    runs = configs.planned_runs(settings)
+    assert [(config.method, config.keep, config.batch) for config, _ in runs[::2]] == [
+        ("none", 0, 1),
+        (acceptance.ACCEPT_METHOD, acceptance.ACCEPT_KEEP, 1),
+        ("none", 0, 16),
+        (acceptance.ACCEPT_METHOD, acceptance.ACCEPT_KEEP, 16),
+    ]
+    assert [mesh for _, mesh in runs] == ["data:1", "model:2"] * 4  # each on one GPU, then on two
+    assert from_hf_config(llava_config(settings.model)).text.num_kv_heads % 2 == 0
+    assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
+
+
 def test_parse_config():
     assert configs.parse_config("none:4") == configs.Config("none", 0, 4)
     assert configs.parse_config("fastv:128:16") == configs.Config("fastv", 128, 16)

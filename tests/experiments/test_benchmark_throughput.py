@@ -306,3 +306,24 @@ def test_the_h200_flagfile_measures_what_the_targets_need_within_one_call():
     ]
     assert settings.torch_baseline and acceptance.TORCH_REFERENCE_BATCH in settings.torch_batch_sizes
     assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
+
+
+def test_the_two_gpu_scaling_flagfile_gives_each_gpu_the_target_batch():
+    from absl import flags
+
+    from experiments.flag_config import define_flags, from_flags
+
+    flag_values = define_flags(BenchmarkConfig, flags.FlagValues())
+    path = f"{REPO_ROOT}/experiments/flags/benchmark_h200x2_throughput_scaling.flags"
+    flag_values(["benchmark", f"--flagfile={path}"])
+    settings = from_flags(BenchmarkConfig, flag_values)
+    throughput.check_settings(settings)
+    target = acceptance.THROUGHPUT_BATCH
+    assert settings.mode == "throughput" and settings.model == acceptance.TARGET_MODEL
+    assert [(configs.mesh_label(config, mesh)) for config, mesh in configs.planned_runs(settings)] == [
+        f"none b{target} [data:1]",
+        f"none b{2 * target} [data:2]",
+        f"{acceptance.ACCEPT_METHOD}@{acceptance.ACCEPT_KEEP} b{target} [data:1]",
+        f"{acceptance.ACCEPT_METHOD}@{acceptance.ACCEPT_KEEP} b{2 * target} [data:2]",
+    ]
+    assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
