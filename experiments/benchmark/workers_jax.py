@@ -7,6 +7,7 @@ import math
 import os
 import time
 
+from experiments.benchmark.configs import mesh_job_suffix
 from experiments.benchmark.floors import stage_work
 from experiments.benchmark.timing import median, timed
 from experiments.benchmark.workers import (
@@ -85,11 +86,13 @@ def jax_worker(spec: dict) -> dict:
             raise ValueError(
                 f"batch {batch} does not split over the data axis of mesh {spec['mesh']}: give a multiple of it"
             )
-        jax.set_mesh(mesh)  # this process's one job runs on it (the runner's `on_mesh`, for good)
         start = time.perf_counter()
         runner = runner_on_mesh(abstract_model, spec, cfg, mesh, random_init)
         jax.block_until_ready(runner.weights)
         weights_s = round(time.perf_counter() - start, 3)
+        # From here on this process's one job runs on the mesh (the runner's `on_mesh`, for good); not
+        # before: under a mesh new arrays are made on every device, and the model is built on one.
+        jax.set_mesh(mesh)
         abstract_weights = tuple(
             jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=w.sharding) for w in runner.weights
         )
@@ -380,7 +383,9 @@ def jax_worker(spec: dict) -> dict:
     if spec.get("profile_dir"):  # after the timings and the peak: the profiler's buffers cost memory
         from experiments.benchmark import profiling
 
-        where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
+        where = os.path.join(
+            spec["profile_dir"], f"{method}-k{keep}-b{batch}{mesh_job_suffix(spec.get('mesh', ''))}"
+        )
         # The decode loop updates its caches in place (donated): its one profiled call takes this
         # fresh prefill's, made before the trace so the prefill's kernels stay out of the profile.
         result = sync(run["prefill"](weights, *embedded, rng, layout))
