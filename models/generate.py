@@ -218,7 +218,10 @@ class LlavaRunner:
         automatically, the Pallas NMS, find the mesh there); nothing without a mesh."""
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-    def _constrain_caches(self, caches):
+    def constrain_caches(self, caches):
+        """Layer caches held as `models.sharding` lays them out on this runner's mesh (split by KV head,
+        rows over data), inside jit; unchanged without a mesh. Public for callers that compile the
+        prefill stage by stage (the benchmark), so their caches are laid out as this runner's are."""
         if self.mesh is None:
             return caches
         return sharding.constrain(caches, sharding.cache_shardings(caches, self.mesh))
@@ -259,7 +262,7 @@ class LlavaRunner:
             image_index=image_index,
             image_layout=image_layout,
         )
-        return result._replace(caches=self._constrain_caches(result.caches))
+        return result._replace(caches=self.constrain_caches(result.caches))
 
     def _generate_impl(self, weights, first_logits, caches, next_positions, rng, *, sampling: SamplingConfig):
         self.trace_counts["generate"] += 1
@@ -286,7 +289,7 @@ class LlavaRunner:
         def step_once(carry):
             step, tokens, current, caches, done, rng = carry
             logits, caches = language_model.decode(current, next_positions + step - 1, caches)
-            caches = self._constrain_caches(caches)
+            caches = self.constrain_caches(caches)
             rng, key = jax.random.split(rng)
             token = jnp.where(done, sampling.pad_token_id, draw(logits, key))
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
@@ -319,14 +322,14 @@ class LlavaRunner:
         with self.on_mesh():
             return self._prefill(
                 self.weights,
-                self._put(batch.input_ids),
-                self._put(batch.lengths),
-                self._put(batch.pixel_values),
-                self._put(rng) if rng.ndim else rng,
-                None if batch.query_ids is None else self._put(batch.query_ids),
-                None if batch.query_mask is None else self._put(batch.query_mask),
-                None if batch.image_index is None else self._put(batch.image_index),
-                None if batch.image_layout is None else jax.tree.map(self._put, batch.image_layout),
+                self.put(batch.input_ids),
+                self.put(batch.lengths),
+                self.put(batch.pixel_values),
+                self.put(rng) if rng.ndim else rng,
+                None if batch.query_ids is None else self.put(batch.query_ids),
+                None if batch.query_mask is None else self.put(batch.query_mask),
+                None if batch.image_index is None else self.put(batch.image_index),
+                None if batch.image_layout is None else jax.tree.map(self.put, batch.image_layout),
                 extra_slots=extra_slots,
                 pruning=pruning,
                 all_logits=all_logits,
@@ -353,14 +356,15 @@ class LlavaRunner:
             rng = jnp.concatenate([rng, jnp.repeat(rng[:1], extra, axis=0)])
         return batch, rng
 
-    def _put(self, x):
-        """A batch array on the devices: rows over the data axis on a mesh."""
+    def put(self, x):
+        """A batch array on the devices: rows over the data axis on a mesh (its row count a multiple of
+        it: `prefill` pads to one); without a mesh, on the default device."""
         if self.mesh is None:
             return jnp.asarray(x)
         if isinstance(x, jax.Array) and jax.process_count() == 1:
             return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(self._put(np.asarray(jax.random.key_data(x))))  # per-row keys
+            return jax.random.wrap_key_data(self.put(np.asarray(jax.random.key_data(x))))  # per-row keys
         return jax.device_put(np.asarray(x), sharding.batch_sharding(self.mesh, np.ndim(x)))
 
     def resolve_keep(self, pruning, layout: prune.TokenLayout | None = None) -> int:

@@ -219,14 +219,21 @@ class InterruptAfter:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_benchmark(*args: str, timeout: int):
+def fake_devices_env(count: int) -> dict[str, str]:
+    """What makes a new process's CPU backend show ``count`` devices (fixed before JAX starts)."""
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+
+
+def run_benchmark(*args: str, timeout: int, env: dict[str, str] | None = None):
     """``python -m experiments.benchmark *args`` from the repository root on the CPU, as a user runs it
-    (no $OUT of the device machine leaking in); the finished process, its return code asserted 0."""
+    (no $OUT of the device machine leaking in), ``env`` added to its environment; the finished
+    process, its return code asserted 0."""
     import subprocess
     import sys
 
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu", **extra)
     command = [sys.executable, "-m", "experiments.benchmark", *args]
     process = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]

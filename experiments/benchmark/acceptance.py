@@ -22,6 +22,14 @@ TARGET_MODEL, TARGET_PLATFORM = "llava-1.5-7b", "gpu"
 NEXT_METHODS, NEXT_KEEP = ("adaptprune", "fastv"), 320
 NEXT_TARGETS = dict(ttft_speedup_b1=3.5, selection_overhead_ms=1.0, prefill_vs_flop_floor=1.3)
 NEXT_TARGET_MODELS = ("llava-v1.6-vicuna-7b", "llava-v1.6-mistral-7b")
+# The targets are one device's: rows on a mesh of several devices (--mesh) are not judged.
+
+
+def on_one_device(row: dict) -> bool:
+    """A row run on one device: without a mesh, or on a mesh of one device."""
+    return row.get("devices", 1) == 1
+
+
 # Throughput mode's targets: questions per second of the pruned configuration at THROUGHPUT_BATCH
 # against transformers answering one question at a time, and against unpruned JAX at that batch.
 THROUGHPUT_BATCH, TORCH_REFERENCE_BATCH = 128, 1
@@ -45,7 +53,12 @@ def throughput_acceptance(rows: list[dict], run_on: tuple[str, str] | None = Non
     (`experiments.benchmark.throughput.add_speedups`), judged only on LLaVA-1.5-7B on a GPU."""
     key = ("jax", ACCEPT_METHOD, ACCEPT_KEEP, THROUGHPUT_BATCH, "ok")
     row = next(
-        (r for r in rows if (r["framework"], r["method"], r["keep"], r["batch"], r["status"]) == key), {}
+        (
+            r
+            for r in rows
+            if (r["framework"], r["method"], r["keep"], r["batch"], r["status"]) == key and on_one_device(r)
+        ),
+        {},
     )
     name = f"questions/s {ACCEPT_METHOD}@{ACCEPT_KEEP} b{THROUGHPUT_BATCH}"
     checks = [
@@ -105,7 +118,7 @@ def _verdict(name, value, target, at_most, unit="", note="", decided=True) -> di
 
 
 def _jax_row(rows: list[dict], method: str, keep: int, batch: int) -> dict | None:
-    """The measured JAX row of a configuration, if the run has one."""
+    """The measured JAX row of a configuration on one device, if the run has one."""
     return next(
         (
             r
@@ -115,6 +128,7 @@ def _jax_row(rows: list[dict], method: str, keep: int, batch: int) -> dict | Non
             and r["keep"] == keep
             and r["batch"] == batch
             and r["status"] == "ok"
+            and on_one_device(r)
         ),
         None,
     )

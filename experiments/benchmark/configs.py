@@ -97,10 +97,18 @@ class BenchmarkConfig:
     )
     mesh: str = setting(
         "",
-        "Throughput mode: the device meshes every JAX configuration runs on, separated by ';', each as "
-        "experiments.eval's --mesh takes it (data:N,model:M; models.sharding), e.g. "
-        "'data:1;data:2;data:4;data:2,model:2': a row per configuration and mesh, with questions/s per "
-        "device. '' = the default device alone.",
+        "The device meshes every JAX configuration runs on, separated by ';', each as experiments.eval's "
+        "--mesh takes it (data:N,model:M; models.sharding), e.g. 'data:1;model:2' or "
+        "'data:1;data:2;data:2,model:2': a row per configuration and mesh, the meshes of a configuration "
+        "one after another, each compiled in its measuring process (no pre-compile phase). Throughput "
+        "mode adds questions/s per device. Stages mode: speedups over unpruned within a mesh, floors "
+        "divided by the row's device count; the PyTorch baseline, the max-batch search and the select-only "
+        "timing stay on one device. '' = the default device alone.",
+    )
+    batch_per_device: bool = setting(
+        False,
+        "With --mesh: a configuration's batch is per device of each mesh's data axis (a row's batch, "
+        "the whole batch, is batch x data size); false: it is the whole batch, split over the data axis.",
     )
     compile_cache: str = setting(".jax_cache", "Persistent compilation cache directory ('' = off).")
     compile_workers: int = setting(
@@ -207,6 +215,40 @@ def parse_search(text: str) -> tuple[Config, int | None]:
     """'none', 'METHOD:KEEP', either with '@START' (the first batch probed)."""
     config, _, start = text.partition("@")
     return parse_config(config, batch=0), int(start) if start else None
+
+
+def planned_meshes(settings: BenchmarkConfig) -> list[str]:
+    """The --mesh list ('' = the default device alone), each checked."""
+    from models.sharding import parse_mesh
+
+    listed = [mesh.strip() for mesh in settings.mesh.split(";") if mesh.strip()]
+    for mesh in listed:
+        parse_mesh(mesh)
+    return listed or [""]
+
+
+def planned_runs(settings: BenchmarkConfig) -> list[tuple[Config, str]]:
+    """Every (configuration, mesh) a run measures, in run order: each configuration on every mesh before
+    the next configuration, so a deadline cuts whole comparisons; with --batch_per_device a batch
+    grows with the mesh's data axis."""
+    from models.sharding import DATA, parse_mesh
+
+    runs = []
+    for config in planned_configs(settings):
+        for mesh in planned_meshes(settings):
+            data = parse_mesh(mesh).get(DATA, 1) if settings.batch_per_device else 1
+            runs.append((dataclasses.replace(config, batch=config.batch * data), mesh))
+    return runs
+
+
+def mesh_label(config: Config, mesh: str) -> str:
+    """A row's label: the configuration's, with its mesh when it ran on one."""
+    return config.label + (f" [{mesh}]" if mesh else "")
+
+
+def mesh_job_suffix(mesh: str) -> str:
+    """The mesh in a job's name ('data:1,model:2' -> '-data1-model2')."""
+    return f"-{mesh.replace(':', '').replace(',', '-')}" if mesh else ""
 
 
 def planned_configs(settings: BenchmarkConfig) -> list[Config]:

@@ -14,9 +14,13 @@ from importlib import metadata
 from experiments.benchmark.acceptance import acceptance
 from experiments.benchmark.configs import (
     BenchmarkConfig,
+    mesh_job_suffix,
+    mesh_label,
     parse_search,
     parse_stage_compiler_options,
     planned_configs,
+    planned_meshes,
+    planned_runs,
 )
 from experiments.benchmark.floors import add_floors_and_ratios, set_floor_rates
 from experiments.benchmark.jobs import Runner, common_spec, output_dirs, precompile
@@ -118,9 +122,8 @@ def run(settings: BenchmarkConfig) -> None:
             )
         run_throughput(settings, _meta(settings))
         return
-    if settings.mesh:
-        raise ValueError("--mesh is a setting of --mode=throughput; the stage timings run on one device")
     configs = planned_configs(settings)
+    device_meshes = planned_meshes(settings)
     out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
@@ -145,13 +148,22 @@ def run(settings: BenchmarkConfig) -> None:
 
     report["ceilings"] = runner.run("ceilings", dict(common, kind="ceilings"))
     set_floor_rates(report["ceilings"], settings.reference_bandwidth_tbps, settings.reference_matmul_tflops)
-    compiled = precompile(runner, configs, common) if settings.compile_workers > 0 else {}
+    compiled = {}
+    # (A run on meshes compiles in its measuring processes, as the throughput mode's does.)
+    if settings.compile_workers > 0 and device_meshes == [""]:
+        compiled = precompile(runner, configs, common)
     rows, torch_done = report["rows"], set()
-    for config in configs:
+    for config, mesh in planned_runs(settings):
         result = runner.run(
-            f"jax-{config.method}-k{config.keep}-b{config.batch}",
+            f"jax-{config.method}-k{config.keep}-b{config.batch}{mesh_job_suffix(mesh)}",
             dict(
-                common, kind="jax", mode="measure", method=config.method, keep=config.keep, batch=config.batch
+                common,
+                kind="jax",
+                mode="measure",
+                method=config.method,
+                keep=config.keep,
+                batch=config.batch,
+                mesh=mesh,
             ),
         )
         if config in compiled:
@@ -165,7 +177,7 @@ def run(settings: BenchmarkConfig) -> None:
                 method=config.method,
                 keep=config.keep,
                 batch=config.batch,
-                label=config.label,
+                label=mesh_label(config, mesh),
                 new_tokens=settings.new_tokens,
                 text_tokens=settings.text_tokens,
             )

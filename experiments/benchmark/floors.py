@@ -1,7 +1,8 @@
 """Floors: the time a stage cannot beat, from the work its shapes imply and the device's rates.
 
 A floor is max(FLOPs / matmul rate, bytes / bandwidth); a row's ratio to it says how far the
-measured time is from what the hardware allows.
+measured time is from what the hardware allows. The rates are one device's: a row on a mesh has
+them on every device, and its floors are a device's share of the work (`per_device_work`).
 """
 
 from __future__ import annotations
@@ -108,13 +109,49 @@ def _floor_ms(flops, num_bytes, ceilings) -> float | None:
     return max(flops / matmul, num_bytes / bandwidth) * 1e3
 
 
+def mesh_sizes(mesh: str) -> tuple[int, int]:
+    """(data, model) sizes of a row's mesh as the worker describes it ('data:2,model:1'; '' = one device)."""
+    sizes = dict(item.split(":") for item in mesh.split(",") if item)
+    return int(sizes.get("data", 1)), int(sizes.get("model", 1))
+
+
+def per_device_work(work: dict, mesh: str) -> dict:
+    """The work of one device of ``mesh`` (``work`` on one device, '' mesh): the batch's rows split over
+    data, the language model's weights, heads and columns over model (models.sharding). So FLOPs and
+    KV-cache bytes are divided by the device count, the language model's weight reads by the model
+    axis; the CLIP tower is whole on every device: its weights are read whole and a model axis does not
+    divide its FLOPs. Perfect scaling, collectives free: a floor, not a prediction."""
+    data, model = mesh_sizes(mesh)
+    if data * model == 1:
+        return work
+    devices = data * model
+
+    def split(total, weights):  # weight reads over the model axis, the rest over every device
+        return weights / model + (total - weights) / devices
+
+    return dict(
+        work,
+        vision_flops=work["vision_flops"] / data,
+        prefill_flops=work["prefill_flops"] / devices,
+        prefill_bytes=split(work["prefill_bytes"], work["llm_stream_bytes"]),
+        decode_flops=work["decode_flops"] / devices,
+        decode_bytes=split(work["decode_bytes"], work["decode_weight_bytes"]),
+        decode_weight_bytes=work["decode_weight_bytes"] / model,
+    )
+
+
 def add_floors_and_ratios(rows: list[dict], ceilings: dict) -> None:
-    """Floors of every JAX row, speedups vs the unpruned row, JAX / PyTorch ratios."""
-    by_key = {(r["framework"], r["method"], r["keep"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    """Floors of every JAX row (divided by its device count), speedups vs the unpruned row on the same
+    mesh, JAX / PyTorch ratios (rows on one device: the PyTorch baseline runs on one)."""
+    by_key = {
+        (r["framework"], r["method"], r["keep"], r["batch"], r.get("mesh", "")): r
+        for r in rows
+        if r["status"] == "ok"
+    }
     for row in rows:
         if row["framework"] != "jax" or row["status"] != "ok":
             continue
-        w, floors = row["work"], {}
+        w, floors, devices = per_device_work(row["work"], row.get("mesh", "")), {}, row.get("devices", 1)
         floors["vision_ms"] = _floor_ms(w["vision_flops"], w["vision_bytes"], ceilings)
         floors["llm_prefill_ms"] = _floor_ms(w["prefill_flops"], w["prefill_bytes"], ceilings)
         floors["llm_prefill_flop_ms"] = _floor_ms(w["prefill_flops"], 0, ceilings)
@@ -125,7 +162,7 @@ def add_floors_and_ratios(rows: list[dict], ceilings: dict) -> None:
             floors["e2e_ms"] = floors["ttft_ms"] + (row["new_tokens"] - 1) * floors["decode_ms_per_token"]
         row["floors"] = floors
         row["ratio_to_floor"] = {k: row[k] / f for k, f in floors.items() if f and row.get(k) is not None}
-        base = by_key.get(("jax", "none", 0, row["batch"]))
+        base = by_key.get(("jax", "none", 0, row["batch"], row.get("mesh", "")))
         if base:
             row["speedup_vs_unpruned"] = {
                 k: base[k] / row[k]
@@ -135,9 +172,9 @@ def add_floors_and_ratios(rows: list[dict], ceilings: dict) -> None:
             if row.get("peak_bytes") and base.get("peak_bytes"):
                 row["memory_saving_vs_unpruned"] = 1 - row["peak_bytes"] / base["peak_bytes"]
         torch_row = by_key.get(
-            ("torch", "none" if row["method"] == "none" else "cut", row["keep"], row["batch"])
+            ("torch", "none" if row["method"] == "none" else "cut", row["keep"], row["batch"], "")
         )
-        if torch_row:
+        if torch_row and devices == 1:
             row["jax_over_torch"] = {
                 k: row[k] / torch_row[k]
                 for k in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 
+from experiments.benchmark.acceptance import on_one_device
 from experiments.benchmark.configs import BenchmarkConfig, Config
 from experiments.benchmark.jobs import Runner
 
@@ -22,8 +23,8 @@ class BatchSearch:
     until a probe fails, then bisection (shrinking by the same factor while nothing is known to fit).
 
     Start: the one given (none@START), else the prediction of this configuration's largest measured
-    row (`predicted_max_batch`), else twice the largest known fit. Measured rows count as known fits;
-    a probe that fails (OOM or otherwise) does not fit.
+    row (`predicted_max_batch`), else twice the largest known fit. Measured rows on one device count as
+    known fits (the probes run on one); a probe that fails (OOM or otherwise) does not fit.
     """
 
     def __init__(self, config: Config, rows: list[dict], start: int | None, settings: BenchmarkConfig):
@@ -37,6 +38,7 @@ class BatchSearch:
             and r["method"] == config.method
             and r["keep"] == config.keep
             and r["status"] == "ok"
+            and on_one_device(r)
         ]
         self.largest_fit = max((r["batch"] for r in measured), default=0)
         if not start and measured:

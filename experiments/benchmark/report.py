@@ -57,7 +57,7 @@ def results_markdown(report: dict) -> str:
     ]
     jax_rows = [r for r in report["rows"] if r["framework"] == "jax" and r["status"] == "ok"]
     if jax_rows:  # a max-batch search alone has no timed rows
-        lines += ["## JAX", ""] + attention_note(jax_rows, meta)
+        lines += ["## JAX", ""] + attention_note(jax_rows, meta) + mesh_note(jax_rows)
         lines += [
             "| config | metric | ms | floor ms | x floor | speedup vs unpruned | peak GiB | JAX / PyTorch |",
             "|---|---|---|---|---|---|---|---|",
@@ -76,7 +76,7 @@ def results_markdown(report: dict) -> str:
     if jax_rows:
         lines += [
             "",
-            "| config | compile s (pre-compile / measuring process) | weights GiB | KV cache GiB | "
+            "| config | compile s (pre-compile / measuring process) | weights GiB per device | KV cache GiB | "
             "peak GiB | XLA temp GiB, prefill / generate |",
             "|---|---|---|---|---|---|",
         ]
@@ -88,10 +88,12 @@ def results_markdown(report: dict) -> str:
             ]
             lines.append(
                 f"| {r['label']} | {_fmt(pre, '.1f')} / {sum(r['compile_s'].values()):.1f} | "
-                f"{_gib(r['weights_bytes']):.2f} | {_gib(r['work']['kv_cache_bytes_allocated']):.3f} | "
+                f"{_gib(r.get('weights_bytes_per_device', r['weights_bytes'])):.2f} | "
+                f"{_gib(r['work']['kv_cache_bytes_allocated']):.3f} | "
                 f"{_fmt(_gib(r.get('peak_bytes')))} | {_fmt(_gib(temp[0]), '.3f')} / "
                 f"{_fmt(_gib(temp[1]), '.3f')} |"
             )
+    lines += mesh_table(jax_rows)
     torch_rows = [r for r in report["rows"] if r["framework"] == "torch" and r["status"] == "ok"]
     if torch_rows:
         lines += [
@@ -168,6 +170,78 @@ def attention_note(jax_rows: list[dict], meta: dict) -> list[str]:
     ]
 
 
+def mesh_note(jax_rows: list[dict]) -> list[str]:
+    """What differs on the rows that ran on a mesh ([data:D,model:M] in their label)."""
+    if not any(r.get("mesh") for r in jax_rows):
+        return []
+    return [
+        "Rows on a mesh ([data:D,model:M] in the label: models.sharding, rows over data, the language "
+        "model's heads, MLP columns and vocabulary over model, the CLIP tower whole on every device): "
+        "their floors are one device's share of the work at the ceilings measured on one device (FLOPs "
+        "and KV-cache bytes over every device, the language model's weight reads over model, the CLIP "
+        "tower's weights whole; collectives free), so a row on N devices is held to about N times the "
+        "bandwidth and matmul rate; speedups vs unpruned compare rows on the same mesh; JAX / PyTorch "
+        "only rows on one device (the PyTorch baseline runs on one). No peak memory (the first device "
+        "held the whole model while it was laid out and split: `peak_bytes_first_device` in "
+        "results.json) and no select-only timing (a one-device stage). Targets are judged only on rows "
+        "on one device.",
+        "",
+    ]
+
+
+MESH_METRICS = (
+    ("vision_ms", "vision"),
+    ("llm_prefill_ms", "LLM prefill"),
+    ("ttft_ms", "first token"),
+    ("decode_ms_per_token", "decode/token"),
+    ("e2e_ms", "end-to-end"),
+)
+
+
+def mesh_table(jax_rows: list[dict]) -> list[str]:
+    """Each configuration measured on several meshes: its stages' ms on each, and how much faster each
+    later mesh is than the first one of the run (e.g. model:2 against data:1)."""
+    meshes = list(dict.fromkeys(r["mesh"] for r in jax_rows if r.get("mesh")))
+    if len(meshes) < 2:
+        return []
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for r in jax_rows:
+        by_config.setdefault((r["method"], r["keep"], r["batch"]), {})[r.get("mesh", "")] = r
+    first, later = meshes[0], meshes[1:]
+    lines = [
+        "",
+        f"## Meshes: each configuration on {', '.join(meshes)}",
+        "",
+        f"ms per stage on each mesh; speedup = ms on {first} / ms on the mesh (same configuration; the "
+        "speedups over unpruned within each mesh are in the table above).",
+        "",
+        "| config | metric | "
+        + " | ".join(f"{m} ms" for m in meshes)
+        + " | "
+        + " | ".join(f"speedup {m}" for m in later)
+        + " |",
+        "|---|---|" + "---|" * (len(meshes) + len(later)),
+    ]
+    for (method, keep, batch), on_mesh in by_config.items():
+        if len(on_mesh) < 2:
+            continue
+        name = (method + (f"@{keep}" if method != "none" else "")) + f" b{batch}"
+        base = on_mesh.get(first, {})
+        for key, metric in MESH_METRICS:
+            values = [on_mesh.get(m, {}).get(key) for m in meshes]
+            if all(v is None for v in values):
+                continue
+            speedups = [base.get(key) / v if base.get(key) and v else None for v in values[1:]]
+            lines.append(
+                f"| {name} | {metric} | "
+                + " | ".join(_fmt(v, ".3f") for v in values)
+                + " | "
+                + " | ".join(_fmt(x, ".2f", "x") for x in speedups)
+                + " |"
+            )
+    return lines
+
+
 def closing_sections(report: dict) -> list[str]:
     """A report's acceptance lines, then every row that failed or was skipped, with its error."""
     lines = ["", "## Acceptance", ""] + [f"- {c['name']}: {c['detail']}" for c in report["acceptance"]]
@@ -189,40 +263,49 @@ def plot(report: dict, path: str) -> None:
     rows = [r for r in report["rows"] if r["status"] == "ok"]
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     jax_rows = [r for r in rows if r["framework"] == "jax"]
-    for method in dict.fromkeys(r["method"] for r in jax_rows if r["method"] != "none"):
-        for batch in sorted({r["batch"] for r in jax_rows}):
-            line = sorted(
-                (r for r in jax_rows if r["batch"] == batch and r["method"] in (method, "none")),
-                key=lambda r: r["keep"] or r["image_tokens"],
-            )
-            if not any(r["method"] == method for r in line):
-                continue
-            x = [r["keep"] or r["image_tokens"] for r in line]
-            (handle,) = ax_time.plot(
-                x, [r["ttft_ms"] for r in line], "o-", label=f"{method} b{batch} first token"
-            )
-            ax_time.plot(
-                x,
-                [r["llm_prefill_ms"] for r in line],
-                "s--",
-                color=handle.get_color(),
-                label=f"{method} b{batch} LLM prefill",
-            )
-            if all(r.get("peak_bytes") for r in line):
-                ax_memory.plot(
-                    x,
-                    [r["peak_bytes"] / GIB for r in line],
-                    "o-",
-                    color=handle.get_color(),
-                    label=f"{method} b{batch} peak",
-                )
+    meshes = list(dict.fromkeys(r.get("mesh", "") for r in jax_rows))
+    lines = (
+        (method, batch, mesh)
+        for method in dict.fromkeys(r["method"] for r in jax_rows if r["method"] != "none")
+        for batch in sorted({r["batch"] for r in jax_rows})
+        for mesh in meshes
+    )
+    for method, batch, mesh in lines:  # one line per method, batch and mesh, through its unpruned row
+        line = sorted(
+            (
+                r
+                for r in jax_rows
+                if r["batch"] == batch and r["method"] in (method, "none") and r.get("mesh", "") == mesh
+            ),
+            key=lambda r: r["keep"] or r["image_tokens"],
+        )
+        if not any(r["method"] == method for r in line):
+            continue
+        name = f"{method} b{batch}" + (f" [{mesh}]" if mesh else "")
+        x = [r["keep"] or r["image_tokens"] for r in line]
+        (handle,) = ax_time.plot(x, [r["ttft_ms"] for r in line], "o-", label=f"{name} first token")
+        ax_time.plot(
+            x,
+            [r["llm_prefill_ms"] for r in line],
+            "s--",
+            color=handle.get_color(),
+            label=f"{name} LLM prefill",
+        )
+        if all(r.get("peak_bytes") for r in line):
             ax_memory.plot(
                 x,
-                [r["work"]["kv_cache_bytes_allocated"] / GIB for r in line],
-                ":",
+                [r["peak_bytes"] / GIB for r in line],
+                "o-",
                 color=handle.get_color(),
-                label=f"{method} b{batch} KV cache",
+                label=f"{name} peak",
             )
+        ax_memory.plot(
+            x,
+            [r["work"]["kv_cache_bytes_allocated"] / GIB for r in line],
+            ":",
+            color=handle.get_color(),
+            label=f"{name} KV cache",
+        )
     for r in (r for r in rows if r["framework"] == "torch"):
         ax_time.plot(r["keep"] or r["image_tokens"], r["ttft_ms"], "kx")
     if any(r["framework"] == "torch" for r in rows):
@@ -294,18 +377,19 @@ def summary(report: dict) -> str:
         from experiments.benchmark.report_throughput import throughput_summary
 
         return throughput_summary(report)
+    width = max([18] + [len(r["label"]) + 1 for r in report["rows"]])
     head = (
-        f"{'config':<18}{'vision':>8}{'prefill':>9}{'x flr':>7}{'select':>8}{'1st tok':>9}{'speedup':>8}"
+        f"{'config':<{width}}{'vision':>8}{'prefill':>9}{'x flr':>7}{'select':>8}{'1st tok':>9}{'speedup':>8}"
         f"{'dec/tok':>9}{'x flr':>7}{'e2e':>9}{'GiB':>7}{'JAX/PT':>8}"
     )
     lines = [head] if report["rows"] else []
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['label']:<18}  {r['status']}: {r.get('error', '')[:90]}")
+            lines.append(f"{r['label']:<{width}}  {r['status']}: {r.get('error', '')[:90]}")
             continue
         floor, speed = r.get("ratio_to_floor", {}), r.get("speedup_vs_unpruned", {})
         lines.append(
-            f"{r['label']:<18}{_fmt(r.get('vision_ms')):>8}{_fmt(r.get('llm_prefill_ms')):>9}"
+            f"{r['label']:<{width}}{_fmt(r.get('vision_ms')):>8}{_fmt(r.get('llm_prefill_ms')):>9}"
             f"{_fmt(floor.get('llm_prefill_ms')):>7}{_fmt(r.get('selection_overhead_ms'), '.3f'):>8}"
             f"{_fmt(r.get('ttft_ms')):>9}{_fmt(speed.get('ttft_ms'), '.2f', 'x'):>8}"
             f"{_fmt(r.get('decode_ms_per_token')):>9}{_fmt(floor.get('decode_ms_per_token')):>7}"

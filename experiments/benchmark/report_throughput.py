@@ -67,6 +67,7 @@ def throughput_markdown(report: dict) -> str:
         "",
         *_overlap_note(jax_rows),
         *attention_note(jax_rows, meta),
+        *_batch_note(jax_rows, flags),
         f"| framework | method | batch | devices | questions/s | questions/s per device | ms/question | "
         f"vs transformers b{TORCH_REFERENCE_BATCH} "
         "| vs JAX unpruned, same batch and devices | preprocess / generate / detokenize / other ms per "
@@ -91,6 +92,23 @@ def throughput_markdown(report: dict) -> str:
     if examples:
         lines += ["", f"Example answers (random weights): {examples}"]
     return "\n".join(lines + closing_sections(report)) + "\n"
+
+
+def _batch_note(jax_rows: list[dict], flags: dict) -> list[str]:
+    """What a row's batch is when rows ran on meshes: the whole batch, its rows split over data."""
+    if not any(r.get("mesh") for r in jax_rows):
+        return []
+    how = (
+        "--batch_per_device: each configuration's batch per device of the data axis, so the whole batch "
+        "grows with it"
+        if flags.get("batch_per_device")
+        else "the same whole batch on every mesh"
+    )
+    return [
+        f"batch = a row's whole batch, its rows split over its mesh's data axis ({how}); speedups vs "
+        "unpruned JAX compare rows on the same mesh; only rows on one device are judged.",
+        "",
+    ]
 
 
 def _overlap_note(jax_rows: list[dict]) -> list[str]:

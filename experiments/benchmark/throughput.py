@@ -23,7 +23,14 @@ from __future__ import annotations
 import time
 
 from experiments.benchmark.acceptance import TORCH_REFERENCE_BATCH, throughput_acceptance
-from experiments.benchmark.configs import BenchmarkConfig, planned_configs
+from experiments.benchmark.configs import (
+    BenchmarkConfig,
+    mesh_job_suffix,
+    mesh_label,
+    planned_configs,
+    planned_meshes,
+    planned_runs,
+)
 from experiments.benchmark.jobs import Runner, common_spec, output_dirs, precompile
 from experiments.benchmark.report import summary, write_outputs
 
@@ -41,7 +48,7 @@ def check_settings(settings: BenchmarkConfig) -> None:
         if getattr(settings, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(settings, name)}")
     batches = list(settings.batch_sizes) + list(settings.torch_batch_sizes)
-    batches += [config.batch for config in planned_configs(settings)]
+    batches += [config.batch for config, _ in planned_runs(settings)]
     if any(batch < 1 for batch in batches):
         raise ValueError(f"batch sizes must be >= 1, got {sorted(set(batches))}")
 
@@ -61,16 +68,6 @@ def workload_description(settings: BenchmarkConfig) -> dict:
         "answer_tokens": settings.answer_tokens,
         "example_prompt": build_prompt(workload.questions[0].prompt),
     }
-
-
-def meshes(settings: BenchmarkConfig) -> list[str]:
-    """The --mesh list ('' = the default device alone), each checked."""
-    from models.sharding import parse_mesh
-
-    listed = [mesh.strip() for mesh in settings.mesh.split(";") if mesh.strip()]
-    for mesh in listed:
-        parse_mesh(mesh)
-    return listed or [""]
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -101,7 +98,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
     """Pre-compile, the transformers rows, then the JAX rows in --configs order; the report after each."""
     check_settings(settings)
     configs = planned_configs(settings)
-    device_meshes = meshes(settings)
+    device_meshes = planned_meshes(settings)
     out_dirs = output_dirs(settings)
     runner = Runner(settings)
     common = dict(
@@ -138,7 +135,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
             dict(result, framework="torch", method="none", keep=0, batch=batch, label=label)
         )
         save()
-    for config, mesh in ((config, mesh) for config in configs for mesh in device_meshes):
+    for config, mesh in planned_runs(settings):
         spec = dict(
             common,
             kind="jax_throughput",
@@ -148,8 +145,8 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
             batch=config.batch,
             mesh=mesh,
         )
-        suffix = f"-{mesh.replace(':', '').replace(',', '-')}" if mesh else ""
-        result = runner.run(f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}{suffix}", spec)
+        name = f"jax-throughput-{config.method}-k{config.keep}-b{config.batch}{mesh_job_suffix(mesh)}"
+        result = runner.run(name, spec)
         if config in compiled:
             result["precompile"] = {
                 k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "attention", "error")
@@ -161,7 +158,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
                 method=config.method,
                 keep=config.keep,
                 batch=config.batch,
-                label=config.label + (f" [{mesh}]" if mesh else ""),
+                label=mesh_label(config, mesh),
             )
         )
         save()

@@ -1,4 +1,5 @@
-"""The JAX worker: compiles every stage of one configuration, then probes or times it."""
+"""The JAX worker: compiles every stage of one configuration, then probes or times it; on one device,
+or on a mesh (`models.sharding`), its model laid out and split as every runner on a mesh has it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import os
 import time
 
+from experiments.benchmark.configs import mesh_job_suffix
 from experiments.benchmark.floors import stage_work
 from experiments.benchmark.timing import median, timed
 from experiments.benchmark.workers import (
@@ -50,6 +52,7 @@ def jax_worker(spec: dict) -> dict:
     from flax import nnx
 
     import adaptprune_jax as prune
+    from models import sharding
     from models.checkpoint import load_checkpoint
     from models.config import from_hf_config, with_attention
     from models.generate import LlavaRunner, SamplingConfig
@@ -72,8 +75,28 @@ def jax_worker(spec: dict) -> dict:
 
         joint = JointSpaceConfig.from_hf(clip_config(hf_config))
         abstract_model.joint_space = nnx.eval_shape(lambda: JointSpace(joint, dtype=dtype, rngs=nnx.Rngs(0)))
-    runner = LlavaRunner(abstract_model)
-    abstract_state, abstract_weights = runner.state, runner.weights
+    random_init = spec["random_weights"] or not os.path.isdir(spec["model"])
+    mesh = sharding.make_mesh(spec["mesh"]) if spec.get("mesh") else None
+    weights_s = None
+    if mesh is None:
+        runner = LlavaRunner(abstract_model)
+        abstract_weights = runner.weights
+    else:  # the weights first: their shardings are what the stages compile for
+        if batch % sharding.axis_size(mesh, sharding.DATA):
+            raise ValueError(
+                f"batch {batch} does not split over the data axis of mesh {spec['mesh']}: give a multiple of it"
+            )
+        start = time.perf_counter()
+        runner = runner_on_mesh(abstract_model, spec, cfg, mesh, random_init)
+        jax.block_until_ready(runner.weights)
+        weights_s = round(time.perf_counter() - start, 3)
+        # From here on this process's one job runs on the mesh (the runner's `on_mesh`, for good); not
+        # before: under a mesh new arrays are made on every device, and the model is built on one.
+        jax.set_mesh(mesh)
+        abstract_weights = tuple(
+            jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=w.sharding) for w in runner.weights
+        )
+    abstract_state = runner.state
     image = benchmark_image(cfg, spec.get("image_size", ""))
     n_img = image.num_tokens
     prompt_tokens = n_img + spec["text_tokens"]
@@ -115,7 +138,7 @@ def jax_worker(spec: dict) -> dict:
 
     def prefill(weights, x, positions, last_index, image_slots, vision_cues, rng, layout, *, pruning):
         model = runner.merge(weights)
-        return model.language_model.prefill(
+        result = model.language_model.prefill(
             x,
             positions,
             last_index,
@@ -125,41 +148,56 @@ def jax_worker(spec: dict) -> dict:
             rng=rng,
             vision=vision_cues,
         )
+        return result._replace(caches=runner.constrain_caches(result.caches))  # as the runner's prefill
 
     # --- compile every stage from abstract shapes (a cache load when the pre-compile phase ran) ----
     compiled, compile_s, memory = {}, {}, {}
     stage_options = spec.get("stage_compiler_options") or {}
 
     def build(name, fn, *args, **static):
+        """Compile one stage; the shapes of its outputs (on a mesh with the shardings XLA chose, which
+        the next stage compiles for)."""
         start = time.perf_counter()
         lowered = fn.lower(*args, **static)
         compiled[name] = lowered.compile(compiler_options=stage_options.get(name) or None)
         compile_s[name] = round(time.perf_counter() - start, 3)
         memory[name] = _compiled_memory(compiled[name])
-        return lowered.out_info
+        if mesh is None:
+            return lowered.out_info
+        return jax.tree.map(lambda x: sds(x.shape, x.dtype, sharding=x.sharding), compiled[name].out_info)
 
-    sds = jax.ShapeDtypeStruct
+    def sds(shape, dtype, sharding=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    def batch_sds(shape, dtype):
+        """An input's shape; on a mesh, its rows over the data axis (as `runner.put` places it)."""
+        return sds(shape, dtype, None if mesh is None else sharding.batch_sharding(mesh, len(shape)))
+
     key = jax.eval_shape(lambda: jax.random.key(0))
     ids_shape = (batch, prompt_tokens)
     pixel_shape = (batch, *(() if packed is None else (image.crops,)), 3, *(cfg.vision.image_size,) * 2)
-    random_init = spec["random_weights"] or not os.path.isdir(spec["model"])
-    if random_init:
+    if random_init and mesh is None:
         start = time.perf_counter()
         random_state(abstract_state, spec["seed"], compile_only=True)
         compile_s["init"] = round(time.perf_counter() - start, 3)
     query_shapes = (None, None)
     if reads_clip:
         segment = (batch, TEXT_SEGMENTS, runner.segment_length)
-        query_shapes = (sds(segment, jnp.int32), sds(segment, jnp.int32))
+        query_shapes = (batch_sds(segment, jnp.int32), batch_sds(segment, jnp.int32))
     # LLaVA-NeXT's packing (index and layout) are arguments, as the runner passes them, not constants.
     index_shape, layout_shape = None, None
     if packed is not None:
-        index_shape = sds(packed.index.shape, jnp.int32)
-        layout_shape = jax.tree.map(lambda x: sds(x.shape, x.dtype), packed.layout)
+        index_shape = batch_sds(packed.index.shape, jnp.int32)
+        layout_shape = jax.tree.map(lambda x: batch_sds(x.shape, x.dtype), packed.layout)
     features = build(
-        "vision", jax.jit(vision), abstract_weights, sds(pixel_shape, jnp.float32), *query_shapes, index_shape
+        "vision",
+        jax.jit(vision),
+        abstract_weights,
+        batch_sds(pixel_shape, jnp.float32),
+        *query_shapes,
+        index_shape,
     )
-    embedded = build("embed", jax.jit(embed), abstract_weights, sds(ids_shape, jnp.int32), features)
+    embedded = build("embed", jax.jit(embed), abstract_weights, batch_sds(ids_shape, jnp.int32), features)
     result = build(
         "prefill",
         jax.jit(functools.partial(prefill, pruning=pruning)),
@@ -189,7 +227,8 @@ def jax_worker(spec: dict) -> dict:
             layout_shape,
         )
     cues = None
-    if pruning is not None and mode != "probe":
+    # The select stage alone runs on one device: it is left out on a mesh.
+    if pruning is not None and mode != "probe" and mesh is None:
         cues = abstract_cues(
             pruning, cfg, batch=batch, length=prompt_tokens, dtype=dtype, rng=key, num_image_tokens=n_img
         )
@@ -234,28 +273,37 @@ def jax_worker(spec: dict) -> dict:
         return out
 
     # --- weights, inputs, one generation (its peak is the configuration's memory) ------------------
-    start = time.perf_counter()
-    if random_init:
-        weights = runner.flatten_weights(random_state(abstract_state, spec["seed"]))
-    else:
-        weights = runner.flatten_weights(
-            nnx.split(load_checkpoint(spec["model"], spec["dtype"], attention=cfg.text.attention)[1])[1]
-        )
     sync = jax.block_until_ready
-    sync(weights)
-    out["weights_s"] = round(time.perf_counter() - start, 3)
+    if mesh is None:
+        start = time.perf_counter()
+        if random_init:
+            weights = runner.flatten_weights(random_state(abstract_state, spec["seed"]))
+        else:
+            weights = runner.flatten_weights(
+                nnx.split(load_checkpoint(spec["model"], spec["dtype"], attention=cfg.text.attention)[1])[1]
+            )
+        sync(weights)
+        weights_s = round(time.perf_counter() - start, 3)
+    else:
+        weights = runner.weights
+    out["weights_s"] = weights_s
     out["weights_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(weights))
+    out["weights_bytes_per_device"] = sum(sharding.local_bytes(x) for x in jax.tree_util.tree_leaves(weights))
+    out["mesh"] = "" if mesh is None else sharding.describe_mesh(mesh)
+    out["devices"] = 1 if mesh is None else mesh.size
     ids, _ = random_prompts(
         batch, spec["text_tokens"], n_img, cfg.text.vocab_size, cfg.image_token_index, spec["seed"]
     )
-    ids = jnp.asarray(ids)
-    pixels = jnp.asarray(random_pixels(batch, cfg.vision.image_size, spec["seed"], image.crops))
-    image_index, layout = (None, None) if packed is None else (jnp.asarray(packed.index), packed.layout)
+    ids = runner.put(ids)
+    pixels = runner.put(random_pixels(batch, cfg.vision.image_size, spec["seed"], image.crops))
+    image_index, layout = (None, None) if packed is None else (runner.put(packed.index), packed.layout)
     if layout is not None:
-        layout = jax.tree.map(jnp.asarray, layout)
+        layout = jax.tree.map(runner.put, layout)
     queries = (None, None)
     if reads_clip:
-        queries = random_queries(batch, spec["text_tokens"], runner.segment_length, spec["seed"])
+        queries = tuple(
+            map(runner.put, random_queries(batch, spec["text_tokens"], runner.segment_length, spec["seed"]))
+        )
     rng = jax.random.key(spec["seed"] + 2)
     run = compiled
 
@@ -272,14 +320,17 @@ def jax_worker(spec: dict) -> dict:
         return run["generate"](weights, result.logits, result.caches, result.next_positions, rng)
 
     start = time.perf_counter()
-    sync(generation())
+    generated, _, _ = sync(generation())
     out["first_run_s"] = round(time.perf_counter() - start, 3)
     stats = memory_stats()
     out["peak_bytes"] = stats.get("peak_bytes_in_use")
     out["bytes_limit"] = stats.get("bytes_limit")
+    if mesh is not None:  # the first device also held the whole model while it was laid out and split
+        out["peak_bytes_first_device"], out["peak_bytes"] = out["peak_bytes"], None
     if mode == "probe":
         out["fits"] = True
         return out
+    out.update(greedy_outputs(first_token(), generated))
 
     # --- timings ---------------------------------------------------------------------------------
     reps, e2e_reps = spec["repeats"], spec["e2e_repeats"]
@@ -328,11 +379,13 @@ def jax_worker(spec: dict) -> dict:
     samples["e2e_ms"] = timed(generation, e2e_reps, sync)
     out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
     out.update({k: median(s) for k, s in samples.items()})
-    out["peak_bytes_all_stages"] = memory_stats().get("peak_bytes_in_use")
+    out["peak_bytes_all_stages"] = None if mesh is not None else memory_stats().get("peak_bytes_in_use")
     if spec.get("profile_dir"):  # after the timings and the peak: the profiler's buffers cost memory
         from experiments.benchmark import profiling
 
-        where = os.path.join(spec["profile_dir"], f"{method}-k{keep}-b{batch}")
+        where = os.path.join(
+            spec["profile_dir"], f"{method}-k{keep}-b{batch}{mesh_job_suffix(spec.get('mesh', ''))}"
+        )
         # The decode loop updates its caches in place (donated): its one profiled call takes this
         # fresh prefill's, made before the trace so the prefill's kernels stay out of the profile.
         result = sync(run["prefill"](weights, *embedded, rng, layout))
@@ -364,6 +417,42 @@ def jax_worker(spec: dict) -> dict:
                     "error": f"{type(error).__name__}: {error}"[:500],
                     "device_threads": [],
                 }
+    return out
+
+
+def runner_on_mesh(abstract_model, spec: dict, cfg, mesh, random_init: bool):
+    """The configuration's runner on ``mesh``: the model built whole (the same random draws as a row on
+    one device, or the checkpoint), then taken onto the mesh by `LlavaRunner`, as the evaluation and
+    the throughput mode take it (fused projections in model-axis blocks, weights split by
+    `models.sharding`)."""
+    from flax import nnx
+
+    from models.checkpoint import load_checkpoint
+    from models.generate import LlavaRunner
+    from models.presets import random_state
+
+    if random_init:
+        graphdef, abstract_state = nnx.split(abstract_model)
+        model = nnx.merge(graphdef, random_state(abstract_state, spec["seed"]))
+    else:
+        model = load_checkpoint(spec["model"], spec["dtype"], attention=cfg.text.attention)[1]
+    return LlavaRunner(model, mesh=mesh)
+
+
+def greedy_outputs(first_token_result, generated) -> dict:
+    """What the model answered, to compare a row on a mesh with one on one device: each row's first
+    greedy token and its logit, the first row's kept image tokens and its generated tokens."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    tokens, result = first_token_result
+    out = {
+        "first_tokens": np.asarray(tokens).tolist(),
+        "first_token_logits": np.asarray(jnp.max(result.logits, axis=-1), np.float64).tolist(),
+        "generated_tokens_row0": np.asarray(generated[0]).tolist(),
+    }
+    if result.kept is not None:
+        out["kept_row0"] = np.asarray(result.kept[0]).tolist()
     return out
 
 

@@ -38,6 +38,19 @@ def test_a_cpu_or_other_model_run_is_listed_but_not_judged():
         )
 
 
+def test_rows_on_several_devices_are_not_judged():
+    target_run = (acceptance.TARGET_MODEL, acceptance.TARGET_PLATFORM)
+    on_two = [dict(row, mesh="data:1,model:2", devices=2) for row in fast_rows()]
+    assert ttft_b1(acceptance.acceptance(on_two, [], target_run))["value"] is None
+    slower_on_one = [
+        dict(row, mesh="data:1,model:1", devices=1, ttft_ms=2 * row["ttft_ms"]) for row in fast_rows()
+    ]
+    on_two[1]["ttft_ms"] = 1.0  # a 30x speedup on two devices must not count
+    assert ttft_b1(acceptance.acceptance(on_two + slower_on_one, [], target_run))["value"] == 3.0
+    pruned_on_two = dict(throughput_rows(30.0, 4.0)[0], devices=2)
+    assert acceptance.throughput_acceptance([pruned_on_two], target_run)[0]["value"] is None
+
+
 def throughput_rows(vs_transformers, vs_unpruned):
     """The pruned row at the throughput targets' batch, with its speedups already added."""
     return [

@@ -9,13 +9,14 @@ tokens keep it fast, and the compilation cache is shared by the runs of this mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 
 from experiments.benchmark import acceptance, configs, floors, max_batch
-from tests.helpers import REPO_ROOT, once_per_session, run_benchmark
+from tests.helpers import REPO_ROOT, fake_devices_env, once_per_session, run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def run_cli(output_dir, cache_dir, *args):
+def run_cli(output_dir, cache_dir, *args, env=None):
     process = run_benchmark(
         "--model=tiny",
         "--dtype=float32",
@@ -35,6 +36,7 @@ def run_cli(output_dir, cache_dir, *args):
         f"--compile_cache={cache_dir}",
         *args,
         timeout=300,
+        env=env,
     )
     with open(os.path.join(output_dir, "results.json")) as f:
         report = json.load(f)
@@ -179,6 +181,154 @@ def test_killed_workers_are_failed_rows(tmp_path, cache_dir):
     assert row["status"] == "failed" and "timed out" in row["error"]
     assert all(check["pass"] is None for check in report["acceptance"])
     assert "## PyTorch" not in markdown and report["meta"]["flags"]["torch_baseline"] is False
+
+
+@pytest.mark.slow
+def test_a_model_axis_of_two_devices_answers_as_one_device(tmp_path, cache_dir, full_run):
+    """The stage timings on a mesh of two fake CPU devices (model:2, built through models.sharding as
+    the evaluation builds it, no pre-compile phase): the row records its mesh, its floors are a
+    device's share, and its greedy answers are the one-device row's of the full run (same seed, so
+    the same weights and inputs)."""
+    report, markdown, _ = run_cli(
+        tmp_path,
+        cache_dir,
+        "--configs=none:1",
+        "--mesh=model:2",
+        "--repeats=1",
+        "--compile_workers=2",
+        "--attention_logits_budget_mb=0.5",
+        env=fake_devices_env(2),
+    )
+    (row,) = report["rows"]
+    one_device = rows_by_label(full_run["report"])["none b1"]
+    assert row["label"] == "none b1 [model:2]" and row["status"] == "ok", row
+    assert (row["mesh"], row["devices"]) == ("data:1,model:2", 2) and "precompile" not in row
+    assert row["weights_bytes_per_device"] < row["weights_bytes"] == one_device["weights_bytes"]
+    assert row["peak_bytes"] is None and "select_only_ms" not in row
+    assert row["floors"]["decode_weight_read_ms"] == pytest.approx(
+        row["work"]["decode_weight_bytes"] / 2 / report["ceilings"]["copy_bytes_per_s"] * 1e3
+    )
+    assert row["first_tokens"] == one_device["first_tokens"]
+    assert row["generated_tokens_row0"] == one_device["generated_tokens_row0"]
+    assert row["first_token_logits"] == pytest.approx(one_device["first_token_logits"], abs=1e-5)
+    assert "none b1 [model:2]" in markdown and "Rows on a mesh" in markdown
+    assert all(check["pass"] is None for check in report["acceptance"])
+
+
+def test_each_configuration_runs_on_every_mesh_in_turn():
+    settings = configs.BenchmarkConfig(configs=("none:1", "adaptprune:64:16"), mesh="data:1;data:2,model:2")
+    runs = configs.planned_runs(settings)
+    assert [configs.mesh_label(config, mesh) for config, mesh in runs] == [
+        "none b1 [data:1]",
+        "none b1 [data:2,model:2]",
+        "adaptprune@64 b16 [data:1]",
+        "adaptprune@64 b16 [data:2,model:2]",
+    ]
+    assert configs.mesh_job_suffix("data:2,model:2") == "-data2-model2" and configs.mesh_job_suffix("") == ""
+    per_device = dataclasses.replace(settings, batch_per_device=True)
+    assert [config.batch for config, _ in configs.planned_runs(per_device)] == [1, 2, 16, 32]
+    alone = configs.planned_runs(dataclasses.replace(per_device, mesh=""))
+    assert alone == [(configs.Config("none", 0, 1), ""), (configs.Config("adaptprune", 64, 16), "")]
+
+
+def stage_row(method, keep, ttft_ms, mesh="", devices=1, framework="jax"):
+    """A measured row of the stage timings with its work (one device's numbers: 1e12 FLOPs, 1e9 bytes)."""
+    work = dict(
+        vision_flops=1e12,
+        vision_bytes=1e9,
+        prefill_flops=1e12,
+        prefill_bytes=1e9,
+        llm_stream_bytes=0.5e9,
+        decode_flops=1e12,
+        decode_bytes=1e9,
+        decode_weight_bytes=0.5e9,
+        kv_cache_bytes_allocated=2**20,
+    )
+    name = method + (f"@{keep}" if keep else "")
+    return dict(
+        framework=framework,
+        method=method,
+        keep=keep,
+        batch=16,
+        status="ok",
+        label=f"{name} b16" + (f" [{mesh}]" if mesh else ""),
+        mesh=mesh,
+        devices=devices,
+        new_tokens=2,
+        work=work,
+        compile_s={"prefill": 1.0},
+        compiled_memory={},
+        weights_bytes=2**30,
+        **{
+            key: ttft_ms
+            for key in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
+        },
+    )
+
+
+def test_rows_on_a_mesh_take_a_devices_share_of_the_floors_and_compare_within_their_mesh(tmp_path):
+    from experiments.benchmark.report import results_markdown
+
+    rows = [
+        stage_row("none", 0, 30.0, "data:1,model:1"),
+        stage_row("adaptprune", 64, 10.0, "data:1,model:1"),
+        stage_row("none", 0, 20.0, "data:1,model:2", 2),
+        stage_row("adaptprune", 64, 8.0, "data:1,model:2", 2),
+        stage_row("none", 0, 60.0, framework="torch"),
+    ]
+    ceilings = {"status": "ok", "copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e15}  # 1 ms per GB, TFLOP
+    floors.add_floors_and_ratios(rows, ceilings)
+    one, pruned_one, two, pruned_two, _ = rows
+    assert pruned_one["speedup_vs_unpruned"]["ttft_ms"] == pytest.approx(3.0)
+    assert pruned_two["speedup_vs_unpruned"]["ttft_ms"] == pytest.approx(2.5)  # 20 / 8, not 30 / 8
+    assert one["floors"]["decode_ms_per_token"] == pytest.approx(1.0)
+    # model:2: the language model's weights (0.5 GB) and the KV bytes (0.5 GB) both split in two
+    assert two["floors"]["decode_ms_per_token"] == pytest.approx(0.5)
+    assert two["floors"]["decode_weight_read_ms"] == pytest.approx(0.25)
+    assert two["floors"]["vision_ms"] == one["floors"]["vision_ms"]  # the CLIP tower whole on both
+    data_two = floors.per_device_work(one["work"], "data:2,model:1")  # weights whole on both devices
+    assert data_two["decode_bytes"] == 0.75e9 and data_two["vision_flops"] == 0.5e12
+    assert one["jax_over_torch"]["ttft_ms"] == pytest.approx(0.5) and "jax_over_torch" not in two
+    report = {
+        "meta": {
+            "flags": {"model": "tiny", "dtype": "float32"},
+            "date": "now",
+            "command": "c",
+            "versions": {},
+        },
+        "ceilings": ceilings,
+        "rows": rows,
+        "max_batch": [],
+        "acceptance": [],
+    }
+    markdown = results_markdown(report)
+    assert "## Meshes: each configuration on data:1,model:1, data:1,model:2" in markdown
+    assert "| none b16 | first token | 30.000 | 20.000 | 1.50x |" in markdown
+    assert "| adaptprune@64 b16 [data:1,model:2] | first token | 8.000 |" in markdown
+
+
+def test_the_13b_model_axis_flagfile_compares_two_gpus_with_one_within_one_call():
+    from absl import flags
+
+    from experiments.flag_config import define_flags, from_flags
+    from models.config import from_hf_config
+    from models.presets import llava_config
+
+    flag_values = define_flags(configs.BenchmarkConfig, flags.FlagValues())
+    path = f"{REPO_ROOT}/experiments/flags/benchmark_h200x2_13b_model_axis.flags"
+    flag_values(["benchmark", f"--flagfile={path}"])
+    settings = from_flags(configs.BenchmarkConfig, flag_values)
+    assert settings.mode == "stages" and settings.model == "llava-1.5-13b" and settings.dtype == "bfloat16"
+    runs = configs.planned_runs(settings)
+    assert [(config.method, config.keep, config.batch) for config, _ in runs[::2]] == [
+        ("none", 0, 1),
+        (acceptance.ACCEPT_METHOD, acceptance.ACCEPT_KEEP, 1),
+        ("none", 0, 16),
+        (acceptance.ACCEPT_METHOD, acceptance.ACCEPT_KEEP, 16),
+    ]
+    assert [mesh for _, mesh in runs] == ["data:1", "model:2"] * 4  # each on one GPU, then on two
+    assert from_hf_config(llava_config(settings.model)).text.num_kv_heads % 2 == 0
+    assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
 
 
 def test_parse_config():

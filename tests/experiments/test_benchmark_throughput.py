@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.benchmark import acceptance, driver, throughput, workers_throughput, workload
+from experiments.benchmark import acceptance, configs, throughput, workers_throughput, workload
 from experiments.benchmark.configs import BenchmarkConfig
 from experiments.benchmark.report import summary, write_outputs
 from models.preprocess import Preprocessor, build_prompt
@@ -171,15 +171,13 @@ def test_report_table_speedups_and_acceptance(tmp_path):
 
 
 def test_rows_on_meshes_compare_with_unpruned_on_the_same_mesh(tmp_path):
-    assert throughput.meshes(BenchmarkConfig(mesh=" data:1; data:2,model:2 ;")) == [
+    assert configs.planned_meshes(BenchmarkConfig(mesh=" data:1; data:2,model:2 ;")) == [
         "data:1",
         "data:2,model:2",
     ]
-    assert throughput.meshes(BenchmarkConfig()) == [""]
+    assert configs.planned_meshes(BenchmarkConfig()) == [""]
     with pytest.raises(ValueError, match="unknown axis 'pipeline'"):
-        throughput.meshes(BenchmarkConfig(mesh="data:2;pipeline:2"))
-    with pytest.raises(ValueError, match="--mesh is a setting of --mode=throughput"):
-        driver.run(BenchmarkConfig(mesh="data:2"))
+        configs.planned_meshes(BenchmarkConfig(mesh="data:2;pipeline:2"))
     report = synthetic_report()
     on_four = [
         dict(row("jax", "none", 128, 160.0), label="none b128 [data:4]", mesh="data:4,model:1", devices=4),
@@ -307,4 +305,25 @@ def test_the_h200_flagfile_measures_what_the_targets_need_within_one_call():
         Config(acceptance.ACCEPT_METHOD, acceptance.ACCEPT_KEEP, target),
     ]
     assert settings.torch_baseline and acceptance.TORCH_REFERENCE_BATCH in settings.torch_batch_sizes
+    assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
+
+
+def test_the_two_gpu_scaling_flagfile_gives_each_gpu_the_target_batch():
+    from absl import flags
+
+    from experiments.flag_config import define_flags, from_flags
+
+    flag_values = define_flags(BenchmarkConfig, flags.FlagValues())
+    path = f"{REPO_ROOT}/experiments/flags/benchmark_h200x2_throughput_scaling.flags"
+    flag_values(["benchmark", f"--flagfile={path}"])
+    settings = from_flags(BenchmarkConfig, flag_values)
+    throughput.check_settings(settings)
+    target = acceptance.THROUGHPUT_BATCH
+    assert settings.mode == "throughput" and settings.model == acceptance.TARGET_MODEL
+    assert [(configs.mesh_label(config, mesh)) for config, mesh in configs.planned_runs(settings)] == [
+        f"none b{target} [data:1]",
+        f"none b{2 * target} [data:2]",
+        f"{acceptance.ACCEPT_METHOD}@{acceptance.ACCEPT_KEEP} b{target} [data:1]",
+        f"{acceptance.ACCEPT_METHOD}@{acceptance.ACCEPT_KEEP} b{2 * target} [data:2]",
+    ]
     assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
