@@ -3,7 +3,7 @@
 Why: under XLA each of the `keep` iterations is a few kernel launches plus a loop-condition round
 trip, so 64 iterations cost on the order of a millisecond on a GPU although each does almost no
 work. Here one program per batch row holds the (padded) score vector in registers and runs the whole
-loop: per iteration one argmax (first index on ties), one row read of the precomputed
+loop: per iteration a max-reduction, a first-index tie break, one row read of the precomputed
 suppression matrix (L2-resident) and one multiply. Same semantics as the XLA loop in nms.py: ties go
 to the first index, kept tokens are masked to -inf so none is kept twice, even with all-zero scores.
 
@@ -33,23 +33,19 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def default_num_warps(padded_tokens: int) -> int:
-    """Warps of a row's program: each iteration's reductions and loads are spread over the warps, so
-    long rows get more of them (4 up to 1,024 tokens, 16 from 4,096)."""
-    return int(np.clip(padded_tokens // 256, 4, 16))
-
-
-def _compiler_params(num_warps: int | None, padded_tokens: int, interpret: bool):
-    if interpret:
+def _compiler_params(num_warps: int | None, interpret: bool):
+    """Triton's settings for a row's program: its default (4 warps) unless ``num_warps`` is given."""
+    if interpret or num_warps is None:
         return None
     from jax.experimental.pallas import triton as pallas_triton
 
-    return pallas_triton.CompilerParams(num_warps=num_warps or default_num_warps(padded_tokens))
+    return pallas_triton.CompilerParams(num_warps=num_warps)
 
 
-def _pick(scores):
-    """The highest score's token, the first on ties: one combined (value, index) reduction."""
-    return jnp.argmax(scores).astype(jnp.int32)
+def _pick(scores, token, padded_tokens):
+    """The highest score's token, the first on ties."""
+    best = jnp.max(scores)
+    return jnp.min(jnp.where(scores == best, token, padded_tokens))
 
 
 def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_tokens: int, padded_keep: int):
@@ -58,7 +54,7 @@ def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_toke
 
     def pick_one(step, state):
         scores, order = state
-        chosen = _pick(scores)
+        chosen = _pick(scores, token, padded_tokens)
         row = factors_ref[chosen, :]
         scores = jnp.where((token == chosen) | (scores == -jnp.inf), -jnp.inf, scores * row)
         return scores, jnp.where(slot == step, chosen, order)
@@ -86,7 +82,7 @@ def _window_kernel(
 
     def pick_one(step, state):
         scores, order = state
-        chosen = _pick(scores)
+        chosen = _pick(scores, token, padded_tokens)
         d_row, d_col, chosen_grid = rows - row_ref[chosen], cols - col_ref[chosen], grid_ref[chosen]
         near = (
             (grids == chosen_grid)
@@ -114,7 +110,7 @@ def greedy_order_pallas(
     factors: jax.Array, scores: jax.Array, keep: int, interpret: bool = False, num_warps: int | None = None
 ) -> jax.Array:
     """Selection order (B, keep) int32 for scores (B, N) and suppression factors (B, N, N);
-    ``num_warps`` None = `default_num_warps`."""
+    ``num_warps``: warps of each row's program (None: Triton's default)."""
     batch, num_tokens = scores.shape
     padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
     pad = padded_tokens - num_tokens
@@ -133,7 +129,7 @@ def greedy_order_pallas(
         ],
         out_specs=_row_spec(padded_keep),
         interpret=interpret,
-        compiler_params=_compiler_params(num_warps, padded_tokens, interpret),
+        compiler_params=_compiler_params(num_warps, interpret),
     )(scores, factors)
     return order[:, :keep]
 
@@ -202,6 +198,6 @@ def _window_order(
         + [pl.BlockSpec((None, padded_tokens, padded_offsets), lambda b: (b, 0, 0))],
         out_specs=_row_spec(padded_keep),
         interpret=interpret,
-        compiler_params=_compiler_params(num_warps, padded_tokens, interpret),
+        compiler_params=_compiler_params(num_warps, interpret),
     )(*inputs)
     return order[:, :keep]

@@ -40,7 +40,7 @@ class SelectSpeedConfig:
     loop_warps: tuple[int, ...] = setting(
         (),
         "Also time the Pallas greedy loop alone (factors precomputed), dense and window forms, with each of "
-        "these warp counts per row's program (0 = the kernel's default): where a selection's time goes.",
+        "these warp counts per row's program (0 = Triton's default, what the selection runs with): where a selection's time goes.",
     )
     repeats: int = setting(50, "Timed calls per variant.")
     output: str | None = setting(None, "JSON results file.")
