@@ -89,8 +89,12 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def run_on(report: dict) -> tuple[str, str]:
-    """(model, platform) of a throughput report, for judging its acceptance lines."""
-    platforms = [r["platform"] for r in report["rows"] if r["status"] == "ok" and r.get("platform")]
+    """(model, platform) of a throughput report, for judging its acceptance lines: the platform its
+    measured rows ran on, else the one its failed workers got as far as (a run whose every row failed
+    still ran somewhere)."""
+    rows = report["rows"]
+    platforms = [r["platform"] for r in rows if r["status"] == "ok" and r.get("platform")]
+    platforms += [r["platform"] for r in rows if r.get("platform")]
     return report["meta"]["flags"]["model"], platforms[0] if platforms else "unknown"
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from experiments.benchmark import acceptance, configs, throughput, workers_throughput, workload
 from experiments.benchmark.configs import BenchmarkConfig
+from experiments.benchmark.driver import run_worker
+from experiments.benchmark.jobs import common_spec
 from experiments.benchmark.report import summary, write_outputs
 from models.preprocess import Preprocessor, build_prompt
 from models.presets import llava15_image_processor, llava_config
@@ -106,6 +108,29 @@ def test_settings_the_mode_refuses():
     ):
         with pytest.raises(ValueError, match=message):
             throughput.check_settings(settings)
+
+
+def test_a_refused_method_fails_its_row_and_says_where_it_ran(tmp_path):
+    """CDPruner reads CLIP's joint space, which the mode builds no tower for: a failed row, whose
+    platform still tells the acceptance lines where the run was (not 'unknown')."""
+    spec = dict(
+        common_spec(BenchmarkConfig(model="tiny", compile_cache="")),
+        kind="jax_throughput",
+        mode="measure",
+        method="cdpruner",
+        keep=64,
+        batch=2,
+        answer_tokens=ANSWER_TOKENS,
+        distinct_questions=8,
+        timed_batches=1,
+        min_timed_questions=1,
+    )
+    run_worker(json.dumps(spec), str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and "builds no CLIP text tower" in result["error"]
+    assert result["platform"] == "cpu"
+    report = {"meta": {"flags": {"model": "tiny"}}, "rows": [dict(result, label="cdpruner@64 b2")]}
+    assert throughput.run_on(report) == ("tiny", "cpu")
 
 
 def synthetic_report():
@@ -209,16 +234,16 @@ def test_rows_on_meshes_compare_with_unpruned_on_the_same_mesh(tmp_path):
 
 def _run(tmp_path_factory):
     """tiny, float32: transformers at batches 1 and 2, JAX unpruned and AdaptPrune at batch 2 (both
-    pre-compiled in parallel), and CDPruner, which the mode refuses (a failed row, the run goes on).
-    JAX attends through XLA's fused call, not the CPU's default einsum, so a run that dropped
-    --attention on its way to a worker shows."""
+    pre-compiled in parallel; a refused method's failed row is tested in process, in
+    `test_a_refused_method_fails_its_row_and_says_where_it_ran`). JAX attends through XLA's fused
+    call, not the CPU's default einsum, so a run that dropped --attention on its way to a worker shows."""
     output_dir = tmp_path_factory.mktemp("throughput_run")
     process = run_benchmark(
         "--mode=throughput",
         "--model=tiny",
         "--dtype=float32",
         "--attention=xla",
-        "--configs=none:2,adaptprune:64:2,cdpruner:64:2",
+        "--configs=none:2,adaptprune:64:2",
         "--torch_baseline",
         "--torch_batch_sizes=1,2",
         f"--answer_tokens={ANSWER_TOKENS}",
@@ -246,13 +271,7 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_configuration_answers_every_question_asked_with_the_set_token_count(run):
     rows = {r["label"]: r for r in run["report"]["rows"]}
-    assert list(rows) == [
-        "transformers b1",
-        "transformers b2",
-        "none b2",
-        "adaptprune@64 b2",
-        "cdpruner@64 b2",
-    ]
+    assert list(rows) == ["transformers b1", "transformers b2", "none b2", "adaptprune@64 b2"]
     for label in ("transformers b1", "transformers b2", "none b2", "adaptprune@64 b2"):
         r = rows[label]
         assert r["status"] == "ok", r
@@ -268,8 +287,6 @@ def test_every_configuration_answers_every_question_asked_with_the_set_token_cou
         assert r["attention"] == r["precompile"]["attention"] == "xla"
         assert r["prompt_tokens"]["min"] > r["image_tokens"] == 576 and r["speedup_vs_unpruned"] > 0
     assert rows["adaptprune@64 b2"]["keep"] == 64 and rows["adaptprune@64 b2"]["layer"] == 2
-    refused = rows["cdpruner@64 b2"]
-    assert refused["status"] == "failed" and "builds no CLIP text tower" in refused["error"]
 
 
 @pytest.mark.slow
@@ -282,7 +299,7 @@ def test_the_report_records_the_work_and_leaves_the_targets_unjudged_on_a_cpu(ru
     assert "USER: <image>\nIs there a " in report["workload"]["example_prompt"]
     assert [check["pass"] for check in report["acceptance"]] == [None, None]
     assert "| JAX | adaptprune@64 | 2 |" in markdown and "| transformers | none | 1 |" in markdown
-    assert "## Failed or skipped" in markdown and run["plot"] == b"\x89PNG".hex()
+    assert "## Failed or skipped" not in markdown and run["plot"] == b"\x89PNG".hex()
     assert "Attention (vision tower and LLM prefill): xla (--attention=xla)" in markdown
     assert "acceptance: 0 pass, 0 fail, 2 not measured here" in run["stdout"]
 
