@@ -442,16 +442,12 @@ class LlavaRunner:
         pixel_values = np.asarray(pixel_values, np.float32)
         if pixel_values.shape[0] != len(token_ids):
             raise ValueError(f"{len(token_ids)} prompts but {pixel_values.shape[0]} images")
-        packed = self._pack(pixel_values, image_sizes)
-        input_ids, lengths = pad_prompts(
-            token_ids,
-            pad_token_id=pad_token_id,
-            image_token_index=self.config.image_token_index,
-            num_image_tokens=self.config.num_image_tokens if packed is None else packed.counts,
-            length_bucket=self.length_bucket,
-            max_total_length=self.config.text.max_position_embeddings,
-            max_new_tokens=max_new_tokens,
-            image_slots=None if packed is None else packed.layout.num_tokens,
+        if self.config.anyres and pixel_values.ndim != 5:
+            raise ValueError(
+                f"a LLaVA-NeXT batch needs crops (B, C, 3, H, W), got pixel_values {pixel_values.shape}"
+            )
+        input_ids, lengths, packed = self.pad_batch(
+            token_ids, image_sizes, pad_token_id=pad_token_id, max_new_tokens=max_new_tokens
         )
         anyres = {}
         if packed is not None:
@@ -472,19 +468,42 @@ class LlavaRunner:
         query_ids, query_mask = np.pad(query_ids, padding), np.pad(query_mask, padding)
         return PromptBatch(input_ids, lengths, pixel_values, query_ids, query_mask, **anyres)
 
-    def _pack(self, pixel_values: np.ndarray, image_sizes) -> anyres_lib.PackedImages | None:
-        """LLaVA-NeXT's packing of a batch (None for LLaVA-1.5): the crops padded to the most any image
-        takes (one vision program per model), the image slots to the image-token bucket."""
+    def pad_batch(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        image_sizes: Sequence[Sequence[int]] | None = None,
+        *,
+        pad_token_id: int,
+        max_new_tokens: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, anyres_lib.PackedImages | None]:
+        """`make_batch`'s padded prompts, lengths and LLaVA-NeXT packing (None for LLaVA-1.5), without
+        the pixels: they decide which prefill program a batch runs, so a caller can tell the programs
+        a workload needs before it has the pixels (the benchmark warms and compiles each one)."""
+        packed = self._pack(len(token_ids), image_sizes)
+        input_ids, lengths = pad_prompts(
+            token_ids,
+            pad_token_id=pad_token_id,
+            image_token_index=self.config.image_token_index,
+            num_image_tokens=self.config.num_image_tokens if packed is None else packed.counts,
+            length_bucket=self.length_bucket,
+            max_total_length=self.config.text.max_position_embeddings,
+            max_new_tokens=max_new_tokens,
+            image_slots=None if packed is None else packed.layout.num_tokens,
+        )
+        return input_ids, lengths, packed
+
+    def _pack(self, rows: int, image_sizes) -> anyres_lib.PackedImages | None:
+        """LLaVA-NeXT's packing of a batch of ``rows`` (None for LLaVA-1.5): the crops padded to the
+        most any image takes (one vision program per model), the image slots to the image-token bucket."""
         if not self.config.anyres:
             if image_sizes is not None:
                 raise ValueError(
                     "image_sizes are for LLaVA-NeXT (anyres) models; this one takes one crop per image"
                 )
             return None
-        if image_sizes is None or len(image_sizes) != pixel_values.shape[0] or pixel_values.ndim != 5:
+        if image_sizes is None or len(image_sizes) != rows:
             raise ValueError(
-                "a LLaVA-NeXT batch needs crops (B, C, 3, H, W) and one (height, width) image size per row, "
-                f"got pixel_values {pixel_values.shape} and "
+                f"a LLaVA-NeXT batch needs one (height, width) image size per row: {rows} rows, "
                 f"{'no' if image_sizes is None else len(image_sizes)} image sizes"
             )
         counts = [anyres_lib.image_token_count(size, self.config) for size in image_sizes]

@@ -58,8 +58,19 @@ def run_worker(spec_json: str, result_path: str) -> None:
         }
         if spec.get("mode") == "probe":
             result["fits"] = False
+        result.update(_platform())
     with open(result_path, "w") as f:
         json.dump(result, f)
+
+
+def _platform() -> dict:
+    """{'platform': ...} of a failed worker that had imported JAX, so a report whose every row failed
+    still says where it ran; {} otherwise."""
+    jax = sys.modules.get("jax")
+    try:
+        return {} if jax is None else {"platform": jax.default_backend()}
+    except Exception:  # noqa: BLE001 - the platform is a note on a failure, never a second one
+        return {}
 
 
 def _meta(settings: BenchmarkConfig) -> dict:

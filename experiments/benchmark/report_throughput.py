@@ -22,6 +22,61 @@ def _method(row) -> str:
     return row["method"] + (f"@{row['keep']}" if row["method"] != "none" else "")
 
 
+def _image_tokens(row) -> str:
+    """'2667 / 2928': the mean and the most image tokens per question the row answered."""
+    tokens = row.get("image_tokens")
+    return f"{tokens['mean']:g} / {tokens['max']}" if isinstance(tokens, dict) else "-"
+
+
+def _what_is_timed(work: dict) -> str:
+    """The answer path of each framework, in the model's kind (LLaVA-1.5 or LLaVA-NeXT)."""
+    if work.get("anyres"):
+        images = (
+            "LLaVA-NeXT's anyres preprocessing through transformers' image processor (each image at its "
+            "own aspect ratio: the base crop and the high-resolution crops of its best pinpoint, so the "
+            "rows of a batch carry different image-token counts, padded to the batch's most)"
+        )
+        processor, model = "LlavaNextProcessor", "LlavaNextForConditionalGeneration"
+    else:
+        images = "LLaVA-1.5's pad-to-square image preprocessing through transformers' image processor"
+        processor, model = "LlavaProcessor", "LlavaForConditionalGeneration"
+    return (
+        "What is timed: the answer path of an evaluation, per batch, after a warm-up batch (JAX: the "
+        "batch that compiles, and one more per further prefill program: prompt-length bucket, and on "
+        f"LLaVA-NeXT image-slot count): JAX `LlavaEngine.answer` (tokenize, {images}, the jitted "
+        f"prefill with the method and decode loop, decode to text); transformers `{processor}` (same "
+        f"image processor and tokenizer, left padding) + `{model}.generate` (sdpa, greedy) + "
+        f"`batch_decode`. Every answer is exactly {work['answer_tokens']} tokens (JAX without a stop at "
+        "EOS, transformers with min_new_tokens = max_new_tokens): random weights emit EOS by chance, so "
+        "a fixed count stands in for a short answer and its EOS."
+    )
+
+
+def _work_line(work: dict, prompt: dict | None) -> str:
+    """The questions, images, image tokens and prompt tokens every row answered."""
+    image_tokens = work.get("image_tokens") or {}
+    if work.get("anyres"):
+        per_image = ", ".join(f"{size}: {count}" for size, count in image_tokens.items())
+        images = f"image tokens by image size (LLaVA-NeXT, newlines included): {per_image}"
+    else:
+        images = f"{next(iter(image_tokens.values()), '?')} image tokens per image"
+    if work.get("preset", True):
+        tokenizer = (
+            "a word-level tokenizer over the prompts' words (no LLaMA tokenizer can be fetched; LLaMA's "
+            "splits the same prompt into somewhat more tokens)"
+        )
+    else:
+        tokenizer = "the checkpoint's tokenizer and image processor"
+    return (
+        f"Work: {work['distinct_questions']} POPE-form questions, {work['questions_per_image']} per image, "
+        f"cycled through the batches; {work['images']} images ({work['image_source']}; "
+        f"{', '.join(work['image_sizes'])}), held decoded in memory (the eval harness decodes image "
+        f"files in a background thread while the model runs); {images}. Prompt tokens"
+        + (f" {prompt['min']}-{prompt['max']} (mean {prompt['mean']})" if prompt else "")
+        + f", image tokens included, with {tokenizer}. Example:"
+    )
+
+
 def throughput_markdown(report: dict) -> str:
     """results.md of a throughput run."""
     meta, work = report["meta"], report["workload"]
@@ -30,31 +85,18 @@ def throughput_markdown(report: dict) -> str:
     flags = meta["flags"]
     jax_rows = [r for r in ok if r["framework"] == "jax"]
     prompt = jax_rows[0]["prompt_tokens"] if jax_rows else None
+    weights = "Random weights" if work.get("random_weights", True) else "The checkpoint's weights"
     lines = [
         f"# Throughput: {flags['model']} on {device or '?'} ({meta['date']})",
         "",
         f"`{meta['command']}`",
         "",
-        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. Random weights, "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. {weights}, "
         f"{flags['dtype']}; each configuration in its own process.",
         "",
-        "What is timed: the answer path of an evaluation, per batch, after a warm-up batch (JAX: the "
-        "batch that compiles, and one more per further prompt-length bucket): JAX `LlavaEngine.answer` "
-        "(tokenize, LLaVA-1.5's pad-to-square image preprocessing through transformers' image "
-        "processor, the jitted prefill with the method and decode loop, decode to text); transformers "
-        "`LlavaProcessor` (same image processor and tokenizer, left padding) + "
-        "`LlavaForConditionalGeneration.generate` (sdpa, greedy) + `batch_decode`. "
-        f"Every answer is exactly {work['answer_tokens']} tokens (JAX without a stop at EOS, "
-        "transformers with min_new_tokens = max_new_tokens): random weights emit EOS by chance, so a "
-        "fixed count stands in for a short answer and its EOS.",
+        _what_is_timed(work),
         "",
-        f"Work: {work['distinct_questions']} POPE-form questions, {work['questions_per_image']} per image, "
-        f"cycled through the batches; {work['images']} images ({work['image_source']}; "
-        f"{', '.join(work['image_sizes'])}), held decoded in memory (the eval harness decodes image "
-        "files in a background thread while the model runs). Prompt tokens"
-        + (f" {prompt['min']}-{prompt['max']} (mean {prompt['mean']})" if prompt else "")
-        + ", image tokens included, with a word-level tokenizer over the prompts' words (no LLaMA "
-        "tokenizer can be fetched; LLaMA's splits the same prompt into somewhat more tokens). Example:",
+        _work_line(work, prompt),
         "",
         "```",
         work["example_prompt"],
@@ -63,7 +105,8 @@ def throughput_markdown(report: dict) -> str:
         f"questions/s = timed questions / timed seconds; speedups compare questions/s with transformers "
         f"at batch {TORCH_REFERENCE_BATCH} and with unpruned JAX at the same batch. Stages: mean ms per "
         "question in preprocessing (tokenize, images, padding), generation (host-to-device copies "
-        "included), decoding to text, and the rest.",
+        "included), decoding to text, and the rest. Image tokens: per timed question, as each framework "
+        "put them in its prompts (a pruned row's LLM keeps its keep of them).",
         "",
         *_overlap_note(jax_rows),
         *attention_note(jax_rows, meta),
@@ -71,9 +114,9 @@ def throughput_markdown(report: dict) -> str:
         f"| framework | method | batch | devices | questions/s | questions/s per device | ms/question | "
         f"vs transformers b{TORCH_REFERENCE_BATCH} "
         "| vs JAX unpruned, same batch and devices | preprocess / generate / detokenize / other ms per "
-        "question | median-batch questions/s | timed questions | answer tokens x answers | first batch s | "
-        "peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "question | median-batch questions/s | timed questions | image tokens per question, mean / max | "
+        "answer tokens x answers | first batch s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in ok:
         devices = r.get("devices", 1)
@@ -84,13 +127,13 @@ def throughput_markdown(report: dict) -> str:
             f"{r['questions_per_s']:.2f} | {r['questions_per_s'] / devices:.2f} | {r['ms_per_question']:.2f} | "
             f"{_fmt(r.get('speedup_vs_transformers'), '.2f', 'x')} | "
             f"{_fmt(r.get('speedup_vs_unpruned'), '.2f', 'x')} | {_stages(r)} | "
-            f"{r['questions_per_s_median_batch']:.2f} | {r['timed_questions']} | {_counts(r)} | "
-            f"{_fmt(r.get('first_batch_s'), '.1f')} | "
+            f"{r['questions_per_s_median_batch']:.2f} | {r['timed_questions']} | {_image_tokens(r)} | "
+            f"{_counts(r)} | {_fmt(r.get('first_batch_s'), '.1f')} | "
             f"{_fmt(None if r.get('peak_bytes') is None else r['peak_bytes'] / GIB)} |"
         )
     examples = next((r["example_answers"] for r in ok if r.get("example_answers")), None)
     if examples:
-        lines += ["", f"Example answers (random weights): {examples}"]
+        lines += ["", f"Example answers ({weights.lower()}): {examples}"]
     return "\n".join(lines + closing_sections(report)) + "\n"
 
 
@@ -134,7 +177,7 @@ def throughput_summary(report: dict) -> str:
     """The short table printed at the end of a throughput run, with the acceptance lines."""
     lines = [
         f"{'config':<24}{'q/s':>9}{'ms/q':>9}{'vs PT b1':>10}{'vs none':>9}"
-        f"{'prep ms/q':>11}{'gen ms/q':>10}{'detok ms/q':>11}"
+        f"{'prep ms/q':>11}{'gen ms/q':>10}{'detok ms/q':>11}{'img tok mean/max':>18}"
     ]
     for r in report["rows"]:
         if r["status"] != "ok":
@@ -146,6 +189,7 @@ def throughput_summary(report: dict) -> str:
             f"{_fmt(r.get('speedup_vs_transformers'), '.2f', 'x'):>10}"
             f"{_fmt(r.get('speedup_vs_unpruned'), '.2f', 'x'):>9}"
             f"{stages['preprocess']:>11.2f}{stages['generate']:>10.2f}{stages['detokenize']:>11.3f}"
+            f"{_image_tokens(r):>18}"
         )
     return "\n".join(lines + acceptance_lines(report["acceptance"]))
 

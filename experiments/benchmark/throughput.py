@@ -11,15 +11,20 @@ POPE-shaped work (`workload`: questions about COCO-sized images, answers of exac
 tokens) in the workers of `workers_throughput`:
 - JAX: LlavaEngine.answer per batch, each configuration (method, keep, batch) in its own process,
   after a pre-compile phase fills the compilation cache (--compile_workers) and a warm-up batch;
-- transformers: LlavaProcessor + LlavaForConditionalGeneration.generate + batch_decode, unpruned,
-  at --torch_batch_sizes (batch 1 is how lmms-eval and the released PyTorch codes answer).
-Each row reports questions per second over its timed batches, ms per question and the stages'
-share; the report adds the speedups over transformers at batch 1 and over unpruned JAX at the same
-batch, and the acceptance lines (`acceptance.throughput_acceptance`).
+- transformers: LlavaProcessor + LlavaForConditionalGeneration.generate + batch_decode (LLaVA-NeXT:
+  LlavaNextProcessor + LlavaNextForConditionalGeneration), unpruned, at --torch_batch_sizes (batch 1
+  is how lmms-eval and the released PyTorch codes answer).
+--model is a preset (random weights, a word-level tokenizer) or a llava-hf checkpoint directory (its
+tokenizer and image processor; its weights, or random ones with --random_weights), LLaVA-1.5 or
+LLaVA-NeXT; on LLaVA-NeXT each photo keeps its aspect ratio and its own image-token count.
+Each row reports questions per second over its timed batches, ms per question, the stages' share and
+the image tokens per question; the report adds the speedups over transformers at batch 1 and over
+unpruned JAX at the same batch, and the acceptance lines (`acceptance.throughput_acceptance`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from experiments.benchmark.acceptance import TORCH_REFERENCE_BATCH, throughput_acceptance
@@ -39,10 +44,10 @@ def check_settings(settings: BenchmarkConfig) -> None:
     """Refuse, before any job, what the throughput mode cannot run."""
     from models.presets import PRESET_NAMES
 
-    if settings.model not in PRESET_NAMES:
+    if settings.model not in PRESET_NAMES and not os.path.isfile(os.path.join(settings.model, "config.json")):
         raise ValueError(
-            f"--mode=throughput runs a preset with random weights ({', '.join(PRESET_NAMES)}); "
-            f"got --model={settings.model}"
+            f"--mode=throughput runs a preset with random weights ({', '.join(PRESET_NAMES)}) or a llava-hf "
+            f"checkpoint directory; got --model={settings.model}"
         )
     for name in ("answer_tokens", "distinct_questions", "timed_batches"):
         if getattr(settings, name) < 1:
@@ -54,19 +59,34 @@ def check_settings(settings: BenchmarkConfig) -> None:
 
 
 def workload_description(settings: BenchmarkConfig) -> dict:
-    """What every worker of the run answers (the workers build the same from the same settings)."""
+    """What every worker of the run answers (the workers build the same from the same settings), and
+    the image tokens each image puts in the model's prompt (LLaVA-NeXT: its own, by aspect ratio)."""
+    from experiments.benchmark.workers import llava_hf_config
     from experiments.benchmark.workload import QUESTIONS_PER_IMAGE, build_workload
+    from models import anyres
+    from models.config import from_hf_config
     from models.preprocess import build_prompt
+    from models.presets import PRESET_NAMES
 
+    hf_config = llava_hf_config(settings.model)
+    cfg = from_hf_config(hf_config)
     workload = build_workload(settings.distinct_questions, settings.seed)
+    sizes = {f"{image.width}x{image.height}": (image.height, image.width) for image in workload.images}
     return {
         "distinct_questions": len(workload.questions),
         "questions_per_image": QUESTIONS_PER_IMAGE,
         "images": len(workload.images),
-        "image_sizes": sorted({f"{image.width}x{image.height}" for image in workload.images}),
+        "image_sizes": sorted(sizes),
         "image_source": workload.image_source,
+        "preset": settings.model in PRESET_NAMES,  # else a checkpoint: its tokenizer and processor
+        "random_weights": settings.model in PRESET_NAMES or settings.random_weights,
+        "anyres": cfg.anyres,
+        "image_tokens": {
+            name: anyres.image_token_count(size, cfg) if cfg.anyres else cfg.num_image_tokens
+            for name, size in sorted(sizes.items())
+        },
         "answer_tokens": settings.answer_tokens,
-        "example_prompt": build_prompt(workload.questions[0].prompt),
+        "example_prompt": build_prompt(workload.questions[0].prompt, hf_config.text_config.model_type),
     }
 
 
@@ -89,8 +109,12 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def run_on(report: dict) -> tuple[str, str]:
-    """(model, platform) of a throughput report, for judging its acceptance lines."""
-    platforms = [r["platform"] for r in report["rows"] if r["status"] == "ok" and r.get("platform")]
+    """(model, platform) of a throughput report, for judging its acceptance lines: the platform its
+    measured rows ran on, else the one its failed workers got as far as (a run whose every row failed
+    still ran somewhere)."""
+    rows = report["rows"]
+    platforms = [r["platform"] for r in rows if r["status"] == "ok" and r.get("platform")]
+    platforms += [r["platform"] for r in rows if r.get("platform")]
     return report["meta"]["flags"]["model"], platforms[0] if platforms else "unknown"
 
 
@@ -103,6 +127,7 @@ def run_throughput(settings: BenchmarkConfig, meta: dict) -> None:
     runner = Runner(settings)
     common = dict(
         common_spec(settings),
+        random_weights=settings.random_weights,
         answer_tokens=settings.answer_tokens,
         distinct_questions=settings.distinct_questions,
         timed_batches=settings.timed_batches,

@@ -1,18 +1,24 @@
 """The throughput workers: questions per second of the answer path an evaluation runs, timed over
 warm batches of the run's workload (`experiments.benchmark.workload`).
 
-- JAX: `models.engine.LlavaEngine.answer`, what the eval harness calls per batch (tokenize, LLaVA-1.5
-  image preprocessing through transformers' image processor, pad to the length bucket, one jitted
-  prefill with the method and one decode loop, decode to text). The stages are timed by wrapping
-  the engine's preprocessor and runner methods on the instance; the path itself is unchanged.
-- PyTorch: transformers' LlavaProcessor (the same image processor and tokenizer, prompts left-padded)
-  and LlavaForConditionalGeneration.generate (sdpa, greedy), then batch_decode: how lmms-eval and the
-  released PyTorch codes answer, one question at a time or batched.
+- JAX: `models.engine.LlavaEngine.answer`, what the eval harness calls per batch (tokenize, image
+  preprocessing through transformers' image processor, pad to the length bucket, one jitted prefill
+  with the method and one decode loop, decode to text). The stages are timed by wrapping the
+  engine's preprocessor and runner methods on the instance; the path itself is unchanged.
+- PyTorch: transformers' LlavaProcessor or LlavaNextProcessor (the same image processor and
+  tokenizer, prompts left-padded) and LlavaForConditionalGeneration / LlavaNextForConditionalGeneration
+  .generate (sdpa, greedy), then batch_decode: how lmms-eval and the released PyTorch codes answer,
+  one question at a time or batched.
+
+LLaVA-1.5 gives every image the same image tokens; LLaVA-NeXT keeps each photo's aspect ratio, so
+each question's prompt holds its own image's count and a batch pads its rows to the most of them (the
+engine's image slots). A budget (keep) is the image tokens the LLM keeps of each row.
 
 Both generate exactly `answer_tokens` new tokens per question (JAX: no stop at EOS; PyTorch:
 min_new_tokens = max_new_tokens): random weights emit EOS by chance, not after a short answer.
-The first batch compiles (JAX) or warms the kernels (PyTorch) and is timed apart; in JAX every
-other prompt-length bucket the timed batches reach is warmed too, so no timed batch compiles.
+The first batch compiles (JAX) or warms the kernels (PyTorch) and is timed apart; in JAX the first
+timed batch of every other prefill program (prompt-length bucket; LLaVA-NeXT: image slots, and
+whether every slot is filled) is warmed too, so no timed batch compiles.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import statistics
 import time
 from typing import Any, NamedTuple
 
-from experiments.benchmark.workers import configure_jax, memory_stats
+import numpy as np
+
+from experiments.benchmark.workers import configure_jax, llava_hf_config, memory_stats
 from experiments.benchmark.workload import (
     Workload,
     batch_indices,
@@ -80,28 +88,52 @@ def rate_summary(batch: int, batch_seconds: list[float], stage_seconds: list[dic
 
 
 class JobWork(NamedTuple):
-    """What one job answers: the run's workload and tokenizer, warm-up batch 0, timed batches 1..T."""
+    """What one job answers: the model's config, the run's workload, the tokenizer and image processor
+    both frameworks use, warm-up batch 0, timed batches 1..T."""
 
     hf_config: Any
     workload: Workload
     tokenizer: Any
+    image_processor: Any
     warmup: list[int]
     timed: list[list[int]]
 
 
-def _work(spec) -> JobWork:
-    """The job's work, from the settings every worker of the run shares."""
-    from models.preprocess import build_prompt
-    from models.presets import llava_config
+def job_work(spec) -> JobWork:
+    """The job's work, from the settings every worker of the run shares. A preset gets a word-level
+    tokenizer over the prompts and the image processor llava-hf saves for its kind (LLaVA-1.5's pad
+    to square, LLaVA-NeXT's anyres crops); a checkpoint directory its own, as the eval harness loads
+    them."""
+    from models import presets
+    from models.preprocess import Preprocessor, build_prompt
 
-    hf_config = llava_config(spec["model"])
+    hf_config = llava_hf_config(spec["model"])
     workload = build_workload(spec["distinct_questions"], spec["seed"])
-    texts = [build_prompt("")] + [question.prompt for question in workload.questions]
-    tokenizer = word_tokenizer(hf_config, texts)
+    if spec["model"] in presets.PRESET_NAMES:
+        template = build_prompt("", hf_config.text_config.model_type)
+        tokenizer = word_tokenizer(
+            hf_config, [template] + [question.prompt for question in workload.questions]
+        )
+        anyres = hf_config.model_type == "llava_next"
+        image_processor = (presets.anyres_image_processor if anyres else presets.llava15_image_processor)(
+            hf_config
+        )
+    else:
+        saved = Preprocessor.from_checkpoint(spec["model"], hf_config)
+        tokenizer, image_processor = saved.tokenizer, saved.image_processor
     count = timed_batch_count(spec["batch"], spec["timed_batches"], spec["min_timed_questions"])
     pool = len(workload.questions)
     timed = [batch_indices(pool, spec["batch"], number) for number in range(1, count + 1)]
-    return JobWork(hf_config, workload, tokenizer, batch_indices(pool, spec["batch"], 0), timed)
+    return JobWork(
+        hf_config, workload, tokenizer, image_processor, batch_indices(pool, spec["batch"], 0), timed
+    )
+
+
+def _random_weights(spec) -> bool:
+    """Whether the job's model gets random weights: a preset always, a checkpoint with --random_weights."""
+    from models.presets import PRESET_NAMES
+
+    return spec["model"] in PRESET_NAMES or bool(spec.get("random_weights"))
 
 
 def jax_throughput_worker(spec: dict) -> dict:
@@ -113,17 +145,18 @@ def jax_throughput_worker(spec: dict) -> dict:
     from flax import nnx
 
     import adaptprune_jax as prune
-    from models import sharding
+    from models import anyres, sharding
+    from models.checkpoint import load_checkpoint
     from models.config import from_hf_config, with_attention
     from models.engine import LlavaEngine
-    from models.generate import LlavaRunner, SamplingConfig, bucket_length
+    from models.generate import LlavaRunner, SamplingConfig
     from models.llava import LlavaForConditionalGeneration
     from models.preprocess import Preprocessor
-    from models.presets import llava15_image_processor, random_model, random_state
+    from models.presets import random_model, random_state
 
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    hf_config, workload, tokenizer, warmup, timed = _work(spec)
-    preprocessor = Preprocessor(hf_config, tokenizer, llava15_image_processor(hf_config))
+    hf_config, workload, tokenizer, image_processor, warmup, timed = job_work(spec)
+    preprocessor = Preprocessor(hf_config, tokenizer, image_processor)
     prune.methods.import_plugins(spec.get("method_modules", ()))
     pruning = None
     if spec["method"] != "none":
@@ -133,44 +166,73 @@ def jax_throughput_worker(spec: dict) -> dict:
                 f"{spec['method']} reads CLIP's joint space; the throughput mode builds no CLIP text tower"
             )
     batch, new_tokens, dtype = spec["batch"], spec["answer_tokens"], spec["dtype"]
-    prompt_lengths = [len(preprocessor.encode(question.prompt)) for question in workload.questions]
     # The pre-compiled programs and the measured ones must be the same programs (one cache entry):
     # both resolve the attention implementation the same way.
     cfg = with_attention(from_hf_config(hf_config), spec["attention"], jnp.dtype(dtype))
     runner = LlavaRunner(
         nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
     )
+    # LLaVA-NeXT: each question's prompt holds its own image's token count (the image keeps its aspect).
+    image_sizes = preprocessor.image_sizes([workload.image_of(i) for i in range(len(workload.questions))])
+    sizes = image_sizes if cfg.anyres else [None] * len(image_sizes)
+    prompts = [preprocessor.encode(q.prompt, size) for q, size in zip(workload.questions, sizes)]
+    image_tokens = [preprocessor.image_token_count(size) for size in sizes]
 
-    def width(indices):  # the padded prompt length the engine's batch of these questions gets
-        return bucket_length(max(prompt_lengths[i] for i in indices), runner.length_bucket)
+    def padded(indices):  # the engine's padded prompts and image packing of these questions, no pixels
+        return runner.pad_batch(
+            [prompts[i] for i in indices],
+            [image_sizes[i] for i in indices] if cfg.anyres else None,
+            pad_token_id=preprocessor.pad_token_id,
+            max_new_tokens=new_tokens,
+        )
 
-    warm = warmup_batches(warmup, timed, width)
+    def program(indices):  # what picks the prefill program: the width and (NeXT) the image slots
+        input_ids, _, packed = padded(indices)
+        return input_ids.shape[1], None if packed is None else (packed.layout.num_tokens, packed.layout.dense)
+
+    warm = warmup_batches(warmup, timed, program)
+    programs = [program(indices) for indices in warm]
+    asked = [i for indices in timed for i in indices]
     out = {
         "status": "ok",
         "keep": runner.resolve_keep(pruning),
         "layer": None if pruning is None else pruning.layer,
-        "image_tokens": cfg.num_image_tokens,
+        "anyres": cfg.anyres,
+        "image_tokens": _min_mean_max([image_tokens[i] for i in asked]),  # per timed question
         "attention": cfg.text.attention,  # as resolved: the vision tower's and the LLM prefill's
-        "prompt_tokens": _min_mean_max(prompt_lengths),
-        "padded_lengths": sorted({width(indices) for indices in [warmup] + timed}),
+        "prompt_tokens": _min_mean_max([len(prompt) for prompt in prompts]),
+        "padded_lengths": sorted({width for width, _ in programs}),
     }
+    if cfg.anyres:  # the image span each batch is padded to (its most image tokens, bucketed)
+        out["image_slots"] = sorted({slots for _, (slots, _) in programs})
     if spec["mode"] == "compile":  # the engine's two programs from abstract shapes, into the cache
         sds, key = jax.ShapeDtypeStruct, jax.eval_shape(lambda: jax.random.key(0))
+
+        def abstract(tree):
+            return jax.tree.map(lambda x: sds(np.shape(x), np.asarray(x).dtype), tree)
+
         sampling = SamplingConfig(
             max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=preprocessor.pad_token_id
         )
         start = time.perf_counter()
-        random_state(runner.state, spec["seed"], compile_only=True)
+        if _random_weights(spec):
+            random_state(runner.state, spec["seed"], compile_only=True)
         size = cfg.vision.image_size
-        for padded in out["padded_lengths"]:
+        crops = (anyres.max_crops(cfg),) if cfg.anyres else ()
+        for indices in warm:  # one batch of each program the measuring process runs
+            input_ids, lengths, packed = padded(indices)
+            images = (None, None) if packed is None else (abstract(packed.index), abstract(packed.layout))
+            if packed is not None:
+                runner.resolve_keep(pruning, packed.layout)
             lowered = runner.prefill_program.lower(
                 runner.weights,
-                sds((batch, padded), jnp.int32),
-                sds((batch,), jnp.int32),
-                sds((batch, 3, size, size), jnp.float32),
+                abstract(input_ids),
+                abstract(lengths),
+                sds((batch, *crops, 3, size, size), jnp.float32),
                 key,
                 None,
                 None,
+                *images,
                 extra_slots=new_tokens,
                 pruning=pruning,
                 all_logits=False,
@@ -185,7 +247,10 @@ def jax_throughput_worker(spec: dict) -> dict:
 
     start = time.perf_counter()
     mesh = sharding.make_mesh(spec["mesh"]) if spec.get("mesh") else None
-    model = random_model(hf_config, dtype=dtype, seed=spec["seed"], attention=spec["attention"])
+    if _random_weights(spec):
+        model = random_model(hf_config, dtype=dtype, seed=spec["seed"], attention=spec["attention"])
+    else:
+        model = load_checkpoint(spec["model"], dtype, attention=spec["attention"])[1]
     runner = LlavaRunner(model, mesh=mesh)
     del model  # (on a model axis the runner holds its own, re-laid-out copy)
     jax.block_until_ready(runner.weights)
@@ -201,9 +266,9 @@ def jax_throughput_worker(spec: dict) -> dict:
     preprocessor.decode = clock.wrap("detokenize", preprocessor.decode)
 
     def request(indices):
-        images, prompts = workload.batch(indices)
+        images, questions = workload.batch(indices)
         return dict(
-            images=images, questions=prompts, pruning=pruning, max_new_tokens=new_tokens, stop_at_eos=False
+            images=images, questions=questions, pruning=pruning, max_new_tokens=new_tokens, stop_at_eos=False
         )
 
     def answer(indices):
@@ -228,27 +293,30 @@ def jax_throughput_worker(spec: dict) -> dict:
     return dict(out, **_answer_lengths(outputs), **_device_jax())
 
 
-def warmup_batches(warmup: list[int], timed: list[list[int]], width) -> list[list[int]]:
-    """The warm-up batch, then the first timed batch of each other padded prompt length
-    (``width(indices)``): the engine compiles once per length bucket, and no timed batch may."""
-    warm, seen = [warmup], {width(warmup)}
+def warmup_batches(warmup: list[int], timed: list[list[int]], program) -> list[list[int]]:
+    """The warm-up batch, then the first timed batch of each other prefill program
+    (``program(indices)``: its padded prompt length, and on LLaVA-NeXT its image slots): the engine
+    compiles once per program, and no timed batch may."""
+    warm, seen = [warmup], {program(warmup)}
     for indices in timed:
-        if width(indices) not in seen:
-            seen.add(width(indices))
+        if program(indices) not in seen:
+            seen.add(program(indices))
             warm.append(indices)
     return warm
 
 
-def llava_processor(hf_config, tokenizer):
-    """transformers' LlavaProcessor over LLaVA-1.5's pad-to-square image processor and ``tokenizer``,
-    padding on the left as batched generation needs (the new tokens follow every prompt's end)."""
-    from transformers import LlavaProcessor
-
-    from models.presets import llava15_image_processor
+def llava_processor(hf_config, tokenizer, image_processor):
+    """transformers' processor of the model's kind (LlavaProcessor, LlavaNextProcessor) over the job's
+    ``image_processor`` and ``tokenizer``, counting image tokens as llava-hf's does and padding on the
+    left as batched generation needs (the new tokens follow every prompt's end)."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
     tokenizer.padding_side = "left"
-    return LlavaProcessor(
-        image_processor=llava15_image_processor(hf_config),
+    if tokenizer.pad_token is None:  # a checkpoint's tokenizer without one pads with EOS (masked anyway)
+        tokenizer.pad_token = tokenizer.eos_token
+    processor_class = LlavaNextProcessor if hf_config.model_type == "llava_next" else LlavaProcessor
+    return processor_class(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=hf_config.vision_config.patch_size,
         vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
@@ -315,30 +383,39 @@ def _device_jax() -> dict:
 
 
 def torch_throughput_worker(spec: dict) -> dict:
-    """transformers' LLaVA (sdpa, random weights built on the device) answering the same batches."""
+    """transformers' LLaVA or LLaVA-NeXT (sdpa; random weights built on the device, or the checkpoint's)
+    answering the same batches."""
     import torch
     import transformers
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from models.preprocess import build_prompt
 
     transformers.logging.set_verbosity_error()
-    hf_config, workload, tokenizer, warmup, timed = _work(spec)
-    processor = llava_processor(hf_config, tokenizer)
+    hf_config, workload, tokenizer, image_processor, warmup, timed = job_work(spec)
+    processor = llava_processor(hf_config, tokenizer, image_processor)
+    template = hf_config.text_config.model_type
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(1)  # CPU runs are tests on shared cores: spinning thread pools stall there
     dtype = getattr(torch, spec["dtype"])
+    model_class = (
+        LlavaNextForConditionalGeneration
+        if hf_config.model_type == "llava_next"
+        else LlavaForConditionalGeneration
+    )
     start = time.perf_counter()
     torch.manual_seed(spec["seed"])
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(
-            hf_config, dtype=dtype, attn_implementation="sdpa"
-        ).eval()
+    if _random_weights(spec):
+        with torch.device(device):
+            model = model_class._from_config(hf_config, dtype=dtype, attn_implementation="sdpa").eval()
+    else:
+        model = model_class.from_pretrained(spec["model"], dtype=dtype, attn_implementation="sdpa")
+        model = model.to(device).eval()
     out = {"status": "ok", "keep": 0, "weights_s": round(time.perf_counter() - start, 3)}
     new_tokens, clock = spec["answer_tokens"], StageClock()
-    answer_lengths, padded_lengths = collections.Counter(), []  # of the timed batches
+    answer_lengths, padded_lengths, image_tokens = collections.Counter(), [], []  # of the timed batches
 
     def sync():
         if cuda:
@@ -348,7 +425,10 @@ def torch_throughput_worker(spec: dict) -> dict:
         images, questions = workload.batch(indices)
         start = time.perf_counter()
         inputs = processor(
-            images=images, text=[build_prompt(q) for q in questions], padding=True, return_tensors="pt"
+            images=images,
+            text=[build_prompt(q, template) for q in questions],
+            padding=True,
+            return_tensors="pt",
         ).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         sync()
@@ -369,6 +449,7 @@ def torch_throughput_worker(spec: dict) -> dict:
         clock.seconds["detokenize"] += time.perf_counter() - end
         answer_lengths.update([new.shape[1]] * new.shape[0])
         padded_lengths.append(int(inputs["input_ids"].shape[1]))
+        image_tokens.extend((inputs["input_ids"] == hf_config.image_token_index).sum(1).tolist())
         return texts
 
     with torch.inference_mode():
@@ -378,10 +459,12 @@ def torch_throughput_worker(spec: dict) -> dict:
         out["warmup_batches"] = 1
         answer_lengths.clear()
         padded_lengths.clear()
+        image_tokens.clear()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out.update(_timed_run(answer, timed, clock, spec["batch"]))
     out["padded_lengths"] = sorted(set(padded_lengths))
+    out["image_tokens"] = _min_mean_max(image_tokens)  # per timed question, as the processor expanded it
     out["answer_token_counts"] = {str(n): c for n, c in sorted(answer_lengths.items())}
     out["device_kind"] = torch.cuda.get_device_name() if cuda else "cpu"
     out["platform"] = "gpu" if cuda else "cpu"

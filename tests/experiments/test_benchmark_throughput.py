@@ -1,5 +1,6 @@
-"""experiments.benchmark --mode=throughput: its arithmetic and pieces, and one run end to end on the
-CPU with the tiny preset (JAX and transformers workers, the pre-compile phase, the report)."""
+"""experiments.benchmark --mode=throughput: its arithmetic and pieces, and runs end to end on the CPU:
+the tiny preset (JAX and transformers workers, the pre-compile phase, the report) and the tiny
+LLaVA-NeXT one (photos of different image-token counts in one batch)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 
 from experiments.benchmark import acceptance, configs, throughput, workers_throughput, workload
 from experiments.benchmark.configs import BenchmarkConfig
+from experiments.benchmark.driver import run_worker
+from experiments.benchmark.jobs import common_spec
 from experiments.benchmark.report import summary, write_outputs
 from models.preprocess import Preprocessor, build_prompt
-from models.presets import llava15_image_processor, llava_config
+from models.presets import llava_config
 from tests.helpers import REPO_ROOT, once_per_session, run_benchmark
 
 ANSWER_TOKENS = 3
@@ -75,30 +78,52 @@ def test_each_other_padded_length_gets_a_warm_up_batch():
     assert workers_throughput.warmup_batches([0, 1], [[2, 3]], width) == [[0, 1]]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "llava-1.5-7b"])
+def job_work(model, questions=12):
+    return workers_throughput.job_work(
+        dict(
+            model=model, distinct_questions=questions, seed=0, batch=2, timed_batches=1, min_timed_questions=1
+        )
+    )
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llava-1.5-7b", "tiny-next", "tiny-next-mistral"])
 def test_both_frameworks_get_the_same_ids_and_pixels_left_padded_for_transformers(preset):
-    work = workload.build_workload(12, seed=0)
-    config = llava_config(preset)
-    texts = [build_prompt("")] + [q.prompt for q in work.questions]
-    tokenizer = workload.word_tokenizer(config, texts)
-    preprocessor = Preprocessor(config, tokenizer, llava15_image_processor(config))
-    processor = workers_throughput.llava_processor(config, workload.word_tokenizer(config, texts))
-    lengths = [len(preprocessor.encode(q.prompt)) for q in work.questions]
+    """Each job builds its pieces itself: JAX's preprocessor and transformers' processor (LLaVA-NeXT:
+    LlavaNextProcessor, whose crops it pads to the batch's most) see the same ids, image-token counts
+    and pixels, one row left-padded."""
+    work, other = job_work(preset), job_work(preset)  # as two processes build them
+    config = work.hf_config
+    preprocessor = Preprocessor(config, work.tokenizer, work.image_processor)
+    processor = workers_throughput.llava_processor(config, other.tokenizer, other.image_processor)
+    anyres = config.model_type == "llava_next"
+    sizes = [preprocessor.image_sizes([work.workload.image_of(i)])[0] if anyres else None for i in range(12)]
+    lengths = [len(preprocessor.encode(q.prompt, size)) for q, size in zip(work.workload.questions, sizes)]
     indices = [int(np.argmin(lengths)), int(np.argmax(lengths))]
     assert lengths[indices[0]] < lengths[indices[1]]  # one row is padded
-    images, questions = work.batch(indices)
+    images, questions = work.workload.batch(indices)
+    template = config.text_config.model_type
     inputs = processor(
-        images=images, text=[build_prompt(q) for q in questions], padding=True, return_tensors="np"
+        images=images, text=[build_prompt(q, template) for q in questions], padding=True, return_tensors="np"
     )
-    np.testing.assert_array_equal(inputs["pixel_values"], preprocessor.pixel_values(images))
+    pixels = preprocessor.pixel_values(images)
+    if anyres:  # transformers pads the crops to the batch's most, JAX to the model's most
+        crops = inputs["pixel_values"].shape[1]
+        assert crops <= pixels.shape[1] and not pixels[:, crops:].any()
+        pixels = pixels[:, :crops]
+        assert inputs["image_sizes"].tolist() == [list(sizes[i]) for i in indices]
+    np.testing.assert_array_equal(inputs["pixel_values"], pixels)
     width = max(lengths[i] for i in indices)
-    for ids, mask, question in zip(inputs["input_ids"], inputs["attention_mask"], questions):
-        ours = preprocessor.encode(question)
+    counts = []
+    for ids, mask, question, index in zip(inputs["input_ids"], inputs["attention_mask"], questions, indices):
+        ours = preprocessor.encode(question, sizes[index])
         pad = width - len(ours)
         assert ids[pad:].tolist() == ours and mask.tolist() == [0] * pad + [1] * len(ours)
+        counts.append(ours.count(config.image_token_index))
+        assert counts[-1] == preprocessor.image_token_count(sizes[index])
+    assert (counts[0] < counts[1]) == anyres  # LLaVA-NeXT: a wider photo, fewer image tokens
 
 
-def test_settings_the_mode_refuses():
+def test_settings_the_mode_refuses(tmp_path):
     for settings, message in (
         (BenchmarkConfig(mode="throughput", model="/data/llava-1.5-7b-hf"), "runs a preset"),
         (BenchmarkConfig(mode="throughput", model="tiny", answer_tokens=0), "--answer_tokens"),
@@ -106,6 +131,44 @@ def test_settings_the_mode_refuses():
     ):
         with pytest.raises(ValueError, match=message):
             throughput.check_settings(settings)
+    llava_config("tiny-next").save_pretrained(tmp_path)  # a checkpoint directory is taken
+    throughput.check_settings(BenchmarkConfig(mode="throughput", model=str(tmp_path)))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-next-mistral"])
+def test_the_workload_gives_each_image_size_its_image_tokens_and_the_models_prompt(preset):
+    work = throughput.workload_description(BenchmarkConfig(model=preset, distinct_questions=12))
+    counts = work["image_tokens"]
+    assert sorted(counts) == work["image_sizes"] and work["preset"] and work["random_weights"]
+    if preset == "tiny":
+        assert not work["anyres"] and set(counts.values()) == {576}
+        assert "USER: <image>\nIs there a " in work["example_prompt"]
+    else:  # LLaVA-NeXT: each aspect ratio its own count, a square photo the most
+        assert work["anyres"] and counts["640x640"] == max(counts.values()) > min(counts.values())
+        assert work["example_prompt"].startswith("[INST] <image>\nIs there a ")
+
+
+def test_a_refused_method_fails_its_row_and_says_where_it_ran(tmp_path):
+    """CDPruner reads CLIP's joint space, which the mode builds no tower for: a failed row, whose
+    platform still tells the acceptance lines where the run was (not 'unknown')."""
+    spec = dict(
+        common_spec(BenchmarkConfig(model="tiny", compile_cache="")),
+        kind="jax_throughput",
+        mode="measure",
+        method="cdpruner",
+        keep=64,
+        batch=2,
+        answer_tokens=ANSWER_TOKENS,
+        distinct_questions=8,
+        timed_batches=1,
+        min_timed_questions=1,
+    )
+    run_worker(json.dumps(spec), str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "failed" and "builds no CLIP text tower" in result["error"]
+    assert result["platform"] == "cpu"
+    report = {"meta": {"flags": {"model": "tiny"}}, "rows": [dict(result, label="cdpruner@64 b2")]}
+    assert throughput.run_on(report) == ("tiny", "cpu")
 
 
 def synthetic_report():
@@ -209,16 +272,16 @@ def test_rows_on_meshes_compare_with_unpruned_on_the_same_mesh(tmp_path):
 
 def _run(tmp_path_factory):
     """tiny, float32: transformers at batches 1 and 2, JAX unpruned and AdaptPrune at batch 2 (both
-    pre-compiled in parallel), and CDPruner, which the mode refuses (a failed row, the run goes on).
-    JAX attends through XLA's fused call, not the CPU's default einsum, so a run that dropped
-    --attention on its way to a worker shows."""
+    pre-compiled in parallel; a refused method's failed row is tested in process, in
+    `test_a_refused_method_fails_its_row_and_says_where_it_ran`). JAX attends through XLA's fused
+    call, not the CPU's default einsum, so a run that dropped --attention on its way to a worker shows."""
     output_dir = tmp_path_factory.mktemp("throughput_run")
     process = run_benchmark(
         "--mode=throughput",
         "--model=tiny",
         "--dtype=float32",
         "--attention=xla",
-        "--configs=none:2,adaptprune:64:2,cdpruner:64:2",
+        "--configs=none:2,adaptprune:64:2",
         "--torch_baseline",
         "--torch_batch_sizes=1,2",
         f"--answer_tokens={ANSWER_TOKENS}",
@@ -246,13 +309,7 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_every_configuration_answers_every_question_asked_with_the_set_token_count(run):
     rows = {r["label"]: r for r in run["report"]["rows"]}
-    assert list(rows) == [
-        "transformers b1",
-        "transformers b2",
-        "none b2",
-        "adaptprune@64 b2",
-        "cdpruner@64 b2",
-    ]
+    assert list(rows) == ["transformers b1", "transformers b2", "none b2", "adaptprune@64 b2"]
     for label in ("transformers b1", "transformers b2", "none b2", "adaptprune@64 b2"):
         r = rows[label]
         assert r["status"] == "ok", r
@@ -266,10 +323,9 @@ def test_every_configuration_answers_every_question_asked_with_the_set_token_cou
         r = rows[label]
         assert r["precompile"]["status"] == "ok" and r["traces_while_timed"] == 0
         assert r["attention"] == r["precompile"]["attention"] == "xla"
-        assert r["prompt_tokens"]["min"] > r["image_tokens"] == 576 and r["speedup_vs_unpruned"] > 0
+        assert r["prompt_tokens"]["min"] > r["image_tokens"]["max"] == 576 and r["speedup_vs_unpruned"] > 0
     assert rows["adaptprune@64 b2"]["keep"] == 64 and rows["adaptprune@64 b2"]["layer"] == 2
-    refused = rows["cdpruner@64 b2"]
-    assert refused["status"] == "failed" and "builds no CLIP text tower" in refused["error"]
+    assert rows["transformers b2"]["image_tokens"] == {"min": 576, "mean": 576, "max": 576}
 
 
 @pytest.mark.slow
@@ -282,9 +338,85 @@ def test_the_report_records_the_work_and_leaves_the_targets_unjudged_on_a_cpu(ru
     assert "USER: <image>\nIs there a " in report["workload"]["example_prompt"]
     assert [check["pass"] for check in report["acceptance"]] == [None, None]
     assert "| JAX | adaptprune@64 | 2 |" in markdown and "| transformers | none | 1 |" in markdown
-    assert "## Failed or skipped" in markdown and run["plot"] == b"\x89PNG".hex()
+    assert "576 image tokens per image" in markdown and "| 576 / 576 |" in markdown
+    assert "## Failed or skipped" not in markdown and run["plot"] == b"\x89PNG".hex()
     assert "Attention (vision tower and LLM prefill): xla (--attention=xla)" in markdown
     assert "acceptance: 0 pass, 0 fail, 2 not measured here" in run["stdout"]
+
+
+NEXT_WORK = dict(answer_tokens=2, distinct_questions=7, timed_batches=3, min_timed_questions=6)
+
+
+def _next_run(tmp_path_factory):
+    """tiny-next, float32, the fewest questions that mix two photos in a batch: seven (six about a
+    square photo, one about a wide one), JAX unpruned and AdaptPrune at batch 2 (timed batches
+    [2, 3], [4, 5], [6, 0]). No pre-compile phase (its LLaVA-NeXT programs are the measured ones by
+    construction: `LlavaRunner.pad_batch`) and no transformers rows (a process each:
+    `test_transformers_answers_the_same_llava_next_questions_with_the_same_image_tokens`)."""
+    output_dir = tmp_path_factory.mktemp("throughput_next_run")
+    run_benchmark(
+        "--mode=throughput",
+        "--model=tiny-next",
+        "--dtype=float32",
+        "--configs=none:2,adaptprune:64:2",
+        "--notorch_baseline",
+        *(f"--{name}={value}" for name, value in NEXT_WORK.items()),
+        "--compile_workers=0",
+        f"--compile_cache={output_dir / 'cache'}",
+        f"--output_dir={output_dir}",
+        timeout=600,
+    )
+    return {
+        "report": json.loads((output_dir / "results.json").read_text()),
+        "markdown": (output_dir / "results.md").read_text(),
+    }
+
+
+@pytest.fixture(scope="module")
+def next_run(tmp_path_factory):
+    return once_per_session(
+        tmp_path_factory, "benchmark_throughput_next_run", lambda: _next_run(tmp_path_factory)
+    )
+
+
+@pytest.mark.slow
+def test_llava_next_rows_answer_photos_of_their_own_image_token_counts(next_run):
+    report, markdown = next_run["report"], next_run["markdown"]
+    rows = {r["label"]: r for r in report["rows"]}
+    assert list(rows) == ["none b2", "adaptprune@64 b2"]
+    counts = report["workload"]["image_tokens"]
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["timed_questions"] == r["answers_returned"] == 6 and r["answer_token_counts"] == {"2": 6}
+        assert r["anyres"] and r["platform"] == "cpu" and r["traces_while_timed"] == 0
+        # five questions about the square photo, one about the wide one, padded to the square's count
+        tokens = r["image_tokens"]
+        assert tokens["max"] == counts["640x640"] > tokens["min"] == counts["640x426"]
+        assert r["image_slots"] == [tokens["max"]] and r["prompt_tokens"]["max"] > tokens["max"]
+        assert r["warmup_batches"] == 2  # every row full ([0, 1]), then a row padded ([6, 0])
+    assert rows["adaptprune@64 b2"]["keep"] == 64 and rows["adaptprune@64 b2"]["speedup_vs_unpruned"] > 0
+    assert "anyres preprocessing" in markdown and f"640x426: {counts['640x426']}" in markdown
+    assert f"| {tokens['mean']:g} / {tokens['max']} |" in markdown
+    assert "this run is tiny-next on cpu" in markdown
+
+
+@pytest.mark.slow
+def test_transformers_answers_the_same_llava_next_questions_with_the_same_image_tokens(next_run):
+    """The transformers worker, in this process: LlavaNextProcessor left-pads the batch that mixes
+    the photos, and expands each prompt's image to the count JAX's rows put there."""
+    import torch
+
+    threads = torch.get_num_threads()  # the worker runs single-threaded on a CPU
+    try:
+        result = workers_throughput.torch_throughput_worker(
+            dict(model="tiny-next", dtype="float32", seed=0, batch=2, **NEXT_WORK)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert result["status"] == "ok" and result["platform"] == "cpu"
+    assert result["timed_questions"] == result["answers_returned"] == 6
+    assert result["answer_token_counts"] == {"2": 6}
+    assert result["image_tokens"] == next_run["report"]["rows"][0]["image_tokens"]
 
 
 def test_the_h200_flagfile_measures_what_the_targets_need_within_one_call():
