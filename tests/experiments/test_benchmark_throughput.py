@@ -349,8 +349,9 @@ NEXT_WORK = dict(answer_tokens=2, distinct_questions=7, timed_batches=3, min_tim
 
 def _next_run(tmp_path_factory):
     """tiny-next, float32, the fewest questions that mix two photos in a batch: seven (six about a
-    square photo, one about a wide one), JAX unpruned and AdaptPrune at batch 2 (timed batches
-    [2, 3], [4, 5], [6, 0]). No pre-compile phase (its LLaVA-NeXT programs are the measured ones by
+    square photo, one about a wide one), JAX AdaptPrune at batch 2 (timed batches [2, 3], [4, 5],
+    [6, 0]; the unpruned row's path is the same but for the selection, and the LLaVA-1.5 run has one).
+    No pre-compile phase (its LLaVA-NeXT programs are the measured ones by
     construction: `LlavaRunner.pad_batch`) and no transformers rows (a process each:
     `test_transformers_answers_the_same_llava_next_questions_with_the_same_image_tokens`)."""
     output_dir = tmp_path_factory.mktemp("throughput_next_run")
@@ -358,7 +359,7 @@ def _next_run(tmp_path_factory):
         "--mode=throughput",
         "--model=tiny-next",
         "--dtype=float32",
-        "--configs=none:2,adaptprune:64:2",
+        "--configs=adaptprune:64:2",
         "--notorch_baseline",
         *(f"--{name}={value}" for name, value in NEXT_WORK.items()),
         "--compile_workers=0",
@@ -383,7 +384,7 @@ def next_run(tmp_path_factory):
 def test_llava_next_rows_answer_photos_of_their_own_image_token_counts(next_run):
     report, markdown = next_run["report"], next_run["markdown"]
     rows = {r["label"]: r for r in report["rows"]}
-    assert list(rows) == ["none b2", "adaptprune@64 b2"]
+    assert list(rows) == ["adaptprune@64 b2"]
     counts = report["workload"]["image_tokens"]
     for r in rows.values():
         assert r["status"] == "ok", r
@@ -394,7 +395,7 @@ def test_llava_next_rows_answer_photos_of_their_own_image_token_counts(next_run)
         assert tokens["max"] == counts["640x640"] > tokens["min"] == counts["640x426"]
         assert r["image_slots"] == [tokens["max"]] and r["prompt_tokens"]["max"] > tokens["max"]
         assert r["warmup_batches"] == 2  # every row full ([0, 1]), then a row padded ([6, 0])
-    assert rows["adaptprune@64 b2"]["keep"] == 64 and rows["adaptprune@64 b2"]["speedup_vs_unpruned"] > 0
+    assert rows["adaptprune@64 b2"]["keep"] == 64 and rows["adaptprune@64 b2"]["layer"] == 2
     assert "anyres preprocessing" in markdown and f"640x426: {counts['640x426']}" in markdown
     assert f"| {tokens['mean']:g} / {tokens['max']} |" in markdown
     assert "this run is tiny-next on cpu" in markdown
