@@ -101,7 +101,7 @@ def _programs(settings: LayerKernelsConfig):
     rng = np.random.default_rng(0)
     size = hf_config.vision_config.image_size
     pixels = jnp.asarray(rng.standard_normal((settings.batch, 3, size, size)), jnp.bfloat16)
-    num_image = model.image_features(pixels[:1]).shape[1]
+    num_image = model.config.num_image_tokens
     length = num_image + settings.text_tokens
     ids = rng.integers(4, 1000, (settings.batch, length)).astype(np.int32)
     ids[:, 1 : 1 + num_image] = hf_config.image_token_index
