@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pallas_triton
 
 from adaptprune_jax.grid import NO_GRID, TokenLayout
 
@@ -37,24 +38,31 @@ def _compiler_params(num_warps: int | None, interpret: bool):
     """Triton's settings for a row's program: its default (4 warps) unless ``num_warps`` is given."""
     if interpret or num_warps is None:
         return None
-    from jax.experimental.pallas import triton as pallas_triton
-
     return pallas_triton.CompilerParams(num_warps=num_warps)
 
 
-def _pick(scores, token, padded_tokens):
+PICKS = ("max_then_index", "argmax")
+"""How a program finds the highest score's first index: a max-reduction then a min-reduction over
+the indices holding it, or one argmax ((value, index) pairs reduced together, first index on ties)."""
+
+
+def _pick(scores, token, padded_tokens, pick):
     """The highest score's token, the first on ties."""
+    if pick == "argmax":
+        return jnp.argmax(scores).astype(jnp.int32)
     best = jnp.max(scores)
     return jnp.min(jnp.where(scores == best, token, padded_tokens))
 
 
-def _greedy_kernel(scores_ref, factors_ref, order_ref, *, keep: int, padded_tokens: int, padded_keep: int):
+def _greedy_kernel(
+    scores_ref, factors_ref, order_ref, *, keep: int, padded_tokens: int, padded_keep: int, pick: str
+):
     token = lax.broadcasted_iota(jnp.int32, (padded_tokens,), 0)
     slot = lax.broadcasted_iota(jnp.int32, (padded_keep,), 0)
 
     def pick_one(step, state):
         scores, order = state
-        chosen = _pick(scores, token, padded_tokens)
+        chosen = _pick(scores, token, padded_tokens, pick)
         row = factors_ref[chosen, :]
         scores = jnp.where((token == chosen) | (scores == -jnp.inf), -jnp.inf, scores * row)
         return scores, jnp.where(slot == step, chosen, order)
@@ -75,6 +83,8 @@ def _window_kernel(
     padded_tokens: int,
     padded_keep: int,
     span: int,
+    pick: str,
+    near_only: bool,
 ):
     token = lax.broadcasted_iota(jnp.int32, (padded_tokens,), 0)
     slot = lax.broadcasted_iota(jnp.int32, (padded_keep,), 0)
@@ -82,7 +92,7 @@ def _window_kernel(
 
     def pick_one(step, state):
         scores, order = state
-        chosen = _pick(scores, token, padded_tokens)
+        chosen = _pick(scores, token, padded_tokens, pick)
         d_row, d_col, chosen_grid = rows - row_ref[chosen], cols - col_ref[chosen], grid_ref[chosen]
         near = (
             (grids == chosen_grid)
@@ -91,7 +101,10 @@ def _window_kernel(
             & (jnp.abs(d_col) <= span)
         )
         offset = jnp.where(near, (d_row + span) * (2 * span + 1) + (d_col + span), 0).astype(jnp.int32)
-        factor = factors_ref[chosen, offset]
+        if near_only:  # no memory traffic for the tokens outside the window
+            factor = pallas_triton.load(factors_ref.at[chosen, offset], mask=near, other=1.0)
+        else:
+            factor = factors_ref[chosen, offset]
         scores = jnp.where(
             (token == chosen) | (scores == -jnp.inf), -jnp.inf, jnp.where(near, scores * factor, scores)
         )
@@ -105,19 +118,24 @@ def _row_spec(size: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, size), lambda b: (b, 0))
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("keep", "interpret", "num_warps", "pick"))
 def greedy_order_pallas(
-    factors: jax.Array, scores: jax.Array, keep: int, interpret: bool = False, num_warps: int | None = None
+    factors: jax.Array,
+    scores: jax.Array,
+    keep: int,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    pick: str = "max_then_index",
 ) -> jax.Array:
     """Selection order (B, keep) int32 for scores (B, N) and suppression factors (B, N, N);
-    ``num_warps``: warps of each row's program (None: Triton's default)."""
+    ``num_warps``: warps of each row's program (None: Triton's default); ``pick``: one of PICKS."""
     batch, num_tokens = scores.shape
     padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
     pad = padded_tokens - num_tokens
     scores = jnp.pad(scores.astype(jnp.float32), ((0, 0), (0, pad)), constant_values=-jnp.inf)
     factors = jnp.pad(factors.astype(jnp.float32), ((0, 0), (0, pad), (0, pad)), constant_values=1.0)
     kernel = functools.partial(
-        _greedy_kernel, keep=keep, padded_tokens=padded_tokens, padded_keep=padded_keep
+        _greedy_kernel, keep=keep, padded_tokens=padded_tokens, padded_keep=padded_keep, pick=pick
     )
     order = pl.pallas_call(
         kernel,
@@ -142,6 +160,8 @@ def greedy_order_pallas_window(
     keep: int,
     interpret: bool = False,
     num_warps: int | None = None,
+    pick: str = "max_then_index",
+    near_only: bool = False,
 ) -> jax.Array:
     """Selection order (B, keep) int32 for scores (B, N), window factors (B, N, K) at the cell
     ``offsets`` (K, 2) (as ``nms.window_suppression_factors`` returns them) and the (B, N) layout,
@@ -161,12 +181,25 @@ def greedy_order_pallas_window(
         span=span,
         interpret=interpret,
         num_warps=num_warps,
+        pick=pick,
+        near_only=near_only,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "span", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("keep", "span", "interpret", "num_warps", "pick", "near_only"))
 def _window_order(
-    square_factors, scores, row, col, grid, *, keep: int, span: int, interpret: bool, num_warps: int | None
+    square_factors,
+    scores,
+    row,
+    col,
+    grid,
+    *,
+    keep: int,
+    span: int,
+    interpret: bool,
+    num_warps: int | None,
+    pick: str,
+    near_only: bool,
 ):
     batch, num_tokens = scores.shape
     padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
@@ -188,7 +221,13 @@ def _window_order(
         ),
     )
     kernel = functools.partial(
-        _window_kernel, keep=keep, padded_tokens=padded_tokens, padded_keep=padded_keep, span=span
+        _window_kernel,
+        keep=keep,
+        padded_tokens=padded_tokens,
+        padded_keep=padded_keep,
+        span=span,
+        pick=pick,
+        near_only=near_only,
     )
     order = pl.pallas_call(
         kernel,

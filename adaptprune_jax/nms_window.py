@@ -139,13 +139,20 @@ def window_neighbours(layout: TokenLayout, offsets: np.ndarray, block: int, reac
 
 
 def band_cosines(
-    unit_keys: jax.Array, neighbours: jax.Array, block: int, reach: int, precision: lax.PrecisionLike
+    unit_keys: jax.Array,
+    neighbours: jax.Array,
+    block: int,
+    reach: int,
+    precision: lax.PrecisionLike,
+    unrolled: bool = False,
 ) -> jax.Array:
     """cos(token i, its k-th neighbour) (N, K) for one row of unit keys (N, D), block by block.
 
     Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
-    token reads an arbitrary entry, which the caller masks.
+    token reads an arbitrary entry, which the caller masks. ``unrolled``: the blocks as one matmul
+    each in the program (static slices) instead of a loop over blocks; the same matmul shapes, so
+    the same cosines.
     """
     num_tokens, dim = unit_keys.shape
     num_blocks = -(-num_tokens // block)
@@ -162,6 +169,14 @@ def band_cosines(
         local = jnp.clip(block_neighbour - start + reach, 0, width - 1)
         return jnp.take_along_axis(tile, local, axis=1)
 
-    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
-    cosines = lax.map(one_block, (starts, queries, block_neighbours))
+    if unrolled:
+        cosines = jnp.stack(
+            [
+                one_block((index * block, queries[index], block_neighbours[index]))
+                for index in range(num_blocks)
+            ]
+        )
+    else:
+        starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+        cosines = lax.map(one_block, (starts, queries, block_neighbours))
     return cosines.reshape(num_blocks * block, -1)[:num_tokens]

@@ -42,6 +42,17 @@ class SelectSpeedConfig:
         "Also time the Pallas greedy loop alone (factors precomputed), dense and window forms, with each of "
         "these warp counts per row's program (0 = Triton's default, what the selection runs with): where a selection's time goes.",
     )
+    loop_picks: tuple[str, ...] = setting(
+        ("max_then_index",), "With --loop_warps: the pick reductions to time (nms_pallas.PICKS)."
+    )
+    loop_near_only: tuple[str, ...] = setting(
+        ("false",),
+        "With --loop_warps: the window kernel's gathers to time: false (every token's lane loads a factor), "
+        "true (only the window's tokens load).",
+    )
+    factor_parts: bool = setting(
+        False, "Also time the suppression factors alone (dense; window, looped and unrolled)."
+    )
     repeats: int = setting(50, "Timed calls per variant.")
     output: str | None = setting(None, "JSON results file.")
 
@@ -101,8 +112,10 @@ def time_variant(
     }
 
 
-def time_loops(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
-    """The Pallas greedy loop alone, per form and warp count, on factors computed once."""
+def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
+    """Where a selection's time goes: the suppression factors alone (dense; window with its blocks in a
+    loop and unrolled) and the Pallas greedy loop alone on precomputed factors, per pick reduction,
+    window gather (all tokens or only the window's) and warp count."""
     import jax
     import jax.numpy as jnp
 
@@ -112,48 +125,79 @@ def time_loops(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     batch_layout = layout.broadcast(attention.shape[:1])
     scores = prune.nms.adaptprune_scores(attention, batch_layout, prune.AdaptPruneConfig().prior_sigma)
     offsets = prune.nms_window.window_offsets(prune.nms.DEFAULT_DISTANCE_LIMIT)
-    dense = jax.jit(jax.vmap(lambda k, lay: prune.nms.suppression_factors(k, layout=lay)))(keys, batch_layout)
-    window = jax.jit(jax.vmap(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1]))(
-        keys, batch_layout
-    )
+    factor_programs = {
+        "dense factors": jax.jit(jax.vmap(lambda k, lay: prune.nms.suppression_factors(k, layout=lay))),
+        "window factors, blocks in a loop": jax.jit(
+            jax.vmap(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1])
+        ),
+        "window factors, blocks unrolled": jax.jit(
+            jax.vmap(
+                lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay, unrolled_blocks=True)[1]
+            )
+        ),
+    }
     layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
+    rows, outputs = [], {}
+
+    def record(part, fn, **fields):
+        output = jax.block_until_ready(fn())
+        samples = timed(fn, settings.repeats, jax.block_until_ready)
+        rows.append(
+            {
+                "layout": spec,
+                "image_tokens": layout.num_tokens,
+                "batch": int(attention.shape[0]),
+                "part": part,
+                **fields,
+                "select_ms": median(samples),
+                "min_ms": min(samples),
+            }
+        )
+        detail = " ".join(f"{key}={value}" for key, value in fields.items())
+        print(
+            f"{spec:<16}{layout.num_tokens:>6} b{attention.shape[0]:<3} {part} {detail} {median(samples):9.3f} ms",
+            flush=True,
+        )
+        return output
+
+    if settings.factor_parts:
+        for part, program in factor_programs.items():
+            outputs[part] = record(part, lambda p=program: p(keys, layout_arrays))
+    if not settings.loop_warps:
+        return rows
+    dense = outputs.get("dense factors")
+    if dense is None:
+        dense = factor_programs["dense factors"](keys, layout_arrays)
+    window = outputs.get("window factors, blocks in a loop")
+    if window is None:
+        window = factor_programs["window factors, blocks in a loop"](keys, layout_arrays)
     interpret = jax.default_backend() != "gpu"  # Pallas' interpreter off the GPU: a smoke run, not a speed
-    rows = []
+    reference = {}
     for warps in settings.loop_warps:
-        variants = {
-            "dense": lambda w=warps: greedy_order_pallas(
-                dense, scores, settings.keep, interpret=interpret, num_warps=w or None
-            ),
-            "window": lambda w=warps: greedy_order_pallas_window(
-                window,
-                scores,
-                layout_arrays,
-                offsets,
-                settings.keep,
-                interpret=interpret,
-                num_warps=w or None,
-            ),
-        }
-        for form, fn in variants.items():
-            jax.block_until_ready(fn())
-            samples = timed(fn, settings.repeats, jax.block_until_ready)
-            rows.append(
-                {
-                    "layout": spec,
-                    "image_tokens": layout.num_tokens,
-                    "batch": int(attention.shape[0]),
-                    "form": form,
-                    "implementation": "pallas loop alone",
-                    "num_warps": warps or "default",
-                    "select_ms": median(samples),
-                    "min_ms": min(samples),
-                }
-            )
-            print(
-                f"{spec:<16}{layout.num_tokens:>6} b{attention.shape[0]:<3}{form:>7} loop alone, "
-                f"warps {warps or 'default':>7} {median(samples):9.3f} ms",
-                flush=True,
-            )
+        for pick in settings.loop_picks:
+            common = dict(interpret=interpret, num_warps=warps or None, pick=pick)
+            variants = {
+                ("dense", False): lambda c=common: greedy_order_pallas(dense, scores, settings.keep, **c)
+            }
+            for gather in settings.loop_near_only:
+                if gather.lower() not in ("true", "false"):
+                    raise ValueError(f"--loop_near_only takes true / false, got {gather!r}.")
+                near_only = gather.lower() == "true"
+                variants["window", near_only] = lambda c=common, n=near_only: greedy_order_pallas_window(
+                    window, scores, layout_arrays, offsets, settings.keep, near_only=n, **c
+                )
+            for (form, near_only), fn in variants.items():
+                order = record(
+                    "pallas loop alone",
+                    fn,
+                    form=form,
+                    pick=pick,
+                    near_only=near_only,
+                    num_warps=warps or "default",
+                )
+                # every variant must select what the first one of its form did
+                first = reference.setdefault(form, order)
+                rows[-1]["same_order_as_first_variant"] = bool(jnp.array_equal(order, first))
     return rows
 
 
@@ -177,7 +221,7 @@ def measure(settings: SelectSpeedConfig) -> list[dict]:
                         f"{implementation:>8} {row['select_ms']:9.3f} ms  temp {row['temp_bytes']}",
                         flush=True,
                     )
-            rows.extend(time_loops(settings, spec, layout, attention, keys))
+            rows.extend(time_parts(settings, spec, layout, attention, keys))
     return rows
 
 

@@ -276,3 +276,49 @@ def test_cls_token_of_full_features_is_always_kept():
     np.testing.assert_array_equal(kept[:, 1:], grid_alone + 1)
     with pytest.raises(ValueError, match=r"keep=1 must exceed the 1 such tokens of a row"):
         prune.AdaptPruneConfig(keep=1).validate(577, 32, layout)
+
+
+def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
+    """The kernels' tuning variants (one argmax or a max then an index reduction; the window gather
+    of every lane or only the window's) on tied scores, all-zero scores and a padded row: one order."""
+    from adaptprune_jax.nms_pallas import PICKS, greedy_order_pallas, greedy_order_pallas_window
+
+    rng = np.random.default_rng(7)
+    layout = anyres_layout(9, 12, base=6)
+    keys = jnp.asarray(smooth_keys(rng, layout, 8))
+    dense, (_, window, layout_ok, band_ok) = jax.jit(
+        lambda k: (
+            prune.suppression_factors(k, layout=layout, distance_limit=2.0),
+            prune.window_suppression_factors(k, layout=layout, distance_limit=2.0),
+        )
+    )(keys)
+    assert bool(layout_ok) and bool(band_ok)
+    scores = np.stack(
+        [
+            rng.integers(1, 4, layout.num_tokens) / 4.0,
+            rng.uniform(size=layout.num_tokens),
+            np.zeros(layout.num_tokens),
+        ]
+    ).astype(np.float32)
+    rows = len(scores)
+    batch_layout = jax.tree_util.tree_map(jnp.asarray, layout.broadcast((rows,)))
+    dense, window = jnp.stack([dense] * rows), jnp.stack([window] * rows)
+    offsets, keep = window_offsets(2.0), 30
+    interpret = jax.default_backend() != "gpu"  # on a GPU the Triton kernels themselves
+    expected = np.asarray(greedy_order_pallas(dense, scores, keep, interpret=interpret))
+    np.testing.assert_array_equal(expected[-1], np.arange(keep))  # all-zero scores: first indices
+    for pick in PICKS:
+        dense_order = greedy_order_pallas(dense, scores, keep, interpret=interpret, pick=pick)
+        np.testing.assert_array_equal(dense_order, expected, err_msg=pick)
+        for near_only in (False, True):
+            window_order = greedy_order_pallas_window(
+                window,
+                scores,
+                batch_layout,
+                offsets,
+                keep,
+                interpret=interpret,
+                pick=pick,
+                near_only=near_only,
+            )
+            np.testing.assert_array_equal(window_order, expected, err_msg=f"{pick} near_only={near_only}")
