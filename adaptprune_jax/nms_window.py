@@ -138,22 +138,29 @@ def window_neighbours(layout: TokenLayout, offsets: np.ndarray, block: int, reac
     return neighbours, squared_distance, same_grid, layout_ok, band_ok
 
 
+BAND_BLOCKS = ("loop", "unrolled", "batched")
+"""How :func:`band_cosines` runs its blocks: one matmul per block in a loop over blocks, the same
+matmuls written out one after another (static slices), or one batched matmul over every block's band
+(the bands gathered first)."""
+
+
 def band_cosines(
     unit_keys: jax.Array,
     neighbours: jax.Array,
     block: int,
     reach: int,
     precision: lax.PrecisionLike,
-    unrolled: bool = False,
+    blocks: str = "loop",
 ) -> jax.Array:
     """cos(token i, its k-th neighbour) (N, K) for one row of unit keys (N, D), block by block.
 
     Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
-    token reads an arbitrary entry, which the caller masks. ``unrolled``: the blocks as one matmul
-    each in the program (static slices) instead of a loop over blocks; the same matmul shapes, so
-    the same cosines.
+    token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS; 'loop'
+    and 'unrolled' run the same 2-D matmuls.
     """
+    if blocks not in BAND_BLOCKS:
+        raise ValueError(f"unknown band blocks {blocks!r}; known: {', '.join(BAND_BLOCKS)}.")
     num_tokens, dim = unit_keys.shape
     num_blocks = -(-num_tokens // block)
     padding = num_blocks * block - num_tokens
@@ -161,22 +168,29 @@ def band_cosines(
     band_keys = jnp.pad(unit_keys, ((reach, padding + reach), (0, 0)))
     queries = jnp.pad(unit_keys, ((0, padding), (0, 0))).reshape(num_blocks, block, dim)
     block_neighbours = jnp.pad(neighbours, ((0, padding), (0, 0))).reshape(num_blocks, block, -1)
+    starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
+
+    def pick(tile, start, block_neighbour):
+        local = jnp.clip(block_neighbour - start + reach, 0, width - 1)
+        return jnp.take_along_axis(tile, local, axis=-1)
 
     def one_block(args):
         start, block_queries, block_neighbour = args
         band = lax.dynamic_slice_in_dim(band_keys, start, width)
         tile = jnp.einsum("qd,sd->qs", block_queries, band, precision=precision)
-        local = jnp.clip(block_neighbour - start + reach, 0, width - 1)
-        return jnp.take_along_axis(tile, local, axis=1)
+        return pick(tile, start, block_neighbour)
 
-    if unrolled:
+    if blocks == "unrolled":
         cosines = jnp.stack(
             [
                 one_block((index * block, queries[index], block_neighbours[index]))
                 for index in range(num_blocks)
             ]
         )
+    elif blocks == "batched":
+        bands = band_keys[starts[:, None] + jnp.arange(width, dtype=jnp.int32)]
+        tiles = jnp.einsum("bqd,bsd->bqs", queries, bands, precision=precision)
+        cosines = pick(tiles, starts[:, None, None], block_neighbours)
     else:
-        starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
         cosines = lax.map(one_block, (starts, queries, block_neighbours))
     return cosines.reshape(num_blocks * block, -1)[:num_tokens]

@@ -51,7 +51,15 @@ class SelectSpeedConfig:
         "true (only the window's tokens load).",
     )
     factor_parts: bool = setting(
-        False, "Also time the suppression factors alone (dense; window, looped and unrolled)."
+        False,
+        "Also time the suppression factors alone (dense, window) and the window form's cosines alone per "
+        "--band_block_sizes and --band_modes.",
+    )
+    band_block_sizes: tuple[int, ...] = setting(
+        (128,), "With --factor_parts: query tokens per block of the band."
+    )
+    band_modes: tuple[str, ...] = setting(
+        ("loop", "unrolled", "batched"), "With --factor_parts: how the blocks run (nms_window.BAND_BLOCKS)."
     )
     repeats: int = setting(50, "Timed calls per variant.")
     output: str | None = setting(None, "JSON results file.")
@@ -127,13 +135,8 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     offsets = prune.nms_window.window_offsets(prune.nms.DEFAULT_DISTANCE_LIMIT)
     factor_programs = {
         "dense factors": jax.jit(jax.vmap(lambda k, lay: prune.nms.suppression_factors(k, layout=lay))),
-        "window factors, blocks in a loop": jax.jit(
+        "window factors": jax.jit(
             jax.vmap(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1])
-        ),
-        "window factors, blocks unrolled": jax.jit(
-            jax.vmap(
-                lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay, unrolled_blocks=True)[1]
-            )
         ),
     }
     layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
@@ -160,17 +163,19 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
         )
         return output
 
+    record.rows = rows
     if settings.factor_parts:
         for part, program in factor_programs.items():
             outputs[part] = record(part, lambda p=program: p(keys, layout_arrays))
+        time_band_cosines(settings, layout_arrays, keys, record)
     if not settings.loop_warps:
         return rows
     dense = outputs.get("dense factors")
     if dense is None:
         dense = factor_programs["dense factors"](keys, layout_arrays)
-    window = outputs.get("window factors, blocks in a loop")
+    window = outputs.get("window factors")
     if window is None:
-        window = factor_programs["window factors, blocks in a loop"](keys, layout_arrays)
+        window = factor_programs["window factors"](keys, layout_arrays)
     interpret = jax.default_backend() != "gpu"  # Pallas' interpreter off the GPU: a smoke run, not a speed
     reference = {}
     for warps in settings.loop_warps:
@@ -199,6 +204,50 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
                 first = reference.setdefault(form, order)
                 rows[-1]["same_order_as_first_variant"] = bool(jnp.array_equal(order, first))
     return rows
+
+
+def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record) -> None:
+    """The window form's cosines alone per block size and way of running the blocks, each with how
+    many of its cosines differ from the dense form's (N, N) matmul on this device, and by how much."""
+    import jax
+    import jax.numpy as jnp
+
+    import adaptprune_jax as prune
+    from adaptprune_jax import nms_window
+
+    limit = prune.nms.DEFAULT_DISTANCE_LIMIT
+    num_tokens = keys.shape[-2]
+    offsets = nms_window.window_offsets(limit)
+    _, reach = nms_window.band_geometry(limit, num_tokens)
+    precision = prune.nms.SIMILARITY_PRECISION
+
+    def dense_at_neighbours(k, lay):
+        unit = prune.nms.l2_normalize(k)
+        neighbours, _, same_grid, _, _ = nms_window.window_neighbours(lay, offsets, 1, reach)
+        cosine = jnp.einsum("id,jd->ij", unit, unit, precision=precision)
+        return jnp.take_along_axis(cosine, jnp.minimum(neighbours, num_tokens - 1), axis=1), same_grid
+
+    dense, listed = jax.jit(jax.vmap(dense_at_neighbours))(keys, layout_arrays)
+    for block in settings.band_block_sizes:
+        for blocks in settings.band_modes:
+
+            def cosines(k, lay, block=block, blocks=blocks):
+                neighbours = nms_window.window_neighbours(lay, offsets, block, reach)[0]
+                unit = prune.nms.l2_normalize(k)
+                return nms_window.band_cosines(unit, neighbours, block, reach, precision, blocks=blocks)
+
+            program = jax.jit(jax.vmap(cosines))
+            window = record(
+                "window cosines", lambda p=program: p(keys, layout_arrays), block=block, blocks=blocks
+            )
+            difference = jnp.where(listed, jnp.abs(window - dense), 0.0)
+            agreement = {
+                "cosines_differing_from_dense": int(jnp.sum(difference > 0)),
+                "cosines_listed": int(jnp.sum(listed)),
+                "max_abs_difference_from_dense": float(jnp.max(difference)),
+            }
+            print(f"    against the dense matmul: {agreement}", flush=True)
+            record.rows[-1].update(agreement)
 
 
 def measure(settings: SelectSpeedConfig) -> list[dict]:
