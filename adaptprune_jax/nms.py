@@ -152,7 +152,7 @@ def window_suppression_factors(
     distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
-    band_blocks: str = "loop",
+    band_blocks: str = "batched",
 ):
     """The window form of :func:`suppression_factors` for one row: ``(neighbours, factors, layout_ok,
     band_ok)``.

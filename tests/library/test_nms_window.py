@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import adaptprune_jax as prune
-from adaptprune_jax import nms
+from adaptprune_jax import nms, nms_window
 from adaptprune_jax.nms_window import window_offsets
 from tests.nms_reference import reference_adaptprune, reference_prior
 
@@ -322,3 +322,34 @@ def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
                 near_only=near_only,
             )
             np.testing.assert_array_equal(window_order, expected, err_msg=f"{pick} near_only={near_only}")
+
+
+@pytest.mark.parametrize("blocks", nms_window.BAND_BLOCKS)
+def test_every_band_block_mode_gives_the_dense_cosines(blocks):
+    """Blocks in a loop, unrolled, or batched in groups (a group size that leaves a remainder): the
+    dense matmul's cosines at every listed neighbour, bit for bit."""
+    layout = anyres_layout(48, 48)
+    keys = jnp.asarray(smooth_keys(np.random.default_rng(3), layout, 16))
+    num_tokens = layout.num_tokens
+    block, reach = nms_window.band_geometry(5.0, num_tokens)
+    neighbours, _, same_grid, _, band_ok = nms_window.window_neighbours(
+        layout, window_offsets(5.0), block, reach
+    )
+    assert bool(band_ok)
+    unit = nms.l2_normalize(keys)
+    three_blocks = 3 * (block + 2 * reach) * 16 * 4  # bytes of three bands: groups of 3 over 23 blocks
+    cosines, dense = jax.jit(
+        lambda u: (
+            nms_window.band_cosines(
+                u, neighbours, block, reach, "highest", blocks=blocks, group_bytes=three_blocks
+            ),
+            jnp.einsum("id,jd->ij", u, u, precision="highest"),
+        )
+    )(unit)
+    listed = np.asarray(same_grid)
+    at_neighbours = np.take_along_axis(
+        np.asarray(dense), np.minimum(np.asarray(neighbours), num_tokens - 1), 1
+    )
+    np.testing.assert_array_equal(np.asarray(cosines)[listed], at_neighbours[listed])
+    with pytest.raises(ValueError, match="unknown band blocks 'scan'"):
+        nms_window.band_cosines(unit, neighbours, block, reach, "highest", blocks="scan")
