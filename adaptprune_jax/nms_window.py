@@ -143,9 +143,10 @@ BAND_BLOCKS = ("loop", "unrolled", "batched")
 matmuls written out one after another (static slices), or batched matmuls over groups of blocks
 (each block's band gathered first, at most ``BAND_GROUP_BYTES`` of bands per row at a time)."""
 
-BAND_GROUP_BYTES = 1 << 26
-"""Gathered float32 bands per row per batched matmul (64 MiB: five blocks of LLaVA-NeXT's 2,928
-tokens at 4,096-wide keys); the gathered bands are this form's largest temporary."""
+BAND_GROUP_BYTES = 1 << 28
+"""Gathered float32 bands per row per batched matmul (256 MiB: all 23 blocks of LLaVA-NeXT's 2,928
+tokens at 4,096-wide keys in one matmul, the configuration measured on the GPU); the gathered bands
+are this form's largest temporary, so a wider or longer row runs its blocks in groups."""
 
 
 def band_cosines(
@@ -191,13 +192,15 @@ def band_cosines(
                 for index in range(num_blocks)
             ]
         )
+    elif blocks == "batched":
+        # vmapped, the band slices become one gather and the matmuls one batched matmul; a row whose
+        # bands exceed group_bytes runs them in groups, one after another (lax.map's batch_size)
+        group = max(group_bytes // (width * dim * unit_keys.dtype.itemsize), 1)
+        arguments = (starts, queries, block_neighbours)
+        if group >= num_blocks:
+            cosines = jax.vmap(one_block)(arguments)
+        else:
+            cosines = lax.map(one_block, arguments, batch_size=group)
     else:
-        group = 1
-        if blocks == "batched":
-            group = min(max(group_bytes // (width * dim * unit_keys.dtype.itemsize), 1), num_blocks)
-        # lax.map with batch_size: groups of blocks vmapped (the band slices become one gather and
-        # the matmuls one batched matmul), the groups in a loop
-        cosines = lax.map(
-            one_block, (starts, queries, block_neighbours), batch_size=group if group > 1 else None
-        )
+        cosines = lax.map(one_block, (starts, queries, block_neighbours))
     return cosines.reshape(num_blocks * block, -1)[:num_tokens]
