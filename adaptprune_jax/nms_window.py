@@ -4,8 +4,8 @@ Only pairs of one grid within ``distance_limit`` cells have a suppression factor
 81 per token at the default limit of 5), so the window form keeps, per token, its K candidate
 neighbours (N, K) instead of the dense (N, N) matrix (34 MB per row at LLaVA-NeXT's 2,928 image
 tokens). The cosines come from a banded matmul: the tokens in blocks of consecutive indices, each
-block against the keys within ``reach`` indices of it, one slice of the keys per block, so the keys
-are read a few times from memory, never K times, and no (N, K, D) array exists.
+block against the keys within ``reach`` indices of it (its band), all blocks in one batched matmul,
+so the keys are copied a few times (the bands), never K times, and no (N, K, D) array exists.
 
 Neighbours come from the layout, per row (rows of one batch may hold different layouts): every grid
 laid out row-major with a row stride of its own (token ``first + row * stride + col``; a newline
