@@ -54,7 +54,7 @@ def _set_table_sizes(count: int) -> list[int]:
     return sizes
 
 
-def _insert(table: jax.Array, key: jax.Array, entry: jax.Array, size: int) -> jax.Array:
+def _insert(table: jax.Array, key: jax.Array, entry: jax.Array, size: int | jax.Array) -> jax.Array:
     """Put ``entry`` in the slot CPython's probing finds for the non-negative int ``key`` (its own
     hash) in the first ``size`` slots of ``table`` (-1 = empty)."""
     mask = size - 1
@@ -75,28 +75,42 @@ def _insert(table: jax.Array, key: jax.Array, entry: jax.Array, size: int) -> ja
 
 def set_iteration_order(keys: jax.Array) -> jax.Array:
     """The order in which ``list(set(keys))`` lists distinct non-negative ints, as indices into ``keys``
-    (last axis; batched over the others). Negative keys (padding) are read as 0, so probing ends."""
+    (last axis; batched over the others). Negative keys (padding) are read as 0, so probing ends.
+
+    The insertions run as one loop over a table of the largest size the set reaches (its size before
+    and after each insertion a static schedule), so a program compiles one insertion and one resize,
+    not one per key."""
     keys = jnp.maximum(keys, 0)
     count = keys.shape[-1]
     sizes = _set_table_sizes(count)
+    capacity = max(sizes)
+    sizes_before = jnp.asarray([_SET_MIN_SIZE, *sizes[:-1]], jnp.int32)
+    sizes_after = jnp.asarray(sizes, jnp.int32)
 
     def one_row(row):
         row = row.astype(jnp.int32)
-        table, size = jnp.full((max(sizes),), -1, jnp.int32), _SET_MIN_SIZE
-        for index, new_size in enumerate(sizes):
-            table = _insert(table, row[index], jnp.int32(index), size)
-            if new_size != size:  # a resize re-inserts the entries in slot order
-                old, table = table, jnp.full_like(table, -1)
-                for slot in range(size):
-                    entry = old[slot]
-                    table = lax.cond(
-                        entry >= 0,
-                        lambda t, e=entry, s=new_size: _insert(t, row[jnp.maximum(e, 0)], e, s),
-                        lambda t: t,
-                        table,
-                    )
-                size = new_size
-        order = jnp.argsort(jnp.where(table >= 0, jnp.arange(table.shape[0]), table.shape[0]), stable=True)
+
+        def resized(old, new_size):
+            """A resize: the entries re-inserted in slot order into an empty table of ``new_size``."""
+
+            def reinsert(slot, table):
+                entry = old[slot]
+                return lax.cond(
+                    entry >= 0,
+                    lambda t: _insert(t, row[jnp.maximum(entry, 0)], entry, new_size),
+                    lambda t: t,
+                    table,
+                )
+
+            return lax.fori_loop(0, capacity, reinsert, jnp.full_like(old, -1))
+
+        def insert_next(index, table):
+            size, new_size = sizes_before[index], sizes_after[index]
+            table = _insert(table, row[index], index, size)
+            return lax.cond(new_size != size, resized, lambda t, _: t, table, new_size)
+
+        table = lax.fori_loop(0, count, insert_next, jnp.full((capacity,), -1, jnp.int32))
+        order = jnp.argsort(jnp.where(table >= 0, jnp.arange(capacity), capacity), stable=True)
         return table[order[:count]]
 
     flat = keys.reshape(-1, count)
