@@ -163,11 +163,10 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
         )
         return output
 
-    record.rows = rows
     if settings.factor_parts:
         for part, program in factor_programs.items():
             outputs[part] = record(part, lambda p=program: p(keys, layout_arrays))
-        time_band_cosines(settings, layout_arrays, keys, record)
+        time_band_cosines(settings, layout_arrays, keys, record, rows)
     if not settings.loop_warps:
         return rows
     dense = outputs.get("dense factors")
@@ -206,7 +205,7 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     return rows
 
 
-def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record) -> None:
+def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record, rows: list[dict]) -> None:
     """The window form's cosines alone per block size and way of running the blocks, each with how
     many of its cosines differ from the dense form's (N, N) matmul on this device, and by how much."""
     import jax
@@ -247,7 +246,7 @@ def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record) 
                 "max_abs_difference_from_dense": float(jnp.max(difference)),
             }
             print(f"    against the dense matmul: {agreement}", flush=True)
-            record.rows[-1].update(agreement)
+            rows[-1].update(agreement)
 
 
 def measure(settings: SelectSpeedConfig) -> list[dict]:
