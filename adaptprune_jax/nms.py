@@ -152,7 +152,6 @@ def window_suppression_factors(
     distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
-    band_blocks: str = "batched",
 ):
     """The window form of :func:`suppression_factors` for one row: ``(neighbours, factors, layout_ok,
     band_ok)``.
@@ -161,7 +160,6 @@ def window_suppression_factors(
     (N, K) float32 the factor ``F[i, neighbours[i, k]]`` (1 where none); every pair not listed has
     factor 1. ``distance_limit`` must be a static number. The selections equal the dense form's only
     where ``layout_ok`` and ``band_ok`` hold (see :func:`nms_window.window_neighbours`).
-    ``band_blocks``: how the cosines' blocks run (:func:`nms_window.band_cosines`).
     """
     num_tokens = keys.shape[-2]
     layout = square_layout(num_tokens) if layout is None else layout
@@ -169,7 +167,7 @@ def window_suppression_factors(
     neighbours, squared_distance, same_grid, layout_ok, band_ok = window_neighbours(
         layout, window_offsets(distance_limit), block, reach
     )
-    cosine = band_cosines(l2_normalize(keys), neighbours, block, reach, precision, blocks=band_blocks)
+    cosine = band_cosines(l2_normalize(keys), neighbours, block, reach, precision)
     factors = pair_factor(
         cosine,
         squared_distance,

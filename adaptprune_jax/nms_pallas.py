@@ -49,6 +49,8 @@ the default: one reduction instead of two per pick, as fast at batch 1 and faste
 
 def _pick(scores, token, padded_tokens, pick):
     """The highest score's token, the first on ties."""
+    if pick not in PICKS:
+        raise ValueError(f"unknown pick {pick!r}; known: {', '.join(PICKS)}.")
     if pick == "argmax":
         return jnp.argmax(scores).astype(jnp.int32)
     best = jnp.max(scores)

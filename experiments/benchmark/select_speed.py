@@ -43,7 +43,7 @@ class SelectSpeedConfig:
         "these warp counts per row's program (0 = Triton's default, what the selection runs with): where a selection's time goes.",
     )
     loop_picks: tuple[str, ...] = setting(
-        ("max_then_index",), "With --loop_warps: the pick reductions to time (nms_pallas.PICKS)."
+        ("argmax",), "With --loop_warps: the pick reductions to time (nms_pallas.PICKS)."
     )
     loop_near_only: tuple[str, ...] = setting(
         ("false",),
@@ -121,9 +121,9 @@ def time_variant(
 
 
 def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
-    """Where a selection's time goes: the suppression factors alone (dense; window with its blocks in a
-    loop and unrolled) and the Pallas greedy loop alone on precomputed factors, per pick reduction,
-    window gather (all tokens or only the window's) and warp count."""
+    """Where a selection's time goes: the suppression factors alone (dense, window; the window's cosines
+    per block mode) and the Pallas greedy loop alone on precomputed factors, per pick reduction, window
+    gather (all tokens or only the window's) and warp count."""
     import jax
     import jax.numpy as jnp
 

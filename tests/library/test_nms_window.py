@@ -353,3 +353,10 @@ def test_every_band_block_mode_gives_the_dense_cosines(blocks):
     np.testing.assert_array_equal(np.asarray(cosines)[listed], at_neighbours[listed])
     with pytest.raises(ValueError, match="unknown band blocks 'scan'"):
         nms_window.band_cosines(unit, neighbours, block, reach, "highest", blocks="scan")
+
+
+def test_an_unknown_pallas_pick_is_refused():
+    from adaptprune_jax.nms_pallas import greedy_order_pallas
+
+    with pytest.raises(ValueError, match="unknown pick 'median'"):
+        greedy_order_pallas(jnp.ones((1, 8, 8)), jnp.ones((1, 8)), 2, interpret=True, pick="median")
