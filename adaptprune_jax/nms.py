@@ -39,6 +39,7 @@ from adaptprune_jax.grid import (
 from adaptprune_jax.nms_window import (
     band_cosines,
     band_geometry,
+    band_partners,
     window_neighbours,
     window_offsets,
     window_pays_off,
@@ -110,6 +111,15 @@ def pair_factor(
     return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
 
 
+def _layout_coordinates(layout: TokenLayout):
+    """(row, col, grid) of a layout as arrays XLA cannot constant-fold: with a static layout it would
+    otherwise evaluate the spatial factor on the host, whose exp differs from the compiled one in the
+    last bit, so a form's factors would depend on whether the layout was traced."""
+    return lax.optimization_barrier(
+        (jnp.asarray(layout.row, jnp.float32), jnp.asarray(layout.col, jnp.float32), jnp.asarray(layout.grid))
+    )
+
+
 def suppression_factors(
     keys: jax.Array,
     *,
@@ -130,8 +140,7 @@ def suppression_factors(
     layout = square_layout(num_tokens) if layout is None else layout
     unit_keys = l2_normalize(keys)
     cosine = jnp.einsum("id,jd->ij", unit_keys, unit_keys, precision=precision)
-    row, col = jnp.asarray(layout.row, jnp.float32), jnp.asarray(layout.col, jnp.float32)
-    grid = jnp.asarray(layout.grid)
+    row, col, grid = _layout_coordinates(layout)
     squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
     same_grid = (grid[:, None] == grid[None, :]) & (grid[:, None] != NO_GRID)
     return pair_factor(
@@ -177,6 +186,44 @@ def window_suppression_factors(
         similarity_sigma=similarity_sigma,
     )
     return neighbours, factors, layout_ok, band_ok
+
+
+def band_suppression_factors(
+    keys: jax.Array,
+    *,
+    layout: TokenLayout | None = None,
+    distance_limit: float = DEFAULT_DISTANCE_LIMIT,
+    distance_sigma: float = DEFAULT_DISTANCE_SIGMA,
+    similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
+    precision: lax.PrecisionLike = SIMILARITY_PRECISION,
+) -> jax.Array:
+    """The window form's factors on its band, for one row: (N, block + 2 reach) float32, position p of
+    token i holding ``F[i, j]`` for j = ``nms_window.band_partners(N, block, reach)[i, p]`` (1 where
+    j is no token); ``(block, reach) = nms_window.band_geometry(distance_limit, N)``.
+
+    Why: a greedy loop reads the kept token's factors as one contiguous band row, as the dense loop
+    reads a matrix row, instead of locating the window's cells among all tokens at every pick. Every
+    pair the dense form suppresses lies in the band where the window form's checks hold
+    (:func:`window_suppression_factors`'s ``layout_ok`` and ``band_ok``), and each factor is the dense
+    form's, bit for bit, wherever the band cosines equal the dense matmul's (the batched blocks do).
+    """
+    num_tokens = keys.shape[-2]
+    layout = square_layout(num_tokens) if layout is None else layout
+    block, reach = band_geometry(distance_limit, num_tokens)
+    partner = jnp.asarray(band_partners(num_tokens, block, reach))
+    is_token = (partner >= 0) & (partner < num_tokens)
+    at = jnp.clip(partner, 0, num_tokens - 1)
+    row, col, grid = _layout_coordinates(layout)
+    squared_distance = (row[:, None] - row[at]) ** 2 + (col[:, None] - col[at]) ** 2
+    same_grid = is_token & (grid[:, None] == grid[at]) & (grid[:, None] != NO_GRID)
+    return pair_factor(
+        band_cosines(l2_normalize(keys), None, block, reach, precision),
+        squared_distance,
+        same_grid,
+        distance_limit=distance_limit,
+        distance_sigma=distance_sigma,
+        similarity_sigma=similarity_sigma,
+    )
 
 
 def _greedy_order(suppress, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
@@ -357,16 +404,19 @@ def adaptive_nms_order(
         return jax.vmap(lambda f, s: _dense_greedy_order(f, s, keep, unroll))(factors, flat_scores)
 
     def window_order():
+        if implementation == "pallas":  # the kernel reads band rows (see band_suppression_factors)
+            from adaptprune_jax.nms_pallas import greedy_order_pallas_band
+
+            block, reach = band_geometry(float(distance_limit), num_tokens)
+            factors = jax.vmap(lambda k, lay: band_suppression_factors(k, layout=lay, **hyper))(
+                flat_keys, flat_layout
+            )
+            return over_mesh_rows(
+                lambda f, s: greedy_order_pallas_band(f, s, block, reach, keep, interpret=interpret)
+            )(factors, flat_scores)
         neighbours, factors, _, _ = jax.vmap(
             lambda k, lay: window_suppression_factors(k, layout=lay, **hyper)
         )(flat_keys, flat_layout)
-        if implementation == "pallas":
-            from adaptprune_jax.nms_pallas import greedy_order_pallas_window
-
-            offsets = window_offsets(distance_limit)
-            return over_mesh_rows(
-                lambda f, s, lay: greedy_order_pallas_window(f, s, lay, offsets, keep, interpret=interpret)
-            )(factors, flat_scores, flat_layout)
         return jax.vmap(lambda n, f, s: _window_greedy_order(n, f, s, keep, unroll))(
             neighbours, factors, flat_scores
         )

@@ -117,6 +117,37 @@ def _window_kernel(
     order_ref[...] = lax.fori_loop(0, keep, pick_one, initial)[1]
 
 
+def _band_kernel(
+    scores_ref,
+    factors_ref,
+    order_ref,
+    *,
+    keep: int,
+    padded_tokens: int,
+    padded_keep: int,
+    block: int,
+    reach: int,
+    width: int,
+    pick: str,
+):
+    token = lax.broadcasted_iota(jnp.int32, (padded_tokens,), 0)
+    slot = lax.broadcasted_iota(jnp.int32, (padded_keep,), 0)
+
+    def pick_one(step, state):
+        scores, order = state
+        chosen = _pick(scores, token, padded_tokens, pick)
+        position = token - (chosen // block * block - reach)  # each token's place in the chosen's band
+        in_band = (position >= 0) & (position < width)
+        factor = pallas_triton.load(
+            factors_ref.at[chosen, jnp.where(in_band, position, 0)], mask=in_band, other=1.0
+        )
+        scores = jnp.where((token == chosen) | (scores == -jnp.inf), -jnp.inf, scores * factor)
+        return scores, jnp.where(slot == step, chosen, order)
+
+    initial = (scores_ref[...], jnp.zeros((padded_keep,), jnp.int32))
+    order_ref[...] = lax.fori_loop(0, keep, pick_one, initial)[1]
+
+
 def _row_spec(size: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, size), lambda b: (b, 0))
 
@@ -243,4 +274,55 @@ def _window_order(
         interpret=interpret,
         compiler_params=_compiler_params(num_warps, interpret),
     )(*inputs)
+    return order[:, :keep]
+
+
+@functools.partial(jax.jit, static_argnames=("block", "reach", "keep", "interpret", "num_warps", "pick"))
+def greedy_order_pallas_band(
+    factors: jax.Array,
+    scores: jax.Array,
+    block: int,
+    reach: int,
+    keep: int,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    pick: str = "argmax",
+) -> jax.Array:
+    """Selection order (B, keep) int32 for scores (B, N) and band factors (B, N, block + 2 reach) as
+    ``nms.band_suppression_factors`` returns them: per pick one masked load of the kept token's band
+    row, the scores held in registers as in the dense kernel."""
+    batch, num_tokens = scores.shape
+    width = block + 2 * reach
+    padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
+    padded_width = _next_power_of_two(width)
+    scores = jnp.pad(
+        scores.astype(jnp.float32), ((0, 0), (0, padded_tokens - num_tokens)), constant_values=-jnp.inf
+    )
+    factors = jnp.pad(
+        factors.astype(jnp.float32),
+        ((0, 0), (0, padded_tokens - num_tokens), (0, padded_width - width)),
+        constant_values=1.0,
+    )
+    kernel = functools.partial(
+        _band_kernel,
+        keep=keep,
+        padded_tokens=padded_tokens,
+        padded_keep=padded_keep,
+        block=block,
+        reach=reach,
+        width=width,
+        pick=pick,
+    )
+    order = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((batch, padded_keep), jnp.int32),
+        grid=(batch,),
+        in_specs=[
+            _row_spec(padded_tokens),
+            pl.BlockSpec((None, padded_tokens, padded_width), lambda b: (b, 0, 0)),
+        ],
+        out_specs=_row_spec(padded_keep),
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, interpret),
+    )(scores, factors)
     return order[:, :keep]

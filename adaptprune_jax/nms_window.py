@@ -149,22 +149,31 @@ tokens at 4,096-wide keys in one matmul, the configuration measured on the GPU);
 are this form's largest temporary, so a wider or longer row runs its blocks in groups."""
 
 
+def band_partners(num_tokens: int, block: int, reach: int) -> np.ndarray:
+    """(N, block + 2 reach) int32: the token each band position of each token's row stands for (its
+    block's first token minus ``reach``, onwards; outside 0..N-1 where the band overhangs the row)."""
+    first = np.arange(num_tokens) // block * block - reach
+    return (first[:, None] + np.arange(block + 2 * reach)[None, :]).astype(np.int32)
+
+
 def band_cosines(
     unit_keys: jax.Array,
-    neighbours: jax.Array,
+    neighbours: jax.Array | None,
     block: int,
     reach: int,
     precision: lax.PrecisionLike,
     blocks: str = "batched",
     group_bytes: int = BAND_GROUP_BYTES,
 ) -> jax.Array:
-    """cos(token i, its k-th neighbour) (N, K) for one row of unit keys (N, D), block by block.
+    """cos(token i, its k-th neighbour) (N, K) for one row of unit keys (N, D), block by block; with
+    ``neighbours`` None, every band position instead: (N, block + 2 reach), position p of token i
+    being its partner ``band_partners(...)[i, p]`` (an arbitrary value where that is no token).
 
     Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
     token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS. Why
     'batched' by default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU
-    and on an H100 (measured at 2,928 tokens), where the loop's 2-D matmuls differ there in the last
+    and on an H100 and an H200 (measured at 2,928 tokens), where the loop's 2-D matmuls differ there in the last
     bits, and it is the fastest of the three on the GPU.
     """
     if blocks not in BAND_BLOCKS:
@@ -175,6 +184,9 @@ def band_cosines(
     width = block + 2 * reach
     band_keys = jnp.pad(unit_keys, ((reach, padding + reach), (0, 0)))
     queries = jnp.pad(unit_keys, ((0, padding), (0, 0))).reshape(num_blocks, block, dim)
+    whole_tile = neighbours is None
+    if whole_tile:
+        neighbours = jnp.zeros((num_tokens, 0), jnp.int32)
     block_neighbours = jnp.pad(neighbours, ((0, padding), (0, 0))).reshape(num_blocks, block, -1)
     starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
 
@@ -182,6 +194,8 @@ def band_cosines(
         start, block_queries, block_neighbour = args
         band = lax.dynamic_slice_in_dim(band_keys, start, width)
         tile = jnp.einsum("qd,sd->qs", block_queries, band, precision=precision)
+        if whole_tile:
+            return tile
         local = jnp.clip(block_neighbour - start + reach, 0, width - 1)
         return jnp.take_along_axis(tile, local, axis=1)
 

@@ -39,7 +39,7 @@ class SelectSpeedConfig:
     )
     loop_warps: tuple[int, ...] = setting(
         (),
-        "Also time the Pallas greedy loop alone (factors precomputed), dense and window forms, with each of "
+        "Also time the Pallas greedy loop alone (factors precomputed), dense, band and window forms, with each of "
         "these warp counts per row's program (0 = Triton's default, what the selection runs with): where a selection's time goes.",
     )
     loop_picks: tuple[str, ...] = setting(
@@ -122,13 +122,18 @@ def time_variant(
 
 def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
     """Where a selection's time goes: the suppression factors alone (dense, window; the window's cosines
-    per block mode) and the Pallas greedy loop alone on precomputed factors, per pick reduction, window
-    gather (all tokens or only the window's) and warp count."""
+    per block mode) and the Pallas greedy loop alone on precomputed factors (dense rows, band rows, or
+    the window square), per pick reduction, window gather (all tokens or only the window's) and warp
+    count."""
     import jax
     import jax.numpy as jnp
 
     import adaptprune_jax as prune
-    from adaptprune_jax.nms_pallas import greedy_order_pallas, greedy_order_pallas_window
+    from adaptprune_jax.nms_pallas import (
+        greedy_order_pallas,
+        greedy_order_pallas_band,
+        greedy_order_pallas_window,
+    )
 
     batch_layout = layout.broadcast(attention.shape[:1])
     scores = prune.nms.adaptprune_scores(attention, batch_layout, prune.AdaptPruneConfig().prior_sigma)
@@ -138,7 +143,9 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
         "window factors": jax.jit(
             jax.vmap(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1])
         ),
+        "band factors": jax.jit(jax.vmap(lambda k, lay: prune.nms.band_suppression_factors(k, layout=lay))),
     }
+    block, reach = prune.nms_window.band_geometry(prune.nms.DEFAULT_DISTANCE_LIMIT, layout.num_tokens)
     layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
     rows, outputs = [], {}
 
@@ -175,13 +182,19 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     window = outputs.get("window factors")
     if window is None:
         window = factor_programs["window factors"](keys, layout_arrays)
+    band = outputs.get("band factors")
+    if band is None:
+        band = factor_programs["band factors"](keys, layout_arrays)
     interpret = jax.default_backend() != "gpu"  # Pallas' interpreter off the GPU: a smoke run, not a speed
     reference = {}
     for warps in settings.loop_warps:
         for pick in settings.loop_picks:
             common = dict(interpret=interpret, num_warps=warps or None, pick=pick)
             variants = {
-                ("dense", False): lambda c=common: greedy_order_pallas(dense, scores, settings.keep, **c)
+                ("dense", False): lambda c=common: greedy_order_pallas(dense, scores, settings.keep, **c),
+                ("band", False): lambda c=common: greedy_order_pallas_band(
+                    band, scores, block, reach, settings.keep, **c
+                ),
             }
             for gather in settings.loop_near_only:
                 if gather.lower() not in ("true", "false"):
@@ -199,8 +212,8 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
                     near_only=near_only,
                     num_warps=warps or "default",
                 )
-                # every variant must select what the first one of its form did
-                first = reference.setdefault(form, order)
+                # every variant, of every form, must select what the first one did
+                first = reference.setdefault("order", order)
                 rows[-1]["same_order_as_first_variant"] = bool(jnp.array_equal(order, first))
     return rows
 

@@ -89,6 +89,36 @@ def test_window_factors_are_the_dense_factors_bit_for_bit():
     assert np.all(dense[unlisted] == 1.0) and (dense < 1.0).sum() > 10 * num_tokens  # not vacuous
 
 
+def test_band_factors_are_the_dense_factors_bit_for_bit():
+    """Each band position holds the dense factor of its partner token, bit for bit (1 where the band
+    overhangs the row), and every dense factor below 1 is in the band; with the layout static (as
+    here) and traced alike."""
+    layout = anyres_layout(48, 48)
+    keys = smooth_keys(np.random.default_rng(0), layout, 16)
+    num_tokens = layout.num_tokens
+    block, reach = nms_window.band_geometry(5.0, num_tokens)
+    partner = nms_window.band_partners(num_tokens, block, reach)
+    is_token = (partner >= 0) & (partner < num_tokens)
+    rows = np.broadcast_to(np.arange(num_tokens)[:, None], partner.shape)
+    static = jax.jit(
+        lambda k: (
+            prune.suppression_factors(k, layout=layout),
+            nms.band_suppression_factors(k, layout=layout),
+        )
+    )
+    traced = jax.jit(
+        lambda k, lay: (prune.suppression_factors(k, layout=lay), nms.band_suppression_factors(k, layout=lay))
+    )
+    for dense, band in (static(keys), traced(keys, jax.tree_util.tree_map(jnp.asarray, layout))):
+        dense, band = np.asarray(dense), np.asarray(band)
+        assert band.shape == (num_tokens, block + 2 * reach)
+        np.testing.assert_array_equal(band[is_token], dense[rows[is_token], partner[is_token]])
+        assert np.all(band[~is_token] == 1.0)
+        in_band = np.zeros_like(dense, bool)
+        in_band[rows[is_token], partner[is_token]] = True
+        assert np.all(dense[~in_band] == 1.0) and (band < 1.0).sum() > 10 * num_tokens  # not vacuous
+
+
 # ----------------------------------------------------------------------------- selections
 
 
@@ -279,17 +309,24 @@ def test_cls_token_of_full_features_is_always_kept():
 
 
 def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
-    """The kernels' tuning variants (one argmax or a max then an index reduction; the window gather
-    of every lane or only the window's) on tied scores, all-zero scores and a padded row: one order."""
-    from adaptprune_jax.nms_pallas import PICKS, greedy_order_pallas, greedy_order_pallas_window
+    """The kernels' tuning variants (one argmax or a max then an index reduction; the band row, or the
+    window square's gather of every lane or only the window's) on tied scores, all-zero scores and a
+    padded row: one order."""
+    from adaptprune_jax.nms_pallas import (
+        PICKS,
+        greedy_order_pallas,
+        greedy_order_pallas_band,
+        greedy_order_pallas_window,
+    )
 
     rng = np.random.default_rng(7)
-    layout = anyres_layout(9, 12, base=6)
+    layout = anyres_layout(16, 20, base=6)
     keys = jnp.asarray(smooth_keys(rng, layout, 8))
-    dense, (_, window, layout_ok, band_ok) = jax.jit(
+    dense, (_, window, layout_ok, band_ok), band = jax.jit(
         lambda k: (
             prune.suppression_factors(k, layout=layout, distance_limit=2.0),
             prune.window_suppression_factors(k, layout=layout, distance_limit=2.0),
+            nms.band_suppression_factors(k, layout=layout, distance_limit=2.0),
         )
     )(keys)
     assert bool(layout_ok) and bool(band_ok)
@@ -302,14 +339,20 @@ def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
     ).astype(np.float32)
     rows = len(scores)
     batch_layout = jax.tree_util.tree_map(jnp.asarray, layout.broadcast((rows,)))
-    dense, window = jnp.stack([dense] * rows), jnp.stack([window] * rows)
+    dense, window, band = (jnp.stack([factors] * rows) for factors in (dense, window, band))
     offsets, keep = window_offsets(2.0), 30
+    block, reach = nms_window.band_geometry(2.0, layout.num_tokens)
+    assert block + 2 * reach < layout.num_tokens  # a band narrower than the row
     interpret = jax.default_backend() != "gpu"  # on a GPU the Triton kernels themselves
     expected = np.asarray(greedy_order_pallas(dense, scores, keep, interpret=interpret))
     np.testing.assert_array_equal(expected[-1], np.arange(keep))  # all-zero scores: first indices
     for pick in PICKS:
         dense_order = greedy_order_pallas(dense, scores, keep, interpret=interpret, pick=pick)
         np.testing.assert_array_equal(dense_order, expected, err_msg=pick)
+        band_order = greedy_order_pallas_band(
+            band, scores, block, reach, keep, interpret=interpret, pick=pick
+        )
+        np.testing.assert_array_equal(band_order, expected, err_msg=f"band {pick}")
         for near_only in (False, True):
             window_order = greedy_order_pallas_window(
                 window,
