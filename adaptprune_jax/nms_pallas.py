@@ -7,10 +7,10 @@ loop: per iteration one argmax (first index on ties), one row read of the precom
 suppression matrix (L2-resident) and one multiply. Same semantics as the XLA loop in nms.py: ties go
 to the first index, kept tokens are masked to -inf so none is kept twice, even with all-zero scores.
 
-The window form (``greedy_order_pallas_window``) holds per token only the factors of its window,
-laid out on the square of cell offsets, and each pick reads them where the layout puts a token of
-the kept token's grid within that square: one gathered load of the kept token's row instead of a
-row of the (N, N) matrix; scores stay in registers, no scatter.
+The window form (``greedy_order_pallas_band``) holds per token only the factors of its band (the
+tokens a few grid rows either side, where every pair of its window lies): each pick loads the kept
+token's band row with one masked load at the band's offset, as the dense kernel loads a matrix row;
+scores stay in registers, no scatter.
 
 Triton blocks are powers of two, so tokens are padded (padding scores -inf, never chosen). Runs on
 the CPU in Pallas interpret mode for tests.
@@ -22,12 +22,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
-
-from adaptprune_jax.grid import NO_GRID, TokenLayout
 
 
 def _next_power_of_two(n: int) -> int:
@@ -68,49 +65,6 @@ def _greedy_kernel(
         chosen = _pick(scores, token, padded_tokens, pick)
         row = factors_ref[chosen, :]
         scores = jnp.where((token == chosen) | (scores == -jnp.inf), -jnp.inf, scores * row)
-        return scores, jnp.where(slot == step, chosen, order)
-
-    initial = (scores_ref[...], jnp.zeros((padded_keep,), jnp.int32))
-    order_ref[...] = lax.fori_loop(0, keep, pick_one, initial)[1]
-
-
-def _window_kernel(
-    scores_ref,
-    row_ref,
-    col_ref,
-    grid_ref,
-    factors_ref,
-    order_ref,
-    *,
-    keep: int,
-    padded_tokens: int,
-    padded_keep: int,
-    span: int,
-    pick: str,
-    near_only: bool,
-):
-    token = lax.broadcasted_iota(jnp.int32, (padded_tokens,), 0)
-    slot = lax.broadcasted_iota(jnp.int32, (padded_keep,), 0)
-    rows, cols, grids = row_ref[...], col_ref[...], grid_ref[...]
-
-    def pick_one(step, state):
-        scores, order = state
-        chosen = _pick(scores, token, padded_tokens, pick)
-        d_row, d_col, chosen_grid = rows - row_ref[chosen], cols - col_ref[chosen], grid_ref[chosen]
-        near = (
-            (grids == chosen_grid)
-            & (chosen_grid != NO_GRID)
-            & (jnp.abs(d_row) <= span)
-            & (jnp.abs(d_col) <= span)
-        )
-        offset = jnp.where(near, (d_row + span) * (2 * span + 1) + (d_col + span), 0).astype(jnp.int32)
-        if near_only:  # no memory traffic for the tokens outside the window
-            factor = pallas_triton.load(factors_ref.at[chosen, offset], mask=near, other=1.0)
-        else:
-            factor = factors_ref[chosen, offset]
-        scores = jnp.where(
-            (token == chosen) | (scores == -jnp.inf), -jnp.inf, jnp.where(near, scores * factor, scores)
-        )
         return scores, jnp.where(slot == step, chosen, order)
 
     initial = (scores_ref[...], jnp.zeros((padded_keep,), jnp.int32))
@@ -183,97 +137,6 @@ def greedy_order_pallas(
         interpret=interpret,
         compiler_params=_compiler_params(num_warps, interpret),
     )(scores, factors)
-    return order[:, :keep]
-
-
-def greedy_order_pallas_window(
-    factors: jax.Array,
-    scores: jax.Array,
-    layout: TokenLayout,
-    offsets: np.ndarray,
-    keep: int,
-    interpret: bool = False,
-    num_warps: int | None = None,
-    pick: str = "argmax",
-    near_only: bool = False,
-) -> jax.Array:
-    """Selection order (B, keep) int32 for scores (B, N), window factors (B, N, K) at the cell
-    ``offsets`` (K, 2) (as ``nms.window_suppression_factors`` returns them) and the (B, N) layout,
-    which must be one the window form accepts (each cell of a grid held by one token)."""
-    span = int(np.abs(offsets).max())
-    width = 2 * span + 1
-    slots = tuple(int(slot) for slot in (offsets[:, 0] + span) * width + offsets[:, 1] + span)
-    return _window_order(
-        factors,
-        scores,
-        layout.row,
-        layout.col,
-        layout.grid,
-        slots=slots,
-        keep=keep,
-        span=span,
-        interpret=interpret,
-        num_warps=num_warps,
-        pick=pick,
-        near_only=near_only,
-    )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("slots", "keep", "span", "interpret", "num_warps", "pick", "near_only")
-)
-def _window_order(
-    factors,
-    scores,
-    row,
-    col,
-    grid,
-    *,
-    slots: tuple[int, ...],
-    keep: int,
-    span: int,
-    interpret: bool,
-    num_warps: int | None,
-    pick: str,
-    near_only: bool,
-):
-    batch, num_tokens = scores.shape
-    padded_tokens, padded_keep = _next_power_of_two(num_tokens), _next_power_of_two(keep)
-    padded_offsets = _next_power_of_two((2 * span + 1) ** 2)
-    pad = padded_tokens - num_tokens
-
-    def pad_tokens(x, value):
-        return jnp.pad(x, ((0, 0), (0, pad)), constant_values=value)
-
-    inputs = (
-        pad_tokens(scores.astype(jnp.float32), -jnp.inf),
-        pad_tokens(jnp.asarray(row, jnp.float32), 0.0),
-        pad_tokens(jnp.asarray(col, jnp.float32), 0.0),
-        pad_tokens(jnp.asarray(grid, jnp.int32), NO_GRID),
-        # each token's factors on the (padded) square of offsets: 1 where the window has no pair
-        jnp.ones((batch, padded_tokens, padded_offsets), jnp.float32)
-        .at[:, :num_tokens, np.asarray(slots)]
-        .set(factors.astype(jnp.float32)),
-    )
-    kernel = functools.partial(
-        _window_kernel,
-        keep=keep,
-        padded_tokens=padded_tokens,
-        padded_keep=padded_keep,
-        span=span,
-        pick=pick,
-        near_only=near_only,
-    )
-    order = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, padded_keep), jnp.int32),
-        grid=(batch,),
-        in_specs=[_row_spec(padded_tokens)] * 4
-        + [pl.BlockSpec((None, padded_tokens, padded_offsets), lambda b: (b, 0, 0))],
-        out_specs=_row_spec(padded_keep),
-        interpret=interpret,
-        compiler_params=_compiler_params(num_warps, interpret),
-    )(*inputs)
     return order[:, :keep]
 
 

@@ -39,16 +39,11 @@ class SelectSpeedConfig:
     )
     loop_warps: tuple[int, ...] = setting(
         (),
-        "Also time the Pallas greedy loop alone (factors precomputed), dense, band and window forms, with each of "
+        "Also time the Pallas greedy loop alone (factors precomputed), dense and band (the window form's) rows, with each of "
         "these warp counts per row's program (0 = Triton's default, what the selection runs with): where a selection's time goes.",
     )
     loop_picks: tuple[str, ...] = setting(
         ("argmax",), "With --loop_warps: the pick reductions to time (nms_pallas.PICKS)."
-    )
-    loop_near_only: tuple[str, ...] = setting(
-        ("false",),
-        "With --loop_warps: the window kernel's gathers to time: false (every token's lane loads a factor), "
-        "true (only the window's tokens load).",
     )
     factor_parts: bool = setting(
         False,
@@ -122,9 +117,8 @@ def time_variant(
 
 def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
     """Where a selection's time goes: the suppression factors alone (dense, window; the window's cosines
-    per block mode) and the Pallas greedy loop alone on precomputed factors (dense rows, band rows, or
-    the window square), per pick reduction, window gather (all tokens or only the window's) and warp
-    count."""
+    per block mode) and the Pallas greedy loop alone on precomputed factors (dense rows or band rows),
+    per pick reduction and warp count."""
     import jax
     import jax.numpy as jnp
 
@@ -132,12 +126,10 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     from adaptprune_jax.nms_pallas import (
         greedy_order_pallas,
         greedy_order_pallas_band,
-        greedy_order_pallas_window,
     )
 
     batch_layout = layout.broadcast(attention.shape[:1])
     scores = prune.nms.adaptprune_scores(attention, batch_layout, prune.AdaptPruneConfig().prior_sigma)
-    offsets = prune.nms_window.window_offsets(prune.nms.DEFAULT_DISTANCE_LIMIT)
     factor_programs = {
         "dense factors": jax.jit(jax.vmap(lambda k, lay: prune.nms.suppression_factors(k, layout=lay))),
         "window factors": jax.jit(
@@ -179,9 +171,6 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     dense = outputs.get("dense factors")
     if dense is None:
         dense = factor_programs["dense factors"](keys, layout_arrays)
-    window = outputs.get("window factors")
-    if window is None:
-        window = factor_programs["window factors"](keys, layout_arrays)
     band = outputs.get("band factors")
     if band is None:
         band = factor_programs["band factors"](keys, layout_arrays)
@@ -191,25 +180,17 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
         for pick in settings.loop_picks:
             common = dict(interpret=interpret, num_warps=warps or None, pick=pick)
             variants = {
-                ("dense", False): lambda c=common: greedy_order_pallas(dense, scores, settings.keep, **c),
-                ("band", False): lambda c=common: greedy_order_pallas_band(
+                "dense": lambda c=common: greedy_order_pallas(dense, scores, settings.keep, **c),
+                "band": lambda c=common: greedy_order_pallas_band(
                     band, scores, block, reach, settings.keep, **c
                 ),
             }
-            for gather in settings.loop_near_only:
-                if gather.lower() not in ("true", "false"):
-                    raise ValueError(f"--loop_near_only takes true / false, got {gather!r}.")
-                near_only = gather.lower() == "true"
-                variants["window", near_only] = lambda c=common, n=near_only: greedy_order_pallas_window(
-                    window, scores, layout_arrays, offsets, settings.keep, near_only=n, **c
-                )
-            for (form, near_only), fn in variants.items():
+            for form, fn in variants.items():
                 order = record(
                     "pallas loop alone",
                     fn,
                     form=form,
                     pick=pick,
-                    near_only=near_only,
                     num_warps=warps or "default",
                 )
                 # every variant, of every form, must select what the first one did

@@ -168,8 +168,9 @@ def test_window_selects_what_dense_selects_on_the_24x24_grid():
 
 
 def test_pallas_window_kernel_selects_what_the_xla_loops_select():
-    """The window kernel in Pallas interpret mode, on a multi-grid layout with newline tokens and a
-    padded row with invalid slots, and on the 24 x 24 grid."""
+    """The window form's Pallas kernel (band rows), on a multi-grid layout with newline tokens and a
+    padded row with invalid slots (a band as wide as the row), and on the 24 x 24 grid (a narrower
+    band); Pallas' interpreter on the CPU, Triton on a GPU."""
     rng = np.random.default_rng(2)
     layout = prune.stack_layouts([anyres_layout(9, 12, base=6), anyres_layout(7, 10, base=6)])
     num_tokens = layout.num_tokens
@@ -308,28 +309,24 @@ def test_cls_token_of_full_features_is_always_kept():
         prune.AdaptPruneConfig(keep=1).validate(577, 32, layout)
 
 
-def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
-    """The kernels' tuning variants (one argmax or a max then an index reduction; the band row, or the
-    window square's gather of every lane or only the window's) on tied scores, all-zero scores and a
-    padded row: one order."""
+def test_every_pallas_kernel_and_pick_selects_the_same_order():
+    """The kernels' variants (dense rows or band rows; one argmax or a max then an index reduction) on
+    tied scores, all-zero scores and a padded row: one order."""
     from adaptprune_jax.nms_pallas import (
         PICKS,
         greedy_order_pallas,
         greedy_order_pallas_band,
-        greedy_order_pallas_window,
     )
 
     rng = np.random.default_rng(7)
     layout = anyres_layout(16, 20, base=6)
     keys = jnp.asarray(smooth_keys(rng, layout, 8))
-    dense, (_, window, layout_ok, band_ok), band = jax.jit(
+    dense, band = jax.jit(
         lambda k: (
             prune.suppression_factors(k, layout=layout, distance_limit=2.0),
-            prune.window_suppression_factors(k, layout=layout, distance_limit=2.0),
             nms.band_suppression_factors(k, layout=layout, distance_limit=2.0),
         )
     )(keys)
-    assert bool(layout_ok) and bool(band_ok)
     scores = np.stack(
         [
             rng.integers(1, 4, layout.num_tokens) / 4.0,
@@ -338,9 +335,8 @@ def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
         ]
     ).astype(np.float32)
     rows = len(scores)
-    batch_layout = jax.tree_util.tree_map(jnp.asarray, layout.broadcast((rows,)))
-    dense, window, band = (jnp.stack([factors] * rows) for factors in (dense, window, band))
-    offsets, keep = window_offsets(2.0), 30
+    dense, band = (jnp.stack([factors] * rows) for factors in (dense, band))
+    keep = 30
     block, reach = nms_window.band_geometry(2.0, layout.num_tokens)
     assert block + 2 * reach < layout.num_tokens  # a band narrower than the row
     interpret = jax.default_backend() != "gpu"  # on a GPU the Triton kernels themselves
@@ -353,18 +349,6 @@ def test_every_pallas_pick_and_gather_variant_selects_the_same_order():
             band, scores, block, reach, keep, interpret=interpret, pick=pick
         )
         np.testing.assert_array_equal(band_order, expected, err_msg=f"band {pick}")
-        for near_only in (False, True):
-            window_order = greedy_order_pallas_window(
-                window,
-                scores,
-                batch_layout,
-                offsets,
-                keep,
-                interpret=interpret,
-                pick=pick,
-                near_only=near_only,
-            )
-            np.testing.assert_array_equal(window_order, expected, err_msg=f"{pick} near_only={near_only}")
 
 
 @pytest.mark.parametrize("blocks", nms_window.BAND_BLOCKS)
