@@ -63,6 +63,12 @@ def run_worker(spec_json: str, result_path: str) -> None:
         json.dump(result, f)
 
 
+def _raised(precompiled: dict | None) -> bool:
+    """Whether a configuration's pre-compile job raised (not timed out, crashed or ran out of memory):
+    its measuring job would build the same program and raise the same error."""
+    return bool(precompiled) and precompiled.get("status") == "failed" and "traceback" in precompiled
+
+
 def _platform() -> dict:
     """{'platform': ...} of a failed worker that had imported JAX, so a report whose every row failed
     still says where it ran; {} otherwise."""
@@ -165,18 +171,28 @@ def run(settings: BenchmarkConfig) -> None:
         compiled = precompile(runner, configs, common)
     rows, torch_done = report["rows"], set()
     for config, mesh in planned_runs(settings):
-        result = runner.run(
-            f"jax-{config.method}-k{config.keep}-b{config.batch}{mesh_job_suffix(mesh)}",
-            dict(
-                common,
-                kind="jax",
-                mode="measure",
-                method=config.method,
-                keep=config.keep,
-                batch=config.batch,
-                mesh=mesh,
-            ),
-        )
+        name = f"jax-{config.method}-k{config.keep}-b{config.batch}{mesh_job_suffix(mesh)}"
+        if _raised(compiled.get(config)):  # the same program would raise again: no second process
+            result = {
+                k: compiled[config][k] for k in ("status", "error", "traceback") if k in compiled[config]
+            }
+            print(
+                f"[{time.monotonic() - runner.start:6.0f} s] {name}: failed in pre-compile, not run",
+                flush=True,
+            )
+        else:
+            result = runner.run(
+                name,
+                dict(
+                    common,
+                    kind="jax",
+                    mode="measure",
+                    method=config.method,
+                    keep=config.keep,
+                    batch=config.batch,
+                    mesh=mesh,
+                ),
+            )
         if config in compiled:
             result["precompile"] = {
                 k: compiled[config].get(k) for k in ("status", "compile_s", "wall_s", "error")

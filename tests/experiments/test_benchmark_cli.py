@@ -85,7 +85,9 @@ def _full_run(tmp_path_factory, cache_dir):
         "--attention_logits_budget_mb=0.5",
         "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger",
     )
-    return dict(report=report, markdown=markdown, stdout=stdout, profile_dir=str(profile_dir))
+    with open(output_dir / "worker_logs.txt") as f:
+        logs = f.read()
+    return dict(report=report, markdown=markdown, stdout=stdout, logs=logs, profile_dir=str(profile_dir))
 
 
 @pytest.mark.slow
@@ -139,7 +141,9 @@ def test_measured_rows_with_floors_and_torch_ratios(full_run):
 def test_a_configuration_that_cannot_work_is_a_failed_row(full_run):
     impossible = rows_by_label(full_run["report"])["adaptprune@100000 b2"]
     assert impossible["status"] == "failed" and "keep=100000" in impossible["error"]
-    assert impossible["precompile"]["status"] == "failed"  # the pre-compile phase failed it alike
+    assert impossible["precompile"]["status"] == "failed"  # the pre-compile phase raised it
+    assert "jax-adaptprune-k100000-b2: failed in pre-compile, not run" in full_run["stdout"]
+    assert "===== jax-adaptprune-k100000-b2" not in full_run["logs"]  # no measuring process for it
     markdown = full_run["markdown"]
     assert "## Failed or skipped" in markdown and "adaptprune@100000 b2" in markdown
 
