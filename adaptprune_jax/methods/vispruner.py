@@ -17,6 +17,10 @@ and this file reproduces:
 The released code needs an even residual at every round and ``R / 2 >= r`` in its last one; settings
 where it fails are refused here with the reason. Its sorts are unstable (ties unspecified); here ties
 go to the lower index.
+
+Here the rounds run as one loop over arrays of the first round's size (the residual's live entries a
+prefix, the rest masked), so a prefill compiles one round instead of ~60 of shrinking shapes; each
+pair's cosine similarity is computed once, before the loop, and read by every round.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from adaptprune_jax.methods import register
 from adaptprune_jax.methods.base import (
@@ -107,16 +112,15 @@ class VisPrunerConfig(PruneConfig):
         unit = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
         order = jnp.argsort(-attention.astype(jnp.float32), axis=1, stable=True)
         chosen, residual = order[:, :important], order[:, important:]
-        for dropped in removal_rounds(residual.shape[1], diverse):
+        if not diverse:
+            return jnp.sort(chosen, axis=1).astype(jnp.int32)
+        dropped_per_round = removal_rounds(residual.shape[1], diverse)
+        if dropped_per_round:
             vectors = jnp.take_along_axis(unit, residual[..., None], axis=1)
-            scores = jnp.max(jnp.einsum("bic,bjc->bij", vectors[:, ::2], vectors[:, 1::2]), axis=-1)
-            survivors = jnp.argsort(-scores, axis=1, stable=True)[:, dropped:]
-            residual = jnp.concatenate(
-                [jnp.take_along_axis(residual[:, ::2], survivors, axis=1), residual[:, 1::2]], axis=1
-            )
-        if diverse:
-            chosen = jnp.concatenate([chosen, residual], axis=1)
-        return jnp.sort(chosen, axis=1).astype(jnp.int32)
+            similarity = jnp.einsum("bic,bjc->bij", vectors, vectors)
+            survivors = _remove_duplicates(similarity, jnp.asarray(dropped_per_round, jnp.int32))
+            residual = jnp.take_along_axis(residual, survivors[:, :diverse], axis=1)
+        return jnp.sort(jnp.concatenate([chosen, residual], axis=1), axis=1).astype(jnp.int32)
 
     def torch_reference_order(self, cues, keep, grid):
         """The released selection for one image: ``vision_attention`` (N,) head-mean [CLS] attention,
@@ -138,3 +142,43 @@ class VisPrunerConfig(PruneConfig):
             distinct = torch.argsort(scores, descending=True, stable=True)[dropped:]
             residual = torch.cat([residual[::2][distinct], residual[1::2]])
         return torch.cat([chosen, residual]) if diverse > 0 else chosen
+
+
+def _remove_duplicates(similarity: jax.Array, dropped_per_round: jax.Array) -> jax.Array:
+    """The released duplicate-removal rounds on the residual list, at a fixed shape.
+
+    ``similarity`` (B, R, R): the cosine similarity of every pair of residual tokens, by their place in
+    the first round's list. Returns (B, R) places into that list: the list the last round left, as a
+    prefix (the rest is padding). Each round reads the live prefix of the list (``count`` entries, even
+    at every round), pairs its even entries with its odd ones, ranks the even ones by their highest
+    similarity to a live odd one (descending, ties to the earlier entry, as a stable sort does), and
+    writes [the surviving even entries in rank order] + [the odd entries] as the next list.
+    """
+    batch, width = similarity.shape[:2]
+    half = width // 2
+    pair = jnp.arange(half)
+    slot = jnp.arange(width)
+    rows = jnp.arange(batch)[:, None, None]
+
+    def one_round(round_index, state):
+        places, count = state
+        dropped = dropped_per_round[round_index]
+        evens, odds = places[:, ::2], places[:, 1::2]
+        live = pair < count // 2
+        pairs = similarity[rows, evens[:, :, None], odds[:, None, :]]
+        scores = jnp.max(jnp.where(live, pairs, -jnp.inf), axis=-1)
+        # Live entries first, then by descending score, ties in list order: the released ranking of
+        # the live entries, whatever their scores (NaN included).
+        dead = jnp.broadcast_to(~live, scores.shape)
+        ranked = lax.sort(
+            (dead, -scores, jnp.broadcast_to(pair, scores.shape)), dimension=1, is_stable=True, num_keys=2
+        )[2]
+        ranked_evens = jnp.take_along_axis(evens, ranked, axis=1)
+        surviving = count // 2 - dropped
+        from_evens = ranked_evens[:, jnp.clip(slot + dropped, 0, half - 1)]
+        from_odds = odds[:, jnp.clip(slot - surviving, 0, half - 1)]
+        return jnp.where(slot < surviving, from_evens, from_odds), count - dropped
+
+    start = jnp.broadcast_to(slot, (batch, width))
+    places, _ = lax.fori_loop(0, dropped_per_round.shape[0], one_round, (start, jnp.int32(width)))
+    return places

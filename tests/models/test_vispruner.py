@@ -1,6 +1,7 @@
 """VisPruner inside the Flax LLaVA against its PyTorch reference (written from the released code) on
 transformers' LLaVA with the same weights: the kept tokens, the logits of the shorter prompt, the
-batched library selection against the reference on random inputs, and the settings it refuses."""
+batched library selection against the reference on random inputs and on exactly tied full-size ones,
+and the settings it refuses."""
 
 from __future__ import annotations
 
@@ -93,6 +94,28 @@ def test_batched_selection_equals_the_reference_on_random_inputs(keep, ratio):
             important_ratio=ratio,
             vision_attention=attention[row],
             vision_features=tokens[row, 1:],
+        )
+        np.testing.assert_array_equal(kept[row], reference)
+
+
+@pytest.mark.parametrize("keep", [64, 192])
+def test_ties_resolve_as_the_reference_does_at_full_size(keep):
+    """576 image tokens (LLaVA-1.5's), features with four +-1 entries: every cosine similarity is a
+    multiple of 1/4, exact in float32 on both sides, so the ~60 matching rounds are full of exact ties
+    and the kept tokens depend only on how each ranking breaks them, not on round-off."""
+    rng = np.random.default_rng(keep)
+    batch, patches, width, nonzero = 2, 576, 32, 4
+    tokens = np.zeros((batch, 1 + patches, width), np.float32)
+    for row in range(batch):
+        for token in range(1 + patches):
+            tokens[row, token, rng.choice(width, nonzero, replace=False)] = rng.choice([-1.0, 1.0], nonzero)
+    attention = rng.integers(0, 5, size=(batch, patches)).astype(np.float32)  # tied attention too
+    config = prune.make_config("vispruner", keep=keep)
+    cues = prune.Cues(vision_attention=jnp.asarray(attention), vision_tokens=jnp.asarray(tokens))
+    kept = np.asarray(jax.jit(config.select, static_argnums=1)(cues, keep))
+    for row in range(batch):
+        reference = torch_reference.reference_select(
+            "vispruner", keep=keep, vision_attention=attention[row], vision_features=tokens[row, 1:]
         )
         np.testing.assert_array_equal(kept[row], reference)
 
