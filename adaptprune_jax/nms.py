@@ -59,11 +59,12 @@ SIMILARITY_PRECISION = lax.Precision.HIGHEST
 # which the single kernel avoids.
 NMS_IMPLEMENTATIONS = ("auto", "xla", "unrolled", "pallas")
 
-# Where the factors live: 'dense' (N, N), 'window' (N, K neighbours), or 'auto' = 'window' where its
-# band covers at most half of the N tokens and distance_limit is a static number, else 'dense'. Both
-# select the same tokens; 'auto' weighs cost. On LLaVA-NeXT's layouts (up to 2,928 tokens) the
-# window's band is under a quarter of the tokens and its factors take 1/36 of the dense matrix's
-# memory (34 MB per row); on LLaVA-1.5's 576 tokens the band would still be two thirds of them and
+# Where the factors live: 'dense' (N, N), 'window' (N, K neighbours for the XLA loops; each token's
+# band row for the Pallas loop), or 'auto' = 'window' where its band covers at most half of the N
+# tokens and distance_limit is a static number, else 'dense'. Both select the same tokens; 'auto'
+# weighs cost. On LLaVA-NeXT's layouts (up to 2,928 tokens) the window's band is under a quarter of
+# the tokens (its factors take 1/36 of the dense matrix's 34 MB per row as neighbours, under 1/4 as
+# band rows); on LLaVA-1.5's 576 tokens the band would still be two thirds of them and
 # the dense matrix is 1.3 MB per row, so the dense form's single matmul and plain loop stay (the
 # released-code path, unchanged).
 NMS_FORMS = ("auto", "dense", "window")
