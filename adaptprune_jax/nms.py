@@ -40,6 +40,7 @@ from adaptprune_jax.nms_window import (
     band_cosines,
     band_geometry,
     band_partners,
+    layout_coordinates,
     window_neighbours,
     window_offsets,
     window_pays_off,
@@ -112,15 +113,6 @@ def pair_factor(
     return jnp.where(in_window, 1.0 - spatial * similarity, 1.0)
 
 
-def _layout_coordinates(layout: TokenLayout):
-    """(row, col, grid) of a layout as arrays XLA cannot constant-fold: with a static layout it would
-    otherwise evaluate the spatial factor on the host, whose exp differs from the compiled one in the
-    last bit, so a form's factors would depend on whether the layout was traced."""
-    return lax.optimization_barrier(
-        (jnp.asarray(layout.row, jnp.float32), jnp.asarray(layout.col, jnp.float32), jnp.asarray(layout.grid))
-    )
-
-
 def suppression_factors(
     keys: jax.Array,
     *,
@@ -141,7 +133,7 @@ def suppression_factors(
     layout = square_layout(num_tokens) if layout is None else layout
     unit_keys = l2_normalize(keys)
     cosine = jnp.einsum("id,jd->ij", unit_keys, unit_keys, precision=precision)
-    row, col, grid = _layout_coordinates(layout)
+    row, col, grid = layout_coordinates(layout)
     squared_distance = (row[:, None] - row[None, :]) ** 2 + (col[:, None] - col[None, :]) ** 2
     same_grid = (grid[:, None] == grid[None, :]) & (grid[:, None] != NO_GRID)
     return pair_factor(
@@ -214,7 +206,7 @@ def band_suppression_factors(
     partner = jnp.asarray(band_partners(num_tokens, block, reach))
     is_token = (partner >= 0) & (partner < num_tokens)
     at = jnp.clip(partner, 0, num_tokens - 1)
-    row, col, grid = _layout_coordinates(layout)
+    row, col, grid = layout_coordinates(layout)
     squared_distance = (row[:, None] - row[at]) ** 2 + (col[:, None] - col[at]) ** 2
     same_grid = is_token & (grid[:, None] == grid[at]) & (grid[:, None] != NO_GRID)
     return pair_factor(

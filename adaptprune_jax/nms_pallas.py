@@ -81,9 +81,9 @@ def _band_kernel(
     padded_keep: int,
     block: int,
     reach: int,
-    width: int,
     pick: str,
 ):
+    width = block + 2 * reach
     token = lax.broadcasted_iota(jnp.int32, (padded_tokens,), 0)
     slot = lax.broadcasted_iota(jnp.int32, (padded_keep,), 0)
 
@@ -173,7 +173,6 @@ def greedy_order_pallas_band(
         padded_keep=padded_keep,
         block=block,
         reach=reach,
-        width=width,
         pick=pick,
     )
     order = pl.pallas_call(

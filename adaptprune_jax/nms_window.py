@@ -2,10 +2,11 @@
 
 Only pairs of one grid within ``distance_limit`` cells have a suppression factor other than 1 (about
 81 per token at the default limit of 5), so the window form keeps, per token, its K candidate
-neighbours (N, K) instead of the dense (N, N) matrix (34 MB per row at LLaVA-NeXT's 2,928 image
-tokens). The cosines come from a banded matmul: the tokens in blocks of consecutive indices, each
-block against the keys within ``reach`` indices of it (its band), all blocks in one batched matmul,
-so the keys are copied a few times (the bands), never K times, and no (N, K, D) array exists.
+neighbours (N, K) for the XLA loops, or its band row (N, block + 2 reach) for the Pallas loop,
+instead of the dense (N, N) matrix (34 MB per row at LLaVA-NeXT's 2,928 image tokens). The
+cosines come from a banded matmul: the tokens in blocks of consecutive indices, each block against
+the keys within ``reach`` indices of it (its band), all blocks in one batched matmul, so the keys
+are copied a few times (the bands), never K times, and no (N, K, D) array exists.
 
 Neighbours come from the layout, per row (rows of one batch may hold different layouts): every grid
 laid out row-major with a row stride of its own (token ``first + row * stride + col``; a newline
@@ -70,9 +71,23 @@ def band_geometry(distance_limit: float, num_tokens: int) -> tuple[int, int]:
 
 def window_pays_off(distance_limit: float, num_tokens: int) -> bool:
     """Whether the band covers at most half of the N tokens, where the window form's smaller matmul
-    outweighs its extra steps (a neighbour search, a loop over blocks, a scatter per pick)."""
+    outweighs its extra steps (a neighbour search, the blocks' gathers, and in the XLA loop a scatter
+    per pick)."""
     block, reach = band_geometry(distance_limit, num_tokens)
     return 2 * (block + 2 * reach) <= num_tokens
+
+
+def layout_coordinates(layout: TokenLayout):
+    """(row, col, grid) of a layout as arrays XLA cannot constant-fold: with a static layout it would
+    otherwise evaluate the spatial factor on the host, whose exp differs from the compiled one in the
+    last bit, so a form's factors would depend on whether the layout was traced."""
+    return lax.optimization_barrier(
+        (
+            jnp.asarray(layout.row, jnp.float32),
+            jnp.asarray(layout.col, jnp.float32),
+            jnp.asarray(layout.grid, jnp.int32),
+        )
+    )
 
 
 def window_neighbours(layout: TokenLayout, offsets: np.ndarray, block: int, reach: int):
@@ -86,8 +101,7 @@ def window_neighbours(layout: TokenLayout, offsets: np.ndarray, block: int, reac
     """
     num_tokens = layout.valid.shape[-1]
     index = jnp.arange(num_tokens, dtype=jnp.int32)
-    grid = jnp.asarray(layout.grid, jnp.int32)
-    row, col = jnp.asarray(layout.row, jnp.float32), jnp.asarray(layout.col, jnp.float32)
+    row, col, grid = layout_coordinates(layout)
     rows, cols = jnp.asarray(layout.grid_rows, jnp.int32), jnp.asarray(layout.grid_cols, jnp.int32)
     on_grid = grid != NO_GRID
     row_cell, col_cell = row.astype(jnp.int32), col.astype(jnp.int32)
@@ -172,8 +186,8 @@ def band_cosines(
     Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
     token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS. Why
-    'batched' by default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU
-    and on an H100 and an H200 (measured at 2,928 tokens), where the loop's 2-D matmuls differ there in the last
+    'batched' by default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU,
+    an H100 and an H200 (measured at 2,928 tokens), where the loop's 2-D matmuls differ in the last
     bits, and it is the fastest of the three on the GPU.
     """
     if blocks not in BAND_BLOCKS:

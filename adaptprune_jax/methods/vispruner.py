@@ -40,6 +40,7 @@ from adaptprune_jax.methods.base import (
     VisionTokens,
     check_keep_type,
 )
+from adaptprune_jax.nms import SIMILARITY_PRECISION
 
 FEATURE_LAYER = -2  # LLaVA-1.5's vision feature layer, where the released code reads both cues
 PRUNED_PER_ROUND = 8
@@ -117,7 +118,7 @@ class VisPrunerConfig(PruneConfig):
         dropped_per_round = removal_rounds(residual.shape[1], diverse)
         if dropped_per_round:
             vectors = jnp.take_along_axis(unit, residual[..., None], axis=1)
-            similarity = jnp.einsum("bic,bjc->bij", vectors, vectors)
+            similarity = jnp.einsum("bic,bjc->bij", vectors, vectors, precision=SIMILARITY_PRECISION)
             survivors = _remove_duplicates(similarity, jnp.asarray(dropped_per_round, jnp.int32))
             residual = jnp.take_along_axis(residual, survivors[:, :diverse], axis=1)
         return jnp.sort(jnp.concatenate([chosen, residual], axis=1), axis=1).astype(jnp.int32)

@@ -43,14 +43,20 @@ def run(config: Config) -> dict[int, dict]:
     jax.config.update("jax_default_matmul_precision", "highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     method = prune.methods.get(config.method)
-    if method.has_layer or not set(method.reference_cues) <= {"vision_attention", "vision_features"}:
-        raise ValueError(f"{config.method} is not a pre-LLM method read from the vision tower's cues.")
+    if not method.has_torch_reference or set(method.reference_cues) != {
+        "vision_attention",
+        "vision_features",
+    }:
+        raise ValueError(
+            f"{config.method} is not a method whose released selection reads the vision tower's [CLS] "
+            "attention and features (vision_attention, vision_features)."
+        )
     with open(os.path.join(config.split, "questions.jsonl")) as file:
         names = list(dict.fromkeys(json.loads(line)["image"] for line in file if line.strip()))
     names = names[: config.images]
     preprocessor = Preprocessor.from_checkpoint(config.checkpoint)
     model = LlavaForConditionalGeneration.from_pretrained(
-        config.checkpoint, torch_dtype=torch.float32, attn_implementation="eager"
+        config.checkpoint, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     images = [load_image(os.path.join(config.split, "images", name)) for name in names]
     pixels = torch.as_tensor(preprocessor.pixel_values(images))
@@ -58,7 +64,8 @@ def run(config: Config) -> dict[int, dict]:
     cues = [torch_reference.vision_reference_cues(model, pixels[i : i + 1], probe) for i in range(len(names))]
     attention = np.stack([c["vision_attention"].numpy() for c in cues])
     features = np.stack([c["vision_features"].numpy() for c in cues])
-    # The JAX method reads the tower's tokens with [CLS] first; it takes the last N as the image's.
+    # Cues.vision_tokens are the tower's tokens with [CLS] first, (B, 1 + N, d): a zero row stands in
+    # for [CLS], which the selection does not read (it takes the last N).
     tokens = np.concatenate([np.zeros_like(features[:, :1]), features], axis=1)
     results = {}
     for keep in config.keeps:

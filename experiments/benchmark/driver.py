@@ -63,10 +63,16 @@ def run_worker(spec_json: str, result_path: str) -> None:
         json.dump(result, f)
 
 
-def _raised(precompiled: dict | None) -> bool:
-    """Whether a configuration's pre-compile job raised (not timed out, crashed or ran out of memory):
-    its measuring job would build the same program and raise the same error."""
-    return bool(precompiled) and precompiled.get("status") == "failed" and "traceback" in precompiled
+def _precompile_refused(precompiled: dict | None) -> bool:
+    """Whether a configuration's pre-compile job refused its settings (a ValueError or TypeError while
+    building the program): its measuring job would refuse them alike. A timeout, a crash, running out
+    of memory or a compiler error (which parallel compiles on one GPU can cause) is measured anyway."""
+    return (
+        bool(precompiled)
+        and precompiled.get("status") == "failed"
+        and "traceback" in precompiled
+        and precompiled.get("error", "").startswith(("ValueError", "TypeError"))
+    )
 
 
 def _platform() -> dict:
@@ -172,9 +178,9 @@ def run(settings: BenchmarkConfig) -> None:
     rows, torch_done = report["rows"], set()
     for config, mesh in planned_runs(settings):
         name = f"jax-{config.method}-k{config.keep}-b{config.batch}{mesh_job_suffix(mesh)}"
-        if _raised(compiled.get(config)):  # the same program would raise again: no second process
+        if _precompile_refused(compiled.get(config)):  # it would be refused again: no second process
             result = {
-                k: compiled[config][k] for k in ("status", "error", "traceback") if k in compiled[config]
+                k: v for k, v in compiled[config].items() if k in ("status", "error", "traceback", "platform")
             }
             print(
                 f"[{time.monotonic() - runner.start:6.0f} s] {name}: failed in pre-compile, not run",

@@ -39,15 +39,16 @@ class SelectSpeedConfig:
     )
     loop_warps: tuple[int, ...] = setting(
         (),
-        "Also time the Pallas greedy loop alone (factors precomputed), dense and band (the window form's) rows, with each of "
-        "these warp counts per row's program (0 = Triton's default, what the selection runs with): where a selection's time goes.",
+        "Also time the Pallas greedy loop alone (factors precomputed) on dense rows and on band rows (the "
+        "window form's), with each of these warp counts per row's program (0 = Triton's default, what the "
+        "selection runs with): where a selection's time goes.",
     )
     loop_picks: tuple[str, ...] = setting(
         ("argmax",), "With --loop_warps: the pick reductions to time (nms_pallas.PICKS)."
     )
     factor_parts: bool = setting(
         False,
-        "Also time the suppression factors alone (dense, window) and the window form's cosines alone per "
+        "Also time the suppression factors alone (dense, window, band) and the window form's cosines alone per "
         "--band_block_sizes and --band_modes.",
     )
     band_block_sizes: tuple[int, ...] = setting(
@@ -116,7 +117,7 @@ def time_variant(
 
 
 def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) -> list[dict]:
-    """Where a selection's time goes: the suppression factors alone (dense, window; the window's cosines
+    """Where a selection's time goes: the suppression factors alone (dense, window, band; the window's cosines
     per block mode) and the Pallas greedy loop alone on precomputed factors (dense rows or band rows),
     per pick reduction and warp count."""
     import jax
@@ -175,7 +176,7 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     if band is None:
         band = factor_programs["band factors"](keys, layout_arrays)
     interpret = jax.default_backend() != "gpu"  # Pallas' interpreter off the GPU: a smoke run, not a speed
-    reference = {}
+    first_order = None
     for warps in settings.loop_warps:
         for pick in settings.loop_picks:
             common = dict(interpret=interpret, num_warps=warps or None, pick=pick)
@@ -194,8 +195,8 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
                     num_warps=warps or "default",
                 )
                 # every variant, of every form, must select what the first one did
-                first = reference.setdefault("order", order)
-                rows[-1]["same_order_as_first_variant"] = bool(jnp.array_equal(order, first))
+                first_order = order if first_order is None else first_order
+                rows[-1]["same_order_as_first_variant"] = bool(jnp.array_equal(order, first_order))
     return rows
 
 

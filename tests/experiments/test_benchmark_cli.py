@@ -335,6 +335,22 @@ def test_the_13b_model_axis_flagfile_compares_two_gpus_with_one_within_one_call(
     assert 0 < settings.deadline_s < 600 and settings.job_timeout_s < settings.deadline_s
 
 
+def test_only_a_refused_configuration_skips_its_measuring_process():
+    from experiments.benchmark.driver import _precompile_refused
+
+    refused = {"status": "failed", "error": "ValueError: keep=9 exceeds ...", "traceback": "..."}
+    assert _precompile_refused(refused)
+    assert _precompile_refused(dict(refused, error="TypeError: keep must be an int"))
+    for measured_anyway in (
+        None,
+        {"status": "ok"},
+        dict(refused, error="XlaRuntimeError: INTERNAL: ptxas exited with non-zero error code"),
+        {"status": "failed", "error": "worker timed out after 240 s without a result: ..."},
+        dict(refused, status="oom", error="ValueError: RESOURCE_EXHAUSTED"),
+    ):
+        assert not _precompile_refused(measured_anyway), measured_anyway
+
+
 def test_parse_config():
     assert configs.parse_config("none:4") == configs.Config("none", 0, 4)
     assert configs.parse_config("fastv:128:16") == configs.Config("fastv", 128, 16)
