@@ -203,7 +203,7 @@ def band_suppression_factors(
     num_tokens = keys.shape[-2]
     layout = square_layout(num_tokens) if layout is None else layout
     block, reach = band_geometry(distance_limit, num_tokens)
-    partner = jnp.asarray(band_partners(num_tokens, block, reach))
+    partner = band_partners(num_tokens, block, reach)
     is_token = (partner >= 0) & (partner < num_tokens)
     at = jnp.clip(partner, 0, num_tokens - 1)
     row, col, grid = layout_coordinates(layout)

@@ -163,11 +163,12 @@ tokens at 4,096-wide keys in one matmul, the configuration measured on the GPU);
 are this form's largest temporary, so a wider or longer row runs its blocks in groups."""
 
 
-def band_partners(num_tokens: int, block: int, reach: int) -> np.ndarray:
+def band_partners(num_tokens: int, block: int, reach: int) -> jax.Array:
     """(N, block + 2 reach) int32: the token each band position of each token's row stands for (its
-    block's first token minus ``reach``, onwards; outside 0..N-1 where the band overhangs the row)."""
-    first = np.arange(num_tokens) // block * block - reach
-    return (first[:, None] + np.arange(block + 2 * reach)[None, :]).astype(np.int32)
+    block's first token minus ``reach``, onwards; outside 0..N-1 where the band overhangs the row).
+    Built from iotas, so a program holds no (N, block + 2 reach) constant."""
+    first = jnp.arange(num_tokens, dtype=jnp.int32) // block * block - reach
+    return first[:, None] + jnp.arange(block + 2 * reach, dtype=jnp.int32)[None, :]
 
 
 def band_cosines(

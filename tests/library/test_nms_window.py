@@ -97,7 +97,7 @@ def test_band_factors_are_the_dense_factors_bit_for_bit():
     keys = smooth_keys(np.random.default_rng(0), layout, 16)
     num_tokens = layout.num_tokens
     block, reach = nms_window.band_geometry(5.0, num_tokens)
-    partner = nms_window.band_partners(num_tokens, block, reach)
+    partner = np.asarray(nms_window.band_partners(num_tokens, block, reach))
     is_token = (partner >= 0) & (partner < num_tokens)
     rows = np.broadcast_to(np.arange(num_tokens)[:, None], partner.shape)
     static = jax.jit(
