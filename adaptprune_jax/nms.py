@@ -54,6 +54,22 @@ DEFAULT_SIMILARITY_SIGMA = 0.05
 # up to ~1 / similarity_sigma: reduced-precision (TF32 / bf16-pass) matmuls would flip selections.
 SIMILARITY_PRECISION = lax.Precision.HIGHEST
 
+
+def matmul_precision(name: str) -> lax.PrecisionLike:
+    """A precision by name, for settings and flags: 'highest' (float32) or a ``lax.DotAlgorithmPreset``
+    name in any case (e.g. 'bf16_bf16_f32_x6': six bf16 tensor-core passes with float32 accumulation,
+    error of float32's order; a backend without that algorithm refuses it when compiling)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a matmul precision is named by a string, got {name!r}.")
+    if name.lower() == "highest":
+        return lax.Precision.HIGHEST
+    try:
+        return lax.DotAlgorithmPreset[name.upper()]
+    except KeyError:
+        known = ", ".join(["highest"] + [preset.name.lower() for preset in lax.DotAlgorithmPreset])
+        raise ValueError(f"unknown matmul precision {name!r}; known: {known}.") from None
+
+
 # How the greedy loop runs: 'xla' (lax.fori_loop; any backend), 'unrolled' (the same loop fully
 # unrolled), 'pallas' (one Triton kernel per batch row, GPU; nms_pallas.py), or 'auto' = 'pallas' on
 # GPU, else 'xla'. All select identically; on a GPU the XLA loop pays a few kernel launches per pick,

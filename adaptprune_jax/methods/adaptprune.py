@@ -27,6 +27,7 @@ from adaptprune_jax.nms import (
     NMS_FORMS,
     NMS_IMPLEMENTATIONS,
     adaptprune_select,
+    matmul_precision,
 )
 
 
@@ -39,7 +40,9 @@ class AdaptPruneConfig(PruneConfig):
     False reproduces the released code's un-normalised projection (QUIRK). ``nms_implementation``
     picks how the greedy loop runs ('auto' = the Pallas kernel on GPU, else XLA), ``nms_form`` where
     its factors live ('auto', 'dense' (N, N) or 'window' (N, K neighbours); see ``nms.NMS_FORMS``);
-    all select the same tokens. On a layout with several grids, the multi-grid rule of
+    all select the same tokens. ``similarity_precision`` is the key cosines' matmul precision by name
+    ('highest', float32, the default; or a ``lax.DotAlgorithmPreset`` name, see ``nms.matmul_precision``).
+    On a layout with several grids, the multi-grid rule of
     ``nms.adaptprune_scores``: tokens on no grid (newline, [CLS]) are kept and count in keep.
     """
 
@@ -62,6 +65,7 @@ class AdaptPruneConfig(PruneConfig):
     normalize_keys: bool = False
     nms_implementation: str = "auto"
     nms_form: str = "auto"
+    similarity_precision: str = "highest"
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +81,7 @@ class AdaptPruneConfig(PruneConfig):
         if isinstance(self.distance_limit, bool) or not isinstance(self.distance_limit, numbers.Real):
             raise ValueError(f"distance_limit must be a number, got {self.distance_limit!r}.")
         check_bool("normalize_keys", self.normalize_keys)
+        matmul_precision(self.similarity_precision)
 
     def cue_requests(self):
         return (LastTokenAttention(), FeatureKeys(normalized=self.normalize_keys))
@@ -93,6 +98,7 @@ class AdaptPruneConfig(PruneConfig):
             similarity_sigma=self.similarity_sigma,
             implementation=self.nms_implementation,
             form=self.nms_form,
+            precision=matmul_precision(self.similarity_precision),
         )
 
     def torch_reference_order(self, cues, keep, grid):

@@ -34,6 +34,11 @@ class BenchmarkConfig:
     method_modules: tuple[str, ...] = setting(
         (), "Modules to import first that register pruning methods of their own (e.g. tests.keynorm_method)."
     )
+    method_settings: tuple[str, ...] = setting(
+        (),
+        "Settings of single methods for every configuration of that method, as method.setting=value "
+        "(e.g. adaptprune.similarity_precision='bf16_bf16_f32_x6'), as experiments.eval takes them.",
+    )
     keep: tuple[int, ...] = setting((64,), "Image tokens kept (counts).")
     layer: int = setting(2, "Pruning layer K (DivPrune always prunes before the LLM).")
     configs: tuple[str, ...] = setting(

@@ -10,7 +10,8 @@ import sys
 import tempfile
 import time
 
-from experiments.benchmark.configs import BenchmarkConfig, Config
+from experiments.benchmark.configs import BenchmarkConfig, Config, planned_configs
+from experiments.evaluation.pairs import parse_method_settings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -83,13 +84,19 @@ class Runner:
 
 def common_spec(settings: BenchmarkConfig) -> dict:
     """What every worker of a run is told, whatever it measures: the model, its dtype and attention,
-    the pruning layer and method plugins, the seed, the compilation cache and the logits budget."""
+    the pruning layer, method plugins and single methods' settings, the seed, the compilation cache
+    and the logits budget."""
+    import adaptprune_jax as prune
+
+    prune.methods.import_plugins(settings.method_modules)
+    run_methods = [c.method for c in planned_configs(settings) if c.method != "none"]
     return dict(
         model=settings.model,
         dtype=settings.dtype,
         attention=settings.attention,
         layer=settings.layer,
         method_modules=list(settings.method_modules),
+        method_settings=parse_method_settings(settings.method_settings, run_methods),
         seed=settings.seed,
         compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
         attention_logits_budget_mb=settings.attention_logits_budget_mb,

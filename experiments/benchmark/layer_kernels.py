@@ -30,6 +30,7 @@ from flax import nnx
 import adaptprune_jax as prune
 from experiments.benchmark import profiling
 from experiments.benchmark.configs import compiler_option_value
+from experiments.benchmark.timing import median, timed
 from experiments.flag_config import define_flags, from_flags, setting
 from models.presets import llava_config, random_model
 
@@ -39,7 +40,10 @@ class LayerKernelsConfig:
     """The model widths, depth and budget whose kernels are listed."""
 
     model: str = setting("llava-1.5-7b", "Preset name (models.presets): its widths are kept.")
-    layers: int = setting(4, "Decoder and vision layers built (pruning happens at --layer).")
+    layers: int = setting(
+        4,
+        "Decoder layers built, and as many vision layers up to the tower's own (pruning happens at --layer).",
+    )
     layer: int = setting(2, "Pruning layer K.")
     keep: int = setting(64, "Image tokens kept by the pruned prefill (AdaptPrune).")
     batch: int = setting(1, "Batch size.")
@@ -47,7 +51,15 @@ class LayerKernelsConfig:
     compiler_options: tuple[str, ...] = setting(
         (), "XLA options for every program, OPTION=VALUE (e.g. xla_gpu_cublas_fallback=false)."
     )
+    extra_slots: int = setting(
+        32, "Cache slots past the prompt, as the benchmark's prefill allocates for its --new_tokens."
+    )
     calls: int = setting(3, "Profiled calls per program (after a warm-up); the last one is listed.")
+    wall_repeats: int = setting(
+        20,
+        "Timed calls per program, wall clock from dispatch to result (median), beside the trace's busy and "
+        "span: what the trace does not see (dispatch, gaps before the first kernel).",
+    )
     output_dir: str = setting("runs/layer_kernels", "Where kernels.json and the HLO files go.")
 
 
@@ -95,7 +107,8 @@ def _programs(settings: LayerKernelsConfig):
     """(name, jitted fn, args) for the vision tower and the LLM prefill, unpruned and pruned."""
     hf_config = llava_config(settings.model)
     hf_config.text_config.num_hidden_layers = settings.layers
-    hf_config.vision_config.num_hidden_layers = settings.layers
+    vision = hf_config.vision_config
+    vision.num_hidden_layers = min(settings.layers, vision.num_hidden_layers)  # full depth at most
     model = random_model(hf_config, dtype="bfloat16")
     graphdef, state = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -122,7 +135,12 @@ def _programs(settings: LayerKernelsConfig):
         def step(state, x):
             m = nnx.merge(graphdef, state)
             out = m.language_model.prefill(
-                x, positions, last_index, m.image_tokens(image_slots), extra_slots=0, pruning=pruning
+                x,
+                positions,
+                last_index,
+                m.image_tokens(image_slots),
+                extra_slots=settings.extra_slots,
+                pruning=pruning,
             )
             return out.logits, out.caches
 
@@ -144,6 +162,7 @@ def run(settings: LayerKernelsConfig) -> dict:
         "layer": settings.layer,
         "keep": settings.keep,
         "batch": settings.batch,
+        "extra_slots": settings.extra_slots,
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -163,6 +182,9 @@ def run(settings: LayerKernelsConfig) -> dict:
         with gzip.open(os.path.join(settings.output_dir, f"{name}.hlo.txt.gz"), "wt") as handle:
             handle.write(hlo)
         jax.block_until_ready(fn(*args))
+        wall_ms = median(
+            timed(lambda fn=fn, args=args: fn(*args), settings.wall_repeats, jax.block_until_ready)
+        )
         trace_dir = os.path.join(settings.output_dir, "traces", name)
         profiling.profile_call(lambda fn=fn, args=args: fn(*args), trace_dir, calls=settings.calls)
         sequence = profiling.kernel_sequence(
@@ -174,9 +196,15 @@ def run(settings: LayerKernelsConfig) -> dict:
             "kernels": len(kernels),
             "busy_us": sum(k["us"] for k in kernels),
             "span_us": (kernels[-1]["end_us"] - kernels[0]["start_us"]) if kernels else 0.0,
+            "wall_ms_median": wall_ms,
             "sequence": kernels,
         }
-        print(f"{name}: {len(kernels)} kernels", flush=True)
+        summary = results["programs"][name]
+        print(
+            f"{name}: {len(kernels)} kernels, busy {summary['busy_us'] / 1e3:.3f} ms, span "
+            f"{summary['span_us'] / 1e3:.3f} ms, wall {wall_ms:.3f} ms",
+            flush=True,
+        )
     with open(os.path.join(settings.output_dir, "kernels.json"), "w") as handle:
         json.dump(results, handle, indent=1)
     return results

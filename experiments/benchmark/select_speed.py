@@ -57,6 +57,18 @@ class SelectSpeedConfig:
     band_modes: tuple[str, ...] = setting(
         ("loop", "unrolled", "batched"), "With --factor_parts: how the blocks run (nms_window.BAND_BLOCKS)."
     )
+    cosine_precisions: tuple[str, ...] = setting(
+        (),
+        "Also time the cosines and the whole window-form selection at each of these matmul precisions: "
+        "'highest' (float32) or a lax.DotAlgorithmPreset name (e.g. BF16_BF16_F32_X6), each with its "
+        "cosines' largest error against float64 on the host (first row), whether its band cosines equal its "
+        "dense matmul bit for bit, and the share of kept tokens it has in common with the first precision's.",
+    )
+    key_mean_cosine: float = setting(
+        0.0,
+        "Synthetic keys share one direction so that two tokens' cosine centres on this value; 0 draws "
+        "independent keys, whose cosines near 0 leave suppression inert (selection = top-k of the scores).",
+    )
     repeats: int = setting(50, "Timed calls per variant.")
     output: str | None = setting(None, "JSON results file.")
 
@@ -163,6 +175,8 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
         )
         return output
 
+    if settings.cosine_precisions:
+        time_precisions(settings, layout, attention, keys, record, rows)
     if settings.factor_parts:
         for part, program in factor_programs.items():
             outputs[part] = record(part, lambda p=program: p(keys, layout_arrays))
@@ -244,6 +258,89 @@ def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record, 
             rows[-1].update(agreement)
 
 
+def synthetic_keys(rng, batch: int, num_tokens: int, dim: int, mean_cosine: float):
+    """Gaussian keys (batch, N, D), float32; with ``mean_cosine`` c > 0, a shared unit-variance
+    direction plus noise scaled by sqrt(1 / c - 1), so that E[cos(k_i, k_j)] ~ c."""
+    import jax.numpy as jnp
+
+    keys = rng.standard_normal((batch, num_tokens, dim))
+    if mean_cosine > 0:
+        keys = rng.standard_normal((batch, 1, dim)) + keys * (1.0 / mean_cosine - 1.0) ** 0.5
+    return jnp.asarray(keys, jnp.float32)
+
+
+def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record, rows: list[dict]) -> None:
+    """Per --cosine_precisions: the dense (N, N) cosines, the batched band cosines and the whole
+    window-form selection; the band's cosines against the dense matmul at the same precision, every
+    listed cosine against float64 (first row, on the host), kept tokens shared with the first precision."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import adaptprune_jax as prune
+    from adaptprune_jax import nms_window
+
+    limit = prune.nms.DEFAULT_DISTANCE_LIMIT
+    num_tokens = keys.shape[-2]
+    offsets = nms_window.window_offsets(limit)
+    block, reach = nms_window.band_geometry(limit, num_tokens)
+    batch_layout = layout.broadcast(attention.shape[:1])
+    layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
+    neighbours, _, listed, _, _ = jax.vmap(lambda lay: nms_window.window_neighbours(lay, offsets, 1, reach))(
+        layout_arrays
+    )
+    safe_neighbours = jnp.minimum(neighbours, num_tokens - 1)
+    unit64 = np.asarray(keys[0], np.float64)
+    unit64 /= np.maximum(np.linalg.norm(unit64, axis=-1, keepdims=True), 1e-12)
+    exact = np.take_along_axis(unit64 @ unit64.T, np.asarray(safe_neighbours[0]), axis=1)
+    first_kept = None
+    for name in settings.cosine_precisions:
+        precision = prune.nms.matmul_precision(name)
+
+        def dense(k, n, precision=precision):
+            unit = prune.nms.l2_normalize(k)
+            cosine = jnp.einsum("id,jd->ij", unit, unit, precision=precision)
+            return jnp.take_along_axis(cosine, n, axis=1)
+
+        def band(k, lay, precision=precision):
+            unit = prune.nms.l2_normalize(k)
+            window = nms_window.window_neighbours(lay, offsets, block, reach)[0]
+            return nms_window.band_cosines(unit, window, block, reach, precision, blocks="batched")
+
+        def select(a, k, precision=precision):
+            return prune.nms.adaptprune_select(a, k, settings.keep, layout=batch_layout, precision=precision)
+
+        dense_program, band_program = jax.jit(jax.vmap(dense)), jax.jit(jax.vmap(band))
+        select_program = jax.jit(select)
+        try:  # a backend without this algorithm refuses it when compiling: a row saying so, then the next
+            jax.block_until_ready(dense_program(keys, safe_neighbours))
+        except Exception as error:  # noqa: BLE001 (any compiler error is this precision's result)
+            message = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"    {name}: refused: {message}", flush=True)
+            rows.append(
+                {"image_tokens": num_tokens, "batch": int(keys.shape[0]), "precision": name, "error": message}
+            )
+            continue
+        dense_cosines = record(
+            "dense cosines", lambda p=dense_program: p(keys, safe_neighbours), precision=name
+        )
+        band_cosines = record("band cosines", lambda p=band_program: p(keys, layout_arrays), precision=name)
+        difference = jnp.where(listed, jnp.abs(band_cosines - dense_cosines), 0.0)
+        error = np.where(np.asarray(listed[0]), np.abs(np.asarray(dense_cosines[0], np.float64) - exact), 0.0)
+        rows_fields = {
+            "band_cosines_differing_from_dense": int(jnp.sum(difference > 0)),
+            "cosines_listed": int(jnp.sum(listed)),
+            "max_abs_error_vs_float64": float(error.max()),
+            "mean_abs_error_vs_float64": float(error.sum() / max(int(np.sum(listed[0])), 1)),
+        }
+        kept = np.asarray(record("selection", lambda p=select_program: p(attention, keys), precision=name))
+        first_kept = kept if first_kept is None else first_kept
+        shared = np.mean([len(np.intersect1d(a, b)) / kept.shape[-1] for a, b in zip(kept, first_kept)])
+        rows_fields["kept_shared_with_first_precision"] = float(shared)
+        print(f"    {name}: {rows_fields}", flush=True)
+        rows[-1].update(rows_fields)
+
+
 def measure(settings: SelectSpeedConfig) -> list[dict]:
     import jax.numpy as jnp
     import numpy as np
@@ -254,7 +351,7 @@ def measure(settings: SelectSpeedConfig) -> list[dict]:
         layout = parse_layout(spec)
         for batch in settings.batch_sizes:
             attention = jnp.asarray(rng.dirichlet(np.ones(layout.num_tokens), size=batch), jnp.float32)
-            keys = jnp.asarray(rng.standard_normal((batch, layout.num_tokens, settings.dim)), jnp.float32)
+            keys = synthetic_keys(rng, batch, layout.num_tokens, settings.dim, settings.key_mean_cosine)
             for form in settings.forms:
                 for implementation in settings.implementations:
                     row = time_variant(settings, spec, layout, attention, keys, form, implementation)

@@ -108,7 +108,13 @@ def jax_worker(spec: dict) -> dict:
     if method == "none":
         pruning = None
     else:
-        pruning = prune.make_config(method, strict=False, keep=spec["keep"], layer=spec["layer"])
+        pruning = prune.make_config(
+            method,
+            strict=False,
+            keep=spec["keep"],
+            layer=spec["layer"],
+            **spec.get("method_settings", {}).get(method, {}),
+        )
     keep = runner.resolve_keep(pruning, None if packed is None else packed.layout)
     stages = () if pruning is None else pruning.stages(n_img, cfg.text.num_layers)
     fixed = None
@@ -249,6 +255,7 @@ def jax_worker(spec: dict) -> dict:
         "attention": cfg.text.attention,  # as resolved: the vision tower's and the LLM prefill's
         "attention_logits_budget_bytes": attention_logits_budget(),
         "layer": None if pruning is None else pruning.layer,
+        "method_settings": spec.get("method_settings", {}).get(method, {}),
         "prompt_tokens": prompt_tokens,
         "image_tokens": n_img,
         "image_size": "x".join(map(str, image.size)),

@@ -160,7 +160,13 @@ def jax_throughput_worker(spec: dict) -> dict:
     prune.methods.import_plugins(spec.get("method_modules", ()))
     pruning = None
     if spec["method"] != "none":
-        pruning = prune.make_config(spec["method"], strict=False, keep=spec["keep"], layer=spec["layer"])
+        pruning = prune.make_config(
+            spec["method"],
+            strict=False,
+            keep=spec["keep"],
+            layer=spec["layer"],
+            **spec.get("method_settings", {}).get(spec["method"], {}),
+        )
         if pruning.needs_text_tower:
             raise ValueError(
                 f"{spec['method']} reads CLIP's joint space; the throughput mode builds no CLIP text tower"

@@ -84,6 +84,7 @@ def _full_run(tmp_path_factory, cache_dir):
         f"--profile_dir={profile_dir}",
         "--attention_logits_budget_mb=0.5",
         "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger",
+        "--method_settings=adaptprune.similarity_precision='bf16_bf16_f32_x6'",
     )
     with open(output_dir / "worker_logs.txt") as f:
         logs = f.read()
@@ -127,6 +128,9 @@ def test_measured_rows_with_floors_and_torch_ratios(full_run):
         assert row["stage_compiler_options"] == {"generate": {"xla_disable_hlo_passes": "dot-merger"}}
         assert row["precompile"]["status"] == "ok"
     assert pruned["keep"] == 64 and pruned["layer"] == 2
+    # --method_settings reaches the method's workers, and only that method's
+    assert pruned["method_settings"] == {"similarity_precision": "bf16_bf16_f32_x6"}
+    assert base["method_settings"] == {}
     assert pruned["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
     assert {"fixed_prefill_ms", "selection_overhead_ms", "select_only_ms"} <= set(pruned)
     assert pruned["speedup_vs_unpruned"]["ttft_ms"] > 0 and pruned["torch_row"] == "pytorch cut@64 b1"
@@ -349,6 +353,23 @@ def test_only_a_refused_configuration_skips_its_measuring_process():
         dict(refused, status="oom", error="ValueError: RESOURCE_EXHAUSTED"),
     ):
         assert not _precompile_refused(measured_anyway), measured_anyway
+
+
+def test_method_settings_are_checked_before_any_worker_starts():
+    from experiments.benchmark.jobs import common_spec
+
+    def spec(*entries):
+        return common_spec(
+            configs.BenchmarkConfig(configs=("none:1", "adaptprune:64:1"), method_settings=entries)
+        )["method_settings"]
+
+    assert spec("adaptprune.similarity_precision='highest'") == {
+        "adaptprune": {"similarity_precision": "highest"}
+    }
+    with pytest.raises(ValueError, match="'fastv' is not among this run's methods"):
+        spec("fastv.layer=3")
+    with pytest.raises(ValueError, match="adaptprune has no setting 'precision'"):
+        spec("adaptprune.precision='highest'")
 
 
 def test_parse_config():

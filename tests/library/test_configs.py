@@ -172,6 +172,25 @@ def test_adaptprune_hyperparameter_errors():
         AdaptPruneConfig().keep = 3
 
 
+def test_similarity_precision_by_name():
+    from jax import lax
+
+    from adaptprune_jax.nms import matmul_precision
+
+    assert matmul_precision("highest") is lax.Precision.HIGHEST
+    assert matmul_precision("BF16_bf16_f32_x6") is lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    with pytest.raises(
+        ValueError, match=r"unknown matmul precision 'fast'; known: highest, .*bf16_bf16_f32_x6"
+    ):
+        AdaptPruneConfig(similarity_precision="fast")
+    with pytest.raises(ValueError, match=r"named by a string, got 6"):
+        AdaptPruneConfig(similarity_precision=6)
+    # The setting reaches the cosines' matmul: off the GPU, XLA refuses TF32 there by name.
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match=r"'TF32_TF32_F32' is not supported by dot_general on CPU"):
+            AdaptPruneConfig(keep=16, similarity_precision="tf32_tf32_f32").select(_cues(), 16)
+
+
 def test_equivalent_tokens():
     # (K * N + (L - K) * M) / L
     assert AdaptPruneConfig().equivalent_tokens(IMAGE_TOKENS, NUM_LAYERS) == (2 * 576 + 30 * 57) / 32
