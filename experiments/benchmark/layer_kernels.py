@@ -111,6 +111,13 @@ def _programs(settings: LayerKernelsConfig):
     vision.num_hidden_layers = min(settings.layers, vision.num_hidden_layers)  # full depth at most
     model = random_model(hf_config, dtype="bfloat16")
     graphdef, state = nnx.split(model)
+    # The weights travel as a flat tuple of arrays, as the runner passes them (an nnx.State costs the
+    # host ~1 ms more per call to flatten).
+    weights, treedef = jax.tree.flatten(state)
+
+    def merged(weights):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
+
     rng = np.random.default_rng(0)
     size = hf_config.vision_config.image_size
     pixels = jnp.asarray(rng.standard_normal((settings.batch, 3, size, size)), jnp.bfloat16)
@@ -121,19 +128,17 @@ def _programs(settings: LayerKernelsConfig):
     ids = jnp.asarray(ids)
 
     @jax.jit
-    def vision(state, pixels):
-        return nnx.merge(graphdef, state).image_features(pixels)
+    def vision(weights, pixels):
+        return merged(weights).image_features(pixels)
 
-    x, image_slots = jax.jit(lambda s, i, p: nnx.merge(graphdef, s).embed_prompt(i, vision(s, p)))(
-        state, ids, pixels
-    )
+    x, image_slots = jax.jit(lambda w, i, p: merged(w).embed_prompt(i, vision(w, p)))(weights, ids, pixels)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (settings.batch, length))
     last_index = jnp.full((settings.batch,), length - 1, jnp.int32)
 
     def prefill(pruning):
         @jax.jit
-        def step(state, x):
-            m = nnx.merge(graphdef, state)
+        def step(weights, x):
+            m = merged(weights)
             out = m.language_model.prefill(
                 x,
                 positions,
@@ -148,10 +153,29 @@ def _programs(settings: LayerKernelsConfig):
 
     pruned = prune.AdaptPruneConfig(keep=settings.keep, layer=settings.layer)
     return [
-        ("vision", vision, (state, pixels)),
-        ("llm_prefill_unpruned", prefill(None), (state, x)),
-        (f"llm_prefill_adaptprune{settings.keep}", prefill(pruned), (state, x)),
+        ("vision", vision, (weights, pixels)),
+        ("llm_prefill_unpruned", prefill(None), (weights, x)),
+        (f"llm_prefill_adaptprune{settings.keep}", prefill(pruned), (weights, x)),
     ]
+
+
+def host_times(fn, args, repeats: int) -> dict:
+    """Host time until a call returns (dispatch: arguments, buffers, kernel or graph launches), and the
+    time per call of ``repeats`` calls issued back to back with one wait at the end, where each call's
+    host work overlaps the previous one's kernels: a wall time above that is per-call host latency."""
+    dispatch = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        dispatch.append((time.perf_counter() - start) * 1e3)
+        jax.block_until_ready(out)
+    start = time.perf_counter()
+    outs = [fn(*args) for _ in range(repeats)]
+    jax.block_until_ready(outs)
+    return {
+        "dispatch_ms_median": median(dispatch),
+        "pipelined_ms_per_call": (time.perf_counter() - start) * 1e3 / max(repeats, 1),
+    }
 
 
 def run(settings: LayerKernelsConfig) -> dict:
@@ -185,11 +209,12 @@ def run(settings: LayerKernelsConfig) -> dict:
         wall_ms = median(
             timed(lambda fn=fn, args=args: fn(*args), settings.wall_repeats, jax.block_until_ready)
         )
+        host_ms = host_times(fn, args, settings.wall_repeats)
         trace_dir = os.path.join(settings.output_dir, "traces", name)
         profiling.profile_call(lambda fn=fn, args=args: fn(*args), trace_dir, calls=settings.calls)
-        sequence = profiling.kernel_sequence(
-            profiling.load_events(profiling.find_trace(trace_dir)), calls=settings.calls
-        )
+        events = profiling.load_events(profiling.find_trace(trace_dir))
+        sequence = profiling.kernel_sequence(events, calls=settings.calls)
+        host_summary = profiling.summarize_events(events, calls=settings.calls, top=25, prefixes=("/host:",))
         ops = fused_ops(hlo)
         kernels = [dict(kernel, **ops.get(kernel["name"], {})) for kernel in sequence]
         results["programs"][name] = {
@@ -197,12 +222,19 @@ def run(settings: LayerKernelsConfig) -> dict:
             "busy_us": sum(k["us"] for k in kernels),
             "span_us": (kernels[-1]["end_us"] - kernels[0]["start_us"]) if kernels else 0.0,
             "wall_ms_median": wall_ms,
+            **host_ms,
+            "host_threads": host_summary["device_threads"],
             "sequence": kernels,
         }
         summary = results["programs"][name]
+        for thread in host_summary["device_threads"]:
+            if thread["sum_ms_per_call"] > 0.2:
+                heaviest = "; ".join(f"{t['name'][:60]} {t['ms_per_call']:.3f}" for t in thread["top"][:12])
+                print(f"  host {thread['thread']}: span {thread['span_ms_per_call']:.3f} ms: {heaviest}")
         print(
             f"{name}: {len(kernels)} kernels, busy {summary['busy_us'] / 1e3:.3f} ms, span "
-            f"{summary['span_us'] / 1e3:.3f} ms, wall {wall_ms:.3f} ms",
+            f"{summary['span_us'] / 1e3:.3f} ms, wall {wall_ms:.3f} ms, dispatch "
+            f"{host_ms['dispatch_ms_median']:.3f} ms, back to back {host_ms['pipelined_ms_per_call']:.3f} ms per call",
             flush=True,
         )
     with open(os.path.join(settings.output_dir, "kernels.json"), "w") as handle:

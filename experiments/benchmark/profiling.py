@@ -62,10 +62,13 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize_events(events: list[dict], *, calls: int = 1, top: int = 10) -> dict:
+def summarize_events(
+    events: list[dict], *, calls: int = 1, top: int = 10, prefixes: tuple[str, ...] = DEVICE_PREFIXES
+) -> dict:
     """Per device thread: events, sum / busy / span in ms per call (timestamps are microseconds, the
     Chrome-trace unit), busy fraction and the `top` names by summed time. `calls`: how many repetitions
-    of the profiled work the trace holds (the per-call numbers divide by it)."""
+    of the profiled work the trace holds (the per-call numbers divide by it). `prefixes`: whose threads
+    (processes named so); ("/host:",) gives the host's threads instead, where dispatch time shows."""
     if calls < 1:
         raise ValueError(f"calls must be >= 1, got {calls}")
     processes, threads = {}, {}
@@ -82,7 +85,7 @@ def summarize_events(events: list[dict], *, calls: int = 1, top: int = 10) -> di
         if (
             event.get("ph") == "X"
             and "dur" in event
-            and str(processes.get(event.get("pid"), "")).startswith(DEVICE_PREFIXES)
+            and str(processes.get(event.get("pid"), "")).startswith(prefixes)
         ):
             by_thread[(event["pid"], event.get("tid"))].append(event)
     summary = {"calls": calls, "device_threads": []}

@@ -21,6 +21,36 @@ METRICS = (
 )
 
 
+def host_latency_table(rows: list[dict]) -> list[str]:
+    """Single calls against back-to-back calls, and the staged first token against the runner's one
+    program: how much of a stage's time is the host's (argument handling, command-buffer launch)."""
+    rows = [r for r in rows if r.get("llm_prefill_pipelined_ms") or r.get("ttft_runner_ms")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Host latency and the runner's path",
+        "",
+        "LLM prefill of one call vs per call of prefills issued back to back (one wait at the end: the "
+        "host's work overlaps the previous call's kernels); first token through the separate stage programs "
+        "vs through the runner's one program (vision, embedding and LLM prefill, as experiments.eval runs "
+        "it), each with its speedup over the unpruned row of its batch.",
+        "",
+        "| config | LLM prefill | back to back (x floor) | first token, stages (speedup) | "
+        "first token, runner (x floor, speedup) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio, speed = r.get("ratio_to_floor", {}), r.get("speedup_vs_unpruned", {})
+        lines.append(
+            f"| {r['label']} | {_fmt(r.get('llm_prefill_ms'))} | {_fmt(r.get('llm_prefill_pipelined_ms'))} "
+            f"({_fmt(ratio.get('llm_prefill_pipelined_ms'), '.2f', 'x')}) | {_fmt(r.get('ttft_ms'))} "
+            f"({_fmt(speed.get('ttft_ms'), '.2f', 'x')}) | {_fmt(r.get('ttft_runner_ms'))} "
+            f"({_fmt(ratio.get('ttft_runner_ms'), '.2f', 'x')}, {_fmt(speed.get('ttft_runner_ms'), '.2f', 'x')}) |"
+        )
+    return lines
+
+
 def _fmt(value, spec=".2f", suffix=""):
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
@@ -94,6 +124,7 @@ def results_markdown(report: dict) -> str:
                 f"{_fmt(_gib(temp[1]), '.3f')} |"
             )
     lines += mesh_table(jax_rows)
+    lines += host_latency_table(jax_rows)
     torch_rows = [r for r in report["rows"] if r["framework"] == "torch" and r["status"] == "ok"]
     if torch_rows:
         lines += [

@@ -118,7 +118,15 @@ def test_measured_rows_with_floors_and_torch_ratios(full_run):
     base, pruned = rows["none b1"], rows["adaptprune@64 b1"]
     for row in (base, pruned):
         assert row["status"] == "ok", row
-        for key in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms"):
+        for key in (
+            "vision_ms",
+            "llm_prefill_ms",
+            "llm_prefill_pipelined_ms",
+            "ttft_ms",
+            "ttft_runner_ms",
+            "decode_ms_per_token",
+            "e2e_ms",
+        ):
             assert row[key] > 0 and row["floors"][key] > 0 and row["ratio_to_floor"][key] > 0
         assert row["compile_s"]["prefill"] >= 0 and row["compiled_memory"]["prefill"] is not None
         assert row["weights_bytes"] > 0 and row["prompt_tokens"] == row["image_tokens"] + 8
@@ -134,6 +142,8 @@ def test_measured_rows_with_floors_and_torch_ratios(full_run):
     assert pruned["work"]["prefill_tokens_per_layer"][-1] == 8 + 64
     assert {"fixed_prefill_ms", "selection_overhead_ms", "select_only_ms"} <= set(pruned)
     assert pruned["speedup_vs_unpruned"]["ttft_ms"] > 0 and pruned["torch_row"] == "pytorch cut@64 b1"
+    assert pruned["speedup_vs_unpruned"]["ttft_runner_ms"] > 0 and "runner_prefill" in pruned["compile_s"]
+    assert "## Host latency and the runner's path" in full_run["markdown"]
     for label in ("pytorch none b1", "pytorch cut@64 b1"):
         assert rows[label]["status"] == "ok" and rows[label]["framework"] == "torch"
         assert (
