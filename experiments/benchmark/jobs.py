@@ -11,7 +11,6 @@ import tempfile
 import time
 
 from experiments.benchmark.configs import BenchmarkConfig, Config, planned_configs
-from experiments.evaluation.pairs import parse_method_settings
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,17 +85,21 @@ def common_spec(settings: BenchmarkConfig) -> dict:
     """What every worker of a run is told, whatever it measures: the model, its dtype and attention,
     the pruning layer, method plugins and single methods' settings, the seed, the compilation cache
     and the logits budget."""
-    import adaptprune_jax as prune
+    method_settings = {}
+    if settings.method_settings:  # checked here, before any worker (the registry imports JAX: only then)
+        import adaptprune_jax as prune
+        from experiments.evaluation.pairs import parse_method_settings
 
-    prune.methods.import_plugins(settings.method_modules)
-    run_methods = [c.method for c in planned_configs(settings) if c.method != "none"]
+        prune.methods.import_plugins(settings.method_modules)
+        run_methods = [c.method for c in planned_configs(settings) if c.method != "none"]
+        method_settings = parse_method_settings(settings.method_settings, run_methods)
     return dict(
         model=settings.model,
         dtype=settings.dtype,
         attention=settings.attention,
         layer=settings.layer,
         method_modules=list(settings.method_modules),
-        method_settings=parse_method_settings(settings.method_settings, run_methods),
+        method_settings=method_settings,
         seed=settings.seed,
         compile_cache=settings.compile_cache and os.path.abspath(settings.compile_cache),
         attention_logits_budget_mb=settings.attention_logits_budget_mb,
