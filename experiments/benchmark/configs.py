@@ -8,7 +8,16 @@ from typing import Any
 from experiments.flag_config import attention_setting, setting
 
 # The stages jax_worker compiles (each its own executable), the names --stage_compiler_options takes.
-COMPILED_STAGES = ("vision", "embed", "prefill", "prefill_fixed", "first_token", "generate", "select")
+COMPILED_STAGES = (
+    "vision",
+    "embed",
+    "prefill",
+    "prefill_fixed",
+    "first_token",
+    "generate",
+    "select",
+    "runner_prefill",
+)
 
 
 @dataclasses.dataclass(frozen=True)
