@@ -43,9 +43,25 @@ WORKERS = {
 }
 
 
+# The worker kinds that run PyTorch; every other kind runs JAX only.
+TORCH_KINDS = ("torch", "torch_throughput")
+
+
+def _without_torch() -> None:
+    """A JAX worker never uses PyTorch, yet transformers imports it (about 3 s of a worker's start) for its
+    configuration classes whenever it is installed. None in sys.modules makes this process an environment
+    without torch, as `make eval`'s is, where transformers imports none of it and keeps what the worker
+    uses (configurations, tokenizers, PIL image processors); its advisory note about that is silenced."""
+    if "torch" not in sys.modules and "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        sys.modules["torch"] = None
+
+
 def run_worker(spec_json: str, result_path: str) -> None:
     """Run the one job a worker process was started for; its result (or its error) goes to result_path."""
     spec = json.loads(spec_json)
+    if spec["kind"] not in TORCH_KINDS:
+        _without_torch()
     try:
         result = WORKERS[spec["kind"]](spec)
     except Exception as error:  # noqa: BLE001 - reported to the driver as a failed row

@@ -382,6 +382,34 @@ def test_method_settings_are_checked_before_any_worker_starts():
         spec("adaptprune.precision='highest'")
 
 
+def test_a_jax_worker_process_imports_no_torch():
+    """transformers' configuration classes import PyTorch whenever it is installed; a JAX worker hides it
+    first, as an environment without torch (make eval's) would."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from experiments.benchmark.driver import _without_torch\n"
+        "_without_torch()\n"
+        "from models.presets import llava_config\n"
+        "from transformers.utils import is_torch_available\n"
+        "llava_config('tiny')\n"
+        "print(is_torch_available(), sys.modules['torch'])\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.split() == ["False", "None"]
+    assert "PyTorch was not found" not in process.stderr  # the advisory note is silenced
+
+
 def test_parse_config():
     assert configs.parse_config("none:4") == configs.Config("none", 0, 4)
     assert configs.parse_config("fastv:128:16") == configs.Config("fastv", 128, 16)
