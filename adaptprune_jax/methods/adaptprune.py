@@ -82,6 +82,8 @@ class AdaptPruneConfig(PruneConfig):
             raise ValueError(f"distance_limit must be a number, got {self.distance_limit!r}.")
         check_bool("normalize_keys", self.normalize_keys)
         matmul_precision(self.similarity_precision)
+        # one name per precision: 'BF16_...' and 'bf16_...' are the same config (and the same program)
+        object.__setattr__(self, "similarity_precision", self.similarity_precision.lower())
 
     def cue_requests(self):
         return (LastTokenAttention(), FeatureKeys(normalized=self.normalize_keys))

@@ -17,6 +17,7 @@ COMPILED_STAGES = (
     "generate",
     "select",
     "runner_prefill",
+    "runner_first_token",
 )
 
 
@@ -62,9 +63,18 @@ class BenchmarkConfig:
     )
     text_tokens: int = setting(64, "Text tokens per prompt (the image span comes on top).")
     new_tokens: int = setting(32, "Generated tokens (end-to-end; decode steps = new_tokens - 1).")
-    repeats: int = setting(20, "Timed repeats of vision / prefill / first-token.")
+    repeats: int = setting(
+        20,
+        "Timed repeats of vision / prefill / first token (staged and through the runner's program); the "
+        "back-to-back prefill takes 3 samples of up to 4 calls.",
+    )
     e2e_repeats: int = setting(5, "Timed repeats of decode and end-to-end generation.")
     selection_overhead: bool = setting(True, "Also time prefill with fixed indices (one more compile).")
+    runner_first_token: bool = setting(
+        False,
+        "Also time the first token through the runner's one prefill program (vision, embedding and LLM "
+        "prefill, as experiments.eval runs it): one more compile of the whole model per configuration.",
+    )
     output_dir: str = setting(
         "experiments/results/benchmark", "Where results go (also $OUT/<basename> when $OUT is set)."
     )

@@ -174,6 +174,7 @@ def run(settings: BenchmarkConfig) -> None:
         repeats=settings.repeats,
         e2e_repeats=settings.e2e_repeats,
         selection_overhead=settings.selection_overhead,
+        runner_first_token=settings.runner_first_token,
         profile_dir=settings.profile_dir and os.path.abspath(settings.profile_dir),
         stage_compiler_options=parse_stage_compiler_options(settings.stage_compiler_options),
     )

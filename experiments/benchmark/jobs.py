@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from experiments.benchmark.configs import BenchmarkConfig, Config, planned_configs
+from experiments.benchmark.configs import BenchmarkConfig, Config, parse_search, planned_configs
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,7 +91,10 @@ def common_spec(settings: BenchmarkConfig) -> dict:
         from experiments.evaluation.pairs import parse_method_settings
 
         prune.methods.import_plugins(settings.method_modules)
-        run_methods = [c.method for c in planned_configs(settings) if c.method != "none"]
+        searched = settings.max_batch_configs if settings.max_batch_search else ()
+        run_methods = [c.method for c in planned_configs(settings)]
+        run_methods += [parse_search(text)[0].method for text in searched]
+        run_methods = [m for m in dict.fromkeys(run_methods) if m != "none"]
         method_settings = parse_method_settings(settings.method_settings, run_methods)
     return dict(
         model=settings.model,

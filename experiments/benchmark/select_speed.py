@@ -59,10 +59,11 @@ class SelectSpeedConfig:
     )
     cosine_precisions: tuple[str, ...] = setting(
         (),
-        "Also time the cosines and the whole window-form selection at each of these matmul precisions: "
+        "Also time the cosines and the whole selection (the form 'auto' resolves to) at each of these matmul precisions: "
         "'highest' (float32) or a lax.DotAlgorithmPreset name (e.g. BF16_BF16_F32_X6), each with its "
         "cosines' largest error against float64 on the host (first row), whether its band cosines equal its "
-        "dense matmul bit for bit, and the share of kept tokens it has in common with the first precision's.",
+        "dense matmul bit for bit, and the share of kept tokens it has in common with the first precision's "
+        "(the first one the backend accepts).",
     )
     key_mean_cosine: float = setting(
         0.0,
@@ -263,6 +264,8 @@ def synthetic_keys(rng, batch: int, num_tokens: int, dim: int, mean_cosine: floa
     direction plus noise scaled by sqrt(1 / c - 1), so that E[cos(k_i, k_j)] ~ c."""
     import jax.numpy as jnp
 
+    if not 0 <= mean_cosine < 1:
+        raise ValueError(f"--key_mean_cosine must be in [0, 1), got {mean_cosine}")
     keys = rng.standard_normal((batch, num_tokens, dim))
     if mean_cosine > 0:
         keys = rng.standard_normal((batch, 1, dim)) + keys * (1.0 / mean_cosine - 1.0) ** 0.5

@@ -75,6 +75,16 @@ def benchmark_image(cfg, image_size: str) -> BenchmarkImage:
     return BenchmarkImage(size, anyres.image_token_count(size, cfg), anyres.num_crops(size, cfg))
 
 
+def method_settings(spec: dict, method: str) -> dict:
+    """``method``'s own settings from --method_settings, as the driver parsed them: a tuple travels in
+    the job's JSON as a list and is a tuple again here (configs are hashed: they are static to jit)."""
+
+    def restored(value):
+        return tuple(restored(item) for item in value) if isinstance(value, list) else value
+
+    return {name: restored(value) for name, value in spec.get("method_settings", {}).get(method, {}).items()}
+
+
 def configure_jax(spec):
     """JAX with the job's attention-logits budget and compilation cache (call before any tracing)."""
     import jax

@@ -15,6 +15,7 @@ from experiments.benchmark.workers import (
     configure_jax,
     llava_hf_config,
     memory_stats,
+    method_settings,
     random_pixels,
     random_prompts,
 )
@@ -116,7 +117,7 @@ def jax_worker(spec: dict) -> dict:
             strict=False,
             keep=spec["keep"],
             layer=spec["layer"],
-            **spec.get("method_settings", {}).get(method, {}),
+            **method_settings(spec, method),
         )
     keep = runner.resolve_keep(pruning, None if packed is None else packed.layout)
     stages = () if pruning is None else pruning.stages(n_img, cfg.text.num_layers)
@@ -236,22 +237,27 @@ def jax_worker(spec: dict) -> dict:
             layout_shape,
         )
     # The first token as the runner computes it for experiments.eval: one program for the vision tower,
-    # the embedding and the LLM prefill (the stages above are separate programs, each launched apart).
-    build(
-        "runner_prefill",
-        runner.prefill_program,
-        abstract_weights,
-        batch_sds(ids_shape, jnp.int32),
-        batch_sds((batch,), jnp.int32),
-        batch_sds(pixel_shape, jnp.float32),
-        key,
-        *query_shapes,
-        index_shape,
-        layout_shape,
-        extra_slots=new_tokens,
-        pruning=pruning,
-        all_logits=False,
-    )
+    # the embedding and the LLM prefill (the stages above are separate programs, each launched apart),
+    # then its own argmax (on a mesh its logits may be laid out apart from the stage prefill's). Not for
+    # the largest-batch search's jobs, which time nothing.
+    times_runner = spec.get("runner_first_token", False) and mode != "probe" and spec["repeats"] > 0
+    if times_runner:
+        runner_result = build(
+            "runner_prefill",
+            runner.prefill_program,
+            abstract_weights,
+            batch_sds(ids_shape, jnp.int32),
+            batch_sds((batch,), jnp.int32),
+            batch_sds(pixel_shape, jnp.float32),
+            key,
+            *query_shapes,
+            index_shape,
+            layout_shape,
+            extra_slots=new_tokens,
+            pruning=pruning,
+            all_logits=False,
+        )
+        build("runner_first_token", jax.jit(lambda logits: jnp.argmax(logits, -1)), runner_result.logits)
     cues = None
     # The select stage alone runs on one device: it is left out on a mesh.
     if pruning is not None and mode != "probe" and mesh is None:
@@ -275,7 +281,7 @@ def jax_worker(spec: dict) -> dict:
         "attention": cfg.text.attention,  # as resolved: the vision tower's and the LLM prefill's
         "attention_logits_budget_bytes": attention_logits_budget(),
         "layer": None if pruning is None else pruning.layer,
-        "method_settings": spec.get("method_settings", {}).get(method, {}),
+        "method_settings": method_settings(spec, method),
         "prompt_tokens": prompt_tokens,
         "image_tokens": n_img,
         "image_size": "x".join(map(str, image.size)),
@@ -346,7 +352,7 @@ def jax_worker(spec: dict) -> dict:
 
     def runner_first_token():
         result = run["runner_prefill"](weights, ids, lengths, pixels, rng, *queries, image_index, layout)
-        return run["first_token"](result.logits)
+        return run["runner_first_token"](result.logits)
 
     def generation():
         _, result = first_token()
@@ -396,14 +402,8 @@ def jax_worker(spec: dict) -> dict:
         real_cues = real_cues.replace(rng=rng)
         samples["select_only_ms"] = timed(lambda: run["select"](real_cues), reps, sync)
     samples["ttft_ms"] = timed(first_token, reps, sync)
-    samples["ttft_runner_ms"] = timed(runner_first_token, reps, sync)
-    # Prefills issued back to back, one wait at the end: each call's host work (arguments, the launch
-    # of its command buffer) overlaps the previous call's kernels, so this is the device's time per
-    # prefill; the gap to llm_prefill_ms is what a single call waits on the host.
-    calls = max(1, min(4, int(PIPELINED_CACHE_BYTES // max(out["work"]["kv_cache_bytes_allocated"], 1))))
-    samples["llm_prefill_pipelined_ms"] = [
-        _back_to_back(lambda: run["prefill"](weights, *embedded, rng, layout), calls, sync) for _ in range(3)
-    ]
+    if times_runner:
+        samples["ttft_runner_ms"] = timed(runner_first_token, reps, sync)
     decode = []
     for _ in range(e2e_reps + 1):
         result = sync(run["prefill"](weights, *embedded, rng, layout))
@@ -418,9 +418,26 @@ def jax_worker(spec: dict) -> dict:
         )
     samples["decode_ms_per_token"] = decode[1:]
     samples["e2e_ms"] = timed(generation, e2e_reps, sync)
+    out["peak_bytes_all_stages"] = None if mesh is not None else memory_stats().get("peak_bytes_in_use")
+    # Prefills issued back to back, one wait at the end: each call's host work (arguments, the launch
+    # of its command buffer) overlaps the previous call's kernels, so this is the device's time per
+    # prefill; the gap to llm_prefill_ms is what a single call waits on the host. After the peak is
+    # read: the calls' caches stay alive together (at most PIPELINED_CACHE_BYTES); fewer than two
+    # calls would time nothing new, and running out of memory here costs this number only.
+    calls = min(4, int(PIPELINED_CACHE_BYTES // max(out["work"]["kv_cache_bytes_allocated"], 1)))
+    out["pipelined_calls"] = calls
+    if calls >= 2:
+        try:
+            samples["llm_prefill_pipelined_ms"] = [
+                _back_to_back(lambda: run["prefill"](weights, *embedded, rng, layout), calls, sync)
+                for _ in range(3)
+            ]
+        except Exception as error:  # noqa: BLE001 (only out of memory is this measurement's own result)
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            out["pipelined_error"] = f"{type(error).__name__}: {str(error)[:300]}"
     out["samples"] = {k: [round(v, 4) for v in s] for k, s in samples.items()}
     out.update({k: median(s) for k, s in samples.items()})
-    out["peak_bytes_all_stages"] = None if mesh is not None else memory_stats().get("peak_bytes_in_use")
     if spec.get("profile_dir"):  # after the timings and the peak: the profiler's buffers cost memory
         from experiments.benchmark import profiling
 

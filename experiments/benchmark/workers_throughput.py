@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from experiments.benchmark.workers import configure_jax, llava_hf_config, memory_stats
+from experiments.benchmark.workers import configure_jax, llava_hf_config, memory_stats, method_settings
 from experiments.benchmark.workload import (
     Workload,
     batch_indices,
@@ -165,7 +165,7 @@ def jax_throughput_worker(spec: dict) -> dict:
             strict=False,
             keep=spec["keep"],
             layer=spec["layer"],
-            **spec.get("method_settings", {}).get(spec["method"], {}),
+            **method_settings(spec, spec["method"]),
         )
         if pruning.needs_text_tower:
             raise ValueError(

@@ -85,6 +85,7 @@ def _full_run(tmp_path_factory, cache_dir):
         "--attention_logits_budget_mb=0.5",
         "--stage_compiler_options=generate:xla_disable_hlo_passes=dot-merger",
         "--method_settings=adaptprune.similarity_precision='bf16_bf16_f32_x6'",
+        "--runner_first_token",
     )
     with open(output_dir / "worker_logs.txt") as f:
         logs = f.read()
@@ -378,6 +379,14 @@ def test_method_settings_are_checked_before_any_worker_starts():
     }
     with pytest.raises(ValueError, match="'fastv' is not among this run's methods"):
         spec("fastv.layer=3")
+    # a method only the largest-batch search runs takes settings too
+    searched = configs.BenchmarkConfig(
+        configs=("none:1",),
+        max_batch_search=True,
+        max_batch_configs=("pyramiddrop:64@2",),
+        method_settings=("pyramiddrop.layers=2/3",),
+    )
+    assert common_spec(searched)["method_settings"] == {"pyramiddrop": {"layers": (2, 3)}}
     with pytest.raises(ValueError, match="adaptprune has no setting 'precision'"):
         spec("adaptprune.precision='highest'")
 
@@ -408,6 +417,18 @@ def test_a_jax_worker_process_imports_no_torch():
     assert process.returncode == 0, process.stderr[-2000:]
     assert process.stdout.split() == ["False", "None"]
     assert "PyTorch was not found" not in process.stderr  # the advisory note is silenced
+
+
+def test_a_worker_gets_its_method_settings_back_as_they_were_parsed():
+    """A tuple travels in the job's JSON as a list; configs are hashed (static to jit), so it must be a
+    tuple again in the worker."""
+    from adaptprune_jax import make_config
+    from experiments.benchmark.workers import method_settings
+
+    spec = json.loads(json.dumps({"method_settings": {"pyramiddrop": {"layers": (2, 3), "scalar": 0.5}}}))
+    assert method_settings(spec, "pyramiddrop") == {"layers": (2, 3), "scalar": 0.5}
+    assert method_settings(spec, "fastv") == {} and method_settings({}, "fastv") == {}
+    hash(make_config("pyramiddrop", keep=64, **{"layers": method_settings(spec, "pyramiddrop")["layers"]}))
 
 
 def test_parse_config():

@@ -46,6 +46,9 @@ def test_summary_per_device_thread_counts_overlap_once():
     )
     assert profiling.main_thread(summary)["thread"] == "XLA Ops"  # the busiest line wins
     assert threads["XLA Ops"]["busy_fraction"] == pytest.approx(1.0)
+    # The host's threads instead (where a call's dispatch and graph launch show), by process name
+    host = profiling.summarize_events(_trace(), calls=2, prefixes=("/host:",))["device_threads"]
+    assert [t["thread"] for t in host] == ["3"] and host[0]["sum_ms_per_call"] == pytest.approx(0.5)
 
 
 def test_kernel_sequence_is_the_stream_s_last_call_in_order():

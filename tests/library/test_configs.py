@@ -179,6 +179,10 @@ def test_similarity_precision_by_name():
 
     assert matmul_precision("highest") is lax.Precision.HIGHEST
     assert matmul_precision("BF16_bf16_f32_x6") is lax.DotAlgorithmPreset.BF16_BF16_F32_X6
+    # one name per precision, so equal settings are equal configs (one compiled program)
+    assert AdaptPruneConfig(similarity_precision="BF16_BF16_F32_X6") == AdaptPruneConfig(
+        similarity_precision="bf16_bf16_f32_x6"
+    )
     with pytest.raises(
         ValueError, match=r"unknown matmul precision 'fast'; known: highest, .*bf16_bf16_f32_x6"
     ):
