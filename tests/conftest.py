@@ -13,7 +13,8 @@ import tempfile
 # test process and every subprocess it starts (evaluation, benchmark and training runs) reads and fills
 # it: a program the suite compiles in several places (the tiny model's prefill at a shape many tests
 # use, a benchmark worker's stages) compiles once. Made fresh per session and removed after it; a
-# JAX_COMPILATION_CACHE_DIR already set (the xdist controller's, or a user's) is used as it is.
+# JAX_COMPILATION_CACHE_DIR already set (the xdist controller's, or a user's) is used as it is. A program
+# a test starts with --compile_cache= (off) still reads and fills it: the variable is JAX's own setting.
 _SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _SESSION_CACHE = tempfile.mkdtemp(prefix="adaptprune-jax-test-compile-cache-")
