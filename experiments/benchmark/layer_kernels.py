@@ -30,7 +30,7 @@ from flax import nnx
 import adaptprune_jax as prune
 from experiments.benchmark import profiling
 from experiments.benchmark.configs import compiler_option_value
-from experiments.benchmark.timing import median, timed
+from experiments.benchmark.timing import back_to_back, median, timed
 from experiments.flag_config import define_flags, from_flags, setting
 from models.presets import llava_config, random_model
 
@@ -176,12 +176,9 @@ def host_times(fn, args, repeats: int) -> dict:
         dispatch.append((time.perf_counter() - start) * 1e3)
         jax.block_until_ready(out)
     calls = min(repeats, BACK_TO_BACK_CALLS)  # their outputs (caches included) stay alive together
-    start = time.perf_counter()
-    outs = [fn(*args) for _ in range(calls)]
-    jax.block_until_ready(outs)
     return {
         "dispatch_ms_median": median(dispatch),
-        "pipelined_ms_per_call": (time.perf_counter() - start) * 1e3 / calls,
+        "pipelined_ms_per_call": back_to_back(lambda: fn(*args), calls, jax.block_until_ready),
         "pipelined_calls": calls,
     }
 

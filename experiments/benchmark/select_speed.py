@@ -316,7 +316,9 @@ def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record
         dense_program, band_program = jax.jit(jax.vmap(dense)), jax.jit(jax.vmap(band))
         select_program = jax.jit(select)
         try:  # a backend without this algorithm refuses it when compiling: a row saying so, then the next
-            jax.block_until_ready(dense_program(keys, safe_neighbours))
+            dense_cosines = record(
+                "dense cosines", lambda p=dense_program: p(keys, safe_neighbours), precision=name
+            )
         except Exception as error:  # noqa: BLE001 (any compiler error is this precision's result)
             message = f"{type(error).__name__}: {str(error)[:300]}"
             print(f"    {name}: refused: {message}", flush=True)
@@ -324,9 +326,6 @@ def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record
                 {"image_tokens": num_tokens, "batch": int(keys.shape[0]), "precision": name, "error": message}
             )
             continue
-        dense_cosines = record(
-            "dense cosines", lambda p=dense_program: p(keys, safe_neighbours), precision=name
-        )
         band_cosines = record("band cosines", lambda p=band_program: p(keys, layout_arrays), precision=name)
         difference = jnp.where(listed, jnp.abs(band_cosines - dense_cosines), 0.0)
         error = np.where(np.asarray(listed[0]), np.abs(np.asarray(dense_cosines[0], np.float64) - exact), 0.0)

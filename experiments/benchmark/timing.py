@@ -26,6 +26,14 @@ def timed(fn, repeats: int, sync) -> list[float]:
     return samples
 
 
+def back_to_back(fn, calls: int, sync) -> float:
+    """Milliseconds per call of ``calls`` calls issued without waiting, then one ``sync`` of them all:
+    each call's host work overlaps the previous calls' device work."""
+    start = time.perf_counter()
+    sync([fn() for _ in range(calls)])
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
 def run_stamp(module: str) -> dict:
     """When (UTC, seconds) and by which command line (`python -m <module> <args>`) a result was made."""
     return {

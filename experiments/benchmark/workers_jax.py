@@ -9,7 +9,7 @@ import time
 
 from experiments.benchmark.configs import mesh_job_suffix
 from experiments.benchmark.floors import stage_work
-from experiments.benchmark.timing import median, timed
+from experiments.benchmark.timing import back_to_back, median, timed
 from experiments.benchmark.workers import (
     benchmark_image,
     configure_jax,
@@ -429,7 +429,7 @@ def jax_worker(spec: dict) -> dict:
     if calls >= 2:
         try:
             samples["llm_prefill_pipelined_ms"] = [
-                _back_to_back(lambda: run["prefill"](weights, *embedded, rng, layout), calls, sync)
+                back_to_back(lambda: run["prefill"](weights, *embedded, rng, layout), calls, sync)
                 for _ in range(3)
             ]
         except Exception as error:  # noqa: BLE001 (only out of memory is this measurement's own result)
@@ -526,13 +526,6 @@ def random_queries(batch: int, text_tokens: int, segment_length: int, seed: int)
     length = min(text_tokens, segment_length * TEXT_SEGMENTS)
     questions = [rng.integers(1, 256, length).tolist() for _ in range(batch)]
     return tuple(jnp.asarray(a) for a in batch_segments(questions, segment_length, TEXT_SEGMENTS))
-
-
-def _back_to_back(fn, calls: int, sync) -> float:
-    """Milliseconds per call of ``calls`` calls issued without waiting, then one wait."""
-    start = time.perf_counter()
-    sync([fn() for _ in range(calls)])
-    return (time.perf_counter() - start) * 1e3 / calls
 
 
 def _one(fn, sync) -> float:
