@@ -11,8 +11,6 @@ PY := $(VENV)/bin/python
 EVAL_VENV := .venv-eval
 EVAL_PY := $(EVAL_VENV)/bin/python
 # torch is pinned: the CPU build of 2.13.0 is a local wheel; an unpinned torch pulls CUDA packages.
-# --no-compile: no bytecode for every installed file up front (torch alone has thousands); Python
-# writes it on first import for the modules the runs use.
 TORCH_PIN := torch==2.13.0
 # Same transformers as the lent GPU machine, so both sides of every comparison run the same code.
 TRANSFORMERS_PIN := transformers==5.17.0
@@ -25,7 +23,7 @@ TESTBED_SPLIT := experiments/data/testbed_test/questions.jsonl
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)" "jax[cpu]" -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TRANSFORMERS_PIN)" "jax[cpu]" -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -44,7 +42,7 @@ test-fast: venv
 $(EVAL_VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(EVAL_VENV)
 	$(EVAL_PY) -m pip install -q --upgrade pip
-	$(EVAL_PY) -m pip install -q --no-compile "$(TRANSFORMERS_PIN)" "jax[cpu]" -e .
+	$(EVAL_PY) -m pip install -q "$(TRANSFORMERS_PIN)" "jax[cpu]" -e .
 	touch $@
 
 $(TESTBED_SPLIT): | $(EVAL_VENV)/.installed
