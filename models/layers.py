@@ -274,10 +274,14 @@ def self_attention(
     implementation: str,
     positions: jax.Array | None = None,
     sliding_window: int | None = None,
+    *,
+    zero_padding_rows: bool = True,
 ) -> jax.Array:
     """A sequence's attention over itself through ``implementation``; q, k, v and the output as in
     `attend`. ``positions`` None: every token sees every token (the vision tower); ``positions`` (B, S)
-    (-1 = padding): the position rule of `attention_mask(positions, positions)`.
+    (-1 = padding): the position rule of `attention_mask(positions, positions)`. With ``positions``, k
+    and v may hold more slots than q (a layer's cache, `with_empty_slots`): the slots past S are empty
+    (position -1); `einsum` reads them masked, the fused kernels get the first S.
 
     `einsum` computes the position rule exactly, for any positions. `cudnn` and `xla` take it as
     causal attention over each row's first n slots, n = the row's real tokens (position >= 0): the
@@ -285,7 +289,9 @@ def self_attention(
     their positions increase strictly along them, as the pruning driver's sequences do
     (`tests/models/test_attention.py` checks every sequence it feeds a layer). Their padding rows are
     zeros, unlike `einsum`'s (an average of the values); nothing reads a padding row's output (its
-    keys and values are cached at position -1, which no query sees).
+    keys and values are cached at position -1, which no query sees). ``zero_padding_rows`` False
+    leaves the fused kernels' padding rows as they come (any values, NaN included): for a caller that
+    masks them later, where the mask fuses into other work (the decoder's residual add).
 
     ``sliding_window`` W (with ``positions``): `einsum` applies the window on positions; `cudnn` and
     `xla` as the kernel's local window of W - 1 slots to the left, the same keys where every row's real
@@ -293,16 +299,28 @@ def self_attention(
     by slot). A sequence with gaps (pruned, original positions kept) must take `einsum`.
     """
     implementation = resolve_attention(implementation, q.dtype)
-    if implementation == EINSUM:
-        mask = None if positions is None else attention_mask(positions, positions, sliding_window)
-        return attend(q, k, v, mask)
     batch, length, heads, head_dim = q.shape
+    key_slots = k.shape[1]
+    if key_slots != length and positions is None:
+        raise ValueError(
+            f"keys hold {key_slots} slots for {length} queries: only a causal call may add empty slots"
+        )
+    if implementation == EINSUM:
+        mask = None
+        if positions is not None:
+            key_positions = jnp.pad(
+                positions, ((0, 0), (0, key_slots - length)), constant_values=EMPTY_POSITION
+            )
+            mask = attention_mask(positions, key_positions, sliding_window)
+        return attend(q, k, v, mask)
     lengths = None  # real tokens per row: all of them, unless positions say otherwise
     if positions is not None:
         lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
+    if key_slots != length:  # the fused kernels take as many key slots as queries (their causal mask
+        k, v = k[:, :length], v[:, :length]  # is aligned at the first slot only then)
     pad = -length % CUDNN_SEQUENCE_MULTIPLE if implementation == CUDNN else 0
     if pad:  # slots appended at the end, beyond every row's length: no query sees them, their rows are cut
-        q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
+        q, k, v = (_with_slots(x, length + pad) for x in (q, k, v))
         lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths
     out = jax.nn.dot_product_attention(
         q,
@@ -314,10 +332,23 @@ def self_attention(
         local_window_size=None if sliding_window is None or positions is None else (sliding_window - 1, 0),
         implementation=implementation,
     )[:, :length]
-    if positions is not None:  # padding rows: zeros, whatever the kernel left there (finite for the cache)
+    if positions is not None and zero_padding_rows:  # padding rows: zeros, whatever the kernel left there
         real = jnp.arange(length)[None, :] < lengths[:, None]
         out = jnp.where(real[:, :, None, None], out, 0)
     return out.reshape(batch, length, heads * head_dim)
+
+
+def _with_slots(x: jax.Array, slots: int) -> jax.Array:
+    """(B, S, ...) zero-padded along axis 1 to ``slots`` (unchanged when it already has them)."""
+    return with_empty_slots(x, slots - x.shape[1])
+
+
+def with_empty_slots(x: jax.Array, extra_slots: int) -> jax.Array:
+    """(B, S, ...) followed by ``extra_slots`` zero slots along axis 1: a layer's keys or values as its
+    cache holds them (prompt, then room for the generated tokens)."""
+    if extra_slots == 0:
+        return x
+    return jnp.pad(x, [(0, 0), (0, extra_slots)] + [(0, 0)] * (x.ndim - 2))
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -336,13 +367,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
 def new_layer_cache(
     k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int, shift: jax.Array | None = None
 ) -> LayerCache:
-    """A layer's cache holding the prefill keys/values plus `extra_slots` empty slots for decoding."""
-    pad = ((0, 0), (0, extra_slots), (0, 0), (0, 0))
+    """A layer's cache: the prefill's keys/values, k and v (B, S + extra_slots, Hkv, D) with their
+    `extra_slots` empty slots for decoding already in place (`with_empty_slots`, as the layer's
+    attention read them), positions (B, S)."""
+    length = positions.shape[1]
+    if k.shape[1] != length + extra_slots or v.shape[1] != length + extra_slots:
+        raise ValueError(
+            f"a cache of {length} prompt slots and {extra_slots} empty ones needs keys and values of "
+            f"{length + extra_slots} slots, got {k.shape[1]} and {v.shape[1]}"
+        )
     return {
-        "k": jnp.pad(k, pad),
-        "v": jnp.pad(v, pad),
+        "k": k,
+        "v": v,
         "positions": jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION),
-        "end_index": jnp.asarray(positions.shape[1], jnp.int32),
+        "end_index": jnp.asarray(length, jnp.int32),
         "shift": jnp.zeros(positions.shape[:1], jnp.int32) if shift is None else shift.astype(jnp.int32),
     }
 

@@ -28,6 +28,7 @@ from models.layers import (
     normal_param,
     rows_take,
     self_attention,
+    with_empty_slots,
 )
 
 
@@ -82,18 +83,28 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def _finish(self, x: jax.Array, attention_out: jax.Array) -> jax.Array:
-        x = x + self.self_attn.o_proj(attention_out)
+    def _finish(self, x: jax.Array, attention_out: jax.Array, real: jax.Array | None = None) -> jax.Array:
+        """The rest of the layer after attention; ``real`` (B, S): the attention output of the other
+        rows (padding) is dropped after o_proj, where the mask fuses into the residual add."""
+        update = self.self_attn.o_proj(attention_out)
+        if real is not None:
+            update = jnp.where(real[..., None], update, jnp.zeros((), update.dtype))
+        x = x + update
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def prefill(self, x: jax.Array, positions: jax.Array, *, attention: str | None = None):
-        """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q and k.
-        ``attention``: an implementation other than the config's (`models.layers.self_attention`; the
-        trainer's fused attention), for this call."""
+    def prefill(
+        self, x: jax.Array, positions: jax.Array, *, attention: str | None = None, cache_slots: int = 0
+    ):
+        """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q (B, S, H, D)
+        and k, v (B, S + cache_slots, Hkv, D): the keys and values as the layer's cache holds them,
+        ``cache_slots`` empty slots after the prompt's (attention reads them in that form, so the
+        cache is not a second copy). ``attention``: an implementation other than the config's
+        (`models.layers.self_attention`; the trainer's fused attention), for this call."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
+        k, v = with_empty_slots(k, cache_slots), with_empty_slots(v, cache_slots)
         implementation = self.self_attn.cfg.attention if attention is None else attention
-        out = self_attention(q, k, v, implementation, positions, self.sliding_window)
-        return self._finish(x, out), q, k, v
+        out = self_attention(q, k, v, implementation, positions, self.sliding_window, zero_padding_rows=False)
+        return self._finish(x, out, real=positions >= 0), q, k, v
 
     @property
     def sliding_window(self) -> int | None:

@@ -34,9 +34,10 @@ class DecoderLayer(Protocol):
     """Keys less than this many positions before a query are seen (None: all earlier keys)."""
 
     def prefill(
-        self, x: jax.Array, positions: jax.Array, *, attention: str | None = None
+        self, x: jax.Array, positions: jax.Array, *, attention: str | None = None, cache_slots: int = 0
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Full-sequence step: (x out, post-RoPE q (B, S, H, D), k and v (B, S, Hkv, D));
+        """Full-sequence step: (x out, post-RoPE q (B, S, H, D), k and v (B, S + cache_slots, Hkv, D),
+        the prompt's keys and values followed by ``cache_slots`` empty slots, as the cache holds them);
         ``attention``: an implementation other than the layer's own, for this call."""
 
     def queries_keys(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -140,9 +141,11 @@ def prefill(
                     raise ValueError(f"{pruning.name}: a merged token has no vision-tower attention")
                 vision["vision_attention"] = rows_take(vision["vision_attention"], selected)
         exact_only = gapped and layer.sliding_window is not None
-        x, q, k, v = layer.prefill(x, positions, attention=EINSUM if exact_only else None)
+        x, q, k, v = layer.prefill(
+            x, positions, attention=EINSUM if exact_only else None, cache_slots=extra_slots
+        )
         if reads_previous and layer_index + 1 in stages:
-            previous = (q, k, positions)
+            previous = (q, k[:, : positions.shape[1]], positions)
         caches.append(new_layer_cache(k, v, positions, extra_slots))
         if renumbers:
             last_positions.append(rows_take(positions, last_index[:, None])[:, 0])

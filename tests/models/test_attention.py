@@ -84,6 +84,44 @@ def test_xla_equals_einsum_on_real_rows_and_zeroes_padding_rows(kv_heads):
     )
 
 
+@pytest.mark.parametrize("implementation", ["einsum", "xla"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_keys_with_empty_cache_slots_give_the_same_attention(implementation, window):
+    """A layer's attention reads its cache as written (the prompt's keys, then empty slots for the
+    generated tokens): equal to attention over the prompt's keys alone, on every real row, with
+    garbage in the empty slots and in the padding slots (so reading one would show)."""
+    rng = np.random.default_rng(2)
+    q, k, v = _random_qkv(rng, 3, 20, 4, 2, 8)
+    positions = np.full((3, 20), -1, np.int32)
+    positions[0] = np.arange(20)
+    positions[1, :13] = np.arange(13)
+    positions[2, :1] = 0
+    real = positions >= 0
+    garbage = rng.normal(size=(3, 20, 2, 8)).astype(np.float32) * 1e3
+    k, v = (jnp.where(jnp.asarray(real)[..., None, None], x, garbage) for x in (k, v))
+    extra = rng.normal(size=(3, 7, 2, 8)).astype(np.float32) * 1e3
+    k_cache, v_cache = (jnp.concatenate([x, extra], axis=1) for x in (k, v))
+    positions = jnp.asarray(positions)
+    alone = np.asarray(layers.self_attention(q, k, v, implementation, positions, window))
+    cached = np.asarray(layers.self_attention(q, k_cache, v_cache, implementation, positions, window))
+    np.testing.assert_allclose(cached[real], alone[real], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="only a causal call may add empty slots"):
+        layers.self_attention(q, k_cache, v_cache, implementation)
+
+
+def test_with_empty_slots_and_the_cache_it_makes():
+    k = jnp.ones((2, 5, 3, 4))
+    padded = layers.with_empty_slots(k, 3)
+    assert padded.shape == (2, 8, 3, 4) and (np.asarray(padded[:, 5:]) == 0).all()
+    assert layers.with_empty_slots(k, 0) is k
+    positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+    cache = layers.new_layer_cache(padded, padded, positions, 3)
+    assert cache["positions"].shape == (2, 8) and (np.asarray(cache["positions"][:, 5:]) == -1).all()
+    assert int(cache["end_index"]) == 5
+    with pytest.raises(ValueError, match="needs keys and values of 8 slots, got 5 and 8"):
+        layers.new_layer_cache(k, padded, positions, 3)
+
+
 @pytest.fixture(scope="module")
 def xla_model(tiny_checkpoints):
     """The tiny-gqa checkpoint (and its CLIP text tower) loaded with XLA's fused attention."""

@@ -66,6 +66,23 @@ def test_cudnn_equals_einsum_on_random_heads_in_bfloat16(kv_heads):
     assert (np.asarray(cudnn, np.float32)[~real] == 0).all()
 
 
+@pytest.mark.parametrize("length", [640, 577])
+def test_cudnn_reads_keys_with_empty_cache_slots(length):
+    """The LLM prefill's shape: queries over keys that hold 32 more (empty) cache slots, a multiple of
+    64 or not, on right-padded rows: within bf16 noise of einsum on the prompt's keys alone."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, length, 4, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(2, length + 32, 2, 64)), jnp.bfloat16) for _ in range(2))
+    positions = np.full((2, length), -1, np.int32)
+    positions[0] = np.arange(length)
+    positions[1, :300] = np.arange(300)
+    positions = jnp.asarray(positions)
+    attend = jax.jit(layers.self_attention, static_argnums=3)
+    einsum = attend(q, k[:, :length], v[:, :length], "einsum", positions)
+    real = np.asarray(positions) >= 0
+    assert _relative_error(attend(q, k, v, "cudnn", positions), einsum, real) < BF16_TOLERANCE
+
+
 def test_cudnn_sliding_window_equals_einsum_in_bfloat16():
     """Mistral's window on right-padded unpruned rows (positions = slots, some rows longer than the
     window): cuDNN's local window sees the keys the position rule allows, and the window matters."""
