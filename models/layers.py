@@ -243,8 +243,9 @@ computed exactly, float32 logits; the parity path, and the only one on a CPU bes
 float16 on a GPU), `xla` (the same call's XLA implementation, for checking the fused path's masking
 anywhere), `auto` (resolved when the model is loaded: `resolve_attention`)."""
 
-# cuDNN's flash kernels take sequence lengths in multiples of this.
-CUDNN_SEQUENCE_MULTIPLE = 64
+# Sequence lengths each fused implementation is given in multiples of (cuDNN's flash kernels: 64);
+# the slots added are padding that no token sees.
+FUSED_SEQUENCE_MULTIPLES = {CUDNN: 64, XLA: 1}
 
 
 def check_attention(implementation: str) -> str:
@@ -275,13 +276,16 @@ def self_attention(
     positions: jax.Array | None = None,
     sliding_window: int | None = None,
     *,
+    valid_slots: int | None = None,
     zero_padding_rows: bool = True,
 ) -> jax.Array:
     """A sequence's attention over itself through ``implementation``; q, k, v and the output as in
     `attend`. ``positions`` None: every token sees every token (the vision tower); ``positions`` (B, S)
     (-1 = padding): the position rule of `attention_mask(positions, positions)`. With ``positions``, k
     and v may hold more slots than q (a layer's cache, `with_empty_slots`): the slots past S are empty
-    (position -1); `einsum` reads them masked, the fused kernels get the first S.
+    (position -1); `einsum` reads them masked, the fused kernels get the first S. ``valid_slots`` n
+    (without ``positions``): only the first n slots are tokens, every token sees those n, the rest are
+    padding that no token sees (a tower padded once for the fused kernels, `fused_slots`).
 
     `einsum` computes the position rule exactly, for any positions. `cudnn` and `xla` take it as
     causal attention over each row's first n slots, n = the row's real tokens (position >= 0): the
@@ -305,20 +309,27 @@ def self_attention(
         raise ValueError(
             f"keys hold {key_slots} slots for {length} queries: only a causal call may add empty slots"
         )
+    if valid_slots is not None and positions is not None:
+        raise ValueError("valid_slots is for attention without positions; positions say which slots are real")
     if implementation == EINSUM:
         mask = None
+        if valid_slots is not None and valid_slots < key_slots:
+            mask = jnp.broadcast_to(jnp.arange(key_slots) < valid_slots, (batch, length, key_slots))
         if positions is not None:
             key_positions = jnp.pad(
                 positions, ((0, 0), (0, key_slots - length)), constant_values=EMPTY_POSITION
             )
             mask = attention_mask(positions, key_positions, sliding_window)
         return attend(q, k, v, mask)
-    lengths = None  # real tokens per row: all of them, unless positions say otherwise
+    lengths = None  # real tokens per row: all of them, unless positions or valid_slots say otherwise
     if positions is not None:
         lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
-    if key_slots != length:  # the fused kernels take as many key slots as queries (their causal mask
-        k, v = k[:, :length], v[:, :length]  # is aligned at the first slot only then)
-    pad = -length % CUDNN_SEQUENCE_MULTIPLE if implementation == CUDNN else 0
+    elif valid_slots is not None and valid_slots < length:
+        lengths = jnp.full((batch,), valid_slots, jnp.int32)
+    padding_rows = lengths is not None  # rows past a row's length: padding whose output nothing reads
+    if key_slots != length:  # the fused kernels get as many key slots as queries (cuDNN takes more, with its
+        k, v = k[:, :length], v[:, :length]  # causal mask aligned at the first slot: not used yet)
+    pad = -length % FUSED_SEQUENCE_MULTIPLES[implementation]
     if pad:  # slots appended at the end, beyond every row's length: no query sees them, their rows are cut
         q, k, v = (_with_slots(x, length + pad) for x in (q, k, v))
         lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths
@@ -332,10 +343,19 @@ def self_attention(
         local_window_size=None if sliding_window is None or positions is None else (sliding_window - 1, 0),
         implementation=implementation,
     )[:, :length]
-    if positions is not None and zero_padding_rows:  # padding rows: zeros, whatever the kernel left there
+    if padding_rows and zero_padding_rows:  # padding rows: zeros, whatever the kernel left there
         real = jnp.arange(length)[None, :] < lengths[:, None]
         out = jnp.where(real[:, :, None, None], out, 0)
     return out.reshape(batch, length, heads * head_dim)
+
+
+def fused_slots(tokens: int, implementation: str, dtype) -> int:
+    """How many slots a sequence of ``tokens`` tokens takes when padded once for ``implementation``
+    (``auto`` resolved for ``dtype``): up to its multiple in FUSED_SEQUENCE_MULTIPLES, as many as
+    tokens for einsum. A tower padded once at its input saves every layer's own padding of q, k and
+    v and cutting of the output."""
+    multiple = FUSED_SEQUENCE_MULTIPLES.get(resolve_attention(implementation, dtype), 1)
+    return -(-tokens // multiple) * multiple
 
 
 def _with_slots(x: jax.Array, slots: int) -> jax.Array:
