@@ -83,6 +83,41 @@ def test_cudnn_reads_keys_with_empty_cache_slots(length):
     assert _relative_error(attend(q, k, v, "cudnn", positions), einsum, real) < BF16_TOLERANCE
 
 
+@pytest.mark.parametrize(
+    "queries, keys, causal",
+    [(640, 672, True), (577, 577, False), (577, 609, True), (2992, 3024, True), (128, 160, True)],
+)
+def test_cudnn_takes_any_lengths_and_more_keys_than_queries(queries, keys, causal):
+    """The kernel itself, called directly: lengths that are not multiples of 64 and keys longer than
+    queries (a cache's empty slots) with the causal mask aligned at the first slot, on a right-padded
+    batch, within bf16 noise of einsum. What `self_attention` could rely on to pass the cache as it is
+    and not pad the vision tower at all."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, queries, 4, 128)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(2, keys, 2, 128)), jnp.bfloat16) for _ in range(2))
+    positions = np.full((2, queries), -1, np.int32)
+    positions[0] = np.arange(queries)
+    positions[1, : queries // 2] = np.arange(queries // 2)
+    if not causal:
+        positions[1] = np.arange(queries)
+    lengths = jnp.asarray((positions >= 0).sum(1), jnp.int32)
+    key_positions = jnp.asarray(np.pad(positions, ((0, 0), (0, keys - queries)), constant_values=-1))
+    if causal:
+        fused = jax.jit(
+            lambda q, k, v, n: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, query_seq_lengths=n, key_value_seq_lengths=n, implementation="cudnn"
+            )
+        )(q, k, v, lengths)
+        reference = layers.attend(q, k, v, layers.attention_mask(jnp.asarray(positions), key_positions))
+    else:
+        fused = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))(
+            q, k, v
+        )
+        reference = layers.attend(q, k, v, None)
+    fused = jnp.asarray(fused).reshape(2, queries, -1)
+    assert _relative_error(fused, reference, positions >= 0) < BF16_TOLERANCE
+
+
 def test_cudnn_sliding_window_equals_einsum_in_bfloat16():
     """Mistral's window on right-padded unpruned rows (positions = slots, some rows longer than the
     window): cuDNN's local window sees the keys the position rule allows, and the window matters."""
