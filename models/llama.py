@@ -97,8 +97,8 @@ class LlamaDecoderLayer(nnx.Module):
     ):
         """Full-sequence step from an empty cache: returns (x, q, k, v) with post-RoPE q (B, S, H, D)
         and k, v (B, S + cache_slots, Hkv, D): the keys and values as the layer's cache holds them,
-        ``cache_slots`` empty slots after the prompt's (attention reads them in that form, so the
-        cache is not a second copy). ``attention``: an implementation other than the config's
+        ``cache_slots`` empty slots after the prompt's (`new_layer_cache` takes them as they are).
+        ``attention``: an implementation other than the config's
         (`models.layers.self_attention`; the trainer's fused attention), for this call."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
         k, v = with_empty_slots(k, cache_slots), with_empty_slots(v, cache_slots)

@@ -47,7 +47,7 @@ def test_cudnn_is_what_auto_picks_and_what_runs():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cudnn_equals_einsum_on_random_heads_in_bfloat16(kv_heads):
-    """577 tokens with no mask (the vision tower's shape: padded to a multiple of 64 inside), and
+    """577 tokens with no mask (the vision tower's length: padded to a multiple of 64 inside here), and
     right-padded rows with gaps in their positions (a pruned prefill)."""
     rng = np.random.default_rng(0)
     shape = (3, 577, 4, 64)
