@@ -1,5 +1,5 @@
-"""How much of a prefill call is host work on its CUDA graph, and what removes it: a plain-JAX LLaMA
-stack at a preset's widths, its layers unrolled (one graph node per kernel, as `models/` runs them)
+"""How much of a prefill call is host work on its CUDA graph, and what removes it: a LLaMA stack in
+plain JAX (`models.layers`' norm and RoPE, no modules) at the 7B widths by default, its layers unrolled (one graph node per kernel, as `models/` runs them)
 or as one `lax.scan` over stacked weights (one loop node), each called with the previous call's
 outputs alive (new buffer addresses every call: XLA re-records the graph) and with them freed first
 (the same addresses: the recorded graph is launched as is).
@@ -26,6 +26,7 @@ from absl import app
 
 from experiments.benchmark.timing import back_to_back, median, run_stamp
 from experiments.flag_config import define_flags, from_flags, setting
+from models.layers import apply_rope, rms_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,32 +45,22 @@ class GraphOverheadConfig:
     output_dir: str = setting("runs/graph_overhead", "Where results.json goes.")
 
 
-def _rms_norm(x, scale):
-    variance = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-    return (x.astype(jnp.float32) * jax.lax.rsqrt(variance + 1e-5)).astype(x.dtype) * scale
-
-
-def _rope(x, positions):
-    half = x.shape[-1] // 2
-    inv = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions[..., None, None].astype(jnp.float32) * inv
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 def _layer(cfg: GraphOverheadConfig, x, weights, positions):
     batch, length, hidden = x.shape
     head_dim = hidden // cfg.heads
-    h = _rms_norm(x, weights["ln1"])
+    h = rms_normalize(x, weights["ln1"], 1e-5)
     q, k, v = jnp.split(h @ weights["qkv"], 3, axis=-1)
     shape = (batch, length, cfg.heads, head_dim)
-    q, k, v = _rope(q.reshape(shape), positions), _rope(k.reshape(shape), positions), v.reshape(shape)
+    q, k, v = (
+        apply_rope(q.reshape(shape), positions, 1e4),
+        apply_rope(k.reshape(shape), positions, 1e4),
+        v.reshape(shape),
+    )
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn" if jax.default_backend() == "gpu" else None
     )
     x = x + out.reshape(batch, length, hidden) @ weights["o"]
-    gate, up = jnp.split(_rms_norm(x, weights["ln2"]) @ weights["gate_up"], 2, axis=-1)
+    gate, up = jnp.split(rms_normalize(x, weights["ln2"], 1e-5) @ weights["gate_up"], 2, axis=-1)
     x = x + (jax.nn.silu(gate) * up) @ weights["down"]
     pad = ((0, 0), (0, cfg.extra_slots), (0, 0), (0, 0))
     return x, (jnp.pad(k, pad), jnp.pad(v, pad))
