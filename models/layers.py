@@ -331,7 +331,7 @@ def self_attention(
         k, v = k[:, :length], v[:, :length]  # causal mask aligned at the first slot: not used yet)
     pad = -length % FUSED_SEQUENCE_MULTIPLES[implementation]
     if pad:  # slots appended at the end, beyond every row's length: no query sees them, their rows are cut
-        q, k, v = (_with_slots(x, length + pad) for x in (q, k, v))
+        q, k, v = (with_empty_slots(x, pad) for x in (q, k, v))
         lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths
     out = jax.nn.dot_product_attention(
         q,
@@ -356,11 +356,6 @@ def fused_slots(tokens: int, implementation: str, dtype) -> int:
     v and cutting of the output."""
     multiple = FUSED_SEQUENCE_MULTIPLES.get(resolve_attention(implementation, dtype), 1)
     return -(-tokens // multiple) * multiple
-
-
-def _with_slots(x: jax.Array, slots: int) -> jax.Array:
-    """(B, S, ...) zero-padded along axis 1 to ``slots`` (unchanged when it already has them)."""
-    return with_empty_slots(x, slots - x.shape[1])
 
 
 def with_empty_slots(x: jax.Array, extra_slots: int) -> jax.Array:
@@ -388,8 +383,8 @@ def new_layer_cache(
     k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int, shift: jax.Array | None = None
 ) -> LayerCache:
     """A layer's cache: the prefill's keys/values, k and v (B, S + extra_slots, Hkv, D) with their
-    `extra_slots` empty slots for decoding already in place (`with_empty_slots`, as the layer's
-    attention read them), positions (B, S)."""
+    `extra_slots` empty slots for decoding already in place (`with_empty_slots`, as the decoder
+    layer returns them), positions (B, S)."""
     length = positions.shape[1]
     if k.shape[1] != length + extra_slots or v.shape[1] != length + extra_slots:
         raise ValueError(
