@@ -23,6 +23,7 @@ from models.layers import (
     normal_param,
     self_attention,
     with_empty_slots,
+    zero_rows,
 )
 
 ACTIVATIONS = {
@@ -102,8 +103,7 @@ class CLIPEncoderLayer(nnx.Module):
         the residual add)."""
         update = self.self_attn(self.layer_norm1(x), valid_slots)
         if valid_slots is not None and valid_slots < x.shape[1]:
-            real = jnp.arange(x.shape[1])[None, :, None] < valid_slots
-            update = jnp.where(real, update, jnp.zeros((), update.dtype))
+            update = zero_rows(update, jnp.broadcast_to(jnp.arange(x.shape[1]) < valid_slots, x.shape[:2]))
         x = x + update
         return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
 

@@ -345,8 +345,14 @@ def self_attention(
     )[:, :length]
     if padding_rows and zero_padding_rows:  # padding rows: zeros, whatever the kernel left there
         real = jnp.arange(length)[None, :] < lengths[:, None]
-        out = jnp.where(real[:, :, None, None], out, 0)
+        out = zero_rows(out, real)
     return out.reshape(batch, length, heads * head_dim)
+
+
+def zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """x (B, S, ...) with the rows where ``keep`` (B, S) is False set to zero (padding rows, whose
+    values a fused kernel leaves unspecified)."""
+    return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
 
 
 def fused_slots(tokens: int, implementation: str, dtype) -> int:

@@ -29,6 +29,7 @@ from models.layers import (
     rows_take,
     self_attention,
     with_empty_slots,
+    zero_rows,
 )
 
 
@@ -88,7 +89,7 @@ class LlamaDecoderLayer(nnx.Module):
         rows (padding) is dropped after o_proj, where the mask fuses into the residual add."""
         update = self.self_attn.o_proj(attention_out)
         if real is not None:
-            update = jnp.where(real[..., None], update, jnp.zeros((), update.dtype))
+            update = zero_rows(update, real)
         x = x + update
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -1,6 +1,7 @@
 """How much of a prefill call is host work on its CUDA graph, and what removes it: a LLaMA stack in
-plain JAX (`models.layers`' norm and RoPE, no modules) at the 7B widths by default, its layers unrolled (one graph node per kernel, as `models/` runs them)
-or as one `lax.scan` over stacked weights (one loop node), each called with the previous call's
+plain JAX (`models.layers`' norm, RoPE and cache padding; no modules) at the 7B widths by default,
+its layers unrolled (one graph node per kernel, as `models/` runs them) or as one `lax.scan` over
+stacked weights (one loop node), each called with the previous call's
 outputs alive (new buffer addresses every call: XLA re-records the graph) and with them freed first
 (the same addresses: the recorded graph is launched as is).
 
@@ -24,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 
+from experiments.benchmark.configs import compiler_option_value
 from experiments.benchmark.timing import back_to_back, median, run_stamp
 from experiments.flag_config import define_flags, from_flags, setting
-from models.layers import apply_rope, rms_normalize
+from models.layers import apply_rope, rms_normalize, with_empty_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,7 @@ def _layer(cfg: GraphOverheadConfig, x, weights, positions):
     x = x + out.reshape(batch, length, hidden) @ weights["o"]
     gate, up = jnp.split(rms_normalize(x, weights["ln2"], 1e-5) @ weights["gate_up"], 2, axis=-1)
     x = x + (jax.nn.silu(gate) * up) @ weights["down"]
-    pad = ((0, 0), (0, cfg.extra_slots), (0, 0), (0, 0))
-    return x, (jnp.pad(k, pad), jnp.pad(v, pad))
+    return x, (with_empty_slots(k, cfg.extra_slots), with_empty_slots(v, cfg.extra_slots))
 
 
 def _stacked_weights(cfg: GraphOverheadConfig, key):
@@ -112,7 +113,7 @@ def measure(cfg: GraphOverheadConfig, hlo_dir: str | None = None) -> dict:
         options = {}
         for option in item.split("+"):
             name, value = option.split("=", 1)
-            options[name] = {"true": True, "false": False}.get(value.lower(), value)
+            options[name] = compiler_option_value(value)
         variants.append((f"scanned_{index}", scanned, stacked, options))
     programs = {}
     for name, fn, weights, compile_options in variants:
