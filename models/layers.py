@@ -243,9 +243,10 @@ computed exactly, float32 logits; the parity path, and the only one on a CPU bes
 float16 on a GPU), `xla` (the same call's XLA implementation, for checking the fused path's masking
 anywhere), `auto` (resolved when the model is loaded: `resolve_attention`)."""
 
-# Sequence lengths each fused implementation is given in multiples of (cuDNN's flash kernels: 64);
-# the slots added are padding that no token sees.
-FUSED_SEQUENCE_MULTIPLES = {CUDNN: 64, XLA: 1}
+# Sequence lengths each fused implementation is given in multiples of; the slots added are padding
+# that no token sees. cuDNN's flash kernels take any length (checked on the GPU by
+# tests/models/test_attention_gpu.py), so neither pads.
+FUSED_SEQUENCE_MULTIPLES = {CUDNN: 1, XLA: 1}
 
 
 def check_attention(implementation: str) -> str:
@@ -283,7 +284,8 @@ def self_attention(
     `attend`. ``positions`` None: every token sees every token (the vision tower); ``positions`` (B, S)
     (-1 = padding): the position rule of `attention_mask(positions, positions)`. With ``positions``, k
     and v may hold more slots than q (a layer's cache, `with_empty_slots`): the slots past S are empty
-    (position -1); `einsum` reads them masked, the fused kernels get the first S. ``valid_slots`` n
+    (position -1); `einsum` reads them masked, the fused kernels as keys past every row's length
+    (their causal mask starts at the first slot; with a sliding window they get the first S). ``valid_slots`` n
     (without ``positions``): only the first n slots are tokens, every token sees those n, the rest are
     padding that no token sees (a tower padded once for the fused kernels, `fused_slots`).
 
@@ -327,8 +329,8 @@ def self_attention(
     elif valid_slots is not None and valid_slots < length:
         lengths = jnp.full((batch,), valid_slots, jnp.int32)
     padding_rows = lengths is not None  # rows past a row's length: padding whose output nothing reads
-    if key_slots != length:  # the fused kernels get as many key slots as queries (cuDNN takes more, with its
-        k, v = k[:, :length], v[:, :length]  # causal mask aligned at the first slot: not used yet)
+    if key_slots != length and sliding_window is not None:  # the local window on equal lengths only: its
+        k, v = k[:, :length], v[:, :length]  # placement over extra key slots is not checked
     pad = -length % FUSED_SEQUENCE_MULTIPLES[implementation]
     if pad:  # slots appended at the end, beyond every row's length: no query sees them, their rows are cut
         q, k, v = (with_empty_slots(x, pad) for x in (q, k, v))
