@@ -19,11 +19,8 @@ from models.layers import (
     Dense,
     FusedDense,
     LayerNorm,
-    fused_slots,
     normal_param,
     self_attention,
-    with_empty_slots,
-    zero_rows,
 )
 
 ACTIVATIONS = {
@@ -64,24 +61,14 @@ class CLIPAttention(nnx.Module):
         shape = (batch, length, self.num_heads, width // self.num_heads)
         return tuple(y.reshape(shape) for y in self.qkv_proj.project(x, 0, parts))
 
-    def __call__(self, x: jax.Array, valid_slots: int | None = None) -> jax.Array:
-        """Attention over the first ``valid_slots`` slots (all if None); the other rows' outputs are
-        left as the kernel gives them (`CLIPEncoderLayer` drops them)."""
-        attended = self_attention(
-            *self.heads(x), self.implementation, valid_slots=valid_slots, zero_padding_rows=False
-        )
-        return self.out_proj(attended)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out_proj(self_attention(*self.heads(x), self.implementation))
 
-    def cls_readout(self, x: jax.Array, valid_slots: int | None = None) -> tuple[jax.Array, jax.Array]:
-        """(B, S) float32 head-mean attention of the [CLS] token (position 0) over the first
-        ``valid_slots`` tokens (all if None; zero beyond), and the head-mean key projection
-        (B, S, head_dim) (VisionZip's merge metric)."""
+    def cls_readout(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, S) float32 head-mean attention of the [CLS] token (position 0) over every token, and
+        the head-mean key projection (B, S, head_dim) (VisionZip's merge metric)."""
         q, k = self.heads(x, parts=2)
-        slots = k.shape[1]
-        visible = jnp.broadcast_to(
-            jnp.arange(slots) < (slots if valid_slots is None else valid_slots), k.shape[:2]
-        )
-        attention = prune.last_token_attention(q[:, 0], k, visible)
+        attention = prune.last_token_attention(q[:, 0], k, jnp.ones(k.shape[:2], bool))
         return attention, jnp.mean(k.astype(jnp.float32), axis=2)
 
 
@@ -97,14 +84,8 @@ class CLIPEncoderLayer(nnx.Module):
     def _attention(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs) -> CLIPAttention:
         return CLIPAttention(cfg, dtype=dtype, rngs=rngs, implementation=cfg.attention)
 
-    def __call__(self, x: jax.Array, valid_slots: int | None = None) -> jax.Array:
-        """x (B, S, d); ``valid_slots``: the first that many slots are tokens, the rest padding whose
-        rows keep finite values and are seen by no token (the attention update is dropped there, in
-        the residual add)."""
-        update = self.self_attn(self.layer_norm1(x), valid_slots)
-        if valid_slots is not None and valid_slots < x.shape[1]:
-            update = zero_rows(update, jnp.broadcast_to(jnp.arange(x.shape[1]) < valid_slots, x.shape[:2]))
-        x = x + update
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
         return x + self.fc2(self.act(self.fc1(self.layer_norm2(x))))
 
 
@@ -159,16 +140,12 @@ class CLIPVisionTower(nnx.Module):
                 )
             attention_layer = cls_attention_layer % count
         hidden = self.embed(pixel_values)
-        # Padded once here to the fused kernels' multiple (if any), cut once at the end: no layer pads.
-        tokens = hidden.shape[1]
-        hidden = with_empty_slots(hidden, fused_slots(tokens, self.cfg.attention, hidden.dtype) - tokens)
-        valid = tokens if hidden.shape[1] > tokens else None
         states, readout = [hidden], None
         for index, layer in enumerate(self.layers[: max(max(feature_layers), attention_layer or 0)], start=1):
             if index == attention_layer:
-                attention, keys = layer.self_attn.cls_readout(layer.layer_norm1(hidden), valid)
-            hidden = layer(hidden, valid)
+                attention, keys = layer.self_attn.cls_readout(layer.layer_norm1(hidden))
+            hidden = layer(hidden)
             if index == attention_layer:
-                readout = VisionReadout(attention[:, :tokens], keys[:, :tokens], hidden[:, :tokens])
+                readout = VisionReadout(attention, keys, hidden)
             states.append(hidden)
-        return [states[i][:, :tokens] for i in feature_layers], readout
+        return [states[i] for i in feature_layers], readout

@@ -243,11 +243,6 @@ computed exactly, float32 logits; the parity path, and the only one on a CPU bes
 float16 on a GPU), `xla` (the same call's XLA implementation, for checking the fused path's masking
 anywhere), `auto` (resolved when the model is loaded: `resolve_attention`)."""
 
-# Sequence lengths each fused implementation is given in multiples of; the slots added are padding
-# that no token sees. cuDNN's flash kernels take any length (checked on the GPU by
-# tests/models/test_attention_gpu.py), so neither pads.
-FUSED_SEQUENCE_MULTIPLES = {CUDNN: 1, XLA: 1}
-
 
 def check_attention(implementation: str) -> str:
     """``implementation`` if it names one of ATTENTION_IMPLEMENTATIONS; a ValueError listing them if not."""
@@ -277,7 +272,6 @@ def self_attention(
     positions: jax.Array | None = None,
     sliding_window: int | None = None,
     *,
-    valid_slots: int | None = None,
     zero_padding_rows: bool = True,
 ) -> jax.Array:
     """A sequence's attention over itself through ``implementation``; q, k, v and the output as in
@@ -285,9 +279,8 @@ def self_attention(
     (-1 = padding): the position rule of `attention_mask(positions, positions)`. With ``positions``, k
     and v may hold more slots than q (a layer's cache, `with_empty_slots`): the slots past S are empty
     (position -1); `einsum` reads them masked, the fused kernels as keys past every row's length
-    (their causal mask starts at the first slot; with a sliding window they get the first S). ``valid_slots`` n
-    (without ``positions``): only the first n slots are tokens, every token sees those n, the rest are
-    padding that no token sees (a tower padded once for the fused kernels, `fused_slots`).
+    (their causal mask starts at the first slot; with a sliding window they get the first S). cuDNN
+    takes any sequence length: nothing is padded for it.
 
     `einsum` computes the position rule exactly, for any positions. `cudnn` and `xla` take it as
     causal attention over each row's first n slots, n = the row's real tokens (position >= 0): the
@@ -311,30 +304,19 @@ def self_attention(
         raise ValueError(
             f"keys hold {key_slots} slots for {length} queries: only a causal call may add empty slots"
         )
-    if valid_slots is not None and positions is not None:
-        raise ValueError("valid_slots is for attention without positions; positions say which slots are real")
     if implementation == EINSUM:
         mask = None
-        if valid_slots is not None and valid_slots < key_slots:
-            mask = jnp.broadcast_to(jnp.arange(key_slots) < valid_slots, (batch, length, key_slots))
         if positions is not None:
             key_positions = jnp.pad(
                 positions, ((0, 0), (0, key_slots - length)), constant_values=EMPTY_POSITION
             )
             mask = attention_mask(positions, key_positions, sliding_window)
         return attend(q, k, v, mask)
-    lengths = None  # real tokens per row: all of them, unless positions or valid_slots say otherwise
+    lengths = None  # real tokens per row (position >= 0): all of them without positions
     if positions is not None:
         lengths = jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
-    elif valid_slots is not None and valid_slots < length:
-        lengths = jnp.full((batch,), valid_slots, jnp.int32)
-    padding_rows = lengths is not None  # rows past a row's length: padding whose output nothing reads
     if key_slots != length and sliding_window is not None:  # the local window on equal lengths only: its
         k, v = k[:, :length], v[:, :length]  # placement over extra key slots is not checked
-    pad = -length % FUSED_SEQUENCE_MULTIPLES[implementation]
-    if pad:  # slots appended at the end, beyond every row's length: no query sees them, their rows are cut
-        q, k, v = (with_empty_slots(x, pad) for x in (q, k, v))
-        lengths = jnp.full((batch,), length, jnp.int32) if lengths is None else lengths
     out = jax.nn.dot_product_attention(
         q,
         k,
@@ -344,8 +326,8 @@ def self_attention(
         key_value_seq_lengths=lengths,
         local_window_size=None if sliding_window is None or positions is None else (sliding_window - 1, 0),
         implementation=implementation,
-    )[:, :length]
-    if padding_rows and zero_padding_rows:  # padding rows: zeros, whatever the kernel left there
+    )
+    if lengths is not None and zero_padding_rows:  # padding rows: zeros, whatever the kernel left there
         real = jnp.arange(length)[None, :] < lengths[:, None]
         out = zero_rows(out, real)
     return out.reshape(batch, length, heads * head_dim)
@@ -355,15 +337,6 @@ def zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
     """x (B, S, ...) with the rows where ``keep`` (B, S) is False set to zero (padding rows, whose
     values a fused kernel leaves unspecified)."""
     return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
-
-
-def fused_slots(tokens: int, implementation: str, dtype) -> int:
-    """How many slots a sequence of ``tokens`` tokens takes when padded once for ``implementation``
-    (``auto`` resolved for ``dtype``): up to its multiple in FUSED_SEQUENCE_MULTIPLES, as many as
-    tokens for einsum. A tower padded once at its input saves every layer's own padding of q, k and
-    v and cutting of the output."""
-    multiple = FUSED_SEQUENCE_MULTIPLES.get(resolve_attention(implementation, dtype), 1)
-    return -(-tokens // multiple) * multiple
 
 
 def with_empty_slots(x: jax.Array, extra_slots: int) -> jax.Array:

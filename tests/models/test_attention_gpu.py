@@ -47,7 +47,7 @@ def test_cudnn_is_what_auto_picks_and_what_runs():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cudnn_equals_einsum_on_random_heads_in_bfloat16(kv_heads):
-    """577 tokens with no mask (the vision tower's length: padded to a multiple of 64 inside here), and
+    """577 tokens with no mask (the vision tower's length, not a multiple of 64), and
     right-padded rows with gaps in their positions (a pruned prefill)."""
     rng = np.random.default_rng(0)
     shape = (3, 577, 4, 64)
@@ -90,8 +90,8 @@ def test_cudnn_reads_keys_with_empty_cache_slots(length):
 def test_cudnn_takes_any_lengths_and_more_keys_than_queries(queries, keys, causal):
     """The kernel itself, called directly: lengths that are not multiples of 64 and keys longer than
     queries (a cache's empty slots) with the causal mask aligned at the first slot, on a right-padded
-    batch, within bf16 noise of einsum. What `self_attention` could rely on to pass the cache as it is
-    and not pad the vision tower at all."""
+    batch, within bf16 noise of einsum. What `self_attention` relies on to pass the cache as it is and
+    the vision tower's 577 tokens unpadded."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, queries, 4, 128)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.normal(size=(2, keys, 2, 128)), jnp.bfloat16) for _ in range(2))
