@@ -14,14 +14,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from models.config import VisionConfig
-from models.layers import (
-    EINSUM,
-    Dense,
-    FusedDense,
-    LayerNorm,
-    normal_param,
-    self_attention,
-)
+from models.layers import EINSUM, Dense, FusedDense, LayerNorm, normal_param, self_attention
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

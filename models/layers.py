@@ -307,10 +307,9 @@ def self_attention(
     if implementation == EINSUM:
         mask = None
         if positions is not None:
-            key_positions = jnp.pad(
-                positions, ((0, 0), (0, key_slots - length)), constant_values=EMPTY_POSITION
+            mask = attention_mask(
+                positions, with_empty_positions(positions, key_slots - length), sliding_window
             )
-            mask = attention_mask(positions, key_positions, sliding_window)
         return attend(q, k, v, mask)
     lengths = None  # real tokens per row (position >= 0): all of them without positions
     if positions is not None:
@@ -347,6 +346,12 @@ def with_empty_slots(x: jax.Array, extra_slots: int) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, extra_slots)] + [(0, 0)] * (x.ndim - 2))
 
 
+def with_empty_positions(positions: jax.Array, extra_slots: int) -> jax.Array:
+    """(B, S) positions followed by ``extra_slots`` slots at EMPTY_POSITION: the positions of keys
+    as `with_empty_slots` lays them out (a layer's cache)."""
+    return jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION)
+
+
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
     """`attend` in one piece."""
     batch, q_len, heads, head_dim = q.shape
@@ -375,7 +380,7 @@ def new_layer_cache(
     return {
         "k": k,
         "v": v,
-        "positions": jnp.pad(positions, ((0, 0), (0, extra_slots)), constant_values=EMPTY_POSITION),
+        "positions": with_empty_positions(positions, extra_slots),
         "end_index": jnp.asarray(length, jnp.int32),
         "shift": jnp.zeros(positions.shape[:1], jnp.int32) if shift is None else shift.astype(jnp.int32),
     }
