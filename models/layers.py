@@ -20,11 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-LayerCache = dict[str, jax.Array]
-"""One decoder layer's KV cache: `k`, `v` (B, C, Hkv, D), `positions` (B, C) int32 (-1 = an empty slot),
-`end_index` (the next slot to write) and `shift` (B,) int32, added to a new token's position in this
-layer (non-zero where a later pruning stage renumbered the sequence: each layer continues its own
-numbering). Layers may differ in capacity (pruning shortens later ones)."""
+StageCache = dict[str, "jax.Array | list[jax.Array]"]
+"""The KV cache of a run of consecutive decoder layers that hold the same tokens (the layers between
+two pruning stages; every layer when nothing is pruned): per layer ``k`` and ``v``, lists of (B, C, Hkv, D);
+shared by the run, ``positions`` (B, C) int32 (-1 = an empty slot), ``end_index`` (the next slot to
+write) and ``shift`` (B,) int32, added to a new token's position in these layers (non-zero where a later
+pruning stage renumbered the sequence: each run continues its own numbering). The shared fields are
+held once per run, not once per layer, so a decoding step writes one position and builds one mask per
+run. Runs differ in capacity (pruning shortens later ones)."""
 
 INIT_STD = 0.02  # transformers' initializer_range for LLaMA and the projector; used for random weights
 EMPTY_POSITION = -1  # position of a padding token or an unused cache slot
@@ -365,21 +368,30 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) ->
     return out.astype(q.dtype).reshape(batch, q_len, heads * head_dim)
 
 
-def new_layer_cache(
-    k: jax.Array, v: jax.Array, positions: jax.Array, extra_slots: int, shift: jax.Array | None = None
-) -> LayerCache:
-    """A layer's cache: the prefill's keys/values, k and v (B, S + extra_slots, Hkv, D) with their
-    `extra_slots` empty slots for decoding already in place (`with_empty_slots`, as the decoder
-    layer returns them), positions (B, S)."""
+def new_stage_cache(
+    keys: list[jax.Array],
+    values: list[jax.Array],
+    positions: jax.Array,
+    extra_slots: int,
+    shift: jax.Array | None = None,
+) -> StageCache:
+    """The cache of a run of layers from their prefill: each layer's keys and values (B, S + extra_slots,
+    Hkv, D) with their ``extra_slots`` empty slots for decoding already in place (`with_empty_slots`,
+    as the decoder layer returns them), and the run's positions (B, S)."""
     length = positions.shape[1]
-    if k.shape[1] != length + extra_slots or v.shape[1] != length + extra_slots:
+    if len(keys) != len(values) or not keys:
         raise ValueError(
-            f"a cache of {length} prompt slots and {extra_slots} empty ones needs keys and values of "
-            f"{length + extra_slots} slots, got {k.shape[1]} and {v.shape[1]}"
+            f"a run of layers needs keys and values for each layer, got {len(keys)} and {len(values)}"
         )
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        if k.shape[1] != length + extra_slots or v.shape[1] != length + extra_slots:
+            raise ValueError(
+                f"a cache of {length} prompt slots and {extra_slots} empty ones needs keys and values of "
+                f"{length + extra_slots} slots, got {k.shape[1]} and {v.shape[1]} (layer {layer} of the run)"
+            )
     return {
-        "k": k,
-        "v": v,
+        "k": list(keys),
+        "v": list(values),
         "positions": with_empty_positions(positions, extra_slots),
         "end_index": jnp.asarray(length, jnp.int32),
         "shift": jnp.zeros(positions.shape[:1], jnp.int32) if shift is None else shift.astype(jnp.int32),

@@ -1,8 +1,9 @@
 """LLaMA decoder with a static, position-addressed KV cache; pruning runs through `models.pruning`.
 
-The cache is an explicit pytree, one dict per layer (`models.layers.LayerCache`). Layers below a
-pruning stage hold the full prompt, later layers only the kept tokens: capacities differ per layer,
-and the stored positions (with gaps) give every layer its attention mask. This file holds only what
+The cache is an explicit pytree, one dict per run of layers between pruning stages
+(`models.layers.StageCache`). Layers below a stage hold the full prompt, later layers only the kept
+tokens: capacities differ per run, and the run's stored positions (with gaps) give its layers their
+attention mask. This file holds only what
 is LLaMA's: the layer (which implements `models.pruning.DecoderLayer`), embeddings and the head.
 """
 
@@ -20,8 +21,8 @@ from models.config import TextConfig
 from models.layers import (
     Dense,
     FusedDense,
-    LayerCache,
     RMSNorm,
+    StageCache,
     apply_rope,
     attend,
     attention_mask,
@@ -126,27 +127,23 @@ class LlamaDecoderLayer(nnx.Module):
             norm_eps=self.input_layernorm.eps,
         )
 
-    def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-        """One new token per row (x (B, 1, d), positions (B, 1)), written at the cache's end_index, at
-        the position this layer's own numbering gives it (``positions`` plus the cache's shift)."""
-        positions = positions + cache["shift"][:, None]
+    def decode(
+        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array, slot, key_positions
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One new token per row (x (B, 1, d), positions (B, 1) in this layer's numbering), its key and
+        value written at ``slot`` of this layer's cache; ``key_positions`` (B, C): the cache's positions
+        with the new token's already written. Returns (x, k_cache, v_cache)."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
-        slot = cache["end_index"]
-        cache = {
-            "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, slot, axis=1),
-            "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, slot, axis=1),
-            "positions": jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, slot, axis=1),
-            "end_index": slot + 1,
-            "shift": cache["shift"],
-        }
-        mask = attention_mask(positions, cache["positions"], self.sliding_window)
-        out = attend(q, cache["k"], cache["v"], mask)
-        return self._finish(x, out), cache
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, slot, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, slot, axis=1)
+        mask = attention_mask(positions, key_positions, self.sliding_window)
+        out = attend(q, k_cache, v_cache, mask)
+        return self._finish(x, out), k_cache, v_cache
 
 
 class PrefillResult(NamedTuple):
     logits: jax.Array  # (B, V) at the last prompt token, or (B, S', V) with all_logits
-    caches: list[LayerCache]
+    caches: list[StageCache]
     next_positions: jax.Array  # (B,) the RoPE position of the first generated token (original length)
     kept: jax.Array | None  # (B, keep) kept indices into the image span, ascending; None unpruned
     positions: jax.Array  # (B, S') positions of the sequence the last layer saw (-1 = padding)
@@ -210,12 +207,33 @@ class LlamaForCausalLM(nnx.Module):
         next_positions = rows_take(state.positions, last)[:, 0] + 1
         return PrefillResult(self.logits(hidden), state.caches, next_positions, state.kept, state.positions)
 
-    def decode(self, token_ids: jax.Array, positions: jax.Array, caches: list[LayerCache]):
-        """One decoding step: token_ids (B,), positions (B,) -> float32 logits (B, V), new caches."""
+    def decode(self, token_ids: jax.Array, positions: jax.Array, caches: list[StageCache]):
+        """One decoding step: token_ids (B,), positions (B,) -> float32 logits (B, V), new caches.
+        Each run of layers writes the new token's position once, at its own numbering (``positions``
+        plus the run's shift), and its layers share that write."""
         x = self.embed(token_ids[:, None])
-        positions = positions[:, None]
+        layers = iter(self.layers)
         new_caches = []
-        for layer, cache in zip(self.layers, caches):
-            x, cache = layer.decode(x, positions, cache)
-            new_caches.append(cache)
+        for cache in caches:
+            run_positions = positions[:, None] + cache["shift"][:, None]
+            slot = cache["end_index"]
+            key_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache["positions"], run_positions, slot, axis=1
+            )
+            keys, values = [], []
+            for k_cache, v_cache in zip(cache["k"], cache["v"]):
+                x, k_cache, v_cache = next(layers).decode(
+                    x, run_positions, k_cache, v_cache, slot, key_positions
+                )
+                keys.append(k_cache)
+                values.append(v_cache)
+            new_caches.append(
+                {
+                    "k": keys,
+                    "v": values,
+                    "positions": key_positions,
+                    "end_index": slot + 1,
+                    "shift": cache["shift"],
+                }
+            )
         return self.logits(x[:, 0]), new_caches

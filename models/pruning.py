@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import adaptprune_jax as prune
-from models.layers import EINSUM, EMPTY_POSITION, LayerCache, attention_mask, new_layer_cache, rows_take
+from models.layers import EINSUM, EMPTY_POSITION, StageCache, attention_mask, new_stage_cache, rows_take
 
 
 class DecoderLayer(Protocol):
@@ -58,7 +58,7 @@ class PrefillState(NamedTuple):
     x: jax.Array  # (B, S', d) hidden states after the last layer
     positions: jax.Array  # (B, S') positions of the sequence the last layer saw (-1 = padding)
     last_index: jax.Array  # (B,) slot of each row's last prompt token in that sequence
-    caches: list[LayerCache]
+    caches: list[StageCache]  # one per run of layers between stages, in layer order
     # (B, keep) kept indices into the original image tokens, ascending, then -1 for each token a
     # method merged inside the LLM (those follow the kept ones in the sequence)
     kept: jax.Array | None
@@ -91,7 +91,8 @@ def prefill(
     stages = {} if pruning is None else dict(pruning.stages(num_image_tokens, len(layers)))
     requests = () if pruning is None else pruning.cue_requests()
     reads_previous = any(request.reads_previous_layer for request in requests)
-    caches: list[LayerCache] = []
+    # Runs of layers between stages: (positions, last_index, keys, values) of each.
+    runs: list[tuple[jax.Array, jax.Array, list[jax.Array], list[jax.Array]]] = []
     renumbers = pruning is not None and pruning.renumber_positions
     merges = pruning is not None and pruning.merges_in_llm
     if merges and not renumbers:
@@ -99,7 +100,6 @@ def prefill(
             f"{pruning.name} merges tokens inside the LLM, which needs renumber_positions: a merged "
             "token has no position of its own in the prompt."
         )
-    last_positions = []  # each layer's position of the last prompt token, when renumbering moves it
     kept = None
     previous = None  # (q, k, positions) of the layer before a stage, when a cue reads it
     # The unpruned prompt, and each current slot's slot in it (for an InputEmbeddings cue).
@@ -146,13 +146,22 @@ def prefill(
         )
         if reads_previous and layer_index + 1 in stages:
             previous = (q, k[:, : positions.shape[1]], positions)
-        caches.append(new_layer_cache(k, v, positions, extra_slots))
-        if renumbers:
-            last_positions.append(rows_take(positions, last_index[:, None])[:, 0])
-    if renumbers:
-        for cache, last_position in zip(caches, last_positions):
-            cache["shift"] = last_position - last_positions[-1]
+        if layer_index == 0 or layer_index in stages:
+            runs.append((positions, last_index, [], []))
+        runs[-1][2].append(k)
+        runs[-1][3].append(v)
+    caches = []
+    for run_positions, run_last_index, keys, values in runs:
+        shift = None
+        if renumbers:  # each run continues its own numbering from its own last prompt token
+            shift = _last_position(run_positions, run_last_index) - _last_position(positions, last_index)
+        caches.append(new_stage_cache(keys, values, run_positions, extra_slots, shift))
     return PrefillState(x, positions, last_index, caches, kept)
+
+
+def _last_position(positions: jax.Array, last_index: jax.Array) -> jax.Array:
+    """(B,) each row's position of its last prompt token."""
+    return rows_take(positions, last_index[:, None])[:, 0]
 
 
 def _last_token_attention(q, k, positions, last_index, image, sliding_window):

@@ -180,8 +180,15 @@ def weight_shardings(state, mesh) -> list[NamedSharding]:
 
 
 def cache_shardings(caches, mesh):
-    """The NamedShardings of a list of layer caches (`models.layers.LayerCache`)."""
-    return [{name: NamedSharding(mesh, spec(CACHE_AXES[name])) for name in cache} for cache in caches]
+    """The NamedShardings of a list of run caches (`models.layers.StageCache`): each leaf's by its
+    field's name (a layer's ``k`` in a run's list of them is laid out as ``k``)."""
+    return [
+        {
+            name: jax.tree.map(lambda _, name=name: NamedSharding(mesh, spec(CACHE_AXES[name])), field)
+            for name, field in cache.items()
+        }
+        for cache in caches
+    ]
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:

@@ -99,10 +99,11 @@ def layout_report(runner, cache):
             "bytes": int(weight.nbytes),
             "device_bytes": sharding.local_bytes(weight),
         }
+    k = cache["k"][0]
     report["cache.k"] = {
-        "spec": str(cache["k"].sharding.spec),
-        "bytes": int(cache["k"].nbytes),
-        "device_bytes": sharding.local_bytes(cache["k"]),
+        "spec": str(k.sharding.spec),
+        "bytes": int(k.nbytes),
+        "device_bytes": sharding.local_bytes(k),
     }
     return report
 

@@ -115,11 +115,15 @@ def test_with_empty_slots_and_the_cache_it_makes():
     assert padded.shape == (2, 8, 3, 4) and (np.asarray(padded[:, 5:]) == 0).all()
     assert layers.with_empty_slots(k, 0) is k
     positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
-    cache = layers.new_layer_cache(padded, padded, positions, 3)
+    cache = layers.new_stage_cache([padded, padded], [padded, padded], positions, 3)
     assert cache["positions"].shape == (2, 8) and (np.asarray(cache["positions"][:, 5:]) == -1).all()
-    assert int(cache["end_index"]) == 5
-    with pytest.raises(ValueError, match="needs keys and values of 8 slots, got 5 and 8"):
-        layers.new_layer_cache(k, padded, positions, 3)
+    assert int(cache["end_index"]) == 5 and len(cache["k"]) == len(cache["v"]) == 2
+    with pytest.raises(
+        ValueError, match=r"needs keys and values of 8 slots, got 5 and 8 \(layer 1 of the run\)"
+    ):
+        layers.new_stage_cache([padded, k], [padded, padded], positions, 3)
+    with pytest.raises(ValueError, match="keys and values for each layer, got 2 and 1"):
+        layers.new_stage_cache([padded, padded], [padded], positions, 3)
 
 
 @pytest.fixture(scope="module")

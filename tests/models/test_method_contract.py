@@ -126,9 +126,10 @@ def _prefill_outputs(runner, ckpt, prompts, pixels, pruning, queries):
     batch = batch_for(ckpt, prompts, pixels, pruning, max_new_tokens=NEW_TOKENS, queries=queries)
     result = runner.prefill(batch, extra_slots=NEW_TOKENS, pruning=pruning)
     cached = [
-        np.where((np.asarray(cache["positions"]) >= 0)[..., None, None], np.asarray(cache[name]), 0.0)
+        np.where((np.asarray(cache["positions"]) >= 0)[..., None, None], np.asarray(layer_cache), 0.0)
         for cache in result.caches
         for name in ("k", "v")
+        for layer_cache in cache[name]
     ]
     kept = None if result.kept is None else np.asarray(result.kept)
     return np.asarray(result.logits), kept, cached
