@@ -1,6 +1,6 @@
 """Which kernels each layer runs on the device: the ordered kernel list of a few-layer model with a
-preset's widths (vision tower, LLM prefill unpruned and pruned), each kernel with its time and what
-XLA fused into it.
+preset's widths (vision tower, LLM prefill unpruned and pruned, and a few greedy decoding steps after
+each prefill), each kernel with its time and what XLA fused into it.
 
     python -m experiments.benchmark.layer_kernels --model=llava-1.5-7b --layers=4 --output_dir=DIR
 
@@ -54,6 +54,11 @@ class LayerKernelsConfig:
     extra_slots: int = setting(
         32, "Cache slots past the prompt, as the benchmark's prefill allocates for its --new_tokens."
     )
+    decode_steps: int = setting(
+        4,
+        "Greedy decoding steps in each decode program (one while loop over the prefill's caches, as the "
+        "runner's decode loop runs; 0: no decode programs).",
+    )
     calls: int = setting(3, "Profiled calls per program (after a warm-up); the last one is listed.")
     wall_repeats: int = setting(
         20,
@@ -104,7 +109,8 @@ def fused_ops(hlo_text: str) -> dict[str, dict]:
 
 
 def _programs(settings: LayerKernelsConfig):
-    """(name, jitted fn, args) for the vision tower and the LLM prefill, unpruned and pruned."""
+    """(name, jitted fn, args) for the vision tower, the LLM prefill and the decoding steps after it,
+    unpruned and pruned."""
     hf_config = llava_config(settings.model)
     hf_config.text_config.num_hidden_layers = settings.layers
     vision = hf_config.vision_config
@@ -118,6 +124,11 @@ def _programs(settings: LayerKernelsConfig):
     def merged(weights):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
+    if settings.decode_steps > settings.extra_slots:
+        raise ValueError(
+            f"--decode_steps={settings.decode_steps} needs as many cache slots past the prompt, "
+            f"--extra_slots={settings.extra_slots}"
+        )
     rng = np.random.default_rng(0)
     size = hf_config.vision_config.image_size
     pixels = jnp.asarray(rng.standard_normal((settings.batch, 3, size, size)), jnp.bfloat16)
@@ -151,12 +162,34 @@ def _programs(settings: LayerKernelsConfig):
 
         return step
 
+    @jax.jit
+    def decode(weights, first_logits, caches):
+        """``decode_steps`` greedy steps in a while loop, as the runner's decode loop runs them. The
+        caches are not donated (every call starts from the prefill's), so the loop begins with one copy of
+        them: a memcpy per cache array before the first step."""
+        language_model = merged(weights).language_model
+        next_positions = positions[:, -1] + 1
+
+        def step(index, carry):
+            tokens, caches = carry
+            logits, caches = language_model.decode(tokens[:, index], next_positions + index, caches)
+            return tokens.at[:, index + 1].set(jnp.argmax(logits, axis=-1).astype(jnp.int32)), caches
+
+        tokens = jnp.zeros((settings.batch, settings.decode_steps + 1), jnp.int32)
+        tokens = tokens.at[:, 0].set(jnp.argmax(first_logits, axis=-1).astype(jnp.int32))
+        return jax.lax.fori_loop(0, settings.decode_steps, step, (tokens, caches))[0]
+
     pruned = prune.AdaptPruneConfig(keep=settings.keep, layer=settings.layer)
-    return [
-        ("vision", vision, (weights, pixels)),
-        ("llm_prefill_unpruned", prefill(None), (weights, x)),
-        (f"llm_prefill_adaptprune{settings.keep}", prefill(pruned), (weights, x)),
-    ]
+    programs = [("vision", vision, (weights, pixels))]
+    for name, pruning in (("unpruned", None), (f"adaptprune{settings.keep}", pruned)):
+        prefill_program = prefill(pruning)
+        programs.append((f"llm_prefill_{name}", prefill_program, (weights, x)))
+        if settings.decode_steps:
+            first_logits, caches = prefill_program(weights, x)
+            programs.append(
+                (f"llm_decode{settings.decode_steps}_{name}", decode, (weights, first_logits, caches))
+            )
+    return programs
 
 
 # Calls issued back to back by host_times (each keeps its outputs until the wait).

@@ -115,3 +115,31 @@ def test_fused_ops_names_each_fusion_as_its_kernel_and_lists_its_opcodes():
     assert fusions, hlo
     assert any({"exponential", "multiply", "add"} <= set(entry["ops"]) for entry in fusions)
     assert all(entry["shape"].startswith("f32[64,64]") for entry in fusions)
+
+
+def test_layer_kernels_programs_run_and_decode_from_each_prefill():
+    import jax
+    import numpy as np
+
+    from experiments.benchmark.layer_kernels import LayerKernelsConfig, _programs
+
+    settings = LayerKernelsConfig(
+        model="tiny", layers=2, layer=1, keep=4, text_tokens=8, extra_slots=3, decode_steps=3
+    )
+    programs = dict((name, (fn, args)) for name, fn, args in _programs(settings))
+    assert list(programs) == [
+        "vision",
+        "llm_prefill_unpruned",
+        "llm_decode3_unpruned",
+        "llm_prefill_adaptprune4",
+        "llm_decode3_adaptprune4",
+    ]
+    for name in ("unpruned", "adaptprune4"):
+        fn, args = programs[f"llm_decode3_{name}"]
+        tokens = np.asarray(jax.block_until_ready(fn(*args)))
+        vocab = args[1].shape[-1]
+        assert tokens.shape == (1, 4) and ((tokens >= 0) & (tokens < vocab)).all(), tokens
+        # The first token is the prefill's own argmax, the rest come from the decode steps.
+        assert tokens[0, 0] == int(np.argmax(np.asarray(args[1])[0]))
+    with pytest.raises(ValueError, match="--decode_steps=4 needs as many cache slots past the prompt"):
+        _programs(LayerKernelsConfig(model="tiny", layers=2, layer=1, keep=4, extra_slots=3, decode_steps=4))
