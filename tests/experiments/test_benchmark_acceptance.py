@@ -26,6 +26,14 @@ def test_the_target_run_is_judged():
     assert ttft_b1(checks)["pass"] is True and acceptance_tag(ttft_b1(checks)) == "PASS"
 
 
+def test_a_speedup_verdict_says_what_the_floors_allow():
+    rows = fast_rows()
+    rows[0]["floors"], rows[1]["floors"] = {"ttft_ms": 12.0}, {"ttft_ms": 4.8}
+    checks = acceptance.acceptance(rows, [], (acceptance.TARGET_MODEL, acceptance.TARGET_PLATFORM))
+    assert ttft_b1(checks)["detail"].endswith("; at the floors 2.50x"), ttft_b1(checks)
+    assert "at the floors" not in ttft_b1(acceptance.acceptance(fast_rows(), [], None))["detail"]
+
+
 def test_a_cpu_or_other_model_run_is_listed_but_not_judged():
     for run_on in (("tiny", "cpu"), (acceptance.TARGET_MODEL, "cpu"), ("llava-1.5-13b", "gpu")):
         checks = acceptance.acceptance(fast_rows(), [], run_on)
