@@ -68,10 +68,11 @@ def attention_setting(note: str = "") -> Any:
     """The --attention setting the JAX entry points share (default auto), with an entry point's ``note``."""
     return setting(
         "auto",
-        "How the vision tower and the LLM prefill attend (models.layers.self_attention): einsum (the "
+        "How the vision tower, the LLM prefill and decoding attend (models.layers.self_attention, "
+        "cache_attention): einsum (the "
         "position rule computed exactly, float32 logits: the parity path), cudnn (cuDNN's fused flash "
         "kernel, GPU, bfloat16), xla (the same fused call through XLA), auto (cudnn on a GPU in "
-        "bfloat16, einsum otherwise). Decoding and the pruning cues always use einsum." + note,
+        "bfloat16, einsum otherwise). The pruning cues always use einsum." + note,
         choices=ATTENTION_CHOICES,
     )
 

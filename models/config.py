@@ -69,8 +69,8 @@ class TextConfig:
     # Mistral's sliding window: a query sees the keys less than this many positions before it (None:
     # every earlier key). Static, part of the jitted program.
     sliding_window: int | None = None
-    # How the prefill's self-attention runs (models.layers.ATTENTION_IMPLEMENTATIONS); decoding and the
-    # pruning cues always use einsum.
+    # How the prefill's and the decode step's attention run (models.layers.ATTENTION_IMPLEMENTATIONS);
+    # the pruning cues always use einsum.
     attention: str = EINSUM
 
     def __post_init__(self):

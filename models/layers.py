@@ -335,6 +335,22 @@ def self_attention(
     return out.reshape(batch, length, heads * head_dim)
 
 
+def cache_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str
+) -> jax.Array:
+    """New tokens' attention over a layer's cache (decoding): q (B, Sq, H, D), k and v (B, C, Hkv, D),
+    mask (B, Sq, C) the position rule's (`attention_mask`), output as in `attend`. `einsum` is `attend`;
+    the fused implementations take the mask as it is (as an additive bias), so unlike `self_attention`
+    they are exact for any positions: padding inside a row, gaps, a sliding window. A new token always
+    sees itself, so no row is fully masked."""
+    implementation = resolve_attention(implementation, q.dtype)
+    if implementation == EINSUM:
+        return attend(q, k, v, mask)
+    batch, length, heads, head_dim = q.shape
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    return out.reshape(batch, length, heads * head_dim)
+
+
 def zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
     """x (B, S, ...) with the rows where ``keep`` (B, S) is False set to zero (padding rows, whose
     values a fused kernel leaves unspecified)."""

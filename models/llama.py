@@ -24,8 +24,8 @@ from models.layers import (
     RMSNorm,
     StageCache,
     apply_rope,
-    attend,
     attention_mask,
+    cache_attention,
     normal_param,
     rows_take,
     self_attention,
@@ -137,7 +137,7 @@ class LlamaDecoderLayer(nnx.Module):
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, slot, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, slot, axis=1)
         mask = attention_mask(positions, key_positions, self.sliding_window)
-        out = attend(q, k_cache, v_cache, mask)
+        out = cache_attention(q, k_cache, v_cache, mask, self.self_attn.cfg.attention)
         return self._finish(x, out), k_cache, v_cache
 
 

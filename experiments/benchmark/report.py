@@ -195,8 +195,8 @@ def attention_note(jax_rows: list[dict], meta: dict) -> list[str]:
     if not attention:
         return []
     return [
-        f"Attention (vision tower and LLM prefill): {', '.join(attention)} "
-        f"(--attention={meta['flags'].get('attention', 'auto')}); decoding uses einsum.",
+        f"Attention (vision tower, LLM prefill and decoding): {', '.join(attention)} "
+        f"(--attention={meta['flags'].get('attention', 'auto')}).",
         "",
     ]
 

@@ -340,7 +340,7 @@ def test_the_report_records_the_work_and_leaves_the_targets_unjudged_on_a_cpu(ru
     assert "| JAX | adaptprune@64 | 2 |" in markdown and "| transformers | none | 1 |" in markdown
     assert "576 image tokens per image" in markdown and "| 576 / 576 |" in markdown
     assert "## Failed or skipped" not in markdown and run["plot"] == b"\x89PNG".hex()
-    assert "Attention (vision tower and LLM prefill): xla (--attention=xla)" in markdown
+    assert "Attention (vision tower, LLM prefill and decoding): xla (--attention=xla)" in markdown
     assert "acceptance: 0 pass, 0 fail, 2 not measured here" in run["stdout"]
 
 

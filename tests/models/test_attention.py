@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from models import layers
 from models.checkpoint import load_checkpoint
 from models.config import from_hf_config, with_attention
-from tests.helpers import random_pixels
+from tests.helpers import batch_for, make_prompt, random_pixels, small_model_config
 
 UNPRUNED = "none"
 
@@ -150,3 +151,40 @@ def test_vision_tower_with_xla_attention_equals_einsum(xla_model):
     np.testing.assert_allclose(
         np.asarray(fused_readout.keys), np.asarray(readout.keys), rtol=0, atol=1e-5 * scale
     )
+
+
+@pytest.mark.parametrize("method", [UNPRUNED, "adaptprune", "pyramiddrop"])
+def test_decode_with_xla_attention_equals_einsum_over_padded_pruned_caches(xla_model, method):
+    """Decoding steps from one padded batch's caches: prompts of different lengths (padding inside a
+    row's cache, before its decoded tokens), pruned with gaps in the positions (AdaptPrune) or over
+    several runs of layers with their own numbering (PyramidDrop). The fused decode attention takes
+    the position rule's mask as it is, so it gives einsum's logits at every step."""
+    ckpt, model = xla_model
+    rng = np.random.default_rng(5)
+    prompts = [make_prompt(ckpt.config, rng, b, a) for b, a in ((2, 5), (14, 30), (7, 1))]
+    pixels = random_pixels(rng, len(prompts), ckpt.config.vision.image_size)
+    pruning = None if method == UNPRUNED else small_model_config(method, keep=64, layer=2)
+    steps = 3
+    batch = batch_for(ckpt, prompts, pixels, pruning, max_new_tokens=steps)
+    prefill = ckpt.runner.prefill(batch, extra_slots=steps, pruning=pruning)
+    if method == "pyramiddrop":
+        assert len(prefill.caches) > 2 and any(np.asarray(c["shift"]).any() for c in prefill.caches)
+    assert (np.asarray(prefill.caches[0]["positions"]) < 0).any()  # padding there to get wrong
+    decode = {name: nnx.jit(lambda m, *args: m.language_model.decode(*args)) for name in ("einsum", "xla")}
+    models = {"einsum": ckpt.jax_model, "xla": model}
+    assert models["xla"].config.text.attention == "xla" and models["einsum"].config.text.attention == "einsum"
+    caches = {name: prefill.caches for name in models}
+    tokens = jnp.argmax(prefill.logits, axis=-1).astype(jnp.int32)
+    for step in range(steps):
+        logits = {}
+        for name, m in models.items():
+            logits[name], caches[name] = decode[name](m, tokens, prefill.next_positions + step, caches[name])
+        scale = np.abs(np.asarray(logits["einsum"])).max()
+        np.testing.assert_allclose(
+            np.asarray(logits["xla"]),
+            np.asarray(logits["einsum"]),
+            rtol=0,
+            atol=1e-5 * scale,
+            err_msg=str(step),
+        )
+        tokens = jnp.argmax(logits["einsum"], axis=-1).astype(jnp.int32)

@@ -1,7 +1,8 @@
 """cuDNN's fused attention (`attention='cudnn'`, what `auto` picks on a GPU in bfloat16) against
 einsum, on a GPU only: the compiled program really calls cuDNN; in bfloat16 its outputs are within
-bf16 noise of einsum's on the vision tower and on the LLM prefill of a small random model (a padded
-batch, unpruned and pruned); the trained testbed gives the same greedy answers either way."""
+bf16 noise of einsum's on the vision tower, on the LLM prefill of a small random model (a padded
+batch, unpruned and pruned) and on a decode step over a cache; the trained testbed gives the same
+greedy answers either way."""
 
 from __future__ import annotations
 
@@ -134,6 +135,30 @@ def test_cudnn_sliding_window_equals_einsum_in_bfloat16():
     real = np.asarray(positions) >= 0
     assert _relative_error(attend(q, k, v, "cudnn", positions, window), einsum, real) < BF16_TOLERANCE
     assert _relative_error(attend(q, k, v, "cudnn", positions, None), einsum, real) > 10 * BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_cudnn_decode_over_a_cache_equals_einsum_in_bfloat16(window):
+    """One new token per row over a cache of 672 slots (the 7B prefill's 640 and 32 decode slots, the
+    new one written at slot 650): a full row, a short row (padding inside its cache, before the decoded
+    tokens) and a pruned row (gaps in its positions); cuDNN takes the mask as a bias, so it is exact for
+    all of them, with a sliding window too."""
+    rng = np.random.default_rng(4)
+    slots, new_slot = 672, 650
+    q = jnp.asarray(rng.normal(size=(3, 1, 8, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(3, slots, 4, 64)), jnp.bfloat16) for _ in range(2))
+    positions = np.full((3, slots), -1, np.int32)
+    positions[0, :new_slot] = np.arange(new_slot)
+    positions[1, :100] = np.arange(100)
+    positions[1, 640:new_slot] = np.arange(100, 110)
+    positions[2, :200] = np.sort(rng.choice(600, 200, replace=False))
+    positions[2, 640:new_slot] = np.arange(600, 610)
+    query = np.array([[new_slot - 1], [109], [609]], np.int32)
+    mask = layers.attention_mask(jnp.asarray(query), jnp.asarray(positions), window)
+    attend = jax.jit(layers.cache_attention, static_argnums=4)
+    compiled = attend.lower(q, k, v, mask, "cudnn").compile()
+    assert "cudnn" in compiled.as_text()
+    assert _relative_error(attend(q, k, v, mask, "cudnn"), attend(q, k, v, mask, "einsum")) < BF16_TOLERANCE
 
 
 @pytest.fixture(scope="module")
