@@ -3,8 +3,8 @@
 The cache is an explicit pytree, one dict per run of layers between pruning stages
 (`models.layers.StageCache`). Layers below a stage hold the full prompt, later layers only the kept
 tokens: capacities differ per run, and the run's stored positions (with gaps) give its layers their
-attention mask. This file holds only what
-is LLaMA's: the layer (which implements `models.pruning.DecoderLayer`), embeddings and the head.
+attention mask. This file holds only what is LLaMA's: the layer (which implements
+`models.pruning.DecoderLayer`), embeddings and the head.
 """
 
 from __future__ import annotations
@@ -128,7 +128,13 @@ class LlamaDecoderLayer(nnx.Module):
         )
 
     def decode(
-        self, x: jax.Array, positions: jax.Array, k_cache: jax.Array, v_cache: jax.Array, slot, key_positions
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        k_cache: jax.Array,
+        v_cache: jax.Array,
+        slot: jax.Array,
+        key_positions: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """One new token per row (x (B, 1, d), positions (B, 1) in this layer's numbering), its key and
         value written at ``slot`` of this layer's cache; ``key_positions`` (B, C): the cache's positions
