@@ -1,8 +1,9 @@
 """The attention implementation option (`models.layers.self_attention`): `auto` resolution, a clear
 error for an unknown name, and, on the CPU, the fused path's masking checked through XLA's
 implementation of the same `jax.nn.dot_product_attention` call that runs cuDNN on a GPU: it equals
-einsum in float32 on the vision tower and on random heads (the LLM prefill, padded and pruned by every
-registered method, is checked in `test_method_contract.py`, beside the einsum runs it shares)."""
+einsum in float32 on the vision tower, on random heads and on decoding steps over padded and pruned
+caches (the LLM prefill, padded and pruned by every registered method, is checked in
+`test_method_contract.py`, beside the einsum runs it shares)."""
 
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def test_decode_with_xla_attention_equals_einsum_over_padded_pruned_caches(xla_m
     if method == "pyramiddrop":
         assert len(prefill.caches) > 2 and any(np.asarray(c["shift"]).any() for c in prefill.caches)
     assert (np.asarray(prefill.caches[0]["positions"]) < 0).any()  # padding there to get wrong
-    decode = {name: nnx.jit(lambda m, *args: m.language_model.decode(*args)) for name in ("einsum", "xla")}
+    decode = nnx.jit(lambda m, *args: m.language_model.decode(*args))
     models = {"einsum": ckpt.jax_model, "xla": model}
     assert models["xla"].config.text.attention == "xla" and models["einsum"].config.text.attention == "einsum"
     caches = {name: prefill.caches for name in models}
@@ -178,7 +179,7 @@ def test_decode_with_xla_attention_equals_einsum_over_padded_pruned_caches(xla_m
     for step in range(steps):
         logits = {}
         for name, m in models.items():
-            logits[name], caches[name] = decode[name](m, tokens, prefill.next_positions + step, caches[name])
+            logits[name], caches[name] = decode(m, tokens, prefill.next_positions + step, caches[name])
         scale = np.abs(np.asarray(logits["einsum"])).max()
         np.testing.assert_allclose(
             np.asarray(logits["xla"]),
