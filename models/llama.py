@@ -134,15 +134,14 @@ class LlamaDecoderLayer(nnx.Module):
         k_cache: jax.Array,
         v_cache: jax.Array,
         slot: jax.Array,
-        key_positions: jax.Array,
+        mask: jax.Array,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """One new token per row (x (B, 1, d), positions (B, 1) in this layer's numbering), its key and
-        value written at ``slot`` of this layer's cache; ``key_positions`` (B, C): the cache's positions
-        with the new token's already written. Returns (x, k_cache, v_cache)."""
+        value written at ``slot`` of this layer's cache; ``mask`` (B, 1, C): which cache slots it sees,
+        the new one included (`attention_mask` of the run's positions). Returns (x, k_cache, v_cache)."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), positions)
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k, slot, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v, slot, axis=1)
-        mask = attention_mask(positions, key_positions, self.sliding_window)
         out = cache_attention(q, k_cache, v_cache, mask, self.self_attn.cfg.attention)
         return self._finish(x, out), k_cache, v_cache
 
@@ -216,7 +215,7 @@ class LlamaForCausalLM(nnx.Module):
     def decode(self, token_ids: jax.Array, positions: jax.Array, caches: list[StageCache]):
         """One decoding step: token_ids (B,), positions (B,) -> float32 logits (B, V), new caches.
         Each run of layers writes the new token's position once, at its own numbering (``positions``
-        plus the run's shift), and its layers share that write."""
+        plus the run's shift), and its layers share that write and the mask built from it."""
         x = self.embed(token_ids[:, None])
         layers = iter(self.layers)
         new_caches = []
@@ -226,11 +225,10 @@ class LlamaForCausalLM(nnx.Module):
             key_positions = jax.lax.dynamic_update_slice_in_dim(
                 cache["positions"], run_positions, slot, axis=1
             )
+            mask = attention_mask(run_positions, key_positions, self.cfg.sliding_window)
             keys, values = [], []
             for k_cache, v_cache in zip(cache["k"], cache["v"]):
-                x, k_cache, v_cache = next(layers).decode(
-                    x, run_positions, k_cache, v_cache, slot, key_positions
-                )
+                x, k_cache, v_cache = next(layers).decode(x, run_positions, k_cache, v_cache, slot, mask)
                 keys.append(k_cache)
                 values.append(v_cache)
             new_caches.append(
