@@ -59,6 +59,11 @@ class LayerKernelsConfig:
         "Greedy decoding steps in each decode program (one while loop over the prefill's caches, as the "
         "runner's decode loop runs; 0: no decode programs).",
     )
+    programs: tuple[str, ...] = setting(
+        (),
+        "Which programs to list, by kind: vision, prefill, decode (empty: all). A vision-only census at "
+        "--batch=16 compiles one program instead of five.",
+    )
     calls: int = setting(3, "Profiled calls per program (after a warm-up); the last one is listed.")
     wall_repeats: int = setting(
         20,
@@ -108,6 +113,9 @@ def fused_ops(hlo_text: str) -> dict[str, dict]:
     return ops
 
 
+PROGRAM_KINDS = ("vision", "prefill", "decode")
+
+
 def _programs(settings: LayerKernelsConfig):
     """(name, jitted fn, args) for the vision tower, the LLM prefill and the decoding steps after it,
     unpruned and pruned."""
@@ -124,6 +132,9 @@ def _programs(settings: LayerKernelsConfig):
     def merged(weights):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
+    unknown = set(settings.programs) - set(PROGRAM_KINDS)
+    if unknown:
+        raise ValueError(f"unknown --programs {sorted(unknown)}; valid: {', '.join(PROGRAM_KINDS)}")
     if settings.decode_steps > settings.extra_slots:
         raise ValueError(
             f"--decode_steps={settings.decode_steps} needs as many cache slots past the prompt, "
@@ -179,12 +190,14 @@ def _programs(settings: LayerKernelsConfig):
         tokens = tokens.at[:, 0].set(jnp.argmax(first_logits, axis=-1).astype(jnp.int32))
         return jax.lax.fori_loop(0, settings.decode_steps, step, (tokens, caches))[0]
 
+    wanted = set(settings.programs or PROGRAM_KINDS)
     pruned = prune.AdaptPruneConfig(keep=settings.keep, layer=settings.layer)
-    programs = [("vision", vision, (weights, pixels))]
+    programs = [("vision", vision, (weights, pixels))] if "vision" in wanted else []
     for name, pruning in (("unpruned", None), (f"adaptprune{settings.keep}", pruned)):
         prefill_program = prefill(pruning)
-        programs.append((f"llm_prefill_{name}", prefill_program, (weights, x)))
-        if settings.decode_steps:
+        if "prefill" in wanted:
+            programs.append((f"llm_prefill_{name}", prefill_program, (weights, x)))
+        if settings.decode_steps and "decode" in wanted:
             first_logits, caches = prefill_program(weights, x)
             programs.append(
                 (f"llm_decode{settings.decode_steps}_{name}", decode, (weights, first_logits, caches))

@@ -143,3 +143,13 @@ def test_layer_kernels_programs_run_and_decode_from_each_prefill():
         assert tokens[0, 0] == int(np.argmax(np.asarray(args[1])[0]))
     with pytest.raises(ValueError, match="--decode_steps=4 needs as many cache slots past the prompt"):
         _programs(LayerKernelsConfig(model="tiny", layers=2, layer=1, keep=4, extra_slots=3, decode_steps=4))
+
+
+def test_layer_kernels_programs_filter_by_kind():
+    from experiments.benchmark.layer_kernels import LayerKernelsConfig, _programs
+
+    tiny = dict(model="tiny", layers=2, layer=1, keep=4, text_tokens=8, extra_slots=3, decode_steps=3)
+    names = [name for name, _, _ in _programs(LayerKernelsConfig(**tiny, programs=("vision", "decode")))]
+    assert names == ["vision", "llm_decode3_unpruned", "llm_decode3_adaptprune4"]
+    with pytest.raises(ValueError, match=r"unknown --programs \['prefil'\]; valid: vision, prefill, decode"):
+        _programs(LayerKernelsConfig(**tiny, programs=("prefil",)))
