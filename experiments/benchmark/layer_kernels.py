@@ -115,10 +115,53 @@ def fused_ops(hlo_text: str) -> dict[str, dict]:
 
 PROGRAM_KINDS = ("vision", "prefill", "decode")
 
+# Kernel names of the libraries XLA calls for a dot (cuBLAS's nvjet / cutlass / sm80-sm90 kernels, XLA's
+# own Triton GEMM fusions) and for attention (cuDNN).
+_GEMM_PREFIXES = ("nvjet", "cutlass", "sm80", "sm90", "ampere", "gemm_fusion", "triton_gemm")
+_LAYOUT_OPS = {"slice", "bitcast", "copy", "transpose"}
+
+
+def kernel_kind(kernel: dict) -> str:
+    """What a listed kernel does, from its name and the opcodes XLA fused into it: gemm, attention,
+    norm (an rsqrt: RMSNorm / LayerNorm), activation (an exp: SiLU, GELU), layout (slices, copies and
+    transposes only), memory (memsets and memcpys) or other (adds, selects, RoPE, ...)."""
+    name, ops = kernel["name"], set(kernel.get("ops") or ())
+    if name.startswith(_GEMM_PREFIXES) or "dot" in ops:
+        return "gemm"
+    if name.startswith("cudnn"):
+        return "attention"
+    if "rsqrt" in ops:
+        return "norm"
+    if "exponential" in ops:
+        return "activation"
+    if ops and ops <= _LAYOUT_OPS:
+        return "layout"
+    if name.lower().startswith(("memset", "memcpy")):
+        return "memory"
+    return "other"
+
+
+def busy_by_kind(kernels: list[dict]) -> dict[str, dict]:
+    """kind -> {"kernels": count, "busy_us": their summed time}, heaviest kind first."""
+    kinds: dict[str, dict] = {}
+    for kernel in kernels:
+        entry = kinds.setdefault(kernel_kind(kernel), {"kernels": 0, "busy_us": 0.0})
+        entry["kernels"] += 1
+        entry["busy_us"] += kernel["us"]
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]["busy_us"]))
+
 
 def _programs(settings: LayerKernelsConfig):
     """(name, jitted fn, args) for the vision tower, the LLM prefill and the decoding steps after it,
     unpruned and pruned."""
+    unknown = set(settings.programs) - set(PROGRAM_KINDS)
+    if unknown:
+        raise ValueError(f"unknown --programs {sorted(unknown)}; valid: {', '.join(PROGRAM_KINDS)}")
+    if settings.decode_steps > settings.extra_slots:
+        raise ValueError(
+            f"--decode_steps={settings.decode_steps} needs as many cache slots past the prompt, "
+            f"--extra_slots={settings.extra_slots}"
+        )
     hf_config = llava_config(settings.model)
     hf_config.text_config.num_hidden_layers = settings.layers
     vision = hf_config.vision_config
@@ -132,14 +175,6 @@ def _programs(settings: LayerKernelsConfig):
     def merged(weights):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
 
-    unknown = set(settings.programs) - set(PROGRAM_KINDS)
-    if unknown:
-        raise ValueError(f"unknown --programs {sorted(unknown)}; valid: {', '.join(PROGRAM_KINDS)}")
-    if settings.decode_steps > settings.extra_slots:
-        raise ValueError(
-            f"--decode_steps={settings.decode_steps} needs as many cache slots past the prompt, "
-            f"--extra_slots={settings.extra_slots}"
-        )
     rng = np.random.default_rng(0)
     size = hf_config.vision_config.image_size
     pixels = jnp.asarray(rng.standard_normal((settings.batch, 3, size, size)), jnp.bfloat16)
@@ -275,6 +310,7 @@ def run(settings: LayerKernelsConfig) -> dict:
             "wall_ms_median": wall_ms,
             **host_ms,
             "host_threads": host_summary["device_threads"],
+            "by_kind": busy_by_kind(kernels),
             "sequence": kernels,
         }
         summary = results["programs"][name]
@@ -288,6 +324,11 @@ def run(settings: LayerKernelsConfig) -> dict:
             f"{host_ms['dispatch_ms_median']:.3f} ms, back to back {host_ms['pipelined_ms_per_call']:.3f} ms per call",
             flush=True,
         )
+        kinds = ", ".join(
+            f"{kind} {entry['kernels']}x {entry['busy_us'] / 1e3:.2f}"
+            for kind, entry in summary["by_kind"].items()
+        )
+        print(f"  busy ms by kind: {kinds}", flush=True)
     with open(os.path.join(settings.output_dir, "kernels.json"), "w") as handle:
         json.dump(results, handle, indent=1)
     return results

@@ -141,8 +141,6 @@ def test_layer_kernels_programs_run_and_decode_from_each_prefill():
         assert tokens.shape == (1, 4) and ((tokens >= 0) & (tokens < vocab)).all(), tokens
         # The first token is the prefill's own argmax, the rest come from the decode steps.
         assert tokens[0, 0] == int(np.argmax(np.asarray(args[1])[0]))
-    with pytest.raises(ValueError, match="--decode_steps=4 needs as many cache slots past the prompt"):
-        _programs(LayerKernelsConfig(model="tiny", layers=2, layer=1, keep=4, extra_slots=3, decode_steps=4))
 
 
 def test_layer_kernels_programs_filter_by_kind():
@@ -151,5 +149,42 @@ def test_layer_kernels_programs_filter_by_kind():
     tiny = dict(model="tiny", layers=2, layer=1, keep=4, text_tokens=8, extra_slots=3, decode_steps=3)
     names = [name for name, _, _ in _programs(LayerKernelsConfig(**tiny, programs=("vision", "decode")))]
     assert names == ["vision", "llm_decode3_unpruned", "llm_decode3_adaptprune4"]
+
+
+def test_kernels_are_sorted_into_kinds_and_summed_per_kind():
+    from experiments.benchmark.layer_kernels import busy_by_kind, kernel_kind
+
+    kernels = [
+        {"name": "nvjet_sm90_tst_128x288_bias_NNT", "us": 80.0},  # a cuBLAS GEMM: no HLO ops of its own
+        {"name": "gemm_fusion_dot_3", "us": 20.0, "ops": ["dot"]},
+        {"name": "fusion_7", "us": 11.0, "ops": ["add", "broadcast", "dot"]},  # a Triton GEMM with its bias
+        {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "us": 70.0},
+        {"name": "fusion_634", "us": 50.0, "ops": ["add", "convert", "multiply", "reduce", "rsqrt"]},
+        {"name": "loop_multiply_fusion_22", "us": 54.0, "ops": ["divide", "exponential", "multiply"]},
+        {"name": "loop_slice_fusion_67", "us": 14.0, "ops": ["bitcast", "slice"]},
+        {"name": "Memset 0", "us": 0.75},
+        {"name": "loop_add_fusion_2", "us": 21.0, "ops": ["add", "select"]},
+        {"name": "ln_tma_fwd_kernel", "us": 12.0},  # a library kernel with no known prefix
+    ]
+    kinds = [kernel_kind(kernel) for kernel in kernels]
+    assert kinds == [
+        "gemm", "gemm", "gemm", "attention", "norm", "activation", "layout", "memory", "other", "other"
+    ]  # fmt: skip
+    summary = busy_by_kind(kernels)
+    assert list(summary) == ["gemm", "attention", "activation", "norm", "other", "layout", "memory"]
+    assert summary["gemm"] == {"kernels": 3, "busy_us": 111.0}
+    assert summary["other"] == {"kernels": 2, "busy_us": 33.0}
+    assert sum(entry["busy_us"] for entry in summary.values()) == sum(k["us"] for k in kernels)
+
+
+def test_layer_kernels_refuses_bad_settings_before_building_a_model(monkeypatch):
+    from experiments.benchmark import layer_kernels
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built for settings that are refused")
+
+    monkeypatch.setattr(layer_kernels, "random_model", no_model)
     with pytest.raises(ValueError, match=r"unknown --programs \['prefil'\]; valid: vision, prefill, decode"):
-        _programs(LayerKernelsConfig(**tiny, programs=("prefil",)))
+        layer_kernels._programs(layer_kernels.LayerKernelsConfig(model="tiny", programs=("prefil",)))
+    with pytest.raises(ValueError, match="--decode_steps=4 needs as many cache slots past the prompt"):
+        layer_kernels._programs(layer_kernels.LayerKernelsConfig(model="tiny", extra_slots=3, decode_steps=4))
