@@ -188,6 +188,10 @@ def _programs(settings: LayerKernelsConfig):
     def vision(weights, pixels):
         return merged(weights).image_features(pixels)
 
+    wanted = set(settings.programs or PROGRAM_KINDS)
+    programs = [("vision", vision, (weights, pixels))] if "vision" in wanted else []
+    if not wanted & {"prefill", "decode"}:
+        return programs  # the prompt is embedded (another compile of the tower) only for the LLM's programs
     x, image_slots = jax.jit(lambda w, i, p: merged(w).embed_prompt(i, vision(w, p)))(weights, ids, pixels)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (settings.batch, length))
     last_index = jnp.full((settings.batch,), length - 1, jnp.int32)
@@ -225,9 +229,7 @@ def _programs(settings: LayerKernelsConfig):
         tokens = tokens.at[:, 0].set(jnp.argmax(first_logits, axis=-1).astype(jnp.int32))
         return jax.lax.fori_loop(0, settings.decode_steps, step, (tokens, caches))[0]
 
-    wanted = set(settings.programs or PROGRAM_KINDS)
     pruned = prune.AdaptPruneConfig(keep=settings.keep, layer=settings.layer)
-    programs = [("vision", vision, (weights, pixels))] if "vision" in wanted else []
     for name, pruning in (("unpruned", None), (f"adaptprune{settings.keep}", pruned)):
         prefill_program = prefill(pruning)
         if "prefill" in wanted:

@@ -144,11 +144,23 @@ def test_layer_kernels_programs_run_and_decode_from_each_prefill():
 
 
 def test_layer_kernels_programs_filter_by_kind():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
     from experiments.benchmark.layer_kernels import LayerKernelsConfig, _programs
+    from models import presets
 
     tiny = dict(model="tiny", layers=2, layer=1, keep=4, text_tokens=8, extra_slots=3, decode_steps=3)
     names = [name for name, _, _ in _programs(LayerKernelsConfig(**tiny, programs=("vision", "decode")))]
     assert names == ["vision", "llm_decode3_unpruned", "llm_decode3_adaptprune4"]
+    (vision,) = _programs(LayerKernelsConfig(**tiny, programs=("vision",)))
+    assert vision[0] == "vision"
+    features = np.asarray(jax.block_until_ready(vision[1](*vision[2])).astype(jnp.float32))
+    assert (
+        features.shape[:2] == (1, presets.llava_config("tiny").image_seq_length)
+        and np.isfinite(features).all()
+    )
 
 
 def test_kernels_are_sorted_into_kinds_and_summed_per_kind():
