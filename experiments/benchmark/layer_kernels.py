@@ -10,6 +10,7 @@ layer, so a change can be aimed at the ones it would remove. A layer's kernels a
 4-layer and a 32-layer model of the same widths, so only a few layers are built (random bfloat16
 weights on the device: seconds, not a 14 GB model). Writes kernels.json (per program: the kernel
 sequence of one call, with each fusion's HLO opcodes) and each program's optimised HLO, gzipped.
+``--option_sets`` compiles every program under several sets of XLA options on the one model build.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class LayerKernelsConfig:
     text_tokens: int = setting(64, "Text tokens per prompt (the image span comes on top).")
     compiler_options: tuple[str, ...] = setting(
         (), "XLA options for every program, OPTION=VALUE (e.g. xla_gpu_cublas_fallback=false)."
+    )
+    option_sets: tuple[str, ...] = setting(
+        (),
+        "Compile and list every program once per set, TAG or TAG:OPTION=VALUE[;OPTION=VALUE...] (on top "
+        "of --compiler_options; a bare TAG adds nothing): several XLA settings compared on one model "
+        "build, each program listed as TAG/NAME. Empty: one listing per program, as NAME.",
     )
     extra_slots: int = setting(
         32, "Cache slots past the prompt, as the benchmark's prefill allocates for its --new_tokens."
@@ -266,6 +273,32 @@ def host_times(fn, args, repeats: int) -> dict:
     }
 
 
+def parse_options(entries, flag: str) -> dict:
+    """OPTION=VALUE entries as the compiler takes them."""
+    options = {}
+    for entry in entries:
+        option, equals, value = entry.partition("=")
+        if not option or not equals:
+            raise ValueError(f"bad {flag} entry {entry!r}: expected OPTION=VALUE")
+        options[option] = compiler_option_value(value)
+    return options
+
+
+def parse_option_sets(entries) -> dict[str, dict]:
+    """TAG[:OPTION=VALUE[;OPTION=VALUE...]] entries -> {tag: options}, in order; ``{"": {}}`` for none."""
+    sets: dict[str, dict] = {}
+    for entry in entries:
+        tag, _, spec = entry.partition(":")
+        if not tag or "/" in tag:
+            raise ValueError(
+                f"bad --option_sets entry {entry!r}: expected TAG[:OPTION=VALUE[;...]], a TAG without '/'"
+            )
+        if tag in sets:
+            raise ValueError(f"--option_sets names {tag!r} twice")
+        sets[tag] = parse_options([item for item in spec.split(";") if item], f"--option_sets ({tag})")
+    return sets or {"": {}}
+
+
 def run(settings: LayerKernelsConfig) -> dict:
     os.makedirs(settings.output_dir, exist_ok=True)
     results = {
@@ -280,18 +313,30 @@ def run(settings: LayerKernelsConfig) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "programs": {},
     }
-    options = {}
-    for entry in settings.compiler_options:
-        option, equals, value = entry.partition("=")
-        if not option or not equals:
-            raise ValueError(f"bad --compiler_options entry {entry!r}: expected OPTION=VALUE")
-        options[option] = compiler_option_value(value)
-    results["compiler_options"] = options
-    for name, jitted, args in _programs(settings):
-        compiled = jitted.lower(*args).compile(compiler_options=options or None)
+    base_options = parse_options(settings.compiler_options, "--compiler_options")
+    option_sets = parse_option_sets(settings.option_sets)
+    results["compiler_options"] = base_options
+    if settings.option_sets:
+        results["option_sets"] = option_sets
+    listings = [
+        (f"{tag}/{program}" if tag else program, jitted, args, {**base_options, **extra})
+        for program, jitted, args in _programs(settings)
+        for tag, extra in option_sets.items()
+    ]
+    for name, jitted, args, options in listings:
+        try:
+            compiled = jitted.lower(*args).compile(compiler_options=options or None)
+        except Exception as error:  # noqa: BLE001 (a set the compiler refuses is that set's result)
+            if not settings.option_sets:
+                raise
+            results["programs"][name] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+            print(f"{name}: not compiled: {results['programs'][name]['error']}", flush=True)
+            continue
         hlo = compiled.as_text()
         fn = compiled
-        with gzip.open(os.path.join(settings.output_dir, f"{name}.hlo.txt.gz"), "wt") as handle:
+        hlo_path = os.path.join(settings.output_dir, f"{name}.hlo.txt.gz")  # TAG/NAME: in TAG's folder
+        os.makedirs(os.path.dirname(hlo_path), exist_ok=True)
+        with gzip.open(hlo_path, "wt") as handle:
             handle.write(hlo)
         jax.block_until_ready(fn(*args))
         wall_ms = median(

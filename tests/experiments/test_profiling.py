@@ -200,3 +200,64 @@ def test_layer_kernels_refuses_bad_settings_before_building_a_model(monkeypatch)
         layer_kernels._programs(layer_kernels.LayerKernelsConfig(model="tiny", programs=("prefil",)))
     with pytest.raises(ValueError, match="--decode_steps=4 needs as many cache slots past the prompt"):
         layer_kernels._programs(layer_kernels.LayerKernelsConfig(model="tiny", extra_slots=3, decode_steps=4))
+
+
+def test_layer_kernels_option_sets_are_parsed_and_bad_ones_refused_before_building_a_model(
+    monkeypatch, tmp_path
+):
+    from experiments.benchmark import layer_kernels
+
+    assert layer_kernels.parse_option_sets([]) == {"": {}}
+    assert layer_kernels.parse_option_sets(["base", "tma:xla_a=true;xla_b=3", "c:xla_d=cuBLAS"]) == {
+        "base": {},
+        "tma": {"xla_a": True, "xla_b": 3},
+        "c": {"xla_d": "cuBLAS"},
+    }
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built for settings that are refused")
+
+    monkeypatch.setattr(layer_kernels, "random_model", no_model)
+    bad = {
+        ":xla_a=1": "bad --option_sets entry ':xla_a=1'",
+        "a/b:xla_a=1": "a TAG without '/'",
+        "a:xla_a": r"bad --option_sets \(a\) entry 'xla_a': expected OPTION=VALUE",
+    }
+    for entry, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            layer_kernels.run(
+                layer_kernels.LayerKernelsConfig(model="tiny", option_sets=(entry,), output_dir=str(tmp_path))
+            )
+    with pytest.raises(ValueError, match="--option_sets names 'a' twice"):
+        layer_kernels.run(
+            layer_kernels.LayerKernelsConfig(
+                model="tiny", option_sets=("a", "a:x=1"), output_dir=str(tmp_path)
+            )
+        )
+
+
+@pytest.mark.slow  # compiles and traces the tiny vision tower twice, and refuses a third set
+def test_layer_kernels_lists_each_program_once_per_option_set(tmp_path):
+    from experiments.benchmark import layer_kernels
+
+    settings = layer_kernels.LayerKernelsConfig(
+        model="tiny",
+        layers=1,
+        programs=("vision",),
+        option_sets=("plain", "nofast:xla_cpu_enable_fast_math=false", "refused:no_such_xla_option=1"),
+        calls=1,
+        wall_repeats=1,
+        output_dir=str(tmp_path),
+    )
+    results = layer_kernels.run(settings)
+    names = ["plain/vision", "nofast/vision", "refused/vision"]
+    assert list(results["programs"]) == names
+    assert results["option_sets"]["nofast"] == {"xla_cpu_enable_fast_math": False}
+    # The options reach the compiler: one it does not know fails that set alone, recorded.
+    assert "no_such_xla_option" in results["programs"]["refused/vision"]["error"]
+    written = json.loads((tmp_path / "kernels.json").read_text())
+    assert list(written["programs"]) == names
+    assert written["programs"]["nofast/vision"]["wall_ms_median"] > 0
+    for tag in ("plain", "nofast"):
+        with gzip.open(tmp_path / tag / "vision.hlo.txt.gz", "rt") as handle:
+            assert "HloModule" in handle.read()
