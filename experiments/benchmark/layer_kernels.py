@@ -56,7 +56,9 @@ class LayerKernelsConfig:
         (),
         "Compile and list every program once per set, TAG or TAG:OPTION=VALUE[;OPTION=VALUE...] (on top "
         "of --compiler_options; a bare TAG adds nothing): several XLA settings compared on one model "
-        "build, each program listed as TAG/NAME. Empty: one listing per program, as NAME.",
+        "build, each program listed as TAG/NAME. Empty: one listing per program, as NAME. XLA keeps its "
+        "autotuning results for the whole process, so an option that only widens the autotuner's search "
+        "(xla_gpu_exhaustive_tiling_search) may get the first set's picks: compare those in separate runs.",
     )
     extra_slots: int = setting(
         32, "Cache slots past the prompt, as the benchmark's prefill allocates for its --new_tokens."
