@@ -227,6 +227,17 @@ def parse_stage_compiler_options(entries: list[str]) -> dict[str, dict[str, Any]
     return options
 
 
+def parse_compiler_options(entries, flag: str) -> dict[str, Any]:
+    """OPTION=VALUE entries -> {option: value} as the compiler takes them; ``flag`` names them in errors."""
+    options: dict[str, Any] = {}
+    for entry in entries:
+        option, equals, value = entry.partition("=")
+        if not option or not equals:
+            raise ValueError(f"bad {flag} entry {entry!r}: expected OPTION=VALUE")
+        options[option] = compiler_option_value(value)
+    return options
+
+
 def compiler_option_value(value: str) -> Any:
     """An XLA option's value as the compiler takes it: 'true' / 'false' -> bool, digits -> int."""
     parsed: Any = {"true": True, "false": False}.get(value.lower(), value)

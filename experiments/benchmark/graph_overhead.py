@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 
-from experiments.benchmark.configs import compiler_option_value
+from experiments.benchmark.configs import parse_compiler_options
 from experiments.benchmark.timing import back_to_back, median, run_stamp
 from experiments.flag_config import define_flags, from_flags, setting
 from models.layers import apply_rope, rms_normalize, with_empty_slots
@@ -110,10 +110,7 @@ def measure(cfg: GraphOverheadConfig, hlo_dir: str | None = None) -> dict:
 
     variants = [("unrolled", unrolled, per_layer, {}), ("scanned", scanned, stacked, {})]
     for index, item in enumerate(filter(None, cfg.scan_options.split(";"))):
-        options = {}
-        for option in item.split("+"):
-            name, value = option.split("=", 1)
-            options[name] = compiler_option_value(value)
+        options = parse_compiler_options(item.split("+"), "--scan_options")
         variants.append((f"scanned_{index}", scanned, stacked, options))
     programs = {}
     for name, fn, weights, compile_options in variants:

@@ -30,7 +30,7 @@ from flax import nnx
 
 import adaptprune_jax as prune
 from experiments.benchmark import profiling
-from experiments.benchmark.configs import compiler_option_value
+from experiments.benchmark.configs import parse_compiler_options
 from experiments.benchmark.timing import back_to_back, median, timed
 from experiments.flag_config import define_flags, from_flags, setting
 from models.presets import llava_config, random_model
@@ -275,17 +275,6 @@ def host_times(fn, args, repeats: int) -> dict:
     }
 
 
-def parse_options(entries, flag: str) -> dict:
-    """OPTION=VALUE entries as the compiler takes them."""
-    options = {}
-    for entry in entries:
-        option, equals, value = entry.partition("=")
-        if not option or not equals:
-            raise ValueError(f"bad {flag} entry {entry!r}: expected OPTION=VALUE")
-        options[option] = compiler_option_value(value)
-    return options
-
-
 def parse_option_sets(entries) -> dict[str, dict]:
     """TAG[:OPTION=VALUE[;OPTION=VALUE...]] entries -> {tag: options}, in order; ``{"": {}}`` for none."""
     sets: dict[str, dict] = {}
@@ -297,7 +286,9 @@ def parse_option_sets(entries) -> dict[str, dict]:
             )
         if tag in sets:
             raise ValueError(f"--option_sets names {tag!r} twice")
-        sets[tag] = parse_options([item for item in spec.split(";") if item], f"--option_sets ({tag})")
+        sets[tag] = parse_compiler_options(
+            [item for item in spec.split(";") if item], f"--option_sets ({tag})"
+        )
     return sets or {"": {}}
 
 
@@ -315,7 +306,7 @@ def run(settings: LayerKernelsConfig) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "programs": {},
     }
-    base_options = parse_options(settings.compiler_options, "--compiler_options")
+    base_options = parse_compiler_options(settings.compiler_options, "--compiler_options")
     option_sets = parse_option_sets(settings.option_sets)
     results["compiler_options"] = base_options
     if settings.option_sets:
