@@ -383,7 +383,7 @@ def adaptive_nms_order(
         )
     num_tokens = scores.shape[-1]
     keep = check_keep(keep, num_tokens)
-    form = resolve_form(form, distance_limit, num_tokens)
+    resolved_form = resolve_form(form, distance_limit, num_tokens)
     batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
     flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
     flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape((-1,) + keys.shape[-2:])
@@ -430,12 +430,13 @@ def adaptive_nms_order(
             neighbours, factors, flat_scores
         )
 
-    if form == "dense":
+    if resolved_form == "dense":
         order = dense_order()
     else:
         layout_ok, band_ok = _window_checks(
             layout, num_tokens, batch_shape, flat_scores.shape[0], float(distance_limit)
         )
+        # 'auto' takes the dense form where the window cannot run; only an explicit 'window' raises
         if isinstance(layout_ok, jax.core.Tracer):  # known only at run time: the dense form if not
             order = lax.cond(layout_ok & band_ok, window_order, dense_order)
         elif layout_ok and band_ok:

@@ -218,6 +218,25 @@ def test_a_layout_that_is_not_row_major_raises_or_takes_the_dense_form():
         assert not np.array_equal(kept, prune.topk_select(attention, 10))  # suppression acted
 
 
+def test_auto_takes_the_dense_form_where_a_static_layout_rules_the_window_out():
+    """'auto' picks the window by token count; a layout known at trace time that the window cannot
+    run (a wide image's grid, stride beyond the band; or tokens out of row-major order) must then
+    select as the dense form does, not raise the errors meant for an explicit form='window'."""
+    rng = np.random.default_rng(5)
+    wide = anyres_layout(22, 72)  # a 1000 x 300 photo's packing: stride 73 > isqrt(2182) + 2
+    assert nms.resolve_form("auto", 5.0, wide.num_tokens) == "window"
+    order = rng.permutation(wide.num_tokens)
+    permuted = jax.tree_util.tree_map(lambda x: np.asarray(x)[order], wide)
+    wide_keys = smooth_keys(rng, wide, 8)
+    attention = rng.uniform(size=wide.num_tokens).astype(np.float32)
+    for layout, keys in ((wide, wide_keys), (permuted, wide_keys[order])):
+        kept = prune.adaptprune_select(attention, keys, 200, layout=layout, form="auto")
+        dense = prune.adaptprune_select(attention, keys, 200, layout=layout, form="dense")
+        np.testing.assert_array_equal(kept, dense)
+        with pytest.raises(ValueError, match=r"form='window'"):
+            prune.adaptprune_select(attention, keys, 200, layout=layout, form="window")
+
+
 def test_window_form_errors_name_the_problem():
     wide = prune.grid_layout(6, 200)  # a row stride of 200 > isqrt(1200) + 1: beyond the band
     scores, keys = np.ones(1200, np.float32), np.ones((1200, 2), np.float32)
