@@ -8,10 +8,13 @@ Why it is fast: the suppression factor of every (kept i, token j) pair depends o
 the keys, never on the scores, so all factors are built once, before the loop. The fixed-trip loop
 body is then one argmax, one row read and one multiply; no boolean indexing, no dynamic shapes.
 
-Two forms hold the factors, with identical selections (one pair-factor function, ``pair_factor``):
+Two forms hold the factors and select the same tokens (one pair-factor function, ``pair_factor``):
 'dense', the (N, N) matrix after one matmul; 'window', per token only its K in-window neighbours on
 its own grid, (N, K) with K ~ 81 at the default limit, their cosines from a banded matmul
-(nms_window.py). The window form needs a static ``distance_limit`` and a row-major layout.
+(nms_window.py). The window form needs a static ``distance_limit`` and a row-major layout. Their
+factors are equal bit for bit where the two matmuls round every cosine alike (at LLaVA-NeXT's 2,928
+tokens on the CPU, an H100 and an H200); at some other widths the CPU's matmuls round a cosine's last
+bit differently, which could change a pick only between two scores that close.
 
 Ties and degenerate scores: the argmax takes the first index among equal maxima (``jnp.argmax``),
 and already-kept tokens are masked to -inf before it, so a token is never kept twice even when all
@@ -214,7 +217,8 @@ def band_suppression_factors(
     reads a matrix row, instead of locating the window's cells among all tokens at every pick. Every
     pair the dense form suppresses lies in the band where the window form's checks hold
     (:func:`window_suppression_factors`'s ``layout_ok`` and ``band_ok``), and each factor is the dense
-    form's, bit for bit, wherever the band cosines equal the dense matmul's (the batched blocks do).
+    form's, bit for bit, wherever the band cosines equal the dense matmul's (the batched blocks do at
+    2,928 tokens; see the module docstring).
     """
     num_tokens = keys.shape[-2]
     layout = square_layout(num_tokens) if layout is None else layout

@@ -188,7 +188,8 @@ def band_cosines(
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
     token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS. Why
     'batched' by default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU,
-    an H100 and an H200 (measured at 2,928 tokens), where the loop's 2-D matmuls differ in the last
+    an H100 and an H200 (measured at 2,928 tokens; on the CPU not at every token count, as neither
+    matmul's rounding is fixed by its inputs alone), where the loop's 2-D matmuls differ in the last
     bits, and it is the fastest of the three on the GPU.
     """
     if blocks not in BAND_BLOCKS:
