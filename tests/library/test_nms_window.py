@@ -223,7 +223,7 @@ def test_auto_takes_the_dense_form_where_a_static_layout_rules_the_window_out():
     run (a wide image's grid, stride beyond the band; or tokens out of row-major order) must then
     select as the dense form does, not raise the errors meant for an explicit form='window'."""
     rng = np.random.default_rng(5)
-    wide = anyres_layout(22, 72)  # a 1000 x 300 photo's packing: stride 73 > isqrt(2182) + 2
+    wide = anyres_layout(22, 72)  # a photo 300 px tall, 1,000 wide: stride 73 > isqrt(2182) + 2
     assert nms.resolve_form("auto", 5.0, wide.num_tokens) == "window"
     order = rng.permutation(wide.num_tokens)
     permuted = jax.tree_util.tree_map(lambda x: np.asarray(x)[order], wide)
@@ -300,7 +300,8 @@ def test_multi_grid_rule_matches_the_float64_reference_on_anyres_layouts():
             )
     # The 2,389-token row alone, unpadded: there this CPU's two matmuls round some cosines differently
     # in the last bit, and the margins above keep every pick the reference's all the same.
-    alone = _orders(rows[1], keep)(attention[1, :2389], keys[1, :2389])
+    length = rows[1].num_tokens
+    alone = _orders(rows[1], keep)(attention[1, :length], keys[1, :length])
     for form in ("dense", "window"):
         np.testing.assert_array_equal(np.asarray(alone[form, 5.0]), references[1], err_msg=f"{form} alone")
     config = prune.AdaptPruneConfig(keep=keep)
