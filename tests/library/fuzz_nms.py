@@ -1,11 +1,11 @@
 """Random multi-grid layouts against every NMS form and loop, and against the float64 reference.
 
-Not collected by pytest (a long run); ``python -m tests.library.fuzz_nms --cases=90``. Each case: two
+Not collected by pytest (a long run); ``python -m tests.library.fuzz_nms --cases=100``. Each case: two
 rows of one to three parts (a grid, a grid with a newline after each row, tokens on no grid), padded
 to a common width with invalid slots; keys near one direction, so suppression acts; a random window
 limit and keep. Every (form, loop, layout static or traced) must select what the dense XLA form with
 a static layout selects, and that must equal the float64 reference wherever the reference's picks
-are clear of float32 rounding (margin above 1e-5). Prints each case that differs, then the count.
+are clear of float32 rounding (margin above ``CLEAR_MARGIN``). Prints each case that differs, then the count.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from absl import app, flags
 import adaptprune_jax as prune
 from tests.library.test_nms_window import FIELDS
 from tests.nms_reference import reference_adaptprune
+
+CLEAR_MARGIN = 1e-5
+"""Relative margin of a reference pick over its runner-up above which float32 must pick as float64 does;
+tighter than the tests' ``FLOAT32_RESOLUTION`` (1e-4), so more rows meet the reference."""
 
 _CASES = flags.DEFINE_integer("cases", 30, "Random cases (seeds first_seed .. first_seed + cases - 1).")
 _FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "Seed of the first case.")
@@ -71,7 +75,7 @@ def run_case(seed: int) -> str | None:
         order, margins = reference_adaptprune(
             attention[b, : row.num_tokens], keys[b, : row.num_tokens], keep, fields, distance_limit=limit
         )
-        clear = margins.min() > 1e-5 if len(margins) else True
+        clear = margins.min() > CLEAR_MARGIN if len(margins) else True
         if clear and not np.array_equal(np.sort(order), first[b]):
             off_reference.append(b)
     if differ or off_reference:
