@@ -165,6 +165,13 @@ def suppression_factors(
     )
 
 
+def _rows_layout(layout: TokenLayout | None, keys: jax.Array) -> tuple[TokenLayout, tuple, int]:
+    """The layout of keys (..., N, D) as (rows, N) arrays, with the keys' batch shape and row count."""
+    batch_shape, num_tokens = keys.shape[:-2], keys.shape[-2]
+    rows = math.prod(batch_shape)
+    return _flat_layout(layout, num_tokens, batch_shape, rows), batch_shape, rows
+
+
 def window_suppression_factors(
     keys: jax.Array,
     *,
@@ -174,21 +181,25 @@ def window_suppression_factors(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
 ):
-    """The window form of :func:`suppression_factors` for one row: ``(neighbours, factors, layout_ok,
-    band_ok)``.
+    """The window form of :func:`suppression_factors` for rows of keys (..., N, D): ``(neighbours,
+    factors, layout_ok, band_ok)``.
 
-    ``neighbours`` (N, K) int32 are each token's candidate neighbours (N where none), ``factors``
-    (N, K) float32 the factor ``F[i, neighbours[i, k]]`` (1 where none); every pair not listed has
-    factor 1. ``distance_limit`` must be a static number. The selections equal the dense form's only
-    where ``layout_ok`` and ``band_ok`` hold (see :func:`nms_window.window_neighbours`).
+    ``neighbours`` (..., N, K) int32 are each token's candidate neighbours (N where none),
+    ``factors`` (..., N, K) float32 the factor ``F[i, neighbours[i, k]]`` (1 where none); every pair
+    not listed has factor 1. ``distance_limit`` must be a static number. The selections equal the
+    dense form's only where ``layout_ok`` and ``band_ok`` (scalars, over all rows) hold (see
+    :func:`nms_window.window_neighbours`). Called on the whole batch, not vmapped, so that the band
+    matmul gathers a bounded number of bands at a time (see :func:`nms_window.band_cosines`).
     """
     num_tokens = keys.shape[-2]
-    layout = square_layout(num_tokens) if layout is None else layout
+    flat_layout, batch_shape, rows = _rows_layout(layout, keys)
     block, reach = band_geometry(distance_limit, num_tokens)
-    neighbours, squared_distance, same_grid, layout_ok, band_ok = window_neighbours(
-        layout, window_offsets(distance_limit), block, reach
-    )
-    cosine = band_cosines(l2_normalize(keys), neighbours, block, reach, precision)
+    offsets = window_offsets(distance_limit)
+    neighbours, squared_distance, same_grid, layout_ok, band_ok = jax.vmap(
+        lambda lay: window_neighbours(lay, offsets, block, reach)
+    )(flat_layout)
+    flat_keys = keys.reshape(rows, num_tokens, -1)
+    cosine = band_cosines(l2_normalize(flat_keys), neighbours, block, reach, precision)
     factors = pair_factor(
         cosine,
         squared_distance,
@@ -197,7 +208,8 @@ def window_suppression_factors(
         distance_sigma=distance_sigma,
         similarity_sigma=similarity_sigma,
     )
-    return neighbours, factors, layout_ok, band_ok
+    shape = batch_shape + neighbours.shape[-2:]
+    return neighbours.reshape(shape), factors.reshape(shape), jnp.all(layout_ok), jnp.all(band_ok)
 
 
 def band_suppression_factors(
@@ -209,34 +221,38 @@ def band_suppression_factors(
     similarity_sigma: float = DEFAULT_SIMILARITY_SIGMA,
     precision: lax.PrecisionLike = SIMILARITY_PRECISION,
 ) -> jax.Array:
-    """The window form's factors on its band, for one row: (N, block + 2 reach) float32, position p of
-    token i holding ``F[i, j]`` for j = ``nms_window.band_partners(N, block, reach)[i, p]`` (1 where
-    j is no token); ``(block, reach) = nms_window.band_geometry(distance_limit, N)``.
+    """The window form's factors on its band, for rows of keys (..., N, D): (..., N, block + 2 reach)
+    float32, position p of token i holding ``F[i, j]`` for j = ``nms_window.band_partners(N, block,
+    reach)[i, p]`` (1 where j is no token); ``(block, reach) = nms_window.band_geometry(distance_limit,
+    N)``.
 
     Why: a greedy loop reads the kept token's factors as one contiguous band row, as the dense loop
     reads a matrix row, instead of locating the window's cells among all tokens at every pick. Every
     pair the dense form suppresses lies in the band where the window form's checks hold
     (:func:`window_suppression_factors`'s ``layout_ok`` and ``band_ok``), and each factor is the dense
     form's, bit for bit, wherever the band cosines equal the dense matmul's (the batched blocks do at
-    2,928 tokens; see the module docstring).
+    2,928 tokens; see the module docstring). Called on the whole batch, as
+    :func:`window_suppression_factors` is.
     """
     num_tokens = keys.shape[-2]
-    layout = square_layout(num_tokens) if layout is None else layout
+    flat_layout, batch_shape, rows = _rows_layout(layout, keys)
     block, reach = band_geometry(distance_limit, num_tokens)
     partner = band_partners(num_tokens, block, reach)
     is_token = (partner >= 0) & (partner < num_tokens)
     at = jnp.clip(partner, 0, num_tokens - 1)
-    row, col, grid = layout_coordinates(layout)
-    squared_distance = (row[:, None] - row[at]) ** 2 + (col[:, None] - col[at]) ** 2
-    same_grid = is_token & (grid[:, None] == grid[at]) & (grid[:, None] != NO_GRID)
-    return pair_factor(
-        band_cosines(l2_normalize(keys), None, block, reach, precision),
+    row, col, grid = layout_coordinates(flat_layout)  # (rows, N) each
+    squared_distance = (row[:, :, None] - row[:, at]) ** 2 + (col[:, :, None] - col[:, at]) ** 2
+    same_grid = is_token & (grid[:, :, None] == grid[:, at]) & (grid[:, :, None] != NO_GRID)
+    flat_keys = keys.reshape(rows, num_tokens, -1)
+    factors = pair_factor(
+        band_cosines(l2_normalize(flat_keys), None, block, reach, precision),
         squared_distance,
         same_grid,
         distance_limit=distance_limit,
         distance_sigma=distance_sigma,
         similarity_sigma=similarity_sigma,
     )
+    return factors.reshape(batch_shape + factors.shape[-2:])
 
 
 def _greedy_order(suppress, scores: jax.Array, keep: int, unroll: int | bool) -> jax.Array:
@@ -421,15 +437,11 @@ def adaptive_nms_order(
             from adaptprune_jax.nms_pallas import greedy_order_pallas_band
 
             block, reach = band_geometry(float(distance_limit), num_tokens)
-            factors = jax.vmap(lambda k, lay: band_suppression_factors(k, layout=lay, **hyper))(
-                flat_keys, flat_layout
-            )
+            factors = band_suppression_factors(flat_keys, layout=flat_layout, **hyper)
             return over_mesh_rows(
                 lambda f, s: greedy_order_pallas_band(f, s, block, reach, keep, interpret=interpret)
             )(factors, flat_scores)
-        neighbours, factors, _, _ = jax.vmap(
-            lambda k, lay: window_suppression_factors(k, layout=lay, **hyper)
-        )(flat_keys, flat_layout)
+        neighbours, factors, _, _ = window_suppression_factors(flat_keys, layout=flat_layout, **hyper)
         return jax.vmap(lambda n, f, s: _window_greedy_order(n, f, s, keep, unroll))(
             neighbours, factors, flat_scores
         )

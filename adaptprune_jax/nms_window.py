@@ -5,8 +5,9 @@ Only pairs of one grid within ``distance_limit`` cells have a suppression factor
 neighbours (N, K) for the XLA loops, or its band row (N, block + 2 reach) for the Pallas loop,
 instead of the dense (N, N) matrix (34 MB per row at LLaVA-NeXT's 2,928 image tokens). The
 cosines come from a banded matmul: the tokens in blocks of consecutive indices, each block against
-the keys within ``reach`` indices of it (its band), all blocks in one batched matmul, so the keys
-are copied a few times (the bands), never K times, and no (N, K, D) array exists.
+the keys within ``reach`` indices of it (its band), the blocks of all rows in batched matmuls, so the
+keys are copied a few times (the bands), never K times, and no (N, K, D) array exists; the bands are
+gathered in groups of bounded size, so their memory does not grow with the batch.
 
 Neighbours come from the layout, per row (rows of one batch may hold different layouts): every grid
 laid out row-major with a row stride of its own (token ``first + row * stride + col``; a newline
@@ -153,14 +154,14 @@ def window_neighbours(layout: TokenLayout, offsets: np.ndarray, block: int, reac
 
 
 BAND_BLOCKS = ("loop", "unrolled", "batched")
-"""How :func:`band_cosines` runs its blocks: one matmul per block in a loop over blocks, the same
-matmuls written out one after another (static slices), or batched matmuls over groups of blocks
-(each block's band gathered first, at most ``BAND_GROUP_BYTES`` of bands per row at a time)."""
+"""How :func:`band_cosines` runs its blocks: one step per block in a loop over blocks, the same steps
+written out one after another (static slices), or batched matmuls over groups of blocks (each group's
+bands gathered first, at most ``BAND_GROUP_BYTES`` of them at a time). Every step runs all rows."""
 
 BAND_GROUP_BYTES = 1 << 28
-"""Gathered float32 bands per row per batched matmul (256 MiB: all 23 blocks of LLaVA-NeXT's 2,928
-tokens at 4,096-wide keys in one matmul, the configuration measured on the GPU); the gathered bands
-are this form's largest temporary, so a wider or longer row runs its blocks in groups."""
+"""Gathered float32 bands per batched matmul, over all rows of a batch (256 MiB: the 23 blocks of one
+LLaVA-NeXT row of 2,928 tokens at 4,096-wide keys in one matmul). The gathered bands are this form's
+largest temporary, about five copies of the keys: grouping keeps them from growing with the batch."""
 
 
 def band_partners(num_tokens: int, block: int, reach: int) -> jax.Array:
@@ -180,57 +181,68 @@ def band_cosines(
     blocks: str = "batched",
     group_bytes: int = BAND_GROUP_BYTES,
 ) -> jax.Array:
-    """cos(token i, its k-th neighbour) (N, K) for one row of unit keys (N, D), block by block; with
-    ``neighbours`` None, every band position instead: (N, block + 2 reach), position p of token i
-    being its partner ``band_partners(...)[i, p]`` (an arbitrary value where that is no token).
+    """cos(token i, its k-th neighbour) (..., N, K) for rows of unit keys (..., N, D) and their
+    neighbours (..., N, K), block by block; with ``neighbours`` None, every band position instead:
+    (..., N, block + 2 reach), position p of token i being its partner ``band_partners(...)[i, p]``
+    (an arbitrary value where that is no token).
 
     Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
-    token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS. Why
-    'batched' by default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU,
-    an H100 and an H200 (measured at 2,928 tokens; on the CPU not at every token count, as neither
-    matmul's rounding is fixed by its inputs alone), where the loop's 2-D matmuls differ in the last
-    bits, and it is the fastest of the three on the GPU.
+    token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS. Each step
+    runs one block (or group of blocks) of every row, so call this on the whole batch rather than
+    under ``jax.vmap``: vmapped, every row's bands would be gathered at once. Why 'batched' by
+    default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU, an H100 and an
+    H200 (measured at 2,928 tokens; on the CPU not at every token count, as neither matmul's
+    rounding is fixed by its inputs alone), where the loop's 2-D matmuls differ in the last bits,
+    and it is the fastest of the three on the GPU.
     """
     if blocks not in BAND_BLOCKS:
         raise ValueError(f"unknown band blocks {blocks!r}; known: {', '.join(BAND_BLOCKS)}.")
-    num_tokens, dim = unit_keys.shape
+    *batch_shape, num_tokens, dim = unit_keys.shape
+    keys = unit_keys.reshape(-1, num_tokens, dim)
+    rows = keys.shape[0]
     num_blocks = -(-num_tokens // block)
     padding = num_blocks * block - num_tokens
     width = block + 2 * reach
-    band_keys = jnp.pad(unit_keys, ((reach, padding + reach), (0, 0)))
-    queries = jnp.pad(unit_keys, ((0, padding), (0, 0))).reshape(num_blocks, block, dim)
-    whole_tile = neighbours is None
-    if whole_tile:
-        neighbours = jnp.zeros((num_tokens, 0), jnp.int32)
-    block_neighbours = jnp.pad(neighbours, ((0, padding), (0, 0))).reshape(num_blocks, block, -1)
+    # one padded copy holds every block's queries (at start + reach) and band (at start)
+    padded_keys = jnp.pad(keys, ((0, 0), (reach, padding + reach), (0, 0)))
     starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
 
-    def one_block(args):
-        start, block_queries, block_neighbour = args
-        band = lax.dynamic_slice_in_dim(band_keys, start, width)
-        tile = jnp.einsum("qd,sd->qs", block_queries, band, precision=precision)
-        if whole_tile:
-            return tile
-        local = jnp.clip(block_neighbour - start + reach, 0, width - 1)
-        return jnp.take_along_axis(tile, local, axis=1)
+    def tile(start, row_keys):  # one block of one row against its band: (block, width)
+        band = lax.dynamic_slice_in_dim(row_keys, start, width)
+        block_queries = lax.dynamic_slice_in_dim(row_keys, start + reach, block)
+        return jnp.einsum("qd,sd->qs", block_queries, band, precision=precision)
+
+    if neighbours is None:
+
+        def every_row(start):  # one block of every row: (rows, block, width)
+            return jax.vmap(tile, in_axes=(None, 0))(start, padded_keys)
+
+    else:
+        neighbours = jnp.broadcast_to(neighbours, (*batch_shape, num_tokens, neighbours.shape[-1]))
+        padded_neighbours = jnp.pad(neighbours.reshape(rows, num_tokens, -1), ((0, 0), (0, padding), (0, 0)))
+
+        def neighbour_cosines(start, row_keys, row_neighbours):
+            block_neighbours = lax.dynamic_slice_in_dim(row_neighbours, start, block)
+            local = jnp.clip(block_neighbours - start + reach, 0, width - 1)
+            return jnp.take_along_axis(tile(start, row_keys), local, axis=1)
+
+        def every_row(start):  # one block of every row: (rows, block, K)
+            return jax.vmap(neighbour_cosines, in_axes=(None, 0, 0))(start, padded_keys, padded_neighbours)
 
     if blocks == "unrolled":
-        cosines = jnp.stack(
-            [
-                one_block((index * block, queries[index], block_neighbours[index]))
-                for index in range(num_blocks)
-            ]
-        )
+        cosines = jnp.stack([every_row(index * block) for index in range(num_blocks)])
     elif blocks == "batched":
-        # vmapped, the band slices become one gather and the matmuls one batched matmul; a row whose
-        # bands exceed group_bytes runs them in groups, one after another (lax.map's batch_size)
-        group = max(group_bytes // (width * dim * unit_keys.dtype.itemsize), 1)
-        arguments = (starts, queries, block_neighbours)
-        if group >= num_blocks:
-            cosines = jax.vmap(one_block)(arguments)
-        else:
-            cosines = lax.map(one_block, arguments, batch_size=group)
+        # vmapped, the band slices become one gather and the matmuls one batched matmul; bands over
+        # group_bytes run in groups of blocks, one after another (lax.map's batch_size)
+        group = max(group_bytes // (rows * width * dim * unit_keys.dtype.itemsize), 1)
+        cosines = (
+            jax.vmap(every_row)(starts)
+            if group >= num_blocks
+            else lax.map(every_row, starts, batch_size=group)
+        )
     else:
-        cosines = lax.map(one_block, (starts, queries, block_neighbours))
-    return cosines.reshape(num_blocks * block, -1)[:num_tokens]
+        cosines = lax.map(every_row, starts)
+    # (blocks, rows, block, M) -> (..., N, M)
+    cosines = jnp.moveaxis(cosines, 0, 1).reshape(rows, num_blocks * block, -1)[:, :num_tokens]
+    return cosines.reshape(*batch_shape, num_tokens, -1)

@@ -70,7 +70,11 @@ class SelectSpeedConfig:
         "Synthetic keys share one direction so that two tokens' cosine centres on this value; 0 draws "
         "independent keys, whose cosines near 0 leave suppression inert (selection = top-k of the scores).",
     )
-    repeats: int = setting(50, "Timed calls per variant.")
+    repeats: int = setting(
+        50,
+        "Timed calls per variant; 0 compiles each variant on abstract inputs and reports its temporary "
+        "buffers only (any batch's memory in seconds, on any backend, with no data made or run).",
+    )
     output: str | None = setting(None, "JSON results file.")
 
 
@@ -114,7 +118,9 @@ def time_variant(
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    samples = timed(lambda: compiled(*args), settings.repeats, jax.block_until_ready)
+    samples = (
+        timed(lambda: compiled(*args), settings.repeats, jax.block_until_ready) if settings.repeats else []
+    )
     return {
         "layout": spec,
         "image_tokens": num_tokens,
@@ -122,8 +128,8 @@ def time_variant(
         "form": form,
         "resolved_form": prune.nms.resolve_form(form, config.distance_limit, num_tokens),
         "implementation": implementation,
-        "select_ms": median(samples),
-        "min_ms": min(samples),
+        "select_ms": median(samples) if samples else None,
+        "min_ms": min(samples) if samples else None,
         "compile_s": compile_s,
         "temp_bytes": None if memory is None else memory.temp_size_in_bytes,
     }
@@ -146,10 +152,9 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
     scores = prune.nms.adaptprune_scores(attention, batch_layout, prune.AdaptPruneConfig().prior_sigma)
     factor_programs = {
         "dense factors": jax.jit(jax.vmap(lambda k, lay: prune.nms.suppression_factors(k, layout=lay))),
-        "window factors": jax.jit(
-            jax.vmap(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1])
-        ),
-        "band factors": jax.jit(jax.vmap(lambda k, lay: prune.nms.band_suppression_factors(k, layout=lay))),
+        # the window forms take the batch whole, as the selection calls them (their bands in groups)
+        "window factors": jax.jit(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1]),
+        "band factors": jax.jit(lambda k, lay: prune.nms.band_suppression_factors(k, layout=lay)),
     }
     block, reach = prune.nms_window.band_geometry(prune.nms.DEFAULT_DISTANCE_LIMIT, layout.num_tokens)
     layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
@@ -241,11 +246,13 @@ def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record, 
         for blocks in settings.band_modes:
 
             def cosines(k, lay, block=block, blocks=blocks):
-                neighbours = nms_window.window_neighbours(lay, offsets, block, reach)[0]
+                neighbours = jax.vmap(
+                    lambda one: nms_window.window_neighbours(one, offsets, block, reach)[0]
+                )(lay)
                 unit = prune.nms.l2_normalize(k)
                 return nms_window.band_cosines(unit, neighbours, block, reach, precision, blocks=blocks)
 
-            program = jax.jit(jax.vmap(cosines))
+            program = jax.jit(cosines)
             window = record(
                 "window cosines", lambda p=program: p(keys, layout_arrays), block=block, blocks=blocks
             )
@@ -307,13 +314,13 @@ def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record
 
         def band(k, lay, precision=precision):
             unit = prune.nms.l2_normalize(k)
-            window = nms_window.window_neighbours(lay, offsets, block, reach)[0]
+            window = jax.vmap(lambda one: nms_window.window_neighbours(one, offsets, block, reach)[0])(lay)
             return nms_window.band_cosines(unit, window, block, reach, precision, blocks="batched")
 
         def select(a, k, precision=precision):
             return prune.nms.adaptprune_select(a, k, settings.keep, layout=batch_layout, precision=precision)
 
-        dense_program, band_program = jax.jit(jax.vmap(dense)), jax.jit(jax.vmap(band))
+        dense_program, band_program = jax.jit(jax.vmap(dense)), jax.jit(band)
         select_program = jax.jit(select)
         try:  # a backend without this algorithm refuses it when compiling: a row saying so, then the next
             dense_cosines = record(
@@ -344,14 +351,34 @@ def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record
 
 
 def measure(settings: SelectSpeedConfig) -> list[dict]:
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
+    memory_only = settings.repeats == 0
+    if memory_only and (settings.factor_parts or settings.loop_warps or settings.cosine_precisions):
+        raise ValueError(
+            "--repeats=0 reports memory only: drop --factor_parts, --loop_warps, --cosine_precisions."
+        )
     rng = np.random.default_rng(0)
     rows = []
     for spec in settings.layouts:
         layout = parse_layout(spec)
         for batch in settings.batch_sizes:
+            if memory_only:
+                attention = jax.ShapeDtypeStruct((batch, layout.num_tokens), jnp.float32)
+                keys = jax.ShapeDtypeStruct((batch, layout.num_tokens, settings.dim), jnp.float32)
+                for form in settings.forms:
+                    for implementation in settings.implementations:
+                        rows.append(
+                            time_variant(settings, spec, layout, attention, keys, form, implementation)
+                        )
+                        print(
+                            f"{spec:<16}{layout.num_tokens:>6} b{batch:<3}{form:>7} ({rows[-1]['resolved_form']}) "
+                            f"{implementation:>8} temp {rows[-1]['temp_bytes'] / 2**20:9.1f} MiB",
+                            flush=True,
+                        )
+                continue
             attention = jnp.asarray(rng.dirichlet(np.ones(layout.num_tokens), size=batch), jnp.float32)
             keys = synthetic_keys(rng, batch, layout.num_tokens, settings.dim, settings.key_mean_cosine)
             for form in settings.forms:

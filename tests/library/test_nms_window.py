@@ -119,6 +119,30 @@ def test_band_factors_are_the_dense_factors_bit_for_bit():
         assert np.all(dense[~in_band] == 1.0) and (band < 1.0).sum() > 10 * num_tokens  # not vacuous
 
 
+def test_factors_of_a_batch_equal_each_rows_own():
+    """The factor functions take a batch of rows (layouts of different token counts, padded; the
+    band gathered in groups of blocks over all rows at once): each row's factors equal its own call,
+    bit for bit, and the checks hold over the batch."""
+    layouts = [anyres_layout(48, 48), anyres_layout(37, 48)]
+    batch_layout = prune.stack_layouts(layouts)
+    rng = np.random.default_rng(5)
+    single = [jax.tree_util.tree_map(lambda x, row=row: x[row], batch_layout) for row in range(len(layouts))]
+    keys = np.stack([smooth_keys(rng, lay, 16) for lay in single])
+
+    def both(k, lay):
+        return prune.window_suppression_factors(k, layout=lay), nms.band_suppression_factors(k, layout=lay)
+
+    (neighbours, window, layout_ok, band_ok), band = jax.jit(both)(keys, batch_layout)
+    assert bool(layout_ok) and bool(band_ok)
+    assert window.shape[0] == band.shape[0] == len(layouts)
+    for row, lay in enumerate(single):
+        (row_neighbours, row_window, _, _), row_band = jax.jit(both)(keys[row], lay)
+        np.testing.assert_array_equal(neighbours[row], row_neighbours)
+        np.testing.assert_array_equal(window[row], row_window)
+        np.testing.assert_array_equal(band[row], row_band)
+    assert (np.asarray(window[1]) < 1.0).sum() > 10 * int(np.asarray(layouts[1].valid).sum())  # not vacuous
+
+
 # ----------------------------------------------------------------------------- selections
 
 
@@ -379,10 +403,12 @@ def test_every_pallas_kernel_and_pick_selects_the_same_order():
 
 @pytest.mark.parametrize("blocks", nms_window.BAND_BLOCKS)
 def test_every_band_block_mode_gives_the_dense_cosines(blocks):
-    """Blocks in a loop, unrolled, or batched in groups (a group size that leaves a remainder): the
-    dense matmul's cosines at every listed neighbour, bit for bit."""
+    """Blocks in a loop, unrolled, or batched in groups (a group size that leaves a remainder), over
+    a batch of two rows with their own keys: the dense matmul's cosines at every listed neighbour,
+    bit for bit, row by row."""
     layout = anyres_layout(48, 48)
-    keys = jnp.asarray(smooth_keys(np.random.default_rng(3), layout, 16))
+    rng = np.random.default_rng(3)
+    keys = jnp.stack([jnp.asarray(smooth_keys(rng, layout, 16)) for _ in range(2)])
     num_tokens = layout.num_tokens
     block, reach = nms_window.band_geometry(5.0, num_tokens)
     neighbours, _, same_grid, _, band_ok = nms_window.window_neighbours(
@@ -390,20 +416,21 @@ def test_every_band_block_mode_gives_the_dense_cosines(blocks):
     )
     assert bool(band_ok)
     unit = nms.l2_normalize(keys)
-    three_blocks = 3 * (block + 2 * reach) * 16 * 4  # bytes of three bands: groups of 3 over 23 blocks
+    five_bands = 5 * (block + 2 * reach) * 16 * 4  # two rows: groups of 2 blocks over 23, one left
     cosines, dense = jax.jit(
         lambda u: (
             nms_window.band_cosines(
-                u, neighbours, block, reach, "highest", blocks=blocks, group_bytes=three_blocks
+                u, neighbours, block, reach, "highest", blocks=blocks, group_bytes=five_bands
             ),
-            jnp.einsum("id,jd->ij", u, u, precision="highest"),
+            jnp.einsum("bid,bjd->bij", u, u, precision="highest"),
         )
     )(unit)
+    assert cosines.shape == (2,) + neighbours.shape
     listed = np.asarray(same_grid)
-    at_neighbours = np.take_along_axis(
-        np.asarray(dense), np.minimum(np.asarray(neighbours), num_tokens - 1), 1
-    )
-    np.testing.assert_array_equal(np.asarray(cosines)[listed], at_neighbours[listed])
+    safe_neighbours = np.minimum(np.asarray(neighbours), num_tokens - 1)
+    for row in range(2):
+        at_neighbours = np.take_along_axis(np.asarray(dense[row]), safe_neighbours, 1)
+        np.testing.assert_array_equal(np.asarray(cosines[row])[listed], at_neighbours[listed])
     with pytest.raises(ValueError, match="unknown band blocks 'scan'"):
         nms_window.band_cosines(unit, neighbours, block, reach, "highest", blocks="scan")
 
