@@ -179,7 +179,7 @@ def band_cosines(
     reach: int,
     precision: lax.PrecisionLike,
     blocks: str = "batched",
-    group_bytes: int = BAND_GROUP_BYTES,
+    group_bytes: int | None = None,
 ) -> jax.Array:
     """cos(token i, its k-th neighbour) (..., N, K) for rows of unit keys (..., N, D) and their
     neighbours (..., N, K), block by block; with ``neighbours`` None, every band position instead:
@@ -188,7 +188,8 @@ def band_cosines(
 
     Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
-    token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS. Each step
+    token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS;
+    ``group_bytes``: the bands gathered per step (default ``BAND_GROUP_BYTES``, read at the call). Each step
     runs one block (or group of blocks) of every row, so call this on the whole batch rather than
     under ``jax.vmap``: vmapped, every row's bands would be gathered at once. Why 'batched' by
     default: its cosines equal the dense form's (N, N) matmul bit for bit on the CPU, an H100 and an
@@ -235,6 +236,7 @@ def band_cosines(
     elif blocks == "batched":
         # vmapped, the band slices become one gather and the matmuls one batched matmul; bands over
         # group_bytes run in groups of blocks, one after another (lax.map's batch_size)
+        group_bytes = BAND_GROUP_BYTES if group_bytes is None else group_bytes
         group = max(group_bytes // (rows * width * dim * unit_keys.dtype.itemsize), 1)
         cosines = (
             jax.vmap(every_row)(starts)

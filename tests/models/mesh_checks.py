@@ -118,6 +118,53 @@ def nms_in_shard_map(mesh) -> bool:
     return "shard_map" in str(jaxpr)
 
 
+def window_nms_checks(mesh, baseline: dict) -> dict:
+    """AdaptPrune's window-form selection (XLA and Pallas loops) on rows of two LLaVA-NeXT-shaped
+    layouts, sharded over ``mesh`` with the band gathered in small groups of blocks, against one
+    device (computed once into ``baseline``): whether each loop's kept tokens are the same, and how
+    many tokens suppression moved."""
+    from adaptprune_jax import nms_window
+
+    layouts = [
+        prune.concat_layouts(prune.grid_layout(12, 12), prune.newline_grid_layout(rows, 30, grid_id=1))
+        for rows in (30, 22)
+    ]
+    layout = prune.stack_layouts(layouts * 4)  # 8 rows: a padded batch
+    rng = np.random.default_rng(0)
+    rows, num_tokens, dim, keep = 8, layout.num_tokens, 16, 120
+    # near-duplicate keys (cosines ~0.9) so that suppression acts; dirichlet attention
+    keys = rng.standard_normal((rows, 1, dim)) + 0.3 * rng.standard_normal((rows, num_tokens, dim))
+    keys = keys.astype(np.float32)
+    attention = rng.dirichlet(np.ones(num_tokens), size=rows).astype(np.float32)
+    layout_arrays = jax.tree_util.tree_map(np.asarray, layout)
+
+    def select(implementation):
+        def run(a, k, lay):
+            return prune.adaptprune_select(
+                a, k, keep, layout=lay, form="window", implementation=implementation
+            )
+
+        return np.asarray(jax.jit(run)(attention, keys, layout_arrays))
+
+    default_group = nms_window.BAND_GROUP_BYTES
+    nms_window.BAND_GROUP_BYTES = 4 * rows * 480 * dim * 4  # 4 blocks of every row per step, of 9
+    try:
+        if "window_nms" not in baseline:
+            baseline["window_nms"] = {impl: select(impl) for impl in ("xla", "pallas")}
+        one = baseline["window_nms"]
+        with jax.set_mesh(mesh):
+            sharded = {impl: select(impl) for impl in one}
+    finally:
+        nms_window.BAND_GROUP_BYTES = default_group
+    scores = prune.nms.adaptprune_scores(attention, layout, 12.0)
+    top_k = np.sort(np.argsort(-np.asarray(scores), axis=-1)[:, :keep], axis=-1)
+    return {
+        "kept_equal": {impl: bool(np.array_equal(sharded[impl], one[impl])) for impl in one},
+        "loops_equal": bool(np.array_equal(one["xla"], one["pallas"])),
+        "kept_differing_from_top_k": int(sum(len(np.setdiff1d(a, b)) for a, b in zip(one["xla"], top_k))),
+    }
+
+
 def compare(runner, one, inputs, pruning, baseline, key):
     if key not in baseline:
         baseline[key] = run(one, inputs, pruning)
@@ -193,6 +240,7 @@ def main(work: str, all_methods: bool) -> None:
         prefill = runner._prefill_rows(inputs.batch(runner, None), NEW_TOKENS, None, None, False)
         entry["layout"] = layout_report(runner, prefill.caches[0])
         entry["nms_in_shard_map"] = nms_in_shard_map(runner.mesh)
+        entry["window_nms"] = window_nms_checks(runner.mesh, baseline)
         results["meshes"][mesh_spec] = entry
     try:
         LlavaRunner(model, mesh=sharding.make_mesh(REFUSED_MESH))

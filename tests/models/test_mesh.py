@@ -72,6 +72,9 @@ def test_every_mesh_answers_as_one_device(checks):
             assert result["tokens_equal"], where
             assert result["kept_equal"] is (None if name == "none" else True), where
         assert entry["nms_in_shard_map"], spec
+        window = entry["window_nms"]  # the window form, its band in groups of blocks over sharded rows
+        assert window["kept_equal"] == {"xla": True, "pallas": True}, spec
+        assert window["loops_equal"] and window["kept_differing_from_top_k"] > 0, spec  # suppression acted
 
 
 @pytest.mark.slow  # the checks' subprocess (or two of its own)
