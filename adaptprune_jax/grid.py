@@ -26,6 +26,10 @@ DEFAULT_PRIOR_SIGMA = 12.0
 NO_GRID = -1
 """Grid id of a token on no grid (a [CLS] or newline token, or an invalid padding slot)."""
 
+ROW_STRIDE_STEP = 16
+"""``TokenLayout.wide_row_stride`` is a multiple of this: LLaVA-NeXT's wide photos (row strides 49 to
+73 with the v1.6 pinpoints) then come in a few static values, each a compiled program of its own."""
+
 
 @struct.dataclass
 class TokenLayout:
@@ -37,6 +41,13 @@ class TokenLayout:
     valid: bool, False for padding slots (a row with fewer image tokens than the batch's maximum).
     dense: static; True when every slot is known to hold a token, so methods take their unmasked
       path (the released computation, bit for bit).
+    wide_row_stride: static; where a grid's row stride (the index step from a token to the one below
+      it) exceeds ``square_row_stride(N)``, as a wide photo's high-resolution grid in LLaVA-NeXT's
+      packing does, a bound on the layout's row strides (the largest, rounded up to a multiple of
+      ``ROW_STRIDE_STEP`` so that layouts of similar widths share one compiled program), so that code
+      reaching a token's vertical neighbours by index (the NMS's window form) can size its reach;
+      None otherwise, and where not known (a layout made inside a traced program). Set from the
+      arrays by the constructors here.
     """
 
     row: jax.Array
@@ -46,6 +57,7 @@ class TokenLayout:
     grid_cols: jax.Array
     valid: jax.Array
     dense: bool = struct.field(pytree_node=False, default=False)
+    wide_row_stride: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def num_tokens(self) -> int:
@@ -64,16 +76,45 @@ class TokenLayout:
         return jax.tree_util.tree_map(broadcast, self)
 
 
+def square_row_stride(num_tokens: int) -> int:
+    """The largest row stride of a grid no wider than square among N tokens: a g x g grid with a
+    newline token after each row (stride g + 1) needs N >= g (g + 1), so g + 1 <= isqrt(N) + 1."""
+    return math.isqrt(int(num_tokens)) + 1
+
+
+def _wide_row_stride(grid: np.ndarray, grid_rows: np.ndarray, grid_cols: np.ndarray) -> int | None:
+    """The largest row stride of the layout's grids (row-major: from each grid's first and last token
+    and its size), rounded up to a multiple of ``ROW_STRIDE_STEP``, where it exceeds
+    ``square_row_stride(N)``, else None. Host arrays (..., N)."""
+    num_tokens = grid.shape[-1]
+    largest = 0
+    rows_of = (
+        np.reshape(x, (-1, num_tokens)) if num_tokens else np.zeros((0, 0), np.int32)
+        for x in (grid, grid_rows, grid_cols)
+    )
+    for row_grid, rows, cols in zip(*rows_of):
+        for grid_id in np.unique(row_grid[row_grid != NO_GRID]):
+            members = np.flatnonzero(row_grid == grid_id)
+            height, width = int(rows[members[0]]), int(cols[members[0]])
+            if height > 1:
+                largest = max(largest, (int(members[-1]) - int(members[0]) - (width - 1)) // (height - 1))
+    if largest <= square_row_stride(num_tokens):
+        return None
+    return -(-largest // ROW_STRIDE_STEP) * ROW_STRIDE_STEP
+
+
 def _layout(row, col, grid, grid_rows, grid_cols, valid) -> TokenLayout:
     valid = np.asarray(valid, bool)
+    grid, grid_rows, grid_cols = (np.asarray(x, np.int32) for x in (grid, grid_rows, grid_cols))
     return TokenLayout(
         row=np.asarray(row, np.float32),
         col=np.asarray(col, np.float32),
-        grid=np.asarray(grid, np.int32),
-        grid_rows=np.asarray(grid_rows, np.int32),
-        grid_cols=np.asarray(grid_cols, np.int32),
+        grid=grid,
+        grid_rows=grid_rows,
+        grid_cols=grid_cols,
         valid=valid,
         dense=bool(valid.all()),
+        wide_row_stride=_wide_row_stride(grid, grid_rows, grid_cols),
     )
 
 

@@ -193,7 +193,7 @@ def window_suppression_factors(
     """
     num_tokens = keys.shape[-2]
     flat_layout, batch_shape, rows = _rows_layout(layout, keys)
-    block, reach = band_geometry(distance_limit, num_tokens)
+    block, reach = band_geometry(distance_limit, num_tokens, flat_layout.wide_row_stride)
     offsets = window_offsets(distance_limit)
     neighbours, squared_distance, same_grid, layout_ok, band_ok = jax.vmap(
         lambda lay: window_neighbours(lay, offsets, block, reach)
@@ -224,7 +224,7 @@ def band_suppression_factors(
     """The window form's factors on its band, for rows of keys (..., N, D): (..., N, block + 2 reach)
     float32, position p of token i holding ``F[i, j]`` for j = ``nms_window.band_partners(N, block,
     reach)[i, p]`` (1 where j is no token); ``(block, reach) = nms_window.band_geometry(distance_limit,
-    N)``.
+    N, layout.wide_row_stride)``.
 
     Why: a greedy loop reads the kept token's factors as one contiguous band row, as the dense loop
     reads a matrix row, instead of locating the window's cells among all tokens at every pick. Every
@@ -236,7 +236,7 @@ def band_suppression_factors(
     """
     num_tokens = keys.shape[-2]
     flat_layout, batch_shape, rows = _rows_layout(layout, keys)
-    block, reach = band_geometry(distance_limit, num_tokens)
+    block, reach = band_geometry(distance_limit, num_tokens, flat_layout.wide_row_stride)
     partner = band_partners(num_tokens, block, reach)
     is_token = (partner >= 0) & (partner < num_tokens)
     at = jnp.clip(partner, 0, num_tokens - 1)
@@ -337,8 +337,9 @@ def _static_number(value) -> float | None:
     return None
 
 
-def resolve_form(form: str, distance_limit, num_tokens: int) -> str:
-    """'dense' or 'window': which form ``form`` means for this limit and token count (see NMS_FORMS)."""
+def resolve_form(form: str, distance_limit, num_tokens: int, wide_row_stride: int | None = None) -> str:
+    """'dense' or 'window': which form ``form`` means for this limit, token count and layout's
+    ``wide_row_stride`` (see NMS_FORMS)."""
     if form not in NMS_FORMS:
         raise ValueError(f"unknown NMS form {form!r}; known: {', '.join(NMS_FORMS)}.")
     limit = _static_number(distance_limit)
@@ -348,7 +349,9 @@ def resolve_form(form: str, distance_limit, num_tokens: int) -> str:
             f"got {distance_limit!r}; use form='dense' or 'auto' for a traced limit."
         )
     if form == "auto":
-        usable = limit is not None and math.isfinite(limit) and window_pays_off(limit, num_tokens)
+        usable = (
+            limit is not None and math.isfinite(limit) and window_pays_off(limit, num_tokens, wide_row_stride)
+        )
         return "window" if usable else "dense"
     return form
 
@@ -356,7 +359,7 @@ def resolve_form(form: str, distance_limit, num_tokens: int) -> str:
 @functools.partial(jax.jit, static_argnames=("distance_limit",))
 def _window_layout_checks(flat_layout: TokenLayout, distance_limit: float):
     num_tokens = flat_layout.valid.shape[-1]
-    block, reach = band_geometry(distance_limit, num_tokens)
+    block, reach = band_geometry(distance_limit, num_tokens, flat_layout.wide_row_stride)
     offsets = window_offsets(distance_limit)
     checks = jax.vmap(lambda lay: window_neighbours(lay, offsets, block, reach)[3:])(flat_layout)
     return tuple(jnp.all(check) for check in checks)
@@ -403,7 +406,9 @@ def adaptive_nms_order(
         )
     num_tokens = scores.shape[-1]
     keep = check_keep(keep, num_tokens)
-    resolved_form = resolve_form(form, distance_limit, num_tokens)
+    resolved_form = resolve_form(
+        form, distance_limit, num_tokens, None if layout is None else layout.wide_row_stride
+    )
     batch_shape = jnp.broadcast_shapes(scores.shape[:-1], keys.shape[:-2])
     flat_scores = jnp.broadcast_to(scores, batch_shape + scores.shape[-1:]).reshape(-1, num_tokens)
     flat_keys = jnp.broadcast_to(keys, batch_shape + keys.shape[-2:]).reshape((-1,) + keys.shape[-2:])
@@ -436,7 +441,7 @@ def adaptive_nms_order(
         if implementation == "pallas":  # the kernel reads band rows (see band_suppression_factors)
             from adaptprune_jax.nms_pallas import greedy_order_pallas_band
 
-            block, reach = band_geometry(float(distance_limit), num_tokens)
+            block, reach = band_geometry(float(distance_limit), num_tokens, flat_layout.wide_row_stride)
             factors = band_suppression_factors(flat_keys, layout=flat_layout, **hyper)
             return over_mesh_rows(
                 lambda f, s: greedy_order_pallas_band(f, s, block, reach, keep, interpret=interpret)
@@ -465,8 +470,9 @@ def adaptive_nms_order(
             )
         elif form == "window":
             raise ValueError(
-                f"form='window': a grid's row stride exceeds the band of the window form for "
-                f"{num_tokens} tokens (isqrt(N) + 1 indices per grid row); use form='dense' or 'auto'."
+                f"form='window': a grid's row stride exceeds the reach of the window form's band for "
+                f"{num_tokens} tokens (a stride of isqrt(N) + 1, or the layout's wide_row_stride, which "
+                "this layout does not carry: one made in a traced program); use form='dense' or 'auto'."
             )
         else:
             order = dense_order()

@@ -7,7 +7,9 @@ instead of the dense (N, N) matrix (34 MB per row at LLaVA-NeXT's 2,928 image to
 cosines come from a banded matmul: the tokens in blocks of consecutive indices, each block against
 the keys within ``reach`` indices of it (its band), the blocks of all rows in batched matmuls, so the
 keys are copied a few times (the bands), never K times, and no (N, K, D) array exists; the bands are
-gathered in groups of bounded size, so their memory does not grow with the batch.
+gathered in groups of bounded size, so their memory does not grow with the batch. The band reaches
+the row stride of a square grid among N tokens, or further where the layout says its grids are wider
+(``TokenLayout.wide_row_stride``: a wide photo's grid in LLaVA-NeXT's packing).
 
 Neighbours come from the layout, per row (rows of one batch may hold different layouts): every grid
 laid out row-major with a row stride of its own (token ``first + row * stride + col``; a newline
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from adaptprune_jax.grid import NO_GRID, TokenLayout, reduce_per_grid
+from adaptprune_jax.grid import NO_GRID, TokenLayout, reduce_per_grid, square_row_stride
 
 WINDOW_BLOCK = 128
 """Query tokens per block of the banded cosine matmul."""
@@ -56,25 +58,29 @@ def window_offsets(distance_limit: float) -> np.ndarray:
     return np.asarray(offsets, np.int32)
 
 
-def band_geometry(distance_limit: float, num_tokens: int) -> tuple[int, int]:
+def band_geometry(
+    distance_limit: float, num_tokens: int, wide_row_stride: int | None = None
+) -> tuple[int, int]:
     """(block, reach) of the banded matmul: each block of ``block`` tokens is multiplied with the keys
     up to ``reach`` indices before and after it.
 
-    ``reach`` covers a row stride up to isqrt(N) + 1 (a square grid, with or without a newline token
-    per row); a layout reaching further is reported by :func:`window_neighbours`. When the band would
-    be as wide as all N tokens it is all of them: one block, no reach.
+    ``reach`` covers a row stride up to ``square_row_stride(N)`` (a square grid, with or without a
+    newline token per row), or up to a layout's ``wide_row_stride`` where it has one (a wide photo's
+    grid); a layout reaching further is reported by :func:`window_neighbours`. When the band would be
+    as wide as all N tokens it is all of them: one block, no reach.
     """
-    reach = window_span(distance_limit) * (math.isqrt(num_tokens) + 2)
+    stride = max(square_row_stride(num_tokens), wide_row_stride or 0)
+    reach = window_span(distance_limit) * (stride + 1)
     if WINDOW_BLOCK + 2 * reach >= num_tokens:
         return num_tokens, 0
     return WINDOW_BLOCK, reach
 
 
-def window_pays_off(distance_limit: float, num_tokens: int) -> bool:
+def window_pays_off(distance_limit: float, num_tokens: int, wide_row_stride: int | None = None) -> bool:
     """Whether the band covers at most half of the N tokens, where the window form's smaller matmul
     outweighs its extra steps (a neighbour search, the blocks' gathers, and in the XLA loop a scatter
     per pick)."""
-    block, reach = band_geometry(distance_limit, num_tokens)
+    block, reach = band_geometry(distance_limit, num_tokens, wide_row_stride)
     return 2 * (block + 2 * reach) <= num_tokens
 
 

@@ -156,7 +156,9 @@ def time_parts(settings: SelectSpeedConfig, spec: str, layout, attention, keys) 
         "window factors": jax.jit(lambda k, lay: prune.nms.window_suppression_factors(k, layout=lay)[1]),
         "band factors": jax.jit(lambda k, lay: prune.nms.band_suppression_factors(k, layout=lay)),
     }
-    block, reach = prune.nms_window.band_geometry(prune.nms.DEFAULT_DISTANCE_LIMIT, layout.num_tokens)
+    block, reach = prune.nms_window.band_geometry(
+        prune.nms.DEFAULT_DISTANCE_LIMIT, layout.num_tokens, layout.wide_row_stride
+    )
     layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
     rows, outputs = [], {}
 
@@ -232,7 +234,7 @@ def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record, 
     limit = prune.nms.DEFAULT_DISTANCE_LIMIT
     num_tokens = keys.shape[-2]
     offsets = nms_window.window_offsets(limit)
-    _, reach = nms_window.band_geometry(limit, num_tokens)
+    _, reach = nms_window.band_geometry(limit, num_tokens, layout_arrays.wide_row_stride)
     precision = prune.nms.SIMILARITY_PRECISION
 
     def dense_at_neighbours(k, lay):
@@ -293,7 +295,7 @@ def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record
     limit = prune.nms.DEFAULT_DISTANCE_LIMIT
     num_tokens = keys.shape[-2]
     offsets = nms_window.window_offsets(limit)
-    block, reach = nms_window.band_geometry(limit, num_tokens)
+    block, reach = nms_window.band_geometry(limit, num_tokens, layout.wide_row_stride)
     batch_layout = layout.broadcast(attention.shape[:1])
     layout_arrays = jax.tree_util.tree_map(jnp.asarray, batch_layout)
     neighbours, _, listed, _, _ = jax.vmap(lambda lay: nms_window.window_neighbours(lay, offsets, 1, reach))(

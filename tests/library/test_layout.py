@@ -6,6 +6,7 @@ import pytest
 
 import adaptprune_jax as prune
 from adaptprune_jax import methods
+from adaptprune_jax.grid import square_row_stride
 from tests.helpers import small_model_config
 
 
@@ -77,6 +78,26 @@ def test_newline_grid_is_row_major_with_a_newline_after_each_row():
     np.testing.assert_array_equal(layout.grid_rows, [2, 2, 2, 0, 2, 2, 2, 0])
     np.testing.assert_array_equal(layout.grid_cols, [3, 3, 3, 0, 3, 3, 3, 0])
     assert layout.dense and layout.valid.all()
+
+
+def test_a_layout_carries_a_bound_on_its_wide_row_strides():
+    """Only a grid wider than square (row stride above isqrt(N) + 1) sets ``wide_row_stride``: the
+    largest stride rounded up to a multiple of 16; stacking recomputes it over the batch's rows, and
+    tree maps (a layout put on a device, traced, sliced) keep it."""
+    square = prune.concat_layouts(prune.grid_layout(24, 24), prune.newline_grid_layout(48, 48, 1))
+    wide = prune.concat_layouts(prune.grid_layout(24, 24), prune.newline_grid_layout(22, 72, 1))
+    assert square.wide_row_stride is None and prune.grid_layout(1, 500).wide_row_stride is None  # one row
+    assert square_row_stride(wide.num_tokens) == 47 and wide.wide_row_stride == 80  # stride 73
+    assert prune.grid_layout(3, 60).wide_row_stride == 64  # stride 60 > isqrt(180) + 1 = 14
+    assert prune.grid_layout(4, 5).wide_row_stride is None  # stride 5 <= isqrt(20) + 1
+    batch = prune.stack_layouts([square, wide])
+    assert batch.wide_row_stride == 80  # the wide row sets the batch's bound
+    assert prune.stack_layouts([square, square]).wide_row_stride is None
+    on_device = jax.tree_util.tree_map(jax.numpy.asarray, batch)
+    assert (
+        on_device.wide_row_stride == 80
+        and jax.tree_util.tree_map(lambda x: x[0], on_device).wide_row_stride == 80
+    )
 
 
 def test_masked_baselines_never_keep_invalid_slots():

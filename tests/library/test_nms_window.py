@@ -96,7 +96,7 @@ def test_band_factors_are_the_dense_factors_bit_for_bit():
     layout = anyres_layout(48, 48)
     keys = smooth_keys(np.random.default_rng(0), layout, 16)
     num_tokens = layout.num_tokens
-    block, reach = nms_window.band_geometry(5.0, num_tokens)
+    block, reach = nms_window.band_geometry(5.0, num_tokens, layout.wide_row_stride)
     partner = np.asarray(nms_window.band_partners(num_tokens, block, reach))
     is_token = (partner >= 0) & (partner < num_tokens)
     rows = np.broadcast_to(np.arange(num_tokens)[:, None], partner.shape)
@@ -244,16 +244,18 @@ def test_a_layout_that_is_not_row_major_raises_or_takes_the_dense_form():
 
 def test_auto_takes_the_dense_form_where_a_static_layout_rules_the_window_out():
     """'auto' picks the window by token count; a layout known at trace time that the window cannot
-    run (a wide image's grid, stride beyond the band; or tokens out of row-major order) must then
-    select as the dense form does, not raise the errors meant for an explicit form='window'."""
+    run (a wide grid whose row stride the layout does not carry, as one made in a traced program
+    would not; or tokens out of row-major order) must then select as the dense form does, not raise
+    the errors meant for an explicit form='window'."""
     rng = np.random.default_rng(5)
-    wide = anyres_layout(22, 72)  # a photo 300 px tall, 1,000 wide: stride 73 > isqrt(2182) + 2
+    wide = anyres_layout(22, 72)  # a photo 300 px tall, 1,000 wide: stride 73 > isqrt(2182) + 1
+    unknown_stride = wide.replace(wide_row_stride=None)
     assert nms.resolve_form("auto", 5.0, wide.num_tokens) == "window"
     order = rng.permutation(wide.num_tokens)
     permuted = jax.tree_util.tree_map(lambda x: np.asarray(x)[order], wide)
     wide_keys = smooth_keys(rng, wide, 8)
     attention = rng.uniform(size=wide.num_tokens).astype(np.float32)
-    for layout, keys in ((wide, wide_keys), (permuted, wide_keys[order])):
+    for layout, keys in ((unknown_stride, wide_keys), (permuted, wide_keys[order])):
         kept = prune.adaptprune_select(attention, keys, 200, layout=layout, form="auto")
         dense = prune.adaptprune_select(attention, keys, 200, layout=layout, form="dense")
         np.testing.assert_array_equal(kept, dense)
@@ -262,9 +264,10 @@ def test_auto_takes_the_dense_form_where_a_static_layout_rules_the_window_out():
 
 
 def test_window_form_errors_name_the_problem():
-    wide = prune.grid_layout(6, 200)  # a row stride of 200 > isqrt(1200) + 1: beyond the band
+    # a row stride of 200 > isqrt(1200) + 1, the layout not saying so: beyond the band
+    wide = prune.grid_layout(6, 200).replace(wide_row_stride=None)
     scores, keys = np.ones(1200, np.float32), np.ones((1200, 2), np.float32)
-    with pytest.raises(ValueError, match=r"row stride exceeds the band"):
+    with pytest.raises(ValueError, match=r"row stride exceeds the reach of the window form's band"):
         prune.adaptive_nms(scores, keys, 3, layout=wide, form="window")
     with pytest.raises(ValueError, match=r"unknown NMS form 'sparse'"):
         prune.adaptive_nms(scores[:16], keys[:16], 3, form="sparse")
@@ -281,22 +284,17 @@ def test_window_form_errors_name_the_problem():
 # ----------------------------------------------------------------------------- the multi-grid rule
 
 
-def test_multi_grid_rule_matches_the_float64_reference_on_anyres_layouts():
-    """A batch of three anyres rows (48 x 48, 37 x 48, 30 x 40 high-res grids with newlines; the
-    shorter rows padded with invalid slots to 2,928), both forms, pick for pick; the 37 x 48 row also
-    alone, unpadded.
+def _reference_batch(rows, keep, rng):
+    """Attention, keys and the float64 reference's picks for rows of anyres layouts, padded to the
+    longest row (padding slots get the largest attention: they must stay unkept).
 
     Inputs where float32 rounding cannot flip a pick: the prior-weighted scores are 0.98^k for a
     random permutation of k (2% apart), and the reference asserts every pick's margin over the
     runner-up exceeds float32's resolution; smooth keys make suppression change the kept set.
     """
-    rows = [anyres_layout(48, 48), anyres_layout(37, 48), anyres_layout(30, 40)]
     layout = prune.stack_layouts(rows)
-    assert layout.num_tokens == 2928 and [row.num_tokens for row in rows] == [2928, 2389, 1806]
-    keep = 300
-    rng = np.random.default_rng(1)
-    attention = np.zeros((3, 2928), np.float32)
-    keys = np.zeros((3, 2928, 16), np.float32)
+    attention = np.zeros((len(rows), layout.num_tokens), np.float32)
+    keys = np.zeros((len(rows), layout.num_tokens, 16), np.float32)
     references = []
     for b, row in enumerate(rows):
         fields = {name: np.asarray(getattr(row, name)) for name in FIELDS}
@@ -315,7 +313,19 @@ def test_multi_grid_rule_matches_the_float64_reference_on_anyres_layouts():
         )
         assert len(set(order.tolist()) - set(topk[:keep].tolist())) >= 5  # suppression changed the set
         references.append(order)
-    attention[~np.asarray(layout.valid)] = 10.0  # padding slots with the largest scores stay unkept
+    attention[~np.asarray(layout.valid)] = 10.0
+    return layout, attention, keys, references
+
+
+def test_multi_grid_rule_matches_the_float64_reference_on_anyres_layouts():
+    """A batch of three anyres rows (48 x 48, 37 x 48, 30 x 40 high-res grids with newlines; the
+    shorter rows padded with invalid slots to 2,928), both forms, pick for pick against the float64
+    reference (see ``_reference_batch``); the 37 x 48 row also alone, unpadded."""
+    rows = [anyres_layout(48, 48), anyres_layout(37, 48), anyres_layout(30, 40)]
+    keep = 300
+    layout, attention, keys, references = _reference_batch(rows, keep, np.random.default_rng(1))
+    assert layout.num_tokens == 2928 and [row.num_tokens for row in rows] == [2928, 2389, 1806]
+    assert layout.wide_row_stride is None  # no grid wider than square: the default band
     orders = _orders(layout, keep)(attention, keys)
     for form in ("dense", "window"):
         for b in range(3):
@@ -333,6 +343,46 @@ def test_multi_grid_rule_matches_the_float64_reference_on_anyres_layouts():
         attention, keys
     )
     np.testing.assert_array_equal(kept, np.sort(np.stack(references), axis=-1))
+
+
+def test_wide_photos_run_the_window_form_and_match_the_float64_reference():
+    """A wide photo's high-resolution grid (22 x 72: 300 px tall, 1,000 wide; row stride 73, beyond a
+    square layout's isqrt(N) + 1) in a batch with a 48 x 48 row: the layout carries its row stride,
+    the band reaches that far (80, the next multiple of 16), and the window form (the XLA and Pallas loops, the layout static and
+    traced) picks what the dense form and the float64 reference pick; the wide row alone too."""
+    rows = [anyres_layout(22, 72), anyres_layout(48, 48)]
+    keep = 300
+    layout, attention, keys, references = _reference_batch(rows, keep, np.random.default_rng(2))
+    assert rows[0].wide_row_stride == layout.wide_row_stride == 80 and rows[1].wide_row_stride is None
+    block, reach = nms_window.band_geometry(5.0, layout.num_tokens, layout.wide_row_stride)
+    assert reach == 5 * 81 and 2 * (block + 2 * reach) <= layout.num_tokens  # 'auto' takes the window
+    assert nms.resolve_form("auto", 5.0, layout.num_tokens, layout.wide_row_stride) == "window"
+    assert jax.tree_util.tree_map(jnp.asarray, layout).wide_row_stride == 80  # static: kept by tree maps
+    for implementation in ("xla", "pallas"):
+
+        def run(a, k, lay, implementation=implementation):
+            scores = nms.adaptprune_scores(a, lay, 12.0)
+            return {
+                form: nms.adaptive_nms_order(
+                    scores, k, keep, layout=lay, form=form, implementation=implementation
+                )
+                for form in ("dense", "window")
+            }
+
+        static = jax.jit(lambda a, k, run=run: run(a, k, layout))(attention, keys)
+        traced = jax.jit(run)(attention, keys, layout)  # the layout's arrays traced, its stride not
+        for where, orders in (("static", static), ("traced", traced)):
+            for form in ("dense", "window"):
+                for b in range(len(rows)):
+                    np.testing.assert_array_equal(
+                        np.asarray(orders[form])[b],
+                        references[b],
+                        err_msg=f"{implementation} {where} {form} {b}",
+                    )
+    length = rows[0].num_tokens
+    alone = _orders(rows[0], keep)(attention[0, :length], keys[0, :length])  # form='window': no raise
+    for form in ("dense", "window"):
+        np.testing.assert_array_equal(np.asarray(alone[form, 5.0]), references[0], err_msg=f"{form} alone")
 
 
 def test_cls_token_of_full_features_is_always_kept():
@@ -387,7 +437,7 @@ def test_every_pallas_kernel_and_pick_selects_the_same_order():
     rows = len(scores)
     dense, band = (jnp.stack([factors] * rows) for factors in (dense, band))
     keep = 30
-    block, reach = nms_window.band_geometry(2.0, layout.num_tokens)
+    block, reach = nms_window.band_geometry(2.0, layout.num_tokens, layout.wide_row_stride)
     assert block + 2 * reach < layout.num_tokens  # a band narrower than the row
     interpret = jax.default_backend() != "gpu"  # on a GPU the Triton kernels themselves
     expected = np.asarray(greedy_order_pallas(dense, scores, keep, interpret=interpret))
@@ -410,7 +460,7 @@ def test_every_band_block_mode_gives_the_dense_cosines(blocks):
     rng = np.random.default_rng(3)
     keys = jnp.stack([jnp.asarray(smooth_keys(rng, layout, 16)) for _ in range(2)])
     num_tokens = layout.num_tokens
-    block, reach = nms_window.band_geometry(5.0, num_tokens)
+    block, reach = nms_window.band_geometry(5.0, num_tokens, layout.wide_row_stride)
     neighbours, _, same_grid, _, band_ok = nms_window.window_neighbours(
         layout, window_offsets(5.0), block, reach
     )
