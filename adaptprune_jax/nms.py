@@ -427,15 +427,27 @@ def adaptive_nms_order(
     )
     unroll = True if implementation == "unrolled" else unroll
 
-    def dense_order():
-        factors = jax.vmap(lambda k, lay: suppression_factors(k, layout=lay, **hyper))(flat_keys, flat_layout)
+    def dense_order(keys=flat_keys, lay=flat_layout, row_scores=flat_scores, on_mesh=True):
+        factors = jax.vmap(lambda k, lay: suppression_factors(k, layout=lay, **hyper))(keys, lay)
         if implementation == "pallas":
             from adaptprune_jax.nms_pallas import greedy_order_pallas
 
-            return over_mesh_rows(lambda f, s: greedy_order_pallas(f, s, keep, interpret=interpret))(
-                factors, flat_scores
-            )
-        return jax.vmap(lambda f, s: _dense_greedy_order(f, s, keep, unroll))(factors, flat_scores)
+            def kernel(f, s):
+                return greedy_order_pallas(f, s, keep, interpret=interpret)
+
+            return (over_mesh_rows(kernel) if on_mesh else kernel)(factors, row_scores)
+        return jax.vmap(lambda f, s: _dense_greedy_order(f, s, keep, unroll))(factors, row_scores)
+
+    def dense_fallback():
+        """The dense form for a traced layout that turns out unsuitable at run time, one row at a time:
+        a branch that never runs on the row-major layouts models make, so its (N, N) factors are one
+        row's, not the batch's (a conditional holds the larger branch's buffers either way)."""
+
+        def one_row(row):
+            keys, lay, row_scores = jax.tree_util.tree_map(lambda x: x[None], row)
+            return dense_order(keys, lay, row_scores, on_mesh=False)[0]
+
+        return over_mesh_rows(lambda *rows: lax.map(one_row, rows))(flat_keys, flat_layout, flat_scores)
 
     def window_order():
         if implementation == "pallas":  # the kernel reads band rows (see band_suppression_factors)
@@ -459,7 +471,7 @@ def adaptive_nms_order(
         )
         # 'auto' takes the dense form where the window cannot run; only an explicit 'window' raises
         if isinstance(layout_ok, jax.core.Tracer):  # known only at run time: the dense form if not
-            order = lax.cond(layout_ok & band_ok, window_order, dense_order)
+            order = lax.cond(layout_ok & band_ok, window_order, dense_fallback)
         elif layout_ok and band_ok:
             order = window_order()
         elif form == "window" and not layout_ok:

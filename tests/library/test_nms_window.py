@@ -233,13 +233,19 @@ def test_a_layout_that_is_not_row_major_raises_or_takes_the_dense_form():
     keys = np.tile(rng.normal(size=(1, 1, 8)), (2, num_tokens, 1)).astype(np.float32)  # geometry decides
     with pytest.raises(ValueError, match=r"form='window' needs every grid of the layout row-major"):
         prune.adaptive_nms(attention, keys, 10, layout=shuffled, form="window")
-    # Traced under jit, the layout is checked at run time: the dense form for the shuffled one.
+    # Traced under jit, the layout is checked at run time: the dense form for the shuffled one (run
+    # row by row there), with either loop.
     dense = jax.jit(lambda a, k, lay: prune.adaptive_nms(a, k, 10, layout=lay, form="dense"))
-    window = jax.jit(lambda a, k, lay: prune.adaptive_nms(a, k, 10, layout=lay, form="window"))
-    for case in (shuffled, layout):
-        kept = np.asarray(dense(attention, keys, case))
-        np.testing.assert_array_equal(window(attention, keys, case), kept)
-        assert not np.array_equal(kept, prune.topk_select(attention, 10))  # suppression acted
+    for implementation in ("xla", "pallas"):
+        window = jax.jit(
+            lambda a, k, lay, implementation=implementation: prune.adaptive_nms(
+                a, k, 10, layout=lay, form="window", implementation=implementation
+            )
+        )
+        for case in (shuffled, layout):
+            kept = np.asarray(dense(attention, keys, case))
+            np.testing.assert_array_equal(window(attention, keys, case), kept, err_msg=implementation)
+            assert not np.array_equal(kept, prune.topk_select(attention, 10))  # suppression acted
 
 
 def test_auto_takes_the_dense_form_where_a_static_layout_rules_the_window_out():

@@ -122,46 +122,57 @@ def window_nms_checks(mesh, baseline: dict) -> dict:
     """AdaptPrune's window-form selection (XLA and Pallas loops) on rows of two LLaVA-NeXT-shaped
     layouts, sharded over ``mesh`` with the band gathered in small groups of blocks, against one
     device (computed once into ``baseline``): whether each loop's kept tokens are the same, and how
-    many tokens suppression moved."""
+    many tokens suppression moved; then the same batch with half its rows' tokens shuffled (not
+    row-major: the run-time check sends the batch to the dense fallback, row by row), against one
+    device and the dense form."""
     from adaptprune_jax import nms_window
 
     layouts = [
         prune.concat_layouts(prune.grid_layout(12, 12), prune.newline_grid_layout(rows, 30, grid_id=1))
         for rows in (30, 22)
     ]
-    layout = prune.stack_layouts(layouts * 4)  # 8 rows: a padded batch
     rng = np.random.default_rng(0)
-    rows, num_tokens, dim, keep = 8, layout.num_tokens, 16, 120
+    order = rng.permutation(layouts[0].num_tokens)
+    shuffled = jax.tree_util.tree_map(lambda x: np.asarray(x)[order], layouts[0])
+    cases = {
+        "row_major": prune.stack_layouts(layouts * 4),
+        "shuffled": prune.stack_layouts([layouts[1], shuffled] * 4),
+    }
+    rows, num_tokens, dim, keep = 8, cases["row_major"].num_tokens, 16, 120
     # near-duplicate keys (cosines ~0.9) so that suppression acts; dirichlet attention
     keys = rng.standard_normal((rows, 1, dim)) + 0.3 * rng.standard_normal((rows, num_tokens, dim))
     keys = keys.astype(np.float32)
     attention = rng.dirichlet(np.ones(num_tokens), size=rows).astype(np.float32)
-    layout_arrays = jax.tree_util.tree_map(np.asarray, layout)
 
-    def select(implementation):
+    def select(case, implementation, form="window"):
         def run(a, k, lay):
-            return prune.adaptprune_select(
-                a, k, keep, layout=lay, form="window", implementation=implementation
-            )
+            return prune.adaptprune_select(a, k, keep, layout=lay, form=form, implementation=implementation)
 
-        return np.asarray(jax.jit(run)(attention, keys, layout_arrays))
+        return np.asarray(jax.jit(run)(attention, keys, cases[case]))  # the layout traced, as models pass it
 
+    variants = [(case, impl) for case in cases for impl in ("xla", "pallas")]
     default_group = nms_window.BAND_GROUP_BYTES
     nms_window.BAND_GROUP_BYTES = 4 * rows * 480 * dim * 4  # 4 blocks of every row per step, of 9
     try:
         if "window_nms" not in baseline:
-            baseline["window_nms"] = {impl: select(impl) for impl in ("xla", "pallas")}
+            baseline["window_nms"] = {variant: select(*variant) for variant in variants}
+            baseline["window_nms"]["shuffled", "dense"] = select("shuffled", "xla", form="dense")
         one = baseline["window_nms"]
         with jax.set_mesh(mesh):
-            sharded = {impl: select(impl) for impl in one}
+            sharded = {variant: select(*variant) for variant in variants}
     finally:
         nms_window.BAND_GROUP_BYTES = default_group
-    scores = prune.nms.adaptprune_scores(attention, layout, 12.0)
+    scores = prune.nms.adaptprune_scores(attention, cases["row_major"], 12.0)
     top_k = np.sort(np.argsort(-np.asarray(scores), axis=-1)[:, :keep], axis=-1)
+    kept = one["row_major", "xla"]
     return {
-        "kept_equal": {impl: bool(np.array_equal(sharded[impl], one[impl])) for impl in one},
-        "loops_equal": bool(np.array_equal(one["xla"], one["pallas"])),
-        "kept_differing_from_top_k": int(sum(len(np.setdiff1d(a, b)) for a, b in zip(one["xla"], top_k))),
+        "kept_equal": {
+            f"{case} {impl}": bool(np.array_equal(sharded[case, impl], one[case, impl]))
+            for case, impl in variants
+        },
+        "loops_equal": {case: bool(np.array_equal(one[case, "xla"], one[case, "pallas"])) for case in cases},
+        "fallback_equals_dense": bool(np.array_equal(one["shuffled", "xla"], one["shuffled", "dense"])),
+        "kept_differing_from_top_k": int(sum(len(np.setdiff1d(a, b)) for a, b in zip(kept, top_k))),
     }
 
 

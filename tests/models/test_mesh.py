@@ -73,8 +73,12 @@ def test_every_mesh_answers_as_one_device(checks):
             assert result["kept_equal"] is (None if name == "none" else True), where
         assert entry["nms_in_shard_map"], spec
         window = entry["window_nms"]  # the window form, its band in groups of blocks over sharded rows
-        assert window["kept_equal"] == {"xla": True, "pallas": True}, spec
-        assert window["loops_equal"] and window["kept_differing_from_top_k"] > 0, spec  # suppression acted
+        assert set(window["kept_equal"]) == {
+            f"{case} {impl}" for case in ("row_major", "shuffled") for impl in ("xla", "pallas")
+        }
+        assert all(window["kept_equal"].values()) and all(window["loops_equal"].values()), spec
+        assert window["fallback_equals_dense"], spec  # shuffled rows: the dense fallback, row by row
+        assert window["kept_differing_from_top_k"] > 0, spec  # suppression acted
 
 
 @pytest.mark.slow  # the checks' subprocess (or two of its own)
