@@ -43,6 +43,7 @@ from adaptprune_jax.nms_window import (
     band_cosines,
     band_geometry,
     band_partners,
+    l2_norms,
     layout_coordinates,
     window_neighbours,
     window_offsets,
@@ -89,14 +90,10 @@ NMS_IMPLEMENTATIONS = ("auto", "xla", "unrolled", "pallas")
 # released-code path, unchanged).
 NMS_FORMS = ("auto", "dense", "window")
 
-_NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN.
-
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """``x / max(||x||, 1e-12)`` along ``axis`` in float32 (torch's F.normalize)."""
-    x = jnp.asarray(x, jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, _NORM_EPS)
+    return jnp.asarray(x, jnp.float32) / l2_norms(x, axis)
 
 
 def check_keep(keep: int, num_tokens: int) -> int:
@@ -199,7 +196,7 @@ def window_suppression_factors(
         lambda lay: window_neighbours(lay, offsets, block, reach)
     )(flat_layout)
     flat_keys = keys.reshape(rows, num_tokens, -1)
-    cosine = band_cosines(l2_normalize(flat_keys), neighbours, block, reach, precision)
+    cosine = band_cosines(flat_keys, neighbours, block, reach, precision)
     factors = pair_factor(
         cosine,
         squared_distance,
@@ -245,7 +242,7 @@ def band_suppression_factors(
     same_grid = is_token & (grid[:, :, None] == grid[:, at]) & (grid[:, :, None] != NO_GRID)
     flat_keys = keys.reshape(rows, num_tokens, -1)
     factors = pair_factor(
-        band_cosines(l2_normalize(flat_keys), None, block, reach, precision),
+        band_cosines(flat_keys, None, block, reach, precision),
         squared_distance,
         same_grid,
         distance_limit=distance_limit,

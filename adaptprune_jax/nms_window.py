@@ -33,6 +33,17 @@ from adaptprune_jax.grid import NO_GRID, TokenLayout, reduce_per_grid, square_ro
 WINDOW_BLOCK = 128
 """Query tokens per block of the banded cosine matmul."""
 
+NORM_EPS = 1e-12
+"""torch.nn.functional.normalize's eps: an all-zero key stays zero, not NaN."""
+
+
+def l2_norms(x: jax.Array, axis: int = -1) -> jax.Array:
+    """``max(||x||, NORM_EPS)`` along ``axis`` in float32, kept as a size-1 axis: what every key is
+    divided by (``nms.l2_normalize``, and the band's gathered keys), one expression for both, so the
+    window and dense forms' unit keys are the same bits."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), NORM_EPS)
+
 
 def window_span(distance_limit: float) -> int:
     """The largest cell offset along one axis a window of ``distance_limit`` reaches (0 below 1)."""
@@ -179,7 +190,7 @@ def band_partners(num_tokens: int, block: int, reach: int) -> jax.Array:
 
 
 def band_cosines(
-    unit_keys: jax.Array,
+    keys: jax.Array,
     neighbours: jax.Array | None,
     block: int,
     reach: int,
@@ -187,12 +198,14 @@ def band_cosines(
     blocks: str = "batched",
     group_bytes: int | None = None,
 ) -> jax.Array:
-    """cos(token i, its k-th neighbour) (..., N, K) for rows of unit keys (..., N, D) and their
+    """cos(token i, its k-th neighbour) (..., N, K) for rows of keys (..., N, D) and their
     neighbours (..., N, K), block by block; with ``neighbours`` None, every band position instead:
     (..., N, block + 2 reach), position p of token i being its partner ``band_partners(...)[i, p]``
     (an arbitrary value where that is no token).
 
-    Each block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
+    The keys are L2-normalised as ``nms.l2_normalize`` does (by :func:`l2_norms`), each block's
+    queries and band as they are gathered, so no normalised or padded copy of all keys exists. Each
+    block's (block, block + 2 reach) tile is one matmul at ``precision``, then its neighbours'
     entries are picked out; a candidate outside the band (only where ``band_ok`` is False) or no
     token reads an arbitrary entry, which the caller masks. ``blocks``: one of BAND_BLOCKS;
     ``group_bytes``: the bands gathered per step (default ``BAND_GROUP_BYTES``, read at the call). Each step
@@ -205,37 +218,43 @@ def band_cosines(
     """
     if blocks not in BAND_BLOCKS:
         raise ValueError(f"unknown band blocks {blocks!r}; known: {', '.join(BAND_BLOCKS)}.")
-    *batch_shape, num_tokens, dim = unit_keys.shape
-    keys = unit_keys.reshape(-1, num_tokens, dim)
+    *batch_shape, num_tokens, dim = keys.shape
+    keys = keys.reshape(-1, num_tokens, dim)
     rows = keys.shape[0]
     num_blocks = -(-num_tokens // block)
     padding = num_blocks * block - num_tokens
     width = block + 2 * reach
-    # one padded copy holds every block's queries (at start + reach) and band (at start)
-    padded_keys = jnp.pad(keys, ((0, 0), (reach, padding + reach), (0, 0)))
     starts = jnp.arange(num_blocks, dtype=jnp.int32) * block
 
-    def tile(start, row_keys):  # one block of one row against its band: (block, width)
-        band = lax.dynamic_slice_in_dim(row_keys, start, width)
-        block_queries = lax.dynamic_slice_in_dim(row_keys, start + reach, block)
+    # normalised per gathered row, by norms taken once: no normalised copy of the keys
+    norms = l2_norms(keys)
+
+    def rows_from(row_keys, row_norms, first, count):  # unit keys first .. first + count - 1, 0 beyond
+        at = first + jnp.arange(count)
+        gathered = jnp.take(row_keys, at, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+        return gathered / jnp.take(row_norms, at, axis=0, mode="fill", fill_value=1)
+
+    def tile(start, row_keys, row_norms):  # one block of one row against its band: (block, width)
+        band = rows_from(row_keys, row_norms, start - reach, width)
+        block_queries = rows_from(row_keys, row_norms, start, block)
         return jnp.einsum("qd,sd->qs", block_queries, band, precision=precision)
 
     if neighbours is None:
 
         def every_row(start):  # one block of every row: (rows, block, width)
-            return jax.vmap(tile, in_axes=(None, 0))(start, padded_keys)
+            return jax.vmap(tile, in_axes=(None, 0, 0))(start, keys, norms)
 
     else:
         neighbours = jnp.broadcast_to(neighbours, (*batch_shape, num_tokens, neighbours.shape[-1]))
         padded_neighbours = jnp.pad(neighbours.reshape(rows, num_tokens, -1), ((0, 0), (0, padding), (0, 0)))
 
-        def neighbour_cosines(start, row_keys, row_neighbours):
+        def neighbour_cosines(start, row_keys, row_norms, row_neighbours):
             block_neighbours = lax.dynamic_slice_in_dim(row_neighbours, start, block)
             local = jnp.clip(block_neighbours - start + reach, 0, width - 1)
-            return jnp.take_along_axis(tile(start, row_keys), local, axis=1)
+            return jnp.take_along_axis(tile(start, row_keys, row_norms), local, axis=1)
 
         def every_row(start):  # one block of every row: (rows, block, K)
-            return jax.vmap(neighbour_cosines, in_axes=(None, 0, 0))(start, padded_keys, padded_neighbours)
+            return jax.vmap(neighbour_cosines, in_axes=(None, 0, 0, 0))(start, keys, norms, padded_neighbours)
 
     if blocks == "unrolled":
         cosines = jnp.stack([every_row(index * block) for index in range(num_blocks)])
@@ -243,7 +262,7 @@ def band_cosines(
         # vmapped, the band slices become one gather and the matmuls one batched matmul; bands over
         # group_bytes run in groups of blocks, one after another (lax.map's batch_size)
         group_bytes = BAND_GROUP_BYTES if group_bytes is None else group_bytes
-        group = max(group_bytes // (rows * width * dim * unit_keys.dtype.itemsize), 1)
+        group = max(group_bytes // (rows * width * dim * 4), 1)  # float32 bands
         cosines = (
             jax.vmap(every_row)(starts)
             if group >= num_blocks

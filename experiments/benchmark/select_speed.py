@@ -251,8 +251,7 @@ def time_band_cosines(settings: SelectSpeedConfig, layout_arrays, keys, record, 
                 neighbours = jax.vmap(
                     lambda one: nms_window.window_neighbours(one, offsets, block, reach)[0]
                 )(lay)
-                unit = prune.nms.l2_normalize(k)
-                return nms_window.band_cosines(unit, neighbours, block, reach, precision, blocks=blocks)
+                return nms_window.band_cosines(k, neighbours, block, reach, precision, blocks=blocks)
 
             program = jax.jit(cosines)
             window = record(
@@ -315,9 +314,8 @@ def time_precisions(settings: SelectSpeedConfig, layout, attention, keys, record
             return jnp.take_along_axis(cosine, n, axis=1)
 
         def band(k, lay, precision=precision):
-            unit = prune.nms.l2_normalize(k)
             window = jax.vmap(lambda one: nms_window.window_neighbours(one, offsets, block, reach)[0])(lay)
-            return nms_window.band_cosines(unit, window, block, reach, precision, blocks="batched")
+            return nms_window.band_cosines(k, window, block, reach, precision, blocks="batched")
 
         def select(a, k, precision=precision):
             return prune.nms.adaptprune_select(a, k, settings.keep, layout=batch_layout, precision=precision)

@@ -460,8 +460,8 @@ def test_every_pallas_kernel_and_pick_selects_the_same_order():
 @pytest.mark.parametrize("blocks", nms_window.BAND_BLOCKS)
 def test_every_band_block_mode_gives_the_dense_cosines(blocks):
     """Blocks in a loop, unrolled, or batched in groups (a group size that leaves a remainder), over
-    a batch of two rows with their own keys: the dense matmul's cosines at every listed neighbour,
-    bit for bit, row by row."""
+    a batch of two rows with their own keys, normalised as gathered: the dense matmul of
+    ``l2_normalize``'d keys at every listed neighbour, bit for bit, row by row."""
     layout = anyres_layout(48, 48)
     rng = np.random.default_rng(3)
     keys = jnp.stack([jnp.asarray(smooth_keys(rng, layout, 16)) for _ in range(2)])
@@ -471,16 +471,15 @@ def test_every_band_block_mode_gives_the_dense_cosines(blocks):
         layout, window_offsets(5.0), block, reach
     )
     assert bool(band_ok)
-    unit = nms.l2_normalize(keys)
     five_bands = 5 * (block + 2 * reach) * 16 * 4  # two rows: groups of 2 blocks over 23, one left
     cosines, dense = jax.jit(
-        lambda u: (
+        lambda k: (
             nms_window.band_cosines(
-                u, neighbours, block, reach, "highest", blocks=blocks, group_bytes=five_bands
+                k, neighbours, block, reach, "highest", blocks=blocks, group_bytes=five_bands
             ),
-            jnp.einsum("bid,bjd->bij", u, u, precision="highest"),
+            jnp.einsum("bid,bjd->bij", nms.l2_normalize(k), nms.l2_normalize(k), precision="highest"),
         )
-    )(unit)
+    )(keys)
     assert cosines.shape == (2,) + neighbours.shape
     listed = np.asarray(same_grid)
     safe_neighbours = np.minimum(np.asarray(neighbours), num_tokens - 1)
@@ -488,7 +487,7 @@ def test_every_band_block_mode_gives_the_dense_cosines(blocks):
         at_neighbours = np.take_along_axis(np.asarray(dense[row]), safe_neighbours, 1)
         np.testing.assert_array_equal(np.asarray(cosines[row])[listed], at_neighbours[listed])
     with pytest.raises(ValueError, match="unknown band blocks 'scan'"):
-        nms_window.band_cosines(unit, neighbours, block, reach, "highest", blocks="scan")
+        nms_window.band_cosines(keys, neighbours, block, reach, "highest", blocks="scan")
 
 
 def test_an_unknown_pallas_pick_is_refused():
