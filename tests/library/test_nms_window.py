@@ -490,6 +490,29 @@ def test_every_band_block_mode_gives_the_dense_cosines(blocks):
         nms_window.band_cosines(keys, neighbours, block, reach, "highest", blocks="scan")
 
 
+def test_band_cosines_of_bfloat16_keys_are_the_dense_cosines():
+    """Keys as a model in bfloat16 hands them over: gathered, then widened and normalised, they give
+    the dense matmul of ``l2_normalize``'d keys bit for bit (widening is exact, so the order of the
+    gather and the conversion cannot change a bit)."""
+    layout = anyres_layout(48, 48)
+    keys = jnp.asarray(smooth_keys(np.random.default_rng(11), layout, 32)).astype(jnp.bfloat16)
+    num_tokens = layout.num_tokens
+    block, reach = nms_window.band_geometry(5.0, num_tokens)
+    neighbours, _, same_grid, _, _ = nms_window.window_neighbours(layout, window_offsets(5.0), block, reach)
+    cosines, dense = jax.jit(
+        lambda k: (
+            nms_window.band_cosines(k, neighbours, block, reach, "highest"),
+            jnp.einsum("id,jd->ij", nms.l2_normalize(k), nms.l2_normalize(k), precision="highest"),
+        )
+    )(keys)
+    listed = np.asarray(same_grid)
+    at_neighbours = np.take_along_axis(
+        np.asarray(dense), np.minimum(np.asarray(neighbours), num_tokens - 1), 1
+    )
+    np.testing.assert_array_equal(np.asarray(cosines)[listed], at_neighbours[listed])
+    assert cosines.dtype == jnp.float32 and listed.sum() > 50 * num_tokens
+
+
 def test_an_unknown_pallas_pick_is_refused():
     from adaptprune_jax.nms_pallas import greedy_order_pallas
 
