@@ -126,7 +126,9 @@ def time_variant(
         "image_tokens": num_tokens,
         "batch": int(attention.shape[0]),
         "form": form,
-        "resolved_form": prune.nms.resolve_form(form, config.distance_limit, num_tokens),
+        "resolved_form": prune.nms.resolve_form(
+            form, config.distance_limit, num_tokens, layout.wide_row_stride
+        ),
         "implementation": implementation,
         "select_ms": median(samples) if samples else None,
         "min_ms": min(samples) if samples else None,
