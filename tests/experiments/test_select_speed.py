@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -41,3 +43,23 @@ def test_synthetic_keys_centre_their_cosines_and_refuse_a_mean_outside_0_1():
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"--key_mean_cosine must be in \[0, 1\)"):
             select_speed.synthetic_keys(np.random.default_rng(0), 1, 4, 8, bad)
+
+
+def test_repeats_zero_reports_each_programs_temporaries_without_running_it():
+    settings = select_speed.SelectSpeedConfig(
+        layouts=("4x4+6x6n", "4x4+3x20n"),  # the second a wide grid (row stride 21, bound 32)
+        batch_sizes=(1, 3),
+        keep=12,
+        dim=16,
+        forms=("dense", "auto"),
+        implementations=("xla",),
+        repeats=0,
+    )
+    assert select_speed.parse_layout("4x4+3x20n").wide_row_stride == 32
+    rows = select_speed.measure(settings)
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        assert row["select_ms"] is None and row["min_ms"] is None
+        assert row["temp_bytes"] > 0 and row["compile_s"] > 0
+    with pytest.raises(ValueError, match=r"--repeats=0 reports memory only: drop --factor_parts"):
+        select_speed.measure(dataclasses.replace(settings, factor_parts=True))
