@@ -367,32 +367,24 @@ def measure(settings: SelectSpeedConfig) -> list[dict]:
     for spec in settings.layouts:
         layout = parse_layout(spec)
         for batch in settings.batch_sizes:
-            if memory_only:
+            if memory_only:  # abstract inputs: each program is compiled, never run
                 attention = jax.ShapeDtypeStruct((batch, layout.num_tokens), jnp.float32)
                 keys = jax.ShapeDtypeStruct((batch, layout.num_tokens, settings.dim), jnp.float32)
-                for form in settings.forms:
-                    for implementation in settings.implementations:
-                        rows.append(
-                            time_variant(settings, spec, layout, attention, keys, form, implementation)
-                        )
-                        print(
-                            f"{spec:<16}{layout.num_tokens:>6} b{batch:<3}{form:>7} ({rows[-1]['resolved_form']}) "
-                            f"{implementation:>8} temp {rows[-1]['temp_bytes'] / 2**20:9.1f} MiB",
-                            flush=True,
-                        )
-                continue
-            attention = jnp.asarray(rng.dirichlet(np.ones(layout.num_tokens), size=batch), jnp.float32)
-            keys = synthetic_keys(rng, batch, layout.num_tokens, settings.dim, settings.key_mean_cosine)
+            else:
+                attention = jnp.asarray(rng.dirichlet(np.ones(layout.num_tokens), size=batch), jnp.float32)
+                keys = synthetic_keys(rng, batch, layout.num_tokens, settings.dim, settings.key_mean_cosine)
             for form in settings.forms:
                 for implementation in settings.implementations:
                     row = time_variant(settings, spec, layout, attention, keys, form, implementation)
                     rows.append(row)
+                    timing = "" if memory_only else f"{row['select_ms']:9.3f} ms  "
                     print(
                         f"{spec:<16}{row['image_tokens']:>6} b{batch:<3}{form:>7} ({row['resolved_form']}) "
-                        f"{implementation:>8} {row['select_ms']:9.3f} ms  temp {row['temp_bytes']}",
+                        f"{implementation:>8} {timing}temp {row['temp_bytes'] / 2**20:9.1f} MiB",
                         flush=True,
                     )
-            rows.extend(time_parts(settings, spec, layout, attention, keys))
+            if not memory_only:
+                rows.extend(time_parts(settings, spec, layout, attention, keys))
     return rows
 
 
